@@ -1,0 +1,48 @@
+# The two commands: `make demo` runs a real trial end to end; `make test` sets up and tests.
+SHELL := /bin/bash
+export AUTOVIBE_DATA ?= $(CURDIR)/var
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+APT_PACKAGES := git
+
+.PHONY: setup system-deps demo test lint typecheck bench down clean schema
+
+## setup: install uv if absent, then the locked environment (.venv); llama.cpp compiles once
+setup: system-deps
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
+	  || python3 -m pip install --quiet --break-system-packages uv
+	$(UV) sync --frozen
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "please install:$$missing"; exit 1; fi; fi
+
+## demo: start model server, proxy and API; run configs/trials/demo.yaml; print the report
+demo: setup
+	$(UV) run --frozen autovibe demo
+
+## test: lint, type-check and the whole suite (real processes; live suites need *_ADDR)
+test: setup lint typecheck
+	$(UV) run --frozen pytest -q
+
+lint:
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+
+typecheck:
+	$(UV) run --frozen mypy contracts orchestrator proxy ledger workers serving retention
+
+schema:
+	$(UV) run --frozen autovibe config schema
+
+## bench: every benchmark in bench/, figures into docs/benchmarks.md
+bench: setup
+	$(UV) run --frozen python -m bench.demo
+
+down:
+	-$(UV) run --frozen autovibe down
+
+clean: down
+	rm -rf var .venv

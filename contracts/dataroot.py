@@ -1,0 +1,91 @@
+"""The data-root layout (service, then project, then date), in one place."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """Paths under `$AUTOVIBE_DATA`; creating a path's parent is the caller's job via `ensure`."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> DataRoot:
+        return cls(Path(root).resolve())
+
+    @staticmethod
+    def ensure(path: Path, mode: int = 0o755) -> Path:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+        return path
+
+    # -- traffic ----------------------------------------------------------------------------
+    @property
+    def traffic_logs(self) -> Path:
+        return self.root / "traffic-logs"
+
+    def spool_dir(self, project: str, day: dt.date) -> Path:
+        return self.traffic_logs / project / day.isoformat()
+
+    @property
+    def traffic_index(self) -> Path:
+        """Embedded traffic store (SQLite, WAL) fed from the spool."""
+        return self.traffic_logs / "index.sqlite"
+
+    # -- money ------------------------------------------------------------------------------
+    def financial(self, project: str) -> Path:
+        return self.root / "financial" / project
+
+    def ledger(self, project: str) -> Path:
+        return self.financial(project) / "ledger.beancount"
+
+    # -- workers ----------------------------------------------------------------------------
+    def assignment_dir(self, project: str, trial: str, assignment: str) -> Path:
+        return self.root / "worker-artifacts" / project / trial / assignment
+
+    # -- services ---------------------------------------------------------------------------
+    @property
+    def state_db(self) -> Path:
+        return self.root / "state" / "autovibe.sqlite"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "vault-secrets"
+
+    @property
+    def proxy_confdir(self) -> Path:
+        """mitmproxy's confdir: the CA generated once and handed to workers."""
+        return self.root / "proxy"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.proxy_confdir / "mitmproxy-ca-cert.pem"
+
+    @property
+    def model_weights(self) -> Path:
+        return self.root / "model-weights"
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def run(self) -> Path:
+        """Pid files and service logs of `autovibe up`."""
+        return self.root / "run"
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Create `path` with mode 0600 atomically; never leaves a readable partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

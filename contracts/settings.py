@@ -1,0 +1,43 @@
+"""Process-wide settings: where the data root is and which ports the services listen on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Read from `AUTOVIBE_*` environment variables; defaults run everything on one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOVIBE_", extra="ignore")
+
+    data: Path = Field(default=Path("var"), description="Data root (`$AUTOVIBE_DATA`).")
+    """Data root; every file the platform writes lives below it."""
+    configs: Path = PROJECT_ROOT / "configs"
+    """Folder holding models.yaml, prices.yaml and the trial schema."""
+    host: str = "127.0.0.1"
+    """Address every embedded service binds to."""
+    api_port: int = 8400
+    """Control API (FastAPI)."""
+    proxy_port: int = 8080
+    """Metering proxy (mitmdump)."""
+    model_port: int = 8500
+    """CPU model server (llama.cpp)."""
+    state_url: str | None = None
+    """SQLAlchemy URL of the state DB; SQLite in the data root when unset."""
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def model_url(self) -> str:
+        return f"http://{self.host}:{self.model_port}/v1"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.host}:{self.proxy_port}"

@@ -1,0 +1,1 @@
+"""Orchestrator: control API, scheduler and state DB. Composes the other planes."""

@@ -1,0 +1,246 @@
+"""Control API (FastAPI): submit, list, inspect, follow and cancel trials."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from contracts.config import TrialConfig
+from contracts.settings import Settings
+from orchestrator import auth, report
+from orchestrator.planning import plan
+from orchestrator.platform import Platform
+from orchestrator.scheduler import Scheduler, cancel
+from orchestrator.state import Assignment, Trial, utcnow
+
+log = logging.getLogger("autovibe.api")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.trials = Counter(
+            "autovibe_trials_submitted", "Trials accepted by the API", registry=self.registry
+        )
+        self.assignments = Gauge(
+            "autovibe_assignments", "Assignments by state", ["state"], registry=self.registry
+        )
+        self.spend = Gauge(
+            "autovibe_spend_usd", "Metered spend in USD, all trials", registry=self.registry
+        )
+
+
+def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    platform = Platform.from_settings(settings)
+    token, created = auth.ensure_token(platform.root)
+    if created:
+        print(f"autovibe: operator token (shown once, kept in {auth.token_path(platform.root)}):")
+        print(f"  {token}", flush=True)
+    scheduler = Scheduler(platform)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if run_scheduler:
+            scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(
+        title="autovibe control API",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Submit trials (tasks × agents × model pairs, with budgets) and follow them.",
+    )
+    app.state.platform = platform
+    app.state.scheduler = scheduler
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not auth.matches(token, authorization):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    guarded = [Depends(require_token)]
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        with platform.store.session() as s:
+            counts = dict(
+                s.execute(select(Assignment.state, func.count()).group_by(Assignment.state)).all()
+            )
+        for state in ("queued", "running", "finished", "failed", "cancelled"):
+            metrics.assignments.labels(state).set(counts.get(state, 0))
+        metrics.spend.set(float(sum((u.cost_usd for u in platform.usage()), start=Decimal(0))))
+        return PlainTextResponse(generate_latest(metrics.registry).decode())
+
+    @app.post("/v1/trials", status_code=201, dependencies=guarded)
+    def submit(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        config = validate_trial(platform, body)
+        trial = Trial(
+            id=new_trial_id(),
+            name=config.name,
+            project=config.project,
+            config=config.model_dump(mode="json"),
+        )
+        try:
+            with platform.store.session() as s:
+                s.add(trial)
+                for p in plan(config):
+                    s.add(
+                        Assignment(
+                            id=f"{trial.id}-{p.index:03d}",
+                            trial_id=trial.id,
+                            index=p.index,
+                            task_id=p.task_id,
+                            agent=p.agent,
+                            model=p.model,
+                        )
+                    )
+                platform.store.add_event(s, trial.id, "trial_submitted", name=config.name)
+                s.flush()  # a duplicate name fails here, before the ledger is touched
+                platform.open_ledger(config, trial.id)
+        except IntegrityError as exc:
+            raise HTTPException(409, f"a trial named {config.name!r} exists already") from exc
+        metrics.trials.inc()
+        return {"id": trial.id, "name": trial.name, "status": "queued"}
+
+    @app.get("/v1/trials", dependencies=guarded)
+    def list_trials() -> list[dict[str, Any]]:
+        with platform.store.session() as s:
+            trials = s.scalars(select(Trial).order_by(Trial.created_at.desc()))
+            return [summary(t) for t in trials]
+
+    @app.get("/v1/trials/{trial_id}", dependencies=guarded)
+    def show(trial_id: str) -> dict[str, Any]:
+        return trial_view(platform, trial_id)
+
+    @app.get("/v1/trials/{trial_id}/report", dependencies=guarded)
+    def trial_report(trial_id: str) -> dict[str, Any]:
+        trial_view(platform, trial_id)
+        return report.build(platform, trial_id)
+
+    @app.post("/v1/trials/{trial_id}/cancel", dependencies=guarded)
+    def cancel_trial(trial_id: str) -> dict[str, Any]:
+        trial_view(platform, trial_id)  # 404 when unknown
+        cancel(platform, trial_id)
+        return trial_view(platform, trial_id)
+
+    @app.get("/v1/trials/{trial_id}/events", dependencies=guarded)
+    async def events(trial_id: str, request: Request) -> StreamingResponse:
+        trial_view(platform, trial_id)
+        last = int(request.headers.get("last-event-id", "0") or 0)
+        return StreamingResponse(
+            event_stream(platform, trial_id, last, request), media_type="text/event-stream"
+        )
+
+    return app
+
+
+def validate_trial(platform: Platform, body: dict[str, Any]) -> TrialConfig:
+    """422 with field paths and allowed values; also checks that every task repo exists."""
+    try:
+        config = TrialConfig.model_validate(body, context=platform.catalog.validation_context())
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc
+    missing = [
+        {
+            "type": "path_missing",
+            "loc": ("body", "tasks", i, "repo"),
+            "msg": f"folder {t.repo} does not exist on the orchestrator's machine",
+            "input": str(t.repo),
+        }
+        for i, t in enumerate(config.tasks)
+        if not Path(t.repo).is_dir()
+    ]
+    if missing:
+        raise RequestValidationError(missing)
+    return config
+
+
+def new_trial_id() -> str:
+    return "t" + utcnow().strftime("%y%m%d") + secrets.token_hex(3)
+
+
+def summary(t: Trial) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "project": t.project,
+        "status": t.status,
+        "created_at": t.created_at.isoformat() + "Z",
+        "finished_at": t.finished_at.isoformat() + "Z" if t.finished_at else None,
+    }
+
+
+def trial_view(platform: Platform, trial_id: str) -> dict[str, Any]:
+    with platform.store.session() as s:
+        trial = s.get(Trial, trial_id)
+        if trial is None:
+            raise HTTPException(404, f"no trial {trial_id!r}")
+        config = TrialConfig.model_validate(trial.config)
+        view = summary(trial)
+        view["assignments"] = [
+            {
+                "id": a.id,
+                "task": a.task_id,
+                "agent": a.agent,
+                "model": a.model,
+                "state": a.state,
+                "machine": a.machine,
+                "attempts": a.attempts,
+                "status": a.status,
+                "exit_cause": a.exit_cause,
+                "cost": (a.result or {}).get("cost"),
+                "wall_s": (a.result or {}).get("wall_s"),
+            }
+            for a in trial.assignments
+        ]
+    usd = sum((u.cost_usd for u in platform.usage(trial=trial_id)), start=Decimal(0))
+    view["spend"] = {
+        "amount": str(platform.in_currency(usd, config.budget.currency)),
+        "currency": config.budget.currency,
+        "usd": str(usd),
+        "budget": str(config.budget.amount),
+    }
+    return view
+
+
+async def event_stream(
+    platform: Platform, trial_id: str, last: int, request: Request
+) -> AsyncIterator[bytes]:
+    """Server-Sent Events from the events table; ends after the trial's final event."""
+    final = {"trial_finished", "trial_cancelled"}
+    while True:
+        rows = await asyncio.to_thread(platform.store.events_after, trial_id, last)
+        for ev in rows:
+            last = ev.id
+            data = json.dumps({"ts": ev.ts.isoformat() + "Z", **ev.data})
+            yield f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode()
+            if ev.kind in final:
+                return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.5)

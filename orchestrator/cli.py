@@ -1,0 +1,271 @@
+"""The `autovibe` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import TypeAdapter
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from contracts.config import ConfigError, TrialConfig, load_trial
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from orchestrator import report as report_mod
+from orchestrator import stack
+from orchestrator.catalog import Catalog
+from orchestrator.client import ApiError, Client
+
+app = typer.Typer(
+    help="autovibe: run coding agents unattended, accounted to the cent.", no_args_is_help=True
+)
+trial_app = typer.Typer(help="Submit, follow and report trials.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration files and their schema.", no_args_is_help=True)
+agents_app = typer.Typer(help="Agent adapters.", no_args_is_help=True)
+app.add_typer(trial_app, name="trial")
+app.add_typer(config_app, name="config")
+app.add_typer(agents_app, name="agents")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _client(settings: Settings) -> Client:
+    try:
+        return Client(settings)
+    except ApiError as exc:
+        raise _fail(str(exc.detail)) from exc
+
+
+# -- stack -----------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    only: Annotated[
+        list[str] | None, typer.Option(help="Start only these: model, proxy, api.")
+    ] = None,
+) -> None:
+    """Start the model server, the proxy and the control API in the background."""
+    settings = Settings()
+    try:
+        stack.up(settings, only)
+    except stack.StackError as exc:
+        raise _fail(str(exc)) from exc
+    root = DataRoot.at(settings.data)
+    console.print(
+        f"up: API {settings.api_url} · proxy {settings.proxy_url} · "
+        f"model server {settings.model_url} · data root {root.root}"
+    )
+    token_log = root.run / "api.log"
+    if token_log.exists() and "shown once" in token_log.read_text():
+        console.print(f"operator token: {root.secrets / 'operator-token'}")
+
+
+@app.command()
+def down() -> None:
+    """Stop what `autovibe up` started."""
+    stopped = stack.down(Settings())
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def status() -> None:
+    """Which services run, with their pids."""
+    for name, pid in stack.status(Settings()).items():
+        console.print(f"{name:6} {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
+
+
+# -- trials ----------------------------------------------------------------------------------
+
+
+@trial_app.command("submit")
+def submit(
+    file: Path,
+    watch_: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow it.")] = False,
+) -> None:
+    """Validate a trial file and submit it; prints the trial id."""
+    settings = Settings()
+    try:
+        config = load_trial(file, Catalog.load(settings).validation_context())
+    except ConfigError as exc:
+        raise _fail(f"{file} is not a valid trial:\n{exc}", 2) from exc
+    except FileNotFoundError as exc:
+        raise _fail(f"{file}: no such file", 2) from exc
+    client = _client(settings)
+    try:
+        created = client.submit(config.model_dump(mode="json"))
+    except ApiError as exc:
+        raise _fail(_api_problem(exc), 2 if exc.status in (409, 422) else 1) from exc
+    console.print(f"submitted trial {created['name']}: id {created['id']}")
+    if watch_:
+        _watch(client, created["id"])
+
+
+def _api_problem(exc: ApiError) -> str:
+    if isinstance(exc.detail, list):
+        return "\n".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.detail
+        )
+    return f"HTTP {exc.status}: {exc.detail}"
+
+
+@trial_app.command("list")
+def list_trials() -> None:
+    """Every trial, newest first."""
+    for t in _client(Settings()).trials():
+        console.print(f"{t['id']}  {t['status']:10} {t['name']}  ({t['project']})")
+
+
+@trial_app.command("show")
+def show(trial_id: str) -> None:
+    """A trial's assignments, their states and the spend so far, as JSON."""
+    console.print_json(json.dumps(_client(Settings()).trial(trial_id)))
+
+
+@trial_app.command("watch")
+def watch(trial_id: str) -> None:
+    """Follow a trial live until it ends."""
+    _watch(_client(Settings()), trial_id)
+
+
+def _watch(client: Client, trial_id: str) -> None:
+    trial = client.trial(trial_id)
+    total = len(trial["assignments"])
+    done = sum(a["state"] in ("finished", "failed", "cancelled") for a in trial["assignments"])
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task(f"trial {trial['name']}", total=total, completed=done)
+        if trial["status"] in ("finished", "cancelled"):
+            return
+        for kind, data in client.events(trial_id):
+            if kind == "assignment_started":
+                progress.console.print(
+                    f"  ▶ {data['assignment']} {data['task']} · {data['agent']} · "
+                    f"{data['model']} on {data['machine']}"
+                )
+            elif kind.startswith("assignment_") and kind != "assignment_requeued":
+                progress.advance(bar)
+                progress.console.print(
+                    f"  ■ {data['assignment']} {data.get('status') or kind.split('_')[1]} "
+                    f"({data.get('exit_cause')}) cost {data.get('cost', '?')} "
+                    f"{data.get('currency', '')}"
+                )
+            elif kind == "assignment_requeued":
+                progress.console.print(f"  ↻ {data['assignment']} requeued")
+
+
+@trial_app.command("report")
+def report(
+    trial_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per agent × model pair: resolved, success rate, tokens, cost, cost per resolved task."""
+    data = _client(Settings()).report(trial_id)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        report_mod.render(data, console)
+
+
+@trial_app.command("cancel")
+def cancel(trial_id: str) -> None:
+    """Stop a trial: running assignments are killed, queued ones never start."""
+    t = _client(Settings()).cancel(trial_id)
+    console.print(f"trial {t['name']} is {t['status']}")
+
+
+# -- config and agents -----------------------------------------------------------------------
+
+
+@config_app.command("schema")
+def schema(
+    check: Annotated[bool, typer.Option(help="Fail if the committed schema is stale.")] = False,
+) -> None:
+    """Write configs/trial.schema.json from the TrialConfig model."""
+    path = Settings().configs / "trial.schema.json"
+    text = json.dumps(TypeAdapter(TrialConfig).json_schema(), indent=2) + "\n"
+    if check:
+        if not path.exists() or path.read_text() != text:
+            raise _fail(f"{path} is stale: run `autovibe config schema`")
+        console.print(f"{path} is up to date")
+        return
+    path.write_text(text)
+    console.print(f"wrote {path}")
+
+
+@config_app.command("check")
+def check_trial(file: Path) -> None:
+    """Validate a trial file without submitting it."""
+    try:
+        config = load_trial(file, Catalog.load(Settings()).validation_context())
+    except ConfigError as exc:
+        raise _fail(f"{file} is not a valid trial:\n{exc}", 2) from exc
+    console.print(
+        f"{file}: valid ({len(config.tasks)} tasks, agents {', '.join(config.agents)}, "
+        f"pairs {', '.join(config.model_pairs)})"
+    )
+
+
+@agents_app.command("ls")
+def agents_ls() -> None:
+    """Known agent adapters and their versions."""
+    from workers.agents import AGENTS, get_agent
+
+    for name in sorted(AGENTS):
+        console.print(f"{name:16} {get_agent(name).version()}")
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    file: Annotated[Path, typer.Option(help="Trial file.")] = Path("configs/trials/demo.yaml"),
+) -> None:
+    """Start the stack, run the demo trial through the API, watch it and print the report."""
+    import time
+
+    settings = Settings()
+    root = DataRoot.at(settings.data)
+    console.print("[bold]autovibe demo[/bold]: starting model server, proxy and API …")
+    started = time.monotonic()
+    up()
+    try:
+        config = load_trial(file, Catalog.load(settings).validation_context())
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from exc
+    client = _client(settings)
+    payload = config.model_dump(mode="json")
+    payload["name"] = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    created = client.submit(payload)
+    console.print(
+        f"submitted trial {created['name']} (id {created['id']}) through "
+        f"POST {settings.api_url}/v1/trials"
+    )
+    _watch(client, created["id"])
+    report_mod.render(client.report(created["id"]), console)
+    console.print(f"\nwall time {time.monotonic() - started:.1f} s")
+    console.print(f"ledger        {root.ledger(config.project)}")
+    console.print(f"traffic logs  {root.traffic_logs / config.project}")
+    console.print(
+        f"artifacts     {root.root / 'worker-artifacts' / config.project / created['id']}"
+    )
+    console.print(
+        f"API           {settings.api_url}/docs (token in {root.secrets / 'operator-token'})"
+    )
+    console.print("stop the stack with `autovibe down`")

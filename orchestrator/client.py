@@ -1,0 +1,77 @@
+"""A small client of the control API, used by the CLI, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from orchestrator.auth import token_path
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: Any):
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class Client:
+    def __init__(self, settings: Settings, token: str | None = None):
+        token = token or os.environ.get("AUTOVIBE_TOKEN")
+        if token is None:
+            path = token_path(DataRoot.at(settings.data))
+            if not path.exists():
+                raise ApiError(0, f"no operator token at {path}: start the API (`autovibe up`)")
+            token = path.read_text().strip()
+        self.http = httpx.Client(
+            base_url=settings.api_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(30, read=None),
+            trust_env=False,
+        )
+
+    def _json(self, resp: httpx.Response) -> Any:
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise ApiError(resp.status_code, detail)
+        return resp.json()
+
+    def submit(self, config: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self.http.post("/v1/trials", json=config))
+
+    def trials(self) -> list[dict[str, Any]]:
+        return self._json(self.http.get("/v1/trials"))
+
+    def trial(self, trial_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/trials/{trial_id}"))
+
+    def report(self, trial_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/trials/{trial_id}/report"))
+
+    def cancel(self, trial_id: str) -> dict[str, Any]:
+        return self._json(self.http.post(f"/v1/trials/{trial_id}/cancel"))
+
+    def events(self, trial_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event kind, data) from the trial's SSE stream until the trial ends."""
+        with self.http.stream("GET", f"/v1/trials/{trial_id}/events") as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._json(resp)
+            kind, data = "message", ""
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    data += line.removeprefix("data:").strip()
+                elif not line and data:
+                    yield kind, json.loads(data)
+                    kind, data = "message", ""

@@ -1,0 +1,320 @@
+"""The scheduler: starts queued assignments on free machines and collects the finished ones.
+
+Crash-safe by construction: an assignment is marked `running` before its runner starts, the
+runner holds a lock while alive and writes `result.json` last. On any tick — including the
+first after a restart — a running assignment is either still locked (wait), has a result
+(collect it once), or has neither (its runner never started or died: run it again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from contracts.config import TrialConfig
+from contracts.credentials import MachineIdentity, mint, proxy_url
+from ledger.book import InferenceItem
+from orchestrator.platform import Platform
+from orchestrator.state import ASSIGNMENT_DONE, TRIAL_ACTIVE, Assignment, Trial, utcnow
+from workers.spec import AssignmentSpec
+
+log = logging.getLogger("autovibe.scheduler")
+
+MAX_ATTEMPTS = 3
+"""A runner that dies without a result (host crash) is started again at most this often."""
+CREDENTIAL_GRACE_S = 3600
+_ZERO = Decimal(0)
+
+
+class Scheduler:
+    def __init__(self, platform: Platform, interval_s: float = 0.5):
+        self.p = platform
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # keep scheduling; the error is in the log with its trace
+                log.exception("scheduler tick failed")
+            self._stop.wait(self.interval_s)
+
+    # -- one pass ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self._lock:
+            with self.p.store.session() as s:
+                trial_ids = list(s.scalars(select(Trial.id).where(Trial.status.in_(TRIAL_ACTIVE))))
+            for trial_id in trial_ids:
+                self._collect(trial_id)
+                self._launch(trial_id)
+                self._maybe_finish(trial_id)
+
+    def _collect(self, trial_id: str) -> None:
+        with self.p.store.session() as s:
+            running = list(
+                s.scalars(
+                    select(Assignment).where(
+                        Assignment.trial_id == trial_id, Assignment.state == "running"
+                    )
+                )
+            )
+            config = TrialConfig.model_validate(s.get_one(Trial, trial_id).config)
+        for a in running:
+            spec = self._spec_on_disk(config, a)
+            if spec is not None and spec.result_path.exists():
+                self.finish(a.id, json.loads(spec.result_path.read_text()))
+            elif spec is not None and self.p.driver(config.driver).alive(spec):
+                continue
+            else:
+                self._lost(a.id)
+
+    def _launch(self, trial_id: str) -> None:
+        with self.p.store.session() as s:
+            trial = s.get_one(Trial, trial_id)
+            config = TrialConfig.model_validate(trial.config)
+            rows = list(s.scalars(select(Assignment).where(Assignment.trial_id == trial_id)))
+            busy = {a.machine for a in rows if a.state == "running"}
+            free = [f"m{i}" for i in range(1, config.machines.count + 1) if f"m{i}" not in busy]
+            starting = []
+            for a in sorted((a for a in rows if a.state == "queued"), key=lambda a: a.index):
+                if not free:
+                    break
+                a.state, a.machine = "running", free.pop(0)
+                a.attempts += 1
+                a.started_at = utcnow()
+                if trial.status == "queued":
+                    trial.status = "running"
+                    self.p.store.add_event(s, trial_id, "trial_started")
+                self.p.store.add_event(
+                    s,
+                    trial_id,
+                    "assignment_started",
+                    assignment=a.id,
+                    machine=a.machine,
+                    task=a.task_id,
+                    agent=a.agent,
+                    model=a.model,
+                    attempt=a.attempts,
+                )
+                starting.append(a)
+        # Committed as running first: a crash from here on is found by _collect, never lost.
+        for a in starting:
+            spec = self._spec(config, trial_id, a)
+            try:
+                self.p.driver(config.driver).launch(spec)
+            except OSError as exc:
+                self.finish(a.id, {"assignment": a.id, "infra_error": f"launch failed: {exc}"})
+
+    def _maybe_finish(self, trial_id: str) -> None:
+        with self.p.store.session() as s:
+            trial = s.get_one(Trial, trial_id)
+            states = [a.state for a in trial.assignments]
+            if trial.status in TRIAL_ACTIVE and all(st in ASSIGNMENT_DONE for st in states):
+                trial.status = "finished"
+                trial.finished_at = utcnow()
+                self.p.store.add_event(s, trial_id, "trial_finished", **_tally(trial))
+
+    # -- endings -------------------------------------------------------------------------------
+    def _lost(self, assignment_id: str) -> None:
+        with self.p.store.session() as s:
+            a = s.get_one(Assignment, assignment_id)
+            if a.attempts >= MAX_ATTEMPTS:
+                detail = f"runner died without a result {a.attempts} times"
+                a.state, a.exit_cause, a.finished_at = "failed", "infra", utcnow()
+                a.result = {"infra_error": detail}
+                self.p.store.add_event(
+                    s, a.trial_id, "assignment_failed", assignment=a.id, detail=detail
+                )
+            else:
+                a.state, a.machine = "queued", None
+                self.p.store.add_event(
+                    s, a.trial_id, "assignment_requeued", assignment=a.id, attempt=a.attempts
+                )
+
+    def finish(self, assignment_id: str, result: dict[str, Any]) -> None:
+        """Record an assignment's ending once: post its metered spend, then mark it done."""
+        with self.p.store.session() as s:
+            a = s.get_one(Assignment, assignment_id)
+            if a.state in ASSIGNMENT_DONE:
+                return
+            trial = s.get_one(Trial, a.trial_id)
+            config = TrialConfig.model_validate(trial.config)
+        cost = self.post_spend(config, a)
+        with self.p.store.session() as s:
+            a = s.get_one(Assignment, assignment_id)
+            if a.state in ASSIGNMENT_DONE:
+                return
+            a.finished_at = utcnow()
+            a.result = {**result, "cost": str(cost), "currency": config.budget.currency}
+            if result.get("cancelled"):
+                a.state, a.exit_cause = "cancelled", "cancelled"
+            elif "infra_error" in result:
+                a.state, a.exit_cause = "failed", "infra"
+            else:
+                a.state = "finished"
+                a.status = result["grade"]["status"]
+                a.exit_cause = result["agent"]["exit_cause"]
+            self.p.store.add_event(
+                s,
+                a.trial_id,
+                f"assignment_{a.state}",
+                assignment=a.id,
+                status=a.status,
+                exit_cause=a.exit_cause,
+                cost=str(cost),
+                currency=config.budget.currency,
+            )
+
+    def post_spend(self, config: TrialConfig, a: Assignment) -> Decimal:
+        """Post the assignment's metered usage to the project ledger (idempotent by id)."""
+        currency = config.budget.currency
+        rate = self.p.catalog.prices.fx[currency]
+        usage = self.p.usage(assignment=a.id)
+        items = [
+            InferenceItem(
+                provider=u.provider or "unknown",
+                model=u.model or "unknown",
+                machine=a.machine or "unknown",
+                usd=u.cost_usd,
+                tokens=u.total_tokens,
+                fx=rate,
+            )
+            for u in usage
+        ]
+        if items:
+            self.p.ledger(config.project).post_inference(
+                key=a.id,
+                on=dt.date.today(),
+                narration=f"{a.agent} on {a.task_id} with {a.model} ({a.machine})",
+                items=items,
+                meta={"trial": a.trial_id, "agent": a.agent, "task": a.task_id},
+            )
+        return self.p.in_currency(sum((u.cost_usd for u in usage), start=_ZERO), currency)
+
+    # -- specs -----------------------------------------------------------------------------------
+    def _artifacts(self, config: TrialConfig, trial_id: str, assignment_id: str) -> Path:
+        return self.p.root.assignment_dir(config.project, trial_id, assignment_id)
+
+    def _spec_on_disk(self, config: TrialConfig, a: Assignment) -> AssignmentSpec | None:
+        path = self._artifacts(config, a.trial_id, a.id) / "spec.json"
+        if not path.exists():
+            return None
+        return AssignmentSpec.model_validate_json(path.read_text())
+
+    def _spec(self, config: TrialConfig, trial_id: str, a: Assignment) -> AssignmentSpec:
+        task = next(t for t in config.tasks if t.id == a.task_id)
+        machine = a.machine or "m1"
+        identity = MachineIdentity(
+            project=config.project,
+            trial=trial_id,
+            assignment=a.id,
+            machine=machine,
+            expires=time.time() + task.timeout_s + CREDENTIAL_GRACE_S,
+        )
+        st = self.p.settings
+        proxy = proxy_url(st.host, st.proxy_port, machine, mint(self.p.credential_key, identity))
+        ca = str(self.p.root.ca_cert)
+        env = {
+            "HTTP_PROXY": proxy,
+            "HTTPS_PROXY": proxy,
+            "http_proxy": proxy,
+            "https_proxy": proxy,
+            "NO_PROXY": "",
+            "no_proxy": "",
+            "SSL_CERT_FILE": ca,
+            "REQUESTS_CA_BUNDLE": ca,
+            "NODE_EXTRA_CA_CERTS": ca,
+            "OPENAI_BASE_URL": st.model_url,
+            "OPENAI_API_KEY": "autovibe-machine-credential",
+            "AUTOVIBE_MODEL_ENDPOINT": st.model_url,
+            "AUTOVIBE_MODEL": a.model,
+            "AUTOVIBE_MACHINE": machine,
+            "AUTOVIBE_ASSIGNMENT": a.id,
+        }
+        return AssignmentSpec(
+            assignment=a.id,
+            project=config.project,
+            trial=trial_id,
+            machine=machine,
+            task_id=task.id,
+            repo=task.repo,
+            prompt=self.prompt(config, trial_id, task.prompt),
+            test_command=task.test_command,
+            fail_to_pass=task.fail_to_pass,
+            pass_to_pass=task.pass_to_pass,
+            timeout_s=task.timeout_s,
+            agent=a.agent,
+            model=a.model,
+            endpoint=st.model_url,
+            env=env,
+            artifacts=self._artifacts(config, trial_id, a.id),
+        )
+
+    def prompt(self, config: TrialConfig, trial_id: str, task_prompt: str) -> str:
+        """The task prompt, preceded by the budget preamble every agent gets."""
+        b = config.budget
+        spent_usd = sum((u.cost_usd for u in self.p.usage(trial=trial_id)), start=_ZERO)
+        left = max(b.amount - self.p.in_currency(spent_usd, b.currency), _ZERO)
+        return (
+            "## Budget\n"
+            f"Project {config.project} has {left:.4f} {b.currency} left of its "
+            f"{b.amount:.2f} {b.currency} {b.period} budget; this machine may spend "
+            f"{config.machines.daily_allowance:.2f} {b.currency} per day. Every model call is "
+            "metered and priced, and refused once a budget is spent: spend as if it were "
+            "your own money.\n\n"
+            "## Task\n"
+            f"{task_prompt.strip()}\n"
+        )
+
+
+def _tally(trial: Trial) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in trial.assignments:
+        key = a.status or a.state
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def cancel(platform: Platform, trial_id: str) -> None:
+    """Stop a trial: queued assignments never start, running ones are killed, spend is posted."""
+    with platform.store.session() as s:
+        trial = s.get_one(Trial, trial_id)
+        if trial.status not in TRIAL_ACTIVE:
+            return
+        config = TrialConfig.model_validate(trial.config)
+        trial.status = "cancelled"
+        trial.finished_at = utcnow()
+        running = [a.id for a in trial.assignments if a.state == "running"]
+        for a in trial.assignments:
+            if a.state == "queued":
+                a.state = "cancelled"
+        platform.store.add_event(s, trial_id, "trial_cancelled")
+    scheduler = Scheduler(platform)
+    for assignment_id in running:
+        with platform.store.session() as s:
+            a = s.get_one(Assignment, assignment_id)
+        spec = scheduler._spec_on_disk(config, a)
+        if spec is not None:
+            platform.driver(config.driver).cancel(spec)
+        scheduler.finish(assignment_id, {"assignment": assignment_id, "cancelled": True})

@@ -1,0 +1,1 @@
+"""Worker plane: agent adapters, the assignment runner, grading and worker drivers."""

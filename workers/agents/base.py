@@ -1,0 +1,83 @@
+"""The agent adapter port: workspace + prompt + endpoint in; outcome, transcript, usage out.
+
+An adapter only says how to start its agent and how to read what it left behind; the runner
+(`workers.runner`) starts it in its own process group, enforces the timeout and grades.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+ExitCause = Literal["finished", "timeout", "crashed", "budget_exhausted"]
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    """Everything an agent is given for one assignment."""
+
+    workspace: Path
+    """The agent's own copy of the task repository; the only place it should write."""
+    prompt: str
+    """Task prompt, starting with the budget preamble."""
+    endpoint: str
+    """OpenAI-compatible base URL of the model plane, e.g. http://127.0.0.1:8500/v1."""
+    model: str
+    """Served model name, `<pair>` or `<pair>:thinking`."""
+    artifacts: Path
+    """Folder for the transcript and anything else the agent leaves for the operator."""
+    timeout_s: int
+
+
+@dataclass
+class AgentUsage:
+    """What the agent itself says it used (the proxy's metering is the authority)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class AgentOutcome:
+    exit_cause: ExitCause
+    exit_code: int | None
+    transcript: Path
+    usage: AgentUsage = field(default_factory=AgentUsage)
+    version: str = "unknown"
+    detail: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["transcript"] = str(self.transcript)
+        return data
+
+
+class Agent(Protocol):
+    """One coding agent, picked by `name` in the trial config."""
+
+    name: str
+
+    def version(self) -> str:
+        """Version recorded with every run."""
+        ...
+
+    def command(self, run: AgentRun) -> list[str]:
+        """argv that runs the agent to completion, non-interactively, in `run.workspace`."""
+        ...
+
+    def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
+        """Read what the agent left in `run.artifacts` after its process group ended."""
+        ...
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,31 @@
+"""The worker-driver port: start an assignment somewhere, tell whether it still runs, stop it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from workers.spec import AssignmentSpec
+
+
+class WorkerDriver(Protocol):
+    name: str
+
+    def launch(self, spec: AssignmentSpec) -> None:
+        """Start the assignment; returns once it is started (it runs on without us)."""
+        ...
+
+    def alive(self, spec: AssignmentSpec) -> bool:
+        """Whether the assignment's runner is still running."""
+        ...
+
+    def cancel(self, spec: AssignmentSpec) -> None:
+        """Stop the assignment's runner and everything it started."""
+        ...
+
+
+def get_driver(name: str) -> WorkerDriver:
+    if name == "local":
+        from workers.local import LocalDriver
+
+        return LocalDriver()
+    raise KeyError(f"unknown worker driver {name!r}; allowed: local")

@@ -1,0 +1,147 @@
+"""Runs one assignment to the end: workspace, agent (own process group, timeout), grading.
+
+Started detached by a worker driver (`python -m workers.runner SPEC`), so an orchestrator
+restart never interrupts it. It holds an exclusive lock on `runner.lock` while alive and
+writes `result.json` atomically last: the orchestrator reads liveness from the lock and the
+outcome from the file, and never starts an assignment whose runner still holds the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from workers import grading, workspace
+from workers.agents import get_agent
+from workers.agents.base import AgentOutcome, AgentRun
+from workers.spec import AssignmentSpec
+
+KILL_GRACE_S = 5.0
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def kill_group(pid: int) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_agent(spec: AssignmentSpec) -> AgentOutcome:
+    agent = get_agent(spec.agent)
+    run = AgentRun(
+        workspace=spec.workspace,
+        prompt=spec.prompt,
+        endpoint=spec.endpoint,
+        model=spec.model,
+        artifacts=spec.artifacts,
+        timeout_s=spec.timeout_s,
+    )
+    (spec.artifacts / "prompt.txt").write_text(spec.prompt)
+    env = {**os.environ, **spec.env}
+    with (spec.artifacts / "agent.log").open("wb") as log:
+        proc = subprocess.Popen(
+            agent.command(run),
+            cwd=spec.workspace,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            proc.wait(timeout=spec.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # Also on cancel (SIGTERM) and when the agent exited but left children behind.
+            kill_group(proc.pid)
+        exit_code = proc.wait()
+    outcome = agent.collect(run, None if timed_out else exit_code, timed_out)
+    outcome.version = outcome.version or agent.version()
+    return outcome
+
+
+def run(spec: AssignmentSpec) -> dict[str, Any]:
+    started = time.time()
+    workspace.prepare(spec.repo, spec.workspace)
+    outcome = run_agent(spec)
+    report = grading.grade(
+        spec.workspace,
+        spec.test_command,
+        spec.fail_to_pass,
+        spec.pass_to_pass,
+        timeout_s=max(60, spec.timeout_s),
+        log=spec.artifacts / "tests.log",
+    )
+    patch_path = spec.artifacts / "patch.diff"
+    patch_path.write_text(workspace.patch(spec.workspace))
+    finished = time.time()
+    return {
+        "assignment": spec.assignment,
+        "started": started,
+        "finished": finished,
+        "wall_s": round(finished - started, 3),
+        "agent": outcome.to_json(),
+        "grade": report.to_json(),
+        "patch": str(patch_path),
+    }
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    spec = AssignmentSpec.model_validate_json(Path(argv[1]).read_text())
+    lock = spec.lock_path.open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another runner holds {spec.lock_path}", file=sys.stderr)
+        return 75
+    lock.write(str(os.getpid()))
+    lock.flush()
+    if spec.result_path.exists():
+        return 0
+    try:
+        result = run(spec)
+    except Exception as exc:  # the orchestrator must hear of every ending, crashes included
+        result = {
+            "assignment": spec.assignment,
+            "infra_error": f"{type(exc).__name__}: {exc}",
+        }
+        _write_json_atomic(spec.result_path, result)
+        raise
+    _write_json_atomic(spec.result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
