@@ -15,18 +15,34 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+
+
+def _known(context_key: str, what: str) -> AfterValidator:
+    """Check a name against the list the caller put in the validation context."""
+
+    def check(value: str, info: ValidationInfo) -> str:
+        known: Iterable[str] | None = (info.context or {}).get(context_key)
+        if known is not None and value not in known:
+            raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(sorted(known))}")
+        return value
+
+    return AfterValidator(check)
+
+
+AgentName = Annotated[str, _known("agents", "agent")]
+PairName = Annotated[str, _known("pairs", "model pair")]
 
 
 class _Strict(BaseModel):
@@ -36,7 +52,7 @@ class _Strict(BaseModel):
 class Budget(_Strict):
     amount: Money
     """Money the project may spend per period, in `currency`."""
-    currency: Currency = "CAD"
+    currency: Annotated[Currency, _known("currencies", "currency")] = "CAD"
     """Primary currency; USD prices are converted through the ledger's price directive."""
     period: Literal["daily", "weekly", "biweekly", "monthly", "once"] = "biweekly"
     """How often the budget is replenished."""
@@ -83,35 +99,14 @@ class TrialConfig(_Strict):
     project: Slug
     budget: Budget
     machines: Machines = Field(default_factory=Machines)
-    agents: list[str] = Field(min_length=1)
+    agents: Annotated[list[AgentName], AfterValidator(_check_unique)] = Field(min_length=1)
     """Agent adapters by short name (see `autovibe agents ls`)."""
-    model_pairs: list[str] = Field(min_length=1)
+    model_pairs: Annotated[list[PairName], AfterValidator(_check_unique)] = Field(min_length=1)
     """Model pairs from configs/models.yaml, `<pair>` or `<pair>:thinking`."""
     assignment: Assignment = Field(default_factory=Assignment)
     tasks: list[Task] = Field(min_length=1)
     driver: Literal["local"] = "local"
     """Worker driver (`nomad` comes later)."""
-
-    @field_validator("agents")
-    @classmethod
-    def _known_agents(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        return _check_known(value, (info.context or {}).get("agents"), "agent")
-
-    @field_validator("model_pairs")
-    @classmethod
-    def _known_pairs(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        return _check_known(value, (info.context or {}).get("pairs"), "model pair")
-
-    @field_validator("budget")
-    @classmethod
-    def _known_currency(cls, value: Budget, info: ValidationInfo) -> Budget:
-        currencies = (info.context or {}).get("currencies")
-        if currencies is not None and value.currency not in currencies:
-            raise ValueError(
-                f"currency {value.currency!r} has no exchange rate in prices.yaml; "
-                f"allowed: {', '.join(sorted(currencies))}"
-            )
-        return value
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> TrialConfig:
@@ -122,15 +117,9 @@ class TrialConfig(_Strict):
         return self
 
 
-def _check_known(value: list[str], known: Iterable[str] | None, what: str) -> list[str]:
-    if known is None:
-        return value
-    allowed = sorted(known)
-    for name in value:
-        if name not in allowed:
-            raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(allowed)}")
+def _check_unique(value: list[str]) -> list[str]:
     if len(set(value)) != len(value):
-        raise ValueError(f"each {what} may be named once")
+        raise ValueError("each name may appear once")
     return value
 
 
@@ -193,7 +182,8 @@ class PriceCatalog(_Strict):
             if compute is None:
                 return None
             per = compute.per_mtok()
-            return TokenPrice(input_per_mtok=per, output_per_mtok=per)
+            # Derived, not configured: keep full precision rather than the 6-decimal Money rule.
+            return TokenPrice.model_construct(input_per_mtok=per, output_per_mtok=per)
         return self.providers.get(provider, {}).get(model)
 
     def convert(self, usd: Decimal, currency: str) -> Decimal:
@@ -251,7 +241,7 @@ def describe_errors(
                 probe = probe[:-1]
             if probe in lines:
                 where = f"line {lines[probe]}: "
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         out.append(f"{where}{field}: {msg}")

@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
         )
         try:
             with platform.store.session() as s:
+                if s.scalar(select(Trial.id).where(Trial.name == config.name)) is not None:
+                    raise HTTPException(409, f"a trial named {config.name!r} exists already")
                 s.add(trial)
                 for p in plan(config):
                     s.add(
@@ -117,8 +119,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
                             model=p.model,
                         )
                     )
+                s.flush()  # a racing duplicate name fails here, before the ledger is touched
                 platform.store.add_event(s, trial.id, "trial_submitted", name=config.name)
-                s.flush()  # a duplicate name fails here, before the ledger is touched
                 platform.open_ledger(config, trial.id)
         except IntegrityError as exc:
             raise HTTPException(409, f"a trial named {config.name!r} exists already") from exc

@@ -31,6 +31,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
 
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough for the report table
+    console = Console(width=160)
 err = Console(stderr=True)
 
 

@@ -1,0 +1,132 @@
+"""Control API contract: auth, 201/422/409, nothing half-created, reads and SSE."""
+
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from orchestrator.api import create_app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[TestClient, DataRoot]]:
+    settings = Settings(data=tmp_path / "data", configs=ROOT / "configs")
+    app = create_app(settings, run_scheduler=False)
+    root = DataRoot.at(settings.data)
+    token = (root.secrets / "operator-token").read_text().strip()
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client, root
+
+
+def count_trials(client: TestClient) -> int:
+    return len(client.get("/v1/trials").json())
+
+
+def test_token_is_created_once_with_private_mode(tmp_path: Path) -> None:
+    settings = Settings(data=tmp_path, configs=ROOT / "configs")
+    create_app(settings, run_scheduler=False)
+    path = DataRoot.at(tmp_path).secrets / "operator-token"
+    first = path.read_text()
+    create_app(settings, run_scheduler=False)
+    assert path.read_text() == first
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_requires_bearer_token(api: tuple[TestClient, DataRoot]) -> None:
+    client, _ = api
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        assert client.get("/v1/trials", headers=headers).status_code == 401
+    assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
+
+
+def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str, Any]) -> None:
+    client, root = api
+    resp = client.post("/v1/trials", json=demo_trial)
+    assert resp.status_code == 201, resp.text
+    trial_id = resp.json()["id"]
+    view = client.get(f"/v1/trials/{trial_id}").json()
+    assert view["status"] == "queued"
+    # 3 tasks × 2 trials per task, all with the one agent and pair
+    assert len(view["assignments"]) == 6
+    assert {a["state"] for a in view["assignments"]} == {"queued"}
+    spend = view["spend"]
+    assert (Decimal(spend["amount"]), spend["currency"], Decimal(spend["budget"])) == (
+        0, "CAD", Decimal("5"))
+    assert [t["id"] for t in client.get("/v1/trials").json()] == [trial_id]
+    assert root.ledger("demo").exists()
+    assert client.get("/v1/trials/nope").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("mutate", "loc", "needle"),
+    [
+        (lambda d: d.update(agents=["aider-x"]), ["body", "agents", 0],
+         "unknown agent 'aider-x'; allowed: builtin"),
+        (lambda d: d.update(model_pairs=["big"]), ["body", "model_pairs", 0],
+         "unknown model pair 'big'; allowed: tiny, tiny:thinking"),
+        (lambda d: d["budget"].update(amount="-1"), ["body", "budget", "amount"],
+         "greater than or equal to 0"),
+        (lambda d: d["tasks"][1].pop("fail_to_pass"), ["body", "tasks", 1, "fail_to_pass"],
+         "Field required"),
+        (lambda d: d["tasks"][0].update(repo="/no/such/repo"), ["body", "tasks", 0, "repo"],
+         "does not exist"),
+        (lambda d: d.update(driver="k8s"), ["body", "driver"], "'local'"),
+    ],
+)
+def test_bad_input_is_422_naming_field_and_nothing_is_created(
+    api: tuple[TestClient, DataRoot], demo_trial: dict[str, Any], mutate: Any,
+    loc: list[Any], needle: str,
+) -> None:
+    client, root = api
+    bad = copy.deepcopy(demo_trial)
+    mutate(bad)
+    resp = client.post("/v1/trials", json=bad)
+    assert resp.status_code == 422, resp.text
+    errors = resp.json()["detail"]
+    assert any(e["loc"] == loc and needle in e["msg"] for e in errors), errors
+    assert count_trials(client) == 0
+    assert not root.ledger("demo").exists()
+
+
+def test_duplicate_name_is_409_and_leaves_first_alone(
+    api: tuple[TestClient, DataRoot], demo_trial: dict[str, Any]
+) -> None:
+    client, root = api
+    assert client.post("/v1/trials", json=demo_trial).status_code == 201
+    ledger_before = root.ledger("demo").read_text()
+    again = client.post("/v1/trials", json=demo_trial)
+    assert again.status_code == 409
+    assert "exists already" in again.json()["detail"]
+    assert count_trials(client) == 1
+    assert root.ledger("demo").read_text() == ledger_before
+
+
+def test_cancel_queued_trial_and_events(
+    api: tuple[TestClient, DataRoot], demo_trial: dict[str, Any]
+) -> None:
+    client, _ = api
+    trial_id = client.post("/v1/trials", json=demo_trial).json()["id"]
+    view = client.post(f"/v1/trials/{trial_id}/cancel").json()
+    assert view["status"] == "cancelled"
+    assert {a["state"] for a in view["assignments"]} == {"cancelled"}
+    with client.stream("GET", f"/v1/trials/{trial_id}/events") as resp:
+        body = "".join(resp.iter_text())
+    assert "event: trial_submitted" in body
+    assert body.rstrip().split("\n")[-2] == "event: trial_cancelled"
+
+
+def test_metrics_are_prometheus_text(api: tuple[TestClient, DataRoot]) -> None:
+    client, _ = api
+    text = client.get("/metrics").text
+    assert 'autovibe_assignments{state="queued"}' in text
+    assert "autovibe_spend_usd" in text
