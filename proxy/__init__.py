@@ -1,0 +1,1 @@
+"""The traffic plane: mitmdump with our addons meters, captures and indexes every flow."""

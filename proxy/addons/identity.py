@@ -1,0 +1,122 @@
+"""Who is calling: the machine credential a worker presents as proxy auth.
+
+A worker's proxy URL is `http://<machine>:<token>@host:port`. Plain HTTP requests carry the
+credential on every request; a CONNECT carries it once and the requests tunnelled through that
+client connection inherit it. Anything without a valid credential is answered 407 here and
+never reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import weakref
+from collections.abc import MutableMapping
+
+from mitmproxy import connection, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from contracts.credentials import CredentialError, MachineIdentity, load_or_create_key, verify
+from proxy.addons import dataroot
+from proxy.addons.refusal import fail_closed, refuse
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "autovibe.identity"
+REALM = 'Basic realm="autovibe"'
+
+
+class ProxyAuthError(Exception):
+    """The request carries no usable machine credential; the message says why."""
+
+
+def identity_of(flow: http.HTTPFlow) -> MachineIdentity | None:
+    """The verified caller of a flow, or None when it was refused or never identified."""
+    identity = flow.metadata.get(METADATA_KEY)
+    return identity if isinstance(identity, MachineIdentity) else None
+
+
+class Identity:
+    def __init__(self) -> None:
+        self.key: bytes | None = None
+        # Identities proven by a CONNECT, for the requests tunnelled through that connection.
+        self.tunnels: MutableMapping[connection.Client, MachineIdentity] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def load(self, loader: Loader) -> None:
+        dataroot.add_option(loader)
+
+    def configure(self, updated: set[str]) -> None:
+        if dataroot.OPTION in updated:
+            root = dataroot.current()
+            try:
+                self.key = load_or_create_key(root)
+            except (OSError, ValueError) as exc:
+                raise exceptions.OptionsError(
+                    f"cannot read the machine-credential key under {root.secrets}: {exc}"
+                ) from exc
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if self._authenticate(flow):
+            identity = identity_of(flow)
+            assert identity is not None
+            self.tunnels[flow.client_conn] = identity
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.is_replay:
+            return
+        tunnelled = self.tunnels.get(flow.client_conn)
+        if tunnelled is not None:
+            flow.metadata[METADATA_KEY] = tunnelled
+            flow.request.headers.pop("Proxy-Authorization", None)
+            return
+        self._authenticate(flow)
+
+    def _authenticate(self, flow: http.HTTPFlow) -> bool:
+        header = flow.request.headers.get("Proxy-Authorization")
+        flow.request.headers.pop("Proxy-Authorization", None)
+        try:
+            identity = self._verify(header)
+        except ProxyAuthError as exc:
+            log.info("proxy auth refused for %s: %s", flow.client_conn.peername, exc)
+            refuse(
+                flow,
+                407,
+                {"error": "proxy_auth", "detail": str(exc)},
+                {"Proxy-Authenticate": REALM},
+            )
+            return False
+        flow.metadata[METADATA_KEY] = identity
+        return True
+
+    def _verify(self, header: str | None) -> MachineIdentity:
+        if self.key is None:
+            raise ProxyAuthError("the proxy has no machine-credential key yet")
+        if not header:
+            raise ProxyAuthError(
+                "proxy authentication required: use http://<machine>:<token>@host:port"
+            )
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            raise ProxyAuthError(f"unsupported proxy auth scheme {scheme!r}; use Basic")
+        try:
+            user, sep, token = (
+                base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ProxyAuthError("Proxy-Authorization is not valid base64 user:password") from exc
+        if not sep:
+            raise ProxyAuthError("Proxy-Authorization has no password (the machine token)")
+        try:
+            identity = verify(self.key, token)
+        except CredentialError as exc:
+            raise ProxyAuthError(str(exc)) from exc
+        if user != identity.machine:
+            raise ProxyAuthError(
+                f"proxy user {user!r} does not match the credential's machine {identity.machine!r}"
+            )
+        return identity

@@ -1,0 +1,362 @@
+"""The embedded traffic store: SQLite (WAL, FTS5) fed from the spool.
+
+The spool is the source of truth; this index can be deleted and rebuilt from it at any time.
+`catch_up` reads each spool file from the byte offset it stored, and stores the new offset in
+the same transaction as the rows, so concurrent indexers or a crash never lose or repeat a
+flow. Money is kept as decimal TEXT and summed with Python's Decimal, never SQL floats.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.records import FlowRecord
+from proxy.spool import FILE_NAME
+
+READ_CHUNK = 4 * 1024 * 1024
+"""Bytes of a spool file read per transaction, so one catch-up never holds the lock for long."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS flows (
+    id TEXT PRIMARY KEY,
+    schema_version INTEGER NOT NULL,
+    ts_start REAL NOT NULL,
+    ts_end REAL NOT NULL,
+    duration_ms REAL NOT NULL,
+    ttfb_ms REAL,
+    method TEXT NOT NULL,
+    url TEXT NOT NULL,
+    host TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER,
+    request_bytes INTEGER NOT NULL,
+    response_bytes INTEGER NOT NULL,
+    project TEXT,
+    trial TEXT,
+    assignment TEXT,
+    machine TEXT,
+    provider TEXT,
+    model TEXT,
+    response_id TEXT,
+    streamed INTEGER NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    estimated INTEGER,
+    cost_usd TEXT NOT NULL,
+    error TEXT,
+    spool_file TEXT NOT NULL,
+    spool_offset INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flows_by_ts ON flows (ts_start);
+CREATE INDEX IF NOT EXISTS flows_by_trial ON flows (trial, assignment);
+CREATE INDEX IF NOT EXISTS flows_by_assignment ON flows (assignment);
+CREATE VIRTUAL TABLE IF NOT EXISTS flows_fts
+    USING fts5(url, model, error, content='flows', content_rowid='rowid');
+CREATE TRIGGER IF NOT EXISTS flows_fts_insert AFTER INSERT ON flows BEGIN
+    INSERT INTO flows_fts (rowid, url, model, error)
+    VALUES (new.rowid, new.url, new.model, new.error);
+END;
+CREATE TRIGGER IF NOT EXISTS flows_fts_delete AFTER DELETE ON flows BEGIN
+    INSERT INTO flows_fts (flows_fts, rowid, url, model, error)
+    VALUES ('delete', old.rowid, old.url, old.model, old.error);
+END;
+CREATE TABLE IF NOT EXISTS offsets (
+    path TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    path TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (path, offset)
+);
+"""
+
+_COLUMNS = (
+    "id, schema_version, ts_start, ts_end, duration_ms, ttfb_ms, method, url, host, path, "
+    "status, request_bytes, response_bytes, project, trial, assignment, machine, provider, "
+    "model, response_id, streamed, prompt_tokens, completion_tokens, total_tokens, estimated, "
+    "cost_usd, error, spool_file, spool_offset, record"
+)
+_INSERT = (
+    f"INSERT OR IGNORE INTO flows ({_COLUMNS}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS.split(','))})"
+)
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """Metered LLM calls of one provider and model, summed."""
+
+    provider: str
+    model: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: Decimal
+    estimated_calls: int
+    """Calls whose response carried no usage and were charged by an estimate."""
+
+
+class _DecimalSum:
+    """SQL aggregate `decimal_sum(text)`: exact sum of decimal strings, as a decimal string."""
+
+    def __init__(self) -> None:
+        self.total = Decimal(0)
+
+    def step(self, value: str | None) -> None:
+        if value is not None:
+            self.total += Decimal(value)
+
+    def finalize(self) -> str:
+        return format(self.total, "f")
+
+
+class TrafficIndex:
+    """The SQLite traffic store at `path`; safe to share between threads and processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # Autocommit mode: every transaction below is opened explicitly.
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        # typeshed types aggregates as int → int; SQLite passes and takes any value.
+        self._db.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock, self._transaction():
+            for statement in _statements(_SCHEMA):
+                self._db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> TrafficIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def catch_up(self, traffic_logs_dir: Path) -> int:
+        """Index every complete spool line not indexed yet; returns the number of new flows."""
+        added = 0
+        for spool_file in sorted(traffic_logs_dir.glob(f"*/*/{FILE_NAME}")):
+            key = spool_file.relative_to(traffic_logs_dir).as_posix()
+            while True:
+                count, more = self._catch_up_file(spool_file, key)
+                added += count
+                if not more:
+                    break
+        return added
+
+    def _catch_up_file(self, spool_file: Path, key: str) -> tuple[int, bool]:
+        """Index one batch of lines; returns (flows added, whether more lines may follow)."""
+        try:
+            size = spool_file.stat().st_size
+        except FileNotFoundError:
+            return 0, False
+        with self._lock:
+            if size == self._offset(key):
+                return 0, False
+        with self._lock, self._transaction():
+            # Read the offset again under the write lock: another indexer may have moved it.
+            offset = self._offset(key)
+            if size < offset:
+                # The file was replaced; ids are unique, so reading it again repeats nothing.
+                offset = 0
+            data = _complete_lines(spool_file, offset)
+            added = 0
+            position = offset
+            for line in data.splitlines(keepends=True):
+                added += self._index_line(key, position, line)
+                position += len(line)
+            self._db.execute(
+                "INSERT INTO offsets (path, offset) VALUES (?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET offset = excluded.offset",
+                (key, position),
+            )
+        return added, bool(data) and position < size
+
+    def _offset(self, key: str) -> int:
+        row = self._db.execute("SELECT offset FROM offsets WHERE path = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _index_line(self, key: str, offset: int, line: bytes) -> int:
+        if not line.strip():
+            return 0
+        try:
+            record = FlowRecord.model_validate_json(line)
+        except ValidationError as exc:
+            # Keep what cannot be read where a person can see it, and move on.
+            self._db.execute(
+                "INSERT OR IGNORE INTO rejects (path, offset, line, error) VALUES (?, ?, ?, ?)",
+                (key, offset, line.decode("utf-8", errors="replace"), str(exc)),
+            )
+            return 0
+        usage = record.usage
+        cursor = self._db.execute(
+            _INSERT,
+            (
+                record.id,
+                record.schema_version,
+                record.ts_start,
+                record.ts_end,
+                record.duration_ms,
+                record.ttfb_ms,
+                record.method,
+                record.url,
+                record.host,
+                record.path,
+                record.status,
+                record.request_bytes,
+                record.response_bytes,
+                record.project,
+                record.trial,
+                record.assignment,
+                record.machine,
+                record.provider,
+                record.model,
+                record.response_id,
+                int(record.streamed),
+                usage.prompt_tokens if usage else None,
+                usage.completion_tokens if usage else None,
+                usage.total_tokens if usage else None,
+                int(usage.estimated) if usage else None,
+                format(record.cost_usd, "f"),
+                record.error,
+                key,
+                offset,
+                record.model_dump_json(),
+            ),
+        )
+        return cursor.rowcount
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def usage(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[ModelUsage]:
+        """Metered LLM calls grouped by provider and model, optionally for one scope."""
+        where, params = _scope(project=project, trial=trial, assignment=assignment)
+        rows = self._query(
+            "SELECT provider, model, count(*), sum(prompt_tokens), sum(completion_tokens), "
+            "sum(total_tokens), decimal_sum(cost_usd), sum(estimated) FROM flows "
+            f"WHERE prompt_tokens IS NOT NULL{where} "
+            "GROUP BY provider, model ORDER BY provider, model",
+            params,
+        )
+        return [
+            ModelUsage(
+                provider=provider,
+                model=model,
+                calls=calls,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=total,
+                cost_usd=Decimal(cost),
+                estimated_calls=estimated,
+            )
+            for provider, model, calls, prompt, completion, total, cost, estimated in rows
+        ]
+
+    def flows(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[FlowRecord]:
+        """Indexed flows in the order they started, optionally for one scope."""
+        where, params = _scope(project=project, trial=trial, assignment=assignment)
+        rows = self._query(
+            f"SELECT record FROM flows WHERE 1 = 1{where} ORDER BY ts_start, id", params
+        )
+        return [FlowRecord.model_validate_json(record) for (record,) in rows]
+
+    def search(self, query: str, *, limit: int = 100) -> list[FlowRecord]:
+        """Full-text search (FTS5 syntax) over url, model and error; best matches first."""
+        rows = self._query(
+            "SELECT flows.record FROM flows_fts JOIN flows ON flows.rowid = flows_fts.rowid "
+            "WHERE flows_fts MATCH ? ORDER BY rank LIMIT ?",
+            (query, limit),
+        )
+        return [FlowRecord.model_validate_json(record) for (record,) in rows]
+
+    def rejects(self) -> list[tuple[str, int, str]]:
+        """Spool lines that could not be read: (spool file, byte offset, error)."""
+        return [
+            (path, offset, error)
+            for path, offset, error in self._query(
+                "SELECT path, offset, error FROM rejects ORDER BY path, offset", ()
+            )
+        ]
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _complete_lines(spool_file: Path, offset: int) -> bytes:
+    """The bytes from `offset` up to and including the last newline (a torn tail waits)."""
+    with spool_file.open("rb") as fh:
+        fh.seek(offset)
+        data = fh.read(READ_CHUNK)
+        while b"\n" not in data:
+            more = fh.read(READ_CHUNK)
+            if not more:
+                return b""
+            data += more
+    return data[: data.rfind(b"\n") + 1]
+
+
+def _scope(**filters: str | None) -> tuple[str, tuple[object, ...]]:
+    used = {column: value for column, value in filters.items() if value is not None}
+    return "".join(f" AND {column} = ?" for column in used), tuple(used.values())
+
+
+def _statements(script: str) -> list[str]:
+    """Split the schema into statements; triggers contain `;` inside BEGIN … END."""
+    statements, current = [], ""
+    for line in script.strip().splitlines():
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements

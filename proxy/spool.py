@@ -1,0 +1,75 @@
+"""The traffic spool: one JSON line per flow, the source of truth the index is rebuilt from.
+
+`traffic-logs/<project>/<YYYY-MM-DD>/flows.jsonl`, the day in UTC of the flow's start. Lines are
+appended with one `write` on an O_APPEND descriptor, so concurrent writers (threads or
+processes) never interleave inside a line and a reader sees only whole lines or a torn tail.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from pathlib import Path
+
+from contracts.dataroot import DataRoot
+from contracts.records import FlowRecord
+
+UNATTRIBUTED = "_unattributed"
+"""Project folder for flows with no verified machine identity (refusals, errors)."""
+FILE_NAME = "flows.jsonl"
+
+
+class Spool:
+    """Appends FlowRecords to the data root's spool; safe to share between threads."""
+
+    def __init__(self, root: DataRoot) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._files: dict[Path, int] = {}
+
+    def path_for(self, record: FlowRecord) -> Path:
+        project = record.project or UNATTRIBUTED
+        if project in {".", ".."} or "/" in project or os.sep in project:
+            raise ValueError(f"project {project!r} cannot name a spool folder")
+        day = dt.datetime.fromtimestamp(record.ts_start, dt.UTC).date()
+        return self.root.spool_dir(project, day) / FILE_NAME
+
+    def append(self, record: FlowRecord) -> Path:
+        """Write the record as one line; returns the spool file it went to."""
+        path = self.path_for(record)
+        line = (record.model_dump_json() + "\n").encode()
+        with self._lock:
+            fd = self._files.get(path)
+            if fd is None:
+                fd = self._open(path)
+            written = os.write(fd, line)
+            if written != len(line):
+                # A short write on a regular file means the disk is full: say so, loudly.
+                raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
+        return path
+
+    def _open(self, path: Path) -> int:
+        # Flows of past days stop arriving; keep only the current files open.
+        if len(self._files) >= 64:
+            self._close_all()
+        DataRoot.ensure(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._files[path] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        for fd in self._files.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._files.clear()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

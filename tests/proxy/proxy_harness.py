@@ -1,0 +1,169 @@
+"""What the proxy tests share: a small OpenAI-style upstream and a handle on the proxy.
+
+The upstream stands in for an external model server: it answers `/v1/completions` and
+`/v1/chat/completions` with OpenAI usage (JSON, or server-sent events with the usage in the
+last chunk), leaves the usage out when the prompt says `no-usage`, and remembers every
+request it saw so a test can prove a refused call never arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+from contracts.credentials import MachineIdentity, mint, proxy_url
+from contracts.dataroot import DataRoot
+from contracts.records import FlowRecord
+from contracts.settings import Settings
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+PRICES_YAML = """\
+currency: USD
+fx: {USD: "1"}
+providers:
+  openai:
+    gpt-4o-mini: {input_per_mtok: "0.15", output_per_mtok: "0.60"}
+local:
+  tiny: {hourly_usd: "0.12", tokens_per_hour: 180000}
+"""
+"""The tests' own price list, so changes to configs/prices.yaml do not move their numbers.
+The local price per token does not divide evenly, as in production."""
+
+
+@dataclass
+class Upstream:
+    server: ThreadingHTTPServer
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def saw(self, marker: str) -> bool:
+        return any(marker in req["body"] for req in self.seen)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    upstream: Upstream
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._remember(b"")
+        self._send(200, "text/plain", b"just a web page\n")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._remember(body)
+        request = json.loads(body)
+        n = len(self.upstream.seen)
+        if request.get("stream"):
+            chunks: list[dict[str, Any]] = [
+                {"id": f"cmpl-{n}", "choices": [{"text": word}], "usage": None}
+                for word in ("Hello", " world")
+            ]
+            chunks.append({"id": f"cmpl-{n}", "choices": [], "usage": USAGE})
+            events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            self._send(200, "text/event-stream", events.encode())
+            return
+        answer: dict[str, Any] = {"id": f"cmpl-{n}", "choices": [{"text": "Hello world"}]}
+        if request.get("prompt") != "no-usage":
+            answer["usage"] = USAGE
+        self._send(200, "application/json", json.dumps(answer).encode())
+
+    def _remember(self, body: bytes) -> None:
+        self.upstream.seen.append(
+            {
+                "path": self.path,
+                "headers": dict(self.headers),
+                "body": body.decode(errors="replace"),
+            }
+        )
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve() -> Iterator[Upstream]:
+    class Handler(_Handler):
+        pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    upstream = Upstream(server)
+    Handler.upstream = upstream
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield upstream
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proxy:
+    settings: Settings
+    root: DataRoot
+    key: bytes
+
+    @staticmethod
+    def identity(assignment: str, *, trial: str = "t1", machine: str = "m1") -> MachineIdentity:
+        return MachineIdentity(
+            project="p1",
+            trial=trial,
+            assignment=assignment,
+            machine=machine,
+            expires=time.time() + 3600,
+        )
+
+    def token(self, identity: MachineIdentity) -> str:
+        return mint(self.key, identity)
+
+    def client(
+        self, identity: MachineIdentity | None = None, token: str | None = None
+    ) -> httpx.Client:
+        """An httpx client that goes through the proxy as `identity` (or anonymously)."""
+        host, port = self.settings.host, self.settings.proxy_port
+        if identity is None:
+            url = f"http://{host}:{port}"
+        else:
+            url = proxy_url(host, port, identity.machine, token or self.token(identity))
+        return httpx.Client(proxy=url, trust_env=False, timeout=10)
+
+    def spooled(self) -> list[FlowRecord]:
+        """Every record in the spool, in file order."""
+        records = []
+        for path in sorted(self.root.traffic_logs.glob("*/*/flows.jsonl")):
+            records += [
+                FlowRecord.model_validate_json(line) for line in path.read_bytes().splitlines()
+            ]
+        return records
+
+    def spooled_one(self, **match: object) -> FlowRecord:
+        found = [r for r in self.spooled() if all(getattr(r, k) == v for k, v in match.items())]
+        assert len(found) == 1, f"expected one spooled flow with {match}, found {found}"
+        return found[0]

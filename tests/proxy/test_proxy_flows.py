@@ -1,0 +1,263 @@
+"""Flows through the real mitmdump: identity, metering, refusals, spool and index."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import socket
+import time
+from decimal import Decimal
+
+import pytest
+from proxy_harness import USAGE, Proxy, Upstream, free_port
+
+from contracts.config import PriceCatalog, load_prices
+from contracts.credentials import mint
+from proxy.index import TrafficIndex
+
+
+@pytest.fixture(scope="module")
+def prices(proxy: Proxy) -> PriceCatalog:
+    return load_prices(proxy.settings.configs)
+
+
+def complete(proxy: Proxy, upstream: Upstream, assignment: str, **body: object) -> dict:
+    with proxy.client(proxy.identity(assignment)) as client:
+        response = client.post(
+            f"{upstream.url}/v1/completions", json={"model": "tiny", "prompt": "hi", **body}
+        )
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("text/event-stream"):
+        return {"events": response.text}
+    return response.json()
+
+
+def test_metered_call_is_spooled_with_identity_and_cost(
+    proxy: Proxy, upstream: Upstream, prices: PriceCatalog
+) -> None:
+    answer = complete(proxy, upstream, "a-metered")
+
+    record = proxy.spooled_one(response_id=answer["id"])
+    assert (record.project, record.trial, record.assignment, record.machine) == (
+        "p1",
+        "t1",
+        "a-metered",
+        "m1",
+    )
+    assert (record.provider, record.model, record.status) == ("local", "tiny", 200)
+    assert record.usage is not None
+    assert record.usage.model_dump() == {**USAGE, "estimated": False}
+    assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
+    assert record.cost_usd > 0
+    assert record.method == "POST" and record.path == "/v1/completions"
+    assert record.request_bytes > 0 and record.response_bytes > 0
+    assert record.ttfb_ms is not None and 0 <= record.ttfb_ms <= record.duration_ms
+    assert not record.streamed and record.error is None
+
+
+def test_proxy_credential_is_not_forwarded(proxy: Proxy, upstream: Upstream) -> None:
+    complete(proxy, upstream, "a-strip", prompt="strip-check")
+    (seen,) = [r for r in upstream.seen if "strip-check" in r["body"]]
+    assert not any(h.lower() == "proxy-authorization" for h in seen["headers"])
+
+
+def test_proxy_indexes_its_own_flows(proxy: Proxy, upstream: Upstream) -> None:
+    complete(proxy, upstream, "a-background")
+    deadline = time.monotonic() + 10
+    with TrafficIndex(proxy.root.traffic_index) as index:
+        # No catch_up here: the proxy's indexer thread does it about once a second.
+        while not index.flows(assignment="a-background"):
+            assert time.monotonic() < deadline, "the proxy's indexer did not index the flow"
+            time.sleep(0.1)
+
+
+def test_index_catches_up_once_and_sums_usage(proxy: Proxy, upstream: Upstream) -> None:
+    complete(proxy, upstream, "a-sum")
+    complete(proxy, upstream, "a-sum", stream=True)
+    complete(proxy, upstream, "a-other")
+    spooled = [r for r in proxy.spooled() if r.assignment == "a-sum"]
+    assert len(spooled) == 2
+
+    # The proxy's own indexer runs beside this one on the same database.
+    with TrafficIndex(proxy.root.traffic_index) as index:
+        index.catch_up(proxy.root.traffic_logs)
+        assert {f.id for f in index.flows(assignment="a-sum")} == {r.id for r in spooled}
+        assert index.catch_up(proxy.root.traffic_logs) == 0
+        assert len(index.flows(assignment="a-sum")) == 2
+
+        (usage,) = index.usage(assignment="a-sum")
+        assert (usage.provider, usage.model, usage.calls) == ("local", "tiny", 2)
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (22, 14, 36)
+        assert usage.cost_usd == sum((r.cost_usd for r in spooled), Decimal(0))
+        assert usage.estimated_calls == 0
+        assert index.usage(trial="t1", assignment="no-such-assignment") == []
+        assert sum(u.calls for u in index.usage(trial="t1")) >= 3
+
+
+def test_missing_credential_is_refused_407(proxy: Proxy, upstream: Upstream) -> None:
+    with proxy.client() as client:
+        response = client.post(
+            f"{upstream.url}/v1/completions", json={"model": "tiny", "prompt": "anon-407"}
+        )
+    assert response.status_code == 407
+    assert response.headers["proxy-authenticate"] == 'Basic realm="autovibe"'
+    assert response.json()["error"] == "proxy_auth"
+    assert not upstream.saw("anon-407")
+    record = proxy.spooled_one(
+        status=407, project=None, error="proxy_auth", url=f"{upstream.url}/v1/completions"
+    )
+    assert record.usage is None and record.cost_usd == 0
+
+
+def test_forged_expired_and_mismatched_credentials_are_refused_407(
+    proxy: Proxy, upstream: Upstream
+) -> None:
+    me = proxy.identity("a-forged")
+    forged = mint(b"not the proxy's key", me)
+    expired = proxy.token(dataclasses.replace(me, expires=time.time() - 1))
+    cases = {
+        "signature": proxy.client(me, token=forged),
+        "expired": proxy.client(me, token=expired),
+        "does not match": proxy.client(
+            proxy.identity("a-forged", machine="m2"), token=proxy.token(me)
+        ),
+    }
+    for reason, client in cases.items():
+        with client:
+            response = client.post(
+                f"{upstream.url}/v1/completions", json={"model": "tiny", "prompt": "forged-407"}
+            )
+        assert response.status_code == 407, reason
+        assert response.json()["error"] == "proxy_auth"
+        assert reason in response.json()["detail"]
+    assert not upstream.saw("forged-407")
+
+
+def test_unknown_price_is_refused_402_before_forwarding(proxy: Proxy, upstream: Upstream) -> None:
+    with proxy.client(proxy.identity("a-402")) as client:
+        response = client.post(
+            f"{upstream.url}/v1/chat/completions",
+            json={"model": "gpt-5-unpriced", "messages": [{"role": "user", "content": "402-me"}]},
+        )
+    assert response.status_code == 402
+    body = response.json()
+    assert (body["error"], body["provider"], body["model"]) == (
+        "unknown_price",
+        "local",
+        "gpt-5-unpriced",
+    )
+    assert not upstream.saw("402-me")
+    record = proxy.spooled_one(assignment="a-402")
+    assert (record.status, record.model, record.usage) == (402, "gpt-5-unpriced", None)
+    assert record.error == "unknown_price" and record.cost_usd == 0
+
+
+def test_streamed_usage_is_read_from_the_events(
+    proxy: Proxy, upstream: Upstream, prices: PriceCatalog
+) -> None:
+    answer = complete(proxy, upstream, "a-sse", stream=True)
+    assert "data: [DONE]" in answer["events"]
+
+    record = proxy.spooled_one(assignment="a-sse")
+    assert record.streamed
+    assert record.response_id is not None and record.response_id.startswith("cmpl-")
+    assert record.usage is not None
+    assert record.usage.model_dump() == {**USAGE, "estimated": False}
+    assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
+
+
+def test_response_without_usage_is_estimated_and_marked(proxy: Proxy, upstream: Upstream) -> None:
+    complete(proxy, upstream, "a-estimate", prompt="no-usage")
+
+    record = proxy.spooled_one(assignment="a-estimate")
+    assert record.usage is not None and record.usage.estimated
+    assert record.usage.prompt_tokens == math.ceil(record.request_bytes / 4)
+    assert record.usage.completion_tokens == math.ceil(record.response_bytes / 4)
+    assert record.cost_usd > 0
+    with TrafficIndex(proxy.root.traffic_index) as index:
+        index.catch_up(proxy.root.traffic_logs)
+        (usage,) = index.usage(assignment="a-estimate")
+    assert usage.estimated_calls == 1
+
+
+def test_non_llm_request_is_captured_without_provider(proxy: Proxy, website: Upstream) -> None:
+    with proxy.client(proxy.identity("a-web")) as client:
+        # The Host header is the client's word; the record keeps where the flow really went.
+        response = client.get(f"{website.url}/index.html?q=1", headers={"Host": "api.openai.com"})
+    assert response.status_code == 200
+
+    record = proxy.spooled_one(assignment="a-web")
+    assert (record.method, record.path, record.status) == ("GET", "/index.html?q=1", 200)
+    assert (record.host, record.url) == ("127.0.0.1", f"{website.url}/index.html?q=1")
+    assert record.provider is None and record.model is None and record.usage is None
+    assert record.cost_usd == 0 and record.response_bytes == len(b"just a web page\n")
+
+
+def test_unreachable_upstream_is_captured_as_an_error(proxy: Proxy) -> None:
+    with proxy.client(proxy.identity("a-down")) as client:
+        response = client.get(f"http://127.0.0.1:{free_port()}/nothing-listens")
+    assert response.status_code == 502
+
+    record = proxy.spooled_one(assignment="a-down")
+    assert record.error is not None and record.path == "/nothing-listens"
+    assert record.usage is None and record.cost_usd == 0
+
+
+def _connect(proxy: Proxy, target: str, authorization: str | None) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection((proxy.settings.host, proxy.settings.proxy_port), timeout=10)
+    header = f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{header}\r\n".encode())
+    return sock, _read_response(sock)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_connect_tunnel_inherits_the_identity(proxy: Proxy, upstream: Upstream) -> None:
+    me = proxy.identity("a-tunnel")
+    credential = base64.b64encode(f"{me.machine}:{proxy.token(me)}".encode()).decode()
+    target = f"127.0.0.1:{upstream.port}"
+    sock, reply = _connect(proxy, target, f"Basic {credential}")
+    with sock:
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        body = json.dumps({"model": "tiny", "prompt": "through-the-tunnel"}).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: " + target.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert upstream.saw("through-the-tunnel")
+
+    record = proxy.spooled_one(assignment="a-tunnel")
+    assert (record.machine, record.provider, record.model) == ("m1", "local", "tiny")
+    assert record.usage is not None and record.usage.total_tokens == 18
+
+
+def test_connect_without_credential_is_refused_407(proxy: Proxy, upstream: Upstream) -> None:
+    sock, reply = _connect(proxy, f"127.0.0.1:{upstream.port}", None)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 407"), reply
+    assert b'Proxy-Authenticate: Basic realm="autovibe"' in reply
+    record = proxy.spooled_one(method="CONNECT", status=407)
+    assert record.project is None and record.error == "proxy_auth"
