@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     state_url: str | None = None
     """SQLAlchemy URL of the state DB; SQLite in the data root when unset."""
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as AUTOVIBE_* variables, for the processes a stack starts."""
+        env = {
+            f"AUTOVIBE_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None
+        }
+        env["AUTOVIBE_DATA"] = str(self.data.resolve())
+        return env
+
     @property
     def api_url(self) -> str:
         return f"http://{self.host}:{self.api_port}"

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from functools import cached_property
-
-from proxy.index import ModelUsage, TrafficIndex
 
 from contracts.config import TrialConfig
 from contracts.credentials import load_or_create_key
@@ -16,9 +14,11 @@ from contracts.settings import Settings
 from ledger.book import Ledger
 from orchestrator.catalog import Catalog
 from orchestrator.state import Store, state_url
+from proxy.index import ModelUsage, TrafficIndex
 from workers.driver import WorkerDriver, get_driver
 
-CENT = Decimal("0.000001")
+MICRO = Decimal("0.000001")
+"""Money is kept to a millionth: local-model calls cost fractions of a cent."""
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Platform:
         return self.index.usage(trial=trial, assignment=assignment)
 
     def in_currency(self, usd: Decimal, currency: str) -> Decimal:
-        return self.catalog.prices.convert(usd, currency).quantize(CENT)
+        return self.catalog.prices.convert(usd, currency).quantize(MICRO, rounding=ROUND_HALF_UP)
 
     def open_ledger(self, config: TrialConfig, trial_id: str) -> None:
         self.ledger(config.project).open(

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from proxy.launch import mitmdump_argv
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
+from proxy.launch import mitmdump_argv
 from serving.llamacpp import server_argv
 
 
@@ -96,7 +96,7 @@ def running_pid(root: DataRoot, name: str) -> int | None:
 def up(settings: Settings, names: list[str] | None = None, timeout_s: float = 180) -> None:
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.run)
-    env = {**os.environ, "AUTOVIBE_DATA": str(root.root)}
+    env = {**os.environ, **settings.as_env()}
     for env_name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         env.pop(env_name, None)
     for svc in services(settings):

@@ -130,6 +130,8 @@ def main(argv: list[str]) -> int:
     lock.flush()
     if spec.result_path.exists():
         return 0
+    with (spec.artifacts / "runs.jsonl").open("a") as runs:  # append-only: one line per start
+        runs.write(json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
     try:
         result = run(spec)
     except Exception as exc:  # the orchestrator must hear of every ending, crashes included

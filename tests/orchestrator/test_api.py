@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from decimal import Decimal
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,10 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
     assert {a["state"] for a in view["assignments"]} == {"queued"}
     spend = view["spend"]
     assert (Decimal(spend["amount"]), spend["currency"], Decimal(spend["budget"])) == (
-        0, "CAD", Decimal("5"))
+        0,
+        "CAD",
+        Decimal("5"),
+    )
     assert [t["id"] for t in client.get("/v1/trials").json()] == [trial_id]
     assert root.ledger("demo").exists()
     assert client.get("/v1/trials/nope").status_code == 404
@@ -70,22 +73,40 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
 @pytest.mark.parametrize(
     ("mutate", "loc", "needle"),
     [
-        (lambda d: d.update(agents=["aider-x"]), ["body", "agents", 0],
-         "unknown agent 'aider-x'; allowed: builtin"),
-        (lambda d: d.update(model_pairs=["big"]), ["body", "model_pairs", 0],
-         "unknown model pair 'big'; allowed: tiny, tiny:thinking"),
-        (lambda d: d["budget"].update(amount="-1"), ["body", "budget", "amount"],
-         "greater than or equal to 0"),
-        (lambda d: d["tasks"][1].pop("fail_to_pass"), ["body", "tasks", 1, "fail_to_pass"],
-         "Field required"),
-        (lambda d: d["tasks"][0].update(repo="/no/such/repo"), ["body", "tasks", 0, "repo"],
-         "does not exist"),
+        (
+            lambda d: d.update(agents=["aider-x"]),
+            ["body", "agents", 0],
+            "unknown agent 'aider-x'; allowed: builtin",
+        ),
+        (
+            lambda d: d.update(model_pairs=["big"]),
+            ["body", "model_pairs", 0],
+            "unknown model pair 'big'; allowed: tiny, tiny:thinking",
+        ),
+        (
+            lambda d: d["budget"].update(amount="-1"),
+            ["body", "budget", "amount"],
+            "greater than or equal to 0",
+        ),
+        (
+            lambda d: d["tasks"][1].pop("fail_to_pass"),
+            ["body", "tasks", 1, "fail_to_pass"],
+            "Field required",
+        ),
+        (
+            lambda d: d["tasks"][0].update(repo="/no/such/repo"),
+            ["body", "tasks", 0, "repo"],
+            "does not exist",
+        ),
         (lambda d: d.update(driver="k8s"), ["body", "driver"], "'local'"),
     ],
 )
 def test_bad_input_is_422_naming_field_and_nothing_is_created(
-    api: tuple[TestClient, DataRoot], demo_trial: dict[str, Any], mutate: Any,
-    loc: list[Any], needle: str,
+    api: tuple[TestClient, DataRoot],
+    demo_trial: dict[str, Any],
+    mutate: Any,
+    loc: list[Any],
+    needle: str,
 ) -> None:
     client, root = api
     bad = copy.deepcopy(demo_trial)

@@ -43,25 +43,52 @@ def test_schema_file_is_current() -> None:
 @pytest.mark.parametrize(
     ("mutate", "field", "needle", "expected"),
     [
-        (lambda d: d.update(agents=["builtin", "aidr"]), "agents.1", "aidr",
-         "unknown agent 'aidr'; allowed: builtin"),
-        (lambda d: d.update(model_pairs=["qwen-99b"]), "model_pairs.0", "qwen-99b",
-         "unknown model pair 'qwen-99b'; allowed: tiny, tiny:thinking"),
-        (lambda d: d["budget"].update(amount=-5), "budget.amount", "amount: -5",
-         "greater than or equal to 0"),
+        (
+            lambda d: d.update(agents=["builtin", "aidr"]),
+            "agents.1",
+            "aidr",
+            "unknown agent 'aidr'; allowed: builtin",
+        ),
+        (
+            lambda d: d.update(model_pairs=["qwen-99b"]),
+            "model_pairs.0",
+            "qwen-99b",
+            "unknown model pair 'qwen-99b'; allowed: tiny, tiny:thinking",
+        ),
+        (
+            lambda d: d["budget"].update(amount=-5),
+            "budget.amount",
+            "amount: -5",
+            "greater than or equal to 0",
+        ),
         (lambda d: d.update(driver="kubernetes"), "driver", "kubernetes", "'local'"),
-        (lambda d: d["budget"].update(currency="XYZ"), "budget.currency", "XYZ",
-         "unknown currency 'XYZ'; allowed: CAD, EUR, USD"),
-        (lambda d: d["tasks"][0].pop("fail_to_pass"), "tasks.0.fail_to_pass", "- id:",
-         "Field required"),
-        (lambda d: d["tasks"][0].update(fail_to_pass=[]), "tasks.0.fail_to_pass",
-         "fail_to_pass: []", "at least 1 item"),
-        (lambda d: d["tasks"][0].update(colour="red"), "tasks.0.colour", "colour",
-         "unknown field"),
+        (
+            lambda d: d["budget"].update(currency="XYZ"),
+            "budget.currency",
+            "XYZ",
+            "unknown currency 'XYZ'; allowed: CAD, EUR, USD",
+        ),
+        (
+            lambda d: d["tasks"][0].pop("fail_to_pass"),
+            "tasks.0.fail_to_pass",
+            "- id:",
+            "Field required",
+        ),
+        (
+            lambda d: d["tasks"][0].update(fail_to_pass=[]),
+            "tasks.0.fail_to_pass",
+            "fail_to_pass: []",
+            "at least 1 item",
+        ),
+        (lambda d: d["tasks"][0].update(colour="red"), "tasks.0.colour", "colour", "unknown field"),
     ],
 )
 def test_bad_trial_file_names_file_line_field_and_allowed(
-    tmp_path: Path, demo_trial: dict[str, Any], mutate: Any, field: str, needle: str,
+    tmp_path: Path,
+    demo_trial: dict[str, Any],
+    mutate: Any,
+    field: str,
+    needle: str,
     expected: str,
 ) -> None:
     mutate(demo_trial)

@@ -1,0 +1,169 @@
+"""End to end on the embedded defaults: real llama.cpp server, real mitmdump, real API.
+
+One stack per module (separate processes on free ports, a fresh data root); the trial goes in
+through the control API exactly as `make demo` sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from ledger.book import Ledger
+from ledger.check import bean_check
+from orchestrator import stack
+from orchestrator.client import Client
+from proxy.index import TrafficIndex
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = Settings(
+        data=tmp_path_factory.mktemp("e2e-data"),
+        configs=ROOT / "configs",
+        api_port=free_port(),
+        proxy_port=free_port(),
+        model_port=free_port(),
+    )
+    stack.up(settings)
+    yield settings
+    stack.down(settings)
+
+
+def small_trial(demo_trial: dict[str, Any], name: str, per_task: int) -> dict[str, Any]:
+    trial = {**demo_trial, "name": name}
+    trial["assignment"] = {**trial["assignment"], "trials_per_task": per_task}
+    return trial
+
+
+def wait_finished(client: Client, trial_id: str, timeout_s: float = 420) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = client.trial(trial_id)
+        if view["status"] in ("finished", "cancelled"):
+            return view
+        time.sleep(1)
+    raise AssertionError(f"trial {trial_id} did not finish: {client.trial(trial_id)}")
+
+
+def transcripts(root: DataRoot, project: str, trial_id: str) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for path in sorted(
+        (root.root / "worker-artifacts" / project / trial_id).glob("*/transcript.jsonl")
+    ):
+        out[path.parent.name] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return out
+
+
+def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> None:
+    client = Client(settings)
+    root = DataRoot.at(settings.data)
+    trial_id = client.submit(small_trial(demo_trial, "e2e", per_task=1))["id"]
+    events = [kind for kind, _ in client.events(trial_id)]
+    assert events[-1] == "trial_finished"
+    view = wait_finished(client, trial_id)
+    assert [a["state"] for a in view["assignments"]] == ["finished"] * 3
+    assert all(a["status"] in ("resolved", "partial", "unresolved") for a in view["assignments"])
+
+    # The report adds up: per agent × pair, the counts and the metered cost.
+    report = client.report(trial_id)
+    (row,) = report["rows"]
+    assert (row["agent"], row["model"], row["assignments"]) == ("builtin", "tiny", 3)
+    assert row["resolved"] + row["partial"] + row["unresolved"] == 3
+    assert row["llm_calls"] > 0 and row["tokens"] > 0
+    assert float(row["cost"]) > 0, "local models are priced: no task costs zero"
+    assert row["success_rate"] == round(row["resolved"] / 3, 4)
+
+    # Every LLM call went through the proxy, and what it metered is exactly what the model
+    # server reported to the agent, request by request.
+    index = TrafficIndex(root.traffic_index)
+    index.catch_up(root.traffic_logs)
+    metered = {f.response_id: f for f in index.flows(trial=trial_id) if f.response_id}
+    calls = [
+        line
+        for lines in transcripts(root, "demo", trial_id).values()
+        for line in lines
+        if line["type"] == "llm_call" and line.get("status") == 200
+    ]
+    assert calls and len(calls) == len(metered) == row["llm_calls"]
+    for call in calls:
+        flow = metered[call["response_id"]]
+        assert flow.usage is not None and not flow.usage.estimated
+        assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (
+            call["usage"]["prompt_tokens"],
+            call["usage"]["completion_tokens"],
+        )
+        assert (flow.trial, flow.machine, flow.provider) == (trial_id, flow.machine, "local")
+        assert flow.machine in ("m1", "m2")
+
+    # The ledger passes bean-check and holds exactly the metered spend, one posting each.
+    ledger_path = root.ledger("demo")
+    assert bean_check(ledger_path) == []
+    by_key = Ledger(ledger_path).postings_by_key()
+    for a in view["assignments"]:
+        assert by_key[a["id"]] == Decimal(a["cost"])
+    posted = sum(by_key[a["id"]] for a in view["assignments"])
+    # Each posting is rounded to 6 decimals; the total may differ by that rounding only.
+    assert abs(posted - Decimal(report["total_cost"])) <= Decimal("0.000003")
+
+    # Patches and grading reports are kept with each assignment.
+    for a in view["assignments"]:
+        folder = root.assignment_dir("demo", trial_id, a["id"])
+        assert (folder / "patch.diff").exists() and (folder / "tests.log").exists()
+
+
+def test_orchestrator_killed_mid_trial_resumes(
+    settings: Settings, demo_trial: dict[str, Any]
+) -> None:
+    client = Client(settings)
+    root = DataRoot.at(settings.data)
+    trial_id = client.submit(small_trial(demo_trial, "restart", per_task=2))["id"]
+    folder = root.root / "worker-artifacts" / "demo" / trial_id
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = [a["state"] for a in client.trial(trial_id)["assignments"]]
+        started = list(folder.glob("*/runs.jsonl"))
+        # Kill while runners are mid-work and others still wait for a machine.
+        if len(started) == 2 and states.count("queued") >= 3:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"never saw two runners working and others queued: {states}")
+
+    api_pid = stack.running_pid(root, "api")
+    assert api_pid is not None
+    os.killpg(api_pid, signal.SIGKILL)
+    time.sleep(2)
+    stack.up(settings, ["api"])
+
+    view = wait_finished(client, trial_id)
+    assert [a["state"] for a in view["assignments"]] == ["finished"] * 6
+    # Exactly once: no runner was started twice, every ending was recorded once.
+    assert [a["attempts"] for a in view["assignments"]] == [1] * 6
+    finished = Counter(
+        data["assignment"]
+        for kind, data in client.events(trial_id)
+        if kind == "assignment_finished"
+    )
+    assert finished == {a["id"]: 1 for a in view["assignments"]}
+    for a in view["assignments"]:
+        runs = (folder / a["id"] / "runs.jsonl").read_text().splitlines()
+        assert len(runs) == 1, f"{a['id']} started {len(runs)} times"
+    by_key = Ledger(root.ledger("demo")).postings_by_key()
+    assert {a["id"] for a in view["assignments"]} <= set(by_key)
+    assert bean_check(root.ledger("demo")) == []
