@@ -37,9 +37,10 @@ typecheck:
 schema:
 	$(UV) run --frozen autovibe config schema
 
-## bench: every benchmark in bench/, figures into docs/benchmarks.md
+## bench: every benchmark in bench/ (python -m bench.<name>), figures into docs/benchmarks.md
+BENCHES := $(filter-out __init__ report,$(basename $(notdir $(wildcard bench/*.py))))
 bench: setup
-	$(UV) run --frozen python -m bench.demo
+	@for b in $(BENCHES); do echo "== bench.$$b"; $(UV) run --frozen python -m bench.$$b $(BENCH_ARGS) || exit 1; done
 
 down:
 	-$(UV) run --frozen autovibe down
