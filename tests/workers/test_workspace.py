@@ -1,0 +1,71 @@
+"""The workspace: a private git baseline of the task repo, and the patch against it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from worker_harness import EXAMPLES
+
+from workers.workspace import WorkspaceError, patch, prepare
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True).stdout
+
+
+def test_prepare_copies_without_history_or_caches_and_commits_a_baseline(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLES / "mathkit", repo)
+    (repo / ".git").mkdir()
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/somebody-elses-history\n")
+    (repo / "mathkit" / "__pycache__").mkdir()
+    (repo / "mathkit" / "__pycache__" / "basic.cpython-311.pyc").write_bytes(b"\0")
+    (repo / ".pytest_cache").mkdir()
+    ws = tmp_path / "ws"
+    # A partial copy from an earlier, interrupted attempt is replaced, not merged.
+    ws.mkdir()
+    (ws / "leftover.txt").write_text("from last time\n")
+
+    prepare(repo, ws)
+
+    tracked = set(git(ws, "ls-files").split())
+    assert tracked == {
+        "pyproject.toml",
+        "mathkit/__init__.py",
+        "mathkit/basic.py",
+        "tests/test_basic.py",
+    }
+    assert not (ws / "leftover.txt").exists()
+    assert not (ws / ".pytest_cache").exists()
+    assert (
+        git(ws, "log", "--format=%an <%ae> %s").strip() == "autovibe <autovibe@localhost> baseline"
+    )
+    assert patch(ws) == ""
+
+
+def test_patch_shows_edits_and_new_files_but_not_caches(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    prepare(EXAMPLES / "textkit", ws)
+    source = ws / "textkit" / "strings.py"
+    source.write_text(source.read_text().replace("return len(text.split())", "return 0"))
+    (ws / "textkit" / "extra.py").write_text("ANSWER = 42\n")
+    (ws / "textkit" / "__pycache__").mkdir()
+    (ws / "textkit" / "__pycache__" / "strings.cpython-311.pyc").write_bytes(b"\0")
+    (ws / "textkit" / "strings.pyc").write_bytes(b"\0")
+
+    diff = patch(ws)
+
+    assert "-    return len(text.split())\n+    return 0\n" in diff
+    assert "+++ b/textkit/extra.py\n" in diff
+    assert "+ANSWER = 42" in diff
+    assert ".pyc" not in diff
+    # Asking twice gives the same patch: nothing is committed along the way.
+    assert patch(ws) == diff
+
+
+def test_prepare_names_a_missing_repo(tmp_path: Path) -> None:
+    with pytest.raises(WorkspaceError, match="no-such-repo"):
+        prepare(tmp_path / "no-such-repo", tmp_path / "ws")

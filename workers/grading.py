@@ -1,0 +1,141 @@
+"""SWE-bench style grading: run the task's tests in the workspace and read per-test results.
+
+The test command is run through the shell with pytest's `-rA` summary switched on through
+`PYTEST_ADDOPTS`, so every test ends up on one line (`PASSED <id>`, `FAILED <id> - reason`).
+A FAIL_TO_PASS or PASS_TO_PASS test that never shows up in the output is `MISSING`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+GradeStatus = Literal["resolved", "partial", "unresolved"]
+
+PASSING = ("PASSED", "XFAIL")
+"""Outcomes that count as a pass (as in SWE-bench); SKIPPED proves nothing, so it fails."""
+
+# When a test shows up more than once (failing teardown after a pass), the worst line wins.
+_SEVERITY = {"PASSED": 0, "XFAIL": 1, "SKIPPED": 2, "XPASS": 3, "FAILED": 4, "ERROR": 5}
+_SUMMARY_LINE = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S.*?)(?: - .*)?$")
+_SUMMARY_HEADER = re.compile(r"^=+ short test summary info =+$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+PYTEST_ADDOPTS = "-rA -p no:cacheprovider"
+
+
+@dataclass
+class GradeReport:
+    status: GradeStatus
+    fail_to_pass: dict[str, str]
+    """FAIL_TO_PASS test id -> PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS or MISSING."""
+    pass_to_pass: dict[str, str]
+    exit_code: int | None
+    """Exit status of the test command; None when it was killed on timeout."""
+    timed_out: bool
+    log: Path
+    """The test command's whole output."""
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["log"] = str(self.log)
+        return data
+
+
+def parse_pytest_summary(output: str) -> dict[str, str]:
+    """Test id -> status from the lines after pytest's last `short test summary info` header."""
+    lines = [_ANSI.sub("", raw).rstrip() for raw in output.splitlines()]
+    # Only the real summary counts: a test's own output may contain look-alike lines.
+    starts = [i for i, line in enumerate(lines) if _SUMMARY_HEADER.match(line)]
+    statuses: dict[str, str] = {}
+    for line in lines[starts[-1] + 1 :] if starts else []:
+        match = _SUMMARY_LINE.match(line)
+        if match is None:
+            continue
+        status, test_id = match.groups()
+        if status == "SKIPPED":
+            # `SKIPPED [1] tests/test_x.py:12: reason` names a location, not a test id.
+            test_id = re.sub(r"^\[\d+\] ", "", test_id)
+        previous = statuses.get(test_id)
+        if previous is None or _SEVERITY[status] > _SEVERITY[previous]:
+            statuses[test_id] = status
+    return statuses
+
+
+def grade(
+    workspace: Path,
+    test_command: str,
+    fail_to_pass: list[str],
+    pass_to_pass: list[str],
+    *,
+    timeout_s: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+) -> GradeReport:
+    """Run `test_command` in `workspace` and grade it; `env` replaces this process's environment.
+
+    The running interpreter's folder goes first on PATH, so `python` in the command is the
+    platform's own Python (which has pytest) unless the command names another.
+    """
+    run_env = dict(os.environ if env is None else env)
+    bindir = str(Path(sys.executable).parent)
+    run_env["PATH"] = os.pathsep.join([bindir, run_env.get("PATH", os.defpath)])
+    run_env["PYTEST_ADDOPTS"] = f"{run_env.get('PYTEST_ADDOPTS', '')} {PYTEST_ADDOPTS}".strip()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    timed_out = False
+    exit_code: int | None
+    with log.open("wb") as out:
+        # A session of its own, so a timeout kills whatever the tests started too.
+        proc = subprocess.Popen(
+            test_command,
+            shell=True,
+            cwd=workspace,
+            env=run_env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            exit_code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            exit_code = None
+    output = log.read_text(errors="replace")
+    if timed_out:
+        with log.open("a") as out:
+            out.write(f"\n[autovibe] test command killed after {timeout_s}s\n")
+    statuses = parse_pytest_summary(output)
+    f2p = {test: statuses.get(test, "MISSING") for test in fail_to_pass}
+    p2p = {test: statuses.get(test, "MISSING") for test in pass_to_pass}
+    return GradeReport(
+        status=_status(f2p, p2p),
+        fail_to_pass=f2p,
+        pass_to_pass=p2p,
+        exit_code=exit_code,
+        timed_out=timed_out,
+        log=log,
+    )
+
+
+def _status(f2p: dict[str, str], p2p: dict[str, str]) -> GradeStatus:
+    f2p_passed = [s in PASSING for s in f2p.values()]
+    if all(f2p_passed) and all(s in PASSING for s in p2p.values()):
+        return "resolved"
+    return "partial" if any(f2p_passed) else "unresolved"
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    # Not workers.runner.kill_group: the runner imports this module, and a test run needs
+    # no grace period.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
