@@ -1,1 +1,5 @@
-"""Retention plane: policies per directory and per indexed field group (issue 9; not built yet)."""
+"""Retention plane: how long each part of the data root is kept, and deleting what has expired.
+
+`policy` (the policy file's model), `apply` (plan and delete), `render` (logrotate, cron,
+systemd and Elasticsearch ILM files from the same policy), `cli` (`autovibe retention …`).
+"""

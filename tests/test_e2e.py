@@ -121,10 +121,14 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
     # Each posting is rounded to 6 decimals; the total may differ by that rounding only.
     assert abs(posted - Decimal(report["total_cost"])) <= Decimal("0.000003")
 
-    # Patches and grading reports are kept with each assignment.
+    # Patches and grading reports are kept with each assignment; every prompt opens with
+    # the budget preamble in the primary currency.
     for a in view["assignments"]:
         folder = root.assignment_dir("demo", trial_id, a["id"])
         assert (folder / "patch.diff").exists() and (folder / "tests.log").exists()
+        prompt = (folder / "prompt.txt").read_text()
+        assert prompt.startswith("## Budget\nProject demo has ")
+        assert "CAD left of its 5.00 CAD biweekly budget" in prompt
 
 
 def test_orchestrator_killed_mid_trial_resumes(
