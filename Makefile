@@ -32,7 +32,7 @@ lint:
 	$(UV) run --frozen ruff format --check .
 
 typecheck:
-	$(UV) run --frozen mypy contracts orchestrator proxy ledger workers serving retention bench
+	$(UV) run --frozen mypy contracts orchestrator proxy ledger workers serving retention secretstore bench
 
 schema:
 	$(UV) run --frozen autovibe config schema

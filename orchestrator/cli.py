@@ -20,6 +20,7 @@ from orchestrator import stack
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from retention.cli import app as retention_app
+from secretstore.cli import app as secrets_app
 
 app = typer.Typer(
     help="autovibe: run coding agents unattended, accounted to the cent.", no_args_is_help=True
@@ -30,6 +31,7 @@ agents_app = typer.Typer(help="Agent adapters.", no_args_is_help=True)
 app.add_typer(trial_app, name="trial")
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(retention_app, name="retention")
 
 console = Console()

@@ -1,0 +1,50 @@
+"""Secret-store adapters, picked by short name: `file` (embedded default) or `vault`.
+
+The port (`SecretStore`, `SecretNotFound`, `SecretStoreError`) is `contracts.secrets`.
+Adapters are imported only when picked, so the file store never loads hvac.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from contracts.dataroot import DataRoot
+from contracts.secrets import SecretStore, SecretStoreError
+from contracts.settings import Settings
+
+STORES = {
+    "file": "secretstore.file.FileSecretStore",
+    "vault": "secretstore.vault.VaultSecretStore",
+}
+"""Short name → adapter class."""
+
+ENV_VAR = "AUTOVIBE_SECRET_STORE"
+DEFAULT = "file"
+
+
+def _adapter(name: str, source: str = "") -> Any:
+    if name not in STORES:
+        raise SecretStoreError(
+            f"unknown secret store {name!r}{source}: use one of {', '.join(sorted(STORES))}"
+        )
+    module, _, cls = STORES[name].rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_store(name: str, *args: Any, **options: Any) -> SecretStore:
+    """The adapter called `name`, built with its own constructor's arguments."""
+    store: SecretStore = _adapter(name)(*args, **options)
+    return store
+
+
+def store_from_env(
+    env: Mapping[str, str] | None = None, settings: Settings | None = None
+) -> SecretStore:
+    """The store `$AUTOVIBE_SECRET_STORE` names (default `file`), configured from `env`."""
+    env = os.environ if env is None else env
+    root = DataRoot.at((settings or Settings()).data)
+    store: SecretStore = _adapter(env.get(ENV_VAR, DEFAULT), f" (${ENV_VAR})").from_env(env, root)
+    return store

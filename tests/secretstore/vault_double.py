@@ -1,0 +1,201 @@
+"""A stand-in for Vault's documented HTTP API (KV v2 + AppRole login), for contract tests.
+
+Vault cannot run here. This server accepts only the requests the API docs describe —
+method, path, `X-Vault-Token`, JSON body shape — records each one, and answers with the
+documented response JSON (fixtures/*.json, shaped after developer.hashicorp.com/vault/api-docs).
+Anything else is a contract violation: answered 400 and listed in `violations`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT_TOKEN = "hvs.root-token-for-tests"
+ROLE_ID = "59d6d1ca-47bb-4e7e-a40b-8be3bc5a0ba8"
+SECRET_ID = "84896a0c-1347-aa90-a4f6-aca8b7558780"
+
+
+def fixture(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
+    return doc
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    token: str | None
+    body: Any
+
+
+@dataclass
+class VaultDouble:
+    mount: str = "secret"
+    approle_mount: str = "approle"
+    kv: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """KV v2 entries: path → {"data": {...}, "version": n}."""
+    tokens: set[str] = field(default_factory=lambda: {ROOT_TOKEN})
+    denied: set[str] = field(default_factory=set)
+    """Folders (ending in '/') that every token is refused, as a policy would."""
+    requests: list[Request] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    logins: int = 0
+
+    def start(self) -> None:
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                double._handle(self)
+
+            do_GET = do_POST = do_DELETE = do_LIST = do_PUT = do_PATCH = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def revoke_tokens(self) -> None:
+        """Every token stops working, as when a token's TTL runs out."""
+        self.tokens.clear()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(h.path)
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        req = Request(h.command, unquote(parts.path), parse_qs(parts.query), None, body)
+        req.token = h.headers.get("X-Vault-Token")
+        self.requests.append(req)
+        status, answer = self._route(req)
+        data = b"" if answer is None else json.dumps(answer).encode()
+        h.send_response(status)
+        if answer is not None:
+            h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _violation(self, req: Request, why: str) -> tuple[int, dict[str, Any]]:
+        self.violations.append(f"{req.method} {req.path}: {why}")
+        return 400, {"errors": [f"contract violation: {why}"]}
+
+    def _route(self, req: Request) -> tuple[int, dict[str, Any] | None]:
+        if req.path == f"/v1/auth/{self.approle_mount}/login":
+            return self._login(req)
+        data_prefix = f"/v1/{self.mount}/data/"
+        meta_prefix = f"/v1/{self.mount}/metadata/"
+        if req.path == meta_prefix.rstrip("/"):  # hvac strips the slash of a root LIST
+            route, key = "metadata", ""
+        elif req.path.startswith(data_prefix):
+            route, key = "data", req.path[len(data_prefix) :]
+        elif req.path.startswith(meta_prefix):
+            route, key = "metadata", req.path[len(meta_prefix) :]
+        else:
+            return self._violation(req, "not a KV v2 or AppRole login endpoint")
+        if req.method == "LIST" and key and not key.endswith("/"):
+            key += "/"  # Vault treats a LIST path as a folder either way
+        if req.token not in self.tokens or any(key.startswith(d) for d in self.denied):
+            return 403, fixture("error_permission_denied")
+        handler = {
+            ("data", "GET"): self._read,
+            ("data", "POST"): self._write,
+            ("metadata", "LIST"): self._list,
+            ("metadata", "GET"): self._read_metadata,
+            ("metadata", "DELETE"): self._delete_metadata,
+        }.get((route, req.method))
+        if handler is None:
+            return self._violation(req, f"{req.method} is not used on /{route}/ here")
+        if (route == "data" or req.method != "LIST") and (not key or key.endswith("/")):
+            return self._violation(req, f"{key!r} is a folder, not a secret path")
+        return handler(req, key)
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def _login(self, req: Request) -> tuple[int, dict[str, Any] | None]:
+        if req.method != "POST":
+            return self._violation(req, "login is POST")
+        if not isinstance(req.body, dict) or set(req.body) != {"role_id", "secret_id"}:
+            return self._violation(req, f"login body must be {{role_id, secret_id}}: {req.body}")
+        if req.body != {"role_id": ROLE_ID, "secret_id": SECRET_ID}:
+            return 400, fixture("error_invalid_secret_id")
+        answer = fixture("approle_login")
+        self.logins += 1
+        if self.logins > 1:  # a fresh token on each login, so tests can tell them apart
+            answer["auth"]["client_token"] += f"-{self.logins}"
+        self.tokens.add(answer["auth"]["client_token"])
+        return 200, answer
+
+    def _read(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+        if req.body is not None or set(req.query) - {"version"}:
+            return self._violation(req, "read takes no body and only ?version=")
+        if key not in self.kv:
+            return 404, fixture("error_not_found")
+        answer = fixture("kv2_read_secret_version")
+        answer["data"]["data"] = copy.deepcopy(self.kv[key]["data"])
+        answer["data"]["metadata"]["version"] = self.kv[key]["version"]
+        return 200, answer
+
+    def _write(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+        body = req.body
+        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+            return self._violation(req, f"write body must be {{'data': {{...}}}}: {body}")
+        if set(body) - {"data", "options"} or not isinstance(body.get("options", {}), dict):
+            return self._violation(req, f"write body has only 'data' and 'options': {body}")
+        entry = self.kv.setdefault(key, {"version": 0})
+        entry["data"] = body["data"]
+        entry["version"] += 1
+        answer = fixture("kv2_create_or_update_secret")
+        answer["data"]["version"] = entry["version"]
+        return 200, answer
+
+    def _list(self, req: Request, folder: str) -> tuple[int, dict[str, Any] | None]:
+        if req.body is not None:
+            return self._violation(req, "list takes no body")
+        keys = {
+            rest.split("/")[0] + "/" if "/" in rest else rest
+            for rest in (k[len(folder) :] for k in self.kv if k.startswith(folder))
+        }
+        if not keys:
+            return 404, fixture("error_not_found")
+        answer = fixture("kv2_list_secrets")
+        answer["data"]["keys"] = sorted(keys)
+        return 200, answer
+
+    def _read_metadata(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+        if key not in self.kv:
+            return 404, fixture("error_not_found")
+        answer = fixture("kv2_read_secret_metadata")
+        answer["data"]["current_version"] = self.kv[key]["version"]
+        return 200, answer
+
+    def _delete_metadata(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+        self.kv.pop(key, None)
+        return 204, None
