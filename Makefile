@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 export AUTOVIBE_DATA ?= $(CURDIR)/var
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
-APT_PACKAGES := git
+# command:Debian package
+APT_PACKAGES := git:git bwrap:bubblewrap socat:socat
 
 .PHONY: setup system-deps demo test lint typecheck bench down clean schema
 
@@ -13,7 +14,7 @@ setup: system-deps
 	$(UV) sync --frozen
 
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do command -v $${p%%:*} >/dev/null || missing="$$missing $${p##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -92,6 +92,16 @@ class Task(_Strict):
     """Optional cap on this task's spend, in the budget's currency."""
 
 
+class Sandbox(_Strict):
+    kind: Literal["none", "bwrap"] = "bwrap"
+    """How each agent is confined: `bwrap` (bubblewrap: read-only host, own namespaces, only
+    the proxy reachable) or `none` (a plain subprocess; the proxy is then only a convention)."""
+    memory_mb: int = Field(default=4096, ge=64, le=1024 * 1024)
+    """Address-space limit of each process of the agent, in MiB (RLIMIT_AS)."""
+    cpus: float = Field(default=1.0, gt=0, le=1024)
+    """CPU share of the agent; enforced as CPU time, cpus x timeout_s seconds per process."""
+
+
 class TrialConfig(_Strict):
     """A trial: tasks × agents × model pairs, with a budget."""
 
@@ -107,6 +117,8 @@ class TrialConfig(_Strict):
     tasks: list[Task] = Field(min_length=1)
     driver: Literal["local"] = "local"
     """Worker driver (`nomad` comes later)."""
+    sandbox: Sandbox = Field(default_factory=Sandbox)
+    """How the local driver confines each agent."""
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> TrialConfig:

@@ -24,7 +24,7 @@ from contracts.credentials import MachineIdentity, mint, proxy_url
 from ledger.book import InferenceItem
 from orchestrator.platform import Platform
 from orchestrator.state import ASSIGNMENT_DONE, TRIAL_ACTIVE, Assignment, Trial, utcnow
-from workers.spec import AssignmentSpec
+from workers.spec import AssignmentSpec, SandboxSpec
 
 log = logging.getLogger("autovibe.scheduler")
 
@@ -233,7 +233,19 @@ class Scheduler:
             expires=time.time() + task.timeout_s + CREDENTIAL_GRACE_S,
         )
         st = self.p.settings
-        proxy = proxy_url(st.host, st.proxy_port, machine, mint(self.p.credential_key, identity))
+        sandbox = None
+        if config.sandbox.kind == "bwrap":
+            sandbox = SandboxSpec(
+                proxy_host=st.host,
+                proxy_port=st.proxy_port,
+                memory_mb=config.sandbox.memory_mb,
+                cpus=config.sandbox.cpus,
+                hidden=[self.p.root.root],
+                read_only=[self.p.root.ca_cert],
+            )
+        # In the sandbox the proxy is bridged onto its loopback, whatever host it listens on.
+        host = "127.0.0.1" if sandbox else st.host
+        proxy = proxy_url(host, st.proxy_port, machine, mint(self.p.credential_key, identity))
         ca = str(self.p.root.ca_cert)
         env = {
             "HTTP_PROXY": proxy,
@@ -269,6 +281,7 @@ class Scheduler:
             endpoint=st.model_url,
             env=env,
             artifacts=self._artifacts(config, trial_id, a.id),
+            sandbox=sandbox,
         )
 
     def prompt(self, config: TrialConfig, trial_id: str, task_prompt: str) -> str:

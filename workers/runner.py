@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers import grading, workspace
+from workers import grading, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
@@ -36,12 +36,18 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def kill_group(pid: int) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+def kill_group(pid: int, leader: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after a grace period.
+
+    Pass the group leader's Popen when it is our child: it is reaped while we wait, else its
+    zombie would keep the group alive for the whole grace period.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + KILL_GRACE_S
     while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
@@ -63,9 +69,21 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
     )
     (spec.artifacts / "prompt.txt").write_text(spec.prompt)
     env = {**os.environ, **spec.env}
-    with (spec.artifacts / "agent.log").open("wb") as log:
+    argv = agent.command(run)
+    # The bridge is left (stopped) only after the sandbox is killed, on every ending.
+    with contextlib.ExitStack() as stack, (spec.artifacts / "agent.log").open("wb") as log:
+        if spec.sandbox is not None:
+            bridge = stack.enter_context(sandbox.ProxyBridge(spec.sandbox))
+            argv = sandbox.bwrap_argv(
+                spec.sandbox,
+                argv,
+                artifacts=spec.artifacts,
+                workspace=spec.workspace,
+                socket=bridge.socket,
+                timeout_s=spec.timeout_s,
+            )
         proc = subprocess.Popen(
-            agent.command(run),
+            argv,
             cwd=spec.workspace,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -80,7 +98,7 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
             timed_out = True
         finally:
             # Also on cancel (SIGTERM) and when the agent exited but left children behind.
-            kill_group(proc.pid)
+            kill_group(proc.pid, proc)
         exit_code = proc.wait()
     outcome = agent.collect(run, None if timed_out else exit_code, timed_out)
     outcome.version = outcome.version or agent.version()

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+
+class SandboxSpec(BaseModel):
+    """How the agent is confined (bubblewrap, `workers.sandbox`); the proxy is its only way out."""
+
+    proxy_host: str
+    """Where the metering proxy listens on the worker's host; the bridge connects there."""
+    proxy_port: int
+    """Proxy port; inside the sandbox the same port on 127.0.0.1 leads to the proxy."""
+    memory_mb: int
+    """Address-space limit of every process in the sandbox (RLIMIT_AS)."""
+    cpus: float
+    """CPU share; enforced as a CPU-time limit of cpus x timeout_s per process (RLIMIT_CPU)."""
+    hidden: list[Path] = Field(default_factory=list)
+    """Host folders replaced by an empty one inside (the data root: secrets, other runs)."""
+    read_only: list[Path] = Field(default_factory=list)
+    """Paths shown read-only again after hiding (the proxy's CA certificate)."""
 
 
 class AssignmentSpec(BaseModel):
@@ -27,6 +44,8 @@ class AssignmentSpec(BaseModel):
     """Worker environment: proxy with machine credential, CA bundle, model endpoint."""
     artifacts: Path
     """The assignment's folder under worker-artifacts/<project>/<trial>/<assignment>/."""
+    sandbox: SandboxSpec | None = None
+    """Run the agent sandboxed; None runs it as a plain subprocess."""
 
     @property
     def workspace(self) -> Path:

@@ -1,0 +1,265 @@
+"""The agent sandbox, for real: bubblewrap, socat, the metering proxy and the model server.
+
+Every test runs a probe agent (a Python snippet, given as the prompt) through the runner's
+`run_agent`, exactly as an assignment's agent runs, and reads what it printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
+
+from contracts.settings import PROJECT_ROOT
+from tests.conftest import free_port
+from workers import sandbox
+from workers.agents import AGENTS
+from workers.agents.base import AgentOutcome, AgentRun, ExitCause
+from workers.runner import run_agent
+from workers.spec import AssignmentSpec, SandboxSpec
+
+
+class ProbeAgent:
+    """Runs the prompt as a Python program; stands in for an agent that misbehaves."""
+
+    name = "probe"
+
+    def version(self) -> str:
+        return "probe"
+
+    def command(self, run: AgentRun) -> list[str]:
+        return [sys.executable, "-c", run.prompt]
+
+    def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
+        cause: ExitCause = "timeout" if timed_out else "finished" if exit_code == 0 else "crashed"
+        return AgentOutcome(cause, exit_code, run.artifacts / "agent.log")
+
+
+@pytest.fixture(autouse=True)
+def probe_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A missing tool must fail these tests, naming the Debian package, never skip them.
+    sandbox.require_tools()
+    monkeypatch.setitem(AGENTS, "probe", f"{__name__}:ProbeAgent")
+    for var in PROXY_VARS:  # only what the spec sets reaches the agent
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+
+Probe = Callable[..., tuple[AgentOutcome, dict[str, Any], str]]
+
+
+@pytest.fixture
+def probe(tmp_path: Path) -> Probe:
+    """probe(code, proxy_port=, env=, timeout_s=, memory_mb=, hidden=) -> outcome, JSON, log.
+
+    `code` is run sandboxed; the last JSON object it printed (one line) is returned parsed.
+    """
+
+    def run(
+        code: str,
+        *,
+        proxy_port: int | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: int = 60,
+        memory_mb: int = 1024,
+        hidden: list[Path] | None = None,
+        assignment: str = "a-sandbox",
+    ) -> tuple[AgentOutcome, dict[str, Any], str]:
+        artifacts = tmp_path / "artifacts"
+        (artifacts / "workspace").mkdir(parents=True)
+        spec = AssignmentSpec(
+            assignment=assignment,
+            project="p1",
+            trial="t1",
+            machine="m1",
+            task_id="probe",
+            repo=tmp_path,
+            prompt=textwrap.dedent(code),
+            test_command="true",
+            fail_to_pass=["x"],
+            pass_to_pass=[],
+            timeout_s=timeout_s,
+            agent="probe",
+            model="tiny",
+            endpoint="http://127.0.0.1:1/v1",
+            env=env or {},
+            artifacts=artifacts,
+            sandbox=SandboxSpec(
+                proxy_host="127.0.0.1",
+                proxy_port=proxy_port or free_port(),
+                memory_mb=memory_mb,
+                cpus=1.0,
+                hidden=hidden or [],
+            ),
+        )
+        outcome = run_agent(spec)
+        log = (artifacts / "agent.log").read_text()
+        printed: dict[str, Any] = {}
+        for line in log.splitlines():
+            if line.startswith("{"):
+                printed = json.loads(line)
+        return outcome, printed, log
+
+    return run
+
+
+def test_only_the_proxy_is_reachable_and_it_meters_the_call(
+    probe: Probe, metering_proxy: MeteringProxy, model_server: ModelServer
+) -> None:
+    proxy = metering_proxy.url_for("a-sandbox-net")
+    model_port = model_server.settings.model_port
+    outcome, seen, log = probe(
+        f"""
+        import json, socket, httpx
+        seen = {{}}
+        for name, address in [("model", ("127.0.0.1", {model_port})), ("host", ("1.1.1.1", 80))]:
+            try:
+                socket.create_connection(address, timeout=3).close()
+                seen[name] = "connected"
+            except OSError as exc:
+                seen[name] = type(exc).__name__
+        body = {{"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 4}}
+        reply = httpx.post("{model_server.url}/completions", json=body, timeout=120)
+        seen["proxied"] = reply.status_code
+        print(json.dumps(seen))
+        """,
+        proxy_port=metering_proxy.settings.proxy_port,
+        env={"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""},
+        assignment="a-sandbox-net",
+    )
+
+    assert outcome.exit_cause == "finished", log
+    assert seen["model"] == "ConnectionRefusedError"  # the sandbox's own, empty loopback
+    assert seen["host"] == "OSError"  # no route at all: ENETUNREACH
+    assert seen["proxied"] == 200
+    records = metering_proxy.spooled("a-sandbox-net")
+    assert len(records) == 1
+    assert records[0].usage is not None and records[0].usage.completion_tokens > 0
+
+
+def test_the_host_is_read_only_and_the_workspace_writable(probe: Probe, tmp_path: Path) -> None:
+    secret_root = tmp_path / "data-root"
+    (secret_root / "vault-secrets").mkdir(parents=True)
+    (secret_root / "vault-secrets" / "key").write_text("s3cret")
+    outcome, seen, log = probe(
+        f"""
+        import json, os
+        seen = {{}}
+        for name, path in [("project", "{PROJECT_ROOT}/sandbox-probe"), ("etc", "/etc/probe"),
+                           ("workspace", "written.txt"), ("tmp", "/tmp/probe")]:
+            try:
+                with open(path, "w") as fh:
+                    fh.write("x")
+                seen[name] = "written"
+            except OSError as exc:
+                seen[name] = exc.strerror
+        seen["secrets"] = os.path.exists("{secret_root}/vault-secrets/key")
+        print(json.dumps(seen))
+        """,
+        hidden=[secret_root],
+    )
+
+    assert outcome.exit_cause == "finished", log
+    assert seen == {
+        "project": "Read-only file system",
+        "etc": "Read-only file system",
+        "workspace": "written",
+        "tmp": "written",
+        "secrets": False,
+    }
+    assert (tmp_path / "artifacts" / "workspace" / "written.txt").read_text() == "x"
+    assert not (PROJECT_ROOT / "sandbox-probe").exists()
+    assert not Path("/tmp/probe").exists()  # its /tmp was its own
+
+
+def test_the_agent_has_its_own_pid_namespace(probe: Probe) -> None:
+    outcome, seen, log = probe(
+        """
+        import json, os
+        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        commands = [open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace") for p in pids]
+        print(json.dumps({"me": os.getpid(), "pids": pids, "commands": commands}))
+        """
+    )
+
+    assert outcome.exit_cause == "finished", log
+    assert seen["me"] == 2  # after bubblewrap's init
+    # That init, the agent, the loopback end of the proxy bridge: nothing of the host.
+    assert seen["pids"] == [1, 2, 3]
+    this_test = Path("/proc/self/cmdline").read_bytes().decode(errors="replace")
+    assert this_test not in seen["commands"]
+
+
+def test_a_process_allocating_more_than_memory_mb_dies(probe: Probe) -> None:
+    outcome, seen, log = probe(
+        """
+        import json
+        small = bytearray(64 * 2**20)
+        print(json.dumps({"small": len(small)}), flush=True)
+        big = bytearray(512 * 2**20)
+        print(json.dumps({"big": len(big)}))
+        """,
+        memory_mb=256,
+    )
+
+    assert outcome.exit_cause == "crashed"
+    assert seen == {"small": 64 * 2**20}  # the last line it got to print
+    assert "MemoryError" in log
+
+
+def test_a_timeout_kills_the_whole_sandbox_and_the_bridge(probe: Probe) -> None:
+    marker = f"sandbox-escapee-{uuid.uuid4().hex}"
+    port = free_port()
+    bridges_before = set(Path(tempfile.gettempdir()).glob("autovibe-bridge-*"))
+    started = time.monotonic()
+    outcome, _, log = probe(
+        f"""
+        import subprocess, sys, time
+        # A child in a session of its own is out of reach of the runner's process-group kill.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{marker}"],
+                         start_new_session=True)
+        print("started", flush=True)
+        time.sleep(300)
+        """,
+        proxy_port=port,
+        timeout_s=2,
+    )
+
+    assert outcome.exit_cause == "timeout", log
+    assert "started" in log
+    assert time.monotonic() - started < 15
+    leftovers = [
+        cmd
+        for cmd in _command_lines()
+        if marker in cmd or f"TCP-LISTEN:{port}," in cmd or f"TCP:127.0.0.1:{port}" in cmd
+    ]
+    assert leftovers == []
+    assert set(Path(tempfile.gettempdir()).glob("autovibe-bridge-*")) <= bridges_before
+
+
+def test_without_bubblewrap_the_run_fails_naming_the_package(
+    probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap socat"):
+        probe("print('never runs')")
+
+
+def _command_lines() -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+    return out

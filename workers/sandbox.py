@@ -1,0 +1,171 @@
+"""The local worker's sandbox: the agent runs under bubblewrap and reaches only the proxy.
+
+Inside: the host filesystem read-only, the data root hidden (secrets, other assignments),
+the assignment's artifacts folder (workspace included) writable, a private /tmp and /run;
+own PID, IPC, UTS, cgroup and network namespaces; no capabilities; killed with its runner.
+
+Network: `--unshare-net` leaves only a private loopback, so nothing outside can be reached
+directly, the model server included. The proxy is bridged in through a Unix socket: on the
+host, `ProxyBridge` runs `socat UNIX-LISTEN:<sock>,fork TCP:<proxy>`; the socket is mounted
+at /run/autovibe/proxy.sock, and `workers.sandbox_init` starts
+`socat TCP-LISTEN:<proxy_port>,bind=127.0.0.1,fork UNIX-CONNECT:/run/autovibe/proxy.sock`
+before it execs the agent, so `HTTP_PROXY=http://m1:<token>@127.0.0.1:<proxy_port>` works
+unchanged inside.
+
+Limits, what is really enforced: rlimits, set by `workers.sandbox_init` inside the sandbox
+(without capabilities nothing in there can raise them again). RLIMIT_AS caps each process's
+address space at `memory_mb` (virtual memory, per process, not the sum of all processes;
+runtimes that reserve large virtual areas, such as V8 or the JVM, need more than they use).
+RLIMIT_CPU caps each process's CPU time at `cpus x timeout_s` seconds; it bounds the work a
+process can do, not its rate. cgroups are not used: on the development machines cgroup v2
+has no memory or cpu controller to delegate; `memory.max` and `cpu.max` are the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from workers.spec import SandboxSpec
+
+SOCKET_INSIDE = Path("/run/autovibe/proxy.sock")
+"""Where the proxy bridge's Unix socket appears inside the sandbox."""
+TOOLS = {"bwrap": "bubblewrap", "socat": "socat"}
+"""Programs the sandbox needs -> the Debian package that has each."""
+BRIDGE_READY_S = 5.0
+STOP_GRACE_S = 5.0
+
+
+class SandboxUnavailable(RuntimeError):
+    """A program the sandbox needs is not installed."""
+
+
+def require_tools() -> None:
+    """Raise `SandboxUnavailable` naming the Debian packages to install when any is missing."""
+    missing = {tool: pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None}
+    if missing:
+        raise SandboxUnavailable(
+            f"the agent sandbox needs {', '.join(missing)} on PATH: "
+            f"apt-get install {' '.join(missing.values())} (Debian packages), "
+            "or set `sandbox.kind: none` in the trial"
+        )
+
+
+def cpu_seconds(sandbox: SandboxSpec, timeout_s: int) -> int:
+    """RLIMIT_CPU for each process: the CPU share over the whole allowed wall time."""
+    return max(1, math.ceil(sandbox.cpus * timeout_s))
+
+
+class ProxyBridge:
+    """Host side of the bridge: a Unix socket that forwards to the metering proxy's TCP port.
+
+    The socket lives in a fresh folder under the host's /tmp (short path: sun_path holds 108
+    bytes), which the sandbox cannot see except at `SOCKET_INSIDE`.
+    """
+
+    def __init__(self, sandbox: SandboxSpec):
+        self.sandbox = sandbox
+        self.folder = Path(tempfile.mkdtemp(prefix="autovibe-bridge-"))
+        self.socket = self.folder / "proxy.sock"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ProxyBridge:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        require_tools()
+        target = f"TCP:{self.sandbox.proxy_host}:{self.sandbox.proxy_port}"
+        # Own session, so that stop() also ends the children socat forks per connection.
+        self._process = subprocess.Popen(
+            ["socat", f"UNIX-LISTEN:{self.socket},fork,mode=600", target],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + BRIDGE_READY_S
+        while not self.socket.exists():
+            if self._process.poll() is not None:
+                raise RuntimeError(f"proxy bridge socat exited with {self._process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"proxy bridge socket {self.socket} did not appear")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """End socat and its children, and remove the socket folder; safe to call twice."""
+        process, self._process = self._process, None
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            with contextlib.suppress(ProcessLookupError):  # children left by a SIGKILLed parent
+                os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def bwrap_argv(
+    sandbox: SandboxSpec,
+    command: list[str],
+    *,
+    artifacts: Path,
+    workspace: Path,
+    socket: Path,
+    timeout_s: int,
+) -> list[str]:
+    """argv that runs `command` in `workspace` inside the sandbox, proxy bridged in."""
+    argv = [
+        "bwrap",
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--ro-bind", "/proc/sys", "/proc/sys",  # root without capabilities may still write it
+        "--tmpfs", "/tmp",
+        "--tmpfs", "/run",
+    ]  # fmt: skip
+    for path in sandbox.hidden:
+        argv += ["--tmpfs", str(path)]
+    for path in sandbox.read_only:
+        argv += ["--ro-bind", str(path), str(path)]
+    argv += [
+        "--bind", str(artifacts), str(artifacts),
+        "--bind", str(socket), str(SOCKET_INSIDE),
+        "--chdir", str(workspace),
+        "--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname", "autovibe-sandbox",
+        "--cap-drop", "ALL",
+        "--die-with-parent",
+        "--",
+        sys.executable, "-m", "workers.sandbox_init",
+        "--proxy-port", str(sandbox.proxy_port),
+        "--socket", str(SOCKET_INSIDE),
+        "--memory-mb", str(sandbox.memory_mb),
+        "--cpu-seconds", str(cpu_seconds(sandbox, timeout_s)),
+        "--",
+        *command,
+    ]  # fmt: skip
+    return argv
