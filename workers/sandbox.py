@@ -127,6 +127,26 @@ class ProxyBridge:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+PRIVATE_DIRS = (Path("/tmp"), Path("/run"))
+"""Replaced by empty tmpfs inside the sandbox."""
+
+
+def _masked_platform_paths() -> list[Path]:
+    """Our code and interpreter when they live under a private dir (a checkout in /tmp, say).
+
+    The sandbox must still run `python -m workers.sandbox_init` and the agent from them.
+    """
+    candidates = {
+        Path(__file__).resolve().parent.parent,
+        Path(sys.prefix).resolve(),
+        Path(sys.base_prefix).resolve(),
+        Path(sys.executable).resolve().parent.parent,
+    }
+    return sorted(
+        p for p in candidates if p.exists() and any(p.is_relative_to(d) for d in PRIVATE_DIRS)
+    )
+
+
 def bwrap_argv(
     sandbox: SandboxSpec,
     command: list[str],
@@ -146,6 +166,8 @@ def bwrap_argv(
         "--tmpfs", "/tmp",
         "--tmpfs", "/run",
     ]  # fmt: skip
+    for path in _masked_platform_paths():
+        argv += ["--ro-bind", str(path), str(path)]
     for path in sandbox.hidden:
         argv += ["--tmpfs", str(path)]
     for path in sandbox.read_only:
