@@ -18,20 +18,11 @@ import yaml
 from bench.report import publish
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
-from contracts.settings import Settings
+from contracts.settings import Settings, free_port
 from orchestrator import stack
 from orchestrator.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def per_call(settings: Settings, n: int) -> list[dict[str, object]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -49,3 +50,10 @@ class Settings(BaseSettings):
     @property
     def proxy_url(self) -> str:
         return f"http://{self.host}:{self.proxy_port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now, for stacks started beside another (tests, bench)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

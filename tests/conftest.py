@@ -1,8 +1,7 @@
-"""Shared fixtures: free ports, an isolated data root, the demo trial as a dict."""
+"""Shared fixtures: the demo trial as a dict with absolute task repos."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +9,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 
 from contracts.dataroot import DataRoot
-from contracts.settings import Settings
+from contracts.settings import Settings, free_port
 from ledger.book import Ledger
 from ledger.check import bean_check
 from orchestrator import stack
 from orchestrator.client import Client
 from proxy.index import TrafficIndex
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contracts.dataroot import DataRoot
-from contracts.settings import Settings
+from contracts.settings import Settings, free_port
 from orchestrator.api import create_app
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))

@@ -6,11 +6,11 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from proxy_harness import PRICES_YAML, Proxy, Upstream, free_port, serve
+from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
 
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
-from contracts.settings import Settings
+from contracts.settings import Settings, free_port
 from proxy.index import TrafficIndex
 from proxy.launch import mitmdump_argv, wait_ready
 

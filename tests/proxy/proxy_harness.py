@@ -9,7 +9,6 @@ request it saw so a test can prove a refused call never arrived.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -116,12 +115,6 @@ def serve() -> Iterator[Upstream]:
     yield upstream
     server.shutdown()
     server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -11,10 +11,11 @@ import time
 from decimal import Decimal
 
 import pytest
-from proxy_harness import USAGE, Proxy, Upstream, free_port
+from proxy_harness import USAGE, Proxy, Upstream
 
 from contracts.config import PriceCatalog, load_prices
 from contracts.credentials import mint
+from contracts.settings import free_port
 from proxy.index import TrafficIndex
 
 

@@ -20,10 +20,9 @@ from worker_harness import (
 from contracts.config import load_models
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
-from contracts.settings import PROJECT_ROOT, Settings
+from contracts.settings import PROJECT_ROOT, Settings, free_port
 from proxy.launch import mitmdump_argv, wait_ready
 from serving.llamacpp import server_argv
-from tests.conftest import free_port
 from workers import workspace
 
 

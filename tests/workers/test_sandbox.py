@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
 
-from contracts.settings import PROJECT_ROOT
-from tests.conftest import free_port
+from contracts.settings import PROJECT_ROOT, free_port
 from workers import sandbox
 from workers.agents import AGENTS
 from workers.agents.base import AgentOutcome, AgentRun, ExitCause
