@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from contracts.config import NomadCluster
 from workers.spec import AssignmentSpec
 
 
@@ -23,9 +24,14 @@ class WorkerDriver(Protocol):
         ...
 
 
-def get_driver(name: str) -> WorkerDriver:
+def get_driver(name: str, nomad: NomadCluster | None = None) -> WorkerDriver:
+    """The driver by its short name; `nomad` uses the trial's cluster section, else NOMAD_*."""
     if name == "local":
         from workers.local import LocalDriver
 
         return LocalDriver()
-    raise KeyError(f"unknown worker driver {name!r}; allowed: local")
+    if name == "nomad":
+        from workers.nomad import NomadDriver
+
+        return NomadDriver(nomad)
+    raise KeyError(f"unknown worker driver {name!r}; allowed: local, nomad")
