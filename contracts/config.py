@@ -66,12 +66,17 @@ class Machines(_Strict):
 
 
 class Assignment(_Strict):
-    strategy: Literal["random"] = "random"
-    """How agents and model pairs are assigned to tasks (`bandit` comes later)."""
+    strategy: Literal["random", "bandit"] = "random"
+    """How agents and model pairs are assigned to tasks: `random` (uniform draws) or `bandit`
+    (Thompson sampling on success and cost per success, learnt from earlier trials' results)."""
     seed: int = 0
-    """Seed of the random assignment: the same seed gives the same plan."""
+    """Seed of the draws: the same seed (and for `bandit` the same history) gives the same plan."""
     trials_per_task: int = Field(default=1, ge=1, le=100)
     """Assignments made for every task."""
+    task_kinds: dict[str, str] = Field(default_factory=dict)
+    """`bandit`: task id → kind; outcomes are pooled per kind. A task not listed is its own kind."""
+    cost_prior_weight: float = Field(default=1.0, gt=0, le=1000)
+    """`bandit`: how many observed costs the cost prior (the mean cost over all arms) is worth."""
 
 
 class Task(_Strict):
@@ -102,6 +107,31 @@ class Sandbox(_Strict):
     """CPU share of the agent; enforced as CPU time, cpus x timeout_s seconds per process."""
 
 
+class NomadCluster(_Strict):
+    """Where the `nomad` driver dispatches workers; unset fields fall back to the NOMAD_*
+    environment, as with the nomad CLI. The ACL token is never written here: only the name of
+    the environment variable that holds it."""
+
+    address: str | None = None
+    """Nomad HTTP API, e.g. `https://nomad.internal:4646` (`NOMAD_ADDR` when unset)."""
+    namespace: str | None = None
+    """Namespace of the worker jobs (`NOMAD_NAMESPACE`, else `default`)."""
+    region: str | None = None
+    """Region of the worker jobs (`NOMAD_REGION`, else `global`)."""
+    datacenters: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    """Datacenters the worker jobs may run in (`*`: any)."""
+    token_env: str = "NOMAD_TOKEN"
+    """Environment variable of the orchestrator that holds the ACL token."""
+    jobs: dict[AgentName, str] = Field(default_factory=dict)
+    """Parameterized job ID per agent; `autovibe-worker-<agent>` when not listed."""
+    python: str = "python3"
+    """Interpreter on the Nomad clients that has autovibe installed (runs `workers.runner`)."""
+    cpu_mhz: int = Field(default=1000, ge=100)
+    """CPU reserved per worker allocation, in MHz."""
+    memory_mb: int = Field(default=4096, ge=64)
+    """Memory reserved per worker allocation, in MiB."""
+
+
 class TrialConfig(_Strict):
     """A trial: tasks × agents × model pairs, with a budget."""
 
@@ -115,8 +145,11 @@ class TrialConfig(_Strict):
     """Model pairs from configs/models.yaml, `<pair>` or `<pair>:thinking`."""
     assignment: Assignment = Field(default_factory=Assignment)
     tasks: list[Task] = Field(min_length=1)
-    driver: Literal["local"] = "local"
-    """Worker driver (`nomad` comes later)."""
+    driver: Literal["local", "nomad"] = "local"
+    """Worker driver: `local` (a detached subprocess per assignment) or `nomad` (a dispatch of
+    a parameterized batch job per assignment; see nomad-jobs/README.md)."""
+    nomad: NomadCluster = Field(default_factory=NomadCluster)
+    """The Nomad cluster, used when `driver` is `nomad`."""
     sandbox: Sandbox = Field(default_factory=Sandbox)
     """How the local driver confines each agent."""
 
@@ -142,16 +175,61 @@ class ModelSpec(_Strict):
     served_name: str
     """Name requests use (`tiny`, `tiny:thinking`)."""
     weights: str
-    """Path of the weights under `model-weights/`."""
+    """Path under `model-weights/`: a file (GGUF) or a folder (a Hugging Face snapshot)."""
     source: str | None = None
     """Where the weights come from when not on disk (a PyPI package for the tiny model)."""
-    context: int = 2048
+    hf_repo: str | None = None
+    """Hugging Face repository the operator copies the weights from, offline; never fetched at
+    run time."""
+    context: int = Field(default=2048, ge=1)
+    """Context length served (vLLM `max_model_len`, llama.cpp `n_ctx`)."""
+    params_b: float | None = Field(default=None, gt=0)
+    """Parameters, in billions."""
+    dtype: str | None = None
+    """Weight type on disk (`bfloat16`, `q4_k_m`); the KV cache uses 2 bytes per value."""
+    weight_bytes: int | None = Field(default=None, gt=0)
+    """Approximate size of the weights (the memory they take once loaded)."""
+    sha256: str | dict[str, str] | None = None
+    """Expected SHA-256 of the weights file, or per file of a folder; None when unknown."""
+    layers: int | None = Field(default=None, ge=1)
+    """Transformer layers (`num_hidden_layers` in config.json), for the KV-cache estimate."""
+    kv_heads: int | None = Field(default=None, ge=1)
+    """Key/value heads (`num_key_value_heads`), for the KV-cache estimate."""
+    head_dim: int | None = Field(default=None, ge=1)
+    """Size of one attention head, for the KV-cache estimate."""
+    tensor_parallel: int = Field(default=1, ge=1, le=64)
+    """GPUs one replica of this model is split over (vLLM `tensor_parallel_size`)."""
+    reasoning_parser: str | None = None
+    """vLLM reasoning parser that keeps the thinking apart from the answer (`deepseek_r1`)."""
 
 
 class ModelPair(_Strict):
     device: Literal["cpu", "gpu"]
     normal: ModelSpec
     thinking: ModelSpec
+    accelerator_type: str | None = None
+    """GPU type the replicas must run on (a Ray accelerator type: `H100`, `A100`, `L4`…)."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Share of each GPU's memory vLLM may take (weights, then KV cache in the rest)."""
+    min_replicas: int = Field(default=1, ge=0)
+    """Autoscaling floor of each model's replicas."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Autoscaling ceiling of each model's replicas."""
+
+    @model_validator(mode="after")
+    def _gpu_needs(self) -> ModelPair:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        if self.device == "gpu":
+            needed = ("hf_repo", "weight_bytes", "layers", "kv_heads", "head_dim")
+            for role in ("normal", "thinking"):
+                spec = getattr(self, role)
+                missing = [f for f in needed if getattr(spec, f) is None]
+                if missing:
+                    raise ValueError(f"{role}: a GPU model needs {', '.join(missing)}")
+        return self
 
 
 class ModelsCatalog(_Strict):
@@ -165,6 +243,10 @@ class ModelsCatalog(_Strict):
 class TokenPrice(_Strict):
     input_per_mtok: Money
     output_per_mtok: Money
+    cache_read_per_mtok: Money | None = None
+    """Input tokens read from the prompt cache; absent: charged as plain input."""
+    cache_write_per_mtok: Money | None = None
+    """Input tokens written to the prompt cache; absent: charged as plain input."""
 
 
 class LocalCompute(_Strict):
@@ -204,11 +286,30 @@ class PriceCatalog(_Strict):
             raise KeyError(f"no exchange rate for {currency}; known: {', '.join(sorted(self.fx))}")
         return usd * self.fx[currency]
 
-    def cost_usd(self, provider: str, model: str, prompt: int, completion: int) -> Decimal | None:
+    def cost_usd(
+        self,
+        provider: str,
+        model: str,
+        prompt: int,
+        completion: int,
+        *,
+        cache_read: int = 0,
+        cache_write: int = 0,
+    ) -> Decimal | None:
+        """USD for a call; `cache_read` and `cache_write` are the parts of `prompt` the
+        provider read from or wrote to its prompt cache. None when the model has no price."""
         price = self.price(provider, model)
         if price is None:
             return None
-        return (price.input_per_mtok * prompt + price.output_per_mtok * completion) / 1_000_000
+        read_price = price.cache_read_per_mtok
+        write_price = price.cache_write_per_mtok
+        uncached = max(0, prompt - cache_read - cache_write)
+        return (
+            price.input_per_mtok * uncached
+            + (price.input_per_mtok if read_price is None else read_price) * cache_read
+            + (price.input_per_mtok if write_price is None else write_price) * cache_write
+            + price.output_per_mtok * completion
+        ) / 1_000_000
 
 
 # -- loading with positions ----------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from contracts.config import TrialConfig
 from contracts.settings import Settings
 from orchestrator import auth, report
+from orchestrator.bandit import history_from_state
 from orchestrator.planning import plan
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler, cancel
@@ -103,12 +104,17 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
             project=config.project,
             config=config.model_dump(mode="json"),
         )
+        history = (
+            history_from_state(platform.store, config.budget.currency, platform.catalog.prices)
+            if config.assignment.strategy == "bandit"
+            else []
+        )
         try:
             with platform.store.session() as s:
                 if s.scalar(select(Trial.id).where(Trial.name == config.name)) is not None:
                     raise HTTPException(409, f"a trial named {config.name!r} exists already")
                 s.add(trial)
-                for p in plan(config):
+                for p in plan(config, history):
                     s.add(
                         Assignment(
                             id=f"{trial.id}-{p.index:03d}",

@@ -81,7 +81,9 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
         (
             lambda d: d.update(model_pairs=["big"]),
             ["body", "model_pairs", 0],
-            "unknown model pair 'big'; allowed: tiny, tiny:thinking",
+            "unknown model pair 'big'; allowed: 14b, 14b:thinking, 32b, 32b:thinking, "
+            "3b, 3b:thinking, "
+            "7b, 7b:thinking, 9b, 9b:thinking, tiny, tiny:thinking",
         ),
         (
             lambda d: d["budget"].update(amount="-1"),

@@ -53,7 +53,9 @@ def test_schema_file_is_current() -> None:
             lambda d: d.update(model_pairs=["qwen-99b"]),
             "model_pairs.0",
             "qwen-99b",
-            "unknown model pair 'qwen-99b'; allowed: tiny, tiny:thinking",
+            "unknown model pair 'qwen-99b'; allowed: 14b, 14b:thinking, 32b, 32b:thinking, "
+            "3b, 3b:thinking, "
+            "7b, 7b:thinking, 9b, 9b:thinking, tiny, tiny:thinking",
         ),
         (
             lambda d: d["budget"].update(amount=-5),

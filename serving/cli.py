@@ -1,0 +1,162 @@
+"""`autovibe models …`: check the weights of the model pairs, render the serving configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.filesize import decimal
+from rich.table import Table
+
+from contracts.config import ConfigError, ModelsCatalog, load_models
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from serving import check as check_mod
+from serving import rayserve
+from serving.llamacpp import server_config
+from serving.weights import WeightsMissing
+
+app = typer.Typer(help="Model pairs: weights on disk, memory needed, serving configs.")
+console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough for weight paths
+    console = Console(width=180)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _catalog(settings: Settings) -> ModelsCatalog:
+    try:
+        return load_models(settings.configs)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from exc
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _table(reports: list[check_mod.PairCheck]) -> Table:
+    table = Table(title="Model pairs", title_justify="left")
+    for col in ("pair", "model", "state", "on disk", "weights", "KV @ context", "per GPU"):
+        table.add_column(col, justify="right" if col not in ("pair", "model", "state") else "left")
+    table.add_column("detail", overflow="fold")
+    colour = {"complete": "green", "placeable": "cyan"}
+    for r in reports:
+        for m in r.models:
+            mem = m.memory
+            table.add_row(
+                r.pair,
+                m.served_name,
+                f"[{colour.get(m.state, 'red')}]{m.state}[/]",
+                decimal(m.size),
+                _gib(mem.weights) if mem else "?",
+                f"{_gib(mem.kv)} @ {mem.context}" if mem else "?",
+                f"{_gib(mem.per_gpu)} x{mem.tensor_parallel}" if mem and r.device == "gpu" else "—",
+                m.detail,
+            )
+        need = _gib(r.memory_total)
+        where = f"{r.gpus} GPU(s)" if r.device == "gpu" else "CPU RAM"
+        table.add_row(
+            r.pair,
+            "[b]pair[/b]",
+            "ready" if r.ready else "[red]not ready[/]",
+            "",
+            "",
+            "",
+            "",
+            f"needs {need} on {where}",
+        )
+        table.add_section()
+    return table
+
+
+@app.command("check")
+def check(
+    pair: Annotated[
+        list[str] | None,
+        typer.Option("--pair", help="Only this pair (repeatable); fail if not ready."),
+    ] = None,
+    hashes: Annotated[
+        bool, typer.Option("--hashes/--no-hashes", help="Verify SHA-256 where known.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per pair: are the weights present and whole, and how much memory does the pair need."""
+    settings = Settings()
+    catalog = _catalog(settings)
+    root = DataRoot.at(settings.data)
+    try:
+        reports = check_mod.check_pairs(root, catalog, pair, hashes=hashes)
+    except check_mod.UnknownPair as exc:
+        raise _fail(str(exc.args[0]), 2) from exc
+    if as_json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        console.print(_table(reports))
+        console.print(f"{check_mod.KV_FORMULA}\n{check_mod.MEMORY_FORMULA}", highlight=False)
+    if pair:
+        broken = [r for r in reports if not r.ready]
+        if broken:
+            lines = [
+                f"pair {r.pair}: {m.served_name} is {m.state}: {m.detail}"
+                for r in broken
+                for m in r.models
+                if m.state not in check_mod.READY
+            ]
+            raise _fail(
+                "weights not ready (nothing is downloaded at run time):\n" + "\n".join(lines)
+            )
+
+
+@app.command("render")
+def render(
+    dest: Annotated[Path, typer.Argument(help="File, or folder to write serve-<profile> into.")],
+    profile: Annotated[
+        str, typer.Option(help="gpu (Ray Serve + vLLM) or cpu (llama.cpp).")
+    ] = "gpu",
+    pair: Annotated[
+        list[str] | None, typer.Option("--pair", help="Only this pair (repeatable); GPU profile.")
+    ] = None,
+    accelerator: Annotated[
+        str | None, typer.Option(help="Ray accelerator type for every model (H100, A100, L4…).")
+    ] = None,
+) -> None:
+    """Write the serving config: a Ray Serve app (gpu) or llama.cpp's server config (cpu)."""
+    if profile not in ("gpu", "cpu"):
+        raise _fail(f"--profile {profile!r}: allowed: gpu, cpu", 2)
+    settings = Settings()
+    catalog = _catalog(settings)
+    root = DataRoot.at(settings.data)
+    if profile == "gpu":
+        try:
+            config = rayserve.gpu_app(
+                root,
+                catalog,
+                pairs=pair,
+                host=settings.host,
+                port=settings.model_port,
+                accelerator_type=accelerator,
+            )
+        except rayserve.RenderError as exc:
+            raise _fail(str(exc), 2) from exc
+        path = rayserve.write(config, dest)
+    else:
+        try:
+            cpu = server_config(settings, catalog)
+        except WeightsMissing as exc:
+            raise _fail(str(exc)) from exc
+        path = dest / "llamacpp-server.json" if dest.is_dir() else dest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cpu, indent=2) + "\n")
+    console.print(f"wrote {path}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()
