@@ -3,7 +3,9 @@ SHELL := /bin/bash
 export AUTOVIBE_DATA ?= $(CURDIR)/var
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 # command:Debian package
-APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server
+APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server tmux:tmux \
+  cloud-init:cloud-init virt-xml-validate:libvirt-clients xmllint:libxml2-utils \
+  systemd-analyze:systemd
 
 .PHONY: setup system-deps demo test lint typecheck bench down clean schema
 

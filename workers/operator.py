@@ -1,0 +1,268 @@
+"""Operator access to workers: list them, read and follow their logs, attach to them live.
+
+Everything is read from the data root, the same files the orchestrator reads: `spec.json`
+(what the assignment is), `runner.lock` (held while the runner lives; its holder is read from
+/proc/locks, so looking never takes the lock a starting runner needs), `result.json` (written
+last). Local runners run in a tmux session of their own on a dedicated tmux server
+(`tmux -L autovibe`), so an operator can watch the runner and type into it; Nomad workers are
+reached with `nomad alloc exec`, their VM with SSH (and VNC through an SSH tunnel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts.dataroot import DataRoot
+from workers.nomad import RECORD as NOMAD_RECORD
+from workers.nomad import TASK as NOMAD_TASK
+from workers.spec import AssignmentSpec
+from workers.vm import VmSpec
+
+TMUX_SERVER = "autovibe"
+"""Socket name of the tmux server the local runners live on (`tmux -L autovibe`)."""
+LOGS = ("agent.log", "transcript.jsonl")
+"""What `logs` shows: the agent's output and its transcript, both in the assignment folder."""
+
+
+class WorkerNotFound(LookupError):
+    pass
+
+
+# -- tmux ---------------------------------------------------------------------------------------
+
+
+def tmux(*args: str) -> list[str]:
+    """argv of a tmux command on the runners' own server."""
+    return ["tmux", "-L", TMUX_SERVER, *args]
+
+
+def session_name(assignment: str) -> str:
+    """tmux session of an assignment's runner (tmux turns `.` and `:` into `_` itself)."""
+    return "autovibe-" + re.sub(r"[^A-Za-z0-9_-]", "_", assignment)
+
+
+def runner_session_argv(
+    spec_path: Path,
+    assignment: str,
+    python: str,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Start `python -m workers.runner SPEC` as the only process of a new detached session.
+
+    `exec` makes the runner the pane's process: a session and process-group leader whose pid is
+    the one it writes to runner.lock, so `kill_group` stops it as before. pipe-pane copies what
+    the pane shows into runner.log (in the same tmux command, before the runner can print).
+    `env` is set in the session on top of the tmux server's own (which the first session's
+    client started it with), so the runner sees the environment of whoever launched it.
+    """
+    session = session_name(assignment)
+    log = spec_path.parent / "runner.log"
+    command = f"exec {shlex.quote(python)} -m workers.runner {shlex.quote(str(spec_path))}"
+    variables = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+    return tmux(
+        "new-session", "-d", "-s", session, "-c", str(cwd), "-x", "200", "-y", "50", *variables,
+        command,
+        ";", "pipe-pane", "-o", "-t", f"={session}:", f"cat >> {shlex.quote(str(log))}",
+    )  # fmt: skip
+
+
+def has_session(session: str) -> bool:
+    # `=name` matches exactly; a bare name would also match a prefix of another session.
+    return (
+        subprocess.run(tmux("has-session", "-t", f"={session}"), capture_output=True).returncode
+        == 0
+    )
+
+
+def attach_argv(assignment: str) -> list[str]:
+    return tmux("attach-session", "-t", f"={session_name(assignment)}")
+
+
+# -- what runs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Worker:
+    assignment: str
+    project: str
+    trial: str
+    machine: str
+    agent: str
+    artifacts: Path
+    driver: str
+    """`local` or `nomad`."""
+    state: str
+    """running · finished · crashed (infra error) · stopped (ended without a result) · pending."""
+    pid: int | None
+    """The runner's pid while it holds its lock (local workers)."""
+    started: float | None
+    """When the latest runner started (runs.jsonl), else when the spec was written."""
+
+    def age_s(self, now: float | None = None) -> float | None:
+        return None if self.started is None else (now or time.time()) - self.started
+
+
+def lock_holder(path: Path) -> int | None:
+    """Pid holding a flock on `path`, from /proc/locks; never takes the lock itself."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146321 0 EOF"; blocked waiters carry "->".
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        if fields[5] == device:
+            return int(fields[4])
+    return None
+
+
+def _started(artifacts: Path) -> float | None:
+    try:
+        lines = (artifacts / "runs.jsonl").read_text().splitlines()
+        return float(json.loads(lines[-1])["started"])
+    except (OSError, IndexError, KeyError, ValueError):
+        pass
+    try:
+        return (artifacts / "spec.json").stat().st_mtime
+    except OSError:
+        return None
+
+
+def inspect(artifacts: Path) -> Worker:
+    """The worker of one assignment folder (which must hold spec.json)."""
+    spec = AssignmentSpec.model_validate_json((artifacts / "spec.json").read_text())
+    pid = lock_holder(spec.lock_path)
+    if spec.result_path.exists():
+        try:
+            result = json.loads(spec.result_path.read_text())
+            state = "crashed" if result.get("infra_error") else "finished"
+        except ValueError:
+            state = "crashed"
+    elif pid is not None:
+        state = "running"
+    elif spec.lock_path.exists():
+        state = "stopped"
+    else:
+        state = "pending"
+    return Worker(
+        assignment=spec.assignment,
+        project=spec.project,
+        trial=spec.trial,
+        machine=spec.machine,
+        agent=spec.agent,
+        artifacts=artifacts,
+        driver="nomad" if (artifacts / NOMAD_RECORD).exists() else "local",
+        state=state,
+        pid=pid if state == "running" else None,
+        started=_started(artifacts),
+    )
+
+
+def workers(root: DataRoot, everything: bool = False) -> list[Worker]:
+    """Running workers (all of them with `everything`), oldest first."""
+    found = []
+    for spec_path in (root.root / "worker-artifacts").glob("*/*/*/spec.json"):
+        try:
+            worker = inspect(spec_path.parent)
+        except (OSError, ValueError):
+            continue  # half-written or foreign folder: not a worker to show
+        if everything or worker.state == "running":
+            found.append(worker)
+    return sorted(found, key=lambda w: (w.started or 0.0, w.assignment))
+
+
+def find(root: DataRoot, assignment: str) -> Worker:
+    """The worker with this assignment id, or the only one whose id starts with it."""
+    matches = [w for w in workers(root, everything=True) if w.assignment.startswith(assignment)]
+    exact = [w for w in matches if w.assignment == assignment]
+    if exact or len(matches) == 1:
+        return (exact or matches)[0]
+    if not matches:
+        raise WorkerNotFound(f"no assignment {assignment!r} under {root.root / 'worker-artifacts'}")
+    names = ", ".join(w.assignment for w in matches[:5])
+    raise WorkerNotFound(f"{assignment!r} is ambiguous: {names}")
+
+
+# -- logs ---------------------------------------------------------------------------------------
+
+
+def log_paths(worker: Worker) -> list[Path]:
+    return [worker.artifacts / name for name in LOGS]
+
+
+def follow(
+    paths: list[Path], until: Callable[[], bool], poll_s: float = 0.2
+) -> Iterator[tuple[Path, str]]:
+    """Lines of `paths` as they are written, from the start; ends once `until()` is true and
+    everything written before that has been read. A file may appear late."""
+    offsets = dict.fromkeys(paths, 0)
+    partial = dict.fromkeys(paths, b"")
+    while True:
+        done = until()  # checked before reading, so the last lines are never lost
+        for path in paths:
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(offsets[path])
+                    chunk = fh.read()
+            except FileNotFoundError:
+                continue
+            offsets[path] += len(chunk)
+            *lines, partial[path] = (partial[path] + chunk).split(b"\n")
+            for line in lines:
+                yield path, line.decode(errors="replace")
+        if done:
+            for path, rest in partial.items():
+                if rest:
+                    yield path, rest.decode(errors="replace")
+            return
+        time.sleep(poll_s)
+
+
+# -- Nomad workers ------------------------------------------------------------------------------
+
+
+def nomad_access(allocation: str | None, vm: VmSpec | None, job: str | None = None) -> list[str]:
+    """Commands that reach a Nomad worker: a shell in its task, SSH and VNC to its VM."""
+    if allocation:
+        lines = [f"nomad alloc exec -task {NOMAD_TASK} {allocation} /bin/sh"]
+    else:
+        where = f"nomad job allocs {job}" if job else "nomad job allocs <job>"
+        lines = [
+            f"# allocation unknown (not placed yet, or Nomad not reachable): find it with {where}",
+            f"nomad alloc exec -task {NOMAD_TASK} <allocation> /bin/sh",
+        ]
+    if vm is None:
+        lines.append("# VM: pass --vm <vm.json> (written by `autovibe vm render`) for SSH/VNC")
+        return lines
+    if vm.address is None:
+        lines.append(f"# VM {vm.name}: no address in its spec yet (virsh domifaddr {vm.name})")
+        return lines
+    port = "" if vm.ssh_port == 22 else f" -p {vm.ssh_port}"
+    lines.append(f"ssh{port} {vm.address}")
+    if vm.desktop:
+        tunnel = f"ssh{port} -N -L {vm.vnc_port}:127.0.0.1:{vm.vnc_port} {vm.address}"
+        lines.append(f"{tunnel}   # then: vncviewer 127.0.0.1:{vm.vnc_port}")
+    lines.append(f"virsh domdisplay {vm.name}   # VM console (VNC), on its libvirt host")
+    return lines
+
+
+def nomad_job(worker: Worker) -> str | None:
+    """The latest dispatched job of a Nomad worker, from the driver's record."""
+    try:
+        records = json.loads((worker.artifacts / NOMAD_RECORD).read_text())
+        return str(records[-1]["job"])
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None

@@ -1,0 +1,136 @@
+"""`autovibe worker …`: see the running workers, read their logs, attach to one live."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from workers import operator
+from workers.spec import AssignmentSpec
+from workers.vm import VmSpec
+
+app = typer.Typer(help="Operator access to workers: ls, logs, attach.", no_args_is_help=True)
+console = Console()
+if not console.is_terminal:  # pipes: wide enough for ids and paths
+    console = Console(width=160)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _root() -> DataRoot:
+    return DataRoot.at(Settings().data)
+
+
+def _worker(assignment: str) -> operator.Worker:
+    try:
+        return operator.find(_root(), assignment)
+    except operator.WorkerNotFound as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@app.command("ls")
+def ls(
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Ended ones too.")] = False,
+) -> None:
+    """Workers: assignment, trial, machine, state, pid, age."""
+    found = operator.workers(_root(), everything=all_)
+    if not found:
+        console.print("no workers" if all_ else "no running workers (--all shows ended ones)")
+        return
+    table = Table("assignment", "trial", "machine", "agent", "driver", "state", "pid", "age")
+    for w in found:
+        table.add_row(
+            w.assignment,
+            w.trial,
+            w.machine,
+            w.agent,
+            w.driver,
+            w.state,
+            str(w.pid or "-"),
+            _age(w.age_s()),
+        )
+    console.print(table)
+
+
+@app.command("logs")
+def logs(
+    assignment: Annotated[str, typer.Argument(help="Assignment id (or a unique prefix).")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")
+    ] = False,
+) -> None:
+    """The agent's output (agent.log) and its transcript, prefixed by file."""
+    worker = _worker(assignment)
+    paths = operator.log_paths(worker)
+
+    def ended() -> bool:
+        return not follow or operator.inspect(worker.artifacts).state != "running"
+
+    for path, line in operator.follow(paths, until=ended):
+        sys.stdout.write(f"{path.name}: {line}\n")
+        sys.stdout.flush()
+
+
+@app.command("attach")
+def attach(
+    assignment: Annotated[str, typer.Argument(help="Assignment id (or a unique prefix).")],
+    vm: Annotated[
+        Path | None, typer.Option(help="vm.json of a Nomad worker's VM, for SSH and VNC.")
+    ] = None,
+) -> None:
+    """Attach to a local runner's tmux session (C-b d detaches); Nomad: how to reach it."""
+    worker = _worker(assignment)
+    if worker.driver == "nomad":
+        _nomad(worker, vm)
+        return
+    if worker.state != "running":
+        raise _fail(f"{worker.assignment} is {worker.state}: read it with `autovibe worker logs`")
+    argv = operator.attach_argv(worker.assignment)
+    if not operator.has_session(operator.session_name(worker.assignment)):
+        raise _fail(
+            f"{worker.assignment} runs (pid {worker.pid}) but not in a tmux session on the "
+            f"`{operator.TMUX_SERVER}` server; follow it with `autovibe worker logs -f`"
+        )
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        console.print(shlex.join(argv), highlight=False, soft_wrap=True)
+        return
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        raise _fail("tmux not found: install the Debian package tmux")
+    os.execv(tmux, argv)
+
+
+def _nomad(worker: operator.Worker, vm: Path | None) -> None:
+    from workers.nomad import NomadDriver, NomadError
+
+    spec = AssignmentSpec.model_validate_json((worker.artifacts / "spec.json").read_text())
+    job = operator.nomad_job(worker)
+    try:
+        allocation = NomadDriver().status(spec).allocation
+    except NomadError as exc:
+        err.print(f"Nomad: {exc}", highlight=False)
+        allocation = None
+    vm_spec = VmSpec.model_validate_json(vm.read_text()) if vm else None
+    for line in operator.nomad_access(allocation, vm_spec, job):
+        console.print(line, highlight=False, soft_wrap=True)

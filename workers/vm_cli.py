@@ -1,0 +1,87 @@
+"""`autovibe vm …`: render the files of a worker VM from `vm-templates/`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from workers import vm
+
+app = typer.Typer(
+    help="Worker VMs: cloud-init, libvirt domain, Nomad client.", no_args_is_help=True
+)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Worker VMs: cloud-init, libvirt domain, Nomad client."""  # keeps `vm render` a subcommand
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def parse_var(item: str) -> tuple[str, Any]:
+    """`k=v`: v as given; `k=@FILE` the file's text; `k=[…]` / `k={…}` parsed as JSON."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--var {item!r}: expected NAME=VALUE")
+    if value.startswith("@"):
+        return key, Path(value[1:]).read_text()
+    if value[:1] in "[{":
+        try:
+            return key, json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--var {key}: not valid JSON: {exc}") from exc
+    return key, value
+
+
+@app.command("render")
+def render(
+    template: Annotated[str, typer.Argument(help="worker, gpu-worker or base.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder the files are written to.")],
+    var: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--var",
+            help="NAME=VALUE; a VmSpec field (vcpus, memory_mb, disk_gb, gpus, …) or a template "
+            "variable. VALUE @FILE reads a file, [..] / {..} is JSON.",
+        ),
+    ] = None,
+    vars_file: Annotated[
+        Path | None, typer.Option("--vars", help="YAML mapping of variables; --var wins.")
+    ] = None,
+) -> None:
+    """Write user-data, meta-data, domain.xml, nomad-client.hcl and vm.json for one VM."""
+    variables: dict[str, Any] = {}
+    try:
+        if vars_file is not None:
+            loaded = yaml.safe_load(vars_file.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{vars_file}: expected a mapping of variables")
+            variables.update(loaded)
+        variables.update(parse_var(item) for item in var or [])
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        raise _fail(str(exc)) from exc
+    ca = DataRoot.at(Settings().data).ca_cert
+    if "ca_cert" not in variables and ca.exists():  # the proxy's CA, as workers get it locally
+        variables["ca_cert"] = ca.read_text()
+    try:
+        spec, rest = vm.split_vars(variables)
+        paths = vm.write(vm.render(template, spec, rest), out)
+        (out / "vm.json").write_text(spec.model_dump_json(indent=2))  # for `worker attach --vm`
+        paths.append(out / "vm.json")
+    except vm.VmTemplateError as exc:
+        raise _fail(str(exc)) from exc
+    for path in paths:
+        console.print(str(path), highlight=False)
