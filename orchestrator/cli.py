@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from pydantic import TypeAdapter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,11 +17,14 @@ from contracts.config import ConfigError, TrialConfig, load_trial
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from orchestrator import report as report_mod
-from orchestrator import stack
+from orchestrator import stack, tasksets
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from retention.cli import app as retention_app
 from secretstore.cli import app as secrets_app
+from serving.cli import app as models_app
+from workers.operator_cli import app as worker_app
+from workers.vm_cli import app as vm_app
 
 app = typer.Typer(
     help="autovibe: run coding agents unattended, accounted to the cent.", no_args_is_help=True
@@ -32,7 +36,10 @@ app.add_typer(trial_app, name="trial")
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(models_app, name="models")
 app.add_typer(retention_app, name="retention")
+app.add_typer(worker_app, name="worker")
+app.add_typer(vm_app, name="vm")
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table
@@ -179,13 +186,39 @@ def _watch(client: Client, trial_id: str) -> None:
 def report(
     trial_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the report files into this folder.")
+    ] = None,
+    formats: Annotated[
+        str, typer.Option("--format", help="With --out: comma-separated json, csv, md, png.")
+    ] = ",".join(report_mod.FORMATS),
+    curve: Annotated[
+        bool,
+        typer.Option("--curve", help="With --out: add the learning curve of the trial's project."),
+    ] = False,
 ) -> None:
-    """Per agent × model pair: resolved, success rate, tokens, cost, cost per resolved task."""
-    data = _client(Settings()).report(trial_id)
+    """Per agent × model pair: success with its 95 % interval, cost per resolved task, time,
+    error causes, and whether differences between agents and pairs are significant."""
+    client = _client(Settings())
+    data = client.report(trial_id)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
         report_mod.render(data, console)
+    if out is None:
+        return
+    learning = None
+    if curve:
+        project = data["project"]
+        reports = [client.report(t["id"]) for t in client.trials() if t["project"] == project]
+        learning = report_mod.curve_from_reports(reports, project)
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    try:
+        written = report_mod.write_outputs(data, out, wanted, curve=learning)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from exc
+    for path in (p for paths in written.values() for p in paths):
+        err.print(f"wrote {path}", highlight=False)
 
 
 @trial_app.command("cancel")
@@ -212,6 +245,32 @@ def schema(
         return
     path.write_text(text)
     console.print(f"wrote {path}")
+
+
+@config_app.command("swebench")
+def swebench_tasks(
+    file: Path,
+    repos: Annotated[
+        Path, typer.Option("--repos", help="Folder holding <owner>__<name> repositories.")
+    ],
+    test_command: Annotated[
+        str, typer.Option(help="Test command run in each workspace.")
+    ] = tasksets.DEFAULT_TEST_COMMAND,
+) -> None:
+    """Check a SWE-bench task set (JSON/JSONL, repos on disk) and print its `tasks:` as YAML."""
+    try:
+        instances = tasksets.load_swebench(file, repos, test_command=test_command)
+    except ConfigError as exc:
+        raise _fail(f"{file} is not a usable task set:\n{exc}", 2) from exc
+    stale = [i.instance_id for i in instances if not i.at_base_commit]
+    if stale:
+        err.print(
+            f"[yellow]warning:[/yellow] the workspace copies the working tree, which is not at "
+            f"base_commit for: {', '.join(stale)}",
+            highlight=False,
+        )
+    tasks = [i.task.model_dump(mode="json", exclude_defaults=True) for i in instances]
+    sys.stdout.write(yaml.safe_dump({"tasks": tasks}, sort_keys=False, allow_unicode=True))
 
 
 @config_app.command("check")

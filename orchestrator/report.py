@@ -1,92 +1,268 @@
-"""The trial report: per agent × model pair, what was solved and what it cost."""
+"""The trial report: per agent × model pair, what was solved, what it cost, and can we trust it.
+
+`build` gathers one record per assignment from the state DB and the proxy's metering and hands
+them to `summarize`, a pure function, so the numbers can be checked against fixed data. A run
+counts as *scored* (the `n` of the success rate) once it was graded; cancelled runs and infra
+failures say nothing about the agent and are left out of `n`, but their spend is not.
+Outputs: `render` (Rich, terminal) and `write_outputs` (JSON, CSV, Markdown, PNG charts).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import select
 
+from orchestrator import stats
 from orchestrator.platform import Platform
 from orchestrator.state import Trial
 
+GRADES = ("resolved", "partial", "unresolved")
+ERROR_CAUSES = ("timeout", "budget_exhausted", "crashed", "infra", "cancelled")
+"""`Assignment.exit_cause` values that are not a normal ending (`finished`)."""
+FORMATS = ("json", "csv", "md", "png")
+PER_RESOLVED = Decimal("0.000001")
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One assignment as the report sees it."""
+
+    assignment: str
+    task: str
+    agent: str
+    model: str
+    state: str
+    status: str | None
+    """Grade: resolved, partial or unresolved; None when never graded."""
+    exit_cause: str | None
+    wall_s: float | None
+    tokens: int = 0
+    calls: int = 0
+    cost_usd: Decimal = Decimal(0)
+
+
+def arm_name(agent: str, model: str) -> str:
+    return f"{agent} × {model}"
+
+
+# -- building ------------------------------------------------------------------------------
+
 
 def build(platform: Platform, trial_id: str) -> dict[str, Any]:
-    """Rows per (agent, model pair) from the state DB and the proxy's metering."""
+    """The report of one trial, from the state DB and the proxy's metering."""
     with platform.store.session() as s:
         trial = s.get_one(Trial, trial_id)
         currency = trial.config["budget"]["currency"]
-        assignments = [
-            (a.id, a.agent, a.model, a.state, a.status, (a.result or {}).get("wall_s"))
-            for a in trial.assignments
-        ]
         head = {
             "id": trial.id,
             "name": trial.name,
             "project": trial.project,
             "status": trial.status,
             "currency": currency,
+            "created_at": trial.created_at.isoformat() + "Z",
+            "finished_at": trial.finished_at.isoformat() + "Z" if trial.finished_at else None,
         }
-    groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(
-        lambda: {
-            "assignments": 0,
-            "resolved": 0,
-            "partial": 0,
-            "unresolved": 0,
-            "errors": 0,
-            "tokens": 0,
-            "calls": 0,
-            "cost_usd": Decimal(0),
-            "wall": [],
-        }
-    )
-    for aid, agent, model, state, status, wall_s in assignments:
-        g = groups[(agent, model)]
-        g["assignments"] += 1
-        if status in ("resolved", "partial", "unresolved"):
-            g[status] += 1
-        elif state in ("failed", "cancelled"):
-            g["errors"] += 1
-        if wall_s is not None:
-            g["wall"].append(float(wall_s))
-        for u in platform.usage(assignment=aid):
-            g["tokens"] += u.total_tokens
-            g["calls"] += u.calls
-            g["cost_usd"] += u.cost_usd
-    rows = []
-    for (agent, model), g in sorted(groups.items()):
-        cost = platform.in_currency(g["cost_usd"], currency)
-        rows.append(
-            {
-                "agent": agent,
-                "model": model,
-                "assignments": g["assignments"],
-                "resolved": g["resolved"],
-                "partial": g["partial"],
-                "unresolved": g["unresolved"],
-                "errors": g["errors"],
-                "success_rate": round(g["resolved"] / g["assignments"], 4),
-                "llm_calls": g["calls"],
-                "tokens": g["tokens"],
-                "cost": str(cost),
-                "cost_usd": str(g["cost_usd"]),
-                "cost_per_resolved": str((cost / g["resolved"]).quantize(Decimal("0.000001")))
-                if g["resolved"]
-                else None,
-                "wall_s_median": round(statistics.median(g["wall"]), 2) if g["wall"] else None,
-                "wall_s_total": round(sum(g["wall"]), 2),
-            }
+        bare = [
+            RunRecord(
+                assignment=a.id,
+                task=a.task_id,
+                agent=a.agent,
+                model=a.model,
+                state=a.state,
+                status=a.status,
+                exit_cause=a.exit_cause,
+                wall_s=(a.result or {}).get("wall_s"),
+            )
+            for a in trial.assignments
+        ]
+    platform.usage(trial=trial_id)  # one catch-up of the index, then plain reads
+    records = []
+    for r in bare:
+        usage = platform.index.usage(assignment=r.assignment)
+        records.append(
+            replace(
+                r,
+                tokens=sum(u.total_tokens for u in usage),
+                calls=sum(u.calls for u in usage),
+                cost_usd=sum((u.cost_usd for u in usage), start=Decimal(0)),
+            )
         )
-    total_usd = sum((Decimal(r["cost_usd"]) for r in rows), start=Decimal(0))
+    return summarize(head, records, lambda usd: platform.in_currency(usd, currency))
+
+
+def summarize(
+    head: dict[str, Any], records: Sequence[RunRecord], to_currency: Callable[[Decimal], Decimal]
+) -> dict[str, Any]:
+    """Rows per agent × model pair, per agent and per model pair, and the pairwise tests."""
+    rows = [
+        {"agent": agent, "model": model, **_stats(group, to_currency)}
+        for (agent, model), group in _grouped(records, lambda r: (r.agent, r.model))
+    ]
+    by_agent = [
+        {"agent": agent, **_stats(group, to_currency)}
+        for agent, group in _grouped(records, lambda r: r.agent)
+    ]
+    by_model = [
+        {"model": model, **_stats(group, to_currency)}
+        for model, group in _grouped(records, lambda r: r.model)
+    ]
+    total_usd = sum((r.cost_usd for r in records), start=Decimal(0))
     return {
         **head,
         "rows": rows,
-        "total_cost": str(platform.in_currency(total_usd, currency)),
+        "by_agent": by_agent,
+        "by_model": by_model,
+        "comparisons": {
+            "agents": _compare(by_agent, lambda r: r["agent"]),
+            "model_pairs": _compare(by_model, lambda r: r["model"]),
+            "arms": _compare(rows, lambda r: arm_name(r["agent"], r["model"])),
+        },
+        "alpha": stats.ALPHA,
+        "total_cost": str(to_currency(total_usd)),
         "total_cost_usd": str(total_usd),
     }
+
+
+def _grouped(
+    records: Iterable[RunRecord], key: Callable[[RunRecord], _K]
+) -> list[tuple[_K, list[RunRecord]]]:
+    groups: dict[_K, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        groups[key(r)].append(r)
+    return sorted(groups.items(), key=lambda kv: str(kv[0]))
+
+
+def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) -> dict[str, Any]:
+    counts = {g: sum(r.status == g for r in group) for g in GRADES}
+    n = sum(counts.values())
+    resolved = counts["resolved"]
+    low, high = stats.wilson_interval(resolved, n)
+    wall = [float(r.wall_s) for r in group if r.wall_s is not None]
+    cost_usd = sum((r.cost_usd for r in group), start=Decimal(0))
+    cost = to_currency(cost_usd)
+    p50, p90 = stats.percentile(wall, 50), stats.percentile(wall, 90)
+    return {
+        "assignments": len(group),
+        "n": n,
+        **counts,
+        "pending": sum(r.state in ("queued", "running") for r in group),
+        "errors": sum(r.status is None and r.state in ("failed", "cancelled") for r in group),
+        "error_causes": {c: sum(r.exit_cause == c for r in group) for c in ERROR_CAUSES},
+        "success_rate": round(resolved / n, 4) if n else None,
+        "success_ci95": [round(low, 4), round(high, 4)],
+        "llm_calls": sum(r.calls for r in group),
+        "tokens": sum(r.tokens for r in group),
+        "cost": str(cost),
+        "cost_usd": str(cost_usd),
+        "cost_per_resolved": str((cost / resolved).quantize(PER_RESOLVED)) if resolved else None,
+        "wall_s_median": round(statistics.median(wall), 2) if wall else None,
+        "wall_s_p50": None if p50 is None else round(p50, 2),
+        "wall_s_p90": None if p90 is None else round(p90, 2),
+        "wall_s_total": round(sum(wall), 2),
+    }
+
+
+def _compare(
+    rows: list[dict[str, Any]], name: Callable[[dict[str, Any]], str]
+) -> list[dict[str, object]]:
+    arms = [stats.Arm(name(r), r["resolved"], r["n"]) for r in rows]
+    return [c.to_json() for c in stats.compare_all(arms)]
+
+
+# -- learning curves -----------------------------------------------------------------------
+
+
+def learning_curve(platform: Platform, project: str) -> dict[str, Any]:
+    """Success and cost per success of a project's trials, oldest first."""
+    with platform.store.session() as s:
+        ids = list(
+            s.scalars(select(Trial.id).where(Trial.project == project).order_by(Trial.created_at))
+        )
+    return curve_from_reports([build(platform, i) for i in ids], project)
+
+
+def curve_from_reports(reports: Sequence[dict[str, Any]], project: str) -> dict[str, Any]:
+    """One point per trial, overall and per agent × model pair, ordered by creation time."""
+    ordered = sorted(reports, key=lambda r: r["created_at"])
+    currencies = {r["currency"] for r in ordered}
+    if len(currencies) > 1:
+        raise ValueError(
+            f"trials of {project} are priced in several currencies "
+            f"({', '.join(sorted(currencies))}); their costs cannot share one curve"
+        )
+    points = []
+    arms: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for report in ordered:
+        trial = {
+            "trial": report["id"],
+            "name": report["name"],
+            "created_at": report["created_at"],
+        }
+        points.append({**trial, **_point(report["rows"])})
+        for row in report["rows"]:
+            arms[arm_name(row["agent"], row["model"])].append({**trial, **_point([row])})
+    return {
+        "project": project,
+        "currency": currencies.pop() if currencies else None,
+        "points": points,
+        "arms": dict(sorted(arms.items())),
+    }
+
+
+def _point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n = sum(r["n"] for r in rows)
+    resolved = sum(r["resolved"] for r in rows)
+    cost = sum((Decimal(r["cost"]) for r in rows), start=Decimal(0))
+    low, high = stats.wilson_interval(resolved, n)
+    return {
+        "n": n,
+        "resolved": resolved,
+        "success_rate": round(resolved / n, 4) if n else None,
+        "success_ci95": [round(low, 4), round(high, 4)],
+        "cost": str(cost),
+        "cost_per_resolved": str((cost / resolved).quantize(PER_RESOLVED)) if resolved else None,
+    }
+
+
+# -- outputs -------------------------------------------------------------------------------
+
+
+def _rate(row: dict[str, Any]) -> str:
+    if row["success_rate"] is None:
+        return "—"
+    low, high = row["success_ci95"]
+    return f"{row['resolved']}/{row['n']} = {row['success_rate']:.0%} [{low:.0%}, {high:.0%}]"
+
+
+def _money(value: str | None) -> str:
+    return f"{Decimal(value):.6f}" if value is not None else "—"
+
+
+def _wall(row: dict[str, Any]) -> str:
+    if row["wall_s_p50"] is None:
+        return "—"
+    return f"{row['wall_s_p50']:g} / {row['wall_s_p90']:g}"
+
+
+def _causes(row: dict[str, Any]) -> str:
+    return ", ".join(f"{c} {k}" for c, k in row["error_causes"].items() if k) or "—"
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def render(report: dict[str, Any], console: Console) -> None:
@@ -98,14 +274,17 @@ def render(report: dict[str, Any], console: Console) -> None:
         "runs",
         "resolved",
         "partial",
-        "success",
+        "success [95% CI]",
         "LLM calls",
         "tokens",
         f"cost {cur}",
         f"{cur} / resolved",
-        "wall s (median)",
+        "wall s p50 / p90",
+        "errors",
     ):
-        table.add_column(col, justify="left" if col in ("agent", "model pair") else "right")
+        table.add_column(
+            col, justify="left" if col in ("agent", "model pair", "errors") else "right"
+        )
     for r in report["rows"]:
         table.add_row(
             r["agent"],
@@ -113,15 +292,180 @@ def render(report: dict[str, Any], console: Console) -> None:
             str(r["assignments"]),
             str(r["resolved"]),
             str(r["partial"]),
-            f"{r['success_rate']:.0%}",
+            _rate(r),
             str(r["llm_calls"]),
             str(r["tokens"]),
-            f"{Decimal(r['cost']):.6f}",
-            f"{Decimal(r['cost_per_resolved']):.6f}" if r["cost_per_resolved"] else "—",
-            str(r["wall_s_median"] if r["wall_s_median"] is not None else "—"),
+            _money(r["cost"]),
+            _money(r["cost_per_resolved"]),
+            _wall(r),
+            _causes(r),
         )
     console.print(table)
     console.print(
         f"Total metered spend: {Decimal(report['total_cost']):.6f} {cur} "
         f"({Decimal(report['total_cost_usd']):.6f} USD)"
     )
+    comparisons = [(family, c) for family, cs in report["comparisons"].items() for c in cs]
+    if comparisons:
+        ctable = Table(title="Pairwise success rates (Fisher's exact test, Holm-adjusted)")
+        for col in ("between", "a", "b", "p", "p adj", "verdict"):
+            ctable.add_column(col, justify="right" if col.startswith("p") else "left")
+        for family, c in comparisons:
+            ctable.add_row(
+                family.replace("_", " "),
+                f"{c['a']} ({c['a_resolved']}/{c['a_n']})",
+                f"{c['b']} ({c['b_resolved']}/{c['b_n']})",
+                _p(c["p_value"]),
+                _p(c["p_adjusted"]),
+                str(c["verdict"]),
+            )
+        console.print(ctable)
+
+
+CSV_COLUMNS = (
+    "agent",
+    "model",
+    "assignments",
+    "n",
+    "resolved",
+    "partial",
+    "unresolved",
+    "pending",
+    "success_rate",
+    "success_ci95_low",
+    "success_ci95_high",
+    "llm_calls",
+    "tokens",
+    "cost",
+    "currency",
+    "cost_usd",
+    "cost_per_resolved",
+    "wall_s_p50",
+    "wall_s_p90",
+    "wall_s_total",
+    *(f"errors_{c}" for c in ERROR_CAUSES),
+)
+
+
+def to_csv(report: dict[str, Any]) -> str:
+    """One line per agent × model pair; empty cells where a value does not exist."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in report["rows"]:
+        flat = {k: r.get(k) for k in CSV_COLUMNS if k in r}
+        flat["currency"] = report["currency"]
+        flat["success_ci95_low"], flat["success_ci95_high"] = r["success_ci95"]
+        flat.update({f"errors_{c}": k for c, k in r["error_causes"].items()})
+        writer.writerow({k: "" if v is None else v for k, v in flat.items()})
+    return out.getvalue()
+
+
+def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
+    """The report as a Markdown page; `charts` are linked by file name (written beside it)."""
+    cur = report["currency"]
+    lines = [
+        f"# Trial {report['name']} ({report['id']})",
+        "",
+        f"Project **{report['project']}**, status **{report['status']}**, "
+        f"total metered spend **{Decimal(report['total_cost']):.6f} {cur}** "
+        f"({Decimal(report['total_cost_usd']):.6f} USD).",
+        "",
+        f"| agent | model pair | runs | resolved | partial | success [95% CI] | tokens "
+        f"| cost {cur} | {cur} / resolved | wall s p50 / p90 | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in report["rows"]:
+        cells = [
+            r["agent"],
+            r["model"],
+            str(r["assignments"]),
+            str(r["resolved"]),
+            str(r["partial"]),
+            _rate(r),
+            str(r["tokens"]),
+            _money(r["cost"]),
+            _money(r["cost_per_resolved"]),
+            _wall(r),
+            _causes(r),
+        ]
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    lines += [
+        "",
+        "Success counts graded runs only (cancelled runs and infra failures are left out); "
+        "the interval is Wilson's at 95 %.",
+        "",
+        "## Pairwise comparisons",
+        "",
+    ]
+    comparisons = [(f, c) for f, cs in report["comparisons"].items() for c in cs]
+    if comparisons:
+        lines += [
+            "Fisher's exact test on success rates, two-sided; p-values Holm-adjusted within "
+            f"each family; significant when the adjusted p < {report['alpha']}.",
+            "",
+            "| between | a | b | p | p adj | significant | verdict |",
+            "|---|---|---|--:|--:|---|---|",
+        ]
+        for family, c in comparisons:
+            cells = [
+                family.replace("_", " "),
+                f"{c['a']} ({c['a_resolved']}/{c['a_n']})",
+                f"{c['b']} ({c['b_resolved']}/{c['b_n']})",
+                _p(c["p_value"]),
+                _p(c["p_adjusted"]),
+                "yes" if c["significant"] else "no",
+                str(c["verdict"]),
+            ]
+            lines.append("| " + " | ".join(_md_escape(x) for x in cells) + " |")
+    else:
+        lines.append("Only one agent and one model pair: nothing to compare.")
+    for chart in charts:
+        lines += ["", f"![{chart.stem}]({chart.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def write_outputs(
+    report: dict[str, Any],
+    dest_dir: Path,
+    formats: Iterable[str] = FORMATS,
+    curve: dict[str, Any] | None = None,
+) -> dict[str, list[Path]]:
+    """Write the report in each format into `dest_dir`; returns the files per format.
+
+    `png` writes the cost-per-resolved chart, and the learning curve when `curve` is given.
+    """
+    wanted = list(dict.fromkeys(formats))
+    unknown = [f for f in wanted if f not in FORMATS]
+    if unknown:
+        raise ValueError(
+            f"unknown report format {', '.join(unknown)}; allowed: {', '.join(FORMATS)}"
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"report-{report['id']}"
+    written: dict[str, list[Path]] = {}
+    if "png" in wanted:
+        from orchestrator import charts  # matplotlib is slow to import; only when asked
+
+        pngs = [charts.cost_chart(report, dest_dir / f"{stem}-cost.png")]
+        if curve is not None:
+            pngs.append(charts.learning_curve_chart(curve, dest_dir / f"{stem}-curve.png"))
+        written["png"] = pngs
+    if "json" in wanted:
+        path = dest_dir / f"{stem}.json"
+        data = report if curve is None else {**report, "learning_curve": curve}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        written["json"] = [path]
+    if "csv" in wanted:
+        path = dest_dir / f"{stem}.csv"
+        path.write_text(to_csv(report))
+        written["csv"] = [path]
+    if "md" in wanted:
+        path = dest_dir / f"{stem}.md"
+        path.write_text(to_markdown(report, written.get("png", [])))
+        written["md"] = [path]
+    return written

@@ -139,3 +139,42 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def swebench_report(
+    instance_id: str,
+    assignment: str,
+    grade: GradeReport | None,
+    *,
+    patch_exists: bool,
+    infra_error: str | None = None,
+) -> dict[str, object]:
+    """An assignment's `report.json`, shaped like SWE-bench's per-instance report.
+
+    `grade` is None when the run never reached its tests (an infra failure). The agent edits
+    the workspace in place, so a graded patch has been applied by construction.
+    """
+    tests_status = {
+        "FAIL_TO_PASS": _split(grade.fail_to_pass if grade else {}),
+        "PASS_TO_PASS": _split(grade.pass_to_pass if grade else {}),
+    }
+    return {
+        "instance_id": instance_id,
+        "assignment": assignment,
+        "patch_exists": patch_exists,
+        "patch_successfully_applied": grade is not None,
+        "resolved": grade is not None and grade.status == "resolved",
+        "status": grade.status if grade is not None else "error",
+        "tests_status": tests_status,
+        "tests_timed_out": grade.timed_out if grade is not None else False,
+        "infra_failure": infra_error is not None,
+        "infra_error": infra_error,
+    }
+
+
+def _split(statuses: dict[str, str]) -> dict[str, list[str]]:
+    """SWE-bench's success/failure lists; SKIPPED and MISSING tests are failures."""
+    return {
+        "success": [test for test, s in statuses.items() if s in PASSING],
+        "failure": [test for test, s in statuses.items() if s not in PASSING],
+    }

@@ -106,19 +106,42 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
 
 
 def run(spec: AssignmentSpec) -> dict[str, Any]:
+    """Workspace, agent, tests; `report.json` (SWE-bench style) is written on every ending but
+    a cancel, before the caller writes `result.json`."""
     started = time.time()
-    workspace.prepare(spec.repo, spec.workspace)
-    outcome = run_agent(spec)
-    report = grading.grade(
-        spec.workspace,
-        spec.test_command,
-        spec.fail_to_pass,
-        spec.pass_to_pass,
-        timeout_s=max(60, spec.timeout_s),
-        log=spec.artifacts / "tests.log",
-    )
     patch_path = spec.artifacts / "patch.diff"
-    patch_path.write_text(workspace.patch(spec.workspace))
+    report_path = spec.artifacts / "report.json"
+    report_path.unlink(missing_ok=True)  # an earlier attempt's report is not this one's
+    diff = ""
+    try:
+        workspace.prepare(spec.repo, spec.workspace)
+        outcome = run_agent(spec)
+        report = grading.grade(
+            spec.workspace,
+            spec.test_command,
+            spec.fail_to_pass,
+            spec.pass_to_pass,
+            timeout_s=max(60, spec.timeout_s),
+            log=spec.artifacts / "tests.log",
+        )
+        diff = workspace.patch(spec.workspace)
+        patch_path.write_text(diff)
+    except Exception as exc:
+        failed = grading.swebench_report(
+            spec.task_id,
+            spec.assignment,
+            None,
+            patch_exists=bool(diff.strip()),
+            infra_error=f"{type(exc).__name__}: {exc}",
+        )
+        _write_json_atomic(report_path, failed)
+        raise
+    _write_json_atomic(
+        report_path,
+        grading.swebench_report(
+            spec.task_id, spec.assignment, report, patch_exists=bool(diff.strip())
+        ),
+    )
     finished = time.time()
     return {
         "assignment": spec.assignment,
@@ -128,6 +151,7 @@ def run(spec: AssignmentSpec) -> dict[str, Any]:
         "agent": outcome.to_json(),
         "grade": report.to_json(),
         "patch": str(patch_path),
+        "report": str(report_path),
     }
 
 

@@ -1,0 +1,230 @@
+"""Task sets in SWE-bench's format, from a local JSON or JSONL file; repos already on disk.
+
+An entry has `instance_id`, `repo` (`owner/name`), `base_commit`, `problem_statement`,
+`FAIL_TO_PASS` and `PASS_TO_PASS`. SWE-bench's published files hold the last two as
+JSON-encoded strings; plain lists are accepted too. Nothing is downloaded: the repository is
+looked up as `repos_root/<owner>__<name>`, `repos_root/<owner>/<name>`, or is `repos_root`
+itself, and its `base_commit` must exist there (`git cat-file -e`). Every bad entry is
+reported with its file and line, all at once.
+
+Not yet done: the workspace is a copy of the repository's working tree
+(`workers.workspace.prepare`), not of `base_commit`; `SweBenchInstance.at_base_commit` says
+whether the two agree, so a caller can refuse or warn until the runner checks out the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.config import ConfigError, Task, describe_errors
+
+DEFAULT_TEST_COMMAND = "python -m pytest -q"
+REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "FAIL_TO_PASS")
+_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_COMMIT = re.compile(r"^[0-9a-fA-F]{7,64}$")
+
+
+@dataclass(frozen=True)
+class SweBenchInstance:
+    instance_id: str
+    """As in the file; `task.id` is its slug."""
+    repo_name: str
+    """`owner/name` as in the file."""
+    base_commit: str
+    at_base_commit: bool
+    """Whether the local repository's HEAD is `base_commit` (what the workspace copies today)."""
+    task: Task
+
+
+def slugify(instance_id: str) -> str:
+    """A task id (`contracts.config.Slug`) from an instance id: lower case, `-` for the rest."""
+    slug = re.sub(r"[^a-z0-9_-]+", "-", instance_id.lower()).strip("-_")
+    return slug[:63].rstrip("-_")
+
+
+def load_swebench(
+    path: Path,
+    repos_root: Path,
+    *,
+    test_command: str = DEFAULT_TEST_COMMAND,
+    timeout_s: int = 600,
+) -> list[SweBenchInstance]:
+    """Read and check every entry of `path`; raises ConfigError naming each bad line."""
+    problems: list[str] = []
+    instances: list[SweBenchInstance] = []
+    seen: dict[str, int] = {}
+    git = _Git()
+    for line, entry in _entries(path, problems):
+        try:
+            instance = _instance(entry, repos_root, git, test_command, timeout_s)
+        except _Bad as exc:
+            problems.append(f"line {line}: {_label(entry)}{exc}")
+            continue
+        first = seen.setdefault(instance.task.id, line)
+        if first != line:
+            problems.append(
+                f"line {line}: {_label(entry)}task id {instance.task.id!r} repeats the one of "
+                f"line {first}"
+            )
+            continue
+        instances.append(instance)
+    if problems:
+        raise ConfigError(str(path), problems)
+    if not instances:
+        raise ConfigError(str(path), ["no task instances in the file"])
+    return instances
+
+
+class _Bad(Exception):
+    """One entry is unusable; the message says why."""
+
+
+def _label(entry: Any) -> str:
+    if isinstance(entry, dict) and isinstance(entry.get("instance_id"), str):
+        return f"{entry['instance_id']}: "
+    return ""
+
+
+def _entries(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
+    """(line, parsed object) for a JSON array or for JSON Lines; parse errors go to `problems`."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the task set: {exc.strerror}"]) from exc
+    if text.lstrip().startswith("["):
+        yield from _array_entries(text, path)
+        return
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not valid JSON: {exc.msg} (column {exc.colno})")
+
+
+def _array_entries(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    # Decoded element by element, so each entry keeps the line it starts on.
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                str(path), [f"line {exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})"]
+            ) from exc
+        yield text.count("\n", 0, pos) + 1, value
+        pos = _skip_space(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            line = text.count("\n", 0, pos) + 1
+            raise ConfigError(str(path), [f"line {line}: expected ',' or ']' in the JSON array"])
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _instance(
+    entry: Any, repos_root: Path, git: _Git, test_command: str, timeout_s: int
+) -> SweBenchInstance:
+    if not isinstance(entry, dict):
+        raise _Bad(f"an entry is a JSON object, not {type(entry).__name__}")
+    missing = [k for k in REQUIRED if k not in entry]
+    if missing:
+        raise _Bad(f"missing {', '.join(missing)}")
+    instance_id, repo_name, commit = entry["instance_id"], entry["repo"], entry["base_commit"]
+    if not isinstance(instance_id, str) or not slugify(instance_id):
+        raise _Bad(f"instance_id must be a non-empty string, got {instance_id!r}")
+    if not isinstance(repo_name, str) or not _REPO.match(repo_name):
+        raise _Bad(f"repo must be 'owner/name', got {repo_name!r}")
+    if not isinstance(commit, str) or not _COMMIT.match(commit):
+        raise _Bad(f"base_commit must be a hex commit id, got {commit!r}")
+    fail_to_pass = _test_list(entry, "FAIL_TO_PASS")
+    pass_to_pass = _test_list(entry, "PASS_TO_PASS") if "PASS_TO_PASS" in entry else []
+    repo = _find_repo(repo_name, repos_root)
+    if not git.has_commit(repo, commit):
+        raise _Bad(f"base_commit {commit} is not a commit of {repo}")
+    try:
+        task = Task(
+            id=slugify(instance_id),
+            repo=repo,
+            prompt=entry["problem_statement"],
+            test_command=test_command,
+            fail_to_pass=fail_to_pass,
+            pass_to_pass=pass_to_pass,
+            timeout_s=timeout_s,
+        )
+    except ValidationError as exc:
+        raise _Bad("; ".join(describe_errors(exc))) from exc
+    return SweBenchInstance(
+        instance_id=instance_id,
+        repo_name=repo_name,
+        base_commit=commit,
+        at_base_commit=git.head(repo).startswith(commit.lower()),
+        task=task,
+    )
+
+
+def _test_list(entry: dict[str, Any], key: str) -> list[str]:
+    value = entry[key]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _Bad(f"{key} is a string but not a JSON-encoded list: {exc.msg}") from exc
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise _Bad(f"{key} must be a list of test ids (or that list JSON-encoded)")
+    return value
+
+
+def _find_repo(repo_name: str, repos_root: Path) -> Path:
+    owner, name = repo_name.split("/")
+    # The last: `repos_root` is itself the repository (a task set over one repository).
+    candidates = [repos_root / f"{owner}__{name}", repos_root / owner / name, repos_root]
+    for candidate in candidates:
+        if (candidate / ".git").exists():
+            return candidate.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise _Bad(f"no git repository for {repo_name} (looked for {tried}; nothing is downloaded)")
+
+
+class _Git:
+    """`git cat-file -e` and `rev-parse HEAD`, HEADs remembered per repository."""
+
+    def __init__(self) -> None:
+        self._heads: dict[Path, str] = {}
+
+    def has_commit(self, repo: Path, commit: str) -> bool:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"],
+            capture_output=True,
+            check=False,
+        )
+        return proc.returncode == 0
+
+    def head(self, repo: Path) -> str:
+        if repo not in self._heads:
+            proc = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            self._heads[repo] = proc.stdout.strip().lower() if proc.returncode == 0 else ""
+        return self._heads[repo]

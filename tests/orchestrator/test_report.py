@@ -1,0 +1,399 @@
+"""The trial report against fixed trial data: statistics, rows, comparisons, learning curves.
+
+`summarize` is checked on fixed records; `build` and `learning_curve` on a real state DB and a
+real traffic index (spool → SQLite) in a temporary data root.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from contracts.dataroot import DataRoot
+from contracts.records import FlowRecord, Usage
+from contracts.settings import PROJECT_ROOT, Settings
+from orchestrator import stats
+from orchestrator.platform import Platform
+from orchestrator.report import (
+    RunRecord,
+    build,
+    curve_from_reports,
+    learning_curve,
+    render,
+    summarize,
+)
+from orchestrator.state import Assignment, Trial
+from proxy.spool import Spool
+
+CAD = Decimal("1.38")
+HEAD = {
+    "id": "t1",
+    "name": "fixed",
+    "project": "demo",
+    "status": "finished",
+    "currency": "CAD",
+    "created_at": "2025-03-01T10:00:00Z",
+    "finished_at": "2025-03-01T11:00:00Z",
+}
+
+
+def to_cad(usd: Decimal) -> Decimal:
+    return (usd * CAD).quantize(Decimal("0.000001"))
+
+
+def run(
+    i: int,
+    agent: str,
+    model: str,
+    status: str | None,
+    cause: str | None = "finished",
+    *,
+    state: str = "finished",
+    wall: float | None = 10.0,
+    usd: str = "0.01",
+) -> RunRecord:
+    return RunRecord(
+        assignment=f"a{i:03d}",
+        task=f"task{i % 3}",
+        agent=agent,
+        model=model,
+        state=state,
+        status=status,
+        exit_cause=cause,
+        wall_s=wall,
+        tokens=100,
+        calls=2,
+        cost_usd=Decimal(usd),
+    )
+
+
+def fixed_records() -> list[RunRecord]:
+    """builtin × tiny: 2/6 resolved; builtin × tiny:thinking: 6/6, plus an infra failure and a
+    cancel; other × tiny: 0/3."""
+    walls = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    statuses = ["resolved", "resolved", "partial", "unresolved", "unresolved", "unresolved"]
+    causes = ["finished", "finished", "finished", "timeout", "crashed", "budget_exhausted"]
+    records = [
+        run(i, "builtin", "tiny", s, c, wall=w)
+        for i, (s, c, w) in enumerate(zip(statuses, causes, walls, strict=True))
+    ]
+    records += [run(10 + i, "builtin", "tiny:thinking", "resolved", usd="0.02") for i in range(6)]
+    records += [
+        run(20, "builtin", "tiny:thinking", None, "infra", state="failed", wall=None, usd="0"),
+        run(21, "builtin", "tiny:thinking", None, "cancelled", state="cancelled", wall=None),
+    ]
+    records += [run(30 + i, "other", "tiny", "unresolved", "crashed") for i in range(3)]
+    return records
+
+
+def row(report: dict[str, Any], agent: str, model: str) -> dict[str, Any]:
+    (match,) = [r for r in report["rows"] if (r["agent"], r["model"]) == (agent, model)]
+    return match
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [
+        (2, 6, 0.0968, 0.7000),  # the textbook example
+        (0, 6, 0.0, 0.3903),
+        (6, 6, 0.6097, 1.0),
+        (50, 100, 0.4038, 0.5962),
+        (0, 0, 0.0, 1.0),  # no data: nothing is known
+    ],
+)
+def test_wilson_interval_matches_known_values(
+    successes: int, n: int, low: float, high: float
+) -> None:
+    lo, hi = stats.wilson_interval(successes, n)
+    assert (round(lo, 4), round(hi, 4)) == (low, high)
+
+
+def test_wilson_interval_refuses_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        stats.wilson_interval(7, 6)
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    values = [60.0, 10.0, 30.0, 20.0, 50.0, 40.0]
+    assert stats.percentile(values, 50) == 35.0
+    assert stats.percentile(values, 90) == pytest.approx(55.0)
+    assert stats.percentile([7.0], 90) == 7.0
+    assert stats.percentile([], 50) is None
+
+
+def test_holm_adjustment() -> None:
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([]) == []
+
+
+def test_fisher_comparison_is_honest_about_small_samples() -> None:
+    # 33 % against 100 % looks decisive, but with six runs a side it is not significant:
+    # hypergeometric tails 15/495 + 15/495.
+    a, b = stats.Arm("a", 2, 6), stats.Arm("b", 6, 6)
+    (c,) = stats.compare_all([a, b])
+    assert c.test == "fisher_exact"
+    assert c.p_value == pytest.approx(30 / 495, abs=1e-6)
+    assert c.significant is False
+    assert c.verdict == "not significant at 0.05"
+    assert c.difference == pytest.approx(-0.6667)
+
+    # Three runs a side can never be significant, whatever happens.
+    (tiny,) = stats.compare_all([stats.Arm("x", 0, 3), stats.Arm("y", 3, 3)])
+    assert tiny.p_value == pytest.approx(0.1)
+    assert not tiny.significant
+    assert tiny.verdict.startswith("not significant: too few runs (3 vs 3)")
+
+    # Ten a side, all against none: p = 2 / C(20, 10).
+    (big,) = stats.compare_all([stats.Arm("x", 0, 10), stats.Arm("y", 10, 10)])
+    assert big.p_value == pytest.approx(2 / 184756, rel=1e-3)
+    assert big.significant is True
+    assert big.verdict == "significant at 0.05: y resolves more"
+
+    (empty,) = stats.compare_all([stats.Arm("x", 0, 0), stats.Arm("y", 1, 2)])
+    assert (empty.p_value, empty.significant, empty.difference) == (None, False, None)
+
+
+# -- the report of one trial ----------------------------------------------------------------
+
+
+def test_summarize_fixed_trial() -> None:
+    report = summarize(HEAD, fixed_records(), to_cad)
+    assert [(r["agent"], r["model"]) for r in report["rows"]] == [
+        ("builtin", "tiny"),
+        ("builtin", "tiny:thinking"),
+        ("other", "tiny"),
+    ]
+    plain = row(report, "builtin", "tiny")
+    assert {k: plain[k] for k in ("assignments", "n", "resolved", "partial", "unresolved")} == {
+        "assignments": 6,
+        "n": 6,
+        "resolved": 2,
+        "partial": 1,
+        "unresolved": 3,
+    }
+    assert plain["success_rate"] == 0.3333
+    assert plain["success_ci95"] == [0.0968, 0.7]
+    assert plain["error_causes"] == {
+        "timeout": 1,
+        "budget_exhausted": 1,
+        "crashed": 1,
+        "infra": 0,
+        "cancelled": 0,
+    }
+    assert (plain["llm_calls"], plain["tokens"]) == (12, 600)
+    assert (plain["cost_usd"], plain["cost"]) == ("0.06", "0.082800")
+    assert plain["cost_per_resolved"] == "0.041400"
+    assert (plain["wall_s_median"], plain["wall_s_p50"], plain["wall_s_p90"]) == (35, 35, 55)
+    assert plain["wall_s_total"] == 210
+
+    # The infra failure and the cancel are not scored, but what they spent is counted.
+    thinking = row(report, "builtin", "tiny:thinking")
+    assert (thinking["assignments"], thinking["n"], thinking["resolved"]) == (8, 6, 6)
+    assert (thinking["errors"], thinking["success_rate"]) == (2, 1.0)
+    assert thinking["error_causes"]["infra"] == thinking["error_causes"]["cancelled"] == 1
+    assert thinking["cost_usd"] == "0.13"
+    assert thinking["cost_per_resolved"] == str(
+        (to_cad(Decimal("0.13")) / 6).quantize(Decimal("0.000001"))
+    )
+    assert row(report, "other", "tiny")["cost_per_resolved"] is None
+
+    assert report["total_cost_usd"] == "0.22"
+    assert report["total_cost"] == "0.303600"
+    assert [a["agent"] for a in report["by_agent"]] == ["builtin", "other"]
+    assert [(m["model"], m["resolved"], m["n"]) for m in report["by_model"]] == [
+        ("tiny", 2, 9),
+        ("tiny:thinking", 6, 6),
+    ]
+
+
+def test_pairwise_comparisons_of_agents_pairs_and_arms() -> None:
+    report = summarize(HEAD, fixed_records(), to_cad)
+    comparisons = report["comparisons"]
+    (agents,) = comparisons["agents"]
+    assert (agents["a"], agents["a_resolved"], agents["a_n"]) == ("builtin", 8, 12)
+    assert (agents["b"], agents["b_resolved"], agents["b_n"]) == ("other", 0, 3)
+    assert agents["significant"] is False
+    (pairs,) = comparisons["model_pairs"]
+    # 2/9 against 6/6 is significant even at these sizes: tails (36 + 9) / C(15, 8).
+    assert pairs["p_value"] == pytest.approx(45 / 6435, abs=1e-6)
+    assert pairs["significant"] is True
+    assert pairs["verdict"] == "significant at 0.05: tiny:thinking resolves more"
+    arms = comparisons["arms"]
+    assert len(arms) == 3
+    first = arms[0]
+    assert (first["a"], first["b"]) == ("builtin × tiny", "builtin × tiny:thinking")
+    assert first["p_value"] == pytest.approx(30 / 495, abs=1e-6)
+    # Holm over three comparisons: 6/6 against 0/3 (p = 1 / C(9, 3)) ranks first, this second.
+    assert arms[2]["p_value"] == pytest.approx(1 / 84, abs=1e-6)
+    assert first["p_adjusted"] == pytest.approx(2 * 30 / 495, abs=1e-6)
+    assert first["significant"] is False
+
+
+def test_render_shows_intervals_errors_and_verdicts() -> None:
+    console = Console(record=True, width=220)
+    render(summarize(HEAD, fixed_records(), to_cad), console)
+    text = console.export_text()
+    assert "2/6 = 33% [10%, 70%]" in text
+    assert "timeout 1, budget_exhausted 1, crashed 1" in text
+    assert "35 / 55" in text
+    assert "Fisher's exact test" in text
+    assert "not significant at 0.05" in text
+    assert "Total metered spend: 0.303600 CAD (0.220000 USD)" in text
+
+
+def test_a_trial_with_nothing_graded_yet() -> None:
+    records = [run(1, "builtin", "tiny", None, None, state="queued", wall=None, usd="0")]
+    report = summarize(HEAD, records, to_cad)
+    (only,) = report["rows"]
+    assert (only["n"], only["pending"], only["success_rate"]) == (0, 1, None)
+    assert only["success_ci95"] == [0.0, 1.0]
+    assert only["wall_s_p50"] is None
+    console = Console(record=True, width=220)
+    render(report, console)
+    assert "builtin" in console.export_text()
+
+
+# -- from the state DB and the traffic index -------------------------------------------------
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Platform:
+    return Platform.from_settings(
+        Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
+    )
+
+
+def add_trial(
+    platform: Platform,
+    config: dict[str, Any],
+    name: str,
+    created: dt.datetime,
+    outcomes: list[tuple[str, str, str | None, str, str]],
+) -> str:
+    """A finished trial: one assignment per (agent, model, status, exit cause, cost USD),
+    each with one metered call in the spool."""
+    trial_id = f"tr{uuid.uuid4().hex[:10]}"
+    spool = Spool(DataRoot.at(platform.settings.data))
+    with platform.store.session() as s:
+        s.add(
+            Trial(
+                id=trial_id,
+                name=name,
+                project="demo",
+                status="finished",
+                config={**config, "name": name},
+                created_at=created,
+                finished_at=created + dt.timedelta(hours=1),
+            )
+        )
+        for index, (agent, model, status, cause, usd) in enumerate(outcomes):
+            aid = f"{trial_id}-{index:03d}"
+            s.add(
+                Assignment(
+                    id=aid,
+                    trial_id=trial_id,
+                    index=index,
+                    task_id="mathkit",
+                    agent=agent,
+                    model=model,
+                    state="finished" if status else "failed",
+                    status=status,
+                    exit_cause=cause,
+                    result={"wall_s": 10.0 * (index + 1)},
+                )
+            )
+            now = time.time()
+            spool.append(
+                FlowRecord(
+                    id=uuid.uuid4().hex,
+                    ts_start=now,
+                    ts_end=now + 1,
+                    duration_ms=1000,
+                    method="POST",
+                    url="http://127.0.0.1:8500/v1/completions",
+                    host="127.0.0.1",
+                    path="/v1/completions",
+                    status=200,
+                    project="demo",
+                    trial=trial_id,
+                    assignment=aid,
+                    machine="m1",
+                    provider="local",
+                    model=model,
+                    usage=Usage(prompt_tokens=40, completion_tokens=10, total_tokens=50),
+                    cost_usd=Decimal(usd),
+                )
+            )
+    spool.close()
+    return trial_id
+
+
+def test_build_reads_the_state_db_and_the_metering(
+    platform: Platform, demo_trial: dict[str, Any]
+) -> None:
+    trial_id = add_trial(
+        platform,
+        demo_trial,
+        "report-db",
+        dt.datetime(2025, 3, 1, 10),
+        [
+            ("builtin", "tiny", "resolved", "finished", "0.001"),
+            ("builtin", "tiny", "unresolved", "timeout", "0.002"),
+            ("builtin", "tiny:thinking", None, "infra", "0.0005"),
+        ],
+    )
+    report = build(platform, trial_id)
+    assert (report["id"], report["currency"], report["created_at"]) == (
+        trial_id,
+        "CAD",
+        "2025-03-01T10:00:00Z",
+    )
+    plain = row(report, "builtin", "tiny")
+    assert (plain["n"], plain["resolved"], plain["llm_calls"], plain["tokens"]) == (2, 1, 2, 100)
+    assert plain["cost_usd"] == "0.003"
+    assert plain["cost"] == "0.004140"  # 1.38 CAD per USD in configs/prices.yaml
+    assert plain["cost_per_resolved"] == "0.004140"
+    assert plain["error_causes"]["timeout"] == 1
+    assert (plain["wall_s_p50"], plain["wall_s_p90"]) == (15.0, 19.0)
+    broken = row(report, "builtin", "tiny:thinking")
+    assert (broken["n"], broken["errors"], broken["error_causes"]["infra"]) == (0, 1, 1)
+    assert report["total_cost_usd"] == "0.0035"
+
+
+def test_learning_curve_over_a_projects_trials(
+    platform: Platform, demo_trial: dict[str, Any]
+) -> None:
+    outcomes_late = [
+        ("builtin", "tiny", "resolved", "finished", "0.001"),
+        ("builtin", "tiny", "resolved", "finished", "0.001"),
+    ]
+    outcomes_early = [
+        ("builtin", "tiny", "unresolved", "crashed", "0.003"),
+        ("builtin", "tiny", "resolved", "finished", "0.003"),
+    ]
+    late = add_trial(platform, demo_trial, "curve-2", dt.datetime(2025, 3, 2), outcomes_late)
+    early = add_trial(platform, demo_trial, "curve-1", dt.datetime(2025, 3, 1), outcomes_early)
+    curve = learning_curve(platform, "demo")
+    assert curve["currency"] == "CAD"
+    assert [p["trial"] for p in curve["points"]] == [early, late]
+    assert [p["success_rate"] for p in curve["points"]] == [0.5, 1.0]
+    assert [p["cost_per_resolved"] for p in curve["points"]] == ["0.008280", "0.001380"]
+    assert list(curve["arms"]) == ["builtin × tiny"]
+    assert learning_curve(platform, "nobody")["points"] == []
+
+
+def test_learning_curve_refuses_mixed_currencies() -> None:
+    cad = summarize(HEAD, fixed_records(), to_cad)
+    usd = {**summarize({**HEAD, "id": "t2", "currency": "USD"}, fixed_records(), to_cad)}
+    with pytest.raises(ValueError, match=r"several currencies \(CAD, USD\)"):
+        curve_from_reports([cad, usd], "demo")
