@@ -4,8 +4,9 @@
 - `autovibe-retention.cron`: tmpreaper lines, the mtime-based approximation of
   `autovibe retention apply` for hosts without systemd; install it or the timer, not both.
 - `autovibe-retention.service` + `.timer`: `autovibe retention apply` once a day.
-- `ilm/autovibe-traffic-<group>.json`: Elasticsearch ILM policies per indexed field group,
-  for when each group has its own data stream (the Elasticsearch store is not built yet).
+- `ilm/autovibe-traffic-<group>.json`: Elasticsearch ILM policies per indexed field group, for
+  the daily indices `autovibe-traffic-<group>-YYYY.MM.DD` the proxy's shipper writes; ILM ages
+  each from the date in its name (configs/elasticsearch/, parse_origination_date).
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ def ilm_policies(policy: RetentionPolicy) -> dict[str, dict[str, Any]]:
     """Body of `PUT _ilm/policy/<name>` per field group; a null keep has no delete phase."""
     out = {}
     for group, days in policy.index_fields.model_dump().items():
-        # Rollover daily, so a delete phase's min_age counts from each day's rollover.
-        phases: dict[str, Any] = {"hot": {"actions": {"rollover": {"max_age": "1d"}}}}
+        # Daily indices named by their day never roll over (rollover needs an alias or a data
+        # stream); a delete phase's min_age counts from the day in the index name.
+        phases: dict[str, Any] = {"hot": {"actions": {}}}
         if days is not None:
             phases["delete"] = {"min_age": f"{days}d", "actions": {"delete": {}}}
         out[f"autovibe-traffic-{group}"] = {

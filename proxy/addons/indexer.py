@@ -1,4 +1,4 @@
-"""Keeps the traffic index caught up with the spool while the proxy runs."""
+"""Keeps the traffic store (SQLite or Elasticsearch) caught up with the spool as the proxy runs."""
 
 from __future__ import annotations
 
@@ -6,21 +6,26 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from proxy.addons import dataroot
-from proxy.index import TrafficIndex
+from proxy.stores import DEFAULT, STORES, TrafficStore, get_store
 
 log = logging.getLogger(__name__)
+
+STORE_OPTION = "autovibe_traffic_store"
+URL_OPTION = "autovibe_elasticsearch_url"
 
 
 class Indexer:
     interval_s = 1.0
-    """Seconds between catch-ups; the index trails the spool by about this much."""
+    """Seconds between catch-ups; the store trails the spool by about this much."""
 
     def __init__(self) -> None:
-        self.index: TrafficIndex | None = None
+        self.store: TrafficStore | None = None
         self.traffic_logs: Path | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -28,15 +33,45 @@ class Indexer:
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
+        loader.add_option(
+            name=STORE_OPTION,
+            typespec=str,
+            default=DEFAULT,
+            help=f"Where captured flows are indexed from the spool: {' or '.join(STORES)}.",
+        )
+        loader.add_option(
+            name=URL_OPTION,
+            typespec=str,
+            default="",
+            help="Elasticsearch URL (http[s]://[user:password@]host:port) for "
+            f"{STORE_OPTION}=elasticsearch.",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if dataroot.OPTION in updated:
-            root = dataroot.current()
-            with self._lock:
-                if self.index is not None:
-                    self.index.close()
-                self.index = TrafficIndex(root.traffic_index)
-                self.traffic_logs = root.traffic_logs
+        if not updated & {dataroot.OPTION, STORE_OPTION, URL_OPTION}:
+            return
+        root = dataroot.current()
+        name: str = getattr(ctx.options, STORE_OPTION)
+        url: str = getattr(ctx.options, URL_OPTION).strip()
+        if name not in STORES:
+            raise exceptions.OptionsError(
+                f"{STORE_OPTION}: unknown store {name!r}: use one of {', '.join(STORES)}"
+            )
+        options = {}
+        if name == "elasticsearch":
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise exceptions.OptionsError(
+                    f"{URL_OPTION} must be an http:// or https:// URL with a host when "
+                    f"{STORE_OPTION}=elasticsearch, got {url!r}"
+                )
+            options["url"] = url
+        store = get_store(name, root, **options)
+        with self._lock:
+            if self.store is not None:
+                self.store.close()
+            self.store = store
+            self.traffic_logs = root.traffic_logs
 
     def running(self) -> None:
         if self._thread is None:
@@ -50,19 +85,19 @@ class Indexer:
         # Flows spooled during shutdown are indexed now rather than on the next start.
         self.catch_up()
         with self._lock:
-            if self.index is not None:
-                self.index.close()
-                self.index = None
+            if self.store is not None:
+                self.store.close()
+                self.store = None
 
     def catch_up(self) -> int:
         with self._lock:
-            if self.index is None or self.traffic_logs is None:
+            if self.store is None or self.traffic_logs is None:
                 return 0
             try:
-                return self.index.catch_up(self.traffic_logs)
+                return self.store.catch_up(self.traffic_logs)
             except (sqlite3.Error, OSError):
                 # The spool keeps everything; the next round picks up where this one failed.
-                log.exception("traffic index catch-up failed")
+                log.exception("traffic store catch-up failed")
                 return 0
 
     def _run(self) -> None:

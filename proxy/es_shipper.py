@@ -1,0 +1,335 @@
+"""The production traffic store: the spool shipped to Elasticsearch with the bulk helper.
+
+(Not `proxy/elasticsearch.py`: `mitmdump -s proxy/addon.py` puts `proxy/` first on sys.path,
+where such a module would shadow elasticsearch-py itself.)
+
+Like Filebeat, the shipper keeps a registry (a small SQLite file, `es-registry.sqlite` beside the
+spool) of how far each spool file has been shipped. An offset moves only past lines that
+Elasticsearch acknowledged, so an outage (connection refused, 5xx, 429) loses nothing: the
+same lines are sent again later, with backoff. Each document is sent with `op_type: create` and
+the FlowRecord id as `_id` into the index of its UTC day (`<prefix>-YYYY.MM.DD`, chosen over a
+data stream because a retry must reach the very index of the first attempt): a 409 on a retry
+means "already there", so a crash between the acknowledgement and the registry commit never
+duplicates a flow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from elasticsearch import Elasticsearch, helpers
+from elasticsearch.exceptions import ApiError, TransportError
+from pydantic import ValidationError
+
+from contracts.dataroot import DataRoot
+from contracts.records import FlowRecord
+from contracts.settings import Settings
+from proxy.index import _complete_lines
+from proxy.spool import FILE_NAME
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "es-registry.sqlite"
+"""The registry's file name in `traffic-logs/`."""
+DEFAULT_PREFIX = "autovibe-traffic-usage"
+"""Index prefix: the ILM policy of the `usage` field group has the same name."""
+TEMPLATE_FILE = "autovibe-traffic.index-template.json"
+TEMPLATE = Settings.model_fields["configs"].default / "elasticsearch" / TEMPLATE_FILE
+"""Index template (mappings of every FlowRecord field), installed before the first bulk."""
+CONFLICT = 409
+"""A `create` whose `_id` exists: an earlier attempt got there, which counts as shipped."""
+REFUSED = 400
+"""The one item status that rejects a document for good (mapping or parse error): any other
+failure (429, 5xx, a read-only index, a missing index) is sent again later, so a misconfigured
+cluster stalls the shipper loudly instead of dropping flows."""
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS offsets (path TEXT PRIMARY KEY, offset INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rejects (path TEXT NOT NULL, offset INTEGER NOT NULL, "
+    "line TEXT NOT NULL, error TEXT NOT NULL, PRIMARY KEY (path, offset))",
+)
+
+
+class ElasticsearchShipper:
+    """Ships complete spool lines to Elasticsearch exactly once; offsets live in `registry_path`."""
+
+    def __init__(
+        self,
+        url: str,
+        registry_path: Path,
+        *,
+        index_prefix: str = DEFAULT_PREFIX,
+        template_path: Path = TEMPLATE,
+        chunk_size: int = 500,
+        request_timeout: float = 10.0,
+        initial_backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        **client_options: Any,
+    ) -> None:
+        self.index_prefix = index_prefix
+        self.template_path = template_path
+        self.chunk_size = chunk_size
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._clock = clock
+        # Retries are this class's job, with backoff across catch-ups; the transport's own are
+        # immediate and would only hammer a node that is already struggling.
+        client_options.setdefault("max_retries", 0)
+        client_options.setdefault("retry_on_status", ())
+        self.client = Elasticsearch(url, request_timeout=request_timeout, **client_options)
+        self._template_installed = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+        registry_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            registry_path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        for statement in _SCHEMA:
+            self._db.execute(statement)
+
+    @classmethod
+    def in_root(cls, root: DataRoot, url: str, **options: Any) -> ElasticsearchShipper:
+        """A shipper whose registry is `traffic-logs/es-registry.sqlite` of `root`."""
+        return cls(url, root.traffic_logs / REGISTRY_FILE, **options)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self.client.close()
+
+    def __enter__(self) -> ElasticsearchShipper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shipping ---------------------------------------------------------------------------
+
+    def catch_up(self, traffic_logs_dir: Path) -> int:
+        """Ship every complete spool line not shipped yet; returns the flows now behind the offset.
+
+        A flow counts once, when the registry moves past it: created now, or found already there
+        (409) after a lost acknowledgement. While Elasticsearch is unreachable or overloaded this
+        returns what it shipped so far and leaves the rest to a later call, which is skipped
+        (returns 0) until the backoff ends.
+        """
+        with self._lock:
+            if self._clock() < self._retry_at:
+                return 0
+            shipped = 0
+            try:
+                self._install_template()
+                for spool_file in sorted(traffic_logs_dir.glob(f"*/*/{FILE_NAME}")):
+                    key = spool_file.relative_to(traffic_logs_dir).as_posix()
+                    more = True
+                    while more:
+                        acknowledged, more, failure = self._ship_batch(spool_file, key)
+                        shipped += acknowledged
+                        if failure is not None:
+                            raise _Unavailable(failure)
+            except _Unavailable as exc:
+                self._back_off(exc)
+                return shipped
+            self._failures = 0
+            return shipped
+
+    def _install_template(self) -> None:
+        if self._template_installed:
+            return
+        body = json.loads(self.template_path.read_text())
+        body["index_patterns"] = [f"{self.index_prefix}-*"]
+        try:
+            self.client.indices.put_index_template(name=self.index_prefix, **body)
+        except (ApiError, TransportError) as exc:
+            raise _Unavailable(f"installing index template {self.index_prefix}: {exc}") from exc
+        self._template_installed = True
+
+    def _ship_batch(self, spool_file: Path, key: str) -> tuple[int, bool, str | None]:
+        """Ship one read of a spool file: (flows acknowledged, whether more may follow, failure).
+
+        The offset is committed up to the last line before the first failure, so a retry sends
+        again only what Elasticsearch did not acknowledge (and what followed it).
+        """
+        try:
+            size = spool_file.stat().st_size
+        except FileNotFoundError:
+            return 0, False, None
+        offset = self._offset(key)
+        if size == offset:
+            return 0, False, None
+        if size < offset:
+            # The file was replaced; `create` with the same ids repeats nothing.
+            offset = 0
+        data = _complete_lines(spool_file, offset)
+        if not data:
+            return 0, False, None
+        lines = _Lines(key, offset, data, self._index_for)
+        results = helpers.streaming_bulk(
+            self.client,
+            lines.actions(),
+            chunk_size=self.chunk_size,
+            raise_on_error=False,
+            raise_on_exception=False,
+        )
+        failure = None
+        try:
+            for ok, item in results:
+                (result,) = item.values()
+                status = int(result.get("status", 500))
+                if "exception" in result:
+                    # The bulk request itself failed (5xx, 429, 401, not Elasticsearch, ...).
+                    failure = f"{key}: {result['exception']}"
+                    break
+                if status == REFUSED:
+                    lines.reject(result.get("_id"), f"{status}: {result.get('error')}")
+                elif not ok and status != CONFLICT:
+                    failure = f"{key}: flow {result.get('_id')} answered {status}"
+                    break
+                lines.acknowledge(result.get("_id"))
+        except TransportError as exc:
+            failure = f"{key}: {exc}"
+        self._commit(key, lines)
+        more = failure is None and lines.done == offset + len(data) and lines.done < size
+        return lines.acknowledged, more, failure
+
+    def _index_for(self, record: FlowRecord) -> str:
+        day = dt.datetime.fromtimestamp(record.ts_start, dt.UTC)
+        return f"{self.index_prefix}-{day:%Y.%m.%d}"
+
+    def _commit(self, key: str, lines: _Lines) -> None:
+        """Store the new offset and the rejects behind it in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for offset, line, error in lines.rejects_before_done():
+                self._db.execute(
+                    "INSERT OR IGNORE INTO rejects (path, offset, line, error) VALUES (?, ?, ?, ?)",
+                    (key, offset, line, error),
+                )
+            self._db.execute(
+                "INSERT INTO offsets (path, offset) VALUES (?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET offset = excluded.offset",
+                (key, lines.done),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _offset(self, key: str) -> int:
+        row = self._db.execute("SELECT offset FROM offsets WHERE path = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _back_off(self, exc: _Unavailable) -> None:
+        self._failures += 1
+        delay = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (self._failures - 1))
+        self._retry_at = self._clock() + delay
+        log.warning("elasticsearch unavailable, retrying in %.3g s: %s", delay, exc)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def offsets(self) -> dict[str, int]:
+        """Spool file (relative to traffic-logs) → bytes shipped."""
+        with self._lock:
+            rows = self._db.execute("SELECT path, offset FROM offsets ORDER BY path").fetchall()
+        return {path: int(offset) for path, offset in rows}
+
+    def rejects(self) -> list[tuple[str, int, str]]:
+        """Spool lines Elasticsearch or the schema refused: (spool file, byte offset, error)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, offset, error FROM rejects ORDER BY path, offset"
+            ).fetchall()
+        return [(path, int(offset), error) for path, offset, error in rows]
+
+
+class _Unavailable(Exception):
+    """Elasticsearch could not take a batch now; what it did not acknowledge is sent again."""
+
+
+class _Lines:
+    """One read of a spool file: its bulk actions, and how far the acknowledged prefix reaches."""
+
+    def __init__(
+        self, key: str, offset: int, data: bytes, index_for: Callable[[FlowRecord], str]
+    ) -> None:
+        self.key = key
+        self.done = offset
+        """Byte offset up to which every line is acknowledged, refused or blank."""
+        # (end offset, record id or None, line offset, line, error) per line, in file order.
+        self._lines: list[tuple[int, str | None, int, bytes, str | None]] = []
+        self._records: list[tuple[str, dict[str, Any]]] = []
+        self._index_for = index_for
+        position = offset
+        for line in data.splitlines(keepends=True):
+            end = position + len(line)
+            if not line.strip():
+                self._lines.append((end, None, position, line, None))
+            else:
+                try:
+                    record = FlowRecord.model_validate_json(line)
+                except ValidationError as exc:
+                    self._lines.append((end, None, position, line, str(exc)))
+                else:
+                    self._lines.append((end, record.id, position, line, None))
+                    self._records.append((record.id, self._action(record)))
+            position = end
+        self.acknowledged = 0
+        """Flows now in Elasticsearch, created or found there, behind `done`."""
+        self._cursor = 0
+        self._skip_unsent()
+
+    def _action(self, record: FlowRecord) -> dict[str, Any]:
+        source = record.model_dump(mode="json")
+        source["@timestamp"] = dt.datetime.fromtimestamp(record.ts_start, dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+        return {
+            "_op_type": "create",
+            "_index": self._index_for(record),
+            "_id": record.id,
+            "_source": source,
+        }
+
+    def actions(self) -> Iterator[dict[str, Any]]:
+        for _, action in self._records:
+            yield action
+
+    def acknowledge(self, record_id: object) -> None:
+        """The next sent record is settled (created, already there, or refused)."""
+        end, expected, _, _, error = self._lines[self._cursor]
+        if record_id != expected:
+            raise RuntimeError(f"bulk answer for {record_id!r} where {expected!r} was due")
+        if error is None:
+            self.acknowledged += 1
+        self.done = end
+        self._cursor += 1
+        self._skip_unsent()
+
+    def reject(self, record_id: object, error: str) -> None:
+        end, expected, position, line, _ = self._lines[self._cursor]
+        self._lines[self._cursor] = (end, expected, position, line, error)
+        log.error("elasticsearch refused flow %s of %s: %s", record_id, self.key, error)
+
+    def _skip_unsent(self) -> None:
+        # Blank and unreadable lines are settled as soon as everything before them is.
+        while self._cursor < len(self._lines) and self._lines[self._cursor][1] is None:
+            self.done = self._lines[self._cursor][0]
+            self._cursor += 1
+
+    def rejects_before_done(self) -> Iterator[tuple[int, str, str]]:
+        for end, _, position, line, error in self._lines:
+            if end > self.done:
+                break
+            if error is not None:
+                yield position, line.decode("utf-8", errors="replace"), error

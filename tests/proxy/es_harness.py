@@ -1,0 +1,312 @@
+"""A stand-in for the part of Elasticsearch's HTTP API that the traffic shipper calls.
+
+Elasticsearch cannot run here. This server accepts only what the shipper sends, checked against
+the documented API and what elasticsearch-py 8 puts on the wire:
+
+- `PUT /_index_template/<name>` (docs: indices-put-template), answered `{"acknowledged": true}`;
+- `PUT|POST /_bulk` (docs: docs-bulk) with `Content-Type:
+  application/vnd.elasticsearch+x-ndjson; compatible-with=8`, an NDJSON body of
+  `{"create": {"_index", "_id"}}` action lines each followed by its source line, answered with
+  the documented bulk response (`took`, `errors`, `items` of `{"create": {..., "status"}}`):
+  201 `created`, 409 `version_conflict_engine_exception` for an `_id` already in the index.
+
+Every 2xx answer carries `X-Elastic-Product: Elasticsearch`, which the 8.x client checks on
+each response (it sends no `GET /` first). Anything else is a contract violation: answered 400
+and listed in `violations`. `down()`/`up()` close and reopen the port (connection refused);
+`fail_with(503)` answers every request with an error; `throttle_every` answers 429 to some items.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.records import FlowRecord
+
+COMPAT_JSON = "application/vnd.elasticsearch+json; compatible-with=8"
+COMPAT_NDJSON = "application/vnd.elasticsearch+x-ndjson; compatible-with=8"
+TEMPLATE_FIELDS = {
+    "index_patterns",
+    "composed_of",
+    "template",
+    "data_stream",
+    "priority",
+    "version",
+    "_meta",
+    "allow_auto_create",
+    "ignore_missing_component_templates",
+    "deprecated",
+}
+"""Body fields of PUT _index_template (elasticsearch-specification, IndicesPutIndexTemplate)."""
+ERROR_TYPES = {
+    429: "es_rejected_execution_exception",
+    500: "exception",
+    503: "unavailable_shards_exception",
+}
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class StandInElasticsearch:
+    product_header: bool = True
+    """Whether answers say `X-Elastic-Product: Elasticsearch`; without it the client refuses."""
+    throttle_every: int = 0
+    """When > 0, every n-th item of a bulk request is answered 429 and not stored."""
+    refuse_ids: set[str] = field(default_factory=set)
+    """`_id`s answered 400 `document_parsing_exception`, as a mapping conflict would be."""
+    templates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    indices: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Index name → `_id` → source."""
+    creates: Counter[str] = field(default_factory=Counter)
+    """`_id` → times it was created (answered 201): exactly-once means every count is 1."""
+    statuses: Counter[int] = field(default_factory=Counter)
+    """Item and request statuses answered, for asserting a scenario happened."""
+    requests: list[Request] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    _failing: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _port: int = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                stand_in._handle(self)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = _Server(("127.0.0.1", self._port), Handler)
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    down = stop
+    """Close the port: the client's connections are refused until `up()`."""
+
+    def up(self) -> None:
+        """Listen again on the same port, with everything stored so far."""
+        self.start()
+
+    def fail_with(self, status: int | None) -> None:
+        """Answer every request with `status` and the documented error body; None heals."""
+        self._failing = status
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def documents(self) -> dict[str, dict[str, Any]]:
+        """Every stored document by `_id`, whatever its index."""
+        with self._lock:
+            return {i: doc for docs in self.indices.values() for i, doc in docs.items()}
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length)
+        request = Request(
+            handler.command,
+            handler.path,
+            {k.lower(): v for k, v in handler.headers.items()},
+            body,
+        )
+        with self._lock:
+            self.requests.append(request)
+            status, answer = self._route(request)
+            self.statuses[status] += 1
+        payload = json.dumps(answer).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/vnd.elasticsearch+json;compatible-with=8")
+        handler.send_header("Content-Length", str(len(payload)))
+        if self.product_header:
+            handler.send_header("X-Elastic-Product", "Elasticsearch")
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def _route(self, request: Request) -> tuple[int, dict[str, Any]]:
+        if request.headers.get("accept") != COMPAT_JSON:
+            return self._violation(f"Accept {request.headers.get('accept')!r} on {request.path}")
+        if self._failing is not None:
+            return self._failing, _error(self._failing, "the stand-in is told to fail")
+        if request.method == "PUT" and request.path.startswith("/_index_template/"):
+            return self._put_template(request)
+        if request.method in {"PUT", "POST"} and request.path == "/_bulk":
+            return self._bulk(request)
+        return self._violation(f"{request.method} {request.path} is not what the shipper calls")
+
+    def _violation(self, message: str) -> tuple[int, dict[str, Any]]:
+        self.violations.append(message)
+        return 400, _error(400, message, "illegal_argument_exception")
+
+    def _put_template(self, request: Request) -> tuple[int, dict[str, Any]]:
+        name = request.path.removeprefix("/_index_template/")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+            return self._violation(f"template name {name!r}")
+        if request.headers.get("content-type") != COMPAT_JSON:
+            return self._violation(f"template Content-Type {request.headers.get('content-type')!r}")
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            return self._violation("template body is not JSON")
+        unknown = set(body) - TEMPLATE_FIELDS
+        patterns = body.get("index_patterns")
+        if unknown:
+            return self._violation(f"template fields {sorted(unknown)} are not in the API")
+        if not (
+            isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns)
+        ):
+            return self._violation(f"index_patterns {patterns!r}")
+        if not isinstance(body.get("template", {}).get("mappings", {}).get("properties"), dict):
+            return self._violation("template.mappings.properties missing")
+        self.templates[name] = body
+        return 200, {"acknowledged": True}
+
+    def _bulk(self, request: Request) -> tuple[int, dict[str, Any]]:
+        started = time.monotonic()
+        if request.headers.get("content-type") != COMPAT_NDJSON:
+            return self._violation(f"bulk Content-Type {request.headers.get('content-type')!r}")
+        if not request.body.endswith(b"\n"):
+            return self._violation("bulk body does not end with a newline")
+        lines = request.body[:-1].split(b"\n")
+        if len(lines) % 2:
+            return self._violation("bulk body has an action line without its source line")
+        items = []
+        for n, (action_line, source_line) in enumerate(zip(lines[::2], lines[1::2], strict=True)):
+            checked = self._check_pair(action_line, source_line)
+            if isinstance(checked, str):
+                return self._violation(checked)
+            index, doc_id, source = checked
+            items.append({"create": self._create(n, index, doc_id, source)})
+        took = int((time.monotonic() - started) * 1000)
+        errors = any(item["create"]["status"] >= 300 for item in items)
+        return 200, {"took": took, "errors": errors, "items": items}
+
+    def _check_pair(
+        self, action_line: bytes, source_line: bytes
+    ) -> tuple[str, str, dict[str, Any]] | str:
+        try:
+            action = json.loads(action_line)
+            source = json.loads(source_line)
+        except ValueError:
+            return f"bulk line is not JSON: {action_line[:80]!r} / {source_line[:80]!r}"
+        if not (isinstance(action, dict) and list(action) == ["create"]):
+            return f"action line {action!r} is not a create"
+        meta = action["create"]
+        if not (isinstance(meta, dict) and set(meta) == {"_index", "_id"}):
+            return f"create {meta!r} must name exactly _index and _id"
+        index, doc_id = meta["_index"], meta["_id"]
+        if not any(
+            re.fullmatch(p.replace("*", ".*"), index)
+            for t in self.templates.values()
+            for p in t["index_patterns"]
+        ):
+            return f"index {index!r} matches no installed template: template first"
+        if not isinstance(source, dict) or "@timestamp" not in source:
+            return f"source of {doc_id!r} has no @timestamp"
+        fields = {k: v for k, v in source.items() if k != "@timestamp"}
+        try:
+            record = FlowRecord.model_validate(fields)
+        except ValidationError as exc:
+            return f"source of {doc_id!r} is not a FlowRecord: {exc}"
+        if record.id != doc_id:
+            return f"_id {doc_id!r} is not the record id {record.id!r}"
+        return index, doc_id, source
+
+    def _create(self, n: int, index: str, doc_id: str, source: dict[str, Any]) -> dict[str, Any]:
+        if self.throttle_every and n % self.throttle_every == self.throttle_every - 1:
+            self.statuses[429] += 1
+            return {
+                "_index": index,
+                "_id": doc_id,
+                "status": 429,
+                "error": _cause(
+                    "es_rejected_execution_exception",
+                    "rejected execution of coordinating operation",
+                ),
+            }
+        if doc_id in self.refuse_ids:
+            self.statuses[400] += 1
+            return {
+                "_index": index,
+                "_id": doc_id,
+                "status": 400,
+                "error": _cause(
+                    "document_parsing_exception", "[1:2] failed to parse field [status]"
+                ),
+            }
+        docs = self.indices.setdefault(index, {})
+        if doc_id in docs:
+            self.statuses[409] += 1
+            return {
+                "_index": index,
+                "_id": doc_id,
+                "status": 409,
+                "error": {
+                    **_cause(
+                        "version_conflict_engine_exception",
+                        f"[{doc_id}]: version conflict, document already exists "
+                        "(current version [1])",
+                    ),
+                    "index_uuid": uuid.uuid5(uuid.NAMESPACE_URL, index).hex[:22],
+                    "shard": "0",
+                    "index": index,
+                },
+            }
+        docs[doc_id] = source
+        self.creates[doc_id] += 1
+        self.statuses[201] += 1
+        return {
+            "_index": index,
+            "_id": doc_id,
+            "_version": 1,
+            "result": "created",
+            "_shards": {"total": 2, "successful": 1, "failed": 0},
+            "_seq_no": len(docs) - 1,
+            "_primary_term": 1,
+            "status": 201,
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    allow_reuse_address = True
+    """`up()` listens again on the port `down()` closed."""
+    daemon_threads = True
+
+
+def _cause(kind: str, reason: str) -> dict[str, Any]:
+    return {"type": kind, "reason": reason}
+
+
+def _error(status: int, reason: str, kind: str | None = None) -> dict[str, Any]:
+    """The documented error body: `{"error": {"root_cause": [...], "type", "reason"}, "status"}`."""
+    cause = _cause(kind or ERROR_TYPES.get(status, "exception"), reason)
+    return {"error": {"root_cause": [cause], **cause}, "status": status}
