@@ -19,6 +19,7 @@ from bench.report import publish
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
+from ledger.counters import open_ample
 from orchestrator import stack
 from orchestrator.client import Client
 
@@ -27,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def per_call(settings: Settings, n: int) -> list[dict[str, object]]:
     """Same small completion, direct and through the proxy, interleaved."""
-    key = load_or_create_key(DataRoot.at(settings.data))
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, "bench", ["m1"], currency="CAD")
     token = mint(key, MachineIdentity("bench", "bench", "bench-000", "m1", time.time() + 3600))
     proxied = httpx.Client(
         proxy=proxy_url(settings.host, settings.proxy_port, "m1", token),

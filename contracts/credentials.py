@@ -31,6 +31,8 @@ class MachineIdentity:
     assignment: str
     machine: str
     expires: float
+    task: str = ""
+    """The task the assignment works on; the proxy charges its optional per-task budget."""
 
 
 def load_or_create_key(root: DataRoot) -> bytes:

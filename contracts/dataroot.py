@@ -43,6 +43,11 @@ class DataRoot:
     def ledger(self, project: str) -> Path:
         return self.financial(project) / "ledger.beancount"
 
+    @property
+    def budget_counters(self) -> Path:
+        """Embedded budget counter store (SQLite, WAL): reservations and spend per scope."""
+        return self.root / "budget" / "counters.sqlite"
+
     # -- workers ----------------------------------------------------------------------------
     def assignment_dir(self, project: str, trial: str, assignment: str) -> Path:
         return self.root / "worker-artifacts" / project / trial / assignment

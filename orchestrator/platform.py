@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cached_property
 
-from contracts.config import TrialConfig
+from contracts.config import NomadCluster, TrialConfig
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from ledger.book import Ledger
+from ledger.counters import CounterStore, open_project, task_scope
+from ledger.counters.sqlite import SqliteCounters
 from orchestrator.catalog import Catalog
 from orchestrator.state import Store, state_url
 from proxy.index import ModelUsage, TrafficIndex
@@ -35,10 +38,11 @@ class Platform:
         DataRoot.ensure(root.root)
         return cls(settings, root, Store(state_url(settings)), Catalog.load(settings))
 
-    def driver(self, name: str) -> WorkerDriver:
-        if name not in self.drivers:
-            self.drivers[name] = get_driver(name)
-        return self.drivers[name]
+    def driver(self, name: str, nomad: NomadCluster | None = None) -> WorkerDriver:
+        key = name if nomad is None or name != "nomad" else f"{name}:{nomad.model_dump_json()}"
+        if key not in self.drivers:
+            self.drivers[key] = get_driver(name, nomad)
+        return self.drivers[key]
 
     @cached_property
     def credential_key(self) -> bytes:
@@ -70,3 +74,34 @@ class Platform:
             dt.date.today(),
             funding=trial_id,
         )
+        self.open_budgets(config, trial_id)
+
+    def counters(self) -> CounterStore:
+        """The budget counter store the proxy reserves in (embedded SQLite in the data root)."""
+        return SqliteCounters(self.root.budget_counters)
+
+    def open_budgets(self, config: TrialConfig, trial_id: str) -> None:
+        """Open the scopes the proxy charges: project, each machine's day, each capped task.
+
+        Reopening keeps what was spent; limits and periods become this trial's.
+        """
+        b, now = config.budget, time.time()
+        store = self.counters()
+        try:
+            open_project(
+                store,
+                config.project,
+                [f"m{i}" for i in range(1, config.machines.count + 1)],
+                amount=b.amount,
+                daily_allowance=config.machines.daily_allowance,
+                currency=b.currency,
+                period=b.period,
+                now=now,
+            )
+            for task in config.tasks:
+                if task.budget is not None:
+                    store.ensure_scope(
+                        task_scope(trial_id, task.id), task.budget, b.currency, "once", now
+                    )
+        finally:
+            store.close()

@@ -84,7 +84,7 @@ class Scheduler:
             spec = self._spec_on_disk(config, a)
             if spec is not None and spec.result_path.exists():
                 self.finish(a.id, json.loads(spec.result_path.read_text()))
-            elif spec is not None and self.p.driver(config.driver).alive(spec):
+            elif spec is not None and self.p.driver(config.driver, config.nomad).alive(spec):
                 continue
             else:
                 self._lost(a.id)
@@ -122,7 +122,7 @@ class Scheduler:
         for a in starting:
             spec = self._spec(config, trial_id, a)
             try:
-                self.p.driver(config.driver).launch(spec)
+                self.p.driver(config.driver, config.nomad).launch(spec)
             except OSError as exc:
                 self.finish(a.id, {"assignment": a.id, "infra_error": f"launch failed: {exc}"})
 
@@ -231,6 +231,7 @@ class Scheduler:
             assignment=a.id,
             machine=machine,
             expires=time.time() + task.timeout_s + CREDENTIAL_GRACE_S,
+            task=task.id,
         )
         st = self.p.settings
         sandbox = None
@@ -329,5 +330,5 @@ def cancel(platform: Platform, trial_id: str) -> None:
             a = s.get_one(Assignment, assignment_id)
         spec = scheduler._spec_on_disk(config, a)
         if spec is not None:
-            platform.driver(config.driver).cancel(spec)
+            platform.driver(config.driver, config.nomad).cancel(spec)
         scheduler.finish(assignment_id, {"assignment": assignment_id, "cancelled": True})

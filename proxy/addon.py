@@ -4,9 +4,10 @@ Identity first (it refuses strangers), then metering (it refuses what it cannot 
 reads usage), then capture (it records what the two decided), then the indexer.
 """
 
+from proxy.addons.budget import Budget
 from proxy.addons.capture import Capture
 from proxy.addons.identity import Identity
 from proxy.addons.indexer import Indexer
 from proxy.addons.metering import Metering
 
-addons = [Identity(), Metering(), Capture(), Indexer()]
+addons = [Identity(), Metering(), Budget(), Capture(), Indexer()]

@@ -11,6 +11,7 @@ from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
+from ledger.counters import open_ample
 from proxy.index import TrafficIndex
 from proxy.launch import mitmdump_argv, wait_ready
 
@@ -41,6 +42,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Itera
     )
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)
+    # The proxy refuses calls no budget covers: give the tests' project an ample one.
+    open_ample(root.budget_counters, "p1", ["m1", "m2"])
     log = (root.root / "mitmdump.log").open("wb")
     process = subprocess.Popen(mitmdump_argv(settings), stdout=log, stderr=subprocess.STDOUT)
     try:

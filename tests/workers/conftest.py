@@ -21,6 +21,7 @@ from contracts.config import load_models
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
+from ledger.counters import open_ample
 from proxy.launch import mitmdump_argv, wait_ready
 from serving.llamacpp import server_argv
 from workers import workspace
@@ -73,6 +74,8 @@ def metering_proxy(
     )
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)
+    # The proxy refuses calls no budget covers: give the tests' project an ample one.
+    open_ample(root.budget_counters, "p1", ["m1"])
     with (root.root / "mitmdump.log").open("wb") as log:
         process = subprocess.Popen(
             mitmdump_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=direct_env()

@@ -1,0 +1,209 @@
+"""Budgets under load: overspend and leaked reservations from 100 concurrent streaming calls
+through the real proxy, reservations/s of the SQLite and Redis counter stores under
+contention, and ledger postings/s and `bean-check` time on large ledgers.
+
+`python -m bench.budget [--quick]`: --quick stops the ledger at 10k transactions (100k too
+without it) and makes fewer reservations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from bench.report import publish
+from contracts.config import load_prices
+from ledger.book import InferenceItem, Ledger
+from ledger.check import bean_check
+from ledger.counters import CounterStore, open_counters
+from proxy.addons.budget import PROMPT_MARGIN_TOKENS
+
+ROOT = Path(__file__).resolve().parent.parent
+# The stand-in model server and proxy launcher of the budget tests: one way to start them.
+sys.path.insert(0, str(ROOT / "tests" / "budget"))
+import budget_harness  # noqa: E402
+
+CALLS, COVERED, MAX_TOKENS = 100, 10, 1000
+
+
+def concurrency(store_name: str, redis_url: str, work: Path) -> dict[str, Any]:
+    """100 concurrent streaming calls against a budget that covers 10 at once."""
+    upstreams = budget_harness.serve()
+    upstream = next(upstreams)
+    options: dict[str, object] = {"autovibe_budget_store": store_name}
+    if store_name == "redis":
+        options["autovibe_budget_redis_url"] = redis_url
+    proxy = budget_harness.start_proxy(work / "data", work / "configs", upstream, **options)
+    store = open_counters(store_name, path=proxy.root.budget_counters, url=redis_url)
+    project = f"bench-{store_name}"
+    content = json.dumps(
+        {"model": "tiny", "prompt": "hello", "max_tokens": MAX_TOKENS, "stream": True}
+    ).encode()
+    per_call = (len(content) + PROMPT_MARGIN_TOKENS + MAX_TOKENS) * budget_harness.CAD_PER_TOKEN
+    budget = per_call * COVERED
+    now = time.time()
+    store.ensure_scope(f"project:{project}", budget, "CAD", "once", now)
+    store.ensure_scope(f"machine:{project}:m1", Decimal(1000), "CAD", "daily", now)
+
+    def call(_: int) -> int:
+        with proxy.client(proxy.identity(project)) as client:
+            return client.post(
+                f"{upstream.url}/v1/completions",
+                content=content,
+                headers={"Content-Type": "application/json"},
+            ).status_code
+
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=CALLS) as pool:
+            statuses = list(pool.map(call, range(CALLS)))
+        elapsed = time.perf_counter() - started
+        spent = store.spent(f"project:{project}")
+        leaked = len(store.open_reservations(time.time() + 1))
+    finally:
+        proxy.stop()
+        store.close()
+        next(upstreams, None)
+    return {
+        "measure": "concurrency",
+        "store": store_name,
+        "calls": CALLS,
+        "served": statuses.count(200),
+        "refused_402": statuses.count(402),
+        "other_status": CALLS - statuses.count(200) - statuses.count(402),
+        "budget_cad": str(budget),
+        "spent_cad": str(spent),
+        "overspend": str(max(spent - budget, Decimal(0))),
+        "leaked_reservations": leaked,
+        "seconds": round(elapsed, 2),
+    }
+
+
+def reservations_per_s(store: CounterStore, name: str, total: int, threads: int = 8) -> dict:
+    """reserve + settle pairs from `threads` threads on the same two scopes."""
+    now = time.time()
+    scopes = [f"project:rate-{name}", f"machine:rate-{name}:m1"]
+    for scope in scopes:
+        store.ensure_scope(scope, Decimal(10**9), "CAD", "once", now)
+    each = total // threads
+    barrier = threading.Barrier(threads)
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        for i in range(each):
+            rid = f"{name}-{n}-{i}"
+            store.reserve(rid, scopes, Decimal("0.001"))
+            store.settle(rid, Decimal("0.0005"))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(worker, range(threads)))
+    elapsed = time.perf_counter() - started
+    expected = Decimal("0.0005") * each * threads
+    assert store.spent(scopes[0]) == expected, "lost or doubled a settlement"
+    return {
+        "measure": "reserve+settle",
+        "store": name,
+        "threads": threads,
+        "pairs": each * threads,
+        "reservations_per_s": round(each * threads / elapsed),
+        "seconds": round(elapsed, 2),
+    }
+
+
+def ledger_at(size: int, work: Path, postings: int = 5) -> dict[str, Any]:
+    """A ledger of `size` inference transactions: bean-check time and posting rate there."""
+    prices = load_prices(ROOT / "configs")
+    ledger = Ledger(work / f"ledger-{size}" / "ledger.beancount")
+    ledger.path.parent.mkdir(parents=True)
+    day = dt.date(2025, 1, 1)
+    ledger.open("bench", Decimal(10**9), "CAD", prices.fx, day, funding="bench")
+
+    def item(n: int) -> InferenceItem:
+        return InferenceItem("local", "tiny", f"m{n % 8}", Decimal("0.0001"), 150, prices.fx["CAD"])
+
+    def post(key: str) -> None:
+        ledger.post_inference(key=key, on=day, narration="bench", items=[item(1)], meta={})
+
+    post("seed")
+    # Bulk-grow the file with copies of the transaction Ledger itself wrote (writing 10k
+    # through Ledger, which validates the whole file each time, would take hours).
+    text = ledger.path.read_text()
+    txn = text[text.index(f'{day} * "bench"') :].rstrip("\n") + "\n"
+    assert 'key: "seed"' in txn
+    copies = [re.sub(r'key: "seed"', f'key: "t{n}"', txn) for n in range(size - 1)]
+    ledger.path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(copies))
+
+    started = time.perf_counter()
+    errors = bean_check(ledger.path, timeout_s=600)
+    check_s = time.perf_counter() - started
+    assert not errors, errors[:5]
+    started = time.perf_counter()
+    for n in range(postings):
+        post(f"new-{n}")
+    post_s = time.perf_counter() - started
+    return {
+        "measure": "ledger",
+        "transactions": size,
+        "bean_check_s": round(check_s, 2),
+        "postings_per_s": round(postings / post_s, 2),
+    }
+
+
+def timed(rows: list[dict[str, Any]], fn: Callable[[], dict[str, Any]]) -> None:
+    row = fn()
+    print(row, flush=True)
+    rows.append(row)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="10k-transaction ledger only")
+    args = parser.parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    redis_servers = budget_harness.redis_server()
+    redis = next(redis_servers)
+    with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
+        work = Path(tmp)
+        for name in ("sqlite", "redis"):
+            timed(rows, lambda name=name: concurrency(name, redis.url, work / name))  # type: ignore[misc]
+        pairs = 2000 if args.quick else 20000
+        sqlite_store = open_counters("sqlite", path=work / "rate" / "counters.sqlite")
+        redis_store = open_counters("redis", url=redis.url)
+        timed(rows, lambda: reservations_per_s(sqlite_store, "sqlite", pairs))
+        timed(rows, lambda: reservations_per_s(redis_store, "redis", pairs))
+        sqlite_store.close()
+        redis_store.close()
+        for size in (10_000,) if args.quick else (10_000, 100_000):
+            timed(rows, lambda size=size: ledger_at(size, work))  # type: ignore[misc]
+    next(redis_servers, None)
+    publish(
+        "budget",
+        "python -m bench.budget" + (" --quick" if args.quick else ""),
+        rows,
+        """
+`overspend` (settled spend above the budget) and `leaked_reservations` (reservations still
+open after every connection ended) must be 0. The concurrency rows send 100 streaming calls at
+once through the real mitmdump against a budget that covers 10 at their maximum cost; the
+stand-in upstream bills every token it was allowed, so served calls spend the most they can.
+`reserve+settle` pairs come from 8 threads on the same two scopes (SQLite: one connection
+per thread, `BEGIN IMMEDIATE`; Redis: one Lua script per call). Ledger rows: `bean-check` on a
+file of that many inference transactions, and `Ledger.post_inference` rate on it (each post
+re-reads and validates the whole file before its atomic replace).
+""",
+    )
+
+
+if __name__ == "__main__":
+    main()

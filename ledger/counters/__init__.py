@@ -1,0 +1,268 @@
+"""Budget counters: reserve, then settle, atomically in every scope a call is charged to.
+
+A scope is a budget with a limit per period (`project:<p>`, `machine:<p>:<m>`,
+`task:<trial>:<task>`). Before a call the proxy reserves its maximum cost in all of its
+scopes at once, or in none; after the call it settles the reservation with the actual cost,
+exactly once. At every moment `spent + reserved <= limit` in each scope, so concurrent calls
+cannot overrun a budget (only a call that costs more than it reserved could).
+
+Money is a Decimal in the scope's currency (the trial's primary currency); stores keep it as
+integer micro-units. Adapters are picked by short name: `sqlite` (embedded) and `redis`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Protocol, cast
+
+from ledger.counters.periods import PERIODS, Period, iso, window
+
+__all__ = [
+    "ADAPTERS",
+    "PERIODS",
+    "CounterError",
+    "CounterStore",
+    "CounterStoreUnavailable",
+    "Period",
+    "Refused",
+    "Reservation",
+    "Reserved",
+    "ScopeState",
+    "UnknownScope",
+    "as_period",
+    "from_micro",
+    "iso",
+    "machine_scope",
+    "open_counters",
+    "project_scope",
+    "task_scope",
+    "to_micro",
+    "window",
+]
+
+MICRO = Decimal(1_000_000)
+
+
+class CounterError(Exception):
+    """A counter operation was refused; the message says what and why."""
+
+
+class CounterStoreUnavailable(CounterError):
+    """The store cannot be reached or written; callers refuse the call (fail closed)."""
+
+
+class UnknownScope(CounterError):
+    """A scope was never opened (`ensure_scope`); nothing may be charged to it."""
+
+    def __init__(self, scope: str):
+        super().__init__(f"no budget scope {scope!r}; the orchestrator opens it at submission")
+        self.scope = scope
+
+
+def to_micro(amount: Decimal, *, round_up: bool = False) -> int:
+    """Money → integer micro-units; reservations round up so they never fall short."""
+    rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
+    return int((amount * MICRO).to_integral_value(rounding=rounding))
+
+
+def from_micro(micro: int) -> Decimal:
+    return (Decimal(micro) / MICRO).quantize(Decimal("0.000001"))
+
+
+def project_scope(project: str) -> str:
+    return f"project:{project}"
+
+
+def machine_scope(project: str, machine: str) -> str:
+    return f"machine:{project}:{machine}"
+
+
+def task_scope(trial: str, task: str) -> str:
+    return f"task:{trial}:{task}"
+
+
+@dataclass(frozen=True)
+class ScopeState:
+    """A scope as it stands in its current period."""
+
+    scope: str
+    limit: Decimal
+    currency: str
+    period: Period
+    spent: Decimal
+    reserved: Decimal
+    resets_at: float | None
+    """When the current period ends (epoch seconds, UTC); None for `once`."""
+
+    @property
+    def left(self) -> Decimal:
+        """What may still be reserved; never negative."""
+        return max(self.limit - self.spent - self.reserved, Decimal(0))
+
+
+@dataclass(frozen=True)
+class Reserved:
+    reservation_id: str
+    amount: Decimal
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The first scope that could not cover the amount; nothing was reserved anywhere."""
+
+    scope: str
+    left: Decimal
+    currency: str
+    resets_at: float | None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An open (unsettled) reservation."""
+
+    reservation_id: str
+    scopes: tuple[str, ...]
+    amount: Decimal
+    created: float
+
+
+class CounterStore(Protocol):
+    """The budget counter port; every method is atomic on its own."""
+
+    def ensure_scope(
+        self, scope_id: str, limit: Decimal, currency: str, period: Period, now: float
+    ) -> None:
+        """Open a scope, or update its limit and period; its spend and currency are kept."""
+        ...
+
+    def reserve(
+        self, reservation_id: str, scopes: Sequence[str], amount: Decimal, now: float | None = None
+    ) -> Reserved | Refused:
+        """Hold `amount` in every scope, or in none; repeating an open reservation is a no-op."""
+        ...
+
+    def settle(
+        self, reservation_id: str, actual: Decimal, reason: str = "", now: float | None = None
+    ) -> bool:
+        """Release the hold and book `actual`; True only for the call that settled it."""
+        ...
+
+    def open_reservations(self, older_than: float) -> list[Reservation]:
+        """Unsettled reservations made before `older_than` (epoch seconds)."""
+        ...
+
+    def describe(self, scope_id: str, now: float | None = None) -> ScopeState | None:
+        """The scope in its current period, or None when it was never opened."""
+        ...
+
+    def spent(self, scope_id: str, now: float | None = None) -> Decimal:
+        """Settled spend in the current period; UnknownScope when never opened."""
+        ...
+
+    def remaining(self, scope_id: str, now: float | None = None) -> Decimal:
+        """What may still be reserved in the current period."""
+        ...
+
+    def close(self) -> None: ...
+
+
+ADAPTERS = {
+    "sqlite": "ledger.counters.sqlite:SqliteCounters",
+    "redis": "ledger.counters.redis:RedisCounters",
+}
+
+
+def open_counters(name: str, *, path: Path | None = None, url: str | None = None) -> CounterStore:
+    """The adapter called `name`: `sqlite` needs `path`, `redis` needs `url`."""
+    if name not in ADAPTERS:
+        raise CounterError(f"unknown counter store {name!r}; allowed: {', '.join(ADAPTERS)}")
+    module, _, cls = ADAPTERS[name].partition(":")
+    adapter = getattr(importlib.import_module(module), cls)
+    if name == "sqlite":
+        if path is None:
+            raise CounterError("the sqlite counter store needs a file path")
+        store: CounterStore = adapter(path)
+    else:
+        if not url:
+            raise CounterError("the redis counter store needs a URL (redis://host:port/db)")
+        store = adapter(url)
+    return store
+
+
+def scope_state(
+    scope: str,
+    limit: int,
+    currency: str,
+    period: str,
+    anchor: int,
+    window_start: int,
+    spent: int,
+    reserved: int,
+    now: float,
+) -> ScopeState:
+    """A stored scope seen at `now`: the spend of a period that has ended reads as zero."""
+    start, end = window(as_period(period), anchor, now)
+    return ScopeState(
+        scope=scope,
+        limit=from_micro(limit),
+        currency=currency,
+        period=as_period(period),
+        spent=from_micro(0 if start > window_start else spent),
+        reserved=from_micro(reserved),
+        resets_at=end,
+    )
+
+
+def require(state: ScopeState | None, scope_id: str) -> ScopeState:
+    """`state`, or UnknownScope when the scope was never opened."""
+    if state is None:
+        raise UnknownScope(scope_id)
+    return state
+
+
+def as_period(value: str) -> Period:
+    if value not in PERIODS:
+        raise CounterError(f"unknown period {value!r}; allowed: {', '.join(PERIODS)}")
+    return cast(Period, value)
+
+
+def open_project(
+    store: CounterStore,
+    project: str,
+    machines: list[str],
+    *,
+    amount: Decimal,
+    daily_allowance: Decimal,
+    currency: str,
+    period: Period,
+    now: float,
+) -> None:
+    """Open (or reopen) a project's scope and each machine's daily scope; idempotent."""
+    store.ensure_scope(project_scope(project), amount, currency, period, now)
+    for machine in machines:
+        store.ensure_scope(machine_scope(project, machine), daily_allowance, currency, "daily", now)
+
+
+def open_ample(path: Path, project: str, machines: list[str], currency: str = "USD") -> None:
+    """A budget no test or benchmark will exhaust, in the embedded store at `path`."""
+    store = open_counters("sqlite", path=path)
+    try:
+        ample = Decimal(10**6)
+        open_project(
+            store,
+            project,
+            machines,
+            amount=ample,
+            daily_allowance=ample,
+            currency=currency,
+            period="once",
+            now=time.time(),
+        )
+    finally:
+        store.close()

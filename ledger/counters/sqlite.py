@@ -1,0 +1,275 @@
+"""The embedded counter store: one SQLite file (WAL), every change in one `BEGIN IMMEDIATE`.
+
+`BEGIN IMMEDIATE` takes the database's write lock before the first read, so two processes
+(proxy, orchestrator, sweeper) reserving at once are serialized: the second reads the
+first's holds. Each thread gets its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+
+from ledger.counters import (
+    CounterError,
+    CounterStoreUnavailable,
+    Period,
+    Refused,
+    Reservation,
+    Reserved,
+    ScopeState,
+    UnknownScope,
+    as_period,
+    from_micro,
+    require,
+    scope_state,
+    to_micro,
+)
+from ledger.counters.periods import PERIODS, anchor_of, window
+
+BUSY_TIMEOUT_S = 10.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scopes (
+    id TEXT PRIMARY KEY,
+    limit_micro INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    period TEXT NOT NULL,
+    anchor INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    spent_micro INTEGER NOT NULL DEFAULT 0,
+    reserved_micro INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY,
+    scopes TEXT NOT NULL,
+    amount_micro INTEGER NOT NULL,
+    created REAL NOT NULL,
+    settled REAL,
+    actual_micro INTEGER,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (created) WHERE settled IS NULL;
+"""
+
+_Row = tuple[int, str, Period, int, int, int, int]
+"""limit, currency, period, anchor, window start, spent, reserved (micro-units, seconds)."""
+
+_SCOPE_COLUMNS = "limit_micro, currency, period, anchor, window_start, spent_micro, reserved_micro"
+
+
+class SqliteCounters:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection().executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise CounterStoreUnavailable(f"cannot create {self.path}: {exc}") from exc
+
+    # -- connection --------------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            # Used by its own thread only; `close` may come from another.
+            db = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    # -- scopes ------------------------------------------------------------------------------
+    def ensure_scope(
+        self, scope_id: str, limit: Decimal, currency: str, period: Period, now: float
+    ) -> None:
+        if period not in PERIODS:
+            raise CounterError(f"unknown period {period!r}; allowed: {', '.join(PERIODS)}")
+        if limit < 0:
+            raise CounterError(f"scope {scope_id}: a limit cannot be negative ({limit})")
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT currency, anchor FROM scopes WHERE id = ?", (scope_id,)
+            ).fetchone()
+            if row is None:
+                anchor = anchor_of(now)
+                db.execute(
+                    f"INSERT INTO scopes (id, {_SCOPE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
+                    (scope_id, to_micro(limit), currency, period, anchor,
+                     window(period, anchor, now)[0]),
+                )  # fmt: skip
+                return
+            if row[0] != currency:
+                raise CounterError(
+                    f"scope {scope_id} counts {row[0]}; it cannot be reopened in {currency}"
+                )
+            db.execute(
+                "UPDATE scopes SET limit_micro = ?, period = ? WHERE id = ?",
+                (to_micro(limit), period, scope_id),
+            )
+
+    def _roll(self, db: sqlite3.Connection, scope_id: str, now: float) -> _Row:
+        """The scope's row, moved into the period holding `now` (spend of an ended one drops)."""
+        row = db.execute(
+            f"SELECT {_SCOPE_COLUMNS} FROM scopes WHERE id = ?", (scope_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownScope(scope_id)
+        limit, currency, period, anchor, started, spent, reserved = row
+        period = as_period(period)
+        start, _ = window(period, anchor, now)
+        if start > started:
+            # Holds still in flight are carried over: they will be settled in the new period.
+            db.execute(
+                "UPDATE scopes SET window_start = ?, spent_micro = 0 WHERE id = ?",
+                (start, scope_id),
+            )
+            spent = 0
+        return limit, currency, period, anchor, start, spent, reserved
+
+    # -- reserve / settle --------------------------------------------------------------------
+    def reserve(
+        self,
+        reservation_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        now: float | None = None,
+    ) -> Reserved | Refused:
+        now = time.time() if now is None else now
+        micro = to_micro(amount, round_up=True)
+        if micro < 0:
+            raise CounterError(f"cannot reserve a negative amount ({amount})")
+        names = tuple(dict.fromkeys(scopes))
+        with self._transaction() as db:
+            existing = db.execute(
+                "SELECT scopes, amount_micro, settled FROM reservations WHERE id = ?",
+                (reservation_id,),
+            ).fetchone()
+            if existing is not None:
+                if existing[2] is not None:
+                    raise CounterError(f"reservation {reservation_id} is settled already")
+                return Reserved(
+                    reservation_id, from_micro(existing[1]), tuple(json.loads(existing[0]))
+                )
+            for name in names:
+                limit, currency, period, anchor, _, spent, reserved = self._roll(db, name, now)
+                left = limit - spent - reserved
+                if micro > left:
+                    return Refused(
+                        name, from_micro(max(left, 0)), currency, window(period, anchor, now)[1]
+                    )
+            db.executemany(
+                "UPDATE scopes SET reserved_micro = reserved_micro + ? WHERE id = ?",
+                [(micro, name) for name in names],
+            )
+            db.execute(
+                "INSERT INTO reservations (id, scopes, amount_micro, created) VALUES (?, ?, ?, ?)",
+                (reservation_id, json.dumps(names), micro, now),
+            )
+        return Reserved(reservation_id, from_micro(micro), names)
+
+    def settle(
+        self, reservation_id: str, actual: Decimal, reason: str = "", now: float | None = None
+    ) -> bool:
+        now = time.time() if now is None else now
+        micro = to_micro(actual)
+        if micro < 0:
+            raise CounterError(f"cannot settle a negative amount ({actual})")
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT scopes, amount_micro FROM reservations WHERE id = ? AND settled IS NULL",
+                (reservation_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            held = row[1]
+            for name in json.loads(row[0]):
+                try:
+                    self._roll(db, name, now)
+                except UnknownScope:
+                    continue  # a scope removed by hand: nothing left to release there
+                db.execute(
+                    "UPDATE scopes SET reserved_micro = MAX(reserved_micro - ?, 0),"
+                    " spent_micro = spent_micro + ? WHERE id = ?",
+                    (held, micro, name),
+                )
+            db.execute(
+                "UPDATE reservations SET settled = ?, actual_micro = ?, reason = ? WHERE id = ?",
+                (now, micro, reason, reservation_id),
+            )
+        return True
+
+    # -- reads -------------------------------------------------------------------------------
+    def open_reservations(self, older_than: float) -> list[Reservation]:
+        try:
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT id, scopes, amount_micro, created FROM reservations"
+                    " WHERE settled IS NULL AND created < ? ORDER BY created",
+                    (older_than,),
+                )
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
+        return [Reservation(r[0], tuple(json.loads(r[1])), from_micro(r[2]), r[3]) for r in rows]
+
+    def describe(self, scope_id: str, now: float | None = None) -> ScopeState | None:
+        now = time.time() if now is None else now
+        try:
+            row = (
+                self._connection()
+                .execute(f"SELECT {_SCOPE_COLUMNS} FROM scopes WHERE id = ?", (scope_id,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
+        if row is None:
+            return None
+        limit, currency, period, anchor, started, spent, reserved = row
+        return scope_state(
+            scope_id, limit, currency, period, anchor, started, spent, reserved, now=now
+        )
+
+    def spent(self, scope_id: str, now: float | None = None) -> Decimal:
+        return require(self.describe(scope_id, now), scope_id).spent
+
+    def remaining(self, scope_id: str, now: float | None = None) -> Decimal:
+        return require(self.describe(scope_id, now), scope_id).left

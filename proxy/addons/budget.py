@@ -1,0 +1,320 @@
+"""Reserve, then settle: no LLM call is forwarded unless every budget it is charged to can pay
+for the most it could cost, and every call that was let through is settled exactly once.
+
+Runs after metering in the addon list (metering named the provider, the model and the price
+catalogue). The scopes of a call: the project budget, the machine's daily allowance and,
+when the task has one, the task's cap. A call without `max_tokens` has it written in, capped
+at what the tightest scope can still pay and at `autovibe_budget_max_tokens`. Refusals are
+402 with the scope, what is left and when it resets; an unreachable counter store refuses
+everything (503). Ends: `response` and `error` settle with metering's actual cost; what a
+killed proxy left open is settled by the orphan sweeper, at start and every minute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from contracts.config import TokenPrice
+from contracts.credentials import MachineIdentity
+from ledger.counters import (
+    ADAPTERS,
+    CounterError,
+    CounterStore,
+    CounterStoreUnavailable,
+    Refused,
+    ScopeState,
+    UnknownScope,
+    iso,
+    machine_scope,
+    open_counters,
+    project_scope,
+    task_scope,
+)
+from ledger.counters.sweeper import sweep_orphans
+from proxy.addons import dataroot
+from proxy.addons.identity import identity_of
+from proxy.addons.metering import Metered, is_llm_call, metered
+from proxy.addons.refusal import fail_closed, refuse
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "autovibe.budget"
+"""The decision as one line of text, for the capture record's `budget` field."""
+HOLD_KEY = "autovibe.budget.hold"
+PROMPT_MARGIN_TOKENS = 64
+"""Added to the prompt estimate: chat-template tokens, and the `max_tokens` we may write in."""
+
+
+@dataclass
+class Hold:
+    """A reservation this proxy made for a flow and has yet to settle."""
+
+    reservation_id: str
+    amount: Decimal
+    currency: str
+    fx: Decimal
+    scopes: tuple[str, ...]
+    settled: bool = False
+
+
+class Budget:
+    sweep_interval_s = 60.0
+    """Seconds between orphan sweeps while the proxy runs."""
+
+    def __init__(self) -> None:
+        self.store: CounterStore | None = None
+        self.ceiling = 4096
+        self.orphan_s = 900.0
+        self.live: set[str] = set()
+        """Reservations of flows in flight here: never orphans, whatever their age."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- options -----------------------------------------------------------------------------
+    def load(self, loader: Loader) -> None:
+        dataroot.add_option(loader)
+        loader.add_option(
+            name="autovibe_budget_store",
+            typespec=str,
+            default="sqlite",
+            help=f"Budget counter store: {' or '.join(ADAPTERS)} (sqlite lives in the data root).",
+        )
+        loader.add_option(
+            name="autovibe_budget_redis_url",
+            typespec=str,
+            default="redis://127.0.0.1:6379/0",
+            help="Redis URL of the budget counters when autovibe_budget_store is redis.",
+        )
+        loader.add_option(
+            name="autovibe_budget_max_tokens",
+            typespec=int,
+            default=4096,
+            help="Most completion tokens written into a request that sets no max_tokens.",
+        )
+        loader.add_option(
+            name="autovibe_budget_orphan_s",
+            typespec=int,
+            default=900,
+            help="Seconds after which an unsettled reservation no flow here holds is an orphan "
+            "(a killed proxy's) and is settled at its reserved amount.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "autovibe_budget_max_tokens" in updated:
+            if opts.autovibe_budget_max_tokens < 1:
+                raise exceptions.OptionsError(
+                    "autovibe_budget_max_tokens must be at least 1, got "
+                    f"{opts.autovibe_budget_max_tokens}"
+                )
+            self.ceiling = opts.autovibe_budget_max_tokens
+        if "autovibe_budget_orphan_s" in updated:
+            if opts.autovibe_budget_orphan_s < 0:
+                raise exceptions.OptionsError(
+                    "autovibe_budget_orphan_s cannot be negative, got "
+                    f"{opts.autovibe_budget_orphan_s}"
+                )
+            self.orphan_s = float(opts.autovibe_budget_orphan_s)
+        name, url = opts.autovibe_budget_store, opts.autovibe_budget_redis_url
+        if "autovibe_budget_store" in updated and name not in ADAPTERS:
+            raise exceptions.OptionsError(
+                f"autovibe_budget_store: unknown store {name!r}; allowed: {', '.join(ADAPTERS)}"
+            )
+        if "autovibe_budget_redis_url" in updated and not url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise exceptions.OptionsError(
+                f"autovibe_budget_redis_url: {url!r} is not a redis://, rediss:// or unix:// URL"
+            )
+        if updated & {dataroot.OPTION, "autovibe_budget_store", "autovibe_budget_redis_url"}:
+            if self.store is not None:
+                self.store.close()
+            try:
+                self.store = open_counters(name, path=dataroot.current().budget_counters, url=url)
+            except CounterError as exc:
+                raise exceptions.OptionsError(f"autovibe_budget_store {name}: {exc}") from exc
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def running(self) -> None:
+        # The first sweep runs in the thread: an error logged during startup stops mitmdump.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="autovibe-budget", daemon=True)
+            self._thread.start()
+
+    def done(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.store is not None:
+            self.store.close()
+
+    def sweep(self) -> int:
+        """Settle orphans now; returns how many."""
+        if self.store is None:
+            return 0
+        try:
+            older_than = time.time() - self.orphan_s
+            return len(sweep_orphans(self.store, older_than, keep=set(self.live)))
+        except CounterError as exc:
+            log.warning("budget orphan sweep failed; the next one tries again: %s", exc)
+            return 0
+
+    def _run(self) -> None:
+        self.sweep()
+        while not self._stop.wait(self.sweep_interval_s):
+            self.sweep()
+
+    # -- reserve -----------------------------------------------------------------------------
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not is_llm_call(flow):
+            return
+        facts, identity = metered(flow), identity_of(flow)
+        if facts is None or facts.model is None or identity is None:
+            return
+        assert self.store is not None and facts.prices is not None
+        price = facts.prices.price(facts.provider, facts.model)
+        assert price is not None, "metering refuses calls it cannot price"
+        try:
+            self._reserve(flow, identity, facts, price)
+        except CounterStoreUnavailable as exc:
+            log.error("budget counter store unavailable, refusing %s: %s", flow.id, exc)
+            self._refuse(flow, 503, {"error": "counter_store_unavailable", "detail": str(exc)})
+        except UnknownScope as exc:
+            self._refuse(
+                flow,
+                402,
+                {"error": "no_budget", "scope": exc.scope, "left": "0", "currency": None,
+                 "resets_at": None, "detail": str(exc)},
+            )  # fmt: skip
+
+    def _reserve(
+        self, flow: http.HTTPFlow, identity: MachineIdentity, facts: Metered, price: TokenPrice
+    ) -> None:
+        assert self.store is not None and facts.prices is not None
+        project = identity.project
+        now = time.time()
+        names = [project_scope(project), machine_scope(project, identity.machine)]
+        if identity.task:
+            names.append(task_scope(identity.trial, identity.task))
+        states: list[ScopeState] = []
+        for name in names:
+            state = self.store.describe(name, now)
+            if state is None and not name.startswith("task:"):
+                raise UnknownScope(name)
+            if state is not None:  # a task without a budget has no scope of its own
+                states.append(state)
+        currencies = {s.currency for s in states}
+        if len(currencies) != 1 or (currency := currencies.pop()) not in facts.prices.fx:
+            self._refuse(flow, 500, {
+                "error": "budget_currency",
+                "detail": f"scopes {names} count {sorted(s.currency for s in states)}; one "
+                "currency with a rate in prices.yaml is needed",
+            })  # fmt: skip
+            return
+        fx = facts.prices.fx[currency]
+        body = flow.request.get_content(strict=False) or b""
+        doc = _json_object(body)
+        prompt_tokens = len(body) + PROMPT_MARGIN_TOKENS  # a token is at least one byte
+        choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
+        asked = doc.get("max_tokens", doc.get("max_completion_tokens"))
+        per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M tokens
+        if isinstance(asked, int) and asked >= 0:
+            completion_tokens = asked * choices
+        else:
+            tightest = min(states, key=lambda s: s.left)
+            affordable = (tightest.left * 1_000_000 - per_in * prompt_tokens) / per_out
+            cap = (
+                min(self.ceiling, math.floor(affordable / choices)) if per_out > 0 else self.ceiling
+            )
+            if cap < 1:
+                self._exhausted(flow, Refused(tightest.scope, tightest.left, currency,
+                                              tightest.resets_at))  # fmt: skip
+                return
+            doc["max_tokens"] = cap
+            flow.request.set_content(json.dumps(doc).encode())
+            completion_tokens = cap * choices
+        amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
+        scopes = tuple(s.scope for s in states)
+        outcome = self.store.reserve(flow.id, scopes, amount, now)
+        if isinstance(outcome, Refused):
+            self._exhausted(flow, outcome)
+            return
+        flow.metadata[HOLD_KEY] = Hold(flow.id, outcome.amount, currency, fx, scopes)
+        flow.metadata[METADATA_KEY] = f"reserved {outcome.amount} {currency} in {','.join(scopes)}"
+        self.live.add(flow.id)
+
+    def _exhausted(self, flow: http.HTTPFlow, refused: Refused) -> None:
+        self._refuse(
+            flow,
+            402,
+            {
+                "error": "budget_exhausted",
+                "scope": refused.scope,
+                "left": str(refused.left),
+                "currency": refused.currency,
+                "resets_at": iso(refused.resets_at),
+                "detail": f"{refused.scope} has {refused.left} {refused.currency} left, less "
+                "than this call may cost; "
+                + (
+                    f"it resets at {iso(refused.resets_at)}"
+                    if refused.resets_at
+                    else "it never resets"
+                ),
+            },
+        )
+
+    def _refuse(self, flow: http.HTTPFlow, status: int, body: dict[str, Any]) -> None:
+        refuse(flow, status, body)
+        flow.metadata[METADATA_KEY] = f"refused {body['error']}" + (
+            f" by {body['scope']}" if body.get("scope") else ""
+        )
+
+    # -- settle ------------------------------------------------------------------------------
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._settle(flow, "response")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._settle(flow, f"error: {flow.error.msg if flow.error else 'unknown'}")
+
+    def _settle(self, flow: http.HTTPFlow, ending: str) -> None:
+        hold = flow.metadata.get(HOLD_KEY)
+        if not isinstance(hold, Hold) or hold.settled or self.store is None:
+            return
+        facts = metered(flow)
+        actual = (facts.cost_usd if facts else Decimal(0)) * hold.fx
+        try:
+            self.store.settle(hold.reservation_id, actual, ending)
+        except CounterError:
+            # Still open in the store: the sweeper settles it at the reserved amount.
+            log.exception("could not settle reservation %s; left to the sweeper", flow.id)
+            return
+        finally:
+            self.live.discard(hold.reservation_id)
+        hold.settled = True
+        flow.metadata[METADATA_KEY] = (
+            f"reserved {hold.amount} {hold.currency} in {','.join(hold.scopes)}; "
+            f"settled {actual.quantize(Decimal('0.000001'))} on {ending}"
+        )
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
