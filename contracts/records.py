@@ -15,6 +15,10 @@ class Usage(BaseModel):
     total_tokens: int = 0
     estimated: bool = False
     """True when the response carried no usage and tokens were estimated from bytes."""
+    cache_creation_tokens: int = 0
+    """Part of `prompt_tokens` written to the provider's prompt cache (Anthropic)."""
+    cache_read_tokens: int = 0
+    """Part of `prompt_tokens` read from the provider's prompt cache (cheaper)."""
 
 
 class FlowRecord(BaseModel):
@@ -26,6 +30,9 @@ class FlowRecord(BaseModel):
     ts_end: float
     duration_ms: float
     ttfb_ms: float | None = None
+    """Request start to the response headers, as the proxy saw them."""
+    first_chunk_ms: float | None = None
+    """Request start to the first body bytes of a response streamed through the proxy."""
     method: str
     url: str
     host: str
@@ -44,3 +51,5 @@ class FlowRecord(BaseModel):
     usage: Usage | None = None
     cost_usd: Decimal = Field(default=Decimal(0))
     error: str | None = None
+    budget: str | None = None
+    """The budget decision: what was reserved in which scopes and settled, or why refused."""

@@ -15,6 +15,7 @@ from mitmproxy.addonmanager import Loader
 
 from contracts.records import FlowRecord
 from proxy.addons import dataroot
+from proxy.addons.budget import METADATA_KEY as BUDGET_KEY
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import metered
 from proxy.addons.refusal import refused
@@ -40,12 +41,22 @@ def record_of(flow: http.HTTPFlow) -> FlowRecord:
         ttfb_ms = (response.timestamp_start - ts_start) * 1000
     identity = identity_of(flow)
     facts = metered(flow)
+    first_chunk_ms = None
+    if facts is not None and facts.first_chunk_at is not None:
+        first_chunk_ms = (facts.first_chunk_at - ts_start) * 1000
+    response_bytes = 0
+    if response is not None and response.raw_content is not None:
+        response_bytes = len(response.raw_content)
+    elif facts is not None:
+        # Streamed through: mitmproxy kept no body, the meter counted what passed.
+        response_bytes = facts.response_bytes
     return FlowRecord(
         id=flow.id,
         ts_start=ts_start,
         ts_end=ts_end,
         duration_ms=(ts_end - ts_start) * 1000,
         ttfb_ms=ttfb_ms,
+        first_chunk_ms=first_chunk_ms,
         method=request.method,
         # Where the flow really went, not what its Host header claims.
         url=request.url,
@@ -53,7 +64,7 @@ def record_of(flow: http.HTTPFlow) -> FlowRecord:
         path=request.path,
         status=response.status_code if response is not None else None,
         request_bytes=len(request.raw_content or b""),
-        response_bytes=len(response.raw_content or b"") if response is not None else 0,
+        response_bytes=response_bytes,
         project=identity.project if identity else None,
         trial=identity.trial if identity else None,
         assignment=identity.assignment if identity else None,
@@ -64,8 +75,23 @@ def record_of(flow: http.HTTPFlow) -> FlowRecord:
         streamed=facts.streamed if facts else False,
         usage=facts.usage if facts else None,
         cost_usd=facts.cost_usd if facts else Decimal(0),
-        error=flow.error.msg if flow.error is not None else refused(flow),
+        budget=_budget_of(flow),
+        error=_error_of(flow, facts.problem if facts else None),
     )
+
+
+def _budget_of(flow: http.HTTPFlow) -> str | None:
+    decision = flow.metadata.get(BUDGET_KEY)
+    return None if decision is None else str(decision)
+
+
+def _error_of(flow: http.HTTPFlow, metering_problem: str | None) -> str | None:
+    if flow.error is not None:
+        return flow.error.msg
+    reason = refused(flow)
+    if reason is not None:
+        return reason
+    return f"metering: {metering_problem}" if metering_problem else None
 
 
 class Capture:

@@ -1,14 +1,22 @@
 """What an LLM call costs: provider from the destination, model from the request, usage from
 the response, price from configs/prices.yaml.
 
-A call whose price is unknown is refused before it is forwarded (fail closed). A successful
-response without usage is charged by an estimate from its bytes, marked `estimated`, never zero.
+A call whose price is unknown is refused before it is forwarded (fail closed). Event streams
+and bodies of unknown length pass through chunk by chunk as they arrive, read on the way by a
+`proxy.usage.UsageMeter`; other answers are read whole. A successful response without usage,
+or a stream cut short, is charged by an estimate from its bytes, marked `estimated`, never zero.
+
+The contract other addons rely on: once a flow is over — in the `response` and `error` hooks,
+whichever addon runs first — `metered(flow)` holds its final usage and cost.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -22,10 +30,15 @@ from contracts.config import ConfigError, PriceCatalog, load_prices
 from contracts.records import Usage
 from contracts.settings import Settings
 from proxy.addons.refusal import fail_closed, refuse, refused
+from proxy.usage import API_PATHS, PARSE_LIMIT, Api, UsageMeter
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = "autovibe.metering"
-LLM_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+LLM_PATHS = frozenset(API_PATHS)
 CLOUD_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic"}
+INCLUDE_USAGE_PROVIDERS = frozenset({"openai", "local"})
+"""Providers whose chat/completions streams send usage when asked (stream_options)."""
 BYTES_PER_TOKEN = 4
 """Rough size of a token on the wire, for responses that report no usage."""
 
@@ -36,18 +49,38 @@ class Metered:
 
     provider: str
     model: str | None = None
+    api: Api | None = None
     response_id: str | None = None
     streamed: bool = False
+    """The response passed through chunk by chunk, not read whole first."""
+    usage_requested: bool = False
+    """The proxy added `stream_options.include_usage` to the forwarded request."""
     usage: Usage | None = None
     cost_usd: Decimal = Decimal(0)
     prices: PriceCatalog | None = None
     """The catalogue that let the call through, so a reload mid-call cannot unprice it."""
+    meter: UsageMeter | None = None
+    first_chunk_at: float | None = None
+    response_bytes: int = 0
+    """Response body bytes as they travelled; for a streamed response, all that was seen."""
+    problem: str | None = None
+    """What went wrong reading the usage (malformed body, cut stream, …), for the record."""
+    final: bool = False
+    """Usage and cost are settled: the flow is over."""
 
 
 def metered(flow: http.HTTPFlow) -> Metered | None:
-    """What metering learned about the flow; None when the destination is not a provider."""
+    """What metering learned about the flow; None when the destination is not a provider.
+
+    Once the flow is over (answered or failed) the usage and cost in it are final, whichever
+    addon asks first.
+    """
     facts = flow.metadata.get(METADATA_KEY)
-    return facts if isinstance(facts, Metered) else None
+    if not isinstance(facts, Metered):
+        return None
+    if not facts.final and _is_over(flow):
+        _settle(flow, facts)
+    return facts
 
 
 def parse_model_hosts(value: str) -> frozenset[tuple[str, int]]:
@@ -64,68 +97,32 @@ def parse_model_hosts(value: str) -> frozenset[tuple[str, int]]:
 
 
 def usage_from_body(content_type: str, body: bytes) -> tuple[Usage | None, str | None]:
-    """OpenAI usage and response id from a JSON or server-sent-events body, where present."""
-    if content_type.startswith("text/event-stream"):
-        return _usage_from_events(body)
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None, None
-    if not isinstance(doc, dict):
-        return None, None
-    return _usage(doc.get("usage")), _id(doc)
+    """OpenAI usage and response id from a whole JSON or server-sent-events body."""
+    meter = UsageMeter("openai_chat", content_type)
+    meter.feed(body)
+    meter.finish()
+    return (meter.usage if meter.complete else None), meter.response_id
 
 
-def _usage_from_events(body: bytes) -> tuple[Usage | None, str | None]:
-    usage: Usage | None = None
-    response_id: str | None = None
-    for raw in body.decode("utf-8", errors="replace").splitlines():
-        line = raw.strip()
-        if not line.startswith("data:"):
-            continue
-        payload = line.removeprefix("data:").strip()
-        if payload == "[DONE]":
-            break
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            continue
-        if not isinstance(chunk, dict):
-            continue
-        response_id = response_id or _id(chunk)
-        # With stream_options.include_usage the last chunk carries the usage; others say null.
-        usage = _usage(chunk.get("usage")) or usage
-    return usage, response_id
+def estimate(request_bytes: int, response_bytes: int, known: Usage | None = None) -> Usage:
+    """Tokens guessed from sizes, at least one each way so a call is never free.
 
-
-def _usage(value: Any) -> Usage | None:
-    if not isinstance(value, dict):
-        return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    total = value.get("total_tokens")
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=total if isinstance(total, int) else prompt + completion,
-    )
-
-
-def _id(doc: dict[str, Any]) -> str | None:
-    value = doc.get("id")
-    return value if isinstance(value, str) else None
-
-
-def estimate(request_bytes: int, response_bytes: int) -> Usage:
-    """Tokens guessed from sizes, at least one each way so a call is never free."""
+    `known` is what a cut stream had already reported (Anthropic's input and cache tokens
+    come first): those input counts are kept, the output is guessed from the bytes.
+    """
     prompt = max(1, math.ceil(request_bytes / BYTES_PER_TOKEN))
     completion = max(1, math.ceil(response_bytes / BYTES_PER_TOKEN))
+    cache_creation = cache_read = 0
+    if known is not None and known.prompt_tokens > 0:
+        prompt = known.prompt_tokens
+        cache_creation, cache_read = known.cache_creation_tokens, known.cache_read_tokens
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         estimated=True,
+        cache_creation_tokens=cache_creation,
+        cache_read_tokens=cache_read,
     )
 
 
@@ -182,10 +179,12 @@ class Metering:
             return
         facts = Metered(provider=provider)
         flow.metadata[METADATA_KEY] = facts
-        if not is_llm_call(flow):
+        api = llm_api(flow)
+        if api is None:
             return
-        model = _requested_model(flow.request.get_content(strict=False) or b"")
-        if model is None:
+        doc = _request_doc(flow.request.get_content(strict=False) or b"")
+        model = doc.get("model") if doc is not None else None
+        if not isinstance(model, str) or not model:
             refuse(
                 flow,
                 400,
@@ -196,8 +195,8 @@ class Metering:
                 },
             )
             return
-        facts.model, facts.prices = model, self.prices
-        assert self.prices is not None
+        facts.model, facts.api, facts.prices = model, api, self.prices
+        assert self.prices is not None and doc is not None
         if self.prices.price(provider, model) is None:
             refuse(
                 flow,
@@ -210,29 +209,92 @@ class Metering:
                     "the proxy refuses what it cannot meter",
                 },
             )
+            return
+        if (
+            provider in INCLUDE_USAGE_PROVIDERS
+            and api in ("openai_chat", "openai_completions")
+            and _ask_for_stream_usage(doc)
+        ):
+            flow.request.content = json.dumps(doc).encode()
+            facts.usage_requested = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        facts = metered(flow)
+        response = flow.response
+        if facts is None or facts.api is None or refused(flow) or response is None:
+            return
+        content_type = response.headers.get("Content-Type", "")
+        facts.meter = UsageMeter(
+            facts.api, content_type, response.headers.get("Content-Encoding", "")
+        )
+        length = response.headers.get("Content-Length", "")
+        if (
+            content_type.lower().startswith("text/event-stream")
+            or not length.isdigit()
+            or int(length) > PARSE_LIMIT
+        ):
+            facts.streamed = True
+            response.stream = _pass_through(flow, facts)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        facts = metered(flow)
-        if facts is None or facts.model is None or refused(flow) or flow.response is None:
-            return
-        content_type = flow.response.headers.get("Content-Type", "")
-        body = flow.response.get_content(strict=False) or b""
-        facts.streamed = content_type.startswith("text/event-stream")
-        usage, facts.response_id = usage_from_body(content_type, body)
-        # A provider charges for answers, not for refusals: only a 2xx without usage is estimated.
-        if usage is None and 200 <= flow.response.status_code < 300:
-            usage = estimate(len(flow.request.raw_content or b""), len(body))
-        _charge(facts, usage)
+        metered(flow)  # settles the usage, if no addon before this one asked
 
     def error(self, flow: http.HTTPFlow) -> None:
-        facts = metered(flow)
-        if facts is None or facts.model is None or refused(flow) or facts.usage is not None:
-            return
-        # The request may have reached the provider before the failure: charge an estimate.
-        if flow.server_conn.timestamp_tcp_setup is not None:
-            received = flow.response.raw_content if flow.response is not None else None
-            sizes = len(flow.request.raw_content or b""), len(received or b"")
-            _charge(facts, estimate(*sizes))
+        metered(flow)
+
+
+def _pass_through(flow: http.HTTPFlow, facts: Metered) -> Callable[[bytes], bytes]:
+    """The `response.stream` callable: each chunk goes on unchanged, read on the way."""
+    meter = facts.meter
+    assert meter is not None
+
+    def chunk_seen(chunk: bytes) -> bytes:
+        try:
+            if chunk:
+                if facts.first_chunk_at is None:
+                    facts.first_chunk_at = time.time()
+                meter.feed(chunk)
+            else:  # the end of the body: settle before the response hook runs
+                meter.finish()
+        except Exception:
+            # Reading usage must never cost the agent its answer; the estimate covers it.
+            log.exception("metering failed on %s; the stream goes on unread", flow.id)
+            facts.problem = facts.problem or "metering fault (see the proxy log)"
+            meter.finish()
+        return chunk
+
+    return chunk_seen
+
+
+def _is_over(flow: http.HTTPFlow) -> bool:
+    return flow.error is not None or (
+        flow.response is not None and flow.response.timestamp_end is not None
+    )
+
+
+def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
+    facts.final = True
+    if facts.model is None or facts.api is None or refused(flow):
+        return
+    response, meter = flow.response, facts.meter
+    if meter is not None:
+        if not facts.streamed and response is not None and response.raw_content is not None:
+            meter.feed(response.raw_content)
+        meter.finish()
+        facts.response_id = meter.response_id
+        facts.response_bytes = meter.raw_bytes
+        facts.problem = facts.problem or meter.problem
+    request_bytes = len(flow.request.raw_content or b"")
+    usage = meter.usage if meter is not None and meter.complete else None
+    if usage is None:
+        answered = response is not None and 200 <= response.status_code < 300
+        # The request may have reached the provider before a failure: charge an estimate.
+        reached = flow.error is not None and flow.server_conn.timestamp_tcp_setup is not None
+        # A provider charges for answers, not for refusals: a 4xx/5xx without usage is free.
+        if answered or reached:
+            seen = max(meter.raw_bytes, meter.decoded_bytes) if meter is not None else 0
+            usage = estimate(request_bytes, seen, known=meter.usage if meter else None)
+    _charge(facts, usage)
 
 
 def _charge(facts: Metered, usage: Usage | None) -> None:
@@ -241,20 +303,42 @@ def _charge(facts: Metered, usage: Usage | None) -> None:
         return
     assert facts.prices is not None and facts.model is not None
     cost = facts.prices.cost_usd(
-        facts.provider, facts.model, usage.prompt_tokens, usage.completion_tokens
+        facts.provider,
+        facts.model,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        cache_read=usage.cache_read_tokens,
+        cache_write=usage.cache_creation_tokens,
     )
     assert cost is not None, "a call is only let through with a known price"
     facts.cost_usd = cost
 
 
+def llm_api(flow: http.HTTPFlow) -> Api | None:
+    """Which LLM API a request calls, or None when it is no metered call."""
+    if flow.request.method != "POST":
+        return None
+    return API_PATHS.get(urlsplit(flow.request.path).path)
+
+
 def is_llm_call(flow: http.HTTPFlow) -> bool:
-    return flow.request.method == "POST" and urlsplit(flow.request.path).path in LLM_PATHS
+    return llm_api(flow) is not None
 
 
-def _requested_model(body: bytes) -> str | None:
+def _request_doc(body: bytes) -> dict[str, Any] | None:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    model = doc.get("model") if isinstance(doc, dict) else None
-    return model if isinstance(model, str) and model else None
+    return doc if isinstance(doc, dict) else None
+
+
+def _ask_for_stream_usage(doc: dict[str, Any]) -> bool:
+    """Add `stream_options.include_usage` to a streaming request that lacks it; True if added."""
+    options = doc.get("stream_options")
+    if doc.get("stream") is not True or not isinstance(options, dict | None):
+        return False
+    if options and options.get("include_usage"):
+        return False
+    doc["stream_options"] = {**(options or {}), "include_usage": True}
+    return True

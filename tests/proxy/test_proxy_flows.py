@@ -49,7 +49,12 @@ def test_metered_call_is_spooled_with_identity_and_cost(
     )
     assert (record.provider, record.model, record.status) == ("local", "tiny", 200)
     assert record.usage is not None
-    assert record.usage.model_dump() == {**USAGE, "estimated": False}
+    assert record.usage.model_dump() == {
+        **USAGE,
+        "estimated": False,
+        "cache_creation_tokens": 0,
+        "cache_read_tokens": 0,
+    }
     assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
     assert record.cost_usd > 0
     assert record.method == "POST" and record.path == "/v1/completions"
@@ -165,7 +170,12 @@ def test_streamed_usage_is_read_from_the_events(
     assert record.streamed
     assert record.response_id is not None and record.response_id.startswith("cmpl-")
     assert record.usage is not None
-    assert record.usage.model_dump() == {**USAGE, "estimated": False}
+    assert record.usage.model_dump() == {
+        **USAGE,
+        "estimated": False,
+        "cache_creation_tokens": 0,
+        "cache_read_tokens": 0,
+    }
     assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
 
 

@@ -1,0 +1,714 @@
+"""Streaming through the real mitmdump: pass-through without buffering, usage of every API
+shape read on the way, and bad traffic captured with an error instead of crashing the proxy.
+
+The upstream is a raw socket server that plays one scripted answer per request (chosen by the
+`scenario` query parameter), so a test controls every byte and every pause, down to a reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import socket
+import socketserver
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import brotli
+import httpx
+import pytest
+from proxy_harness import PRICES_YAML, Proxy
+
+from contracts.config import PriceCatalog, load_prices
+from contracts.credentials import load_or_create_key
+from contracts.dataroot import DataRoot
+from contracts.records import FlowRecord
+from contracts.settings import Settings, free_port
+from ledger.counters import open_counters
+from proxy.launch import mitmdump_argv, wait_ready
+from proxy.usage import PARSE_LIMIT, UsageMeter
+
+Script = Callable[[socket.socket, dict[str, Any]], None]
+
+
+def head(content_type: str, *, length: int | None = None, encoding: str | None = None) -> bytes:
+    lines = ["HTTP/1.1 200 OK", f"Content-Type: {content_type}", "Connection: close"]
+    lines.append(
+        f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    )
+    if encoding:
+        lines.append(f"Content-Encoding: {encoding}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def sse(*events: dict[str, Any] | str, named: bool = False) -> bytes:
+    out = b""
+    for event in events:
+        if isinstance(event, str):
+            out += f"data: {event}\n\n".encode()
+        elif named:
+            out += f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        else:
+            out += f"data: {json.dumps(event)}\n\n".encode()
+    return out
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset, as a crashed upstream does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# -- the scripted answers --------------------------------------------------------------------
+
+CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+
+
+def chat_events(request: dict[str, Any]) -> tuple[bytes, bytes]:
+    """An OpenAI chat stream as (first event, rest); usage only if the request asked for it."""
+    asked = (request.get("stream_options") or {}).get("include_usage")
+    first = sse({"id": "chatcmpl-s1", "choices": [{"delta": {"content": "Hel"}}], "usage": None})
+    rest = sse({"id": "chatcmpl-s1", "choices": [{"delta": {"content": "lo"}}], "usage": None})
+    if asked:
+        rest += sse({"id": "chatcmpl-s1", "choices": [], "usage": CHAT_USAGE})
+    return first, rest + sse("[DONE]")
+
+
+def slow_chat(sock: socket.socket, request: dict[str, Any]) -> None:
+    first, rest = chat_events(request)
+    sock.sendall(head("text/event-stream") + chunk(first))
+    time.sleep(1.0)
+    sock.sendall(chunk(rest) + LAST_CHUNK)
+
+
+def chat_stream(sock: socket.socket, request: dict[str, Any]) -> None:
+    first, rest = chat_events(request)
+    sock.sendall(head("text/event-stream") + chunk(first) + chunk(rest) + LAST_CHUNK)
+
+
+def llama_stream(sock: socket.socket, request: dict[str, Any]) -> None:
+    """llama.cpp's server: no usage in streams, whatever the request asks."""
+    first, rest = chat_events({})
+    sock.sendall(head("text/event-stream") + chunk(first + rest) + LAST_CHUNK)
+
+
+RESPONSES_EVENTS = sse(
+    {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+    {"type": "response.output_text.delta", "delta": "Hel"},
+    {"type": "response.output_text.delta", "delta": "lo"},
+    {
+        "type": "response.completed",
+        "response": {
+            "id": "resp_1",
+            "status": "completed",
+            "usage": {
+                "input_tokens": 20,
+                "input_tokens_details": {"cached_tokens": 5},
+                "output_tokens": 9,
+                "output_tokens_details": {"reasoning_tokens": 3},
+                "total_tokens": 29,
+            },
+        },
+    },
+    named=True,
+)
+
+ANTHROPIC_START = sse(
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "model": "tiny",
+            "usage": {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 4,
+                "cache_read_input_tokens": 6,
+                "output_tokens": 1,
+            },
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "ping"},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+    named=True,
+)
+ANTHROPIC_END = sse(
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}},
+    {"type": "message_stop"},
+    named=True,
+)
+
+
+def body_script(content_type: str, body: bytes, encoding: str | None = None) -> Script:
+    def play(sock: socket.socket, request: dict[str, Any]) -> None:
+        sock.sendall(head(content_type, length=len(body), encoding=encoding) + body)
+
+    return play
+
+
+def stream_script(content_type: str, body: bytes, encoding: str | None = None) -> Script:
+    def play(sock: socket.socket, request: dict[str, Any]) -> None:
+        sock.sendall(head(content_type, encoding=encoding))
+        for start in range(0, len(body), 1000):
+            sock.sendall(chunk(body[start : start + 1000]))
+        sock.sendall(LAST_CHUNK)
+
+    return play
+
+
+def cut_chat(sock: socket.socket, request: dict[str, Any]) -> None:
+    first, _ = chat_events(request)
+    sock.sendall(head("text/event-stream") + chunk(first))
+    time.sleep(0.05)
+    reset(sock)
+
+
+def cut_anthropic(sock: socket.socket, request: dict[str, Any]) -> None:
+    sock.sendall(head("text/event-stream") + chunk(ANTHROPIC_START))
+    time.sleep(0.05)
+    reset(sock)
+
+
+def reset_at_once(sock: socket.socket, request: dict[str, Any]) -> None:
+    reset(sock)
+
+
+HUGE_JSON = json.dumps(
+    {"id": "chatcmpl-huge", "choices": [{"text": "x" * (PARSE_LIMIT + 1000)}], "usage": CHAT_USAGE}
+).encode()
+HUGE_STREAM = sse(
+    *({"id": "chatcmpl-big", "choices": [{"delta": {"content": "y" * 1000}}]} for _ in range(4000)),
+    {"id": "chatcmpl-big", "choices": [], "usage": CHAT_USAGE},
+    "[DONE]",
+)
+BROKEN_SSE = (
+    b'data: {"id": "chatcmpl-b", "choices": [], "usage": {"prompt_tokens": 3\n\n'
+    b"data: " + b"z" * (2 * 1024 * 1024) + b"\n\n"
+    b"event without a colon\n"
+    b'data: {"id": "chatcmpl-b", "choices": [], "usage": {"prompt_tokens": 3, '
+    b'"completion_tokens": 4}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+SCRIPTS: dict[str, Script] = {
+    "slow-chat": slow_chat,
+    "chat-stream": chat_stream,
+    "asked-usage": chat_stream,
+    "llama-stream": llama_stream,
+    "responses-stream": stream_script("text/event-stream", RESPONSES_EVENTS),
+    "responses-json": body_script(
+        "application/json",
+        json.dumps(
+            {
+                "id": "resp_2",
+                "object": "response",
+                "usage": {"input_tokens": 30, "output_tokens": 8, "total_tokens": 38},
+            }
+        ).encode(),
+    ),
+    "anthropic-stream": stream_script("text/event-stream", ANTHROPIC_START + ANTHROPIC_END),
+    "anthropic-json": body_script(
+        "application/json",
+        json.dumps(
+            {
+                "id": "msg_2",
+                "type": "message",
+                "usage": {
+                    "input_tokens": 7,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 100,
+                    "output_tokens": 3,
+                },
+            }
+        ).encode(),
+    ),
+    "chunked-json": stream_script(
+        "application/json", json.dumps({"id": "chatcmpl-c", "usage": CHAT_USAGE}).encode()
+    ),
+    "cut-chat": cut_chat,
+    "cut-anthropic": cut_anthropic,
+    "reset": reset_at_once,
+    "malformed-json": body_script("application/json", b'{"id": "chatcmpl-m", "usage": {'),
+    "broken-sse": stream_script("text/event-stream", BROKEN_SSE),
+    "gzip-json": body_script(
+        "application/json",
+        gzip.compress(json.dumps({"id": "chatcmpl-g", "usage": CHAT_USAGE}).encode()),
+        encoding="gzip",
+    ),
+    "brotli-sse": stream_script(
+        "text/event-stream",
+        brotli.compress(chat_events({"stream_options": {"include_usage": True}})[1]),
+        encoding="br",
+    ),
+    "false-gzip": body_script("application/json", b"this is not gzip", encoding="gzip"),
+    "huge-json": body_script("application/json", HUGE_JSON),
+    "huge-stream": stream_script("text/event-stream", HUGE_STREAM),
+}
+
+
+# -- the upstream and the proxy ----------------------------------------------------------------
+
+
+@dataclass
+class ScriptedUpstream:
+    port: int
+    seen: dict[str, bytes] = field(default_factory=dict)
+    """Request body as it arrived, by scenario."""
+
+    def url(self, path: str, scenario: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}?scenario={scenario}"
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    upstream: ScriptedUpstream
+
+    def handle(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            got = self.request.recv(65536)
+            if not got:
+                return
+            data += got
+        head_bytes, _, body = data.partition(b"\r\n\r\n")
+        lines = head_bytes.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers.get("Content-Length", headers.get("content-length", "0")))
+        while len(body) < length:
+            body += self.request.recv(65536)
+        scenario = parse_qs(urlsplit(lines[0].split()[1]).query)["scenario"][0]
+        self.upstream.seen[scenario] = body
+        with contextlib.suppress(OSError):  # the proxy hung up first: nothing to tell
+            SCRIPTS[scenario](self.request, json.loads(body))
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedUpstream]:
+    class Handler(_Handler):
+        pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    Handler.upstream = ScriptedUpstream(server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield Handler.upstream
+    server.shutdown()
+    server.server_close()
+
+
+PROBE = '''
+"""Stands for any addon that settles from metering (the budget addon): what it sees."""
+import json, os
+from proxy.addons.metering import metered
+
+class Probe:
+    def _seen(self, flow, hook):
+        facts = metered(flow)
+        if facts is None or facts.model is None:
+            return
+        usage = facts.usage.model_dump() if facts.usage else None
+        line = {"id": flow.id, "hook": hook, "usage": usage, "cost": str(facts.cost_usd)}
+        with open(os.environ["PROBE_OUT"], "a") as out:
+            out.write(json.dumps(line) + "\\n")
+
+    def response(self, flow):
+        self._seen(flow, "response")
+
+    def error(self, flow):
+        self._seen(flow, "error")
+
+addons = [Probe()]
+'''
+
+
+@dataclass
+class StreamingProxy(Proxy):
+    probe_out: Path = Path()
+
+    def probed(self) -> dict[str, dict[str, Any]]:
+        lines = self.probe_out.read_text().splitlines() if self.probe_out.exists() else []
+        return {line["id"]: line for line in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, upstream: ScriptedUpstream
+) -> Iterator[StreamingProxy]:
+    """mitmdump as the platform starts it, with a probe addon loaded *before* ours, and
+    budgets open for project p1 (the budget addon refuses calls with no budget)."""
+    configs = tmp_path_factory.mktemp("configs")
+    (configs / "prices.yaml").write_text(PRICES_YAML)
+    work = tmp_path_factory.mktemp("probe")
+    (work / "probe.py").write_text(PROBE)
+    settings = Settings(
+        data=tmp_path_factory.mktemp("data"),
+        configs=configs,
+        host="127.0.0.1",
+        proxy_port=free_port(),
+        model_port=upstream.port,
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    counters = open_counters("sqlite", path=root.budget_counters)
+    counters.ensure_scope("project:p1", Decimal(1000), "USD", "once", time.time())
+    counters.ensure_scope("machine:p1:m1", Decimal(1000), "USD", "daily", time.time())
+    counters.close()
+    argv = mitmdump_argv(settings)
+    argv[argv.index("-s") : argv.index("-s")] = ["-s", str(work / "probe.py")]
+    env = {**os.environ, "PROBE_OUT": str(work / "probe.jsonl")}
+    log_path = root.root / "mitmdump.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
+            yield StreamingProxy(settings, root, key, probe_out=work / "probe.jsonl")
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+    output = log_path.read_text()
+    assert "Traceback" not in output, output
+    assert process.returncode == 0, output
+
+
+@pytest.fixture(scope="module")
+def prices(proxy: StreamingProxy) -> PriceCatalog:
+    return load_prices(proxy.settings.configs)
+
+
+def call(
+    proxy: StreamingProxy,
+    upstream: ScriptedUpstream,
+    scenario: str,
+    path: str = "/v1/chat/completions",
+    **body: Any,
+) -> tuple[httpx.Response, bytes]:
+    """One LLM call through the proxy; the response and its body exactly as it travelled."""
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body}
+    with (
+        proxy.client(proxy.identity(f"a-{scenario}")) as client,
+        client.stream("POST", upstream.url(path, scenario), json=request) as response,
+    ):
+        raw = b"".join(response.iter_raw())
+    return response, raw
+
+
+def record(proxy: StreamingProxy, scenario: str) -> FlowRecord:
+    deadline = time.monotonic() + 5
+    while True:
+        found = [r for r in proxy.spooled() if r.assignment == f"a-{scenario}"]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def settled(proxy: StreamingProxy, flow: FlowRecord, hook: str = "response") -> None:
+    """The probe, run before metering's own hooks, already saw the final usage and cost."""
+    seen = proxy.probed()[flow.id]
+    assert seen["hook"] == hook
+    assert flow.usage is not None
+    assert seen["usage"] == flow.usage.model_dump()
+    assert Decimal(seen["cost"]) == flow.cost_usd > 0
+
+
+# -- streaming ----------------------------------------------------------------------------------
+
+
+def test_events_pass_through_before_the_upstream_finishes(
+    proxy: StreamingProxy, upstream: ScriptedUpstream, prices: PriceCatalog
+) -> None:
+    request = {"model": "tiny", "messages": [], "stream": True}
+    t0 = time.perf_counter()
+    with (
+        proxy.client(proxy.identity("a-slow-chat")) as client,
+        client.stream(
+            "POST", upstream.url("/v1/chat/completions", "slow-chat"), json=request
+        ) as response,
+    ):
+        chunks = response.iter_raw()
+        first = next(chunks)
+        first_at = time.perf_counter() - t0
+        rest = b"".join(chunks)
+        done_at = time.perf_counter() - t0
+    assert first.startswith(b"data: ") and b"Hel" in first
+    assert first_at < 0.5, f"first event after {first_at:.3f}s: the proxy buffered the stream"
+    assert done_at >= 1.0 and b"[DONE]" in rest
+
+    flow = record(proxy, "slow-chat")
+    assert flow.streamed and flow.error is None
+    assert flow.first_chunk_ms is not None and flow.first_chunk_ms < 500
+    assert flow.duration_ms >= 1000
+    assert flow.response_bytes == len(first + rest)
+    assert flow.usage is not None and not flow.usage.estimated
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (12, 5)
+    assert flow.cost_usd == prices.cost_usd("local", "tiny", 12, 5)
+    assert flow.response_id == "chatcmpl-s1"
+    settled(proxy, flow)
+
+
+def test_include_usage_is_injected_when_absent(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    call(proxy, upstream, "chat-stream", stream=True, temperature=0.5)
+    forwarded = json.loads(upstream.seen["chat-stream"])
+    assert forwarded["stream_options"] == {"include_usage": True}
+    assert forwarded["temperature"] == 0.5
+    flow = record(proxy, "chat-stream")
+    assert flow.usage is not None and flow.usage.total_tokens == 17 and not flow.usage.estimated
+
+
+def test_a_request_that_asks_for_usage_is_forwarded_untouched(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    request = {
+        "model": "tiny",
+        "prompt": "x",
+        "max_tokens": 5,  # or the budget addon writes one in
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with proxy.client(proxy.identity("a-untouched")) as client:
+        client.post(upstream.url("/v1/completions", "asked-usage"), content=json.dumps(request))
+    assert upstream.seen["asked-usage"] == json.dumps(request).encode()
+
+
+def test_a_stream_without_usage_is_estimated_never_zero(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    _, raw = call(proxy, upstream, "llama-stream", stream=True)
+    flow = record(proxy, "llama-stream")
+    assert flow.usage is not None and flow.usage.estimated
+    assert flow.usage.completion_tokens == -(-len(raw) // 4)
+    assert flow.cost_usd > 0 and flow.error is None
+    settled(proxy, flow)
+
+
+def test_responses_api_stream_and_body(proxy: StreamingProxy, upstream: ScriptedUpstream) -> None:
+    call(proxy, upstream, "responses-stream", path="/v1/responses", input="hi", stream=True)
+    flow = record(proxy, "responses-stream")
+    assert flow.usage is not None and flow.streamed
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (20, 9)
+    assert flow.usage.cache_read_tokens == 5 and not flow.usage.estimated
+    assert flow.response_id == "resp_1"
+    # The Responses API always reports usage: nothing is injected into its requests.
+    assert "stream_options" not in json.loads(upstream.seen["responses-stream"])
+
+    call(proxy, upstream, "responses-json", path="/v1/responses", input="hi")
+    flow = record(proxy, "responses-json")
+    assert flow.usage is not None and not flow.streamed
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (30, 8)
+
+
+def test_anthropic_messages_stream_and_body_with_cache_tokens(
+    proxy: StreamingProxy, upstream: ScriptedUpstream, prices: PriceCatalog
+) -> None:
+    call(proxy, upstream, "anthropic-stream", path="/v1/messages", max_tokens=50, stream=True)
+    flow = record(proxy, "anthropic-stream")
+    assert flow.usage is not None and not flow.usage.estimated
+    # input_tokens leaves the cache out; the record counts every input token.
+    assert flow.usage.model_dump() == {
+        "prompt_tokens": 20,
+        "completion_tokens": 15,
+        "total_tokens": 35,
+        "estimated": False,
+        "cache_creation_tokens": 4,
+        "cache_read_tokens": 6,
+    }
+    assert flow.response_id == "msg_1"
+    assert flow.cost_usd == prices.cost_usd("local", "tiny", 20, 15, cache_read=6, cache_write=4)
+    assert "stream_options" not in json.loads(upstream.seen["anthropic-stream"])
+    settled(proxy, flow)
+
+    call(proxy, upstream, "anthropic-json", path="/v1/messages", max_tokens=50)
+    flow = record(proxy, "anthropic-json")
+    assert flow.usage is not None
+    assert (flow.usage.prompt_tokens, flow.usage.cache_read_tokens) == (107, 100)
+    assert flow.usage.completion_tokens == 3 and flow.response_id == "msg_2"
+
+
+def test_a_chunked_json_body_streams_and_is_metered(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    _, raw = call(proxy, upstream, "chunked-json")
+    assert json.loads(raw)["id"] == "chatcmpl-c"
+    flow = record(proxy, "chunked-json")
+    assert flow.streamed and flow.usage is not None and flow.usage.total_tokens == 17
+
+
+# -- cut streams and bad traffic ----------------------------------------------------------------
+
+
+def test_a_cut_stream_is_estimated_from_what_was_seen(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        call(proxy, upstream, "cut-chat", stream=True)
+    flow = record(proxy, "cut-chat")
+    assert flow.error is not None
+    assert flow.usage is not None and flow.usage.estimated and flow.cost_usd > 0
+    assert flow.response_bytes > 0
+    settled(proxy, flow, hook="error")
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        call(proxy, upstream, "cut-anthropic", path="/v1/messages", max_tokens=9, stream=True)
+    flow = record(proxy, "cut-anthropic")
+    # message_start had the exact input; only the output is guessed.
+    assert flow.usage is not None and flow.usage.estimated
+    assert (flow.usage.prompt_tokens, flow.usage.cache_read_tokens) == (20, 6)
+    assert flow.error is not None and flow.cost_usd > 0
+
+
+def test_an_upstream_reset_is_captured_and_charged(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    response, _ = call(proxy, upstream, "reset")
+    assert response.status_code == 502
+    flow = record(proxy, "reset")
+    assert flow.error is not None and flow.status is None
+    assert flow.usage is not None and flow.usage.estimated and flow.cost_usd > 0
+    settled(proxy, flow, hook="error")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "problem"),
+    [
+        ("malformed-json", "metering: body is not JSON"),
+        ("false-gzip", "metering: cannot decode the body"),
+        ("huge-json", "metering: body over the"),
+    ],
+)
+def test_an_unreadable_body_passes_untouched_and_is_estimated_with_an_error(
+    proxy: StreamingProxy, upstream: ScriptedUpstream, scenario: str, problem: str
+) -> None:
+    response, raw = call(proxy, upstream, scenario)
+    assert response.status_code == 200
+    script = SCRIPTS[scenario]
+    assert (
+        raw
+        == {
+            "malformed-json": b'{"id": "chatcmpl-m", "usage": {',
+            "false-gzip": b"this is not gzip",
+            "huge-json": HUGE_JSON,
+        }[scenario]
+    ), script
+    flow = record(proxy, scenario)
+    assert flow.error is not None and flow.error.startswith(problem), flow.error
+    assert flow.usage is not None and flow.usage.estimated and flow.cost_usd > 0
+    assert flow.response_bytes == len(raw)
+
+
+def test_broken_events_are_skipped_and_the_usage_still_read(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    _, raw = call(proxy, upstream, "broken-sse", stream=True)
+    assert raw == BROKEN_SSE
+    flow = record(proxy, "broken-sse")
+    assert flow.error is not None and flow.error.startswith("metering: event is not JSON")
+    assert flow.usage is not None and not flow.usage.estimated
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (3, 4)
+
+
+def test_compressed_bodies_are_read_but_passed_through_encoded(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    response, raw = call(proxy, upstream, "gzip-json")
+    assert response.headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(raw))["id"] == "chatcmpl-g"
+    flow = record(proxy, "gzip-json")
+    assert flow.error is None and flow.usage is not None and flow.usage.total_tokens == 17
+    assert flow.response_id == "chatcmpl-g" and flow.response_bytes == len(raw)
+
+    response, raw = call(proxy, upstream, "brotli-sse", stream=True)
+    assert response.headers["content-encoding"] == "br"
+    assert b"[DONE]" in brotli.decompress(raw)
+    flow = record(proxy, "brotli-sse")
+    assert flow.error is None and flow.streamed
+    assert flow.usage is not None and flow.usage.total_tokens == 17 and not flow.usage.estimated
+
+
+def test_a_huge_stream_passes_whole_and_is_metered(
+    proxy: StreamingProxy, upstream: ScriptedUpstream
+) -> None:
+    _, raw = call(proxy, upstream, "huge-stream", stream=True)
+    assert len(raw) == len(HUGE_STREAM) and raw == HUGE_STREAM
+    flow = record(proxy, "huge-stream")
+    assert flow.error is None and flow.usage is not None and flow.usage.total_tokens == 17
+
+
+# -- the meter alone ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("api", "body"),
+    [
+        ("openai_chat", chat_events({"stream_options": {"include_usage": True}})[1]),
+        ("openai_responses", RESPONSES_EVENTS),
+        ("anthropic_messages", ANTHROPIC_START + ANTHROPIC_END),
+    ],
+)
+def test_the_meter_reads_the_same_whatever_the_chunking(api: Any, body: bytes) -> None:
+    whole = UsageMeter(api, "text/event-stream")
+    whole.feed(body)
+    whole.finish()
+    assert whole.complete and whole.usage is not None and whole.problem is None
+    for size in (1, 2, 7, 64):
+        meter = UsageMeter(api, "text/event-stream")
+        for start in range(0, len(body), size):
+            meter.feed(body[start : start + size])
+        meter.finish()
+        assert (meter.usage, meter.response_id, meter.raw_bytes) == (
+            whole.usage,
+            whole.response_id,
+            len(body),
+        )
+
+
+def test_deeply_nested_json_is_a_problem_not_a_crash() -> None:
+    meter = UsageMeter("openai_chat", "application/json")
+    meter.feed(b"[" * 100_000)
+    meter.finish()
+    assert not meter.complete and meter.problem is not None
+
+
+def test_cache_prices_apply_to_the_cached_part_of_the_input() -> None:
+    catalog = PriceCatalog.model_validate(
+        {
+            "fx": {"USD": "1"},
+            "providers": {
+                "anthropic": {
+                    "m": {
+                        "input_per_mtok": "3",
+                        "output_per_mtok": "15",
+                        "cache_read_per_mtok": "0.30",
+                        "cache_write_per_mtok": "3.75",
+                    }
+                },
+                "openai": {"n": {"input_per_mtok": "2", "output_per_mtok": "8"}},
+            },
+        }
+    )
+    cost = catalog.cost_usd("anthropic", "m", 1000, 10, cache_read=500, cache_write=100)
+    assert cost == (Decimal(400 * 3) + 500 * Decimal("0.30") + 100 * Decimal("3.75") + 150) / 10**6
+    # Without cache prices, cached tokens cost plain input: never less than configured.
+    assert catalog.cost_usd("openai", "n", 1000, 10, cache_read=500) == catalog.cost_usd(
+        "openai", "n", 1000, 10
+    )
