@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     """CPU model server (llama.cpp)."""
     state_url: str | None = None
     """SQLAlchemy URL of the state DB; SQLite in the data root when unset."""
+    budget_store: str = "sqlite"
+    """Budget counter store shared by orchestrator and proxy: `sqlite` (data root) or `redis`."""
+    budget_redis_url: str | None = None
+    """redis://host:port/db when `budget_store` is `redis`."""
 
     def as_env(self) -> dict[str, str]:
         """These settings as AUTOVIBE_* variables, for the processes a stack starts."""

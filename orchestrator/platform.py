@@ -13,8 +13,7 @@ from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from ledger.book import Ledger
-from ledger.counters import CounterStore, open_project, task_scope
-from ledger.counters.sqlite import SqliteCounters
+from ledger.counters import CounterStore, open_counters, open_project, task_scope
 from orchestrator.catalog import Catalog
 from orchestrator.state import Store, state_url
 from proxy.index import ModelUsage, TrafficIndex
@@ -77,8 +76,12 @@ class Platform:
         self.open_budgets(config, trial_id)
 
     def counters(self) -> CounterStore:
-        """The budget counter store the proxy reserves in (embedded SQLite in the data root)."""
-        return SqliteCounters(self.root.budget_counters)
+        """The budget counter store the proxy reserves in (`AUTOVIBE_BUDGET_STORE`)."""
+        return open_counters(
+            self.settings.budget_store,
+            path=self.root.budget_counters,
+            url=self.settings.budget_redis_url,
+        )
 
     def open_budgets(self, config: TrialConfig, trial_id: str) -> None:
         """Open the scopes the proxy charges: project, each machine's day, each capped task.

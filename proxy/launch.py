@@ -45,6 +45,13 @@ def mitmdump_argv(settings: Settings) -> list[str]:
         "--set",
         f"autovibe_model_hosts={settings.host}:{settings.model_port}",
         "--set",
+        f"autovibe_budget_store={settings.budget_store}",
+        *(
+            ["--set", f"autovibe_budget_redis_url={settings.budget_redis_url}"]
+            if settings.budget_redis_url
+            else []
+        ),
+        "--set",
         "termlog_verbosity=warn",
         "--set",
         "flow_detail=0",
