@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -34,11 +35,34 @@ class Settings(BaseSettings):
     """Budget counter store shared by orchestrator and proxy: `sqlite` (data root) or `redis`."""
     budget_redis_url: str | None = None
     """redis://host:port/db when `budget_store` is `redis`."""
+    cors_origins: list[str] = []
+    """Origins a browser may call the control API from (exact origins; `*` is refused)."""
+    rate_limit_machine: int = 10
+    """Control-API requests per minute per `machine` token."""
+    rate_limit_viewer: int = 300
+    """Control-API requests per minute per `viewer` token."""
+    rate_limit_operator: int = 300
+    """Control-API requests per minute per `operator` token."""
+    rate_limit_admin: int = 1200
+    """Control-API requests per minute per `admin` token."""
+
+    @property
+    def rate_limits(self) -> dict[str, int]:
+        """Requests per minute by token scope."""
+        return {
+            "machine": self.rate_limit_machine,
+            "viewer": self.rate_limit_viewer,
+            "operator": self.rate_limit_operator,
+            "admin": self.rate_limit_admin,
+        }
 
     def as_env(self) -> dict[str, str]:
         """These settings as AUTOVIBE_* variables, for the processes a stack starts."""
         env = {
-            f"AUTOVIBE_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None
+            # Lists travel as JSON, the form pydantic-settings reads them back in.
+            f"AUTOVIBE_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v)
+            for k, v in self.model_dump(mode="json").items()
+            if v is not None
         }
         env["AUTOVIBE_DATA"] = str(self.data.resolve())
         return env

@@ -1,12 +1,29 @@
-"""Operator bearer token: created in the data root at first start and printed once."""
+"""Control-API authentication: the operator token file and the guard on every route.
+
+The operator token (`vault-secrets/operator-token`) is created at first start, printed once,
+kept in plain for the CLI, and adopted into the hashed token store as an `admin` token.
+"""
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from pathlib import Path
+from typing import Annotated
+
+from fastapi import Header, HTTPException, Request
 
 from contracts.dataroot import DataRoot, write_secret_file
+from orchestrator.access import (
+    AUTH_KEY,
+    OPERATOR_TOKEN_ID,
+    ApiToken,
+    RateLimited,
+    RateLimiter,
+    Rule,
+    TokenScope,
+    TokenStore,
+    rule_for,
+)
 
 TOKEN_FILE = "operator-token"
 
@@ -25,7 +42,66 @@ def ensure_token(root: DataRoot) -> tuple[str, bool]:
     return token, True
 
 
-def matches(expected: str, header: str | None) -> bool:
-    if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(expected.encode(), header.removeprefix("Bearer ").strip().encode())
+class Guard:
+    """The FastAPI dependency on every route: token → scope → rule → rate limit.
+
+    401 without a live token, 403 when the route's rule does not admit the token's scope (or
+    a route has no rule at all), 429 with `Retry-After` past the token's rate limit.
+    """
+
+    def __init__(self, tokens: TokenStore, limiter: RateLimiter) -> None:
+        self.tokens = tokens
+        self.limiter = limiter
+
+    def __call__(
+        self, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> ApiToken | None:
+        route = request.scope.get("route")
+        path = getattr(route, "path", request.url.path)
+        rule = rule_for(request.method, path)
+        if rule is not None and rule.public:
+            return None
+        token = self._token(authorization)
+        holder = request.scope.get(AUTH_KEY)
+        if isinstance(holder, dict):
+            holder["token_id"] = token.id
+        try:
+            self.limiter.hit(token)
+        except RateLimited as exc:
+            raise HTTPException(
+                429, str(exc), headers={"Retry-After": str(exc.retry_after)}
+            ) from exc
+        if rule is None or not self._admits(rule, token, request):
+            raise HTTPException(403, f"a {token.scope} token may not {request.method} {path}")
+        return token
+
+    def _token(self, authorization: str | None) -> ApiToken:
+        if authorization and authorization.startswith("Bearer "):
+            token = self.tokens.authenticate(authorization.removeprefix("Bearer ").strip())
+            if token is not None:
+                return token
+        raise HTTPException(
+            401, "missing, wrong or revoked bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    @staticmethod
+    def _admits(rule: Rule, token: ApiToken, request: Request) -> bool:
+        if token.scope is TokenScope.machine:
+            param = rule.machine_project_param
+            return (
+                param is not None
+                and TokenScope.machine in rule.scopes
+                and request.path_params.get(param) == token.project
+            )
+        return token.scope in rule.scopes
+
+
+def guard_for(root: DataRoot, rate_limits: dict[str, int]) -> Guard:
+    """The guard over `root`'s token store, with the operator-token file adopted as admin."""
+    tokens = TokenStore(root)
+    token, created = ensure_token(root)
+    if created:
+        print(f"autovibe: operator token (shown once, kept in {token_path(root)}):")
+        print(f"  {token}", flush=True)
+    tokens.adopt(token, OPERATOR_TOKEN_ID, TokenScope.admin)
+    return Guard(tokens, RateLimiter(rate_limits))

@@ -44,13 +44,7 @@ def mitmdump_argv(settings: Settings) -> list[str]:
         f"autovibe_configs={Path(settings.configs).resolve()}",
         "--set",
         f"autovibe_model_hosts={settings.host}:{settings.model_port}",
-        "--set",
-        f"autovibe_budget_store={settings.budget_store}",
-        *(
-            ["--set", f"autovibe_budget_redis_url={settings.budget_redis_url}"]
-            if settings.budget_redis_url
-            else []
-        ),
+        *_budget_options(settings),
         "--set",
         "termlog_verbosity=warn",
         "--set",
@@ -79,3 +73,14 @@ def wait_ready(
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from exc
         time.sleep(0.05)
+
+
+def _budget_options(settings: Settings) -> list[str]:
+    """The counter store, only when not the embedded default: a second `--set` of the same
+    option (a caller adding its own) must not compete with ours."""
+    options = []
+    if settings.budget_store != "sqlite":
+        options += ["--set", f"autovibe_budget_store={settings.budget_store}"]
+    if settings.budget_redis_url:
+        options += ["--set", f"autovibe_budget_redis_url={settings.budget_redis_url}"]
+    return options

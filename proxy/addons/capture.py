@@ -18,6 +18,7 @@ from proxy.addons import dataroot
 from proxy.addons.budget import METADATA_KEY as BUDGET_KEY
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import metered
+from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import refused
 from proxy.spool import Spool
 
@@ -97,6 +98,7 @@ def _error_of(flow: http.HTTPFlow, metering_problem: str | None) -> str | None:
 class Capture:
     def __init__(self) -> None:
         self.spool: Spool | None = None
+        self.redactor = Redactor(None)
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
@@ -106,6 +108,7 @@ class Capture:
             if self.spool is not None:
                 self.spool.close()
             self.spool = Spool(dataroot.current())
+            self.redactor = redactor_for(dataroot.current())
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._capture(flow)
@@ -128,7 +131,7 @@ class Capture:
         flow.metadata[CAPTURED_KEY] = True
         assert self.spool is not None
         try:
-            self.spool.append(record_of(flow))
+            self.spool.append(self.redactor.record(record_of(flow)))
         except (OSError, ValueError):
             # The spool is the source of truth; losing a line is an incident, not a warning.
             log.exception("could not spool flow %s %s", flow.id, flow.request.url)

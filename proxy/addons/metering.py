@@ -96,6 +96,20 @@ def parse_model_hosts(value: str) -> frozenset[tuple[str, int]]:
     return frozenset(hosts)
 
 
+def parse_provider_hosts(value: str) -> dict[tuple[str, int], str]:
+    """`host:port=provider,…` → {(host, port): provider}; ValueError names the bad entry."""
+    hosts = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        where, sep, provider = entry.partition("=")
+        host, colon, port = where.rpartition(":")
+        if not sep or not provider or not colon or not host or not port.isdigit():
+            raise ValueError(f"{entry!r} is not host:port=provider")
+        hosts[(host.strip("[]").lower(), int(port))] = provider.strip()
+    return hosts
+
+
 def usage_from_body(content_type: str, body: bytes) -> tuple[Usage | None, str | None]:
     """OpenAI usage and response id from a whole JSON or server-sent-events body."""
     meter = UsageMeter("openai_chat", content_type)
@@ -130,6 +144,7 @@ class Metering:
     def __init__(self) -> None:
         self.prices: PriceCatalog | None = None
         self.model_hosts: frozenset[tuple[str, int]] = frozenset()
+        self.provider_hosts: dict[tuple[str, int], str] = {}
 
     def load(self, loader: Loader) -> None:
         defaults = Settings.model_fields
@@ -158,6 +173,12 @@ class Metering:
                 self.prices = load_prices(configs)
             except ConfigError as exc:
                 raise exceptions.OptionsError(f"autovibe_configs: {exc}") from exc
+        if "autovibe_provider_hosts" in updated:
+            # Declared by the injection addon: the same hosts get keys injected and are metered.
+            try:
+                self.provider_hosts = parse_provider_hosts(ctx.options.autovibe_provider_hosts)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"autovibe_provider_hosts: {exc}") from exc
         if "autovibe_model_hosts" in updated:
             try:
                 self.model_hosts = parse_model_hosts(ctx.options.autovibe_model_hosts)
@@ -168,7 +189,7 @@ class Metering:
         host = host.lower()
         if (host, port) in self.model_hosts:
             return "local"
-        return CLOUD_HOSTS.get(host)
+        return self.provider_hosts.get((host, port)) or CLOUD_HOSTS.get(host)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:

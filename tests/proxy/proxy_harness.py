@@ -157,6 +157,13 @@ class Proxy:
         return records
 
     def spooled_one(self, **match: object) -> FlowRecord:
-        found = [r for r in self.spooled() if all(getattr(r, k) == v for k, v in match.items())]
+        # A streamed flow is spooled when its stream ends, which can be just after the client
+        # read the last byte: give the proxy a moment before concluding it is missing.
+        deadline = time.monotonic() + 5
+        while True:
+            found = [r for r in self.spooled() if all(getattr(r, k) == v for k, v in match.items())]
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(found) == 1, f"expected one spooled flow with {match}, found {found}"
         return found[0]

@@ -1,0 +1,295 @@
+"""Who may call which route of the control API: hashed tokens, scopes, rate limits, audit.
+
+Tokens are random strings shown once; only their sha256 is kept, in
+`<data>/vault-secrets/api-tokens.json` (mode 0600). Every route has a rule in `RULES`
+naming the scopes allowed on it; a route without a rule is refused to everybody (fail
+closed), and the authorization-matrix test fails until the rule is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from starlette import types as asgi
+
+from contracts.dataroot import DataRoot, write_secret_file
+
+TOKENS_FILE = "api-tokens.json"
+OPERATOR_TOKEN_ID = "operator"
+"""Id of the token in `vault-secrets/operator-token`, adopted as an `admin` token."""
+AUTH_KEY = "autovibe.auth"
+"""Scope key under which the audit middleware hands the guard a holder for the caller's id."""
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class TokenScope(StrEnum):
+    admin = "admin"
+    operator = "operator"
+    viewer = "viewer"
+    machine = "machine"
+    """A worker's own project: payments and revenue only (`Rule.machine_project_param`)."""
+
+
+ALL_SCOPES = tuple(TokenScope)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Scopes allowed on a route; `public` routes need no token at all."""
+
+    scopes: frozenset[TokenScope] = frozenset()
+    public: bool = False
+    machine_project_param: str | None = None
+    """Path parameter that must equal a machine token's project (payments, revenue)."""
+
+
+_READ = frozenset({TokenScope.admin, TokenScope.operator, TokenScope.viewer})
+_WRITE = frozenset({TokenScope.admin, TokenScope.operator})
+PUBLIC = Rule(public=True)
+
+RULES: dict[tuple[str, str], Rule] = {
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/redoc"): PUBLIC,
+    ("POST", "/v1/trials"): Rule(_WRITE),
+    ("GET", "/v1/trials"): Rule(_READ),
+    ("GET", "/v1/trials/{trial_id}"): Rule(_READ),
+    ("GET", "/v1/trials/{trial_id}/report"): Rule(_READ),
+    ("POST", "/v1/trials/{trial_id}/cancel"): Rule(_WRITE),
+    ("GET", "/v1/trials/{trial_id}/events"): Rule(_READ),
+    ("POST", "/v1/payments"): Rule(_WRITE),
+    ("POST", "/v1/revenue"): Rule(_WRITE),
+    ("POST", "/v1/projects/{project}/payments"): Rule(
+        _WRITE | {TokenScope.machine}, machine_project_param="project"
+    ),
+    ("POST", "/v1/projects/{project}/revenue"): Rule(
+        _WRITE | {TokenScope.machine}, machine_project_param="project"
+    ),
+}
+"""(method, route path) → rule. `HEAD` follows `GET`."""
+
+
+def rule_for(method: str, path: str) -> Rule | None:
+    return RULES.get(("GET" if method == "HEAD" else method, path))
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A token as stored: never the token itself, only its hash."""
+
+    id: str
+    scope: TokenScope
+    sha256: str
+    created: str
+    project: str | None = None
+    revoked: str | None = None
+
+
+class TokenError(Exception):
+    """A token cannot be created, found or revoked as asked; the message says why."""
+
+
+class TokenStore:
+    """Hashed API tokens in one JSON file under the data root's secrets folder.
+
+    Re-read whenever the file changes, so `autovibe tokens revoke` takes effect on a running API.
+    """
+
+    def __init__(self, root: DataRoot) -> None:
+        self.path = root.secrets / TOKENS_FILE
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._tokens: dict[str, ApiToken] = {}
+
+    def tokens(self) -> list[ApiToken]:
+        with self._lock:
+            return sorted(self._load().values(), key=lambda t: t.created)
+
+    def create(self, scope: TokenScope, project: str | None = None) -> tuple[ApiToken, str]:
+        """A new token and its one-time plain value."""
+        if scope is TokenScope.machine and not project:
+            raise TokenError("a machine token needs --project: it may only touch its project")
+        token = "avt_" + secrets.token_urlsafe(32)
+        record = ApiToken(
+            id="tok_" + secrets.token_hex(6),
+            scope=scope,
+            sha256=hash_token(token),
+            created=_now(),
+            project=project,
+        )
+        self._update(lambda tokens: tokens.__setitem__(record.id, record))
+        return record, token
+
+    def adopt(self, token: str, token_id: str, scope: TokenScope) -> None:
+        """Keep an existing plain token (the operator-token file) as a hashed one, once."""
+        digest = hash_token(token)
+
+        def add(tokens: dict[str, ApiToken]) -> None:
+            old = tokens.get(token_id)
+            if old is None or old.sha256 != digest:
+                tokens[token_id] = ApiToken(token_id, scope, digest, _now())
+
+        with self._lock:
+            known = self._load().get(token_id)
+        if known is None or known.sha256 != digest:
+            self._update(add)
+
+    def revoke(self, token_id: str) -> ApiToken:
+        def mark(tokens: dict[str, ApiToken]) -> None:
+            if token_id not in tokens:
+                raise TokenError(f"no token {token_id!r}; `autovibe tokens ls` lists them")
+            old = tokens[token_id]
+            tokens[token_id] = ApiToken(**{**asdict(old), "revoked": old.revoked or _now()})
+
+        return self._update(mark)[token_id]
+
+    def authenticate(self, token: str) -> ApiToken | None:
+        """The live token whose hash matches, or None."""
+        digest = hash_token(token)
+        with self._lock:
+            for record in self._load().values():
+                if secrets.compare_digest(record.sha256, digest) and record.revoked is None:
+                    return record
+        return None
+
+    def _update(self, change: Any) -> dict[str, ApiToken]:
+        with self._lock:
+            tokens = dict(self._load())
+            change(tokens)
+            data = {k: {**asdict(v), "scope": str(v.scope)} for k, v in tokens.items()}
+            write_secret_file(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+            self._stamp = None
+            return self._load()
+
+    def _load(self) -> dict[str, ApiToken]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._tokens = None, {}
+            return self._tokens
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            raw = json.loads(self.path.read_text())
+            self._tokens = {
+                k: ApiToken(**{**v, "scope": TokenScope(v["scope"])}) for k, v in raw.items()
+            }
+            self._stamp = stamp
+        return self._tokens
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"rate limit exceeded; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    """At most `limits[scope]` requests per token in any sliding 60-second window."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self.limits = limits
+        self._hits: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, token: ApiToken, now: float | None = None) -> None:
+        limit = self.limits.get(str(token.scope))
+        if limit is None:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            hits = self._hits.setdefault(token.id, deque())
+            while hits and hits[0] <= now - self.WINDOW_S:
+                hits.popleft()
+            if len(hits) >= limit:
+                raise RateLimited(max(1, int(hits[0] + self.WINDOW_S - now + 0.999)))
+            hits.append(now)
+
+
+def check_cors_origins(origins: list[str]) -> list[str]:
+    """The allowlist as given; a wildcard is refused (credentials travel in headers)."""
+    for origin in origins:
+        if "*" in origin or not origin.startswith(("http://", "https://")):
+            raise ValueError(
+                f"cors_origins: {origin!r} is not allowed; list exact origins like "
+                "https://dash.example.com (no '*')"
+            )
+    return origins
+
+
+class AuditLog:
+    """Every mutating call as one JSONL line in `<data>/audit/api-YYYY-MM-DD.jsonl`."""
+
+    def __init__(self, root: DataRoot) -> None:
+        self.folder = root.root / "audit"
+        self._lock = threading.Lock()
+
+    def path(self, day: dt.date) -> Path:
+        return self.folder / f"api-{day.isoformat()}.jsonl"
+
+    def write(self, who: str, method: str, path: str, status: int) -> None:
+        now = dt.datetime.now(dt.UTC)
+        line = json.dumps(
+            {
+                "ts": now.isoformat().replace("+00:00", "Z"),
+                "who": who,
+                "method": method,
+                "path": path,
+                "status": status,
+            }
+        )
+        with self._lock:
+            DataRoot.ensure(self.folder, 0o700)
+            with self.path(now.date()).open("a") as fh:
+                fh.write(line + "\n")
+
+
+class AuditMiddleware:
+    """ASGI middleware: hands the guard a holder for the caller's token id, logs the result."""
+
+    def __init__(self, app: asgi.ASGIApp, audit: AuditLog) -> None:
+        self.app = app
+        self.audit = audit
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in MUTATING:
+            await self.app(scope, receive, send)
+            return
+        holder: dict[str, str] = {}
+        scope[AUTH_KEY] = holder
+        status = 500
+
+        async def send_status(message: asgi.Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.audit.write(
+                holder.get("token_id", "anonymous"), scope["method"], scope["path"], status
+            )
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

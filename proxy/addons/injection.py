@@ -1,0 +1,86 @@
+"""The worker's placeholder API key is swapped for the real one as a call leaves the proxy.
+
+Known providers (api.openai.com, api.anthropic.com, and `autovibe_provider_hosts`) take their
+key from the secret store at `providers/<name>`. The worker never holds it; a call to a known
+provider without a stored key is refused (502), not forwarded with the placeholder.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from contracts.secrets import SecretNotFound, SecretStoreError
+from proxy.addons import dataroot
+from proxy.addons.identity import identity_of
+from proxy.addons.metering import CLOUD_HOSTS, parse_provider_hosts
+from proxy.addons.redaction import SecretCache, open_store
+from proxy.addons.refusal import fail_closed, refuse
+
+log = logging.getLogger(__name__)
+
+OPTION = "autovibe_provider_hosts"
+SECRET_PREFIX = "providers/"
+
+
+class Injection:
+    def __init__(self) -> None:
+        self.extra_hosts: dict[tuple[str, int], str] = {}
+        self.cache: SecretCache | None = None
+
+    def load(self, loader: Loader) -> None:
+        dataroot.add_option(loader)
+        loader.add_option(
+            name=OPTION,
+            typespec=str,
+            default="",
+            help="Comma-separated host:port=provider of more providers whose key the proxy "
+            "injects from the secret store (providers/<provider>).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if OPTION in updated:
+            try:
+                self.extra_hosts = parse_provider_hosts(getattr(ctx.options, OPTION))
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"{OPTION}: {exc}") from exc
+        if dataroot.OPTION in updated:
+            try:
+                self.cache = SecretCache(open_store(dataroot.current()))
+            except SecretStoreError as exc:
+                raise exceptions.OptionsError(f"secret store: {exc}") from exc
+
+    def provider(self, host: str, port: int) -> str | None:
+        host = host.lower()
+        return self.extra_hosts.get((host, port)) or CLOUD_HOSTS.get(host)
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or identity_of(flow) is None:
+            return
+        provider = self.provider(flow.request.host, flow.request.port)
+        if provider is None:
+            return
+        assert self.cache is not None
+        try:
+            key = self.cache.get(SECRET_PREFIX + provider)
+        except SecretNotFound:
+            refuse(
+                flow,
+                502,
+                {
+                    "error": "no_provider_key",
+                    "provider": provider,
+                    "detail": f"no key at {SECRET_PREFIX}{provider} in the secret store; "
+                    f"set it with `autovibe secrets set {SECRET_PREFIX}{provider}`",
+                },
+            )
+            return
+        headers = flow.request.headers
+        if "x-api-key" in headers or (provider == "anthropic" and "authorization" not in headers):
+            headers["x-api-key"] = key
+            headers.pop("authorization", None)
+        else:
+            headers["authorization"] = f"Bearer {key}"

@@ -1,0 +1,102 @@
+"""Credential injection and redaction through the real mitmdump.
+
+A stand-in cloud provider (plain HTTP) is mapped as provider `openai`; the worker sends the
+placeholder key, the upstream must receive the real one from the file secret store, and no
+file under the data root may hold the secret afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
+
+from contracts.credentials import load_or_create_key
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings, free_port
+from ledger.counters import open_ample
+from proxy.addons.metering import parse_provider_hosts
+from proxy.addons.redaction import REDACTED, redact_headers
+from proxy.launch import mitmdump_argv, wait_ready
+from secretstore import get_store
+
+SECRET = "sk-real-provider-key-0123456789abcdef"
+PLACEHOLDER = "autovibe-machine-credential"
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[Upstream]:
+    yield from serve()
+
+
+@pytest.fixture(scope="module")
+def injecting_proxy(tmp_path_factory: pytest.TempPathFactory, cloud: Upstream) -> Iterator[Proxy]:
+    configs = tmp_path_factory.mktemp("configs")
+    (configs / "prices.yaml").write_text(PRICES_YAML)
+    settings = Settings(
+        data=tmp_path_factory.mktemp("data"),
+        configs=configs,
+        proxy_port=free_port(),
+        model_port=free_port(),
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, "p1", ["m1"])
+    get_store("file", root).put("providers/openai", SECRET)
+    argv = [*mitmdump_argv(settings), "--set", f"autovibe_provider_hosts={cloud.url[7:]}=openai"]
+    with (root.root / "mitmdump.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
+            yield Proxy(settings, root, key)
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def test_real_key_reaches_provider_and_no_file_holds_it(
+    injecting_proxy: Proxy, cloud: Upstream
+) -> None:
+    identity = injecting_proxy.identity("a1")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with injecting_proxy.client(identity) as client:
+        resp = client.post(
+            f"{cloud.url}/v1/chat/completions?echo={SECRET}",
+            json=body,
+            headers={"Authorization": f"Bearer {PLACEHOLDER}", "Cookie": f"s={SECRET}"},
+        )
+    assert resp.status_code == 200, resp.text
+    seen = cloud.seen[-1]["headers"]
+    assert seen["Authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in resp.text
+    record = injecting_proxy.spooled_one(assignment="a1")
+    assert REDACTED in record.url
+    leaks = [
+        p
+        for p in injecting_proxy.root.root.rglob("*")
+        if p.is_file() and "vault-secrets" not in p.parts and SECRET.encode() in p.read_bytes()
+    ]
+    assert not leaks, f"secret written to {leaks}"
+
+
+def test_anthropic_style_key_header_is_replaced(injecting_proxy: Proxy, cloud: Upstream) -> None:
+    with injecting_proxy.client(injecting_proxy.identity("a2")) as client:
+        client.post(
+            f"{cloud.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": []},
+            headers={"x-api-key": PLACEHOLDER},
+        )
+    seen = {k.lower(): v for k, v in cloud.seen[-1]["headers"].items()}
+    assert seen["x-api-key"] == SECRET and "authorization" not in seen
+
+
+def test_parsing_and_header_redaction() -> None:
+    assert parse_provider_hosts("h:1=openai, ") == {("h", 1): "openai"}
+    with pytest.raises(ValueError, match="host:port=provider"):
+        parse_provider_hosts("h=openai")
+    assert redact_headers([("X-Api-Key", "k"), ("X-Note", f"a{SECRET}")], [SECRET]) == [
+        ["X-Api-Key", REDACTED],
+        ["X-Note", f"a{REDACTED}"],
+    ]
