@@ -1,0 +1,118 @@
+"""`autovibe checkpoints …`: checkpoint assignment workspaces, show their tree, restore them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.filesize import decimal
+from rich.tree import Tree
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from retention import checkpoints as ck
+
+app = typer.Typer(
+    help="Workspace checkpoints: create, show the evolution tree, restore; VM disk snapshots.",
+    no_args_is_help=True,
+)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _root() -> DataRoot:
+    return DataRoot.at(Settings().data)
+
+
+def _label(c: ck.Checkpoint, trial: str) -> str:
+    style = "" if c.trial == trial else "dim"
+    text = (
+        f"[bold]{c.id}[/bold] {c.agent} · {c.model} · {c.status} · {c.files} files "
+        f"{decimal(c.bytes)} → {decimal(c.archive_bytes)} · {c.created[:19]}"
+    )
+    if c.trial != trial:
+        text += f" (trial {c.trial})"
+    return f"[{style}]{text}[/{style}]" if style else text
+
+
+def _add(branch: Tree, node: ck.Node, trial: str) -> None:
+    sub = branch.add(_label(node.checkpoint, trial))
+    for child in node.children:
+        _add(sub, child, trial)
+
+
+@app.command()
+def create(assignment_dir: Path) -> None:
+    """Checkpoint ASSIGNMENT_DIR/workspace: manifest, metadata, parent link, LZ4 archive."""
+    try:
+        c = ck.create(_root(), assignment_dir)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    parent = c.parent or f"baseline {c.baseline[:12] if c.baseline else '(none)'}"
+    console.print(f"checkpoint {c.id} ({c.files} files, {decimal(c.archive_bytes)}) ← {parent}")
+
+
+@app.command()
+def tree(trial: str) -> None:
+    """The evolution tree of TRIAL's checkpoints per task, earlier trials' ancestors dimmed."""
+    roots = ck.evolution(_root(), trial)
+    if not roots:
+        raise _fail(f"no checkpoints of trial {trial!r}")
+    top = Tree(f"trial [bold]{trial}[/bold]")
+    for (task, baseline), nodes in sorted(roots.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        base = top.add(f"task [bold]{task or '?'}[/bold] · baseline {(baseline or '?')[:12]}")
+        for node in nodes:
+            _add(base, node, trial)
+    console.print(top)
+
+
+@app.command()
+def restore(checkpoint_id: str, dest: Path) -> None:
+    """Rebuild checkpoint CHECKPOINT_ID's workspace in DEST (a new or empty folder), verified."""
+    try:
+        c = ck.restore(_root(), checkpoint_id, dest)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"restored {c.id} into {dest} ({c.files} files, manifest verified)")
+
+
+@app.command("vm-snapshot")
+def vm_snapshot(
+    image: Path,
+    name: str,
+    project: Annotated[str, typer.Option(help="Project the VM worker belongs to.")],
+) -> None:
+    """Take internal snapshot NAME of a stopped VM worker's qcow2 IMAGE (qemu-img)."""
+    try:
+        ck.vm_snapshot(_root(), project, image, name)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"snapshot {name} of {image}")
+
+
+@app.command("vm-list")
+def vm_list(image: Path) -> None:
+    """The internal snapshots of qcow2 IMAGE."""
+    try:
+        names = ck.vm_snapshots(image)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    for name in names:
+        console.print(name)
+
+
+@app.command("vm-revert")
+def vm_revert(image: Path, name: str) -> None:
+    """Return a stopped VM worker's qcow2 IMAGE to snapshot NAME."""
+    try:
+        ck.vm_revert(image, name)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"{image} reverted to {name}")
