@@ -30,12 +30,18 @@ PRICE_CURRENCY = "USD"
 """Provider prices and fx rates are quoted in USD (see `PriceCatalog`)."""
 QUANTUM = Decimal("0.000001")
 """Ledger amounts keep 6 decimals: a local model's request costs a fraction of a cent."""
+PURCHASES_ROOT = "Expenses:Purchases"
+REVENUE_ROOT = "Income:Revenue"
+RECEIPTS_ROOT = "Assets:Receipts"
+"""Revenue lands here, not in the budget: granting it as budget is the operator's decision."""
 KEY_META = "key"
 FUNDING_META = "funding"
+PAYMENT_META = "payment"
+REVENUE_META = "revenue"
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")  # as `contracts.config.Currency`
 _META_KEY = re.compile(r"^[a-z][A-Za-z0-9_-]*$")
-_RESERVED_META = {KEY_META, FUNDING_META, "filename", "lineno"}
+_RESERVED_META = {KEY_META, FUNDING_META, PAYMENT_META, REVENUE_META, "filename", "lineno"}
 
 
 class LedgerError(Exception):
@@ -75,6 +81,26 @@ def inference_account(provider: str, model: str) -> str:
     return f"{INFERENCE_ROOT}:{account_component(provider)}:{account_component(model)}"
 
 
+def purchase_account(item: str) -> str:
+    return f"{PURCHASES_ROOT}:{account_component(item)}"
+
+
+def revenue_account(source: str) -> str:
+    return f"{REVENUE_ROOT}:{account_component(source)}"
+
+
+@dataclass(frozen=True)
+class KeyedPosting:
+    """A transaction posted under a `key` (one assignment's inference), as the ledger holds it."""
+
+    key: str
+    date: dt.date
+    amount: Decimal
+    """Its expenses, in the primary currency."""
+    usd: Decimal
+    """The sum of its postings' `usd` metadata."""
+
+
 @dataclass
 class _Book:
     """What a write needs to know about the ledger as it is now."""
@@ -103,6 +129,9 @@ class _Book:
 
     def posted_keys(self) -> set[str]:
         return {t.meta[KEY_META] for t in self.transactions() if KEY_META in t.meta}
+
+    def tagged(self, name: str) -> set[str]:
+        return {str(t.meta[name]) for t in self.transactions() if name in t.meta}
 
     def funding(self, name: str) -> data.Transaction | None:
         found = [t for t in self.transactions() if t.meta.get(FUNDING_META) == name]
@@ -259,6 +288,90 @@ class Ledger:
 
         return self._write(build)
 
+    def post_payment(
+        self,
+        *,
+        payment: str,
+        on: dt.date,
+        item: str,
+        amount: Decimal,
+        paid: tuple[Decimal, str],
+        narration: str,
+        meta: Mapping[str, str],
+        posting_meta: Mapping[str, str],
+    ) -> bool:
+        """Post a purchase, `Expenses:Purchases:<Item>` against the budget; False if posted.
+
+        `amount` is in the primary currency, `paid` is what the method charged (number,
+        currency); `posting_meta` goes on the expense posting (machine, method, receipt).
+        """
+        if amount < 0:
+            raise LedgerError(f"payment {payment!r}: amount must be ≥ 0, got {amount}")
+        _check_meta(payment, [*meta, *posting_meta])
+
+        def build(book: _Book) -> str:
+            if payment in book.tagged(PAYMENT_META):
+                return ""
+            budget, currency = book.budget(), book.currency
+            if budget is None or currency is None:
+                raise LedgerError(f"{self.path} is not opened yet; call Ledger.open first")
+            account = purchase_account(item)
+            parts = [] if account in book.opens() else [_open(budget.date, account, currency)]
+            number = amount.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+            expense_meta = {**posting_meta, "paid": _Amount(paid[0], paid[1])}
+            postings: list[tuple[str, Decimal, Mapping[str, Any]]] = [
+                (account, number, expense_meta),
+                (budget.account, -number, {}),
+            ]
+            parts.append(
+                _transaction(on, narration, {PAYMENT_META: payment, **meta}, postings, currency)
+            )
+            return _join(parts)
+
+        return self._write(build)
+
+    def post_revenue(
+        self,
+        *,
+        revenue: str,
+        on: dt.date,
+        source: str,
+        amount: Decimal,
+        received: tuple[Decimal, str],
+        narration: str,
+        meta: Mapping[str, str],
+    ) -> bool:
+        """Post income, `Income:Revenue:<Source>` into `Assets:Receipts:<Project>`; False if posted.
+
+        `amount` is in the primary currency, `received` is what came in (number, currency).
+        """
+        if amount <= 0:
+            raise LedgerError(f"revenue {revenue!r}: amount must be > 0, got {amount}")
+        _check_meta(revenue, list(meta))
+
+        def build(book: _Book) -> str:
+            if revenue in book.tagged(REVENUE_META):
+                return ""
+            budget, currency = book.budget(), book.currency
+            if budget is None or currency is None:
+                raise LedgerError(f"{self.path} is not opened yet; call Ledger.open first")
+            project = budget.account.removeprefix(BUDGET_ROOT + ":")
+            income, receipts = revenue_account(source), f"{RECEIPTS_ROOT}:{project}"
+            opens = book.opens()
+            opened = min(budget.date, on)  # income may predate the budget's first grant
+            parts = [_open(opened, a, currency) for a in (receipts, income) if a not in opens]
+            number = amount.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+            postings: list[tuple[str, Decimal, Mapping[str, Any]]] = [
+                (receipts, number, {}),
+                (income, -number, {"received": _Amount(received[0], received[1])}),
+            ]
+            parts.append(
+                _transaction(on, narration, {REVENUE_META: revenue, **meta}, postings, currency)
+            )
+            return _join(parts)
+
+        return self._write(build)
+
     # -- reads -------------------------------------------------------------------------------
 
     def load(self) -> tuple[list[data.Directive], dict[str, Any]]:
@@ -293,6 +406,38 @@ class Ledger:
             for t in entries
             if isinstance(t, data.Transaction) and KEY_META in t.meta
         }
+
+    def keyed(self) -> dict[str, KeyedPosting]:
+        """Every keyed (inference) transaction: its date, expenses and metered USD."""
+        entries, options = self.load()
+        currency = options["operating_currency"][0]
+        found: dict[str, KeyedPosting] = {}
+        for t in entries:
+            if isinstance(t, data.Transaction) and KEY_META in t.meta:
+                usd = sum(
+                    (
+                        Decimal(str(p.meta["usd"].number))
+                        for p in t.postings
+                        if p.meta and isinstance(p.meta.get("usd"), data.Amount)
+                    ),
+                    Decimal(0),
+                )
+                key = str(t.meta[KEY_META])
+                found[key] = KeyedPosting(
+                    key, t.date, _sum_postings([t], "Expenses", currency), usd
+                )
+        return found
+
+    def fx_rate(self, on: dt.date) -> Decimal:
+        """Primary currency per USD in force on `on` (the latest price directive), 1 for USD."""
+        entries, options = self.load()
+        currency = options["operating_currency"][0]
+        if currency == PRICE_CURRENCY:
+            return Decimal(1)
+        rate = _Book(entries, options).latest_rate(currency, on)
+        if rate is None:
+            raise LedgerError(f"{self.path} has no price of {PRICE_CURRENCY} in {currency} by {on}")
+        return rate
 
     # -- the one way to change the file ------------------------------------------------------
 
@@ -388,6 +533,15 @@ def _transaction(
         lines.append(f"  {account}  {number:f} {currency}")
         lines += [f"    {k}: {_value(v)}" for k, v in posting_meta.items()]
     return "\n".join(lines) + "\n"
+
+
+def _check_meta(what: str, names: Iterable[str]) -> None:
+    for name in names:
+        if not _META_KEY.match(name) or name in _RESERVED_META:
+            raise LedgerError(
+                f"{what!r}: metadata key {name!r} must match {_META_KEY.pattern} "
+                f"and not be one of {sorted(_RESERVED_META)}"
+            )
 
 
 def _sum_postings(entries: Iterable[data.Directive], account: str, currency: str) -> Decimal:

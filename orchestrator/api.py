@@ -12,18 +12,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from contracts.config import TrialConfig
 from contracts.settings import Settings
-from orchestrator import auth, report
+from orchestrator import access, auth, payments_api, report
 from orchestrator.bandit import history_from_state
+from orchestrator.metrics import Metrics
 from orchestrator.planning import plan
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler, cancel
@@ -32,27 +34,11 @@ from orchestrator.state import Assignment, Trial, utcnow
 log = logging.getLogger("autovibe.api")
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.trials = Counter(
-            "autovibe_trials_submitted", "Trials accepted by the API", registry=self.registry
-        )
-        self.assignments = Gauge(
-            "autovibe_assignments", "Assignments by state", ["state"], registry=self.registry
-        )
-        self.spend = Gauge(
-            "autovibe_spend_usd", "Metered spend in USD, all trials", registry=self.registry
-        )
-
-
 def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) -> FastAPI:
     settings = settings or Settings()
     platform = Platform.from_settings(settings)
-    token, created = auth.ensure_token(platform.root)
-    if created:
-        print(f"autovibe: operator token (shown once, kept in {auth.token_path(platform.root)}):")
-        print(f"  {token}", flush=True)
+    guard = auth.guard_for(platform.root, settings.rate_limits)
+    cors_origins = access.check_cors_origins(settings.cors_origins)
     scheduler = Scheduler(platform)
     metrics = Metrics()
 
@@ -68,17 +54,22 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
         version="0.1.0",
         lifespan=lifespan,
         description="Submit trials (tasks × agents × model pairs, with budgets) and follow them.",
+        # Every route, including routers added later, passes the guard (access.RULES).
+        dependencies=[Depends(guard)],
+    )
+    app.add_middleware(access.AuditMiddleware, audit=access.AuditLog(platform.root))
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=cors_origins,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        expose_headers=["Retry-After"],
     )
     app.state.platform = platform
     app.state.scheduler = scheduler
 
-    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not auth.matches(token, authorization):
-            raise HTTPException(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    guarded = [Depends(require_token)]
+    guarded = [Depends(guard)]  # the same guard; FastAPI runs it once per request
+    app.include_router(payments_api.router(platform, guard))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -86,14 +77,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
-        with platform.store.session() as s:
-            counts = dict(
-                s.execute(select(Assignment.state, func.count()).group_by(Assignment.state)).all()
-            )
-        for state in ("queued", "running", "finished", "failed", "cancelled"):
-            metrics.assignments.labels(state).set(counts.get(state, 0))
-        metrics.spend.set(float(sum((u.cost_usd for u in platform.usage()), start=Decimal(0))))
-        return PlainTextResponse(generate_latest(metrics.registry).decode())
+        return PlainTextResponse(metrics.render(platform), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/trials", status_code=201, dependencies=guarded)
     def submit(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:

@@ -16,10 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from contracts.config import ConfigError, TrialConfig, load_trial
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
+from ledger.cli import app as ledger_app
+from ledger.cli import payments_app
 from orchestrator import report as report_mod
 from orchestrator import stack, tasksets
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
+from orchestrator.tokens_cli import app as tokens_app
+from retention import backup_cli
+from retention.checkpoints_cli import app as checkpoints_app
 from retention.cli import app as retention_app
 from secretstore.cli import app as secrets_app
 from serving.cli import app as models_app
@@ -38,8 +43,14 @@ app.add_typer(agents_app, name="agents")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(models_app, name="models")
 app.add_typer(retention_app, name="retention")
+app.add_typer(checkpoints_app, name="checkpoints")
+app.command("backup")(backup_cli.backup)
+app.command("restore")(backup_cli.restore)
+app.add_typer(tokens_app, name="tokens")
 app.add_typer(worker_app, name="worker")
 app.add_typer(vm_app, name="vm")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(payments_app, name="payments")
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table

@@ -1,0 +1,190 @@
+"""`autovibe ledger …` and `autovibe payments …`: reconcile, P&L, Fava, revenue, approvals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from contracts.config import load_prices
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from ledger.book import Ledger, LedgerError
+from ledger.counters import CounterStore, open_counters
+from ledger.payments import (
+    Broker,
+    PaymentError,
+    PaymentPolicy,
+    read_revenue_csv,
+    record_revenue,
+)
+from ledger.pnl import Row, profit_and_loss
+from ledger.reconcile import reconcile
+from proxy.index import TrafficIndex
+from secretstore import store_from_env
+
+app = typer.Typer(
+    help="The project ledgers: reconcile, profit and loss, Fava.", no_args_is_help=True
+)
+revenue_app = typer.Typer(help="Record income.", no_args_is_help=True)
+app.add_typer(revenue_app, name="revenue")
+payments_app = typer.Typer(help="Payments agents asked for.", no_args_is_help=True)
+
+POLICY_FILE = "payments.yaml"
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _root(settings: Settings) -> DataRoot:
+    return DataRoot.at(settings.data)
+
+
+def _ledger(root: DataRoot, project: str) -> Ledger:
+    ledger = Ledger.of(root, project)
+    if not ledger.path.exists():
+        raise _fail(f"no ledger for project {project!r} at {ledger.path}")
+    return ledger
+
+
+@app.command("reconcile")
+def reconcile_cmd(project: str) -> None:
+    """Prove the ledger equals metered usage to the cent; exit 1 on any difference."""
+    root = _root(Settings())
+    ledger = _ledger(root, project)
+    DataRoot.ensure(root.traffic_logs)
+    with TrafficIndex(root.traffic_index) as index:
+        index.catch_up(root.traffic_logs)
+        try:
+            result = reconcile(ledger, index, project)
+        except LedgerError as exc:
+            raise _fail(str(exc)) from exc
+    for line in result.lines:
+        mark = "[green]ok[/green]  " if line.kind == "match" else "[red]DIFF[/red]"
+        console.print(f"{mark} {line.describe(result.currency)}", highlight=False)
+    if not result.ok:
+        raise _fail(f"{len(result.mismatches)} difference(s) in {project}'s ledger")
+    console.print(f"{project}: {len(result.lines)} assignment(s), ledger = metered usage")
+
+
+@app.command()
+def pnl(project: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Profit and loss per project, machine and agent."""
+    root = _root(Settings())
+    if project is not None:
+        ledgers = [(project, _ledger(root, project))]
+    else:
+        paths = sorted((root.root / "financial").glob("*/ledger.beancount"))
+        ledgers = [(p.parent.name, Ledger(p)) for p in paths]
+    try:
+        report = profit_and_loss(ledgers)
+    except LedgerError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(_table("Projects", "project", {(r.project, ""): r for r in report.by_project}))
+    console.print(_table("Machines", "machine", report.by_machine))
+    console.print(_table("Agents", "agent", report.by_agent))
+
+
+def _table(title: str, what: str, rows: dict[tuple[str, str], Row]) -> Table:
+    table = Table(title=title)
+    columns = ["project"] if what == "project" else ["project", what]
+    for column in columns:
+        table.add_column(column)
+    for column in ("revenue", "expenses", "profit"):
+        table.add_column(column, justify="right")
+    table.add_column("currency")
+    for (project, name), row in rows.items():
+        cells = [project] if what == "project" else [project, name]
+        money = [_money(v) for v in (row.revenue, row.expenses, row.profit)]
+        table.add_row(*cells, *money, row.currency)
+    return table
+
+
+def _money(value: Decimal) -> str:
+    return f"{value.quantize(Decimal('0.01')):f}"
+
+
+def fava_command(ledger_path: Path, host: str, port: int) -> list[str]:
+    """Fava on the ledger, read-only: every write goes through `Ledger` (atomic, validated)."""
+    fava = Path(sys.executable).parent / "fava"
+    return [str(fava), "--read-only", "--host", host, "--port", str(port), str(ledger_path)]
+
+
+@app.command()
+def ui(
+    project: str,
+    port: Annotated[int, typer.Option(help="Port Fava listens on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address Fava binds to.")] = "127.0.0.1",
+) -> None:
+    """Serve the project's ledger with Fava (read-only) until interrupted."""
+    ledger = _ledger(_root(Settings()), project)
+    console.print(f"Fava on http://{host}:{port}/ for {ledger.path}")
+    try:
+        raise typer.Exit(subprocess.call(fava_command(ledger.path, host, port)))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@revenue_app.command("import")
+def revenue_import(
+    file: Path,
+    project: Annotated[str, typer.Option(help="Project whose ledger records the income.")],
+) -> None:
+    """Record each row of a CSV (date,source,amount,currency[,description][,id]) as income."""
+    settings = Settings()
+    root = _root(settings)
+    _ledger(root, project)
+    fx = load_prices(settings.configs).fx
+    try:
+        events = read_revenue_csv(file)
+        for event in events:
+            revenue_id, posted = record_revenue(root, project, event, fx)
+            state = "posted" if posted else "already posted"
+            console.print(
+                f"{revenue_id}: {event.amount:f} {event.currency} from {event.source}: {state}"
+            )
+    except (PaymentError, LedgerError, KeyError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+def broker(settings: Settings) -> Broker:
+    """The broker as the CLI runs it: same policy, counters, rates and secret store as the API."""
+    root = _root(settings)
+
+    def counters() -> CounterStore:
+        return open_counters(
+            settings.budget_store, path=root.budget_counters, url=settings.budget_redis_url
+        )
+
+    return Broker(
+        root,
+        PaymentPolicy.load(settings.configs / POLICY_FILE),
+        counters=counters,
+        fx=load_prices(settings.configs).fx,
+        secrets=lambda: store_from_env(settings=settings),
+    )
+
+
+@payments_app.command()
+def approve(payment_id: str) -> None:
+    """Execute a payment that waits for operator approval."""
+    b = broker(Settings())
+    try:
+        project, _ = b.find(payment_id)
+        entry = b.approve(project, payment_id)
+    except PaymentError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"{payment_id}: {entry['status']} {entry.get('detail') or ''}", highlight=False)
+    if entry["status"] != "completed":
+        raise typer.Exit(1)

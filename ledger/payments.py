@@ -1,0 +1,432 @@
+"""The payment broker: agents ask to buy, policy decides, a method adapter pays, all is written.
+
+Policy (configs/payments.yaml): a request must list the free alternatives it considered; it
+must fit the project budget and the machine's daily allowance (the budget counters the proxy
+charges); the method is the first configured one by kind (card, then the preferred crypto,
+then other crypto); above the approval threshold it waits for the operator.
+
+Every attempt (refused, pending, completed, failed) is appended to
+`financial/<project>/transactions.json`, a JSON array rewritten atomically under a lock (temp
+file, fsync, rename), so a crash leaves the previous array whole and no attempt is lost once
+`submit` returns. A payment's state is its latest entry; approving a pending payment appends
+the outcome under the same id. When money moves, one ledger transaction is posted:
+`Expenses:Purchases:<Item>` against the project's budget asset.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import secrets as random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from contracts.dataroot import DataRoot
+from contracts.secrets import SecretStore
+from ledger.book import QUANTUM, Ledger, LedgerError
+from ledger.counters import (
+    CounterError,
+    CounterStore,
+    CounterStoreUnavailable,
+    Refused,
+    UnknownScope,
+    machine_scope,
+    project_scope,
+)
+from ledger.methods import Charge, PaymentFailed, get_method
+
+TRANSACTIONS_FILE = "transactions.json"
+
+Status = Literal["refused", "pending_approval", "completed", "failed"]
+Reason = Literal[
+    "no_free_alternative",
+    "unknown_currency",
+    "no_ledger",
+    "no_budget_scope",
+    "project_budget",
+    "machine_allowance",
+    "counters_unavailable",
+    "no_method",
+    "method_failed",
+]
+
+
+class PaymentError(Exception):
+    """A broker operation cannot be done as asked (unknown id, not pending, bad policy)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodConfig(_Strict):
+    name: str
+    kind: Literal["card", "crypto"]
+    adapter: str
+    """An adapter in `ledger.methods.ADAPTERS`."""
+    asset: str | None = None
+    """For crypto: the coin or token paid with (USDC, BTC, …)."""
+    secret: str | None = None
+    """Secret-store path the adapter reads when it charges; never read before."""
+
+
+class PaymentPolicy(_Strict):
+    require_free_alternatives: bool = True
+    approval_threshold: Decimal = Field(ge=0)
+    """In the project's primary currency; a payment above it waits for the operator."""
+    preferred_crypto: str | None = None
+    methods: list[MethodConfig] = Field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> PaymentPolicy:
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            raise PaymentError(f"{path}: not a valid payment policy: {exc}") from exc
+
+    def preferred_methods(self) -> list[MethodConfig]:
+        """Card first, then the preferred crypto, then other crypto; file order within each."""
+
+        def rank(m: MethodConfig) -> int:
+            if m.kind == "card":
+                return 0
+            return 1 if m.asset is not None and m.asset == self.preferred_crypto else 2
+
+        return sorted(self.methods, key=rank)
+
+
+class PaymentRequest(_Strict):
+    """What an agent asks to buy (the body of `POST /v1/payments`)."""
+
+    item: str = Field(min_length=1, max_length=80)
+    amount: Decimal = Field(gt=0)
+    currency: str = Field(pattern=r"^[A-Z]{3,5}$")
+    justification: str = Field(min_length=1)
+    free_alternatives_considered: list[str]
+
+
+class RevenueEvent(_Strict):
+    """Income for a project (the body of `POST /v1/revenue`, a row of a revenue CSV)."""
+
+    source: str = Field(min_length=1, max_length=80)
+    amount: Decimal = Field(gt=0)
+    currency: str = Field(pattern=r"^[A-Z]{3,5}$")
+    date: dt.date | None = None
+    """When it was received; today when absent."""
+    description: str = ""
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    """Idempotency key; recording the same id twice posts once."""
+
+
+@dataclass(frozen=True)
+class Requester:
+    project: str
+    machine: str | None = None
+    agent: str | None = None
+
+
+def convert(amount: Decimal, currency: str, to: str, fx: Mapping[str, Decimal]) -> Decimal:
+    """`amount` of `currency` in `to`, through USD at the configured rates (USD → X)."""
+    if currency == to:
+        return amount
+    missing = [c for c in (currency, to) if c != "USD" and c not in fx]
+    if missing:
+        raise KeyError(f"no exchange rate for {', '.join(missing)}; known: {', '.join(sorted(fx))}")
+    usd = amount if currency == "USD" else amount / fx[currency]
+    out = usd if to == "USD" else usd * fx[to]
+    return out.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+
+
+class TransactionLog:
+    """`financial/<project>/transactions.json`: every payment attempt, in order."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
+        self._tmp = path.with_name(path.name + ".tmp")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        DataRoot.ensure(self.path.parent)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        loaded: list[dict[str, Any]] = json.loads(self.path.read_text(encoding="utf-8"))
+        return loaded
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with self._locked():
+            text = json.dumps([*self.entries(), entry], indent=2, ensure_ascii=False) + "\n"
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def latest(self, payment_id: str) -> dict[str, Any] | None:
+        found = [e for e in self.entries() if e["id"] == payment_id]
+        return found[-1] if found else None
+
+
+class Broker:
+    """Decides and executes payment requests for the projects under one data root."""
+
+    def __init__(
+        self,
+        root: DataRoot,
+        policy: PaymentPolicy,
+        *,
+        counters: Callable[[], CounterStore],
+        fx: Mapping[str, Decimal],
+        secrets: Callable[[], SecretStore] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.root, self.policy, self.fx = root, policy, fx
+        self._counters, self._secrets, self._clock = counters, secrets, clock
+
+    def log(self, project: str) -> TransactionLog:
+        return TransactionLog(self.root.financial(project) / TRANSACTIONS_FILE)
+
+    def submit(self, request: PaymentRequest, who: Requester) -> dict[str, Any]:
+        """Decide a request; refuse, hold for approval, or pay. Returns the recorded entry."""
+        entry: dict[str, Any] = {
+            "id": "pay_" + random.token_hex(6),
+            "project": who.project,
+            "machine": who.machine,
+            "agent": who.agent,
+            **request.model_dump(mode="json"),
+        }
+        if self.policy.require_free_alternatives and not [
+            a for a in request.free_alternatives_considered if a.strip()
+        ]:
+            return self._record(
+                entry, "refused", "no_free_alternative", "list the free alternatives considered"
+            )
+        ledger = Ledger.of(self.root, who.project)
+        try:
+            primary = ledger.currency()
+        except LedgerError as exc:
+            return self._record(entry, "refused", "no_ledger", str(exc))
+        try:
+            amount = convert(request.amount, request.currency, primary, self.fx)
+        except KeyError as exc:
+            return self._record(entry, "refused", "unknown_currency", str(exc.args[0]))
+        entry.update(amount_primary=f"{amount:f}", primary_currency=primary)
+        methods = self.policy.preferred_methods()
+        if not methods:
+            return self._record(entry, "refused", "no_method", "no payment method is configured")
+        entry["method"] = methods[0].name
+        refusal = self._check_budget(who, amount, primary)
+        if refusal is not None:
+            return self._record(entry, "refused", *refusal)
+        if amount > self.policy.approval_threshold:
+            return self._record(
+                entry,
+                "pending_approval",
+                None,
+                f"{amount:f} {primary} is above the approval threshold "
+                f"{self.policy.approval_threshold:f}",
+            )
+        return self._execute(entry)
+
+    def approve(self, project: str, payment_id: str, by: str = "operator") -> dict[str, Any]:
+        """Execute a payment that waits for approval; PaymentError when it does not wait."""
+        latest = self.log(project).latest(payment_id)
+        if latest is None:
+            raise PaymentError(f"no payment {payment_id!r} in project {project!r}")
+        if latest["status"] != "pending_approval":
+            raise PaymentError(
+                f"payment {payment_id!r} is {latest['status']}, not pending_approval"
+            )
+        entry = {k: v for k, v in latest.items() if k not in {"at", "status", "reason", "detail"}}
+        entry["approved_by"] = by
+        return self._execute(entry)
+
+    def find(self, payment_id: str) -> tuple[str, dict[str, Any]]:
+        """The project and latest entry of `payment_id`, searched in every project."""
+        for log_path in sorted((self.root.root / "financial").glob(f"*/{TRANSACTIONS_FILE}")):
+            latest = TransactionLog(log_path).latest(payment_id)
+            if latest is not None:
+                return log_path.parent.name, latest
+        raise PaymentError(f"no payment {payment_id!r} in {self.root.root / 'financial'}")
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _scopes(self, who: Requester) -> list[str]:
+        scopes = [project_scope(who.project)]
+        if who.machine:
+            scopes.append(machine_scope(who.project, who.machine))
+        return scopes
+
+    def _check_budget(
+        self, who: Requester, amount: Decimal, currency: str
+    ) -> tuple[Reason, str] | None:
+        try:
+            store = self._counters()
+        except CounterError as exc:
+            return "counters_unavailable", str(exc)
+        try:
+            for scope in self._scopes(who):
+                left = store.remaining(scope, self._clock())
+                if amount > left:
+                    return _scope_reason(scope), f"{scope} has {left:f} {currency} left"
+        except UnknownScope as exc:
+            return "no_budget_scope", str(exc)
+        except CounterError as exc:
+            return "counters_unavailable", str(exc)
+        finally:
+            store.close()
+        return None
+
+    def _execute(self, entry: dict[str, Any]) -> dict[str, Any]:
+        project, amount = entry["project"], Decimal(entry["amount_primary"])
+        who = Requester(project, entry.get("machine"), entry.get("agent"))
+        method = next((m for m in self.policy.methods if m.name == entry["method"]), None)
+        if method is None:
+            return self._record(entry, "refused", "no_method", f"{entry['method']} is gone")
+        reservation = f"payment:{entry['id']}"
+        try:
+            store = self._counters()
+        except CounterError as exc:
+            return self._record(entry, "refused", "counters_unavailable", str(exc))
+        try:
+            try:
+                held = store.reserve(reservation, self._scopes(who), amount, self._clock())
+            except UnknownScope as exc:
+                return self._record(entry, "refused", "no_budget_scope", str(exc))
+            except CounterStoreUnavailable as exc:
+                return self._record(entry, "refused", "counters_unavailable", str(exc))
+            if isinstance(held, Refused):
+                return self._record(
+                    entry,
+                    "refused",
+                    _scope_reason(held.scope),
+                    f"{held.scope} has {held.left:f} {held.currency} left",
+                )
+            charge = Charge(entry["id"], entry["item"], Decimal(entry["amount"]), entry["currency"])
+            try:
+                secrets = self._secrets() if method.secret and self._secrets else None
+                receipt = get_method(method.adapter).charge(charge, secrets, method.secret)
+            except PaymentFailed as exc:
+                store.settle(reservation, Decimal(0), "payment failed", self._clock())
+                return self._record(entry, "failed", "method_failed", str(exc))
+            store.settle(reservation, amount, "payment", self._clock())
+        finally:
+            store.close()
+        entry.update(receipt=receipt.receipt_id, charged=receipt.charged)
+        recorded = self._record(entry, "completed", None, None)
+        posting_meta = {"method": method.name, "receipt": receipt.receipt_id}
+        if who.machine:
+            posting_meta["machine"] = who.machine
+        Ledger.of(self.root, project).post_payment(
+            payment=entry["id"],
+            on=dt.date.fromtimestamp(self._clock()),
+            item=entry["item"],
+            amount=amount,
+            paid=(Decimal(entry["amount"]), entry["currency"]),
+            narration=f"Purchase: {entry['item']}",
+            meta={"agent": who.agent} if who.agent else {},
+            posting_meta=posting_meta,
+        )
+        return recorded
+
+    def _record(
+        self, entry: dict[str, Any], status: Status, reason: Reason | None, detail: str | None
+    ) -> dict[str, Any]:
+        stamped = {
+            **entry,
+            "at": dt.datetime.fromtimestamp(self._clock(), dt.UTC).isoformat(),
+            "status": status,
+            "reason": reason,
+            "detail": detail,
+        }
+        self.log(entry["project"]).append(stamped)
+        return stamped
+
+
+def _scope_reason(scope: str) -> Reason:
+    return "machine_allowance" if scope.startswith("machine:") else "project_budget"
+
+
+# -- revenue -------------------------------------------------------------------------------
+
+
+def record_revenue(
+    root: DataRoot, project: str, event: RevenueEvent, fx: Mapping[str, Decimal]
+) -> tuple[str, bool]:
+    """Post `event` as `Income:Revenue:<Source>`; returns its id and whether it was new."""
+    ledger = Ledger.of(root, project)
+    primary = ledger.currency()
+    on = event.date or dt.date.today()
+    revenue_id = event.id or "rev_" + _digest(
+        [
+            project,
+            on.isoformat(),
+            event.source,
+            f"{event.amount:f}",
+            event.currency,
+            event.description,
+        ]
+    )
+    amount = convert(event.amount, event.currency, primary, fx)
+    posted = ledger.post_revenue(
+        revenue=revenue_id,
+        on=on,
+        source=event.source,
+        amount=amount,
+        received=(event.amount, event.currency),
+        narration=event.description or f"Revenue from {event.source}",
+        meta={},
+    )
+    return revenue_id, posted
+
+
+CSV_COLUMNS = ("date", "source", "amount", "currency", "description", "id")
+
+
+def read_revenue_csv(path: Path) -> list[RevenueEvent]:
+    """Rows of a revenue CSV (header: date,source,amount,currency[,description][,id])."""
+    events: list[RevenueEvent] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        unknown = set(reader.fieldnames or []) - set(CSV_COLUMNS)
+        if unknown:
+            raise PaymentError(
+                f"{path}: unknown columns {sorted(unknown)}; allowed: {', '.join(CSV_COLUMNS)}"
+            )
+        for line, row in enumerate(reader, start=2):
+            cleaned = {k: v for k, v in row.items() if v not in (None, "")}
+            try:
+                events.append(RevenueEvent.model_validate(cleaned))
+            except ValidationError as exc:
+                raise PaymentError(f"{path}:{line}: {exc}") from exc
+    return events
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]

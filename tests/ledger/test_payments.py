@@ -1,0 +1,272 @@
+"""The payment broker and revenue, through the real router on a tiny FastAPI app."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from fastapi import FastAPI, Header
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from contracts.settings import PROJECT_ROOT, Settings
+from ledger.book import Ledger
+from ledger.check import bean_check
+from ledger.cli import app as ledger_app
+from ledger.cli import payments_app
+from ledger.counters import machine_scope, open_project, project_scope
+from ledger.payments import Broker, PaymentPolicy, PaymentRequest, Requester, TransactionLog
+from orchestrator.payments_api import router
+from orchestrator.platform import Platform
+
+POLICY = {
+    "require_free_alternatives": True,
+    "approval_threshold": "25.00",
+    "preferred_crypto": "USDC",
+    "methods": [
+        {"name": "btc", "kind": "crypto", "adapter": "sandbox", "asset": "BTC"},
+        {"name": "usdc", "kind": "crypto", "adapter": "sandbox", "asset": "USDC"},
+        {"name": "card", "kind": "card", "adapter": "sandbox"},
+    ],
+}
+
+
+def principal(x_principal: str = Header("operator")) -> Any:
+    """A stand-in for the API's token guard: the operator, or `machine:<project>:<machine>`."""
+    if x_principal == "operator":
+        return None
+    _, project, machine = x_principal.split(":")
+    return SimpleNamespace(project=project, machine=machine)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, Platform]:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("models.yaml", "prices.yaml"):
+        shutil.copy(PROJECT_ROOT / "configs" / name, configs / name)
+    (configs / "payments.yaml").write_text(yaml.safe_dump(POLICY))
+    settings = Settings(data=tmp_path / "data", configs=configs)
+    monkeypatch.setenv("AUTOVIBE_DATA", str(settings.data))
+    monkeypatch.setenv("AUTOVIBE_CONFIGS", str(configs))
+    platform = Platform.from_settings(settings)
+    platform.ledger("demo").open(
+        "demo", Decimal("100"), "CAD", platform.catalog.prices.fx, dt.date.today(), funding="t1"
+    )
+    store = platform.counters()
+    open_project(
+        store,
+        "demo",
+        ["m1"],
+        amount=Decimal("100"),
+        daily_allowance=Decimal("30"),
+        currency="CAD",
+        period="once",
+        now=time.time(),
+    )
+    store.close()
+    app = FastAPI()
+    app.include_router(router(platform, principal))
+    return TestClient(app), platform
+
+
+def ask(client: TestClient, who: str = "machine:demo:m1", **overrides: Any) -> Any:
+    body = {
+        "project": "demo",
+        "item": "Dataset license",
+        "amount": "10.00",
+        "currency": "CAD",
+        "justification": "needed to run the benchmark",
+        "free_alternatives_considered": ["public mirror (outdated)"],
+        **overrides,
+    }
+    return client.post("/v1/payments", json=body, headers={"X-Principal": who})
+
+
+def test_each_refusal_reason(setup: tuple[TestClient, Platform]) -> None:
+    client, platform = setup
+    r = ask(client, free_alternatives_considered=[])
+    assert (r.status_code, r.json()["reason"]) == (403, "no_free_alternative")
+    r = ask(client, free_alternatives_considered=["  "])
+    assert r.json()["reason"] == "no_free_alternative"
+    r = ask(client, currency="XYZ")
+    assert (r.status_code, r.json()["reason"]) == (403, "unknown_currency")
+    r = ask(client, amount="40")
+    assert (r.status_code, r.json()["reason"]) == (402, "machine_allowance")
+    assert "30.000000 CAD left" in r.json()["detail"]
+    r = ask(client, who="operator", amount="150")  # no machine: the project budget alone
+    assert (r.status_code, r.json()["reason"]) == (402, "project_budget")
+    r = ask(client, project="nope", who="operator")
+    assert (r.status_code, r.json()["reason"]) == (403, "no_ledger")
+    r = client.post(
+        "/v1/projects/demo/payments",
+        json={
+            "item": "x",
+            "amount": "1",
+            "currency": "CAD",
+            "justification": "y",
+            "free_alternatives_considered": [],
+        },
+        headers={"X-Principal": "machine:demo:m1"},
+    )
+    assert r.json()["reason"] == "no_free_alternative"
+    # A machine token acts only for its own project and as its own machine.
+    assert ask(client, who="machine:other:m1").status_code == 403
+    assert ask(client, machine="m2").status_code == 403
+
+    attempts = TransactionLog(platform.root.financial("demo") / "transactions.json").entries()
+    assert [a["reason"] for a in attempts] == [
+        "no_free_alternative",
+        "no_free_alternative",
+        "unknown_currency",
+        "machine_allowance",
+        "project_budget",
+        "no_free_alternative",
+    ]
+    assert all(a["status"] == "refused" for a in attempts)
+    assert Ledger.of(platform.root, "demo").spent() == 0
+
+
+def test_payment_moves_money_once_and_picks_the_card(setup: tuple[TestClient, Platform]) -> None:
+    client, platform = setup
+    r = ask(client, agent="aider")
+    assert r.status_code == 201, r.text
+    entry = r.json()
+    assert entry["status"] == "completed"
+    assert entry["method"] == "card"  # card before the preferred crypto before other crypto
+    assert entry["receipt"].startswith("sandbox-") and entry["charged"] is False
+
+    ledger = Ledger.of(platform.root, "demo")
+    assert bean_check(ledger.path) == []
+    assert ledger.spent() == Decimal("10")
+    assert ledger.remaining() == Decimal("90")
+    text = ledger.path.read_text()
+    assert "Expenses:Purchases:Dataset-license  10.000000 CAD" in text
+    assert f'payment: "{entry["id"]}"' in text
+    store = platform.counters()
+    try:
+        assert store.remaining(project_scope("demo")) == Decimal("90")
+        assert store.remaining(machine_scope("demo", "m1")) == Decimal("20")
+    finally:
+        store.close()
+    # The allowance now left is 20: a second 25 CAD request is refused for it.
+    assert ask(client, amount="25").json()["reason"] == "machine_allowance"
+
+
+def test_method_preference_without_card() -> None:
+    policy = PaymentPolicy.model_validate({**POLICY, "methods": POLICY["methods"][:2]})
+    assert [m.name for m in policy.preferred_methods()] == ["usdc", "btc"]
+
+
+def test_approval_flow(setup: tuple[TestClient, Platform]) -> None:
+    client, platform = setup
+    r = ask(client, amount="20", currency="USD")  # 27.60 CAD, above the 25 CAD threshold
+    assert r.status_code == 202, r.text
+    pending = r.json()
+    assert pending["status"] == "pending_approval"
+    assert pending["amount_primary"] == "27.600000"
+    ledger = Ledger.of(platform.root, "demo")
+    assert ledger.spent() == 0
+
+    # Approved by the operator, it is paid then: the allowance (30 CAD) covers it.
+    out = CliRunner().invoke(payments_app, [pending["id"]])
+    assert out.exit_code == 0, out.output
+    assert ledger.spent() == Decimal("27.6")
+    assert bean_check(ledger.path) == []
+
+
+def test_approve_executes_a_pending_payment(setup: tuple[TestClient, Platform]) -> None:
+    client, platform = setup
+    paid = ask(client, amount="18", currency="USD").json()  # 24.84 CAD: below the threshold
+    assert paid["status"] == "completed"
+    pending = ask(client, who="operator", amount="26").json()
+    assert pending["status"] == "pending_approval"
+
+    out = CliRunner().invoke(payments_app, [pending["id"]])
+    assert out.exit_code == 0, out.output
+    assert "completed" in out.output
+    again = CliRunner().invoke(payments_app, [pending["id"]])
+    assert again.exit_code == 1
+    assert "is completed, not pending_approval" in again.output
+
+    ledger = Ledger.of(platform.root, "demo")
+    assert bean_check(ledger.path) == []
+    assert ledger.spent() == Decimal("50.84")
+    attempts = TransactionLog(platform.root.financial("demo") / "transactions.json").entries()
+    assert [(a["status"], a.get("approved_by")) for a in attempts] == [
+        ("completed", None),
+        ("pending_approval", None),
+        ("completed", "operator"),
+    ]
+    assert attempts[1]["id"] == attempts[2]["id"]
+
+
+def test_no_configured_method_is_refused(setup: tuple[TestClient, Platform]) -> None:
+    _, platform = setup
+    broker = Broker(
+        platform.root,
+        PaymentPolicy.model_validate({**POLICY, "methods": []}),
+        counters=platform.counters,
+        fx=platform.catalog.prices.fx,
+    )
+    request = PaymentRequest(
+        item="x",
+        amount=Decimal(1),
+        currency="CAD",
+        justification="y",
+        free_alternatives_considered=["z"],
+    )
+    entry = broker.submit(request, Requester("demo", "m1"))
+    assert (entry["status"], entry["reason"]) == ("refused", "no_method")
+    log = json.loads((platform.root.financial("demo") / "transactions.json").read_text())
+    assert log[-1]["id"] == entry["id"]
+
+
+def test_revenue_api_and_csv_import(setup: tuple[TestClient, Platform], tmp_path: Path) -> None:
+    client, platform = setup
+    # Income dated before the ledger was opened: its accounts open on that date.
+    csv_file = tmp_path / "revenue.csv"
+    csv_file.write_text(
+        "date,source,amount,currency,description\n"
+        "2025-03-01,consulting,100.00,CAD,March invoice\n"
+        "2025-03-02,bug bounty,10,EUR,\n"
+    )
+    out = CliRunner().invoke(ledger_app, ["revenue", "import", str(csv_file), "--project", "demo"])
+    assert out.exit_code == 0, out.output
+    again = CliRunner().invoke(
+        ledger_app, ["revenue", "import", str(csv_file), "--project", "demo"]
+    )
+    assert again.output.count("already posted") == 2
+
+    body = {
+        "project": "demo",
+        "source": "bug bounty",
+        "amount": "50",
+        "currency": "USD",
+        "id": "b1",
+    }
+    r = client.post("/v1/revenue", json=body)
+    assert (r.status_code, r.json()) == (201, {"id": "b1", "project": "demo", "posted": True})
+    assert client.post("/v1/revenue", json=body).json()["posted"] is False  # idempotent
+    r = client.post("/v1/revenue", json=body, headers={"X-Principal": "machine:other:m1"})
+    assert r.status_code == 403
+    r = client.post("/v1/projects/demo/revenue", json={**body, "project": None, "id": "b2"})
+    assert r.json() == {"id": "b2", "project": "demo", "posted": True}
+
+    ledger = Ledger.of(platform.root, "demo")
+    assert bean_check(ledger.path) == []
+    text = ledger.path.read_text()
+    assert "Income:Revenue:Consulting  -100.000000 CAD" in text
+    assert "Income:Revenue:Bug-bounty  -69.000000 CAD" in text  # 50 USD × 1.38
+    assert "Income:Revenue:Bug-bounty  -15.000000 CAD" in text  # 10 EUR / 0.92 × 1.38
+    out = CliRunner().invoke(ledger_app, ["pnl", "demo"])
+    assert out.exit_code == 0, out.output
+    assert "253.00" in out.output  # 100 + 15 + 69 + 69
