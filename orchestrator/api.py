@@ -30,6 +30,7 @@ from orchestrator.planning import plan
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler, cancel
 from orchestrator.state import Assignment, Trial, utcnow
+from workers.agents import install as agent_install
 
 log = logging.getLogger("autovibe.api")
 
@@ -166,6 +167,17 @@ def validate_trial(platform: Platform, body: dict[str, Any]) -> TrialConfig:
         }
         for i, t in enumerate(config.tasks)
         if not Path(t.repo).is_dir()
+    ]
+    # Refused now, not as a failure mid-run: every agent must be installed on this machine.
+    missing += [
+        {
+            "type": "agent_not_installed",
+            "loc": ("body", "agents", i),
+            "msg": agent_install.install_hint(name),
+            "input": name,
+        }
+        for i, name in enumerate(config.agents)
+        if not agent_install.is_installed(name, platform.root.root)
     ]
     if missing:
         raise RequestValidationError(missing)

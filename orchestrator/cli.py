@@ -28,6 +28,7 @@ from retention.checkpoints_cli import app as checkpoints_app
 from retention.cli import app as retention_app
 from secretstore.cli import app as secrets_app
 from serving.cli import app as models_app
+from workers.agents_cli import app as agents_app
 from workers.operator_cli import app as worker_app
 from workers.vm_cli import app as vm_app
 
@@ -36,7 +37,6 @@ app = typer.Typer(
 )
 trial_app = typer.Typer(help="Submit, follow and report trials.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration files and their schema.", no_args_is_help=True)
-agents_app = typer.Typer(help="Agent adapters.", no_args_is_help=True)
 app.add_typer(trial_app, name="trial")
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
@@ -295,15 +295,6 @@ def check_trial(file: Path) -> None:
         f"{file}: valid ({len(config.tasks)} tasks, agents {', '.join(config.agents)}, "
         f"pairs {', '.join(config.model_pairs)})"
     )
-
-
-@agents_app.command("ls")
-def agents_ls() -> None:
-    """Known agent adapters and their versions."""
-    from workers.agents import AGENTS, get_agent
-
-    for name in sorted(AGENTS):
-        console.print(f"{name:16} {get_agent(name).version()}")
 
 
 # -- demo ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from contracts.credentials import MachineIdentity, mint, proxy_url
 from ledger.book import InferenceItem
 from orchestrator.platform import Platform
 from orchestrator.state import ASSIGNMENT_DONE, TRIAL_ACTIVE, Assignment, Trial, utcnow
+from workers.agents import get_agent
 from workers.spec import AssignmentSpec, SandboxSpec
 
 log = logging.getLogger("autovibe.scheduler")
@@ -242,7 +243,11 @@ class Scheduler:
                 memory_mb=config.sandbox.memory_mb,
                 cpus=config.sandbox.cpus,
                 hidden=[self.p.root.root],
-                read_only=[self.p.root.ca_cert],
+                # The agent's install folder (<data>/agents/<name>/) is under the hidden root.
+                read_only=[
+                    self.p.root.ca_cert,
+                    *get_agent(a.agent, self.p.root.root).read_only_paths(self.p.root.root),
+                ],
             )
         # In the sandbox the proxy is bridged onto its loopback, whatever host it listens on.
         host = "127.0.0.1" if sandbox else st.host
@@ -282,6 +287,7 @@ class Scheduler:
             endpoint=st.model_url,
             env=env,
             artifacts=self._artifacts(config, trial_id, a.id),
+            data_root=self.p.root.root,
             sandbox=sandbox,
         )
 

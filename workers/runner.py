@@ -58,7 +58,7 @@ def kill_group(pid: int, leader: subprocess.Popen[bytes] | None = None) -> None:
 
 
 def run_agent(spec: AssignmentSpec) -> AgentOutcome:
-    agent = get_agent(spec.agent)
+    agent = get_agent(spec.agent, spec.data_root)
     run = AgentRun(
         workspace=spec.workspace,
         prompt=spec.prompt,

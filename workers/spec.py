@@ -44,6 +44,8 @@ class AssignmentSpec(BaseModel):
     """Worker environment: proxy with machine credential, CA bundle, model endpoint."""
     artifacts: Path
     """The assignment's folder under worker-artifacts/<project>/<trial>/<assignment>/."""
+    data_root: Path | None = None
+    """The data root agents are installed under (`<data>/agents/<name>/`); None: $AUTOVIBE_DATA."""
     sandbox: SandboxSpec | None = None
     """Run the agent sandboxed; None runs it as a plain subprocess."""
 

@@ -76,7 +76,7 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
         (
             lambda d: d.update(agents=["aider-x"]),
             ["body", "agents", 0],
-            "unknown agent 'aider-x'; allowed: builtin",
+            "unknown agent 'aider-x'; allowed: aider, builtin, claude-code",
         ),
         (
             lambda d: d.update(model_pairs=["big"]),
@@ -101,6 +101,11 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
             "does not exist",
         ),
         (lambda d: d.update(driver="k8s"), ["body", "driver"], "'local'"),
+        (
+            lambda d: d.update(agents=["builtin", "aider"]),
+            ["body", "agents", 1],
+            "not installed: run `autovibe agents install aider`",
+        ),
     ],
 )
 def test_bad_input_is_422_naming_field_and_nothing_is_created(

@@ -47,7 +47,7 @@ def test_schema_file_is_current() -> None:
             lambda d: d.update(agents=["builtin", "aidr"]),
             "agents.1",
             "aidr",
-            "unknown agent 'aidr'; allowed: builtin",
+            "unknown agent 'aidr'; allowed: aider, builtin, claude-code",
         ),
         (
             lambda d: d.update(model_pairs=["qwen-99b"]),
@@ -120,4 +120,4 @@ def test_cli_reports_bad_file_with_exit_2(tmp_path: Path, demo_trial: dict[str, 
     path = write(tmp_path, demo_trial)
     result = CliRunner().invoke(app, ["config", "check", str(path)])
     assert result.exit_code == 2
-    assert "unknown agent 'nope'; allowed: builtin" in result.output
+    assert "unknown agent 'nope'; allowed: aider, builtin, claude-code" in result.output

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 
 from workers.agents.base import Agent
 
 # short name -> "module:Class"; imported only when used, so an agent's deps stay optional.
 AGENTS: dict[str, str] = {
     "builtin": "workers.agents.builtin:BuiltinAgent",
+    "mini-swe-agent": "workers.agents.mini_swe_agent:MiniSweAgent",
+    "aider": "workers.agents.aider:AiderAgent",
+    "claude-code": "workers.agents.claude_code:ClaudeCodeAgent",
+    "qwen-code": "workers.agents.qwen_code:QwenCodeAgent",
+    "cursor-cli": "workers.agents.cursor_cli:CursorCliAgent",
 }
 
 
@@ -16,10 +22,13 @@ class UnknownAgent(KeyError):
     pass
 
 
-def get_agent(name: str) -> Agent:
+def get_agent(name: str, root: Path | None = None) -> Agent:
+    """The adapter for `name`; installed agents are looked up under data root `root`
+    (default: `Settings().data`)."""
     try:
         module, cls = AGENTS[name].split(":")
     except KeyError as exc:
         raise UnknownAgent(f"unknown agent {name!r}; allowed: {', '.join(sorted(AGENTS))}") from exc
-    agent: Agent = getattr(import_module(module), cls)()
+    factory = getattr(import_module(module), cls)
+    agent: Agent = factory() if name == "builtin" else factory(root)
     return agent

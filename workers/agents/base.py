@@ -76,6 +76,10 @@ class Agent(Protocol):
         """Read what the agent left in `run.artifacts` after its process group ended."""
         ...
 
+    def read_only_paths(self, root: Path) -> list[Path]:
+        """Folders under data root `root` the agent needs, shown read-only in the sandbox."""
+        ...
+
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:
     """Complete lines of a JSONL file; a last line cut short by a kill is left out."""

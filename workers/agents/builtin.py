@@ -79,6 +79,9 @@ class BuiltinAgent:
         except PackageNotFoundError:
             return "unknown"
 
+    def read_only_paths(self, root: Path) -> list[Path]:
+        return []  # runs from the platform's own interpreter and code
+
     def command(self, run: AgentRun) -> list[str]:
         return [
             sys.executable,

@@ -1,0 +1,88 @@
+"""aider (PyPI `aider-chat`): one `--message-file` turn, every question answered yes, no git.
+
+The model is `openai/<model>` at `--openai-api-base` (litellm underneath); the workspace is
+not a git repository aider may commit to (`--no-git`; the runner diffs the workspace
+itself). aider has no step limit: one message is one turn of edits plus its reflections,
+bounded by the runner's timeout. Its chat history (Markdown) is the transcript; the token
+counts it prints there ("Tokens: 1.2k sent, 45 received.") are its reported usage.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from workers.agents.base import AgentOutcome, AgentRun, AgentUsage
+from workers.agents.installed import InstalledAgent, exit_cause
+
+CHAT_HISTORY = "aider.chat.history.md"
+LLM_HISTORY = "aider.llm.history"
+TOKENS = re.compile(r"Tokens: ([\d.]+)(k?) sent(?:,[^,\n]*?)*?, ([\d.]+)(k?) received")
+
+
+class AiderAgent(InstalledAgent):
+    name = "aider"
+
+    def command(self, run: AgentRun) -> list[str]:
+        return [
+            *self.env_prefix(
+                run,
+                AIDER_ANALYTICS="false",
+                LITELLM_LOCAL_MODEL_COST_MAP="True",
+            ),
+            str(self.program),
+            "--model", f"openai/{run.model}",
+            "--openai-api-base", run.endpoint,
+            "--message-file", str(run.artifacts / "prompt.txt"),
+            "--yes-always",
+            "--no-git",
+            "--no-auto-commits",
+            "--no-check-update",
+            "--no-analytics",
+            "--no-show-model-warnings",
+            "--no-show-release-notes",
+            "--no-pretty",
+            "--no-fancy-input",
+            "--no-detect-urls",
+            "--map-tokens", "0",
+            "--chat-history-file", str(run.artifacts / CHAT_HISTORY),
+            "--input-history-file", str(run.artifacts / "aider.input.history"),
+            "--llm-history-file", str(run.artifacts / LLM_HISTORY),
+        ]  # fmt: skip
+
+    def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
+        transcript = run.artifacts / CHAT_HISTORY
+        text = _read(transcript)
+        usage = chat_usage(text)
+        log = _read(run.artifacts / "agent.log")
+        return AgentOutcome(
+            exit_cause=exit_cause(exit_code, timed_out, _errors(text + "\n" + log)),
+            exit_code=exit_code,
+            transcript=transcript,
+            usage=usage,
+            version=self.version(),
+            detail=f"{usage.calls} model calls reported in {CHAT_HISTORY}"
+            if text
+            else f"no {CHAT_HISTORY}: aider ended before its first turn",
+        )
+
+
+def chat_usage(text: str) -> AgentUsage:
+    """Calls and tokens from aider's "Tokens: … sent, … received." lines."""
+    usage = AgentUsage()
+    for sent, sent_k, received, received_k in TOKENS.findall(text):
+        usage.calls += 1
+        usage.prompt_tokens += round(float(sent) * (1000 if sent_k else 1))
+        usage.completion_tokens += round(float(received) * (1000 if received_k else 1))
+    return usage
+
+
+def _errors(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if "Error" in line or "402" in line)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
