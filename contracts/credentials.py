@@ -1,7 +1,9 @@
 """Machine credentials: short-lived, signed tokens that a worker presents as proxy auth.
 
 The orchestrator mints one per assignment; the proxy verifies it with the same key and learns
-who is calling (project, trial, assignment, machine) without a shared database.
+who is calling (project, trial, assignment, machine) without a shared database. When the
+assignment ends the orchestrator revokes its credential: the assignment id is appended to a
+small append-only file next to the key, which the proxy re-reads whenever it changes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +22,8 @@ from pathlib import Path
 from contracts.dataroot import DataRoot, write_secret_file
 
 KEY_FILE = "machine-credential.key"
+REVOKED_FILE = "revoked-assignments"
+"""One revoked assignment id a line, appended to and never rewritten."""
 
 
 class CredentialError(Exception):
@@ -82,3 +88,56 @@ def proxy_url(host: str, port: int, machine: str, token: str) -> str:
 
 def key_path(root: DataRoot) -> Path:
     return root.secrets / KEY_FILE
+
+
+def revoked_path(root: DataRoot) -> Path:
+    return root.secrets / REVOKED_FILE
+
+
+def revoke(root: DataRoot, assignment: str) -> None:
+    """Refuse the assignment's machine credential from now on (idempotent)."""
+    if not assignment or "\n" in assignment:
+        raise CredentialError(f"cannot revoke assignment id {assignment!r}")
+    if is_revoked(root, assignment):
+        return
+    path = revoked_path(root)
+    DataRoot.ensure(path.parent, mode=0o700)
+    # One short O_APPEND write per id: concurrent revocations never interleave within a line.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{assignment}\n".encode())
+    finally:
+        os.close(fd)
+
+
+class _RevokedCache:
+    """The revocation list as last read, read again only when the file's stat changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[tuple[int, int, int], frozenset[str]]] = {}
+
+    def ids(self, path: Path) -> frozenset[str]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return frozenset()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._seen.get(path)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        # A line still being appended has no newline yet; it is read complete next time.
+        text = path.read_text()
+        ids = frozenset(line for line in text.split("\n")[:-1] if line)
+        with self._lock:
+            self._seen[path] = (stamp, ids)
+        return ids
+
+
+_revoked = _RevokedCache()
+
+
+def is_revoked(root: DataRoot, assignment: str) -> bool:
+    """Whether the assignment's credential was revoked (a stat per call, a read per change)."""
+    return assignment in _revoked.ids(revoked_path(root))

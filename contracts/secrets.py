@@ -6,10 +6,15 @@ Paths are folder-like (`providers/openai`); every value is one string. Adapters 
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 PATH_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+REDACTED = "[REDACTED]"
+MIN_SECRET_LEN = 6
+"""Shorter store values are not searched for: they would redact ordinary words."""
 
 
 class SecretStoreError(Exception):
@@ -71,3 +76,16 @@ def mask(value: str) -> str:
     if len(value) >= 16:
         return f"{value[:3]}…{value[-4:]}"
     return "****"
+
+
+def redactable(values: Iterable[str]) -> list[str]:
+    """The store values worth searching for, each also as it appears escaped inside JSON."""
+    long_enough = [v for v in values if len(v) >= MIN_SECRET_LEN]
+    return sorted({*long_enough, *(json.dumps(v)[1:-1] for v in long_enough)})
+
+
+def redact_text(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every occurrence of each secret replaced by `[REDACTED]`, longest first."""
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text

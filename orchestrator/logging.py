@@ -1,41 +1,14 @@
-"""Structured logs: one JSON object per line, for Filebeat / Elasticsearch and `jq`.
-
-Every record carries `ts` (RFC 3339, UTC), `level`, `logger` and `msg`; anything passed with
-`extra={...}` becomes a field of its own, and an exception its `exc` text.
-"""
+"""The API's logs as JSON lines (`contracts.logs`), uvicorn's included."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
-import os
-import sys
 from typing import Any
 
-# The attributes every LogRecord has; anything else on a record came from `extra`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+from contracts import logs
+from contracts.logs import JsonFormatter
 
-
-class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line; values JSON cannot hold are written as `str()`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            "pid": record.process,
-        }
-        out |= {k: v for k, v in vars(record).items() if k not in _STANDARD}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+__all__ = ["JsonFormatter", "configure"]
 
 
 def configure(level: str | None = None, stream: Any = None) -> logging.Handler:
@@ -43,11 +16,7 @@ def configure(level: str | None = None, stream: Any = None) -> logging.Handler:
 
     The level comes from `level`, else `$AUTOVIBE_LOG_LEVEL`, else INFO.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("AUTOVIBE_LOG_LEVEL") or "INFO").upper())
+    handler = logs.configure(level, stream)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

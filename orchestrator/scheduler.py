@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 
 from contracts.config import TrialConfig
-from contracts.credentials import MachineIdentity, mint, proxy_url
+from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from ledger.book import InferenceItem
 from orchestrator.platform import Platform
 from orchestrator.state import ASSIGNMENT_DONE, TRIAL_ACTIVE, Assignment, Trial, utcnow
@@ -142,6 +142,7 @@ class Scheduler:
             a = s.get_one(Assignment, assignment_id)
             if a.attempts >= MAX_ATTEMPTS:
                 detail = f"runner died without a result {a.attempts} times"
+                revoke(self.p.root, assignment_id)
                 a.state, a.exit_cause, a.finished_at = "failed", "infra", utcnow()
                 a.result = {"infra_error": detail}
                 self.p.store.add_event(
@@ -155,6 +156,7 @@ class Scheduler:
 
     def finish(self, assignment_id: str, result: dict[str, Any]) -> None:
         """Record an assignment's ending once: post its metered spend, then mark it done."""
+        revoke(self.p.root, assignment_id)
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
             if a.state in ASSIGNMENT_DONE:

@@ -10,6 +10,7 @@ from proxy.addons.capture import Capture
 from proxy.addons.identity import Identity
 from proxy.addons.indexer import Indexer
 from proxy.addons.injection import Injection
+from proxy.addons.jsonlog import JsonLog
 from proxy.addons.metering import Metering
 
-addons = [Identity(), Metering(), Budget(), Injection(), Capture(), Indexer()]
+addons = [JsonLog(), Identity(), Metering(), Budget(), Injection(), Capture(), Indexer()]

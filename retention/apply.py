@@ -38,7 +38,8 @@ class Action:
     size: int
     """Bytes of the files it removes (protected files excluded)."""
     age_days: int
-    action: Literal["delete"] = "delete"
+    action: Literal["delete", "compress"] = "delete"
+    """`compress`: `path` is one file, `size` its bytes (`retention.compress`)."""
 
 
 def plan(root: DataRoot, policy: RetentionPolicy, now: dt.datetime) -> list[Action]:
@@ -66,6 +67,8 @@ def apply(actions: Sequence[Action], root: DataRoot, policy: RetentionPolicy) ->
     is deleted. A path already gone is skipped.
     """
     for action in actions:
+        if action.action != "delete":
+            raise RetentionError(f"refusing to delete {action.path}: planned to {action.action}")
         _check(action.path, root, policy)
     done = []
     for action in actions:

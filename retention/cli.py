@@ -15,6 +15,7 @@ from rich.table import Table
 from contracts.config import ConfigError
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
+from retention import compress
 from retention import render as render_mod
 from retention.apply import Action, RetentionError, plan
 from retention.apply import apply as apply_actions
@@ -55,41 +56,62 @@ def _table(actions: list[Action], root: DataRoot, title: str) -> Table:
     table.add_column("path")
     table.add_column("age (days)", justify="right")
     table.add_column("size", justify="right")
+    table.add_column("action")
     for a in actions:
-        table.add_row(str(a.path.relative_to(root.root)), str(a.age_days), decimal(a.size))
+        table.add_row(
+            str(a.path.relative_to(root.root)), str(a.age_days), decimal(a.size), a.action
+        )
     table.add_section()
-    table.add_row(f"{len(actions)} folders", "", decimal(sum(a.size for a in actions)))
+    unit = "folders" if all(a.action == "delete" for a in actions) else "files"
+    table.add_row(f"{len(actions)} {unit}", "", decimal(sum(a.size for a in actions)))
     return table
 
 
 @app.command()
 def apply(
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="List what has expired; delete nothing.")
+        bool, typer.Option("--dry-run", help="List what would change; change nothing.")
     ] = False,
     policy: PolicyOption = None,
 ) -> None:
-    """Delete everything the policy says has expired under the data root, listing it first."""
+    """Delete what the policy says has expired and LZ4-compress what it says to, listing both."""
     _, rules = _load(policy)
     root = DataRoot.at(Settings().data)
+    now = dt.datetime.now(dt.UTC)
     try:
-        actions = plan(root, rules, dt.datetime.now(dt.UTC))
+        deletes = plan(root, rules, now)
+        compressions = compress.plan(root, rules, now)
     except OSError as exc:
         raise _fail(f"cannot read {exc.filename}: {exc.strerror}") from exc
-    if not actions:
+    if not deletes and not compressions:
         console.print(f"nothing has expired under {root.root}")
         return
-    verb = "would delete (dry run)" if dry_run else "deleting"
-    console.print(_table(actions, root, f"{verb} under {root.root}"))
+    for actions, verb, doing in (
+        (deletes, "delete", "deleting"),
+        (compressions, "compress", "compressing"),
+    ):
+        if actions:
+            title = f"would {verb} (dry run)" if dry_run else doing
+            console.print(_table(actions, root, f"{title} under {root.root}"))
     if dry_run:
         return
     try:
-        done = apply_actions(actions, root, rules)
+        deleted = apply_actions(deletes, root, rules)
+        compressed = compress.apply(compressions, root, rules)
     except RetentionError as exc:
         raise _fail(str(exc)) from exc
     except OSError as exc:
-        raise _fail(f"cannot delete {exc.filename}: {exc.strerror}") from exc
-    console.print(f"deleted {len(done)} folders, {decimal(sum(a.size for a in done))} freed")
+        raise _fail(f"cannot change {exc.filename}: {exc.strerror}") from exc
+    if deletes:
+        console.print(
+            f"deleted {len(deleted)} folders, {decimal(sum(a.size for a in deleted))} freed"
+        )
+    if compressions:
+        before = sum(a.size for a in compressions if a.path in {d.path for d in compressed})
+        console.print(
+            f"compressed {len(compressed)} files, "
+            f"{decimal(before)} → {decimal(sum(a.size for a in compressed))}"
+        )
 
 
 @app.command()

@@ -37,7 +37,7 @@ class DirectoryPolicy(_Strict):
     never_delete: bool = False
     """Keep it whatever its age: `keep_days` is then what people are told, not what runs."""
     compress_after_days: Days | None = None
-    """LZ4-compress after this many days (modelled; not performed yet)."""
+    """LZ4-compress files older than this many days, in place (`retention.compress`)."""
 
     @model_validator(mode="after")
     def _expiry_is_readable(self) -> DirectoryPolicy:

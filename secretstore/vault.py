@@ -2,11 +2,15 @@
 
 Each secret is one KV v2 entry whose data is `{"value": <secret>}`, at `<mount>/data/<path>`.
 The adapter logs in with AppRole (role_id + secret_id) or uses a given token; when an AppRole
-token has expired it logs in again once and retries.
+token has expired it logs in again once and retries. `encrypt`/`decrypt` use the transit
+engine (at `transit_mount`) for sensitive fields kept at rest outside Vault: only the
+`vault:v<n>:...` ciphertext is stored, the key never leaves Vault.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -38,6 +42,7 @@ class VaultSecretStore:
         secret_id: str | None = None,
         mount_point: str = "secret",
         approle_mount: str = "approle",
+        transit_mount: str = "transit",
         namespace: str | None = None,
         verify: bool | str = True,
         timeout: float = 10,
@@ -50,6 +55,7 @@ class VaultSecretStore:
         self.url = url
         self.mount_point = mount_point.strip("/")
         self.approle_mount = approle_mount.strip("/")
+        self.transit_mount = transit_mount.strip("/")
         self._role = (role_id, secret_id) if role_id and secret_id else None
         self.client = hvac.Client(
             url=url, token=token, namespace=namespace, verify=verify, timeout=timeout
@@ -59,7 +65,8 @@ class VaultSecretStore:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], root: DataRoot) -> VaultSecretStore:
-        """Configured by Vault's own variables plus `AUTOVIBE_VAULT_MOUNT` (default `secret`)."""
+        """Vault's own variables plus `AUTOVIBE_VAULT_MOUNT` (default `secret`) and
+        `AUTOVIBE_VAULT_TRANSIT_MOUNT` (default `transit`)."""
         url = env.get("VAULT_ADDR")
         if not url:
             raise SecretStoreError(
@@ -72,6 +79,7 @@ class VaultSecretStore:
             role_id=env.get("VAULT_ROLE_ID"),
             secret_id=env.get("VAULT_SECRET_ID"),
             mount_point=env.get("AUTOVIBE_VAULT_MOUNT", "secret"),
+            transit_mount=env.get("AUTOVIBE_VAULT_TRANSIT_MOUNT", "transit"),
             namespace=env.get("VAULT_NAMESPACE"),
             verify=cacert if cacert else env.get("VAULT_SKIP_VERIFY", "") not in ("1", "true"),
         )
@@ -137,6 +145,52 @@ class VaultSecretStore:
         """Below `prefix`, skipping sub-folders the policy does not let this identity list."""
         folder = check_prefix(prefix)
         return sorted(self._walk(f"{folder}/" if folder else "", top=True))
+
+    # -- transit: encryption of fields at rest -------------------------------------------------
+
+    def encrypt(self, key_name: str, plaintext: str) -> str:
+        """`plaintext` encrypted with the transit key `key_name`: a `vault:v<n>:...` string."""
+        where = self._transit_where("encrypt", key_name)
+        encoded = base64.b64encode(plaintext.encode()).decode()
+        response = self._transit(
+            lambda: self.client.secrets.transit.encrypt_data(
+                name=key_name, plaintext=encoded, mount_point=self.transit_mount
+            ),
+            f"encrypt with {where}",
+        )
+        ciphertext: str = response["data"]["ciphertext"]
+        return ciphertext
+
+    def decrypt(self, key_name: str, ciphertext: str) -> str:
+        """The plaintext of a `vault:v<n>:...` string made by `encrypt` with the same key."""
+        where = self._transit_where("decrypt", key_name)
+        response = self._transit(
+            lambda: self.client.secrets.transit.decrypt_data(
+                name=key_name, ciphertext=ciphertext, mount_point=self.transit_mount
+            ),
+            f"decrypt with {where}",
+        )
+        try:
+            return base64.b64decode(response["data"]["plaintext"], validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise SecretStoreError(
+                f"{where} returned a plaintext that is not base64 UTF-8 text: {exc}"
+            ) from exc
+
+    def _transit(self, request: Callable[[], T], what: str) -> T:
+        try:
+            return self._call(request, what)
+        except vault_errors.InvalidPath as exc:
+            raise SecretStoreError(
+                f"Vault could not {what}: no transit engine there (enable it with "
+                f"`vault secrets enable -path={self.transit_mount} transit`)"
+            ) from exc
+
+    def _transit_where(self, action: str, key_name: str) -> str:
+        if "/" in key_name:
+            raise SecretStoreError(f"invalid transit key name {key_name!r}: no '/' allowed")
+        check_path(key_name)
+        return f"transit key {key_name!r} ({self.url}/v1/{self.transit_mount}/{action}/{key_name})"
 
     # -- plumbing ----------------------------------------------------------------------------
 

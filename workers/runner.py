@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers import grading, sandbox, workspace
+from workers import grading, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
@@ -136,6 +136,9 @@ def run(spec: AssignmentSpec) -> dict[str, Any]:
         )
         _write_json_atomic(report_path, failed)
         raise
+    finally:
+        # The agent has stopped: no stored secret it saw stays in what it left behind.
+        redact.redact_artifacts(spec.artifacts, spec.data_root)
     _write_json_atomic(
         report_path,
         grading.swebench_report(
@@ -160,6 +163,9 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from contracts.logs import configure
+
+    configure()  # runner.log: JSON lines, as Filebeat ships them
     signal.signal(signal.SIGTERM, _terminate)
     spec = AssignmentSpec.model_validate_json(Path(argv[1]).read_text())
     lock = spec.lock_path.open("w")

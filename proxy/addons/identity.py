@@ -3,7 +3,8 @@
 A worker's proxy URL is `http://<machine>:<token>@host:port`. Plain HTTP requests carry the
 credential on every request; a CONNECT carries it once and the requests tunnelled through that
 client connection inherit it. Anything without a valid credential is answered 407 here and
-never reaches the upstream.
+never reaches the upstream; so is a credential whose assignment has ended (revoked), even on
+a tunnel that was opened before the revocation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from collections.abc import MutableMapping
 from mitmproxy import connection, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from contracts.credentials import CredentialError, MachineIdentity, load_or_create_key, verify
+from contracts.credentials import (
+    CredentialError,
+    MachineIdentity,
+    is_revoked,
+    load_or_create_key,
+    verify,
+)
+from contracts.dataroot import DataRoot
 from proxy.addons import dataroot
 from proxy.addons.refusal import fail_closed, refuse
 
@@ -40,6 +48,7 @@ def identity_of(flow: http.HTTPFlow) -> MachineIdentity | None:
 class Identity:
     def __init__(self) -> None:
         self.key: bytes | None = None
+        self.root: DataRoot | None = None
         # Identities proven by a CONNECT, for the requests tunnelled through that connection.
         self.tunnels: MutableMapping[connection.Client, MachineIdentity] = (
             weakref.WeakKeyDictionary()
@@ -53,6 +62,7 @@ class Identity:
             root = dataroot.current()
             try:
                 self.key = load_or_create_key(root)
+                self.root = root
             except (OSError, ValueError) as exc:
                 raise exceptions.OptionsError(
                     f"cannot read the machine-credential key under {root.secrets}: {exc}"
@@ -71,8 +81,13 @@ class Identity:
             return
         tunnelled = self.tunnels.get(flow.client_conn)
         if tunnelled is not None:
-            flow.metadata[METADATA_KEY] = tunnelled
             flow.request.headers.pop("Proxy-Authorization", None)
+            try:
+                self._check_not_revoked(tunnelled)
+            except ProxyAuthError as exc:
+                self._refuse(flow, exc)
+                return
+            flow.metadata[METADATA_KEY] = tunnelled
             return
         self._authenticate(flow)
 
@@ -82,16 +97,26 @@ class Identity:
         try:
             identity = self._verify(header)
         except ProxyAuthError as exc:
-            log.info("proxy auth refused for %s: %s", flow.client_conn.peername, exc)
-            refuse(
-                flow,
-                407,
-                {"error": "proxy_auth", "detail": str(exc)},
-                {"Proxy-Authenticate": REALM},
-            )
+            self._refuse(flow, exc)
             return False
         flow.metadata[METADATA_KEY] = identity
         return True
+
+    def _refuse(self, flow: http.HTTPFlow, exc: ProxyAuthError) -> None:
+        log.info("proxy auth refused for %s: %s", flow.client_conn.peername, exc)
+        refuse(
+            flow,
+            407,
+            {"error": "proxy_auth", "detail": str(exc)},
+            {"Proxy-Authenticate": REALM},
+        )
+
+    def _check_not_revoked(self, identity: MachineIdentity) -> None:
+        if self.root is not None and is_revoked(self.root, identity.assignment):
+            raise ProxyAuthError(
+                f"machine credential for assignment {identity.assignment!r} was revoked: "
+                "the assignment has ended"
+            )
 
     def _verify(self, header: str | None) -> MachineIdentity:
         if self.key is None:
@@ -119,4 +144,5 @@ class Identity:
             raise ProxyAuthError(
                 f"proxy user {user!r} does not match the credential's machine {identity.machine!r}"
             )
+        self._check_not_revoked(identity)
         return identity

@@ -6,21 +6,26 @@ held in the secret store is replaced wherever it appears, as `[REDACTED]`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
-from contracts.secrets import SecretStore, SecretStoreError
+from contracts.secrets import (
+    MIN_SECRET_LEN,
+    REDACTED,
+    SecretStore,
+    SecretStoreError,
+    redact_text,
+    redactable,
+)
 from contracts.settings import Settings
 
-REDACTED = "[REDACTED]"
+__all__ = ["REDACTED", "Redactor", "SecretCache", "redact_headers", "redact_text", "redactor_for"]
+
 SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie"}
 )
-MIN_SECRET_LEN = 6
-"""Shorter store values are not searched for: they would redact ordinary words."""
 
 
 def open_store(root: DataRoot) -> SecretStore:
@@ -54,12 +59,6 @@ class SecretCache:
         return self._values[1]
 
 
-def redact_text(text: str, secrets: Iterable[str]) -> str:
-    for value in sorted(secrets, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-    return text
-
-
 def redact_headers(headers: Iterable[tuple[str, str]], secrets: Iterable[str]) -> list[list[str]]:
     values = list(secrets)
     return [
@@ -79,8 +78,8 @@ class Redactor:
         if not secrets:
             return record
         # Secret values may also be JSON-escaped inside the record's text.
-        both = {*secrets, *(json.dumps(s)[1:-1] for s in secrets)}
-        return FlowRecord.model_validate_json(redact_text(record.model_dump_json(), both))
+        text = redact_text(record.model_dump_json(), redactable(secrets))
+        return FlowRecord.model_validate_json(text)
 
 
 def redactor_for(root: DataRoot) -> Redactor:

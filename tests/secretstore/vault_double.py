@@ -1,4 +1,4 @@
-"""A stand-in for Vault's documented HTTP API (KV v2 + AppRole login), for contract tests.
+"""A stand-in for Vault's documented HTTP API (KV v2, transit, AppRole login), for contract tests.
 
 Vault cannot run here. This server accepts only the requests the API docs describe —
 method, path, `X-Vault-Token`, JSON body shape — records each one, and answers with the
@@ -8,8 +8,11 @@ Anything else is a contract violation: answered 400 and listed in `violations`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import json
+import secrets
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,11 +44,14 @@ class Request:
 class VaultDouble:
     mount: str = "secret"
     approle_mount: str = "approle"
+    transit_mount: str = "transit"
     kv: dict[str, dict[str, Any]] = field(default_factory=dict)
     """KV v2 entries: path → {"data": {...}, "version": n}."""
     tokens: set[str] = field(default_factory=lambda: {ROOT_TOKEN})
     denied: set[str] = field(default_factory=set)
     """Folders (ending in '/') that every token is refused, as a policy would."""
+    transit: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Transit keys (created on first encrypt, as Vault upserts them): ciphertext → plaintext."""
     requests: list[Request] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     logins: int = 0
@@ -110,6 +116,9 @@ class VaultDouble:
     def _route(self, req: Request) -> tuple[int, dict[str, Any] | None]:
         if req.path == f"/v1/auth/{self.approle_mount}/login":
             return self._login(req)
+        transit = f"/v1/{self.transit_mount}/"
+        if req.path.startswith(transit):
+            return self._transit(req, req.path[len(transit) :])
         data_prefix = f"/v1/{self.mount}/data/"
         meta_prefix = f"/v1/{self.mount}/metadata/"
         if req.path == meta_prefix.rstrip("/"):  # hvac strips the slash of a root LIST
@@ -199,3 +208,40 @@ class VaultDouble:
     def _delete_metadata(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
         self.kv.pop(key, None)
         return 204, None
+
+    # -- transit (developer.hashicorp.com/vault/api-docs/secret/transit) ----------------------
+
+    def _transit(self, req: Request, rest: str) -> tuple[int, dict[str, Any] | None]:
+        action, _, name = rest.partition("/")
+        if action not in ("encrypt", "decrypt") or not name or "/" in name:
+            return self._violation(req, "only /transit/encrypt/:name and /decrypt/:name are used")
+        if req.method != "POST":
+            return self._violation(req, f"{action} is POST")
+        if req.token not in self.tokens:
+            return 403, fixture("error_permission_denied")
+        field_name = "plaintext" if action == "encrypt" else "ciphertext"
+        body = req.body
+        if not isinstance(body, dict) or set(body) != {field_name}:
+            return self._violation(req, f"{action} body must be {{{field_name!r}: ...}}: {body}")
+        value = body[field_name]
+        if not isinstance(value, str):
+            return self._violation(req, f"{field_name} must be a string: {value!r}")
+        if action == "encrypt":
+            try:
+                base64.b64decode(value, validate=True)
+            except binascii.Error:
+                return self._violation(req, "plaintext must be base64-encoded")
+            ciphertext = "vault:v1:" + base64.b64encode(secrets.token_bytes(24)).decode()
+            self.transit.setdefault(name, {})[ciphertext] = value
+            answer = fixture("transit_encrypt")
+            answer["data"]["ciphertext"] = ciphertext
+            return 200, answer
+        if name not in self.transit:
+            return 400, {"errors": ["encryption key not found"]}
+        if not value.startswith("vault:"):
+            return 400, {"errors": ["invalid ciphertext: no prefix"]}
+        if value not in self.transit[name]:
+            return 400, {"errors": ["cipher: message authentication failed"]}
+        answer = fixture("transit_decrypt")
+        answer["data"]["plaintext"] = self.transit[name][value]
+        return 200, answer

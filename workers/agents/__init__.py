@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from importlib import import_module
 from pathlib import Path
 
@@ -30,5 +31,7 @@ def get_agent(name: str, root: Path | None = None) -> Agent:
     except KeyError as exc:
         raise UnknownAgent(f"unknown agent {name!r}; allowed: {', '.join(sorted(AGENTS))}") from exc
     factory = getattr(import_module(module), cls)
-    agent: Agent = factory() if name == "builtin" else factory(root)
+    # Adapters of installed agents find their install under the data root; others need nothing.
+    takes_root = "root" in inspect.signature(factory).parameters
+    agent: Agent = factory(root=root) if takes_root else factory()
     return agent

@@ -1,0 +1,39 @@
+"""The proxy's logs as JSON lines on stderr (`contracts.logs`), in place of mitmdump's own.
+
+mitmdump's terminal log (`TermLog`) prints plain text to stdout; this addon takes its handler
+off the root logger and puts a JSON one in its place, so the addons' records and mitmproxy's
+own reach Filebeat in the same shape as the API's and the workers'. `termlog_verbosity` keeps
+its meaning: it sets the JSON handler's level. List it first in the addon script.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx
+from mitmproxy.addonmanager import Loader
+from mitmproxy.addons.termlog import TermLogHandler
+
+from contracts.logs import json_handler
+
+
+class JsonLog:
+    def __init__(self) -> None:
+        self.handler = json_handler()
+        self.handler.setLevel(logging.INFO)
+
+    def load(self, loader: Loader) -> None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, TermLogHandler):
+                root.removeHandler(handler)
+        if self.handler not in root.handlers:
+            root.addHandler(self.handler)
+
+    def configure(self, updated: set[str]) -> None:
+        if "termlog_verbosity" in updated:
+            self.handler.setLevel(ctx.options.termlog_verbosity.upper())
+
+    def done(self) -> None:
+        # A reloaded script builds a new JsonLog: the old handler must not print twice.
+        logging.getLogger().removeHandler(self.handler)
