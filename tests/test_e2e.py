@@ -50,7 +50,7 @@ def small_trial(demo_trial: dict[str, Any], name: str, per_task: int) -> dict[st
     return trial
 
 
-def wait_finished(client: Client, trial_id: str, timeout_s: float = 420) -> dict[str, Any]:
+def wait_finished(client: Client, trial_id: str, timeout_s: float = 600) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         view = client.trial(trial_id)
@@ -135,14 +135,17 @@ def test_orchestrator_killed_mid_trial_resumes(
 ) -> None:
     client = Client(settings)
     root = DataRoot.at(settings.data)
-    trial_id = client.submit(small_trial(demo_trial, "restart", per_task=2))["id"]
+    # The two quick tasks, twice each: four assignments on two machines.
+    trial = small_trial(demo_trial, "restart", per_task=2)
+    trial["tasks"] = trial["tasks"][:2]
+    trial_id = client.submit(trial)["id"]
     folder = root.root / "worker-artifacts" / "demo" / trial_id
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         states = [a["state"] for a in client.trial(trial_id)["assignments"]]
         started = list(folder.glob("*/runs.jsonl"))
         # Kill while runners are mid-work and others still wait for a machine.
-        if len(started) == 2 and states.count("queued") >= 3:
+        if len(started) == 2 and states.count("queued") >= 2:
             break
         time.sleep(0.1)
     else:
@@ -155,9 +158,9 @@ def test_orchestrator_killed_mid_trial_resumes(
     stack.up(settings, ["api"])
 
     view = wait_finished(client, trial_id)
-    assert [a["state"] for a in view["assignments"]] == ["finished"] * 6
+    assert [a["state"] for a in view["assignments"]] == ["finished"] * 4
     # Exactly once: no runner was started twice, every ending was recorded once.
-    assert [a["attempts"] for a in view["assignments"]] == [1] * 6
+    assert [a["attempts"] for a in view["assignments"]] == [1] * 4
     finished = Counter(
         data["assignment"]
         for kind, data in client.events(trial_id)
