@@ -9,6 +9,7 @@ request it saw so a test can prove a refused call never arrived.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -167,3 +168,32 @@ class Proxy:
             time.sleep(0.05)
         assert len(found) == 1, f"expected one spooled flow with {match}, found {found}"
         return found[0]
+
+
+def connect_tunnel(
+    proxy: Proxy, target: str, authorization: str | None
+) -> tuple[socket.socket, bytes]:
+    """A raw CONNECT through the proxy: the socket and the proxy's whole reply."""
+    sock = socket.create_connection((proxy.settings.host, proxy.settings.proxy_port), timeout=10)
+    header = f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{header}\r\n".encode())
+    return sock, read_response(sock)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response (head and Content-Length body) read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body

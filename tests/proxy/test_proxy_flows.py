@@ -6,12 +6,11 @@ import base64
 import dataclasses
 import json
 import math
-import socket
 import time
 from decimal import Decimal
 
 import pytest
-from proxy_harness import USAGE, Proxy, Upstream
+from proxy_harness import USAGE, Proxy, Upstream, connect_tunnel, read_response
 
 from contracts.config import PriceCatalog, load_prices
 from contracts.credentials import mint
@@ -216,36 +215,11 @@ def test_unreachable_upstream_is_captured_as_an_error(proxy: Proxy) -> None:
     assert record.usage is None and record.cost_usd == 0
 
 
-def _connect(proxy: Proxy, target: str, authorization: str | None) -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection((proxy.settings.host, proxy.settings.proxy_port), timeout=10)
-    header = f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{header}\r\n".encode())
-    return sock, _read_response(sock)
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (
-            int(line.split(b":")[1])
-            for line in head.lower().split(b"\r\n")
-            if line.startswith(b"content-length:")
-        ),
-        0,
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
-
-
 def test_connect_tunnel_inherits_the_identity(proxy: Proxy, upstream: Upstream) -> None:
     me = proxy.identity("a-tunnel")
     credential = base64.b64encode(f"{me.machine}:{proxy.token(me)}".encode()).decode()
     target = f"127.0.0.1:{upstream.port}"
-    sock, reply = _connect(proxy, target, f"Basic {credential}")
+    sock, reply = connect_tunnel(proxy, target, f"Basic {credential}")
     with sock:
         assert reply.startswith(b"HTTP/1.1 200"), reply
         body = json.dumps({"model": "tiny", "prompt": "through-the-tunnel"}).encode()
@@ -256,7 +230,7 @@ def test_connect_tunnel_inherits_the_identity(proxy: Proxy, upstream: Upstream) 
             + b"\r\n\r\n"
             + body
         )
-        reply = _read_response(sock)
+        reply = read_response(sock)
     assert reply.startswith(b"HTTP/1.1 200"), reply
     assert upstream.saw("through-the-tunnel")
 
@@ -266,7 +240,7 @@ def test_connect_tunnel_inherits_the_identity(proxy: Proxy, upstream: Upstream) 
 
 
 def test_connect_without_credential_is_refused_407(proxy: Proxy, upstream: Upstream) -> None:
-    sock, reply = _connect(proxy, f"127.0.0.1:{upstream.port}", None)
+    sock, reply = connect_tunnel(proxy, f"127.0.0.1:{upstream.port}", None)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 407"), reply
     assert b'Proxy-Authenticate: Basic realm="autovibe"' in reply

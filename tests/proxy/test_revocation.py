@@ -8,7 +8,7 @@ import socket
 import threading
 
 import httpx
-from proxy_harness import Proxy, Upstream
+from proxy_harness import Proxy, Upstream, connect_tunnel, read_response
 
 from contracts.credentials import is_revoked, revoke, revoked_path
 
@@ -48,25 +48,7 @@ def _post_in_tunnel(sock: socket.socket, target: str, prompt: str) -> bytes:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    return _read_response(sock)
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (
-            int(h.split(b":")[1])
-            for h in head.lower().split(b"\r\n")
-            if h.startswith(b"content-length:")
-        ),
-        0,
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
+    return read_response(sock)
 
 
 def test_revocation_reaches_an_open_tunnel(proxy: Proxy, upstream: Upstream) -> None:
@@ -74,12 +56,9 @@ def test_revocation_reaches_an_open_tunnel(proxy: Proxy, upstream: Upstream) -> 
     me = proxy.identity("a-tunnel")
     credential = base64.b64encode(f"{me.machine}:{proxy.token(me)}".encode()).decode()
     target = f"127.0.0.1:{upstream.port}"
-    with socket.create_connection((proxy.settings.host, proxy.settings.proxy_port), 10) as sock:
-        sock.sendall(
-            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-            f"Proxy-Authorization: Basic {credential}\r\n\r\n".encode()
-        )
-        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    sock, reply = connect_tunnel(proxy, target, f"Basic {credential}")
+    with sock:
+        assert reply.startswith(b"HTTP/1.1 200"), reply
         assert _post_in_tunnel(sock, target, "tunnel-before").startswith(b"HTTP/1.1 200")
         revoke(proxy.root, "a-tunnel")
         reply = _post_in_tunnel(sock, target, "tunnel-after")
