@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,30 +13,13 @@ from worker_harness import EXAMPLES
 
 from workers import runner
 from workers.agents import AGENTS
-from workers.agents.base import AgentOutcome, AgentRun, ExitCause
 from workers.grading import swebench_report
 from workers.spec import AssignmentSpec
 
 
-class ScriptAgent:
-    """Runs its prompt as a Python program in the workspace: a scripted, model-free agent."""
-
-    name = "script"
-
-    def version(self) -> str:
-        return "script"
-
-    def command(self, run: AgentRun) -> list[str]:
-        return [sys.executable, "-c", run.prompt]
-
-    def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
-        cause: ExitCause = "timeout" if timed_out else "finished" if exit_code == 0 else "crashed"
-        return AgentOutcome(cause, exit_code, run.artifacts / "agent.log")
-
-
 @pytest.fixture(autouse=True)
 def script_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(AGENTS, "script", f"{__name__}:ScriptAgent")
+    monkeypatch.setitem(AGENTS, "script", "worker_harness:ScriptAgent")
 
 
 def ids(name: str, tests: list[str]) -> list[str]:

@@ -7,7 +7,6 @@ Every test runs a probe agent (a Python snippet, given as the prompt) through th
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import textwrap
 import time
@@ -22,32 +21,16 @@ from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
 from contracts.settings import PROJECT_ROOT, free_port
 from workers import sandbox
 from workers.agents import AGENTS
-from workers.agents.base import AgentOutcome, AgentRun, ExitCause
+from workers.agents.base import AgentOutcome
 from workers.runner import run_agent
 from workers.spec import AssignmentSpec, SandboxSpec
-
-
-class ProbeAgent:
-    """Runs the prompt as a Python program; stands in for an agent that misbehaves."""
-
-    name = "probe"
-
-    def version(self) -> str:
-        return "probe"
-
-    def command(self, run: AgentRun) -> list[str]:
-        return [sys.executable, "-c", run.prompt]
-
-    def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
-        cause: ExitCause = "timeout" if timed_out else "finished" if exit_code == 0 else "crashed"
-        return AgentOutcome(cause, exit_code, run.artifacts / "agent.log")
 
 
 @pytest.fixture(autouse=True)
 def probe_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     # A missing tool must fail these tests, naming the Debian package, never skip them.
     sandbox.require_tools()
-    monkeypatch.setitem(AGENTS, "probe", f"{__name__}:ProbeAgent")
+    monkeypatch.setitem(AGENTS, "probe", "worker_harness:ScriptAgent")
     for var in PROXY_VARS:  # only what the spec sets reaches the agent
         monkeypatch.delenv(var, raising=False)
         monkeypatch.delenv(var.upper(), raising=False)

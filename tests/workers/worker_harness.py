@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import PROJECT_ROOT, Settings
+from workers.agents.base import AgentOutcome, AgentRun, ExitCause
 
 EXAMPLES = PROJECT_ROOT / "examples"
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -68,3 +70,20 @@ class MeteringProxy:
                 if record.assignment == assignment:
                     records.append(record)
         return records
+
+
+class ScriptAgent:
+    """Runs its prompt as a Python program in the workspace: a scripted, model-free agent
+    (register it in `workers.agents.AGENTS` as `worker_harness:ScriptAgent`)."""
+
+    name = "script"
+
+    def version(self) -> str:
+        return "script"
+
+    def command(self, run: AgentRun) -> list[str]:
+        return [sys.executable, "-c", run.prompt]
+
+    def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
+        cause: ExitCause = "timeout" if timed_out else "finished" if exit_code == 0 else "crashed"
+        return AgentOutcome(cause, exit_code, run.artifacts / "agent.log")
