@@ -84,13 +84,27 @@ class DataRoot:
         return self.root / "run"
 
 
-def write_secret_file(path: Path, value: str) -> None:
-    """Create `path` with mode 0600 atomically; never leaves a readable partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    """Replace `path` whole: write a sibling temp file, fsync it, rename, fsync the folder.
+
+    A reader (or a crash) sees the old file or the new one, never a part of either. Callers
+    that may race each other must hold their own lock: the temp name is fixed.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Create `path` with mode 0600 atomically; never leaves a readable partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, value, mode=0o600)

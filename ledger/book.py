@@ -21,7 +21,7 @@ from typing import Any
 from beancount import loader
 from beancount.core import data
 
-from contracts.dataroot import DataRoot
+from contracts.dataroot import DataRoot, atomic_write
 
 BUDGET_ROOT = "Assets:Budget"
 FUNDING_ACCOUNT = "Equity:Budget:Funding"
@@ -156,7 +156,6 @@ class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._tmp_path = self.path.with_name(self.path.name + ".tmp")
 
     @classmethod
     def of(cls, root: DataRoot, project: str) -> Ledger:
@@ -468,19 +467,8 @@ class Ledger:
             os.close(lock_fd)  # releases the flock
 
     def _replace(self, text: str) -> None:
-        # Only the lock holder writes the temp file, so one fixed name suffices and a writer
-        # killed mid-way leaves at most this file behind, overwritten by the next write.
-        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(self._tmp_path, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # Only the lock holder writes, so atomic_write's fixed temp name is safe here.
+        atomic_write(self.path, text)
 
 
 # -- rendering -----------------------------------------------------------------------------

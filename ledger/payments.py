@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from contracts.dataroot import DataRoot
+from contracts.dataroot import DataRoot, atomic_write
 from contracts.secrets import SecretStore
 from ledger.book import QUANTUM, Ledger, LedgerError
 from ledger.counters import (
@@ -155,7 +155,6 @@ class TransactionLog:
     def __init__(self, path: Path):
         self.path = path
         self._lock_path = path.with_name(path.name + ".lock")
-        self._tmp = path.with_name(path.name + ".tmp")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -176,17 +175,7 @@ class TransactionLog:
     def append(self, entry: dict[str, Any]) -> None:
         with self._locked():
             text = json.dumps([*self.entries(), entry], indent=2, ensure_ascii=False) + "\n"
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(self._tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, text)
 
     def latest(self, payment_id: str) -> dict[str, Any] | None:
         found = [e for e in self.entries() if e["id"] == payment_id]

@@ -26,7 +26,7 @@ from typing import Any
 
 import lz4.frame
 
-from contracts.dataroot import DataRoot
+from contracts.dataroot import DataRoot, atomic_write
 
 ARCHIVE_SUFFIX = ".tar.lz4"
 MANIFEST_VERSION = 1
@@ -169,12 +169,7 @@ def _assignment_facts(assignment_dir: Path) -> dict[str, str]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _archive(workspace: Path, entries: list[Entry], dest: Path) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts.dataroot import atomic_write
 from workers import grading, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
@@ -28,12 +29,7 @@ KILL_GRACE_S = 5.0
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, default=str))
 
 
 def kill_group(pid: int, leader: subprocess.Popen[bytes] | None = None) -> None:
