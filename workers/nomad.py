@@ -34,6 +34,7 @@ import nomad
 import nomad.api.exceptions as nomad_errors
 
 from contracts.config import NomadCluster
+from contracts.dataroot import atomic_write
 from contracts.settings import PROJECT_ROOT
 from workers.spec import AssignmentSpec
 
@@ -303,6 +304,4 @@ def _read_records(spec: AssignmentSpec) -> list[dict[str, Any]]:
 
 def _write_records(spec: AssignmentSpec, records: list[dict[str, Any]]) -> None:
     path = _record_path(spec)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(records, indent=2))

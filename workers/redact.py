@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from contracts.dataroot import atomic_write
 from contracts.secrets import SecretStoreError, redact_text, redactable
 from contracts.settings import Settings
 
@@ -42,10 +43,7 @@ def redact_tree(folder: Path, secrets: list[str]) -> list[Path]:
                 continue
             # surrogateescape round-trips any bytes, so binary files survive untouched elsewhere.
             text = redact_text(data.decode(errors="surrogateescape"), secrets)
-            tmp = path.with_name(f".{name}.redacting")
-            tmp.write_bytes(text.encode(errors="surrogateescape"))
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-            os.replace(tmp, path)
+            atomic_write(path, text.encode(errors="surrogateescape"), path.stat().st_mode & 0o7777)
             changed.append(path)
     return changed
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from contracts.dataroot import atomic_write
 from workers.agents.base import AgentOutcome, AgentRun, AgentUsage, ExitCause, read_jsonl
 
 TRANSCRIPT = "transcript.jsonl"
@@ -340,9 +340,7 @@ class Session:
             "functions": self.functions,
         }
         # Replaced whole, so a kill mid-write leaves the previous summary, not half of one.
-        tmp = self.artifacts / f".{SUMMARY}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.artifacts / SUMMARY)
+        atomic_write(self.artifacts / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     def complete(self, client: httpx.Client, prompt: str, temperature: float, seed: int) -> str:
         """One completion call; every call, failed or not, gets a transcript line."""
