@@ -27,8 +27,12 @@ class Settings(BaseSettings):
     """Control API (FastAPI)."""
     proxy_port: int = 8080
     """Metering proxy (mitmdump)."""
+    proxy_metrics_port: int = 0
+    """Port of the proxy's Prometheus endpoint (`autovibe_metrics_port`); 0 serves none."""
     model_port: int = 8500
     """CPU model server (llama.cpp)."""
+    model_replicas: int = 0
+    """Ray Serve replicas of the CPU model server (`serving.rayserve_cpu`); 0 = bare llama.cpp."""
     state_url: str | None = None
     """SQLAlchemy URL of the state DB; SQLite in the data root when unset."""
     budget_store: str = "sqlite"

@@ -1,7 +1,13 @@
-"""How the proxy process is started: the mitmdump command line, and waiting for it to listen."""
+"""How the proxy process is started: the mitmdump command line, and waiting for it to listen.
+
+`python -m proxy.launch [--set option=value ...]` execs mitmdump as `mitmdump_argv` builds it
+from the AUTOVIBE_* environment; each `--set` given replaces the option of the same name (the
+container images start the proxy this way, naming hosts and URLs only a deployment knows).
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -45,6 +51,7 @@ def mitmdump_argv(settings: Settings) -> list[str]:
         "--set",
         f"autovibe_model_hosts={settings.host}:{settings.model_port}",
         *_budget_options(settings),
+        *_metrics_options(settings),
         "--set",
         "termlog_verbosity=warn",
         "--set",
@@ -84,3 +91,47 @@ def _budget_options(settings: Settings) -> list[str]:
     if settings.budget_redis_url:
         options += ["--set", f"autovibe_budget_redis_url={settings.budget_redis_url}"]
     return options
+
+
+def _metrics_options(settings: Settings) -> list[str]:
+    """The Prometheus endpoint, only when a port is set: the default serves none."""
+    if not settings.proxy_metrics_port:
+        return []
+    return ["--set", f"autovibe_metrics_port={settings.proxy_metrics_port}"]
+
+
+def with_options(argv: list[str], sets: list[str]) -> list[str]:
+    """`argv` with each `option=value` of `sets` replacing that option's `--set`, or added.
+
+    mitmproxy refuses an option set twice, so a deployment's value must replace ours.
+    """
+    for spec in sets:
+        name, eq, _ = spec.partition("=")
+        if not eq or not name:
+            raise ValueError(f"--set takes option=value, got {spec!r}")
+        for i in range(len(argv) - 1):
+            if argv[i] == "--set" and argv[i + 1].partition("=")[0] == name:
+                argv = [*argv[:i], *argv[i + 2 :]]
+                break
+        argv = [*argv, "--set", spec]
+    return argv
+
+
+def argv_for(settings: Settings, args: list[str]) -> list[str]:
+    """The mitmdump command for `settings`, with `args` (`--set option=value` pairs) applied."""
+    if len(args) % 2 or any(flag != "--set" for flag in args[::2]):
+        raise ValueError(f"usage: python -m proxy.launch [--set option=value ...], got {args}")
+    return with_options(mitmdump_argv(settings), list(args[1::2]))
+
+
+def main(args: list[str]) -> None:
+    """Exec the proxy for this environment's settings, with `--set option=value` overrides."""
+    try:
+        argv = argv_for(Settings(), args)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    os.execv(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from contracts.dataroot import DataRoot
+from contracts.dataroot import DataRoot, atomic_write
 
 MANIFEST = "backup-manifest.json"
 VERSION = 1
@@ -164,8 +164,8 @@ def backup(root: DataRoot, dest: Path, *, state_url: str | None = None) -> dict[
         "state": state,
         "files": [asdict(r) for r in _records(dest)],
     }
-    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    os.chmod(dest / MANIFEST, 0o600)
+    # Written last and whole: a folder with a manifest is a finished backup.
+    atomic_write(dest / MANIFEST, json.dumps(manifest, indent=1), mode=0o600)
     return manifest
 
 
@@ -220,6 +220,7 @@ def restore(
         for stale in ("-wal", "-shm", "-journal"):
             # A leftover WAL beside a restored database would be replayed into it.
             Path(f"{target}{stale}").unlink(missing_ok=True)
+        # Streamed, not `atomic_write`: a database here can be larger than memory.
         tmp = target.with_name(target.name + ".restore-tmp")
         shutil.copy2(src / rel, tmp)
         os.chmod(tmp, record["mode"])

@@ -54,6 +54,11 @@ for service in "${services[@]}"; do
   secret_id="$(vault write -f -field=secret_id "auth/approle/role/$role/secret-id")"
   printf 'AUTOVIBE_SECRET_STORE=vault\nAUTOVIBE_VAULT_MOUNT=%s\nVAULT_ADDR=%s\nVAULT_ROLE_ID=%s\nVAULT_SECRET_ID=%s\n' \
     "$mount" "$VAULT_ADDR" "$role_id" "$secret_id" >"$out/$service.env"
+  # The same two values as files, for docker compose `secrets:` (mounted under /run/secrets).
+  mkdir -p -m 0700 "$out/$service"
+  printf '%s' "$role_id" >"$out/$service/role_id"
+  printf '%s' "$secret_id" >"$out/$service/secret_id"
+  chmod 0444 "$out/$service/role_id" "$out/$service/secret_id"
   echo "$role: policy and AppRole written; credentials in $out/$service.env"
 done
 echo "secret_ids expire in 30 days: re-run this script (or write auth/approle/role/<role>/secret-id) before then."
