@@ -3,6 +3,10 @@
 Every record carries `ts` (RFC 3339, UTC), `level`, `logger`, `msg` and `pid`; anything passed
 with `extra={...}` becomes a field of its own, and an exception its `exc` text. Every plane's
 process (API, proxy, worker runner) logs through this formatter.
+
+No line keeps a credential: query-parameter values named like one (`?token=`), URL passwords,
+bearer tokens and autovibe's own token shapes are replaced by `[REDACTED]`
+(`contracts.secrets.redact_credentials`), so an access log line for `GET /x?token=…` is safe.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+from contracts.secrets import redact_credentials
+
 LEVEL_ENV = "AUTOVIBE_LOG_LEVEL"
 
 # The attributes every LogRecord has; anything else on a record came from `extra`.
@@ -21,7 +27,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line; values JSON cannot hold are written as `str()`."""
+    """One record as one redacted JSON line; values JSON cannot hold are written as `str()`."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -38,7 +44,7 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return redact_credentials(json.dumps(out, default=str, ensure_ascii=False))
 
 
 def json_handler(stream: Any = None) -> logging.StreamHandler[Any]:

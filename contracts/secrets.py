@@ -89,3 +89,81 @@ def redact_text(text: str, secrets: Iterable[str]) -> str:
     for value in sorted(secrets, key=len, reverse=True):
         text = text.replace(value, REDACTED)
     return text
+
+
+# -- fields encrypted at rest --------------------------------------------------------------
+
+EMBEDDED_PREFIX = "avf:v"
+"""Ciphertext written by the embedded field cipher: `avf:v<key version>:<base64>`."""
+TRANSIT_PREFIX = "vault:v"
+"""Ciphertext written by Vault transit: `vault:v<key version>:<base64>`."""
+CONTEXT = re.compile(r"[a-z][a-z0-9-]{0,62}")
+
+
+class FieldCipherError(SecretStoreError):
+    """A field cannot be encrypted or decrypted: no key, wrong key, tampered value."""
+
+
+@runtime_checkable
+class FieldCipher(Protocol):
+    """Encrypts single fields kept at rest outside the store (payment receipts, destinations).
+
+    `context` names what the field belongs to (`payments`); each context has its own key, and a
+    value encrypted in one context does not decrypt in another.
+    """
+
+    def encrypt(self, context: str, plaintext: str) -> str:
+        """`plaintext` as a prefixed ciphertext string (`avf:v1:…` or `vault:v1:…`)."""
+        ...
+
+    def decrypt(self, context: str, token: str) -> str:
+        """The plaintext of `token`; `FieldCipherError` naming `context` if it cannot be had."""
+        ...
+
+
+def check_context(context: str) -> str:
+    """`context` if it is a valid key context (lowercase letters, digits, '-'), else an error."""
+    if not CONTEXT.fullmatch(context):
+        raise FieldCipherError(
+            f"invalid field context {context!r}: use lowercase letters, digits and '-', "
+            "starting with a letter (e.g. payments)"
+        )
+    return context
+
+
+def is_sealed(value: object) -> bool:
+    """Whether `value` is a ciphertext some field cipher wrote (else it is plain, or legacy)."""
+    return isinstance(value, str) and value.startswith((EMBEDDED_PREFIX, TRANSIT_PREFIX))
+
+
+# -- credentials in URLs and log lines -----------------------------------------------------
+
+SECRET_PARAM_WORDS = (
+    "token", "key", "secret", "password", "passwd", "pwd", "auth", "signature", "sig",
+    "credential", "session", "code",
+)  # fmt: skip
+"""A query parameter whose name contains one of these carries a credential."""
+_QUERY_PARAM = re.compile(
+    r"(?P<name>[?&;][\w.\-\[\]%]*(?:" + "|".join(SECRET_PARAM_WORDS) + r")[\w.\-\[\]%]*=)"
+    r"(?P<value>[^&;#\s\"'\\]+)",
+    re.IGNORECASE,
+)
+_CREDENTIAL_SHAPES = re.compile(
+    r"avt_[A-Za-z0-9_\-]{16,}"  # control-API tokens
+    r"|av1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+"  # machine credentials (contracts.credentials)
+)
+_URL_PASSWORD = re.compile(r"(?P<user>//[^/\s:@\"'\\]+:)[^@/\s\"'\\]+@")
+_BEARER = re.compile(r"(?P<scheme>\b(?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=\-]+", re.IGNORECASE)
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with credential-shaped parts replaced by `[REDACTED]`, without knowing the values.
+
+    Values of query parameters named like credentials (`?token=`, `api_key=`, `X-Amz-Signature=`),
+    URL passwords (`//user:pass@`), `Bearer`/`Basic` credentials, and autovibe's own API tokens
+    and machine credentials wherever they appear.
+    """
+    text = _QUERY_PARAM.sub(lambda m: m["name"] + REDACTED, text)
+    text = _URL_PASSWORD.sub(lambda m: m["user"] + REDACTED + "@", text)
+    text = _BEARER.sub(lambda m: m["scheme"] + REDACTED, text)
+    return _CREDENTIAL_SHAPES.sub(REDACTED, text)

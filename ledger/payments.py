@@ -11,6 +11,12 @@ file, fsync, rename), so a crash leaves the previous array whole and no attempt 
 `submit` returns. A payment's state is its latest entry; approving a pending payment appends
 the outcome under the same id. When money moves, one ledger transaction is posted:
 `Expenses:Purchases:<Item>` against the project's budget asset.
+
+The fields that lead to card or wallet data (`SENSITIVE_FIELDS`: where the money goes, the
+method's receipt) are kept encrypted at rest with the configured field cipher (Vault transit or
+the embedded key, `secretstore.fields`) and decrypted only to charge or for `--reveal`; item,
+amounts, currencies, status and justification stay readable for auditing. Files written before
+this are read as they are. The ledger names the payment id, never the receipt.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets as random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.dataroot import DataRoot, atomic_write
-from contracts.secrets import SecretStore
+from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sealed, mask
 from ledger.book import QUANTUM, Ledger, LedgerError
 from ledger.counters import (
     CounterError,
@@ -48,6 +55,13 @@ from ledger.counters import (
 from ledger.methods import Charge, PaymentFailed, get_method
 
 TRANSACTIONS_FILE = "transactions.json"
+FIELD_CONTEXT = "payments"
+"""Field-cipher context (Vault transit key `autovibe-payments`)."""
+SENSITIVE_FIELDS = ("pay_to", "receipt")
+"""Entry fields kept encrypted at rest."""
+PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SEALED = "[encrypted]"
+"""How an encrypted field is shown without `--reveal`."""
 
 Status = Literal["refused", "pending_approval", "completed", "failed"]
 Reason = Literal[
@@ -60,6 +74,7 @@ Reason = Literal[
     "counters_unavailable",
     "no_method",
     "method_failed",
+    "fields_unavailable",
 ]
 
 
@@ -115,6 +130,8 @@ class PaymentRequest(_Strict):
     currency: str = Field(pattern=r"^[A-Z]{3,5}$")
     justification: str = Field(min_length=1)
     free_alternatives_considered: list[str]
+    pay_to: str | None = Field(default=None, min_length=1, max_length=2000)
+    """Where the money goes (wallet address, merchant account, checkout URL); encrypted at rest."""
 
 
 class RevenueEvent(_Strict):
@@ -137,6 +154,17 @@ class Requester:
     agent: str | None = None
 
 
+def masked(entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` as shown without `--reveal`: encrypted fields as `[encrypted]`, older plain ones
+    masked."""
+    hidden = {
+        k: SEALED if is_sealed(entry[k]) else mask(str(entry[k]))
+        for k in SENSITIVE_FIELDS
+        if entry.get(k) is not None
+    }
+    return {**entry, **hidden}
+
+
 def convert(amount: Decimal, currency: str, to: str, fx: Mapping[str, Decimal]) -> Decimal:
     """`amount` of `currency` in `to`, through USD at the configured rates (USD → X)."""
     if currency == to:
@@ -150,11 +178,16 @@ def convert(amount: Decimal, currency: str, to: str, fx: Mapping[str, Decimal]) 
 
 
 class TransactionLog:
-    """`financial/<project>/transactions.json`: every payment attempt, in order."""
+    """`financial/<project>/transactions.json`: every payment attempt, in order.
 
-    def __init__(self, path: Path):
+    `entries` and `latest` give entries as stored, sensitive fields encrypted; `reveal` decrypts
+    one. `fields` makes the cipher, only once a sensitive value is written or revealed.
+    """
+
+    def __init__(self, path: Path, fields: Callable[[], FieldCipher] | None = None):
         self.path = path
         self._lock_path = path.with_name(path.name + ".lock")
+        self._fields = fields
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -173,9 +206,33 @@ class TransactionLog:
         return loaded
 
     def append(self, entry: dict[str, Any]) -> None:
+        """Add `entry` with its sensitive fields encrypted (those that are not already)."""
+        sealed = self._seal(entry)
         with self._locked():
-            text = json.dumps([*self.entries(), entry], indent=2, ensure_ascii=False) + "\n"
+            text = json.dumps([*self.entries(), sealed], indent=2, ensure_ascii=False) + "\n"
             atomic_write(self.path, text)
+
+    def reveal(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """`entry` with its encrypted fields decrypted; plain ones (older files) as they are."""
+        sealed = [k for k in SENSITIVE_FIELDS if is_sealed(entry.get(k))]
+        if not sealed:
+            return dict(entry)
+        cipher = self._cipher()
+        return {**entry, **{k: cipher.decrypt(FIELD_CONTEXT, entry[k]) for k in sealed}}
+
+    def _seal(self, entry: dict[str, Any]) -> dict[str, Any]:
+        plain = [
+            k for k in SENSITIVE_FIELDS if entry.get(k) is not None and not is_sealed(entry[k])
+        ]
+        if not plain:
+            return entry
+        cipher = self._cipher()
+        return {**entry, **{k: cipher.encrypt(FIELD_CONTEXT, str(entry[k])) for k in plain}}
+
+    def _cipher(self) -> FieldCipher:
+        if self._fields is None:
+            raise PaymentError(f"{self.path}: sensitive payment fields need a field cipher")
+        return self._fields()
 
     def latest(self, payment_id: str) -> dict[str, Any] | None:
         found = [e for e in self.entries() if e["id"] == payment_id]
@@ -193,13 +250,23 @@ class Broker:
         counters: Callable[[], CounterStore],
         fx: Mapping[str, Decimal],
         secrets: Callable[[], SecretStore] | None = None,
+        fields: Callable[[], FieldCipher] | None = None,
         clock: Callable[[], float] = time.time,
     ):
+        """`fields` makes the field cipher; by default the one of `$AUTOVIBE_SECRET_STORE`."""
         self.root, self.policy, self.fx = root, policy, fx
         self._counters, self._secrets, self._clock = counters, secrets, clock
+        self._fields = fields or (lambda: _cipher_from_env(root))
+        self._cipher: FieldCipher | None = None
 
     def log(self, project: str) -> TransactionLog:
-        return TransactionLog(self.root.financial(project) / TRANSACTIONS_FILE)
+        return TransactionLog(self.root.financial(project) / TRANSACTIONS_FILE, self.cipher)
+
+    def cipher(self) -> FieldCipher:
+        """The field cipher, made once (a Vault login) and only when a field needs it."""
+        if self._cipher is None:
+            self._cipher = self._fields()
+        return self._cipher
 
     def submit(self, request: PaymentRequest, who: Requester) -> dict[str, Any]:
         """Decide a request; refuse, hold for approval, or pay. Returns the recorded entry."""
@@ -210,6 +277,12 @@ class Broker:
             "agent": who.agent,
             **request.model_dump(mode="json"),
         }
+        if request.pay_to is not None:  # encrypted from the start; decrypted only to charge
+            try:
+                entry["pay_to"] = self.cipher().encrypt(FIELD_CONTEXT, request.pay_to)
+            except SecretStoreError as exc:
+                entry["pay_to"] = None
+                return self._record(entry, "refused", "fields_unavailable", str(exc))
         if self.policy.require_free_alternatives and not [
             a for a in request.free_alternatives_considered if a.strip()
         ]:
@@ -264,6 +337,22 @@ class Broker:
                 return log_path.parent.name, latest
         raise PaymentError(f"no payment {payment_id!r} in {self.root.root / 'financial'}")
 
+    def history(
+        self, payment_id: str | None = None, *, project: str | None = None, reveal: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every recorded entry (of `payment_id`, of `project`, when given), oldest first per
+        project; sensitive fields masked, or decrypted with `reveal`."""
+        if project is not None and not PROJECT_NAME.fullmatch(project):
+            raise PaymentError(f"invalid project name {project!r}")
+        out = []
+        pattern = f"{project or '*'}/{TRANSACTIONS_FILE}"
+        for log_path in sorted((self.root.root / "financial").glob(pattern)):
+            log = TransactionLog(log_path, self.cipher)
+            for entry in log.entries():
+                if payment_id is None or entry["id"] == payment_id:
+                    out.append(log.reveal(entry) if reveal else masked(entry))
+        return out
+
     # -- steps -------------------------------------------------------------------------------
 
     def _scopes(self, who: Requester) -> list[str]:
@@ -298,6 +387,10 @@ class Broker:
         method = next((m for m in self.policy.methods if m.name == entry["method"]), None)
         if method is None:
             return self._record(entry, "refused", "no_method", f"{entry['method']} is gone")
+        try:
+            pay_to = self.log(project).reveal({"pay_to": entry.get("pay_to")})["pay_to"]
+        except SecretStoreError as exc:
+            return self._record(entry, "refused", "fields_unavailable", str(exc))
         reservation = f"payment:{entry['id']}"
         try:
             store = self._counters()
@@ -317,7 +410,13 @@ class Broker:
                     _scope_reason(held.scope),
                     f"{held.scope} has {held.left:f} {held.currency} left",
                 )
-            charge = Charge(entry["id"], entry["item"], Decimal(entry["amount"]), entry["currency"])
+            charge = Charge(
+                entry["id"],
+                entry["item"],
+                Decimal(entry["amount"]),
+                entry["currency"],
+                pay_to,
+            )
             try:
                 secrets = self._secrets() if method.secret and self._secrets else None
                 receipt = get_method(method.adapter).charge(charge, secrets, method.secret)
@@ -329,7 +428,7 @@ class Broker:
             store.close()
         entry.update(receipt=receipt.receipt_id, charged=receipt.charged)
         recorded = self._record(entry, "completed", None, None)
-        posting_meta = {"method": method.name, "receipt": receipt.receipt_id}
+        posting_meta = {"method": method.name}  # the receipt stays encrypted in the log
         if who.machine:
             posting_meta["machine"] = who.machine
         Ledger.of(self.root, project).post_payment(
@@ -354,8 +453,26 @@ class Broker:
             "reason": reason,
             "detail": detail,
         }
-        self.log(entry["project"]).append(stamped)
+        try:
+            self.log(entry["project"]).append(stamped)
+        except SecretStoreError as exc:
+            # Never lose an attempt: keep it, without the values that could not be encrypted.
+            lost = [k for k in SENSITIVE_FIELDS if stamped.get(k) is not None]
+            note = f"{', '.join(lost)} not recorded: {exc}"
+            self.log(entry["project"]).append(
+                {
+                    **stamped,
+                    **dict.fromkeys(lost),
+                    "detail": f"{detail}; {note}" if detail else note,
+                }
+            )
         return stamped
+
+
+def _cipher_from_env(root: DataRoot) -> FieldCipher:
+    from secretstore import cipher_from_env  # the adapters load only when a field needs one
+
+    return cipher_from_env(root)
 
 
 def _scope_reason(scope: str) -> Reason:

@@ -4,6 +4,9 @@ Tokens are random strings shown once; only their sha256 is kept, in
 `<data>/vault-secrets/api-tokens.json` (mode 0600). Every route has a rule in `RULES`
 naming the scopes allowed on it; a route without a rule is refused to everybody (fail
 closed), and the authorization-matrix test fails until the rule is written.
+
+Rate limits are counted in the store the budget counters use (`budget_store`: a SQLite file in
+the data root, or Redis), so every API process and replica draws on one allowance per token.
 """
 
 from __future__ import annotations
@@ -11,18 +14,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import secrets
+import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import redis as redis_py
 from starlette import types as asgi
 
 from contracts.dataroot import DataRoot, write_secret_file
+from contracts.settings import Settings
 
 TOKENS_FILE = "api-tokens.json"
 OPERATOR_TOKEN_ID = "operator"
@@ -30,6 +37,9 @@ OPERATOR_TOKEN_ID = "operator"
 AUTH_KEY = "autovibe.auth"
 """Scope key under which the audit middleware hands the guard a holder for the caller's id."""
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+RATE_FILE = "rate-limits.sqlite"
+"""Shared request counts of the control API (`sqlite` budget store), in `<data>/api/`."""
+BUSY_TIMEOUT_S = 10.0
 
 
 class TokenScope(StrEnum):
@@ -200,28 +210,177 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
-class RateLimiter:
-    """At most `limits[scope]` requests per token in any sliding 60-second window."""
+class RateStoreUnavailable(Exception):
+    """The shared rate-limit store cannot be reached; the guard answers 503 (fail closed)."""
 
-    WINDOW_S = 60.0
 
-    def __init__(self, limits: dict[str, int]) -> None:
-        self.limits = limits
+WINDOW_S = 60.0
+"""Rate limits count requests in any sliding window of this many seconds."""
+
+
+class RateWindow(Protocol):
+    """Where requests are counted, shared by every API process that uses the same store."""
+
+    def admit(self, key: str, limit: int, now: float) -> float | None:
+        """Count one request for `key` if fewer than `limit` were counted in the `WINDOW_S`
+        before `now` (epoch seconds); else count nothing and return the seconds to wait."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryRateWindow:
+    """Counts in this process only: for a single API process, and for tests."""
+
+    def __init__(self) -> None:
         self._hits: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+
+    def admit(self, key: str, limit: int, now: float) -> float | None:
+        with self._lock:
+            hits = self._hits.setdefault(key, deque())
+            while hits and hits[0] <= now - WINDOW_S:
+                hits.popleft()
+            if len(hits) >= limit:
+                return hits[0] + WINDOW_S - now
+            hits.append(now)
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteRateWindow:
+    """Counts in one SQLite file of the data root; `BEGIN IMMEDIATE` serializes the processes."""
+
+    _SCHEMA = """
+    CREATE TABLE IF NOT EXISTS hits (key TEXT NOT NULL, at REAL NOT NULL);
+    CREATE INDEX IF NOT EXISTS hits_by_key ON hits (key, at);
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        try:
+            DataRoot.ensure(path.parent, 0o700)
+            self._db().executescript(self._SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise RateStoreUnavailable(f"rate-limit store {path}: {exc}") from exc
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def admit(self, key: str, limit: int, now: float) -> float | None:
+        try:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM hits WHERE key = ? AND at <= ?", (key, now - WINDOW_S))
+                count, oldest = db.execute(
+                    "SELECT count(*), min(at) FROM hits WHERE key = ?", (key,)
+                ).fetchone()
+                if count >= limit:
+                    db.execute("COMMIT")
+                    return float(oldest) + WINDOW_S - now
+                db.execute("INSERT INTO hits (key, at) VALUES (?, ?)", (key, now))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise RateStoreUnavailable(f"rate-limit store {self.path}: {exc}") from exc
+        return None
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+# KEYS[1]: the key's sorted set of request times. ARGV: limit, now, window, a unique member.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2] - ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return tostring(oldest[2] + ARGV[3] - ARGV[2])
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(ARGV[3] * 1000))
+return false
+"""
+
+
+class RedisRateWindow:
+    """Counts in Redis (the budget counters' server and connection settings), one Lua script
+    per request so that check and count are one atomic step."""
+
+    PREFIX = "{autovibe-rate}:"
+
+    def __init__(self, url: str) -> None:
+        from ledger.counters import CounterError
+        from ledger.counters.redis import RedisCounters
+
+        try:
+            self.client = RedisCounters(url).client  # one way to connect to Redis
+        except CounterError as exc:
+            raise RateStoreUnavailable(str(exc)) from exc
+        self.url = url
+        self._admit = self.client.register_script(_ADMIT)
+
+    def admit(self, key: str, limit: int, now: float) -> float | None:
+        member = f"{now!r}:{secrets.token_hex(4)}"
+        try:
+            wait = self._admit(keys=[self.PREFIX + key], args=[limit, repr(now), WINDOW_S, member])
+        except redis_py.RedisError as exc:
+            raise RateStoreUnavailable(f"rate-limit store {self.url}: {exc}") from exc
+        return None if wait is None else float(wait)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def rate_window(store: str, *, path: Path, url: str | None) -> RateWindow:
+    """The window of the budget counter store `store`: `sqlite` at `path`, `redis` at `url`."""
+    if store == "sqlite":
+        return SqliteRateWindow(path)
+    if store == "redis":
+        if not url:
+            raise RateStoreUnavailable("budget_store redis needs budget_redis_url (redis://…)")
+        return RedisRateWindow(url)
+    raise RateStoreUnavailable(f"unknown budget store {store!r}; allowed: sqlite, redis")
+
+
+def rate_limiter(settings: Settings, root: DataRoot) -> RateLimiter:
+    """The API's limiter: `settings.rate_limits`, counted where the budget counters are."""
+    path = root.root / "api" / RATE_FILE
+    window = rate_window(settings.budget_store, path=path, url=settings.budget_redis_url)
+    return RateLimiter(settings.rate_limits, window)
+
+
+class RateLimiter:
+    """At most `limits[scope]` requests per token in any sliding `WINDOW_S`-second window,
+    counted in `window`: shared by every API process using the same store."""
+
+    WINDOW_S = WINDOW_S
+
+    def __init__(self, limits: dict[str, int], window: RateWindow | None = None) -> None:
+        self.limits = limits
+        self.window = window or MemoryRateWindow()
 
     def hit(self, token: ApiToken, now: float | None = None) -> None:
         limit = self.limits.get(str(token.scope))
         if limit is None:
             return
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            hits = self._hits.setdefault(token.id, deque())
-            while hits and hits[0] <= now - self.WINDOW_S:
-                hits.popleft()
-            if len(hits) >= limit:
-                raise RateLimited(max(1, int(hits[0] + self.WINDOW_S - now + 0.999)))
-            hits.append(now)
+        wait = self.window.admit(token.id, limit, time.time() if now is None else now)
+        if wait is not None:
+            raise RateLimited(max(1, math.ceil(wait)))
 
 
 def check_cors_origins(origins: list[str]) -> list[str]:

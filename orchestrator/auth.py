@@ -1,7 +1,8 @@
 """Control-API authentication: the operator token file and the guard on every route.
 
-The operator token (`vault-secrets/operator-token`) is created at first start, printed once,
-kept in plain for the CLI, and adopted into the hashed token store as an `admin` token.
+The operator token (`vault-secrets/operator-token`, mode 0600) is created at first start and
+kept in plain for the CLI, like `~/.vault-token`; it is adopted into the hashed token store as
+an `admin` token. It is never printed: the API's output ends up in log files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from orchestrator.access import (
     ApiToken,
     RateLimited,
     RateLimiter,
+    RateStoreUnavailable,
     Rule,
     TokenScope,
     TokenStore,
@@ -46,7 +48,8 @@ class Guard:
     """The FastAPI dependency on every route: token → scope → rule → rate limit.
 
     401 without a live token, 403 when the route's rule does not admit the token's scope (or
-    a route has no rule at all), 429 with `Retry-After` past the token's rate limit.
+    a route has no rule at all), 429 with `Retry-After` past the token's rate limit, 503 when
+    the shared rate-limit store cannot be reached.
     """
 
     def __init__(self, tokens: TokenStore, limiter: RateLimiter) -> None:
@@ -71,6 +74,8 @@ class Guard:
             raise HTTPException(
                 429, str(exc), headers={"Retry-After": str(exc.retry_after)}
             ) from exc
+        except RateStoreUnavailable as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
         if rule is None or not self._admits(rule, token, request):
             raise HTTPException(403, f"a {token.scope} token may not {request.method} {path}")
         return token
@@ -96,12 +101,11 @@ class Guard:
         return token.scope in rule.scopes
 
 
-def guard_for(root: DataRoot, rate_limits: dict[str, int]) -> Guard:
+def guard_for(root: DataRoot, limiter: RateLimiter) -> Guard:
     """The guard over `root`'s token store, with the operator-token file adopted as admin."""
     tokens = TokenStore(root)
     token, created = ensure_token(root)
     if created:
-        print(f"autovibe: operator token (shown once, kept in {token_path(root)}):")
-        print(f"  {token}", flush=True)
+        print(f"autovibe: operator token created in {token_path(root)} (mode 0600)", flush=True)
     tokens.adopt(token, OPERATOR_TOKEN_ID, TokenScope.admin)
-    return Guard(tokens, RateLimiter(rate_limits))
+    return Guard(tokens, limiter)

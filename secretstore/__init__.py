@@ -1,5 +1,9 @@
 """Secret-store adapters, picked by short name: `file` (embedded default) or `vault`.
 
+Each store comes with a field cipher (`contracts.secrets.FieldCipher`, `secretstore.fields`)
+for values kept encrypted outside it: the `file` store with the embedded AES-GCM key file,
+`vault` with transit.
+
 The port (`SecretStore`, `SecretNotFound`, `SecretStoreError`) is `contracts.secrets`.
 Adapters are imported only when picked, so the file store never loads hvac.
 """
@@ -12,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from contracts.dataroot import DataRoot
-from contracts.secrets import SecretStore, SecretStoreError
+from contracts.secrets import FieldCipher, SecretStore, SecretStoreError
 from contracts.settings import Settings
 
 STORES = {
@@ -48,3 +52,16 @@ def store_from_env(
     root = DataRoot.at((settings or Settings()).data)
     store: SecretStore = _adapter(env.get(ENV_VAR, DEFAULT), f" (${ENV_VAR})").from_env(env, root)
     return store
+
+
+def cipher_from_env(root: DataRoot, env: Mapping[str, str] | None = None) -> FieldCipher:
+    """The field cipher of the configured store: `vault` → transit, `file` → embedded."""
+    from secretstore.fields import KEY_FILE, EmbeddedFieldCipher, TransitFieldCipher
+
+    env = os.environ if env is None else env
+    name = env.get(ENV_VAR, DEFAULT)
+    if name == "file":
+        return EmbeddedFieldCipher(root)
+    store = _adapter(name, f" (${ENV_VAR})").from_env(env, root)
+    embedded = EmbeddedFieldCipher(root) if (root.secrets / KEY_FILE).exists() else None
+    return TransitFieldCipher(store, embedded)

@@ -12,8 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from contracts.dataroot import DataRoot
 from contracts.secrets import SecretStore, SecretStoreError, mask
-from secretstore import store_from_env
+from contracts.settings import Settings
+from secretstore import cipher_from_env, store_from_env
+from secretstore.fields import TRANSIT_KEY_PREFIX, EmbeddedFieldCipher
 
 app = typer.Typer(
     help="Provider keys and credentials in the secret store ($AUTOVIBE_SECRET_STORE).",
@@ -98,3 +101,19 @@ def rm(path: str) -> None:
     except SecretStoreError as exc:
         raise _fail(str(exc)) from exc
     console.print(f"removed {path}")
+
+
+@app.command("rotate-key")
+def rotate_key() -> None:
+    """Start a new version of the field-encryption key; values made before stay readable."""
+    try:
+        cipher = cipher_from_env(DataRoot.at(Settings().data))
+        if not isinstance(cipher, EmbeddedFieldCipher):
+            raise _fail(
+                "Vault transit keys rotate in Vault: "
+                f"`vault write -f transit/keys/{TRANSIT_KEY_PREFIX}payments/rotate`"
+            )
+        version = cipher.rotate()
+    except SecretStoreError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"{cipher.key_path}: new fields are encrypted with key v{version}")

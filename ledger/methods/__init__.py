@@ -28,6 +28,8 @@ class Charge:
     amount: Decimal
     currency: str
     """What the seller is paid, in the currency the agent asked for."""
+    pay_to: str | None = None
+    """Where the money goes, as the agent gave it (wallet address, merchant, checkout URL)."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -17,17 +17,28 @@ from fastapi import FastAPI, Header
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from contracts.secrets import FieldCipherError
 from contracts.settings import PROJECT_ROOT, Settings
+from ledger import cli as ledger_cli
+from ledger import methods
 from ledger.book import Ledger
 from ledger.check import bean_check
 from ledger.cli import app as ledger_app
 from ledger.cli import payments_app
 from ledger.counters import machine_scope, open_project, project_scope
-from ledger.payments import Broker, PaymentPolicy, PaymentRequest, Requester, TransactionLog
+from ledger.methods import Charge, Receipt
+from ledger.payments import (
+    Broker,
+    PaymentPolicy,
+    PaymentRequest,
+    Requester,
+    TransactionLog,
+    masked,
+)
 from orchestrator.payments_api import router
 from orchestrator.platform import Platform
 
-POLICY = {
+POLICY: dict[str, Any] = {
     "require_free_alternatives": True,
     "approval_threshold": "25.00",
     "preferred_crypto": "USDC",
@@ -91,6 +102,11 @@ def ask(client: TestClient, who: str = "machine:demo:m1", **overrides: Any) -> A
     return client.post("/v1/payments", json=body, headers={"X-Principal": who})
 
 
+def approve_args(payment_id: str) -> list[str]:
+    """`autovibe payments approve ID`: typer drops the command name while it is the only one."""
+    return ["approve", payment_id] if len(payments_app.registered_commands) > 1 else [payment_id]
+
+
 def test_each_refusal_reason(setup: tuple[TestClient, Platform]) -> None:
     client, platform = setup
     r = ask(client, free_alternatives_considered=[])
@@ -148,7 +164,7 @@ def test_payment_moves_money_once_and_picks_the_card(setup: tuple[TestClient, Pl
     assert bean_check(ledger.path) == []
     assert ledger.spent() == Decimal("10")
     assert ledger.remaining() == Decimal("90")
-    text = ledger.path.read_text()
+    text = ledger.text()
     assert "Expenses:Purchases:Dataset-license  10.000000 CAD" in text
     assert f'payment: "{entry["id"]}"' in text
     store = platform.counters()
@@ -177,7 +193,7 @@ def test_approval_flow(setup: tuple[TestClient, Platform]) -> None:
     assert ledger.spent() == 0
 
     # Approved by the operator, it is paid then: the allowance (30 CAD) covers it.
-    out = CliRunner().invoke(payments_app, [pending["id"]])
+    out = CliRunner().invoke(payments_app, approve_args(pending["id"]))
     assert out.exit_code == 0, out.output
     assert ledger.spent() == Decimal("27.6")
     assert bean_check(ledger.path) == []
@@ -190,10 +206,10 @@ def test_approve_executes_a_pending_payment(setup: tuple[TestClient, Platform]) 
     pending = ask(client, who="operator", amount="26").json()
     assert pending["status"] == "pending_approval"
 
-    out = CliRunner().invoke(payments_app, [pending["id"]])
+    out = CliRunner().invoke(payments_app, approve_args(pending["id"]))
     assert out.exit_code == 0, out.output
     assert "completed" in out.output
-    again = CliRunner().invoke(payments_app, [pending["id"]])
+    again = CliRunner().invoke(payments_app, approve_args(pending["id"]))
     assert again.exit_code == 1
     assert "is completed, not pending_approval" in again.output
 
@@ -263,10 +279,166 @@ def test_revenue_api_and_csv_import(setup: tuple[TestClient, Platform], tmp_path
 
     ledger = Ledger.of(platform.root, "demo")
     assert bean_check(ledger.path) == []
-    text = ledger.path.read_text()
+    text = ledger.text()
     assert "Income:Revenue:Consulting  -100.000000 CAD" in text
     assert "Income:Revenue:Bug-bounty  -69.000000 CAD" in text  # 50 USD × 1.38
     assert "Income:Revenue:Bug-bounty  -15.000000 CAD" in text  # 10 EUR / 0.92 × 1.38
     out = CliRunner().invoke(ledger_app, ["pnl", "demo"])
     assert out.exit_code == 0, out.output
     assert "253.00" in out.output  # 100 + 15 + 69 + 69
+
+
+# -- sensitive fields encrypted at rest ------------------------------------------------------
+
+WALLET = "0x52908400098527886E0F7030069857D2E4169EE7"
+
+
+def log_of(platform: Platform) -> Path:
+    return platform.root.financial("demo") / "transactions.json"
+
+
+def test_destination_and_receipt_are_encrypted_at_rest(setup: tuple[TestClient, Platform]) -> None:
+    client, platform = setup
+    r = ask(client, pay_to=WALLET)
+    assert r.status_code == 201, r.text
+    paid = r.json()
+    assert paid["receipt"].startswith("sandbox-")  # the requester sees its own receipt
+    assert paid["pay_to"].startswith("avf:v1:")  # and its destination as it is kept
+
+    raw = log_of(platform).read_text()
+    assert WALLET not in raw and paid["receipt"] not in raw
+    stored = TransactionLog(log_of(platform)).entries()[-1]
+    assert stored["pay_to"].startswith("avf:v1:") and stored["receipt"].startswith("avf:v1:")
+    # What an auditor needs stays readable.
+    assert (stored["item"], stored["amount"], stored["currency"], stored["status"]) == (
+        "Dataset license", "10.00", "CAD", "completed",
+    )  # fmt: skip
+    assert stored["justification"] == "needed to run the benchmark"
+    assert paid["receipt"] not in Ledger.of(platform.root, "demo").text()
+
+    broker = payments_api_broker(platform)
+    revealed = broker.history(paid["id"], reveal=True)[-1]
+    assert revealed == paid | {"pay_to": WALLET}
+    assert masked(stored)["pay_to"] == masked(stored)["receipt"] == "[encrypted]"
+    assert [e["pay_to"] for e in broker.history()] == ["[encrypted]"]
+
+
+class Recording:
+    """A payment method that keeps what it was asked to charge."""
+
+    charges: ClassVar[list[Charge]] = []
+
+    def charge(self, charge: Charge, secrets: Any, secret_path: str | None) -> Receipt:
+        self.charges.append(charge)
+        return Receipt(receipt_id=f"rec-{len(self.charges)}", charged=True)
+
+
+def test_only_the_charge_sees_the_decrypted_destination(
+    setup: tuple[TestClient, Platform], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, platform = setup
+    monkeypatch.setitem(methods.ADAPTERS, "recording", f"{__name__}:Recording")
+    monkeypatch.setattr(Recording, "charges", [])
+    policy = {**POLICY, "methods": [{"name": "card", "kind": "card", "adapter": "recording"}]}
+    (platform.settings.configs / "payments.yaml").write_text(yaml.safe_dump(policy))
+    pending = ask(client, amount="26", pay_to=WALLET).json()
+    assert pending["status"] == "pending_approval"
+    assert WALLET not in log_of(platform).read_text()
+
+    out = CliRunner().invoke(payments_app, approve_args(pending["id"]))
+    assert out.exit_code == 0, out.output
+    assert [(c.payment_id, c.pay_to) for c in Recording.charges] == [(pending["id"], WALLET)]
+    raw = log_of(platform).read_text()
+    assert WALLET not in raw and "rec-1" not in raw
+
+
+def test_plaintext_files_from_before_still_load(setup: tuple[TestClient, Platform]) -> None:
+    _, platform = setup
+    old = {
+        "project": "demo", "machine": "m1", "agent": None, "item": "Old license",
+        "amount": "5.00", "currency": "CAD", "justification": "j",
+        "free_alternatives_considered": ["none"], "amount_primary": "5.000000",
+        "primary_currency": "CAD", "method": "card", "reason": None, "detail": None,
+        "at": "2025-01-01T00:00:00+00:00",
+    }  # fmt: skip
+    receipt = "sandbox-0123456789abcdef"
+    log_of(platform).parent.mkdir(parents=True, exist_ok=True)
+    log_of(platform).write_text(
+        json.dumps(
+            [
+                {**old, "id": "pay_old1", "status": "completed", "receipt": receipt},
+                {**old, "id": "pay_old2", "status": "pending_approval"},
+            ]
+        )
+    )
+    broker = payments_api_broker(platform)
+    assert broker.history("pay_old1")[0]["receipt"] == "san…cdef"  # masked, not encrypted
+    assert broker.history("pay_old1", reveal=True)[0]["receipt"] == receipt
+    paid = broker.approve("demo", "pay_old2")
+    assert paid["status"] == "completed"
+    entries = TransactionLog(log_of(platform)).entries()
+    assert entries[0]["receipt"] == receipt  # old entries are left as they were
+    assert entries[-1]["receipt"].startswith("avf:v1:")
+
+
+class BrokenCipher:
+    def encrypt(self, context: str, plaintext: str) -> str:
+        raise FieldCipherError(f"transit key for {context!r} is unreachable")
+
+    def decrypt(self, context: str, token: str) -> str:
+        raise FieldCipherError(f"transit key for {context!r} is unreachable")
+
+
+def test_no_cipher_no_payment_to_an_unrecorded_destination(
+    setup: tuple[TestClient, Platform],
+) -> None:
+    _, platform = setup
+    broker = payments_api_broker(platform, fields=BrokenCipher)
+    request = PaymentRequest(
+        item="x", amount=Decimal(1), currency="CAD", justification="y",
+        free_alternatives_considered=["z"], pay_to=WALLET,
+    )  # fmt: skip
+    refused = broker.submit(request, Requester("demo", "m1"))
+    assert (refused["status"], refused["reason"]) == ("refused", "fields_unavailable")
+    # Without a destination the payment goes through; the receipt it could not encrypt is
+    # left out of the log rather than written in plain, and the attempt is still recorded.
+    paid = broker.submit(request.model_copy(update={"pay_to": None}), Requester("demo", "m1"))
+    assert paid["status"] == "completed"
+    entries = TransactionLog(log_of(platform)).entries()
+    assert [(e["status"], e["pay_to"], e.get("receipt")) for e in entries] == [
+        ("refused", None, None),
+        ("completed", None, None),
+    ]
+    assert "receipt not recorded: transit key for 'payments'" in entries[-1]["detail"]
+    assert WALLET not in log_of(platform).read_text()
+
+
+@pytest.mark.skipif(
+    not hasattr(ledger_cli, "show"), reason="`payments ls/show` need the ledger/cli.py change"
+)
+def test_payments_cli_masks_unless_reveal(setup: tuple[TestClient, Platform]) -> None:
+    client, _ = setup
+    paid = ask(client, pay_to=WALLET).json()
+    out = CliRunner().invoke(payments_app, ["ls"])
+    assert out.exit_code == 0, out.output
+    assert paid["id"] in out.output and "pay_to=[encrypted]" in out.output
+    assert WALLET not in out.output and paid["receipt"] not in out.output
+    out = CliRunner().invoke(payments_app, ["show", paid["id"]])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)[-1]["receipt"] == "[encrypted]"
+    out = CliRunner().invoke(payments_app, ["show", paid["id"], "--reveal"])
+    shown = json.loads(out.output)[-1]
+    assert (shown["pay_to"], shown["receipt"]) == (WALLET, paid["receipt"])
+    out = CliRunner().invoke(payments_app, ["ls", "--project", "demo", "--reveal"])
+    assert f"pay_to={WALLET}" in out.output
+    assert CliRunner().invoke(payments_app, ["show", "pay_nope"]).exit_code == 1
+
+
+def payments_api_broker(platform: Platform, **options: Any) -> Broker:
+    return Broker(
+        platform.root,
+        PaymentPolicy.load(platform.settings.configs / "payments.yaml"),
+        counters=platform.counters,
+        fx=platform.catalog.prices.fx,
+        **options,
+    )

@@ -15,6 +15,7 @@ import os
 import secrets
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -22,9 +23,11 @@ from worker_harness import EXAMPLES, MeteringProxy, ModelServer, direct_env, sto
 
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
-from contracts.secrets import REDACTED
+from contracts.secrets import REDACTED, redact_credentials
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from ledger.counters import open_ample
+from orchestrator.access import TokenScope, TokenStore
+from orchestrator.auth import ensure_token
 from proxy.index import TrafficIndex
 from proxy.launch import mitmdump_argv, wait_ready
 from secretstore.file import FileSecretStore
@@ -155,3 +158,63 @@ def test_redact_tree_rewrites_only_files_holding_a_secret(tmp_path: Path) -> Non
     assert clean.stat().st_ino == before.st_ino and clean.stat().st_mtime_ns == before.st_mtime_ns
     assert redact_tree(tmp_path, []) == []
     assert not list(tmp_path.rglob(".*.redacting"))
+
+
+def test_a_secret_in_a_query_string_is_in_no_file_the_api_wrote(tmp_path: Path) -> None:
+    """The real API under uvicorn, access log on: credentials sent in URLs are not kept."""
+    settings = Settings(data=tmp_path / "data", api_port=free_port())
+    root = DataRoot.at(settings.data)
+    DataRoot.ensure(root.root)
+    secret = "sk-querytest-" + secrets.token_hex(16)
+    record, machine_token = TokenStore(root).create(TokenScope.machine, project="p1")
+    operator, _ = ensure_token(root)  # made now: the API prints a token it makes (auth.py)
+    log_path = root.root / "api.log"
+    argv = [
+        sys.executable, "-m", "uvicorn", "orchestrator.app:app",
+        "--host", settings.host, "--port", str(settings.api_port), "--log-level", "info",
+    ]  # fmt: skip
+    env = direct_env(**settings.as_env(), AUTOVIBE_SECRET_STORE="file")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_ready(settings.host, settings.api_port, timeout=60, process=process)
+        with httpx.Client(base_url=settings.api_url, trust_env=False, timeout=30) as client:
+            listed = client.get(
+                "/v1/trials",
+                params={"token": secret, "api_key": secret, "page": "1"},
+                headers={"Authorization": f"Bearer {operator}"},
+            )
+            assert listed.status_code == 200, listed.text
+            client.get("/healthz", params={"access_token": machine_token})
+            client.get(f"/healthz?next=/x?{machine_token}")  # a bare token, no parameter name
+            paid = client.post(
+                "/v1/projects/p1/payments",
+                params={"token": machine_token},
+                headers={"Authorization": f"Bearer {machine_token}"},
+                json={},
+            )
+            assert paid.status_code == 422, paid.text  # audited, with its path only
+    finally:
+        stop(process)
+
+    lines = log_path.read_text().splitlines()
+    assert any("/v1/trials?token=[REDACTED]&api_key=[REDACTED]&page=1" in x for x in lines), lines
+    for value in (secret, machine_token, operator):
+        assert files_holding(root.root, value, skip=root.secrets) == [], value
+    assert list((root.root / "audit").glob("api-*.jsonl")), "the POST was audited"
+    assert record.id in "".join(p.read_text() for p in (root.root / "audit").glob("*.jsonl"))
+
+
+def test_credential_shapes_are_redacted_without_knowing_them() -> None:
+    token = "avt_" + "x" * 43
+    cases = {
+        "GET /v1/t?token=abc&page=2 HTTP/1.1": "GET /v1/t?token=[REDACTED]&page=2 HTTP/1.1",
+        "/s?X-Amz-Signature=ff00;client_secret=z#top": (
+            "/s?X-Amz-Signature=[REDACTED];client_secret=[REDACTED]#top"
+        ),
+        "http://m1:av1.eyJwIjoxfQ.c2ln@127.0.0.1:8080": "http://m1:[REDACTED]@127.0.0.1:8080",
+        f"Authorization: Bearer {token}": "Authorization: Bearer [REDACTED]",
+        f"see {token} here": "see [REDACTED] here",
+        "?page=2&limit=3&sort=asc": "?page=2&limit=3&sort=asc",
+    }
+    assert {text: redact_credentials(text) for text in cases} == cases
