@@ -49,6 +49,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _sorted_unique(value: list[float]) -> list[float]:
+    if len(set(value)) != len(value):
+        raise ValueError("each fraction may appear once")
+    return sorted(value)
+
+
+class BudgetAlerts(_Strict):
+    """When the operator hears of spend: SSE event, webhook call and Prometheus counter."""
+
+    thresholds: Annotated[
+        list[Annotated[float, Field(gt=0, le=1)]], AfterValidator(_sorted_unique)
+    ] = Field(default_factory=lambda: [0.5, 0.8, 1.0])
+    """Fractions of a scope's limit (project, machine day, task) that raise an alert once per
+    period, e.g. 0.8 for 80 %."""
+    daily_spend_above: Money | None = None
+    """Alert once a UTC day when the project's spend that day (all machines) exceeds this, in
+    the budget's currency; null for no such alert."""
+    webhook_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
+    """Every alert is POSTed here as JSON (retried with backoff); null for none."""
+
+
 class Budget(_Strict):
     amount: Money
     """Money the project may spend per period, in `currency`."""
@@ -56,6 +77,8 @@ class Budget(_Strict):
     """Primary currency; USD prices are converted through the ledger's price directive."""
     period: Literal["daily", "weekly", "biweekly", "monthly", "once"] = "biweekly"
     """How often the budget is replenished."""
+    alerts: BudgetAlerts = Field(default_factory=BudgetAlerts)
+    """Threshold alerts on the budget counters."""
 
 
 class Machines(_Strict):
@@ -132,6 +155,58 @@ class NomadCluster(_Strict):
     """Memory reserved per worker allocation, in MiB."""
 
 
+class Confidence(_Strict):
+    """The confidence gate (DeepEval): a test score and an LLM judge's "the change solves the
+    task" score, combined as a weighted mean; a result below `threshold` is not accepted and
+    is flagged for review. At the default weights and threshold only a resolved result can be
+    accepted and the judge ranks results without vetoing them: the default judge may be the
+    270M `tiny` model, whose opinion should not overrule the tests. Raise the judge's weight
+    (e.g. tests 0.6 / judge 0.4: a resolved change is then refused below a judge score of 2.5)
+    once the judge is a capable pair."""
+
+    enabled: bool = True
+    """Score every graded assignment; off: results carry no confidence and none is flagged."""
+    threshold: float = Field(default=0.7, ge=0, le=1)
+    """Confidence a result needs to be accepted."""
+    judge: PairName | None = None
+    """Model that judges the change (`<pair>` or `<pair>:thinking`); default: the normal model
+    of the trial's first pair."""
+    weights: dict[Literal["tests", "judge"], Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"tests": 0.7, "judge": 0.3}  # type: ignore[arg-type]
+    )
+    """Weight of each score in the mean; a score left out weighs 0. When the judge cannot be
+    reached the confidence is the test score alone."""
+    timeout_s: float = Field(default=60, gt=0, le=3600)
+    """How long one judge call may take before the judge counts as unavailable."""
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Confidence:
+        if sum(self.weights.values()) <= 0:
+            raise ValueError("weights: at least one of tests, judge must be above 0")
+        return self
+
+
+class Routing(_Strict):
+    """Where a request for the model `auto` (or `auto:thinking`) goes. The proxy sends it to
+    the normal (or thinking) model of the assignment's pair on the local model plane; only a
+    request the local pair cannot serve (an API the model plane does not speak, a prompt
+    beyond the local context) goes to `cloud_model`, and only when `allow_cloud` is true.
+    Requests that name a model are not routed."""
+
+    auto: Literal["local_first"] = "local_first"
+    """Routing of `auto`: `local_first` (the only policy so far)."""
+    allow_cloud: bool = False
+    """Whether `auto` may fall back to `cloud_model`; false: such requests are refused (403)."""
+    cloud_model: Annotated[str, Field(pattern=r"^[a-z0-9_-]+/\S+$")] | None = None
+    """The cloud fallback as `provider/model` (`openai/gpt-4o-mini`), priced in prices.yaml."""
+
+    @model_validator(mode="after")
+    def _cloud_named(self) -> Routing:
+        if self.allow_cloud and self.cloud_model is None:
+            raise ValueError("allow_cloud: true needs a cloud_model (provider/model)")
+        return self
+
+
 class TrialConfig(_Strict):
     """A trial: tasks × agents × model pairs, with a budget."""
 
@@ -152,6 +227,10 @@ class TrialConfig(_Strict):
     """The Nomad cluster, used when `driver` is `nomad`."""
     sandbox: Sandbox = Field(default_factory=Sandbox)
     """How the local driver confines each agent."""
+    confidence: Confidence = Field(default_factory=Confidence)
+    """The confidence gate every graded result goes through."""
+    routing: Routing = Field(default_factory=Routing)
+    """Where requests for the model `auto` go: the local pair first, the cloud if allowed."""
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> TrialConfig:
@@ -260,6 +339,34 @@ class LocalCompute(_Strict):
         return self.hourly_usd * Decimal(1_000_000) / Decimal(self.tokens_per_hour)
 
 
+VmPriceKey = Literal["local", "nomad", "default"]
+
+
+def _free_local_vm() -> dict[VmPriceKey, Decimal]:
+    return {"local": Decimal(0)}
+
+
+class ComputePrices(_Strict):
+    """Non-LLM compute, priced in USD and posted to the ledger (`Expenses:Compute:…`)."""
+
+    vm_hour_usd: dict[VmPriceKey, Money] = Field(default_factory=_free_local_vm)
+    """USD per hour of a worker VM, by worker driver, charged for each assignment's wall time;
+    `default` prices the drivers not named. The local driver costs 0 unless priced here."""
+
+    def vm_hour(self, driver: str) -> Decimal:
+        """USD per VM-hour of `driver`; KeyError naming the config field when it has no price."""
+        prices: dict[str, Decimal] = {str(k): v for k, v in self.vm_hour_usd.items()}
+        for name in (driver, "default"):
+            if name in prices:
+                return prices[name]
+        if driver == "local":
+            return Decimal(0)
+        raise KeyError(
+            f"prices.yaml: compute.vm_hour_usd has no price for driver {driver!r} and no "
+            f"'default'; priced: {', '.join(sorted(self.vm_hour_usd)) or 'none'}"
+        )
+
+
 class PriceCatalog(_Strict):
     currency: Literal["USD"] = "USD"
     fx: dict[Currency, Decimal]
@@ -268,6 +375,8 @@ class PriceCatalog(_Strict):
     """Cloud prices per provider and model, USD per million tokens."""
     local: dict[str, LocalCompute] = Field(default_factory=dict)
     """Local models (by served name) priced from compute cost."""
+    compute: ComputePrices = Field(default_factory=ComputePrices)
+    """Worker VM-hours (GPU-hours of local models are in `local`, apportioned by tokens)."""
 
     def price(self, provider: str, model: str) -> TokenPrice | None:
         """USD per million tokens for a model, or None when unknown (callers fail closed)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from decimal import Decimal
@@ -14,8 +15,9 @@ from rich.table import Table
 
 from contracts.config import load_prices
 from contracts.dataroot import DataRoot
+from contracts.secrets import SecretStoreError
 from contracts.settings import Settings
-from ledger.book import Ledger, LedgerError
+from ledger.book import Ledger, LedgerError, ledger_projects
 from ledger.counters import CounterStore, open_counters
 from ledger.payments import (
     Broker,
@@ -25,6 +27,7 @@ from ledger.payments import (
     record_revenue,
 )
 from ledger.pnl import Row, profit_and_loss
+from ledger.posting import agents_from_artifacts, post_usage
 from ledger.reconcile import reconcile
 from proxy.index import TrafficIndex
 from secretstore import store_from_env
@@ -79,14 +82,40 @@ def reconcile_cmd(project: str) -> None:
 
 
 @app.command()
+def post(project: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Post metered usage not yet in the ledger, every hour up to now (all projects by default)."""
+    root = _root(Settings())
+    if project is not None:
+        projects = [project]
+        _ledger(root, project)
+    else:
+        projects = sorted(
+            p.parent.name for p in (root.root / "financial").glob("*/ledger.beancount")
+        )
+    DataRoot.ensure(root.traffic_logs)
+    with TrafficIndex(root.traffic_index) as index:
+        index.catch_up(root.traffic_logs)
+        for name in projects:
+            try:
+                done = post_usage(
+                    Ledger.of(root, name), index, name, agent_of=agents_from_artifacts(root, name)
+                )
+            except LedgerError as exc:
+                raise _fail(str(exc)) from exc
+            console.print(
+                f"{name}: {done.transactions} transaction(s), {done.flows} flow(s), "
+                f"{done.usd:f} USD posted"
+            )
+
+
+@app.command()
 def pnl(project: Annotated[str | None, typer.Argument()] = None) -> None:
     """Profit and loss per project, machine and agent."""
     root = _root(Settings())
     if project is not None:
         ledgers = [(project, _ledger(root, project))]
     else:
-        paths = sorted((root.root / "financial").glob("*/ledger.beancount"))
-        ledgers = [(p.parent.name, Ledger(p)) for p in paths]
+        ledgers = [(name, Ledger.of(root, name)) for name in ledger_projects(root)]
     try:
         report = profit_and_loss(ledgers)
     except LedgerError as exc:
@@ -188,3 +217,41 @@ def approve(payment_id: str) -> None:
     console.print(f"{payment_id}: {entry['status']} {entry.get('detail') or ''}", highlight=False)
     if entry["status"] != "completed":
         raise typer.Exit(1)
+
+
+REVEAL_HELP = "Decrypt receipts and destinations (needs the field key, or Vault transit decrypt)."
+
+
+@payments_app.command("ls")
+def ls_payments(
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    reveal: Annotated[bool, typer.Option("--reveal", help=REVEAL_HELP)] = False,
+) -> None:
+    """Every payment in its latest state; receipts and destinations masked unless --reveal."""
+    try:
+        entries = broker(Settings()).history(project=project, reveal=reveal)
+    except (PaymentError, SecretStoreError) as exc:
+        raise _fail(str(exc)) from exc
+    for e in {e["id"]: e for e in entries}.values():  # the latest entry of each payment
+        console.print(
+            f"{e['id']}  {e['project']}  {e['status']}  {e['amount']} {e['currency']}  "
+            f"{e['item']}  pay_to={e.get('pay_to')}  receipt={e.get('receipt')}",
+            markup=False,  # "[encrypted]" is text, not a style
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@payments_app.command()
+def show(
+    payment_id: str,
+    reveal: Annotated[bool, typer.Option("--reveal", help=REVEAL_HELP)] = False,
+) -> None:
+    """Every recorded step of one payment as JSON; sensitive fields masked unless --reveal."""
+    try:
+        entries = broker(Settings()).history(payment_id, reveal=reveal)
+    except (PaymentError, SecretStoreError) as exc:
+        raise _fail(str(exc)) from exc
+    if not entries:
+        raise _fail(f"no payment {payment_id!r}")
+    sys.stdout.write(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")

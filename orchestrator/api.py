@@ -38,7 +38,7 @@ log = logging.getLogger("autovibe.api")
 def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) -> FastAPI:
     settings = settings or Settings()
     platform = Platform.from_settings(settings)
-    guard = auth.guard_for(platform.root, settings.rate_limits)
+    guard = auth.guard_for(platform.root, access.rate_limiter(settings, platform.root))
     cors_origins = access.check_cors_origins(settings.cors_origins)
     scheduler = Scheduler(platform)
     metrics = Metrics()
@@ -215,6 +215,7 @@ def trial_view(platform: Platform, trial_id: str) -> dict[str, Any]:
                 "state": a.state,
                 "machine": a.machine,
                 "attempts": a.attempts,
+                "not_before": a.not_before.isoformat() + "Z" if a.not_before else None,
                 "status": a.status,
                 "exit_cause": a.exit_cause,
                 "cost": (a.result or {}).get("cost"),

@@ -22,6 +22,7 @@ from orchestrator import report as report_mod
 from orchestrator import stack, tasksets
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
+from orchestrator.dashboards_cli import app as dashboards_app
 from orchestrator.tokens_cli import app as tokens_app
 from retention import backup_cli
 from retention.checkpoints_cli import app as checkpoints_app
@@ -51,6 +52,7 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(vm_app, name="vm")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(payments_app, name="payments")
+app.add_typer(dashboards_app, name="dashboards")
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table
@@ -91,7 +93,7 @@ def up(
         f"model server {settings.model_url} · data root {root.root}"
     )
     token_log = root.run / "api.log"
-    if token_log.exists() and "shown once" in token_log.read_text():
+    if token_log.exists() and "operator token created" in token_log.read_text():
         console.print(f"operator token: {root.secrets / 'operator-token'}")
 
 
@@ -239,6 +241,47 @@ def cancel(trial_id: str) -> None:
     console.print(f"trial {t['name']} is {t['status']}")
 
 
+@trial_app.command("export")
+def export(
+    trial_id: str,
+    out: Annotated[Path, typer.Option("--out", help="Folder for <assignment>.patch files.")],
+    branch: Annotated[
+        str | None,
+        typer.Option(help="Also commit each result on a branch <NAME>/<assignment> (--repo)."),
+    ] = None,
+    repo: Annotated[
+        Path | None, typer.Option(help="Repository the branches are made in (with --branch).")
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Results flagged for review too, not only accepted.")
+    ] = False,
+) -> None:
+    """Export a trial's accepted results as patches (and git branches); reads the state DB and
+    the worker artifacts of this data root."""
+    from orchestrator import export as export_mod
+    from orchestrator.state import Store, state_url
+
+    if (branch is None) != (repo is None):
+        raise _fail("--branch and --repo go together", 2)
+    try:
+        done = export_mod.export_trial(
+            Store(state_url(Settings())),
+            trial_id,
+            out,
+            branch=branch,
+            repo=repo,
+            include_review=all_,
+        )
+    except LookupError as exc:
+        raise _fail(str(exc), 2) from exc
+    for e in done:
+        console.print(f"{e.assignment} {e.task}: {e.outcome} {e.detail}", highlight=False)
+    if not done:
+        console.print("nothing to export (no accepted results; --all adds those under review)")
+    if any(e.outcome == "skipped" for e in done):
+        raise typer.Exit(1)
+
+
 # -- config and agents -----------------------------------------------------------------------
 
 
@@ -267,16 +310,23 @@ def swebench_tasks(
     test_command: Annotated[
         str, typer.Option(help="Test command run in each workspace.")
     ] = tasksets.DEFAULT_TEST_COMMAND,
+    at_head: Annotated[
+        bool,
+        typer.Option(
+            "--at-head", help="Use each repository as it is, not checked out at base_commit."
+        ),
+    ] = False,
 ) -> None:
     """Check a SWE-bench task set (JSON/JSONL, repos on disk) and print its `tasks:` as YAML."""
     try:
-        instances = tasksets.load_swebench(file, repos, test_command=test_command)
+        instances = tasksets.load_swebench(file, repos, test_command=test_command, at_head=at_head)
     except ConfigError as exc:
         raise _fail(f"{file} is not a usable task set:\n{exc}", 2) from exc
     stale = [i.instance_id for i in instances if not i.at_base_commit]
     if stale:
         err.print(
-            f"[yellow]warning:[/yellow] the workspace copies the working tree, which is not at "
+            f"[yellow]warning:[/yellow] with --at-head the workspace copies the working tree, "
+            "which is not at "
             f"base_commit for: {', '.join(stale)}",
             highlight=False,
         )

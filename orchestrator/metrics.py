@@ -21,8 +21,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from contracts.config import TrialConfig
-from ledger.counters import CounterError, machine_scope, project_scope, task_scope
-from orchestrator.state import Assignment, Trial
+from ledger.counters import CounterError
+from orchestrator.alerts import alert_labels, trial_scopes
+from orchestrator.state import Assignment, BudgetAlert, Trial
 from proxy.index import ModelUsage
 from proxy.spool import FILE_NAME
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("autovibe.metrics")
 
-ASSIGNMENT_STATES = ("queued", "running", "finished", "failed", "cancelled")
+ASSIGNMENT_STATES = ("queued", "deferred", "running", "finished", "failed", "cancelled")
 EXPORTED = (
     "autovibe_trials_submitted_total",
     "autovibe_assignments",
@@ -46,6 +47,8 @@ EXPORTED = (
     "autovibe_budget_reserved",
     "autovibe_budget_remaining",
     "autovibe_budget_store_up",
+    "autovibe_budget_used_ratio",
+    "autovibe_budget_alerts_total",
     "autovibe_index_lag_bytes",
     "autovibe_index_lag_files",
 )
@@ -91,6 +94,23 @@ class _UsageCollector(Collector):
         yield from (calls, tokens, usd)
 
 
+class _AlertCollector(Collector):
+    """Budget alerts raised, per project, scope and threshold: rows that are never deleted."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, int]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        alerts = CounterMetricFamily(
+            "autovibe_budget_alerts",
+            "Budget threshold alerts raised (one per trial, scope, period and threshold)",
+            labels=["project", "scope", "threshold"],
+        )
+        for project, scope, threshold, n in self.rows:
+            alerts.add_metric([project, scope, threshold], n)
+        yield alerts
+
+
 class Metrics:
     """One registry per API process; `render` refreshes every gauge from the stores."""
 
@@ -119,6 +139,14 @@ class Metrics:
         self.store_up = Gauge(
             "autovibe_budget_store_up", "1 when the budget counter store answered", registry=r
         )
+        self.used_ratio = Gauge(
+            "autovibe_budget_used_ratio",
+            "Settled spend over the limit of the scope's period",
+            ["project", "scope"],
+            registry=r,
+        )
+        self.alerts = _AlertCollector()
+        r.register(self.alerts)
         self.lag = Gauge(
             "autovibe_index_lag_bytes", "Spool bytes not yet in the traffic index", registry=r
         )
@@ -157,21 +185,30 @@ class Metrics:
         self.usage.rows = platform.usage()
         self.spend.set(float(sum(u.cost_usd for u in self.usage.rows)))
 
-    def _scopes(self, platform: Platform) -> set[str]:
-        """Every scope the trials in the state DB opened: project, machine days, capped tasks."""
-        scopes: set[str] = set()
+    def _scopes(self, platform: Platform) -> dict[str, str]:
+        """Every scope the trials in the state DB opened (project, machine days, capped tasks),
+        with its project."""
+        scopes: dict[str, str] = {}
         with platform.store.session() as s:
+            # Every alert a trial may raise starts at 0, so that rate() sees its first one.
+            alerts: dict[tuple[str, str, str], int] = {}
             for trial_id, config in s.execute(select(Trial.id, Trial.config)).all():
                 c = TrialConfig.model_validate(config)
-                scopes.add(project_scope(c.project))
-                scopes.update(
-                    machine_scope(c.project, f"m{i}") for i in range(1, c.machines.count + 1)
-                )
-                scopes.update(task_scope(trial_id, t.id) for t in c.tasks if t.budget is not None)
+                scopes.update(dict.fromkeys(trial_scopes(trial_id, c), c.project))
+                for key in alert_labels(trial_id, c):
+                    alerts.setdefault(key, 0)
+            raised = s.execute(
+                select(
+                    BudgetAlert.project, BudgetAlert.scope, BudgetAlert.threshold, func.count()
+                ).group_by(BudgetAlert.project, BudgetAlert.scope, BudgetAlert.threshold)
+            )
+            for project, scope, threshold, n in raised:
+                alerts[(project, scope, threshold)] = n
+            self.alerts.rows = [(*key, n) for key, n in sorted(alerts.items())]
         return scopes
 
     def _budgets(self, platform: Platform) -> None:
-        for g in (self.limit, self.spent, self.reserved, self.remaining):
+        for g in (self.limit, self.spent, self.reserved, self.remaining, self.used_ratio):
             g.clear()
         scopes = self._scopes(platform)
         try:
@@ -193,3 +230,6 @@ class Metrics:
             self.spent.labels(*labels).set(float(st.spent))
             self.reserved.labels(*labels).set(float(st.reserved))
             self.remaining.labels(*labels).set(float(st.left))
+            if st.limit > 0:
+                ratio = float(st.spent / st.limit)
+                self.used_ratio.labels(scopes[st.scope], st.scope).set(ratio)

@@ -49,9 +49,17 @@ class RunRecord:
     """Grade: resolved, partial or unresolved; None when never graded."""
     exit_cause: str | None
     wall_s: float | None
+    not_before: str | None = None
+    """A deferred assignment's restart time (ISO 8601 UTC): its machine allowance's reset."""
     tokens: int = 0
+    local_tokens: int = 0
+    """Part of `tokens` served by the local model plane (provider `local`), not a cloud API."""
     calls: int = 0
     cost_usd: Decimal = Decimal(0)
+    confidence: float | None = None
+    """The confidence gate's score (`result.confidence.score`); None when not scored."""
+    accepted: bool | None = None
+    """Whether the gate accepted the result; False: flagged for review; None: not scored."""
 
 
 def arm_name(agent: str, model: str) -> str:
@@ -85,6 +93,9 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
                 status=a.status,
                 exit_cause=a.exit_cause,
                 wall_s=(a.result or {}).get("wall_s"),
+                confidence=((a.result or {}).get("confidence") or {}).get("score"),
+                accepted=((a.result or {}).get("confidence") or {}).get("accepted"),
+                not_before=a.not_before.isoformat() + "Z" if a.not_before else None,
             )
             for a in trial.assignments
         ]
@@ -96,6 +107,7 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
             replace(
                 r,
                 tokens=sum(u.total_tokens for u in usage),
+                local_tokens=sum(u.total_tokens for u in usage if u.provider == "local"),
                 calls=sum(u.calls for u in usage),
                 cost_usd=sum((u.cost_usd for u in usage), start=Decimal(0)),
             )
@@ -130,6 +142,23 @@ def summarize(
             "model_pairs": _compare(by_model, lambda r: r["model"]),
             "arms": _compare(rows, lambda r: arm_name(r["agent"], r["model"])),
         },
+        "deferred": [
+            {"assignment": r.assignment, "not_before": r.not_before}
+            for r in records
+            if r.state == "deferred"
+        ],
+        "needs_review": [
+            {
+                "assignment": r.assignment,
+                "task": r.task,
+                "agent": r.agent,
+                "model": r.model,
+                "confidence": r.confidence,
+            }
+            for r in records
+            if r.accepted is False
+        ],
+        "local_share": _local_share(records),
         "alpha": stats.ALPHA,
         "total_cost": str(to_currency(total_usd)),
         "total_cost_usd": str(total_usd),
@@ -158,13 +187,17 @@ def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) ->
         "assignments": len(group),
         "n": n,
         **counts,
-        "pending": sum(r.state in ("queued", "running") for r in group),
+        "pending": sum(r.state in ("queued", "deferred", "running") for r in group),
+        "deferred": sum(r.state == "deferred" for r in group),
         "errors": sum(r.status is None and r.state in ("failed", "cancelled") for r in group),
         "error_causes": {c: sum(r.exit_cause == c for r in group) for c in ERROR_CAUSES},
+        "accepted": sum(r.accepted is True for r in group),
+        "needs_review": sum(r.accepted is False for r in group),
         "success_rate": round(resolved / n, 4) if n else None,
         "success_ci95": [round(low, 4), round(high, 4)],
         "llm_calls": sum(r.calls for r in group),
         "tokens": sum(r.tokens for r in group),
+        **_local_share(group),
         "cost": str(cost),
         "cost_usd": str(cost_usd),
         "cost_per_resolved": str((cost / resolved).quantize(PER_RESOLVED)) if resolved else None,
@@ -173,6 +206,12 @@ def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) ->
         "wall_s_p90": None if p90 is None else round(p90, 2),
         "wall_s_total": round(sum(wall), 2),
     }
+
+
+def _local_share(group: Sequence[RunRecord]) -> dict[str, Any]:
+    """Tokens served by the local pair, and their share of all metered tokens (None: none)."""
+    tokens, local = sum(r.tokens for r in group), sum(r.local_tokens for r in group)
+    return {"local_tokens": local, "local_share": round(local / tokens, 4) if tokens else None}
 
 
 def _compare(
@@ -261,6 +300,14 @@ def _causes(row: dict[str, Any]) -> str:
     return ", ".join(f"{c} {k}" for c, k in row["error_causes"].items() if k) or "—"
 
 
+def _gate(row: dict[str, Any]) -> str:
+    return f"{row.get('accepted', 0)} / {row.get('needs_review', 0)}"
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
 def _p(value: float | None) -> str:
     return "—" if value is None else f"{value:.3g}"
 
@@ -277,10 +324,12 @@ def render(report: dict[str, Any], console: Console) -> None:
         "success [95% CI]",
         "LLM calls",
         "tokens",
+        "local",
         f"cost {cur}",
         f"{cur} / resolved",
         "wall s p50 / p90",
         "errors",
+        "accepted / review",
     ):
         table.add_column(
             col, justify="left" if col in ("agent", "model pair", "errors") else "right"
@@ -295,16 +344,34 @@ def render(report: dict[str, Any], console: Console) -> None:
             _rate(r),
             str(r["llm_calls"]),
             str(r["tokens"]),
+            _share(r.get("local_share")),
             _money(r["cost"]),
             _money(r["cost_per_resolved"]),
             _wall(r),
             _causes(r),
+            _gate(r),
         )
     console.print(table)
+    if "local_share" in report:
+        share = report["local_share"]
+        console.print(
+            f"Tokens served locally: {share['local_tokens']} "
+            f"({_share(share['local_share'])} of all metered tokens)"
+        )
     console.print(
         f"Total metered spend: {Decimal(report['total_cost']):.6f} {cur} "
         f"({Decimal(report['total_cost_usd']):.6f} USD)"
     )
+    for d in report.get("deferred", []):
+        console.print(
+            f"Deferred: {d['assignment']} (its machine's daily allowance is spent) "
+            f"until {d['not_before']}"
+        )
+    for flagged in report.get("needs_review", []):
+        console.print(
+            f"Needs review: {flagged['assignment']} ({flagged['task']}, {flagged['agent']} × "
+            f"{flagged['model']}): confidence {flagged['confidence']} is below the threshold"
+        )
     comparisons = [(family, c) for family, cs in report["comparisons"].items() for c in cs]
     if comparisons:
         ctable = Table(title="Pairwise success rates (Fisher's exact test, Holm-adjusted)")
@@ -344,6 +411,8 @@ CSV_COLUMNS = (
     "wall_s_p90",
     "wall_s_total",
     *(f"errors_{c}" for c in ERROR_CAUSES),
+    "accepted",
+    "needs_review",
 )
 
 
@@ -372,8 +441,8 @@ def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
         f"({Decimal(report['total_cost_usd']):.6f} USD).",
         "",
         f"| agent | model pair | runs | resolved | partial | success [95% CI] | tokens "
-        f"| cost {cur} | {cur} / resolved | wall s p50 / p90 | errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| cost {cur} | {cur} / resolved | wall s p50 / p90 | errors | accepted / review |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
     ]
     for r in report["rows"]:
         cells = [
@@ -388,6 +457,7 @@ def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
             _money(r["cost_per_resolved"]),
             _wall(r),
             _causes(r),
+            _gate(r),
         ]
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     lines += [

@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,17 @@ from sqlalchemy import select
 
 from contracts.config import TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
-from ledger.book import InferenceItem
+from ledger.counters import iso
+from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.platform import Platform
-from orchestrator.state import ASSIGNMENT_DONE, TRIAL_ACTIVE, Assignment, Trial, utcnow
+from orchestrator.state import (
+    ASSIGNMENT_DONE,
+    ASSIGNMENT_WAITING,
+    TRIAL_ACTIVE,
+    Assignment,
+    Trial,
+    utcnow,
+)
 from workers.agents import get_agent
 from workers.spec import AssignmentSpec, SandboxSpec
 
@@ -36,9 +46,14 @@ _ZERO = Decimal(0)
 
 
 class Scheduler:
-    def __init__(self, platform: Platform, interval_s: float = 0.5):
+    def __init__(
+        self, platform: Platform, interval_s: float = 0.5, clock: Callable[[], float] = time.time
+    ):
         self.p = platform
         self.interval_s = interval_s
+        self.clock = clock
+        """Epoch seconds; when deferred assignments are due (tests move it on)."""
+        self.alerts = BudgetWatch(platform)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -70,6 +85,8 @@ class Scheduler:
                 self._collect(trial_id)
                 self._launch(trial_id)
                 self._maybe_finish(trial_id)
+            self.alerts.check(trial_ids)
+            self.p.post_closed_hours()
 
     def _collect(self, trial_id: str) -> None:
         with self.p.store.session() as s:
@@ -97,11 +114,18 @@ class Scheduler:
             rows = list(s.scalars(select(Assignment).where(Assignment.trial_id == trial_id)))
             busy = {a.machine for a in rows if a.state == "running"}
             free = [f"m{i}" for i in range(1, config.machines.count + 1) if f"m{i}" not in busy]
+            now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).replace(tzinfo=None)
+            due = [
+                a
+                for a in rows
+                if a.state == "queued"
+                or (a.state == "deferred" and (a.not_before is None or a.not_before <= now))
+            ]
             starting = []
-            for a in sorted((a for a in rows if a.state == "queued"), key=lambda a: a.index):
+            for a in sorted(due, key=lambda a: a.index):
                 if not free:
                     break
-                a.state, a.machine = "running", free.pop(0)
+                a.state, a.machine, a.not_before = "running", free.pop(0), None
                 a.attempts += 1
                 a.started_at = utcnow()
                 if trial.status == "queued":
@@ -155,15 +179,57 @@ class Scheduler:
                 )
 
     def finish(self, assignment_id: str, result: dict[str, Any]) -> None:
-        """Record an assignment's ending once: post its metered spend, then mark it done."""
-        revoke(self.p.root, assignment_id)
+        """Record an assignment's ending once: post its metered spend, then mark it done.
+
+        An agent stopped by its machine's daily allowance alone (the project can still pay) is
+        deferred instead: queued again until the allowance resets, then run afresh.
+        """
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
-            if a.state in ASSIGNMENT_DONE:
-                return
             trial = s.get_one(Trial, a.trial_id)
             config = TrialConfig.model_validate(trial.config)
+        agent = result.get("agent") or {}
+        if a.state == "running" and agent.get("exit_cause") == "budget_exhausted":
+            deferral = machine_day_refusal(self.p, config, a)
+            if deferral is not None:
+                # Kept aside, so that the next attempt's runner starts instead of returning
+                # this result; the spend is posted once, when the assignment really ends.
+                # The credential stays valid (revocation is per assignment id, for good); it
+                # expires on its own, and the spent allowance refuses it until the reset.
+                artifacts = self._artifacts(config, a.trial_id, a.id)
+                if (artifacts / "result.json").exists():
+                    os.replace(
+                        artifacts / "result.json", artifacts / f"result-attempt{a.attempts}.json"
+                    )
+                with self.p.store.session() as s:
+                    a = s.get_one(Assignment, assignment_id)
+                    if a.state != "running":
+                        return
+                    until = dt.datetime.fromtimestamp(deferral.until, dt.UTC)
+                    a.state, a.machine = "deferred", None
+                    a.not_before = until.replace(tzinfo=None)
+                    a.result = {**result, "deferred_until": iso(deferral.until)}
+                    self.p.store.add_event(
+                        s,
+                        a.trial_id,
+                        "assignment_deferred",
+                        assignment=a.id,
+                        scope=deferral.scope,
+                        not_before=iso(deferral.until),
+                        attempt=a.attempts,
+                    )
+                return
+        revoke(self.p.root, assignment_id)
+        if a.state in ASSIGNMENT_DONE:
+            return
         cost = self.post_spend(config, a)
+        if config.confidence.enabled and "grade" in result and "confidence" not in result:
+            # Imported here: DeepEval takes seconds to import, the API should not wait for it.
+            # The judge answers in a second or two (tiny model, warm), bounded by its timeout.
+            from orchestrator import confidence
+
+            gate = confidence.assess_result(config, a.task_id, result, self.p.settings.model_url)
+            result = {**result, "confidence": gate}
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
             if a.state in ASSIGNMENT_DONE:
@@ -188,32 +254,27 @@ class Scheduler:
                 cost=str(cost),
                 currency=config.budget.currency,
             )
+            scored = result.get("confidence")
+            if scored is not None and not scored["accepted"]:
+                # Not `assignment_…`: followers count those as endings.
+                self.p.store.add_event(
+                    s,
+                    a.trial_id,
+                    "needs_review",
+                    assignment=a.id,
+                    confidence=scored["score"],
+                    threshold=scored["threshold"],
+                    reason=scored["reason"],
+                )
 
     def post_spend(self, config: TrialConfig, a: Assignment) -> Decimal:
-        """Post the assignment's metered usage to the project ledger (idempotent by id)."""
-        currency = config.budget.currency
-        rate = self.p.catalog.prices.fx[currency]
+        """Post the project's metered usage (hourly, exactly once) and the assignment's VM time
+        to the ledger; return the assignment's metered cost in the budget currency."""
         usage = self.p.usage(assignment=a.id)
-        items = [
-            InferenceItem(
-                provider=u.provider or "unknown",
-                model=u.model or "unknown",
-                machine=a.machine or "unknown",
-                usd=u.cost_usd,
-                tokens=u.total_tokens,
-                fx=rate,
-            )
-            for u in usage
-        ]
-        if items:
-            self.p.ledger(config.project).post_inference(
-                key=a.id,
-                on=dt.date.today(),
-                narration=f"{a.agent} on {a.task_id} with {a.model} ({a.machine})",
-                items=items,
-                meta={"trial": a.trial_id, "agent": a.agent, "task": a.task_id},
-            )
-        return self.p.in_currency(sum((u.cost_usd for u in usage), start=_ZERO), currency)
+        self.p.post_usage(config.project)
+        self.p.post_vm_time(config, a)
+        cost_usd = sum((u.cost_usd for u in usage), start=_ZERO)
+        return self.p.in_currency(cost_usd, config.budget.currency)
 
     # -- specs -----------------------------------------------------------------------------------
     def _artifacts(self, config: TrialConfig, trial_id: str, assignment_id: str) -> Path:
@@ -329,7 +390,7 @@ def cancel(platform: Platform, trial_id: str) -> None:
         trial.finished_at = utcnow()
         running = [a.id for a in trial.assignments if a.state == "running"]
         for a in trial.assignments:
-            if a.state == "queued":
+            if a.state in ASSIGNMENT_WAITING:
                 a.state = "cancelled"
         platform.store.add_event(s, trial_id, "trial_cancelled")
     scheduler = Scheduler(platform)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -33,6 +34,8 @@ from contracts.settings import Settings
 
 TRIAL_ACTIVE = ("queued", "running")
 ASSIGNMENT_DONE = ("finished", "failed", "cancelled")
+ASSIGNMENT_WAITING = ("queued", "deferred")
+"""Not started, or put back until its machine's daily allowance resets (`not_before`)."""
 
 
 def utcnow() -> dt.datetime:
@@ -71,7 +74,8 @@ class Assignment(Base):
     agent: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    """queued → running → finished | failed | cancelled."""
+    """queued → running → finished | failed | cancelled; running → deferred → running when
+    only the machine's daily allowance refused it."""
     machine: Mapped[str | None] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str | None] = mapped_column(String(16))
@@ -80,6 +84,8 @@ class Assignment(Base):
     result: Mapped[dict[str, Any] | None]
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
+    not_before: Mapped[dt.datetime | None]
+    """A deferred assignment starts again from this moment (UTC): its allowance's reset."""
     trial: Mapped[Trial] = relationship(back_populates="assignments")
 
 
@@ -94,6 +100,30 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]]
     text: Mapped[str] = mapped_column(Text, default="")
+
+
+class BudgetAlert(Base):
+    """A budget threshold a trial's scope crossed; one per trial, scope, period and threshold,
+    so a restarted orchestrator never raises it twice."""
+
+    __tablename__ = "budget_alerts"
+    __table_args__ = (UniqueConstraint("trial_id", "scope", "period", "threshold"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trial_id: Mapped[str] = mapped_column(ForeignKey("trials.id"), index=True)
+    project: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(200))
+    period: Mapped[str] = mapped_column(String(32))
+    """When the scope's period ends (ISO 8601 UTC), or `once` for a scope that never resets."""
+    threshold: Mapped[str] = mapped_column(String(32))
+    """A fraction of the limit (`0.8`) or `daily_spend_above`."""
+    used: Mapped[str] = mapped_column(String(32))
+    limit: Mapped[str] = mapped_column(String(32))
+    currency: Mapped[str] = mapped_column(String(3))
+    ts: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivery: Mapped[str] = mapped_column(String(16), default="none")
+    """Webhook delivery: none (no webhook) | pending | delivered | failed."""
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def state_url(settings: Settings) -> str:
@@ -118,7 +148,29 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    add_new_columns(engine)
     return engine
+
+
+def add_new_columns(engine: Engine) -> None:
+    """Add the nullable columns a model gained since the DB was created (`create_all` only
+    creates missing tables), so state DBs of earlier versions keep working."""
+    existing = inspect(engine)
+    quote = engine.dialect.identifier_preparer.quote
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(
+                        f"state DB table {table.name} lacks column {column.name}, which "
+                        "cannot be added in place (not nullable); migrate it by hand"
+                    )
+                kind = column.type.compile(dialect=engine.dialect)
+                add = f"ADD COLUMN {quote(column.name)} {kind}"
+                conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} {add}")
 
 
 class Store:

@@ -7,9 +7,12 @@ looked up as `repos_root/<owner>__<name>`, `repos_root/<owner>/<name>`, or is `r
 itself, and its `base_commit` must exist there (`git cat-file -e`). Every bad entry is
 reported with its file and line, all at once.
 
-Not yet done: the workspace is a copy of the repository's working tree
-(`workers.workspace.prepare`), not of `base_commit`; `SweBenchInstance.at_base_commit` says
-whether the two agree, so a caller can refuse or warn until the runner checks out the commit.
+A workspace is a copy of its task's repository folder (`workers.workspace.prepare`), so each
+task's `repo` is a checkout of its repository at `base_commit`
+(`checkouts/<owner>__<name>/<commit>`, a shared clone made once per commit; by default under
+the data root's `task-repos/`). With `at_head=True` the task uses the repository as it is,
+and `SweBenchInstance.at_base_commit` says whether its HEAD is `base_commit`, so a caller can
+refuse or warn.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from contracts.config import ConfigError, Task, describe_errors
+from contracts.settings import Settings
+from workers.workspace import WorkspaceError, checkout
 
 DEFAULT_TEST_COMMAND = "python -m pytest -q"
 REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "FAIL_TO_PASS")
@@ -40,8 +45,10 @@ class SweBenchInstance:
     """`owner/name` as in the file."""
     base_commit: str
     at_base_commit: bool
-    """Whether the local repository's HEAD is `base_commit` (what the workspace copies today)."""
+    """Whether `task.repo` is at `base_commit` (always, unless loaded with `at_head`)."""
     task: Task
+    source: Path
+    """The repository found under `repos_root`; `task.repo` is its checkout at `base_commit`."""
 
 
 def slugify(instance_id: str) -> str:
@@ -56,15 +63,20 @@ def load_swebench(
     *,
     test_command: str = DEFAULT_TEST_COMMAND,
     timeout_s: int = 600,
+    checkouts: Path | None = None,
+    at_head: bool = False,
 ) -> list[SweBenchInstance]:
-    """Read and check every entry of `path`; raises ConfigError naming each bad line."""
+    """Read and check every entry of `path` and check each repository out at its base_commit
+    under `checkouts` (default `$AUTOVIBE_DATA/task-repos`), or with `at_head` leave it as it
+    is; raises ConfigError naming each bad line."""
     problems: list[str] = []
     instances: list[SweBenchInstance] = []
     seen: dict[str, int] = {}
     git = _Git()
+    place = None if at_head else (checkouts or Settings().data / "task-repos").resolve()
     for line, entry in _entries(path, problems):
         try:
-            instance = _instance(entry, repos_root, git, test_command, timeout_s)
+            instance = _instance(entry, repos_root, git, test_command, timeout_s, place)
         except _Bad as exc:
             problems.append(f"line {line}: {_label(entry)}{exc}")
             continue
@@ -141,7 +153,12 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _instance(
-    entry: Any, repos_root: Path, git: _Git, test_command: str, timeout_s: int
+    entry: Any,
+    repos_root: Path,
+    git: _Git,
+    test_command: str,
+    timeout_s: int,
+    checkouts: Path | None,
 ) -> SweBenchInstance:
     if not isinstance(entry, dict):
         raise _Bad(f"an entry is a JSON object, not {type(entry).__name__}")
@@ -157,9 +174,16 @@ def _instance(
         raise _Bad(f"base_commit must be a hex commit id, got {commit!r}")
     fail_to_pass = _test_list(entry, "FAIL_TO_PASS")
     pass_to_pass = _test_list(entry, "PASS_TO_PASS") if "PASS_TO_PASS" in entry else []
-    repo = _find_repo(repo_name, repos_root)
-    if not git.has_commit(repo, commit):
-        raise _Bad(f"base_commit {commit} is not a commit of {repo}")
+    source = _find_repo(repo_name, repos_root)
+    if not git.has_commit(source, commit):
+        raise _Bad(f"base_commit {commit} is not a commit of {source}")
+    repo = source
+    if checkouts is not None:
+        full = git.resolve(source, commit)
+        try:
+            repo = checkout(source, full, checkouts / repo_name.replace("/", "__") / full)
+        except WorkspaceError as exc:
+            raise _Bad(f"cannot check out base_commit {commit}: {exc}") from exc
     try:
         task = Task(
             id=slugify(instance_id),
@@ -176,8 +200,9 @@ def _instance(
         instance_id=instance_id,
         repo_name=repo_name,
         base_commit=commit,
-        at_base_commit=git.head(repo).startswith(commit.lower()),
+        at_base_commit=checkouts is not None or git.head(repo).startswith(commit.lower()),
         task=task,
+        source=source,
     )
 
 
@@ -217,6 +242,16 @@ class _Git:
             check=False,
         )
         return proc.returncode == 0
+
+    def resolve(self, repo: Path, commit: str) -> str:
+        """The full id of a (possibly abbreviated) commit known to exist."""
+        proc = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", f"{commit}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return proc.stdout.strip().lower()
 
     def head(self, repo: Path) -> str:
         if repo not in self._heads:

@@ -11,6 +11,7 @@ import pytest
 
 from contracts.config import ConfigError, TrialConfig
 from orchestrator.tasksets import load_swebench, slugify
+from workers.workspace import prepare
 
 F2P = ["tests/test_basic.py::test_add"]
 P2P = ["tests/test_basic.py::test_subtract", "tests/test_basic.py::test_multiply"]
@@ -23,6 +24,13 @@ def git(repo: Path, *args: str) -> str:
         text=True,
         check=True,
     ).stdout.strip()
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Checkouts at base_commit go under the data root's task-repos/ by default."""
+    monkeypatch.setenv("AUTOVIBE_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
 
 
 @pytest.fixture
@@ -78,13 +86,14 @@ def test_loads_swebench_entries_as_tasks(tmp_path: Path, repos: tuple[Path, str,
         new,
     )
     assert first.at_base_commit is True
-    assert first.task.repo == (root / "acme__mathkit").resolve()
+    assert first.source == (root / "acme__mathkit").resolve()
+    assert first.task.repo == (tmp_path / "data" / "task-repos" / "acme__mathkit" / new).resolve()
     assert first.task.prompt == "add() raises instead of adding."
     assert first.task.test_command == "python -m pytest -q"
     assert (first.task.fail_to_pass, first.task.pass_to_pass) == (F2P, P2P)
     assert (second.task.id, second.at_base_commit, second.task.pass_to_pass) == (
         "acme__mathkit-2",
-        False,
+        True,
         [],
     )
     # The tasks drop straight into a trial.
@@ -161,8 +170,51 @@ def test_repos_root_may_be_the_repository_itself(
 ) -> None:
     root, _, new = repos
     path = write_jsonl(tmp_path / "one.jsonl", [entry(new, repo="someone/else")])
-    (instance,) = load_swebench(path, root / "acme__mathkit")
-    assert instance.task.repo == (root / "acme__mathkit").resolve()
+    (instance,) = load_swebench(path, root / "acme__mathkit", at_head=True)
+    assert instance.task.repo == instance.source == (root / "acme__mathkit").resolve()
+
+
+def test_each_task_is_checked_out_at_its_base_commit(
+    tmp_path: Path, repos: tuple[Path, str, str]
+) -> None:
+    root, old, new = repos
+    source = root / "acme__mathkit"
+    (source / "mathkit.py").write_text("# an uncommitted edit in the user's working tree\n")
+    before = (git(source, "status", "--porcelain"), git(source, "for-each-ref"))
+    path = write_jsonl(
+        tmp_path / "set.jsonl",
+        [entry(old[:10]), entry(old, instance_id="again"), entry(new, instance_id="new")],
+    )
+    place = tmp_path / "checkouts"
+    at_old, again, at_new = load_swebench(path, root, checkouts=place)
+    assert at_old.task.repo == again.task.repo == place / "acme__mathkit" / old
+    assert at_new.task.repo == place / "acme__mathkit" / new
+    assert all(i.at_base_commit for i in (at_old, again, at_new))
+    # The workspace made from the task is the base commit, not the working tree or HEAD.
+    ws = tmp_path / "ws"
+    prepare(at_old.task.repo, ws)
+    assert sorted(p.name for p in ws.iterdir() if p.name != ".git") == ["mathkit.py"]
+    assert "raise NotImplementedError" in (ws / "mathkit.py").read_text()
+    prepare(at_new.task.repo, ws)
+    assert (ws / "README").read_text() == "mathkit\n"
+    # The user's repository is left as it was.
+    assert (git(source, "status", "--porcelain"), git(source, "for-each-ref")) == before
+    # Loading again reuses the checkouts.
+    marker = at_old.task.repo / "marker"
+    marker.write_text("kept")
+    load_swebench(path, root, checkouts=place)
+    assert marker.exists()
+
+
+def test_at_head_keeps_the_repository_and_says_when_it_is_not_at_base_commit(
+    tmp_path: Path, repos: tuple[Path, str, str]
+) -> None:
+    root, old, new = repos
+    path = write_jsonl(tmp_path / "set.jsonl", [entry(new), entry(old, instance_id="old")])
+    at_head, stale = load_swebench(path, root, at_head=True)
+    assert at_head.task.repo == stale.task.repo == (root / "acme__mathkit").resolve()
+    assert (at_head.at_base_commit, stale.at_base_commit) == (True, False)
+    assert not (tmp_path / "data" / "task-repos").exists()
 
 
 def test_empty_and_missing_files(tmp_path: Path, repos: tuple[Path, str, str]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from worker_harness import EXAMPLES
 
-from workers.workspace import WorkspaceError, patch, prepare
+from workers.workspace import WorkspaceError, checkout, patch, prepare
 
 
 def git(ws: Path, *args: str) -> str:
@@ -69,3 +69,54 @@ def test_patch_shows_edits_and_new_files_but_not_caches(tmp_path: Path) -> None:
 def test_prepare_names_a_missing_repo(tmp_path: Path) -> None:
     with pytest.raises(WorkspaceError, match="no-such-repo"):
         prepare(tmp_path / "no-such-repo", tmp_path / "ws")
+
+
+def _repo_with_two_commits(path: Path) -> tuple[str, str]:
+    shutil.copytree(EXAMPLES / "mathkit", path)
+    git(path, "init", "--quiet", "--initial-branch=main")
+    git(path, "add", "-A")
+    git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one")
+    first = git(path, "rev-parse", "HEAD").strip()
+    (path / "CHANGES").write_text("two\n")
+    git(path, "add", "-A")
+    git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "two")
+    return first, git(path, "rev-parse", "HEAD").strip()
+
+
+def test_checkout_pins_a_commit_and_leaves_the_repo_alone(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    first, second = _repo_with_two_commits(repo)
+    (repo / "mathkit" / "basic.py").write_text("# uncommitted\n")
+    status = git(repo, "status", "--porcelain")
+    dest = tmp_path / "checkouts" / "mathkit"
+    # A leftover of an interrupted checkout is cleared, never used.
+    (tmp_path / "checkouts" / "mathkit.partial").mkdir(parents=True)
+
+    assert checkout(repo, first[:8], dest) == dest
+    assert git(dest, "rev-parse", "HEAD").strip() == first
+    assert not (dest / "CHANGES").exists()
+    assert "raise NotImplementedError" in (dest / "mathkit" / "basic.py").read_text()
+    assert not (tmp_path / "checkouts" / "mathkit.partial").exists()
+    # Reused while at the commit; replaced when asked for another one.
+    (dest / "scratch").write_text("kept")
+    checkout(repo, first, dest)
+    assert (dest / "scratch").exists()
+    checkout(repo, second, dest)
+    assert (dest / "CHANGES").exists()
+    assert not (dest / "scratch").exists()
+    # The source repository: same HEAD, same working tree.
+    assert git(repo, "rev-parse", "HEAD").strip() == second
+    assert git(repo, "status", "--porcelain") == status
+    # A workspace made from the checkout is the commit's tree.
+    ws = tmp_path / "ws"
+    prepare(dest, ws)
+    assert (ws / "CHANGES").read_text() == "two\n"
+
+
+def test_checkout_names_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(WorkspaceError, match="not a git repository"):
+        checkout(EXAMPLES / "mathkit", "HEAD", tmp_path / "x")
+    repo = tmp_path / "repo"
+    _repo_with_two_commits(repo)
+    with pytest.raises(WorkspaceError, match="rev-parse"):
+        checkout(repo, "0" * 40, tmp_path / "y")
