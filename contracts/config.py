@@ -128,6 +128,10 @@ class Sandbox(_Strict):
     """Address-space limit of each process of the agent, in MiB (RLIMIT_AS)."""
     cpus: float = Field(default=1.0, gt=0, le=1024)
     """CPU share of the agent; enforced as CPU time, cpus x timeout_s seconds per process."""
+    network: Literal["proxy", "transparent"] = "proxy"
+    """How a `bwrap` agent reaches the proxy: `proxy` (proxy variables; the proxy bridged onto
+    the sandbox's own loopback) or `transparent` (a network namespace whose every TCP
+    connection is redirected to the proxy, no proxy variables; needs root and iptables)."""
 
 
 class NomadCluster(_Strict):

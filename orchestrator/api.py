@@ -224,6 +224,10 @@ def trial_view(platform: Platform, trial_id: str) -> dict[str, Any]:
             for a in trial.assignments
         ]
     usd = sum((u.cost_usd for u in platform.usage(trial=trial_id)), start=Decimal(0))
+    for a in view["assignments"]:
+        if a["state"] == "running":
+            spent = sum((u.cost_usd for u in platform.usage(assignment=a["id"])), start=Decimal(0))
+            a["spend"] = str(platform.in_currency(spent, config.budget.currency))
     view["spend"] = {
         "amount": str(platform.in_currency(usd, config.budget.currency)),
         "currency": config.budget.currency,

@@ -20,6 +20,7 @@ from ledger.cli import app as ledger_app
 from ledger.cli import payments_app
 from orchestrator import report as report_mod
 from orchestrator import stack, tasksets
+from orchestrator import top as top_cmd
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
@@ -47,6 +48,7 @@ app.add_typer(retention_app, name="retention")
 app.add_typer(checkpoints_app, name="checkpoints")
 app.command("backup")(backup_cli.backup)
 app.command("restore")(backup_cli.restore)
+app.command("top")(top_cmd.top)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(worker_app, name="worker")
 app.add_typer(vm_app, name="vm")

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from contracts.config import TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
+from contracts.routing import write_policy
 from ledger.counters import iso
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.platform import Platform
@@ -297,6 +298,9 @@ class Scheduler:
             expires=time.time() + task.timeout_s + CREDENTIAL_GRACE_S,
             task=task.id,
         )
+        pair = self.p.catalog.models.pairs.get(a.model.split(":")[0])
+        context = min(pair.normal.context, pair.thinking.context) if pair else None
+        write_policy(self.p.root, identity, a.model, config.routing, context=context)
         st = self.p.settings
         sandbox = None
         if config.sandbox.kind == "bwrap":

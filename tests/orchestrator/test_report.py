@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -397,3 +398,68 @@ def test_learning_curve_refuses_mixed_currencies() -> None:
     usd = {**summarize({**HEAD, "id": "t2", "currency": "USD"}, fixed_records(), to_cad)}
     with pytest.raises(ValueError, match=r"several currencies \(CAD, USD\)"):
         curve_from_reports([cad, usd], "demo")
+
+
+# -- local share of tokens (local-first routing) ----------------------------------------------
+
+
+def test_local_share_per_arm_and_overall_on_fixed_data() -> None:
+    records = [
+        replace(run(1, "builtin", "tiny", "resolved"), tokens=100, local_tokens=100),
+        replace(run(2, "builtin", "tiny", "unresolved"), tokens=300, local_tokens=200),
+        replace(run(3, "aider", "tiny", "resolved"), tokens=400, local_tokens=0),
+        replace(run(4, "aider", "tiny:thinking", None, state="queued"), tokens=0),
+    ]
+    report = summarize(HEAD, records, to_cad)
+    assert (
+        row(report, "builtin", "tiny")["local_tokens"],
+        row(report, "builtin", "tiny")["local_share"],
+    ) == (300, 0.75)
+    assert row(report, "aider", "tiny")["local_share"] == 0.0
+    assert row(report, "aider", "tiny:thinking")["local_share"] is None  # no tokens yet
+    assert report["local_share"] == {"local_tokens": 300, "local_share": 0.375}
+    console = Console(record=True, width=240)
+    render(report, console)
+    text = console.export_text()
+    assert "75.0%" in text
+    assert "Tokens served locally: 300 (37.5% of all metered tokens)" in text
+
+
+def test_build_counts_local_tokens_by_provider(
+    platform: Platform, demo_trial: dict[str, Any]
+) -> None:
+    trial_id = add_trial(
+        platform,
+        demo_trial,
+        "report-local",
+        dt.datetime(2025, 3, 1, 10),
+        [("builtin", "tiny", "resolved", "finished", "0.001")],
+    )
+    spool = Spool(DataRoot.at(platform.settings.data))
+    now = time.time()
+    spool.append(
+        FlowRecord(
+            id=uuid.uuid4().hex,
+            ts_start=now,
+            ts_end=now + 1,
+            duration_ms=1000,
+            method="POST",
+            url="https://api.openai.com/v1/chat/completions",
+            host="api.openai.com",
+            path="/v1/chat/completions",
+            status=200,
+            project="demo",
+            trial=trial_id,
+            assignment=f"{trial_id}-000",
+            machine="m1",
+            provider="openai",
+            model="gpt-4o-mini",
+            usage=Usage(prompt_tokens=100, completion_tokens=50, total_tokens=150),
+            cost_usd=Decimal("0.0001"),
+        )
+    )
+    spool.close()
+    report = build(platform, trial_id)
+    arm = row(report, "builtin", "tiny")
+    assert (arm["tokens"], arm["local_tokens"], arm["local_share"]) == (200, 50, 0.25)
+    assert report["local_share"] == {"local_tokens": 50, "local_share": 0.25}

@@ -1,0 +1,273 @@
+"""Local-first routing: a request for the model `auto` goes to the assignment's local pair.
+
+An agent may name `auto` (or `auto:thinking`) instead of a model. This addon, right after
+identity and before metering, rewrites such a request to the normal (or thinking) model of
+the assignment's model pair on the local model plane: the `model` in the body and the
+destination (the first of `autovibe_model_hosts`). Metering then prices and records the real
+model; `routed(flow)` keeps what was asked for (`requested_model: auto` in the record).
+
+The local pair cannot serve every request: the model plane speaks only the OpenAI
+completions and chat APIs, and a prompt larger than the local model's context does not fit.
+Such a request goes to the trial's `routing.cloud_model` when `routing.allow_cloud` is true,
+and is refused (403 `cloud_not_allowed`) otherwise. Requests that name a model are left alone.
+Budget refusals are the budget addon's: `auto` is never moved to the cloud for lack of money.
+
+The policy of an assignment is the file `routing.json` in its artifacts folder
+(`worker-artifacts/<project>/<trial>/<assignment>/`, hidden from the sandboxed agent), written
+by the orchestrator with `write_policy` when it starts the assignment. Without that file the
+default policy applies (local only) to the pair named by `autovibe_auto_pair`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+from pydantic import ValidationError
+
+from contracts.credentials import MachineIdentity
+from contracts.routing import AssignmentPolicy, policy_path
+from proxy.addons import dataroot
+from proxy.addons.identity import identity_of
+from proxy.addons.metering import (
+    BYTES_PER_TOKEN,
+    CLOUD_HOSTS,
+    llm_api,
+    parse_model_hosts,
+    parse_provider_hosts,
+)
+from proxy.addons.refusal import fail_closed, refuse
+from proxy.usage import Api
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "autovibe.routing"
+AUTO_MODELS = {"auto": "normal", "auto:thinking": "thinking"}
+"""What an agent may name instead of a model, and the role of the pair it stands for."""
+LOCAL_APIS: frozenset[Api] = frozenset({"openai_chat", "openai_completions"})
+"""The APIs the local model plane serves (llama.cpp and vLLM speak OpenAI's)."""
+CLOUD_APIS: dict[str, frozenset[Api]] = {
+    "openai": frozenset({"openai_chat", "openai_completions", "openai_responses"}),
+    "anthropic": frozenset({"anthropic_messages"}),
+}
+"""The APIs a cloud provider serves, for checking a cloud fallback can take the request."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an `auto` request goes: `local` or `cloud`, the model, the provider."""
+
+    requested: str
+    target: str
+    provider: str
+    model: str
+    reason: str
+
+
+class RoutingRefused(Exception):
+    """The policy lets no model serve the request; the message says why."""
+
+
+def routed(flow: http.HTTPFlow) -> Route | None:
+    """The routing decision of a flow that asked for `auto`; None for any other flow."""
+    route = flow.metadata.get(METADATA_KEY)
+    return route if isinstance(route, Route) else None
+
+
+def decide(
+    requested: str, api: Api, request_bytes: int, max_tokens: int | None, policy: AssignmentPolicy
+) -> Route:
+    """Local pair first; the cloud model only when local cannot serve and the policy allows.
+
+    Raises RoutingRefused naming the reason and the policy field that would allow it.
+    """
+    role = AUTO_MODELS[requested]
+    local_model = policy.pair if role == "normal" else f"{policy.pair}:thinking"
+    why_not_local = None
+    if api not in LOCAL_APIS:
+        why_not_local = f"the local model plane does not serve the {api} API"
+    elif policy.context is not None:
+        needed = math.ceil(request_bytes / BYTES_PER_TOKEN) + (max_tokens or 0)
+        if needed > policy.context:
+            why_not_local = (
+                f"about {needed} tokens (prompt + max_tokens) exceed the {policy.context}-token "
+                f"context of {local_model}"
+            )
+    if why_not_local is None:
+        return Route(requested, "local", "local", local_model, "local pair first")
+    routing = policy.routing
+    if not routing.allow_cloud or routing.cloud_model is None:
+        raise RoutingRefused(
+            f"{why_not_local}, and this trial does not allow cloud models "
+            "(routing.allow_cloud is false)"
+            if not routing.allow_cloud
+            else f"{why_not_local}, and routing.cloud_model names no cloud model"
+        )
+    provider, _, model = routing.cloud_model.partition("/")
+    if api not in CLOUD_APIS.get(provider, frozenset()):
+        raise RoutingRefused(
+            f"{why_not_local}, and the cloud model {routing.cloud_model} does not serve the "
+            f"{api} API"
+        )
+    return Route(requested, "cloud", provider, model, why_not_local)
+
+
+class _PolicyCache:
+    """Policy files as last read, read again only when their stat changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[tuple[int, int], AssignmentPolicy]] = {}
+
+    def get(self, path: Path) -> AssignmentPolicy | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._seen.get(path)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        policy = AssignmentPolicy.model_validate_json(path.read_bytes())
+        with self._lock:
+            self._seen[path] = (stamp, policy)
+        return policy
+
+
+class AutoRouting:
+    """The addon: applies each assignment's `Routing` policy to requests for `auto`."""
+
+    def __init__(self) -> None:
+        self.local: tuple[str, int] | None = None
+        self.default_pair = "tiny"
+        self.provider_hosts: dict[str, tuple[str, int]] = {}
+        self.policies = _PolicyCache()
+
+    def load(self, loader: Loader) -> None:
+        dataroot.add_option(loader)
+        loader.add_option(
+            name="autovibe_auto_pair",
+            typespec=str,
+            default="tiny",
+            help="Model pair a request for `auto` goes to when its assignment has no "
+            "routing.json (the embedded stack's CPU pair).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "autovibe_auto_pair" in updated:
+            pair = ctx.options.autovibe_auto_pair.strip()
+            if not pair or ":" in pair:
+                raise exceptions.OptionsError(
+                    f"autovibe_auto_pair must name a model pair (`tiny`), got {pair!r}"
+                )
+            self.default_pair = pair
+        if "autovibe_model_hosts" in updated:
+            # Declared by the metering addon: the first host is where local requests go.
+            value = ctx.options.autovibe_model_hosts
+            try:
+                parse_model_hosts(value)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"autovibe_model_hosts: {exc}") from exc
+            first = next((e.strip() for e in value.split(",") if e.strip()), "")
+            host, _, port = first.rpartition(":")
+            self.local = (host.strip("[]").lower(), int(port)) if first else None
+        if "autovibe_provider_hosts" in updated:
+            # Declared by the injection addon: stand-ins for cloud providers (host:port=name).
+            try:
+                hosts = parse_provider_hosts(ctx.options.autovibe_provider_hosts)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"autovibe_provider_hosts: {exc}") from exc
+            self.provider_hosts = {}
+            for where, provider in hosts.items():
+                self.provider_hosts.setdefault(provider, where)
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        api = llm_api(flow)
+        if api is None:
+            return
+        body = flow.request.get_content(strict=False) or b""
+        doc = _json_object(body)
+        requested = doc.get("model") if doc is not None else None
+        if not isinstance(requested, str) or requested not in AUTO_MODELS or doc is None:
+            return
+        policy = self._policy(identity_of(flow))
+        max_tokens = doc.get("max_tokens", doc.get("max_completion_tokens"))
+        try:
+            route = decide(
+                requested,
+                api,
+                len(body),
+                max_tokens if isinstance(max_tokens, int) else None,
+                policy,
+            )
+        except RoutingRefused as exc:
+            refuse(
+                flow,
+                403,
+                {
+                    "error": "cloud_not_allowed",
+                    "requested_model": requested,
+                    "pair": policy.pair,
+                    "detail": f"cannot route {requested!r}: {exc}",
+                },
+            )
+            return
+        self._send(flow, route)
+        doc["model"] = route.model
+        flow.request.set_content(json.dumps(doc).encode())
+        flow.metadata[METADATA_KEY] = route
+
+    def _policy(self, identity: MachineIdentity | None) -> AssignmentPolicy:
+        if identity is not None:
+            path = policy_path(
+                dataroot.current(), identity.project, identity.trial, identity.assignment
+            )
+            try:
+                found = self.policies.get(path)
+            except (OSError, ValidationError) as exc:
+                # Unreadable: refuse (fail_closed) rather than guess another trial's policy.
+                raise RuntimeError(f"routing policy {path} is unreadable: {exc}") from exc
+            if found is not None:
+                return found
+        return AssignmentPolicy(pair=self.default_pair)
+
+    def _send(self, flow: http.HTTPFlow, route: Route) -> None:
+        """Point the request at the route's provider; a request already there stays."""
+        request = flow.request
+        if route.target == "local":
+            if self.local is None:
+                raise RuntimeError("autovibe_model_hosts names no local model plane")
+            if (request.host.lower(), request.port) != self.local:
+                request.scheme, request.host, request.port = "http", *self.local
+            return
+        here = (request.host.lower(), request.port)
+        stand_in = self.provider_hosts.get(route.provider)
+        if here == stand_in or CLOUD_HOSTS.get(here[0]) == route.provider:
+            return
+        if stand_in is not None:
+            scheme = "https" if stand_in[1] == 443 else "http"
+            request.scheme, request.host, request.port = scheme, *stand_in
+            return
+        public = next((h for h, p in CLOUD_HOSTS.items() if p == route.provider), None)
+        if public is None:
+            raise RuntimeError(f"no host known for cloud provider {route.provider!r}")
+        request.scheme, request.host, request.port = "https", public, 443
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
