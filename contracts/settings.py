@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     """Metering proxy (mitmdump)."""
     proxy_metrics_port: int = 0
     """Port of the proxy's Prometheus endpoint (`autovibe_metrics_port`); 0 serves none."""
+    proxy_transparent_port: int = 0
+    """Port of the proxy's transparent listener for `sandbox.network: transparent`; 0 = none."""
     model_port: int = 8500
     """CPU model server (llama.cpp)."""
     model_replicas: int = 0

@@ -179,6 +179,16 @@ def validate_trial(platform: Platform, body: dict[str, Any]) -> TrialConfig:
         for i, name in enumerate(config.agents)
         if not agent_install.is_installed(name, platform.root.root)
     ]
+    if config.sandbox.network == "transparent" and not platform.settings.proxy_transparent_port:
+        missing.append(
+            {
+                "type": "transparent_listener_missing",
+                "loc": ("body", "sandbox", "network"),
+                "msg": "`transparent` needs the proxy's transparent listener: start the stack "
+                "with AUTOVIBE_PROXY_TRANSPARENT_PORT set (allowed: proxy, transparent)",
+                "input": "transparent",
+            }
+        )
     if missing:
         raise RequestValidationError(missing)
     return config

@@ -307,6 +307,8 @@ class Scheduler:
             sandbox = SandboxSpec(
                 proxy_host=st.host,
                 proxy_port=st.proxy_port,
+                network=config.sandbox.network,
+                transparent_port=st.proxy_transparent_port or None,
                 memory_mb=config.sandbox.memory_mb,
                 cpus=config.sandbox.cpus,
                 hidden=[self.p.root.root],

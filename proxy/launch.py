@@ -31,13 +31,19 @@ def mitmdump_path() -> Path:
     return path
 
 
-def mitmdump_argv(settings: Settings) -> list[str]:
-    """The command that runs the metering proxy on `settings.host:settings.proxy_port`."""
+def mitmdump_argv(settings: Settings, *, transparent_port: int = 0) -> list[str]:
+    """The command that runs the metering proxy on `settings.host:settings.proxy_port`.
+
+    With `transparent_port`, the same process also listens there in transparent mode, for
+    workers in network namespaces (`sandbox.network: transparent`, `workers.netns`).
+    """
     root = DataRoot.at(settings.data)
+    transparent = ["--mode", f"transparent@{transparent_port}"] if transparent_port else []
     return [
         str(mitmdump_path()),
         "--mode",
         f"regular@{settings.proxy_port}",
+        *transparent,
         "--listen-host",
         settings.host,
         "-s",
@@ -121,7 +127,10 @@ def argv_for(settings: Settings, args: list[str]) -> list[str]:
     """The mitmdump command for `settings`, with `args` (`--set option=value` pairs) applied."""
     if len(args) % 2 or any(flag != "--set" for flag in args[::2]):
         raise ValueError(f"usage: python -m proxy.launch [--set option=value ...], got {args}")
-    return with_options(mitmdump_argv(settings), list(args[1::2]))
+    return with_options(
+        mitmdump_argv(settings, transparent_port=settings.proxy_transparent_port),
+        list(args[1::2]),
+    )
 
 
 def main(args: list[str]) -> None:

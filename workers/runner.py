@@ -69,15 +69,7 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
     # The bridge is left (stopped) only after the sandbox is killed, on every ending.
     with contextlib.ExitStack() as stack, (spec.artifacts / "agent.log").open("wb") as log:
         if spec.sandbox is not None:
-            bridge = stack.enter_context(sandbox.ProxyBridge(spec.sandbox))
-            argv = sandbox.bwrap_argv(
-                spec.sandbox,
-                argv,
-                artifacts=spec.artifacts,
-                workspace=spec.workspace,
-                socket=bridge.socket,
-                timeout_s=spec.timeout_s,
-            )
+            argv, env = stack.enter_context(sandbox.confine(spec, argv, env))
         proc = subprocess.Popen(
             argv,
             cwd=spec.workspace,

@@ -12,6 +12,11 @@ at /run/autovibe/proxy.sock, and `workers.sandbox_init` starts
 before it execs the agent, so `HTTP_PROXY=http://m1:<token>@127.0.0.1:<proxy_port>` works
 unchanged inside.
 
+With `network: transparent` there is no bridge: the sandbox runs inside the assignment's own
+network namespace (`workers.netns`: `ip netns exec <ns> bwrap …` and bubblewrap keeps that
+network), whose every TCP connection the host redirects to the proxy's transparent listener.
+The worker gets no proxy variables; the proxy identifies it by its source address.
+
 Limits, what is really enforced: rlimits, set by `workers.sandbox_init` inside the sandbox
 (without capabilities nothing in there can raise them again). RLIMIT_AS caps each process's
 address space at `memory_mb` (virtual memory, per process, not the sum of all processes;
@@ -32,10 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from workers.spec import SandboxSpec
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from workers import netns
+from workers.spec import AssignmentSpec, SandboxSpec
 
 SOCKET_INSIDE = Path("/run/autovibe/proxy.sock")
 """Where the proxy bridge's Unix socket appears inside the sandbox."""
@@ -153,11 +162,14 @@ def bwrap_argv(
     *,
     artifacts: Path,
     workspace: Path,
-    socket: Path,
+    socket: Path | None,
     timeout_s: int,
+    lease: netns.Lease | None = None,
 ) -> list[str]:
-    """argv that runs `command` in `workspace` inside the sandbox, proxy bridged in."""
+    """argv that runs `command` in `workspace` inside the sandbox: the proxy bridged in over
+    `socket`, or, with a transparent `lease`, in that network namespace (no bridge)."""
     argv = [
+        *(lease.exec_prefix() if lease else []),
         "bwrap",
         "--ro-bind", "/", "/",
         "--dev", "/dev",
@@ -172,22 +184,74 @@ def bwrap_argv(
         argv += ["--tmpfs", str(path)]
     for path in sandbox.read_only:
         argv += ["--ro-bind", str(path), str(path)]
+    argv += ["--bind", str(artifacts), str(artifacts)]
+    bridge = []
+    if lease is None:
+        assert socket is not None, "the proxy bridge needs its socket"
+        argv += ["--bind", str(socket), str(SOCKET_INSIDE), "--unshare-net"]
+        bridge = ["--proxy-port", str(sandbox.proxy_port), "--socket", str(SOCKET_INSIDE)]
     argv += [
-        "--bind", str(artifacts), str(artifacts),
-        "--bind", str(socket), str(SOCKET_INSIDE),
         "--chdir", str(workspace),
-        "--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try",
         "--hostname", "autovibe-sandbox",
         "--cap-drop", "ALL",
         "--die-with-parent",
         "--",
         sys.executable, "-m", "workers.sandbox_init",
-        "--proxy-port", str(sandbox.proxy_port),
-        "--socket", str(SOCKET_INSIDE),
+        *bridge,
         "--memory-mb", str(sandbox.memory_mb),
         "--cpu-seconds", str(cpu_seconds(sandbox, timeout_s)),
         "--",
         *command,
     ]  # fmt: skip
     return argv
+
+
+@contextlib.contextmanager
+def confine(
+    spec: AssignmentSpec, command: list[str], env: dict[str, str]
+) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """(argv, env) that run `command` in the spec's sandbox; its network lives for the block.
+
+    `proxy`: the bridge, env unchanged. `transparent`: the assignment's network namespace with
+    its credential (the password of the env's proxy URL) registered for the proxy; the env
+    loses its proxy variables and reaches the host's services through the gateway.
+    """
+    box = spec.sandbox
+    assert box is not None, "confine() is for sandboxed assignments"
+    if box.network == "proxy":
+        with ProxyBridge(box) as bridge:
+            yield (
+                bwrap_argv(
+                    box,
+                    command,
+                    artifacts=spec.artifacts,
+                    workspace=spec.workspace,
+                    socket=bridge.socket,
+                    timeout_s=spec.timeout_s,
+                ),
+                env,
+            )
+        return
+    require_tools()
+    token = netns.credential_of(spec.env)
+    if box.transparent_port is None or token is None:
+        raise SandboxUnavailable(
+            "`sandbox.network: transparent` needs the proxy's transparent port "
+            "(sandbox.transparent_port) and a machine credential in the worker's HTTP_PROXY"
+        )
+    root = DataRoot.at(spec.data_root or Settings().data)
+    with netns.transparent(
+        root, spec.assignment, token, box.proxy_host, box.transparent_port
+    ) as lease:
+        argv = bwrap_argv(
+            box,
+            command,
+            artifacts=spec.artifacts,
+            workspace=spec.workspace,
+            socket=None,
+            timeout_s=spec.timeout_s,
+            lease=lease,
+        )
+        yield argv, netns.worker_env(env, lease, box.proxy_host)

@@ -1,6 +1,8 @@
 """First program inside the sandbox: set the limits, bridge the proxy to loopback, exec the agent.
 
-`python -m workers.sandbox_init --proxy-port P --socket S --memory-mb M --cpu-seconds C -- ARGV`.
+`python -m workers.sandbox_init [--proxy-port P --socket S] --memory-mb M --cpu-seconds C -- ARGV`.
+Without `--proxy-port` no bridge is started (transparent mode: the network namespace itself
+leads to the proxy).
 The socat it starts stays a child of the agent; when the agent ends, bubblewrap's init ends
 and the kernel kills everything left in the PID namespace, socat included.
 """
@@ -52,15 +54,16 @@ def start_bridge(port: int, socket: str) -> subprocess.Popen[bytes]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="workers.sandbox_init")
-    parser.add_argument("--proxy-port", type=int, required=True)
-    parser.add_argument("--socket", required=True)
+    parser.add_argument("--proxy-port", type=int)
+    parser.add_argument("--socket")
     parser.add_argument("--memory-mb", type=int, required=True)
     parser.add_argument("--cpu-seconds", type=int, required=True)
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
     set_limits(args.memory_mb, args.cpu_seconds)
     try:
-        start_bridge(args.proxy_port, args.socket)
+        if args.proxy_port is not None:
+            start_bridge(args.proxy_port, args.socket)
     except RuntimeError as exc:
         print(f"autovibe sandbox: {exc}", file=sys.stderr)
         return EXIT_NO_BRIDGE

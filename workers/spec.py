@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +23,11 @@ class SandboxSpec(BaseModel):
     """Host folders replaced by an empty one inside (the data root: secrets, other runs)."""
     read_only: list[Path] = Field(default_factory=list)
     """Paths shown read-only again after hiding (the proxy's CA certificate)."""
+    network: Literal["proxy", "transparent"] = "proxy"
+    """`proxy`: the proxy bridged onto the sandbox's loopback; `transparent`: the sandbox runs in
+    a network namespace whose TCP is redirected to the proxy's transparent listener."""
+    transparent_port: int | None = None
+    """The proxy's transparent listener (`--mode transparent@PORT`); needed for `transparent`."""
 
 
 class AssignmentSpec(BaseModel):

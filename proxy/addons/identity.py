@@ -5,18 +5,27 @@ credential on every request; a CONNECT carries it once and the requests tunnelle
 client connection inherit it. Anything without a valid credential is answered 407 here and
 never reaches the upstream; so is a credential whose assignment has ended (revoked), even on
 a tunnel that was opened before the revocation.
+
+Transparent mode (`--mode transparent@PORT`, workers in a network namespace, `workers.netns`):
+a worker sends no credential; a connection is identified by its source address, registered
+with the machine credential in `vault-secrets/transparent-sources/<address>.json` for the
+assignment's lifetime. An unregistered source is disconnected at once; the requests of a
+registered one are treated like those of a CONNECT tunnel (revocation included). A connection
+to the namespace's gateway address goes to this proxy's own host (the model server).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import weakref
 from collections.abc import MutableMapping
 
-from mitmproxy import connection, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import mode_specs, server_hooks
 
 from contracts.credentials import (
     CredentialError,
@@ -33,6 +42,8 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "autovibe.identity"
 REALM = 'Basic realm="autovibe"'
+TRANSPARENT_SOURCES = "transparent-sources"
+"""Under the secrets folder: `<address>.json` = {token, gateway}, written by workers.netns."""
 
 
 class ProxyAuthError(Exception):
@@ -53,6 +64,8 @@ class Identity:
         self.tunnels: MutableMapping[connection.Client, MachineIdentity] = (
             weakref.WeakKeyDictionary()
         )
+        # Transparent clients -> their namespace's gateway address (the host, as they see it).
+        self.gateways: MutableMapping[connection.Client, str] = weakref.WeakKeyDictionary()
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
@@ -67,6 +80,44 @@ class Identity:
                 raise exceptions.OptionsError(
                     f"cannot read the machine-credential key under {root.secrets}: {exc}"
                 ) from exc
+
+    def client_connected(self, client: connection.Client) -> None:
+        if not isinstance(client.proxy_mode, mode_specs.TransparentMode):
+            return
+        address = client.peername[0].removeprefix("::ffff:")
+        try:
+            identity, gateway = self._registered(address)
+        except ProxyAuthError as exc:
+            log.info("transparent connection from %s refused: %s", address, exc)
+            client.error = f"transparent connection refused: {exc}"
+            return
+        self.tunnels[client] = identity
+        self.gateways[client] = gateway
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        gateway = self.gateways.get(data.client)
+        address = data.server.address
+        if gateway is not None and address is not None and address[0] == gateway:
+            host = ctx.options.listen_host
+            data.server.address = ("127.0.0.1" if host in ("", "0.0.0.0") else host, address[1])
+
+    def _registered(self, address: str) -> tuple[MachineIdentity, str]:
+        if self.key is None or self.root is None:
+            raise ProxyAuthError("the proxy has no machine-credential key yet")
+        path = self.root.secrets / TRANSPARENT_SOURCES / f"{address}.json"
+        try:
+            entry = json.loads(path.read_text())
+            token, gateway = entry["token"], entry["gateway"]
+        except FileNotFoundError as exc:
+            raise ProxyAuthError(f"no worker namespace is registered for {address}") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ProxyAuthError(f"unreadable registration {path.name}: {exc}") from exc
+        try:
+            identity = verify(self.key, token)
+        except CredentialError as exc:
+            raise ProxyAuthError(str(exc)) from exc
+        self._check_not_revoked(identity)
+        return identity, str(gateway)
 
     @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:

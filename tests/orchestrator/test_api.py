@@ -106,6 +106,11 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
             ["body", "agents", 1],
             "not installed: run `autovibe agents install aider`",
         ),
+        (
+            lambda d: d.update(sandbox={"network": "transparent"}),
+            ["body", "sandbox", "network"],
+            "AUTOVIBE_PROXY_TRANSPARENT_PORT",
+        ),
     ],
 )
 def test_bad_input_is_422_naming_field_and_nothing_is_created(

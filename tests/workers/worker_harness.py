@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from mitmproxy.certs import CertStore
 
 from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.dataroot import DataRoot
@@ -87,3 +97,85 @@ class ScriptAgent:
     def collect(self, run: AgentRun, exit_code: int | None, timed_out: bool) -> AgentOutcome:
         cause: ExitCause = "timeout" if timed_out else "finished" if exit_code == 0 else "crashed"
         return AgentOutcome(cause, exit_code, run.artifacts / "agent.log")
+
+
+class StandInCloud:
+    """A stand-in for a cloud LLM API (one cannot be reached from here) on a host address a
+    network namespace can route to: answers OpenAI chat completions with usage, anything
+    else with a page; over TLS when given a certificate. Remembers what it saw."""
+
+    def __init__(self, host: str, cert: Path | None = None) -> None:
+        self.seen: list[dict[str, str]] = []
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._answer(b"", "text/plain", b"stand-in cloud page\n")
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                answer = {
+                    "id": "chatcmpl-standin",
+                    "model": json.loads(body).get("model"),
+                    "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+                }
+                self._answer(body, "application/json", json.dumps(answer).encode())
+
+            def _answer(self, body: bytes, content_type: str, data: bytes) -> None:
+                seen.append(
+                    {
+                        "path": self.path,
+                        "authorization": self.headers.get("Authorization", ""),
+                        "body": body.decode(errors="replace"),
+                    }
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.scheme = "http"
+        if cert is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"{self.scheme}://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def throwaway_certificate(folder: Path, address: str) -> tuple[Path, Path]:
+    """(CA certificate, server cert+key PEM for `address`) from a CA made for one test run."""
+    store = CertStore.from_store(folder, "throwaway", 2048)
+    entry = store.get_cert(None, [x509.IPAddress(ipaddress.ip_address(address))])
+    server = folder / "server.pem"
+    key = entry.privatekey.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    server.write_bytes(entry.cert.to_pem() + key)
+    return folder / "throwaway-ca-cert.pem", server

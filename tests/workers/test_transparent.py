@@ -1,0 +1,430 @@
+"""Transparent interception, for real: a network namespace, iptables, mitmdump in transparent mode.
+
+A process in the worker namespace has no proxy variables and connects straight to upstream
+addresses (stand-ins for cloud APIs on an extra host address, one over TLS with a certificate
+from a throwaway CA); the answers must come through mitmdump, identified by the worker's
+source address, metered when they are priced LLM calls, and everything else must be blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from worker_harness import (
+    PROXY_VARS,
+    MeteringProxy,
+    StandInCloud,
+    direct_env,
+    stop,
+    throwaway_certificate,
+)
+
+from contracts.credentials import MachineIdentity, load_or_create_key, mint, revoke
+from contracts.dataroot import DataRoot
+from contracts.settings import PROJECT_ROOT, Settings, free_port
+from ledger.counters import open_ample
+from proxy.launch import mitmdump_argv, wait_ready
+from secretstore import get_store
+from workers import netns, sandbox
+from workers.spec import AssignmentSpec, SandboxSpec
+
+SECRET = "sk-transparent-provider-key-0123456789"
+
+
+def _unavailable() -> str | None:
+    try:
+        netns.require()
+    except netns.NetnsUnavailable as exc:
+        return str(exc)
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"network namespaces unavailable: {probe.stderr.strip()}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(
+    _unavailable() is not None, reason=f"transparent mode cannot run here: {_unavailable()}"
+)
+
+
+@dataclass(frozen=True)
+class Cloud:
+    address: str
+    http: StandInCloud
+    https: StandInCloud
+
+
+@dataclass(frozen=True)
+class TransparentProxy:
+    proxy: MeteringProxy
+    port: int
+
+    def identity(self, assignment: str) -> str:
+        return mint(
+            self.proxy.key,
+            MachineIdentity(
+                project="p1",
+                trial="t1",
+                assignment=assignment,
+                machine="m1",
+                expires=time.time() + 3600,
+            ),
+        )
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    """Stand-in cloud APIs on an extra host address (on lo: no dummy interfaces here), outside
+    any namespace: from a worker it is a remote address like any other."""
+    address = f"10.214.{os.getpid() % 250}.1"
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    try:
+        folder = tmp_path_factory.mktemp("throwaway-ca")
+        ca, server_pem = throwaway_certificate(folder, address)
+        http, https = StandInCloud(address), StandInCloud(address, cert=server_pem)
+        (folder / "upstream-ca.pem").write_bytes(ca.read_bytes())
+        try:
+            yield Cloud(address, http, https)
+        finally:
+            http.stop()
+            https.stop()
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
+@pytest.fixture(scope="module")
+def transparent_proxy(
+    tmp_path_factory: pytest.TempPathFactory, cloud: Cloud
+) -> Iterator[TransparentProxy]:
+    """mitmdump with the platform's addons, a regular and a transparent listener."""
+    settings = Settings(
+        data=tmp_path_factory.mktemp("transparent-data"),
+        configs=PROJECT_ROOT / "configs",
+        proxy_port=free_port(),
+        model_port=free_port(),
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, "p1", ["m1"])
+    get_store("file", root).put("providers/openai", SECRET)
+    port = free_port()
+    upstream_ca = next(tmp_path_factory.getbasetemp().glob("throwaway-ca*/upstream-ca.pem"))
+    argv = [
+        *mitmdump_argv(settings, transparent_port=port),
+        "--set",
+        f"autovibe_provider_hosts={cloud.address}:{cloud.http.address[1]}=openai",
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+    ]
+    with (root.root / "mitmdump.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=direct_env())
+    try:
+        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
+        wait_ready(settings.host, port, timeout=30, process=process)
+        yield TransparentProxy(MeteringProxy(settings, root, key), port)
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def lease(transparent_proxy: TransparentProxy) -> Iterator[tuple[netns.Lease, str]]:
+    """A registered worker namespace for a fresh assignment: (lease, assignment)."""
+    assignment = f"a-transparent-{uuid.uuid4().hex[:8]}"
+    proxy = transparent_proxy.proxy
+    with netns.transparent(
+        proxy.root,
+        assignment,
+        transparent_proxy.identity(assignment),
+        proxy.settings.host,
+        transparent_proxy.port,
+    ) as lease:
+        yield lease, assignment
+    _assert_gone(lease)
+
+
+def run_inside(lease: netns.Lease, code: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run a Python snippet in the namespace with exactly `env`; its last JSON line, parsed."""
+    done = subprocess.run(
+        [*lease.exec_prefix(), sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", **extra}
+    assert not any(k.lower() in PROXY_VARS for k in env)
+    return env
+
+
+def test_direct_connections_are_intercepted_identified_and_metered(
+    transparent_proxy: TransparentProxy, cloud: Cloud, lease: tuple[netns.Lease, str]
+) -> None:
+    the_lease, assignment = lease
+    proxy = transparent_proxy.proxy
+    ca = str(proxy.root.ca_cert)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    seen = run_inside(
+        the_lease,
+        f"""
+        import json, httpx
+        seen = {{}}
+        with httpx.Client(trust_env=False, timeout=20, verify="{ca}") as client:
+            page = client.get("{cloud.http.url}/page")
+            seen["http"] = [page.status_code, page.text]
+            tls = client.get("{cloud.https.url}/secure")
+            seen["https"] = [tls.status_code, tls.text]
+            llm = client.post("{cloud.http.url}/v1/chat/completions", json={body!r},
+                              headers={{"Authorization": "Bearer placeholder"}})
+            seen["llm"] = [llm.status_code, llm.json()["usage"]["total_tokens"]]
+        print(json.dumps(seen))
+        """,
+        bare_env(),
+    )
+
+    assert seen["http"] == [200, "stand-in cloud page\n"]
+    # Verified against the data root's CA only: mitmproxy decrypted and re-encrypted.
+    assert seen["https"] == [200, "stand-in cloud page\n"]
+    assert seen["llm"] == [200, 18]
+    assert cloud.http.seen[-1]["authorization"] == f"Bearer {SECRET}"  # injected on the way
+    records = _spooled(proxy, assignment, count=3)
+    by_path = {r.path: r for r in records}
+    assert set(by_path) == {"/page", "/secure", "/v1/chat/completions"}
+    for record in records:
+        assert (record.project, record.trial, record.machine) == ("p1", "t1", "m1")
+        assert record.host == cloud.address
+    assert by_path["/secure"].url.startswith("https://")
+    llm = by_path["/v1/chat/completions"]
+    assert (llm.provider, llm.model) == ("openai", "gpt-4o-mini")
+    assert llm.usage is not None and llm.usage.total_tokens == 18
+    assert llm.cost_usd > 0
+
+
+def test_the_gateway_leads_to_the_hosts_own_services(
+    transparent_proxy: TransparentProxy, lease: tuple[netns.Lease, str]
+) -> None:
+    the_lease, assignment = lease
+    local = StandInCloud(transparent_proxy.proxy.settings.host)  # a loopback-only service
+    try:
+        env = netns.worker_env(
+            {"PATH": os.environ["PATH"], "HTTP_PROXY": "http://m1:x@127.0.0.1:1",
+             "SERVICE": f"{local.url}/v1"},
+            the_lease,
+            transparent_proxy.proxy.settings.host,
+        )  # fmt: skip
+        assert env == {
+            "PATH": os.environ["PATH"],
+            "SERVICE": f"http://{the_lease.gateway}:{local.address[1]}/v1",
+        }
+        seen = run_inside(
+            the_lease,
+            """
+            import json, os, httpx
+            reply = httpx.get(os.environ["SERVICE"] + "/models", trust_env=False, timeout=20)
+            print(json.dumps({"status": reply.status_code, "text": reply.text}))
+            """,
+            env,
+        )
+    finally:
+        local.stop()
+    assert seen == {"status": 200, "text": "stand-in cloud page\n"}
+    assert [r.path for r in _spooled(transparent_proxy.proxy, assignment, count=1)] == [
+        "/v1/models"
+    ]
+
+
+def test_udp_dns_and_unregistered_or_revoked_workers_are_blocked(
+    transparent_proxy: TransparentProxy, cloud: Cloud, lease: tuple[netns.Lease, str]
+) -> None:
+    the_lease, assignment = lease
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind((cloud.address, 0))
+    listener.settimeout(0.5)
+    udp_port = listener.getsockname()[1]
+    try:
+        seen = run_inside(
+            the_lease,
+            f"""
+            import json, socket, time
+            seen = {{}}
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.sendto(b"escape", ("{cloud.address}", {udp_port}))
+                seen["udp"] = "sent"
+            except OSError as exc:
+                seen["udp"] = type(exc).__name__
+            started = time.monotonic()
+            try:
+                socket.getaddrinfo("api.openai.com", 443)
+                seen["dns"] = "resolved"
+            except OSError as exc:
+                seen["dns"] = type(exc).__name__
+            seen["dns_s"] = time.monotonic() - started
+            print(json.dumps(seen))
+            """,
+            bare_env(),
+        )
+        with pytest.raises(TimeoutError):
+            listener.recvfrom(100)
+    finally:
+        listener.close()
+    assert seen["udp"] == "PermissionError"  # refused in the namespace; the host drops it too
+    assert seen["dns"] == "gaierror"
+    assert seen["dns_s"] < 5  # rejected, not left to time out
+
+    probe = f"""
+        import json, httpx
+        try:
+            reply = httpx.get("{cloud.http.url}/after", trust_env=False, timeout=10)
+            print(json.dumps({{"status": reply.status_code}}))
+        except httpx.TransportError as exc:
+            print(json.dumps({{"status": type(exc).__name__}}))
+        """
+    # A new connection from a revoked or an unregistered worker is cut before any upstream.
+    cut = {"ReadError", "RemoteProtocolError"}
+    revoke(transparent_proxy.proxy.root, assignment)
+    assert run_inside(the_lease, probe, bare_env())["status"] in cut
+    netns.unregister(transparent_proxy.proxy.root, the_lease)
+    assert run_inside(the_lease, probe, bare_env())["status"] in cut
+    assert not any(s["path"] == "/after" for s in cloud.http.seen)
+
+
+def test_a_crashed_runners_namespace_is_swept(transparent_proxy: TransparentProxy) -> None:
+    assignment = f"a-crashed-{uuid.uuid4().hex[:8]}"
+    proxy = transparent_proxy.proxy
+    kept = netns.create(f"{assignment}-alive", proxy.settings.host, transparent_proxy.port)
+    crashed = netns.create(assignment, proxy.settings.host, transparent_proxy.port)
+    try:
+        assert crashed.namespace in _netns_list()
+        assert crashed.comment in _rules()
+        removed = netns.sweep(keep=[f"{assignment}-alive"])
+        assert crashed.namespace in removed and kept.namespace not in removed
+        _assert_gone(crashed)
+        assert kept.namespace in _netns_list() and kept.comment in _rules()
+        netns.teardown(assignment)  # twice is fine
+    finally:
+        netns.teardown(f"{assignment}-alive")
+        netns.teardown(assignment)
+    _assert_gone(kept)
+
+
+def test_a_sandboxed_agent_in_transparent_mode(
+    transparent_proxy: TransparentProxy, cloud: Cloud, tmp_path: Path
+) -> None:
+    """The runner's shape: confine() → bubblewrap inside the namespace, no proxy variables."""
+    sandbox.require_tools()
+    proxy = transparent_proxy.proxy
+    assignment = f"a-sandboxed-{uuid.uuid4().hex[:8]}"
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "workspace").mkdir(parents=True)
+    proxy_url = proxy.url_for(assignment)  # what the scheduler puts in the env today
+    ca = str(proxy.root.ca_cert)
+    spec = AssignmentSpec(
+        assignment=assignment,
+        project="p1",
+        trial="t1",
+        machine="m1",
+        task_id="probe",
+        repo=tmp_path,
+        prompt="",
+        test_command="true",
+        fail_to_pass=["x"],
+        pass_to_pass=[],
+        timeout_s=60,
+        agent="probe",
+        model="tiny",
+        endpoint="http://127.0.0.1:1/v1",
+        env={"HTTP_PROXY": proxy_url, "http_proxy": proxy_url, "SSL_CERT_FILE": ca},
+        artifacts=artifacts,
+        data_root=proxy.root.root,
+        sandbox=SandboxSpec(
+            proxy_host=proxy.settings.host,
+            proxy_port=proxy.settings.proxy_port,
+            memory_mb=1024,
+            cpus=1.0,
+            hidden=[proxy.root.root],
+            read_only=[proxy.root.ca_cert],
+            network="transparent",
+            transparent_port=transparent_proxy.port,
+        ),
+    )
+    code = f"""
+        import json, os, httpx
+        reply = httpx.get("{cloud.http.url}/from-the-sandbox", timeout=20)
+        assert httpx.get("{cloud.https.url}/tls-from-the-sandbox", timeout=20).is_success
+        proxies = sorted(k for k in os.environ if k.lower().endswith("_proxy"))
+        print(json.dumps({{"status": reply.status_code, "proxy_vars": proxies,
+                          "hostname": os.uname().nodename}}))
+        """
+    env = {k: v for k, v in direct_env().items() if k.lower() not in PROXY_VARS}
+    with sandbox.confine(spec, [sys.executable, "-c", textwrap.dedent(code)], {
+        **env, **spec.env
+    }) as (argv, sandboxed_env):  # fmt: skip
+        assert argv[:3] == ["ip", "netns", "exec"] and "--unshare-net" not in argv
+        done = subprocess.run(
+            argv,
+            env=sandboxed_env,
+            cwd=spec.workspace,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lease_ns = argv[3]
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"status": 200, "proxy_vars": [], "hostname": "autovibe-sandbox"}
+    records = _spooled(proxy, assignment, count=2)
+    assert {(r.path, r.machine) for r in records} == {
+        ("/from-the-sandbox", "m1"),
+        ("/tls-from-the-sandbox", "m1"),
+    }
+    assert lease_ns not in _netns_list()
+    assert list((proxy.root.secrets / netns.SOURCES_DIR).iterdir()) == []
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _spooled(proxy: MeteringProxy, assignment: str, count: int) -> list[Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        records = proxy.spooled(assignment)
+        if len(records) >= count or time.monotonic() > deadline:
+            assert len(records) == count, records
+            return records
+        time.sleep(0.05)
+
+
+def _netns_list() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def _rules() -> str:
+    return "".join(
+        subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
+        for table in ("nat", "filter")
+    )
+
+
+def _assert_gone(lease: netns.Lease) -> None:
+    assert lease.namespace not in _netns_list()
+    assert lease.namespace not in _rules()
+    assert not Path(f"/sys/class/net/{lease.host_if}").exists()
+    assert shutil.which("ip") is not None
