@@ -25,6 +25,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
 from orchestrator.tokens_cli import app as tokens_app
+from proxy.traffic_cli import app as traffic_app
 from retention import backup_cli
 from retention.checkpoints_cli import app as checkpoints_app
 from retention.cli import app as retention_app
@@ -53,6 +54,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(worker_app, name="worker")
 app.add_typer(vm_app, name="vm")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(traffic_app, name="traffic")
 app.add_typer(payments_app, name="payments")
 app.add_typer(dashboards_app, name="dashboards")
 

@@ -7,10 +7,15 @@ Like Filebeat, the shipper keeps a registry (a small SQLite file, `es-registry.s
 spool) of how far each spool file has been shipped. An offset moves only past lines that
 Elasticsearch acknowledged, so an outage (connection refused, 5xx, 429) loses nothing: the
 same lines are sent again later, with backoff. Each document is sent with `op_type: create` and
-the FlowRecord id as `_id` into the index of its UTC day (`<prefix>-YYYY.MM.DD`, chosen over a
-data stream because a retry must reach the very index of the first attempt): a 409 on a retry
-means "already there", so a crash between the acknowledgement and the registry commit never
-duplicates a flow.
+the FlowRecord id as `_id` into the index of its UTC day (`<prefix>-<group>-YYYY.MM.DD`, chosen
+over a data stream because a retry must reach the very index of the first attempt): a 409 on a
+retry means "already there", so a crash between the acknowledgement and the registry commit
+never duplicates a flow.
+
+A record is split by field group, one document per group in indices of their own, because ILM
+retention is per index: `usage` (everything but headers and bodies, kept longest), `headers`
+and `bodies` (cut to `body_max` bytes, kept shortest); each of the latter two is sent only when
+the record has something for it. A line is shipped once every document of it is acknowledged.
 """
 
 from __future__ import annotations
@@ -32,18 +37,26 @@ from pydantic import ValidationError
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import Settings
-from proxy.index import _complete_lines
+from proxy.index import DEFAULT_BODY_MAX, _complete_lines, index_copy
 from proxy.spool import FILE_NAME
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "es-registry.sqlite"
 """The registry's file name in `traffic-logs/`."""
-DEFAULT_PREFIX = "autovibe-traffic-usage"
-"""Index prefix: the ILM policy of the `usage` field group has the same name."""
-TEMPLATE_FILE = "autovibe-traffic.index-template.json"
-TEMPLATE = Settings.model_fields["configs"].default / "elasticsearch" / TEMPLATE_FILE
-"""Index template (mappings of every FlowRecord field), installed before the first bulk."""
+DEFAULT_PREFIX = "autovibe-traffic"
+"""Index prefix: `<prefix>-<group>` names each group's template, and its ILM policy by default."""
+GROUPS = ("usage", "headers", "bodies")
+"""Field groups, each in daily indices of its own with its own retention (ILM policy)."""
+HEADER_FIELDS = frozenset({"request_headers", "response_headers"})
+BODY_FIELDS = frozenset({"request_body", "response_body"})
+LINK_FIELDS = ("id", "project", "trial", "assignment", "machine")
+"""Copied into the headers and bodies documents, to find them without the usage document."""
+TEMPLATES_DIR = Settings.model_fields["configs"].default / "elasticsearch"
+TEMPLATES = {
+    group: TEMPLATES_DIR / f"autovibe-traffic-{group}.index-template.json" for group in GROUPS
+}
+"""Index template per field group (mappings of its fields), installed before the first bulk."""
 CONFLICT = 409
 """A `create` whose `_id` exists: an earlier attempt got there, which counts as shipped."""
 REFUSED = 400
@@ -67,7 +80,8 @@ class ElasticsearchShipper:
         registry_path: Path,
         *,
         index_prefix: str = DEFAULT_PREFIX,
-        template_path: Path = TEMPLATE,
+        templates: dict[str, Path] | None = None,
+        body_max: int = DEFAULT_BODY_MAX,
         chunk_size: int = 500,
         request_timeout: float = 10.0,
         initial_backoff_s: float = 1.0,
@@ -76,7 +90,9 @@ class ElasticsearchShipper:
         **client_options: Any,
     ) -> None:
         self.index_prefix = index_prefix
-        self.template_path = template_path
+        self.templates = templates or TEMPLATES
+        self.body_max = body_max
+        """Bytes of each body shipped (proxy.index.index_copy)."""
         self.chunk_size = chunk_size
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -147,12 +163,14 @@ class ElasticsearchShipper:
     def _install_template(self) -> None:
         if self._template_installed:
             return
-        body = json.loads(self.template_path.read_text())
-        body["index_patterns"] = [f"{self.index_prefix}-*"]
-        try:
-            self.client.indices.put_index_template(name=self.index_prefix, **body)
-        except (ApiError, TransportError) as exc:
-            raise _Unavailable(f"installing index template {self.index_prefix}: {exc}") from exc
+        for group in GROUPS:
+            name = f"{self.index_prefix}-{group}"
+            body = json.loads(self.templates[group].read_text())
+            body["index_patterns"] = [f"{name}-*"]
+            try:
+                self.client.indices.put_index_template(name=name, **body)
+            except (ApiError, TransportError) as exc:
+                raise _Unavailable(f"installing index template {name}: {exc}") from exc
         self._template_installed = True
 
     def _ship_batch(self, spool_file: Path, key: str) -> tuple[int, bool, str | None]:
@@ -174,7 +192,7 @@ class ElasticsearchShipper:
         data = _complete_lines(spool_file, offset)
         if not data:
             return 0, False, None
-        lines = _Lines(key, offset, data, self._index_for)
+        lines = _Lines(key, offset, data, self._actions)
         results = helpers.streaming_bulk(
             self.client,
             lines.actions(),
@@ -203,9 +221,17 @@ class ElasticsearchShipper:
         more = failure is None and lines.done == offset + len(data) and lines.done < size
         return lines.acknowledged, more, failure
 
-    def _index_for(self, record: FlowRecord) -> str:
-        day = dt.datetime.fromtimestamp(record.ts_start, dt.UTC)
-        return f"{self.index_prefix}-{day:%Y.%m.%d}"
+    def _actions(self, record: FlowRecord) -> list[dict[str, Any]]:
+        """The bulk `create` actions of one record: one per field group it has data for."""
+        return [
+            {
+                "_op_type": "create",
+                "_index": f"{self.index_prefix}-{group}-{day}",
+                "_id": record.id,
+                "_source": source,
+            }
+            for group, source, day in documents(record, self.body_max)
+        ]
 
     def _commit(self, key: str, lines: _Lines) -> None:
         """Store the new offset and the rejects behind it in one transaction."""
@@ -261,55 +287,51 @@ class _Lines:
     """One read of a spool file: its bulk actions, and how far the acknowledged prefix reaches."""
 
     def __init__(
-        self, key: str, offset: int, data: bytes, index_for: Callable[[FlowRecord], str]
+        self,
+        key: str,
+        offset: int,
+        data: bytes,
+        actions_of: Callable[[FlowRecord], list[dict[str, Any]]],
     ) -> None:
         self.key = key
         self.done = offset
         """Byte offset up to which every line is acknowledged, refused or blank."""
-        # (end offset, record id or None, line offset, line, error) per line, in file order.
-        self._lines: list[tuple[int, str | None, int, bytes, str | None]] = []
-        self._records: list[tuple[str, dict[str, Any]]] = []
-        self._index_for = index_for
+        # Per line, in file order: [end offset, record id or None, line offset, line, error,
+        # documents not yet answered].
+        self._lines: list[list[Any]] = []
+        self._actions: list[dict[str, Any]] = []
         position = offset
         for line in data.splitlines(keepends=True):
             end = position + len(line)
             if not line.strip():
-                self._lines.append((end, None, position, line, None))
+                self._lines.append([end, None, position, line, None, 0])
             else:
                 try:
                     record = FlowRecord.model_validate_json(line)
                 except ValidationError as exc:
-                    self._lines.append((end, None, position, line, str(exc)))
+                    self._lines.append([end, None, position, line, str(exc), 0])
                 else:
-                    self._lines.append((end, record.id, position, line, None))
-                    self._records.append((record.id, self._action(record)))
+                    actions = actions_of(record)
+                    self._lines.append([end, record.id, position, line, None, len(actions)])
+                    self._actions += actions
             position = end
         self.acknowledged = 0
         """Flows now in Elasticsearch, created or found there, behind `done`."""
         self._cursor = 0
         self._skip_unsent()
 
-    def _action(self, record: FlowRecord) -> dict[str, Any]:
-        source = record.model_dump(mode="json")
-        source["@timestamp"] = dt.datetime.fromtimestamp(record.ts_start, dt.UTC).isoformat(
-            timespec="milliseconds"
-        )
-        return {
-            "_op_type": "create",
-            "_index": self._index_for(record),
-            "_id": record.id,
-            "_source": source,
-        }
-
     def actions(self) -> Iterator[dict[str, Any]]:
-        for _, action in self._records:
-            yield action
+        yield from self._actions
 
     def acknowledge(self, record_id: object) -> None:
-        """The next sent record is settled (created, already there, or refused)."""
-        end, expected, _, _, error = self._lines[self._cursor]
+        """The next sent document is settled (created, already there, or refused)."""
+        current = self._lines[self._cursor]
+        end, expected, _, _, error, _ = current
         if record_id != expected:
             raise RuntimeError(f"bulk answer for {record_id!r} where {expected!r} was due")
+        current[5] -= 1
+        if current[5] > 0:
+            return  # the record's other documents are still to be answered
         if error is None:
             self.acknowledged += 1
         self.done = end
@@ -317,8 +339,7 @@ class _Lines:
         self._skip_unsent()
 
     def reject(self, record_id: object, error: str) -> None:
-        end, expected, position, line, _ = self._lines[self._cursor]
-        self._lines[self._cursor] = (end, expected, position, line, error)
+        self._lines[self._cursor][4] = error
         log.error("elasticsearch refused flow %s of %s: %s", record_id, self.key, error)
 
     def _skip_unsent(self) -> None:
@@ -328,8 +349,32 @@ class _Lines:
             self._cursor += 1
 
     def rejects_before_done(self) -> Iterator[tuple[int, str, str]]:
-        for end, _, position, line, error in self._lines:
+        for end, _, position, line, error, _ in self._lines:
             if end > self.done:
                 break
             if error is not None:
                 yield position, line.decode("utf-8", errors="replace"), error
+
+
+def documents(record: FlowRecord, body_max: int) -> list[tuple[str, dict[str, Any], str]]:
+    """(field group, `_source`, UTC day) of each document a record is shipped as."""
+    record = index_copy(record, body_max)
+    day = dt.datetime.fromtimestamp(record.ts_start, dt.UTC)
+    timestamp = day.isoformat(timespec="milliseconds")
+    source = record.model_dump(mode="json")
+    link = {"@timestamp": timestamp, **{name: source[name] for name in LINK_FIELDS}}
+    usage = {k: v for k, v in source.items() if k not in HEADER_FIELDS | BODY_FIELDS}
+    usage["@timestamp"] = timestamp
+    messages = None
+    if usage.get("websocket") is not None:
+        messages = usage["websocket"].pop("messages")
+    docs = [("usage", usage, f"{day:%Y.%m.%d}")]
+    if record.request_headers or record.response_headers:
+        headers = {**link, **{name: source[name] for name in sorted(HEADER_FIELDS)}}
+        docs.append(("headers", headers, f"{day:%Y.%m.%d}"))
+    if record.request_body is not None or record.response_body is not None or messages:
+        bodies = {**link, **{name: source[name] for name in sorted(BODY_FIELDS)}}
+        if messages:
+            bodies["websocket"] = {"messages": messages}
+        docs.append(("bodies", bodies, f"{day:%Y.%m.%d}"))
+    return docs

@@ -4,10 +4,16 @@ The spool is the source of truth; this index can be deleted and rebuilt from it 
 `catch_up` reads each spool file from the byte offset it stored, and stores the new offset in
 the same transaction as the rows, so concurrent indexers or a crash never lose or repeat a
 flow. Money is kept as decimal TEXT and summed with Python's Decimal, never SQL floats.
+
+Bodies are indexed cut to `body_max` bytes (`index_copy`), and searched with FTS5 together with
+the url, model, error and websocket messages. An index of an older layout (`LAYOUT`) is dropped
+and rebuilt from the spool when opened.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -17,11 +23,23 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contracts.records import FlowRecord
+from contracts.records import Body, FlowRecord, WebSocket
 from proxy.spool import FILE_NAME
 
 READ_CHUNK = 4 * 1024 * 1024
 """Bytes of a spool file read per transaction, so one catch-up never holds the lock for long."""
+DEFAULT_BODY_MAX = 64 * 1024
+"""Bytes of each body (and of each websocket's messages) kept in the index."""
+LAYOUT = 2
+"""`PRAGMA user_version` of the tables below; an index with another is rebuilt from the spool."""
+_OLD_TABLES = (
+    "DROP TRIGGER IF EXISTS flows_fts_insert",
+    "DROP TRIGGER IF EXISTS flows_fts_delete",
+    "DROP TABLE IF EXISTS flows_fts",
+    "DROP TABLE IF EXISTS flows",
+    "DROP TABLE IF EXISTS offsets",
+    "DROP TABLE IF EXISTS rejects",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows (
@@ -52,6 +70,11 @@ CREATE TABLE IF NOT EXISTS flows (
     estimated INTEGER,
     cost_usd TEXT NOT NULL,
     error TEXT,
+    request_headers TEXT NOT NULL,
+    response_headers TEXT NOT NULL,
+    request_body TEXT,
+    response_body TEXT,
+    messages TEXT,
     spool_file TEXT NOT NULL,
     spool_offset INTEGER NOT NULL,
     record TEXT NOT NULL
@@ -59,15 +82,21 @@ CREATE TABLE IF NOT EXISTS flows (
 CREATE INDEX IF NOT EXISTS flows_by_ts ON flows (ts_start);
 CREATE INDEX IF NOT EXISTS flows_by_trial ON flows (trial, assignment);
 CREATE INDEX IF NOT EXISTS flows_by_assignment ON flows (assignment);
-CREATE VIRTUAL TABLE IF NOT EXISTS flows_fts
-    USING fts5(url, model, error, content='flows', content_rowid='rowid');
+CREATE VIRTUAL TABLE IF NOT EXISTS flows_fts USING fts5(
+    url, model, error, request_body, response_body, messages,
+    content='flows', content_rowid='rowid'
+);
 CREATE TRIGGER IF NOT EXISTS flows_fts_insert AFTER INSERT ON flows BEGIN
-    INSERT INTO flows_fts (rowid, url, model, error)
-    VALUES (new.rowid, new.url, new.model, new.error);
+    INSERT INTO flows_fts (rowid, url, model, error, request_body, response_body, messages)
+    VALUES (new.rowid, new.url, new.model, new.error, new.request_body, new.response_body,
+            new.messages);
 END;
 CREATE TRIGGER IF NOT EXISTS flows_fts_delete AFTER DELETE ON flows BEGIN
-    INSERT INTO flows_fts (flows_fts, rowid, url, model, error)
-    VALUES ('delete', old.rowid, old.url, old.model, old.error);
+    INSERT INTO flows_fts (
+        flows_fts, rowid, url, model, error, request_body, response_body, messages
+    )
+    VALUES ('delete', old.rowid, old.url, old.model, old.error, old.request_body,
+            old.response_body, old.messages);
 END;
 CREATE TABLE IF NOT EXISTS offsets (
     path TEXT PRIMARY KEY,
@@ -86,7 +115,8 @@ _COLUMNS = (
     "id, schema_version, ts_start, ts_end, duration_ms, ttfb_ms, method, url, host, path, "
     "status, request_bytes, response_bytes, project, trial, assignment, machine, provider, "
     "model, response_id, streamed, prompt_tokens, completion_tokens, total_tokens, estimated, "
-    "cost_usd, error, spool_file, spool_offset, record"
+    "cost_usd, error, request_headers, response_headers, request_body, response_body, messages, "
+    "spool_file, spool_offset, record"
 )
 _INSERT = (
     f"INSERT OR IGNORE INTO flows ({_COLUMNS}) "
@@ -126,8 +156,10 @@ class _DecimalSum:
 class TrafficIndex:
     """The SQLite traffic store at `path`; safe to share between threads and processes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, body_max: int = DEFAULT_BODY_MAX) -> None:
         self.path = path
+        self.body_max = body_max
+        """Bytes of each body indexed; takes effect for flows indexed from now on."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         # Autocommit mode: every transaction below is opened explicitly.
@@ -137,6 +169,12 @@ class TrafficIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._lock, self._transaction():
+            (layout,) = self._db.execute("PRAGMA user_version").fetchone()
+            if layout != LAYOUT:
+                # Another layout (or a new file): the spool is the truth, read it all again.
+                for statement in _OLD_TABLES:
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {LAYOUT}")
             for statement in _statements(_SCHEMA):
                 self._db.execute(statement)
 
@@ -208,6 +246,7 @@ class TrafficIndex:
                 (key, offset, line.decode("utf-8", errors="replace"), str(exc)),
             )
             return 0
+        record = index_copy(record, self.body_max)
         usage = record.usage
         cursor = self._db.execute(
             _INSERT,
@@ -239,6 +278,11 @@ class TrafficIndex:
                 int(usage.estimated) if usage else None,
                 format(record.cost_usd, "f"),
                 record.error,
+                json.dumps(record.request_headers),
+                json.dumps(record.response_headers),
+                _searchable(record.request_body),
+                _searchable(record.response_body),
+                _messages_text(record.websocket),
                 key,
                 offset,
                 record.model_dump_json(),
@@ -292,12 +336,16 @@ class TrafficIndex:
         )
         return [FlowRecord.model_validate_json(record) for (record,) in rows]
 
-    def search(self, query: str, *, limit: int = 100) -> list[FlowRecord]:
-        """Full-text search (FTS5 syntax) over url, model and error; best matches first."""
+    def search(
+        self, query: str, *, limit: int = 100, project: str | None = None
+    ) -> list[FlowRecord]:
+        """Full-text search (FTS5 syntax) over url, model, error, text bodies and websocket
+        messages as indexed (cut to `body_max`); best matches first."""
+        where, params = _scope(project=project)
         rows = self._query(
             "SELECT flows.record FROM flows_fts JOIN flows ON flows.rowid = flows_fts.rowid "
-            "WHERE flows_fts MATCH ? ORDER BY rank LIMIT ?",
-            (query, limit),
+            f"WHERE flows_fts MATCH ?{where} ORDER BY rank LIMIT ?",
+            (query, *params, limit),
         )
         return [FlowRecord.model_validate_json(record) for (record,) in rows]
 
@@ -360,3 +408,69 @@ def _statements(script: str) -> list[str]:
             statements.append(current.strip())
             current = ""
     return statements
+
+
+# -- what the index keeps of a record ---------------------------------------------------------
+
+
+def index_copy(record: FlowRecord, body_max: int) -> FlowRecord:
+    """`record` with each body, and its websocket messages together, cut to `body_max` bytes.
+
+    Sizes and hashes stay those of the whole bodies, so the spool line can be checked against
+    the index. A schema-1 record has no bodies and comes back as it is.
+    """
+    if record.request_body is None and record.response_body is None and record.websocket is None:
+        return record
+    update: dict[str, object] = {
+        "request_body": cut_body(record.request_body, body_max),
+        "response_body": cut_body(record.response_body, body_max),
+    }
+    if record.websocket is not None:
+        update["websocket"] = _cut_messages(record.websocket, body_max)
+    return record.model_copy(update=update)
+
+
+def cut_body(body: Body | None, limit: int) -> Body | None:
+    """`body` with at most `limit` bytes of content (a whole UTF-8 character at the end)."""
+    if body is None:
+        return None
+    if body.encoding == "base64":
+        if len(body.text) <= limit * 4 // 3:
+            return body
+        data = base64.b64decode(body.text)
+        if len(data) <= limit:
+            return body
+        text = base64.b64encode(data[:limit]).decode("ascii")
+    else:
+        if len(body.text) * 4 <= limit:  # four bytes a character at most: surely short enough
+            return body
+        data = body.text.encode()
+        if len(data) <= limit:
+            return body
+        text = data[:limit].decode("utf-8", errors="ignore")
+    return body.model_copy(update={"text": text, "truncated": True})
+
+
+def _cut_messages(websocket: WebSocket, limit: int) -> WebSocket:
+    kept, room = [], limit
+    for message in websocket.messages:
+        if room <= 0 and message.content.size:
+            break
+        content = cut_body(message.content, room)
+        assert content is not None
+        room -= len(content.text) if content.encoding == "utf-8" else len(content.text) * 3 // 4
+        kept.append(message.model_copy(update={"content": content}))
+    if len(kept) == len(websocket.messages):
+        return websocket.model_copy(update={"messages": kept})
+    omitted = websocket.messages_omitted + len(websocket.messages) - len(kept)
+    return websocket.model_copy(update={"messages": kept, "messages_omitted": omitted})
+
+
+def _searchable(body: Body | None) -> str | None:
+    return body.text if body is not None and body.encoding == "utf-8" else None
+
+
+def _messages_text(websocket: WebSocket | None) -> str | None:
+    if websocket is None:
+        return None
+    return "\n".join(m.content.text for m in websocket.messages if m.content.encoding == "utf-8")

@@ -17,6 +17,9 @@ DEFAULT = "sqlite"
 
 
 class TrafficStore(Protocol):
+    body_max: int
+    """Bytes of each body kept in the store (the spool keeps more)."""
+
     def catch_up(self, traffic_logs_dir: Path) -> int:
         """Take in every complete spool line not taken yet; returns the number of new flows."""
         ...

@@ -1,34 +1,220 @@
 """Every flow becomes one FlowRecord in the spool: answered, refused by us, or failed.
 
 Runs after identity and metering in the addon list, so it reads what they left in
-`flow.metadata`. Each flow is written once, by whichever of its final hooks comes first.
+`flow.metadata`. Each flow is written once, by whichever of its final hooks comes first; a
+websocket's handshake flow is written when the connection closes, with its messages.
+
+Headers and bodies go in the record redacted (proxy.addons.redaction). A body is kept whole up
+to `autovibe_spool_body_max` bytes; its size and hash always cover all of it. A response that
+metering streams through is copied as it passes, bounded by the same cap: the stream itself is
+never held back. The schema and its rules: docs/capture-record.md.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from decimal import Decimal
+from typing import Literal
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.websocket import WebSocketMessage as MitmMessage
+from wsproto.frame_protocol import Opcode
 
-from contracts.records import FlowRecord
+from contracts.records import Body, FlowRecord, WebSocket, WebSocketMessage
 from proxy.addons import dataroot
 from proxy.addons.budget import METADATA_KEY as BUDGET_KEY
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import metered
 from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import refused
+from proxy.addons.routing import routed
 from proxy.spool import Spool
+from proxy.usage import DECODE_LIMIT, _decoder
 
 log = logging.getLogger(__name__)
 
 CAPTURED_KEY = "autovibe.captured"
+TAP_KEY = "autovibe.capture.tap"
+"""The `BodyTap` copying a streamed response, in `flow.metadata`."""
+WEBSOCKET_KEY = "autovibe.capture.websocket"
+"""The `WebSocketTap` of a websocket's handshake flow, in `flow.metadata`."""
+SPOOL_BODY_OPTION = "autovibe_spool_body_max"
+DEFAULT_SPOOL_BODY_MAX = 8 * 1024 * 1024
+NORMAL_CLOSES = frozenset({1000, 1001, 1005})
+"""Websocket close codes that end a connection without an error (RFC 6455 7.4.1)."""
+_DECODE_SLICE = 16 * 1024
 
 
-def record_of(flow: http.HTTPFlow) -> FlowRecord:
-    """The capture record of a flow as it stands now."""
+class BodyTap:
+    """A bounded copy of a body as it passes chunk by chunk: decoded, counted and hashed whole."""
+
+    def __init__(self, content_encoding: str, keep: int) -> None:
+        self.keep = keep
+        self.kept = bytearray()
+        self.size = 0
+        self.hash = hashlib.sha256()
+        self.decode: Callable[[bytes], bytes] | None = _decoder(content_encoding)
+        self.decode_error: str | None = None
+        self.raw = self.decode is None
+        """The encoding cannot be undone: the raw bytes are kept, as they travelled."""
+        if self.raw:
+            self.decode_error = f"cannot decode Content-Encoding {content_encoding!r}"
+
+    def feed(self, chunk: bytes) -> None:
+        if self.raw:
+            self._take(chunk)
+            return
+        if self.decode is None:  # decoding failed earlier: the rest is not read
+            return
+        try:
+            for start in range(0, len(chunk), _DECODE_SLICE):
+                self._take(self.decode(chunk[start : start + _DECODE_SLICE]))
+                if self.size > DECODE_LIMIT:
+                    raise ValueError(f"more than {DECODE_LIMIT} decoded bytes")
+        except Exception as exc:  # zlib, brotli and zstd each raise their own errors
+            self.decode, self.decode_error = None, f"cannot decode the body: {exc}"
+
+    def _take(self, data: bytes) -> None:
+        self.size += len(data)
+        self.hash.update(data)
+        room = self.keep - len(self.kept)
+        if room > 0:
+            self.kept += data[:room]
+
+    def body(self, redactor: Redactor) -> Body:
+        truncated = self.size > len(self.kept) or (self.decode is None and not self.raw)
+        digest = self.hash.hexdigest()
+        return make_body(
+            bytes(self.kept), self.size, digest, redactor, truncated, self.decode_error
+        )
+
+
+class WebSocketTap:
+    """Counts every message of a websocket and keeps their payloads up to a byte cap."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.kept = 0
+        self.record = WebSocket()
+
+    def add(self, message: MitmMessage, redactor: Redactor) -> None:
+        record, size = self.record, len(message.content)
+        if message.from_client:
+            record.messages_from_client += 1
+            record.bytes_from_client += size
+        else:
+            record.messages_from_server += 1
+            record.bytes_from_server += size
+        if self.kept >= self.keep and size:
+            record.messages_omitted += 1
+            return
+        piece = message.content[: self.keep - self.kept]
+        self.kept += len(piece)
+        digest = hashlib.sha256(message.content).hexdigest()
+        record.messages.append(
+            WebSocketMessage(
+                from_client=message.from_client,
+                timestamp=message.timestamp,
+                type="text" if message.type == Opcode.TEXT else "binary",
+                content=make_body(piece, size, digest, redactor, size > len(piece), None),
+            )
+        )
+
+    def close(self, flow: http.HTTPFlow, redactor: Redactor) -> WebSocket:
+        data, record = flow.websocket, self.record
+        if data is not None:
+            record.ts_end = data.timestamp_end
+            record.close_code = data.close_code
+            record.closed_by_client = data.closed_by_client
+            reason = data.close_reason
+            record.close_reason = redactor.bytes(reason.encode()).decode() if reason else None
+        return record
+
+
+def make_body(
+    kept: bytes,
+    size: int,
+    whole_sha256: str | None,
+    redactor: Redactor,
+    truncated: bool,
+    decode_error: str | None,
+) -> Body:
+    """The record of a body of `size` bytes whose first bytes (or all) are `kept`.
+
+    A body kept whole is hashed after redaction, so the hash proves what the record holds and
+    confirms no guess at a redacted secret; a truncated one is hashed as it travelled
+    (`whole_sha256`), since the record never holds the rest.
+    """
+    redacted = redactor.bytes(kept)
+    if truncated:
+        redacted = _cut_partial_secret(redacted, redactor.secrets())
+        digest = whole_sha256 or hashlib.sha256(kept).hexdigest()
+    elif redacted is kept and whole_sha256 is not None:
+        digest = whole_sha256
+    else:
+        digest = hashlib.sha256(redacted).hexdigest()
+    text, encoding = text_of(redacted, cut=truncated)
+    return Body(
+        text=text,
+        encoding=encoding,
+        size=size,
+        sha256=digest,
+        truncated=truncated,
+        decode_error=decode_error,
+    )
+
+
+def text_of(data: bytes, *, cut: bool) -> tuple[str, Literal["utf-8", "base64"]]:
+    """`data` as UTF-8 text, or as base64 when it is not; a `cut` body may end mid-character."""
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as exc:
+        if cut and exc.end == len(data) and exc.start >= len(data) - 3:
+            try:
+                return data[: exc.start].decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                pass
+    return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _cut_partial_secret(data: bytes, secrets: Iterable[str]) -> bytes:
+    """A body cut short may end inside a secret: drop such a tail rather than keep its start."""
+    for secret in secrets:
+        encoded = secret.encode()
+        for n in range(min(len(encoded) - 1, len(data)), 0, -1):
+            if data.endswith(encoded[:n]):
+                return data[:-n]
+    return data
+
+
+def _whole_body(message: http.Message, keep: int, redactor: Redactor) -> Body | None:
+    """The body of a request or response that mitmproxy read whole; None when empty."""
+    raw = message.raw_content
+    if not raw:
+        return None
+    decode_error = None
+    try:
+        data = message.get_content(strict=True) or b""
+    except ValueError as exc:
+        data, decode_error = raw, f"cannot decode the body: {exc}"
+    kept = data[:keep]
+    truncated = len(data) > len(kept)
+    whole = hashlib.sha256(data).hexdigest() if truncated else None
+    return make_body(kept, len(data), whole, redactor, truncated, decode_error)
+
+
+def record_of(
+    flow: http.HTTPFlow,
+    redactor: Redactor | None = None,
+    spool_body_max: int = DEFAULT_SPOOL_BODY_MAX,
+) -> FlowRecord:
+    """The capture record of a flow as it stands now; bodies redacted by `redactor`."""
+    redactor = redactor or Redactor(None)
     request, response = flow.request, flow.response
     ts_start = request.timestamp_start
     if response is not None and response.timestamp_end is not None:
@@ -45,6 +231,16 @@ def record_of(flow: http.HTTPFlow) -> FlowRecord:
     first_chunk_ms = None
     if facts is not None and facts.first_chunk_at is not None:
         first_chunk_ms = (facts.first_chunk_at - ts_start) * 1000
+    response_body = None
+    tap = flow.metadata.get(TAP_KEY)
+    if isinstance(tap, BodyTap):
+        response_body = tap.body(redactor) if tap.size or tap.decode_error else None
+    elif response is not None:
+        response_body = _whole_body(response, spool_body_max, redactor)
+    websocket_tap = flow.metadata.get(WEBSOCKET_KEY)
+    websocket = (
+        websocket_tap.close(flow, redactor) if isinstance(websocket_tap, WebSocketTap) else None
+    )
     response_bytes = 0
     if response is not None and response.raw_content is not None:
         response_bytes = len(response.raw_content)
@@ -72,12 +268,18 @@ def record_of(flow: http.HTTPFlow) -> FlowRecord:
         machine=identity.machine if identity else None,
         provider=facts.provider if facts else None,
         model=facts.model if facts else None,
+        requested_model=route.requested if (route := routed(flow)) else None,
         response_id=facts.response_id if facts else None,
         streamed=facts.streamed if facts else False,
         usage=facts.usage if facts else None,
         cost_usd=facts.cost_usd if facts else Decimal(0),
         budget=_budget_of(flow),
-        error=_error_of(flow, facts.problem if facts else None),
+        error=_error_of(flow, facts.problem if facts else None, websocket),
+        request_headers=list(request.headers.items(multi=True)),
+        response_headers=list(response.headers.items(multi=True)) if response else [],
+        request_body=_whole_body(request, spool_body_max, redactor),
+        response_body=response_body,
+        websocket=websocket,
     )
 
 
@@ -86,12 +288,20 @@ def _budget_of(flow: http.HTTPFlow) -> str | None:
     return None if decision is None else str(decision)
 
 
-def _error_of(flow: http.HTTPFlow, metering_problem: str | None) -> str | None:
+def _error_of(
+    flow: http.HTTPFlow, metering_problem: str | None, websocket: WebSocket | None
+) -> str | None:
     if flow.error is not None:
         return flow.error.msg
     reason = refused(flow)
     if reason is not None:
         return reason
+    if websocket is not None and websocket.close_code not in NORMAL_CLOSES:
+        side = "client" if websocket.closed_by_client else "server"
+        if websocket.close_code == 1006:
+            return f"websocket: the {side} connection was lost without a close frame (1006)"
+        reason = f" {websocket.close_reason}" if websocket.close_reason else ""
+        return f"websocket: closed by the {side} with {websocket.close_code}{reason}"
     return f"metering: {metering_problem}" if metering_problem else None
 
 
@@ -99,9 +309,17 @@ class Capture:
     def __init__(self) -> None:
         self.spool: Spool | None = None
         self.redactor = Redactor(None)
+        self.body_max = DEFAULT_SPOOL_BODY_MAX
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
+        loader.add_option(
+            name=SPOOL_BODY_OPTION,
+            typespec=int,
+            default=DEFAULT_SPOOL_BODY_MAX,
+            help="Bytes of each body (and of each websocket's messages) kept in the spool; "
+            "beyond them the record says truncated, with the size and hash of the whole.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if dataroot.OPTION in updated:
@@ -109,8 +327,39 @@ class Capture:
                 self.spool.close()
             self.spool = Spool(dataroot.current())
             self.redactor = redactor_for(dataroot.current())
+        if SPOOL_BODY_OPTION in updated:
+            value: int = getattr(ctx.options, SPOOL_BODY_OPTION)
+            if value < 0:
+                raise exceptions.OptionsError(
+                    f"{SPOOL_BODY_OPTION} must be 0 or more bytes, got {value}"
+                )
+            self.body_max = value
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or not response.stream:
+            return  # read whole by mitmproxy: captured from the flow in `response`
+        tap = BodyTap(response.headers.get("Content-Encoding", ""), self.body_max)
+        flow.metadata[TAP_KEY] = tap
+        response.stream = _tapped(flow, response.stream, tap)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None:
+            # The handshake: written when the connection closes, with what passed over it.
+            flow.metadata[WEBSOCKET_KEY] = WebSocketTap(self.body_max)
+            return
+        self._capture(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        tap = flow.metadata.get(WEBSOCKET_KEY)
+        if not isinstance(tap, WebSocketTap) or flow.websocket is None:
+            return
+        messages = flow.websocket.messages
+        tap.add(messages[-1], self.redactor)
+        # mitmproxy keeps every message of a connection; the tap has what the record needs.
+        del messages[:-1]
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._capture(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -131,7 +380,28 @@ class Capture:
         flow.metadata[CAPTURED_KEY] = True
         assert self.spool is not None
         try:
-            self.spool.append(self.redactor.record(record_of(flow)))
+            record = record_of(flow, self.redactor, self.body_max)
+            self.spool.append(self.redactor.record(record))
         except (OSError, ValueError):
             # The spool is the source of truth; losing a line is an incident, not a warning.
             log.exception("could not spool flow %s %s", flow.id, flow.request.url)
+
+
+def _tapped(
+    flow: http.HTTPFlow, stream: bool | Callable[[bytes], bytes | Iterable[bytes]], tap: BodyTap
+) -> Callable[[bytes], bytes | Iterable[bytes]]:
+    """`stream` (metering's pass-through, or plain `True`) with a copy of each chunk kept."""
+
+    def tapped(chunk: bytes) -> bytes | Iterable[bytes]:
+        out = stream(chunk) if callable(stream) else chunk
+        if chunk:
+            try:
+                tap.feed(chunk)
+            except Exception:
+                # Capturing must never cost the agent its answer.
+                log.exception("capture failed on %s; the stream goes on uncopied", flow.id)
+                tap.decode, tap.raw = None, False
+                tap.decode_error = tap.decode_error or "capture fault (see the proxy log)"
+        return out
+
+    return tapped

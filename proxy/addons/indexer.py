@@ -12,12 +12,14 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from proxy.addons import dataroot
+from proxy.index import DEFAULT_BODY_MAX
 from proxy.stores import DEFAULT, STORES, TrafficStore, get_store
 
 log = logging.getLogger(__name__)
 
 STORE_OPTION = "autovibe_traffic_store"
 URL_OPTION = "autovibe_elasticsearch_url"
+BODY_MAX_OPTION = "autovibe_index_body_max"
 
 
 class Indexer:
@@ -46,13 +48,25 @@ class Indexer:
             help="Elasticsearch URL (http[s]://[user:password@]host:port) for "
             f"{STORE_OPTION}=elasticsearch.",
         )
+        loader.add_option(
+            name=BODY_MAX_OPTION,
+            typespec=int,
+            default=DEFAULT_BODY_MAX,
+            help="Bytes of each body (and of each websocket's messages) kept in the traffic "
+            "store; the spool keeps more (autovibe_spool_body_max).",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if not updated & {dataroot.OPTION, STORE_OPTION, URL_OPTION}:
+        if not updated & {dataroot.OPTION, STORE_OPTION, URL_OPTION, BODY_MAX_OPTION}:
             return
         root = dataroot.current()
         name: str = getattr(ctx.options, STORE_OPTION)
         url: str = getattr(ctx.options, URL_OPTION).strip()
+        body_max: int = getattr(ctx.options, BODY_MAX_OPTION)
+        if body_max < 0:
+            raise exceptions.OptionsError(
+                f"{BODY_MAX_OPTION} must be 0 or more bytes, got {body_max}"
+            )
         if name not in STORES:
             raise exceptions.OptionsError(
                 f"{STORE_OPTION}: unknown store {name!r}: use one of {', '.join(STORES)}"
@@ -67,6 +81,8 @@ class Indexer:
                 )
             options["url"] = url
         store = get_store(name, root, **options)
+        # Both stores cut bodies the same way (proxy.index.index_copy).
+        store.body_max = body_max
         with self._lock:
             if self.store is not None:
                 self.store.close()

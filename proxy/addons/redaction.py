@@ -1,7 +1,9 @@
 """What the platform writes from a flow never holds a credential: redaction of records.
 
-Authorization, proxy credentials, API-key headers and cookies are dropped by name; any value
-held in the secret store is replaced wherever it appears, as `[REDACTED]`.
+Authorization, proxy credentials, API-key headers and cookies have their values replaced by
+name; any value held in the secret store is replaced wherever it appears, as `[REDACTED]`.
+Bodies are redacted as bytes by the capture addon before they are hashed and cut
+(`Redactor.bytes`); `Redactor.record` redacts everything else in a record.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import time
 from collections.abc import Iterable
 
 from contracts.dataroot import DataRoot
-from contracts.records import FlowRecord
+from contracts.records import BODY_FIELDS, HEADER_FIELDS, FlowRecord
 from contracts.secrets import (
     MIN_SECRET_LEN,
     REDACTED,
@@ -68,18 +70,51 @@ def redact_headers(headers: Iterable[tuple[str, str]], secrets: Iterable[str]) -
 
 
 class Redactor:
-    """Redacts records before they are spooled (no store configured: nothing to look for)."""
+    """Redacts records before they are spooled (no store configured: header names only)."""
 
     def __init__(self, cache: SecretCache | None) -> None:
         self.cache = cache
+        self._from: list[str] | None = None
+        self._secrets: list[str] = []
+        self._encoded: list[bytes] = []
+
+    def secrets(self) -> list[str]:
+        """The store's values as they may appear in text, raw and JSON-escaped, longest first."""
+        if self.cache is None:
+            return []
+        values = self.cache.values()
+        if values is not self._from:  # recomputed only when the cache refreshed
+            self._from = values
+            self._secrets = sorted(redactable(values), key=len, reverse=True)
+            self._encoded = [v.encode() for v in self._secrets]
+        return self._secrets
+
+    def bytes(self, data: bytes) -> bytes:
+        """`data` with every secret-store value (UTF-8, raw or JSON-escaped) replaced."""
+        self.secrets()
+        for value in self._encoded:
+            if value in data:
+                data = data.replace(value, _REDACTED_BYTES)
+        return data
 
     def record(self, record: FlowRecord) -> FlowRecord:
-        secrets = self.cache.values() if self.cache is not None else []
+        """`record` redacted; its bodies and websocket messages must come redacted already."""
+        secrets = self.secrets()
+        headers = {
+            name: [(n, v) for n, v in redact_headers(getattr(record, name), secrets)]
+            for name in HEADER_FIELDS
+        }
         if not secrets:
-            return record
-        # Secret values may also be JSON-escaped inside the record's text.
-        text = redact_text(record.model_dump_json(), redactable(secrets))
-        return FlowRecord.model_validate_json(text)
+            return record.model_copy(update=headers)
+        # Bodies may be megabytes: they were redacted as bytes; the rest is redacted as JSON,
+        # where secret values may also appear escaped.
+        kept = {name: getattr(record, name) for name in (*BODY_FIELDS, "websocket")}
+        light = record.model_copy(update={**dict.fromkeys(kept), **headers})
+        text = redact_text(light.model_dump_json(), secrets)
+        return FlowRecord.model_validate_json(text).model_copy(update=kept)
+
+
+_REDACTED_BYTES = REDACTED.encode()
 
 
 def redactor_for(root: DataRoot) -> Redactor:

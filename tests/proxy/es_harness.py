@@ -9,6 +9,9 @@ the documented API and what elasticsearch-py 8 puts on the wire:
   `{"create": {"_index", "_id"}}` action lines each followed by its source line, answered with
   the documented bulk response (`took`, `errors`, `items` of `{"create": {..., "status"}}`):
   201 `created`, 409 `version_conflict_engine_exception` for an `_id` already in the index.
+  Each source may hold only fields its index template maps (the templates are `dynamic: false`,
+  so Elasticsearch would silently drop any other), and must be a FlowRecord (a `usage` document)
+  or a part of one (a `headers` or `bodies` document).
 
 Every 2xx answer carries `X-Elastic-Product: Elasticsearch`, which the 8.x client checks on
 each response (it sends no `GET /` first). Anything else is a contract violation: answered 400
@@ -74,7 +77,8 @@ class StandInElasticsearch:
     indices: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """Index name → `_id` → source."""
     creates: Counter[str] = field(default_factory=Counter)
-    """`_id` → times it was created (answered 201): exactly-once means every count is 1."""
+    """`<index>/<_id>` → times it was created (answered 201): exactly-once means every count
+    is 1."""
     statuses: Counter[int] = field(default_factory=Counter)
     """Item and request statuses answered, for asserting a scenario happened."""
     requests: list[Request] = field(default_factory=list)
@@ -123,10 +127,15 @@ class StandInElasticsearch:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._port}"
 
-    def documents(self) -> dict[str, dict[str, Any]]:
-        """Every stored document by `_id`, whatever its index."""
+    def documents(self, group: str = "usage") -> dict[str, dict[str, Any]]:
+        """Every stored document of one field group (`usage`, `headers`, `bodies`) by `_id`."""
         with self._lock:
-            return {i: doc for docs in self.indices.values() for i, doc in docs.items()}
+            return {
+                i: doc
+                for index, docs in self.indices.items()
+                if f"-{group}-" in index
+                for i, doc in docs.items()
+            }
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -224,19 +233,25 @@ class StandInElasticsearch:
         if not (isinstance(meta, dict) and set(meta) == {"_index", "_id"}):
             return f"create {meta!r} must name exactly _index and _id"
         index, doc_id = meta["_index"], meta["_id"]
-        if not any(
-            re.fullmatch(p.replace("*", ".*"), index)
+        matching = [
+            t
             for t in self.templates.values()
-            for p in t["index_patterns"]
-        ):
+            if any(re.fullmatch(p.replace("*", ".*"), index) for p in t["index_patterns"])
+        ]
+        if not matching:
             return f"index {index!r} matches no installed template: template first"
         if not isinstance(source, dict) or "@timestamp" not in source:
             return f"source of {doc_id!r} has no @timestamp"
+        unmapped = _unmapped(source, matching[0]["template"]["mappings"]["properties"])
+        if unmapped:
+            return f"source of {doc_id!r} has fields its template does not map: {unmapped}"
         fields = {k: v for k, v in source.items() if k != "@timestamp"}
+        if "ts_start" not in fields:  # a headers or bodies document: a part of a record
+            fields = {**_REQUIRED, **fields}
         try:
             record = FlowRecord.model_validate(fields)
         except ValidationError as exc:
-            return f"source of {doc_id!r} is not a FlowRecord: {exc}"
+            return f"source of {doc_id!r} is not (part of) a FlowRecord: {exc}"
         if record.id != doc_id:
             return f"_id {doc_id!r} is not the record id {record.id!r}"
         return index, doc_id, source
@@ -282,7 +297,7 @@ class StandInElasticsearch:
                 },
             }
         docs[doc_id] = source
-        self.creates[doc_id] += 1
+        self.creates[f"{index}/{doc_id}"] += 1
         self.statuses[201] += 1
         return {
             "_index": index,
@@ -294,6 +309,34 @@ class StandInElasticsearch:
             "_primary_term": 1,
             "status": 201,
         }
+
+
+_REQUIRED = {
+    "ts_start": 0.0,
+    "ts_end": 0.0,
+    "duration_ms": 0.0,
+    "method": "GET",
+    "url": "http://x/",
+    "host": "x",
+    "path": "/",
+}
+"""FlowRecord fields without a default, to check a part of a record against the model."""
+
+
+def _unmapped(source: Any, properties: dict[str, Any], path: str = "") -> list[str]:
+    """Fields of `source` (objects and lists of objects, recursively) with no mapping."""
+    found = []
+    items = source if isinstance(source, list) else [source]
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        for name, value in item.items():
+            mapping = properties.get(name)
+            if mapping is None:
+                found.append(path + name)
+            elif "properties" in mapping:
+                found += _unmapped(value, mapping["properties"], f"{path}{name}.")
+    return sorted(set(found))
 
 
 class _Server(ThreadingHTTPServer):

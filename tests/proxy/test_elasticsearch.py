@@ -27,10 +27,16 @@ from mitmproxy.test import taddons
 from proxy_harness import PRICES_YAML
 
 from contracts.dataroot import DataRoot
-from contracts.records import FlowRecord, Usage
+from contracts.records import Body, FlowRecord, Usage, WebSocket, WebSocketMessage
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from proxy.addons.indexer import Indexer
-from proxy.es_shipper import DEFAULT_PREFIX, REGISTRY_FILE, TEMPLATE, ElasticsearchShipper
+from proxy.es_shipper import (
+    DEFAULT_PREFIX,
+    GROUPS,
+    REGISTRY_FILE,
+    TEMPLATES,
+    ElasticsearchShipper,
+)
 from proxy.index import TrafficIndex
 from proxy.launch import mitmdump_argv, wait_ready
 from proxy.spool import Spool
@@ -113,7 +119,8 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     # Wildcard deletes are refused by default (action.destructive_requires_name): by name.
     for index in client.indices.get(index=f"{prefix}-*", allow_no_indices=True):
         client.indices.delete(index=index)
-    client.indices.delete_index_template(name=prefix)
+    for group in GROUPS:
+        client.indices.delete_index_template(name=f"{prefix}-{group}")
     client.close()
 
 
@@ -131,7 +138,7 @@ def spool(root: DataRoot, records: list[FlowRecord]) -> None:
 
 def assert_exactly_once(target: Target, records: list[FlowRecord]) -> None:
     stored = target.stored()
-    ids = [doc_id for _, doc_id, _ in stored]
+    ids = [doc_id for index, doc_id, _ in stored if "-usage-" in index]
     assert len(ids) == len(set(ids)), "a flow is stored twice"
     assert set(ids) == {r.id for r in records}
     if target.stand_in is not None:
@@ -157,8 +164,8 @@ def test_ships_every_line_once_into_its_day(target: Target, tmp_path: Path) -> N
     assert_exactly_once(target, records)
     by_id = {doc_id: (index, source) for index, doc_id, source in target.stored()}
     index, source = by_id[records[2].id]
-    assert index == f"{target.prefix}-2023.11.15"
-    assert by_id[records[0].id][0] == f"{target.prefix}-2023.11.14"
+    assert index == f"{target.prefix}-usage-2023.11.15"
+    assert by_id[records[0].id][0] == f"{target.prefix}-usage-2023.11.14"
     assert source["@timestamp"] == "2023-11-15T22:13:20.000+00:00"
     fields = {k: v for k, v in source.items() if k != "@timestamp"}
     assert FlowRecord.model_validate(fields) == records[2]
@@ -230,13 +237,19 @@ def test_bulk_request_is_create_actions_in_compat_ndjson(
     spool(root, [record])
     with ElasticsearchShipper.in_root(root, stand_in.url) as es:
         assert es.catch_up(root.traffic_logs) == 1
-    template, bulk = stand_in.requests
-    assert (template.method, template.path) == ("PUT", "/_index_template/autovibe-traffic-usage")
-    assert template.headers["content-type"] == COMPAT_JSON
-    assert json.loads(template.body)["index_patterns"] == ["autovibe-traffic-usage-*"]
+    *templates, bulk = stand_in.requests
+    assert [(t.method, t.path) for t in templates] == [
+        ("PUT", f"/_index_template/autovibe-traffic-{group}") for group in GROUPS
+    ]
+    for template, group in zip(templates, GROUPS, strict=True):
+        assert template.headers["content-type"] == COMPAT_JSON
+        body = json.loads(template.body)
+        assert body["index_patterns"] == [f"autovibe-traffic-{group}-*"]
+        assert body["template"]["settings"]["index.lifecycle.name"] == f"autovibe-traffic-{group}"
     assert (bulk.method, bulk.path) == ("PUT", "/_bulk")
     assert bulk.headers["content-type"] == COMPAT_NDJSON
     assert bulk.headers["accept"] == COMPAT_JSON
+    # A schema-1-like record (no headers, no bodies) is one document, in the usage index.
     action, source, end = bulk.body.split(b"\n")
     # expand_action writes `_id` before `_index`; Elasticsearch reads either order.
     assert json.loads(action) == {
@@ -244,23 +257,111 @@ def test_bulk_request_is_create_actions_in_compat_ndjson(
     }
     assert action == json.dumps(json.loads(action), separators=(",", ":")).encode()
     assert end == b""
-    expected = {**record.model_dump(mode="json"), "@timestamp": "2023-11-14T22:13:20.000+00:00"}
+    expected = {
+        **record.model_dump(mode="json", exclude={"request_headers", "response_headers"}),
+        "@timestamp": "2023-11-14T22:13:20.000+00:00",
+    }
+    del expected["request_body"], expected["response_body"]
     assert json.loads(source) == expected
     assert json.loads(source)["cost_usd"] == "0.0000045"  # exact decimal, never a float
 
 
-def test_template_maps_every_record_field() -> None:
-    template = json.loads(TEMPLATE.read_text())
-    properties = template["template"]["mappings"]["properties"]
-    assert set(properties) == {"@timestamp", *FlowRecord.model_fields}
-    assert set(properties["usage"]["properties"]) == set(Usage.model_fields)
-    settings = template["template"]["settings"]
-    # The per-day index ages from the date in its name, and keeps the `usage` group's retention.
-    assert settings["index.lifecycle.parse_origination_date"] is True
-    # The policy it names is the one `autovibe retention render` writes from the retention file.
-    policies = ilm_policies(load_policy(PROJECT_ROOT / "configs" / "retention-policies.yaml"))
-    assert settings["index.lifecycle.name"] == DEFAULT_PREFIX
-    assert DEFAULT_PREFIX in policies
+def test_a_record_is_split_by_field_group_with_bodies_cut(
+    stand_in: StandInElasticsearch, tmp_path: Path
+) -> None:
+    """Headers and bodies go to indices of their own (their own ILM retention), bodies cut."""
+    root = DataRoot.at(tmp_path)
+    body = Body(text="é" * 40, size=80, sha256="ab" * 32)
+    message = WebSocketMessage(
+        from_client=True, timestamp=DAY1 + 0.1, type="text", content=Body(text="hi", size=2)
+    )
+    record = flow(
+        request_headers=[("Content-Type", "application/json"), ("Cookie", "[REDACTED]")],
+        response_headers=[("Set-Cookie", "[REDACTED]"), ("Set-Cookie", "[REDACTED]")],
+        request_body=body,
+        websocket=WebSocket(messages_from_client=1, bytes_from_client=2, messages=[message]),
+    )
+    spool(root, [record])
+    with ElasticsearchShipper.in_root(root, stand_in.url, body_max=11) as es:
+        assert es.catch_up(root.traffic_logs) == 1
+    bulk = stand_in.requests[-1]
+    lines = [json.loads(line) for line in bulk.body.splitlines()]
+    assert [line["create"] for line in lines[::2]] == [
+        {"_id": record.id, "_index": f"autovibe-traffic-{group}-2023.11.14"} for group in GROUPS
+    ]
+    usage, headers, bodies = lines[1::2]
+    timestamp = "2023-11-14T22:13:20.000+00:00"
+    link = {
+        "@timestamp": timestamp,
+        "id": record.id,
+        "project": "p1",
+        "trial": "t1",
+        "assignment": "a1",
+        "machine": "m1",
+    }
+    websocket = record.model_dump(mode="json")["websocket"]
+    assert usage == {
+        **record.model_dump(
+            mode="json",
+            exclude={"request_headers", "response_headers", "request_body", "response_body"},
+        ),
+        "websocket": {k: v for k, v in websocket.items() if k != "messages"},
+        "@timestamp": timestamp,
+    }
+    assert headers == {
+        **link,
+        "request_headers": [["Content-Type", "application/json"], ["Cookie", "[REDACTED]"]],
+        "response_headers": [["Set-Cookie", "[REDACTED]"], ["Set-Cookie", "[REDACTED]"]],
+    }
+    assert bodies == {
+        **link,
+        "request_body": {
+            "text": "é" * 5,  # 11 bytes cut at a whole character
+            "encoding": "utf-8",
+            "size": 80,
+            "sha256": "ab" * 32,
+            "truncated": True,
+            "decode_error": None,
+        },
+        "response_body": None,
+        "websocket": {"messages": websocket["messages"]},
+    }
+    assert set(stand_in.creates) == {
+        f"autovibe-traffic-{group}-2023.11.14/{record.id}" for group in GROUPS
+    }
+
+
+def test_templates_map_every_record_field() -> None:
+    templates = {g: json.loads(path.read_text()) for g, path in TEMPLATES.items()}
+    properties = {g: t["template"]["mappings"]["properties"] for g, t in templates.items()}
+    fields = {"@timestamp", *FlowRecord.model_fields}
+    assert set().union(*properties.values()) == fields
+    assert set(properties["usage"]) == fields - {
+        "request_headers",
+        "response_headers",
+        "request_body",
+        "response_body",
+    }
+    assert set(properties["usage"]["usage"]["properties"]) == set(Usage.model_fields)
+    assert set(properties["usage"]["websocket"]["properties"]) == set(WebSocket.model_fields) - {
+        "messages"
+    }
+    assert set(properties["bodies"]["request_body"]["properties"]) == set(Body.model_fields)
+    message = properties["bodies"]["websocket"]["properties"]["messages"]["properties"]
+    assert set(message) == set(WebSocketMessage.model_fields)
+    # The policies they name are those `autovibe retention render` writes from the retention
+    # file: bodies are kept for less time than headers, usage forever.
+    retention = load_policy(PROJECT_ROOT / "configs" / "retention-policies.yaml")
+    policies = ilm_policies(retention)
+    for group, template in templates.items():
+        settings = template["template"]["settings"]
+        # Each per-day index ages from the date in its name.
+        assert settings["index.lifecycle.parse_origination_date"] is True
+        assert settings["index.lifecycle.name"] == f"{DEFAULT_PREFIX}-{group}"
+        assert f"{DEFAULT_PREFIX}-{group}" in policies
+    days = retention.index_fields
+    assert days.bodies is not None and days.headers is not None and days.usage is None
+    assert days.bodies < days.headers
 
 
 def test_a_refused_document_is_a_reject_and_the_rest_ship(
