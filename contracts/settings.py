@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     """Port of the proxy's Prometheus endpoint (`autovibe_metrics_port`); 0 serves none."""
     proxy_transparent_port: int = 0
     """Port of the proxy's transparent listener for `sandbox.network: transparent`; 0 = none."""
+    proxy_dns_port: int = 0
+    """Port of the proxy's DNS listener (mitmproxy `dns` mode) that resolves names for workers in
+    transparent mode (`workers.netns` sends their port-53 traffic there); 0 = none."""
     model_port: int = 8500
     """CPU model server (llama.cpp)."""
     model_replicas: int = 0

@@ -309,6 +309,7 @@ class Scheduler:
                 proxy_port=st.proxy_port,
                 network=config.sandbox.network,
                 transparent_port=st.proxy_transparent_port or None,
+                dns_port=st.proxy_dns_port or None,
                 memory_mb=config.sandbox.memory_mb,
                 cpus=config.sandbox.cpus,
                 hidden=[self.p.root.root],

@@ -52,6 +52,21 @@ def _port_open(host: str, port: int) -> Callable[[], bool]:
     return check
 
 
+def model_argv(settings: Settings) -> list[str]:
+    """The bare llama.cpp server, or its Ray Serve deployment when `model_replicas` ≥ 1."""
+    if settings.model_replicas >= 1:
+        return [
+            sys.executable,
+            "-m",
+            "serving.rayserve_cpu",
+            "--replicas",
+            str(settings.model_replicas),
+            "--port",
+            str(settings.model_port),
+        ]
+    return server_argv(settings, load_models(settings.configs))
+
+
 def services(settings: Settings) -> list[Service]:
     api = [
         sys.executable,
@@ -66,12 +81,16 @@ def services(settings: Settings) -> list[Service]:
         "warning",
     ]
     return [
+        Service("model", model_argv(settings), _http_ok(f"{settings.model_url}/models")),
         Service(
-            "model",
-            server_argv(settings, load_models(settings.configs)),
-            _http_ok(f"{settings.model_url}/models"),
+            "proxy",
+            mitmdump_argv(
+                settings,
+                transparent_port=settings.proxy_transparent_port,
+                dns_port=settings.proxy_dns_port,
+            ),
+            _port_open(settings.host, settings.proxy_port),
         ),
-        Service("proxy", mitmdump_argv(settings), _port_open(settings.host, settings.proxy_port)),
         Service("api", api, _http_ok(f"{settings.api_url}/healthz")),
     ]
 

@@ -31,19 +31,23 @@ def mitmdump_path() -> Path:
     return path
 
 
-def mitmdump_argv(settings: Settings, *, transparent_port: int = 0) -> list[str]:
+def mitmdump_argv(settings: Settings, *, transparent_port: int = 0, dns_port: int = 0) -> list[str]:
     """The command that runs the metering proxy on `settings.host:settings.proxy_port`.
 
     With `transparent_port`, the same process also listens there in transparent mode, for
-    workers in network namespaces (`sandbox.network: transparent`, `workers.netns`).
+    workers in network namespaces (`sandbox.network: transparent`, `workers.netns`); with
+    `dns_port`, also as their DNS server (UDP and TCP; names resolved like the proxy's own
+    host resolves them: its hosts file, then its name servers).
     """
     root = DataRoot.at(settings.data)
-    transparent = ["--mode", f"transparent@{transparent_port}"] if transparent_port else []
+    workers = ["--mode", f"transparent@{transparent_port}"] if transparent_port else []
+    if dns_port:
+        workers += ["--mode", f"dns@{dns_port}"]
     return [
         str(mitmdump_path()),
         "--mode",
         f"regular@{settings.proxy_port}",
-        *transparent,
+        *workers,
         "--listen-host",
         settings.host,
         "-s",
@@ -128,7 +132,11 @@ def argv_for(settings: Settings, args: list[str]) -> list[str]:
     if len(args) % 2 or any(flag != "--set" for flag in args[::2]):
         raise ValueError(f"usage: python -m proxy.launch [--set option=value ...], got {args}")
     return with_options(
-        mitmdump_argv(settings, transparent_port=settings.proxy_transparent_port),
+        mitmdump_argv(
+            settings,
+            transparent_port=settings.proxy_transparent_port,
+            dns_port=settings.proxy_dns_port,
+        ),
         list(args[1::2]),
     )
 

@@ -23,11 +23,17 @@ its original destination, identified, metered and captured. The gateway address 
 the host itself: the proxy sends a connection to `<gateway>:<port>` to its own host at that
 port (the model server), so `worker_env` rewrites loopback URLs to the gateway.
 
-DNS is not served: what is not TCP is also refused inside the namespace (the sender gets
-EPERM), so a name lookup fails at once rather than timing out, and agents reach their
-upstreams by address (the model server through the gateway). Cloud APIs by name need a
-resolver for the namespace (mitmproxy's `dns` mode is the next step). Non-HTTP TCP passes
-through the proxy unmetered, as through a CONNECT tunnel in proxy mode.
+Names: with the proxy's DNS listener (`dns_port`, mitmdump `--mode dns@PORT`), the worker's
+port-53 traffic, UDP and TCP, whatever server it is addressed to, is DNATed to that listener,
+and the namespace's resolv.conf names the gateway (`/etc/netns/<ns>/resolv.conf`, which
+`ip netns exec` mounts over /etc/resolv.conf; the sandbox binds it there too). The proxy
+resolves as its own host does and refuses unregistered sources; a name it cannot resolve is
+answered NXDOMAIN at once. It also remembers which addresses it gave a worker for which name,
+so that an HTTPS connection to such an address is metered and keyed under that name
+(`proxy.addons.identity`). Without a DNS listener, or for anything else that is not TCP, the
+namespace refuses at once (the sender gets EPERM), so a lookup fails rather than times out
+and upstreams are reached by address (the model server through the gateway). Non-HTTP TCP
+passes through the proxy unmetered, as through a CONNECT tunnel in proxy mode.
 Needs root, `ip` (iproute2) and `iptables`.
 """
 
@@ -59,6 +65,9 @@ SUBNET = ipaddress.ip_network("10.213.0.0/16")
 SOURCES_DIR = "transparent-sources"
 """Under the data root's secrets: worker address -> machine credential (the proxy reads it)."""
 LOCK = Path("/run/autovibe-netns.lock")
+NETNS_ETC = Path("/etc/netns")
+"""iproute2's per-namespace /etc: `ip netns exec <ns>` bind-mounts `<ns>/*` over /etc/*."""
+DNS_PORT = 53
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
@@ -82,6 +91,8 @@ class Lease:
     """Host side of the veth; the worker's default route, and the host as the worker sees it."""
     address: str
     """Worker side of the veth: the source address the proxy identifies the worker by."""
+    resolv_conf: Path | None = None
+    """The namespace's resolv.conf (nameserver: the gateway), when the proxy resolves names."""
 
     @property
     def comment(self) -> str:
@@ -114,8 +125,12 @@ def names(assignment: str) -> tuple[str, str, str]:
     return f"{TAG}-{digest}", f"avh{digest}", f"avw{digest}"
 
 
-def create(assignment: str, proxy_host: str, proxy_port: int) -> Lease:
-    """The assignment's namespace, veth and rules, leftovers of an earlier attempt removed."""
+def create(assignment: str, proxy_host: str, proxy_port: int, dns_port: int = 0) -> Lease:
+    """The assignment's namespace, veth and rules, leftovers of an earlier attempt removed.
+
+    With `dns_port` (the proxy's DNS listener) the worker's port-53 traffic goes there and its
+    resolv.conf names the gateway; without, name lookups are refused like all non-TCP traffic.
+    """
     require()
     teardown(assignment)
     namespace, host_if, worker_if = names(assignment)
@@ -126,7 +141,8 @@ def create(assignment: str, proxy_host: str, proxy_port: int) -> Lease:
             _run("ip", "netns", "add", namespace)
             _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", worker_if)
             _run("ip", "addr", "add", f"{gateway}/30", "dev", host_if)
-        lease = Lease(assignment, namespace, host_if, worker_if, gateway, address)
+        resolv_conf = _write_resolv_conf(namespace, gateway) if dns_port else None
+        lease = Lease(assignment, namespace, host_if, worker_if, gateway, address, resolv_conf)
         _sysctl(f"net/ipv6/conf/{host_if}/disable_ipv6", "1")
         if target is None or ipaddress.ip_address(target).is_loopback:
             _sysctl(f"net/ipv4/conf/{host_if}/route_localnet", "1")
@@ -139,10 +155,13 @@ def create(assignment: str, proxy_host: str, proxy_port: int) -> Lease:
         _run("ip", "-n", namespace, "link", "set", "lo", "up")
         _run("ip", "-n", namespace, "link", "set", worker_if, "up")
         _run("ip", "-n", namespace, "route", "add", "default", "via", gateway)
-        _rules(lease, target or "127.0.0.1", proxy_port)
+        _rules(lease, target or "127.0.0.1", proxy_port, dns_port)
         # Inside too: what is not TCP is refused at once (a DNS lookup fails rather than waits
         # for packets that a host without forwarding drops silently). Gone with the namespace.
         _run(*inside, "iptables", "-w", "-A", "OUTPUT", "-o", "lo", "-j", "ACCEPT")
+        if dns_port:
+            _run(*inside, "iptables", "-w", "-A", "OUTPUT", "-p", "udp",
+                 "--dport", str(DNS_PORT), "-j", "ACCEPT")  # fmt: skip
         _run(*inside, "iptables", "-w", "-A", "OUTPUT", "!", "-p", "tcp", "-j", "REJECT")
     except BaseException:
         teardown(assignment)
@@ -164,6 +183,8 @@ def sweep(keep: Iterable[str] = ()) -> list[str]:
     require()
     kept = {names(a)[0] for a in keep}
     found = set(_namespaces())
+    if NETNS_ETC.is_dir():
+        found.update(p.name for p in NETNS_ETC.iterdir() if p.name.startswith(f"{TAG}-"))
     for table in ("nat", "filter"):
         for line in _tagged_rules(table):
             found.add(_namespace_of(line))
@@ -177,10 +198,15 @@ def sweep(keep: Iterable[str] = ()) -> list[str]:
 
 @contextlib.contextmanager
 def transparent(
-    root: DataRoot, assignment: str, token: str, proxy_host: str, proxy_port: int
+    root: DataRoot,
+    assignment: str,
+    token: str,
+    proxy_host: str,
+    proxy_port: int,
+    dns_port: int = 0,
 ) -> Iterator[Lease]:
     """The assignment's namespace with its credential registered, for the time of the block."""
-    lease = create(assignment, proxy_host, proxy_port)
+    lease = create(assignment, proxy_host, proxy_port, dns_port)
     try:
         register(root, lease, token)
         yield lease
@@ -254,7 +280,7 @@ def _dnat_target(proxy_host: str) -> str | None:
     return None if address.is_unspecified else proxy_host
 
 
-def _rules(lease: Lease, target: str, port: int) -> None:
+def _rules(lease: Lease, target: str, port: int, dns_port: int) -> None:
     tag = ["-m", "comment", "--comment", lease.comment]
     ipt = ["iptables", "-w"]
     _run(*ipt, "-t", "filter", "-I", "FORWARD", "1", "-i", lease.host_if, "-j", "DROP", *tag)
@@ -267,6 +293,30 @@ def _rules(lease: Lease, target: str, port: int) -> None:
         *ipt, "-t", "nat", "-I", "PREROUTING", "1", "-i", lease.host_if, "-p", "tcp",
         "-j", "DNAT", "--to-destination", f"{target}:{port}", *tag,
     )  # fmt: skip
+    if not dns_port:
+        return
+    # Inserted at the top after the rules above: port 53 goes to the DNS listener, not to the
+    # transparent one, whatever resolver the worker asks.
+    for protocol in ("udp", "tcp"):
+        _run(
+            *ipt, "-t", "filter", "-I", "INPUT", "1", "-i", lease.host_if, "-p", protocol,
+            "-d", target, "--dport", str(dns_port), "-j", "ACCEPT", *tag,
+        )  # fmt: skip
+        _run(
+            *ipt, "-t", "nat", "-I", "PREROUTING", "1", "-i", lease.host_if, "-p", protocol,
+            "--dport", str(DNS_PORT), "-j", "DNAT", "--to-destination", f"{target}:{dns_port}",
+            *tag,
+        )  # fmt: skip
+
+
+def _write_resolv_conf(namespace: str, gateway: str) -> Path:
+    """`/etc/netns/<ns>/resolv.conf` naming the gateway, where the rules catch port 53."""
+    folder = NETNS_ETC / namespace
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "resolv.conf"
+    path.write_text(f"# {TAG}: the metering proxy's DNS listener\nnameserver {gateway}\n")
+    path.chmod(0o644)
+    return path
 
 
 def _tagged_rules(table: str, namespace: str | None = None) -> list[str]:
@@ -288,6 +338,7 @@ def _remove(namespace: str, host_if: str) -> None:
         subprocess.run(["ip", "link", "del", host_if], check=False, capture_output=True)
     if namespace in _namespaces():
         _run("ip", "netns", "del", namespace)
+    shutil.rmtree(NETNS_ETC / namespace, ignore_errors=True)
 
 
 def _namespaces() -> list[str]:

@@ -15,7 +15,9 @@ unchanged inside.
 With `network: transparent` there is no bridge: the sandbox runs inside the assignment's own
 network namespace (`workers.netns`: `ip netns exec <ns> bwrap …` and bubblewrap keeps that
 network), whose every TCP connection the host redirects to the proxy's transparent listener.
-The worker gets no proxy variables; the proxy identifies it by its source address.
+The worker gets no proxy variables; the proxy identifies it by its source address. When the
+proxy has a DNS listener, the namespace's resolv.conf (nameserver: the gateway) is bound at
+/etc/resolv.conf, so names resolve through the proxy.
 
 Limits, what is really enforced: rlimits, set by `workers.sandbox_init` inside the sandbox
 (without capabilities nothing in there can raise them again). RLIMIT_AS caps each process's
@@ -186,6 +188,8 @@ def bwrap_argv(
         argv += ["--ro-bind", str(path), str(path)]
     argv += ["--bind", str(artifacts), str(artifacts)]
     bridge = []
+    if lease is not None and lease.resolv_conf is not None:
+        argv += ["--ro-bind", str(lease.resolv_conf), "/etc/resolv.conf"]
     if lease is None:
         assert socket is not None, "the proxy bridge needs its socket"
         argv += ["--bind", str(socket), str(SOCKET_INSIDE), "--unshare-net"]
@@ -242,8 +246,10 @@ def confine(
             "(sandbox.transparent_port) and a machine credential in the worker's HTTP_PROXY"
         )
     root = DataRoot.at(spec.data_root or Settings().data)
+    # SandboxSpec.dns_port: the proxy's DNS listener (None: names are not resolved).
+    dns_port = box.dns_port or 0
     with netns.transparent(
-        root, spec.assignment, token, box.proxy_host, box.transparent_port
+        root, spec.assignment, token, box.proxy_host, box.transparent_port, dns_port
     ) as lease:
         argv = bwrap_argv(
             box,

@@ -28,6 +28,8 @@ class SandboxSpec(BaseModel):
     a network namespace whose TCP is redirected to the proxy's transparent listener."""
     transparent_port: int | None = None
     """The proxy's transparent listener (`--mode transparent@PORT`); needed for `transparent`."""
+    dns_port: int | None = None
+    """The proxy's DNS listener (`--mode dns@PORT`) for `transparent` workers; None: no names."""
 
 
 class AssignmentSpec(BaseModel):

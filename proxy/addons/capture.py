@@ -8,20 +8,27 @@ Headers and bodies go in the record redacted (proxy.addons.redaction). A body is
 to `autovibe_spool_body_max` bytes; its size and hash always cover all of it. A response that
 metering streams through is copied as it passes, bounded by the same cap: the stream itself is
 never held back. The schema and its rules: docs/capture-record.md.
+
+A DNS query (the proxy's `dns` mode, for workers in transparent mode) is a record too: method
+`DNS`, the name as host, `dns:<name>?type=<type>` (RFC 4501) as url, the answers as the response
+body, attributed by the source address like the worker's connections.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Literal
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, dns, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.net.dns import response_codes
+from mitmproxy.net.dns import types as dns_types
 from mitmproxy.websocket import WebSocketMessage as MitmMessage
 from wsproto.frame_protocol import Opcode
 
@@ -283,6 +290,51 @@ def record_of(
     )
 
 
+def dns_record_of(flow: dns.DNSFlow, redactor: Redactor | None = None) -> FlowRecord:
+    """The capture record of a DNS query: name, type, answers, who asked (capture-record.md)."""
+    request, response = flow.request, flow.response
+    question = request.question
+    name = question.name if question else ""
+    kind = dns_types.to_str(question.type) if question else "?"
+    if response is not None:
+        ts_end = response.timestamp
+    elif flow.error is not None:
+        ts_end = flow.error.timestamp
+    else:
+        ts_end = time.time()
+    body = None
+    error = flow.error.msg if flow.error is not None else None
+    if response is not None:
+        code = response_codes.to_str(response.response_code)
+        answers = [record.to_json() for record in response.answers]
+        data = json.dumps({"response_code": code, "answers": answers}).encode()
+        body = make_body(data, len(data), None, redactor or Redactor(None), False, None)
+        if error is None and response.response_code != response_codes.NOERROR:
+            error = f"dns: {code}"
+    identity = identity_of(flow)
+    return FlowRecord(
+        id=flow.id,
+        ts_start=request.timestamp,
+        ts_end=ts_end,
+        duration_ms=(ts_end - request.timestamp) * 1000,
+        method="DNS",
+        url=f"dns:{name}?type={kind}",
+        host=name,
+        path="",
+        status=(
+            response_codes.http_equiv_status_code(response.response_code) if response else None
+        ),
+        request_bytes=len(request.packed),
+        response_bytes=len(response.packed) if response is not None else 0,
+        project=identity.project if identity else None,
+        trial=identity.trial if identity else None,
+        assignment=identity.assignment if identity else None,
+        machine=identity.machine if identity else None,
+        error=error,
+        response_body=body,
+    )
+
+
 def _budget_of(flow: http.HTTPFlow) -> str | None:
     decision = flow.metadata.get(BUDGET_KEY)
     return None if decision is None else str(decision)
@@ -370,9 +422,25 @@ class Capture:
         # the requests tunnelled through it are.
         self._capture(flow)
 
+    def dns_response(self, flow: dns.DNSFlow) -> None:
+        self._capture_dns(flow)
+
+    def dns_error(self, flow: dns.DNSFlow) -> None:
+        self._capture_dns(flow)
+
     def done(self) -> None:
         if self.spool is not None:
             self.spool.close()
+
+    def _capture_dns(self, flow: dns.DNSFlow) -> None:
+        if flow.metadata.get(CAPTURED_KEY):
+            return
+        flow.metadata[CAPTURED_KEY] = True
+        assert self.spool is not None
+        try:
+            self.spool.append(self.redactor.record(dns_record_of(flow, self.redactor)))
+        except (OSError, ValueError):
+            log.exception("could not spool DNS query %s %s", flow.id, flow.request.question)
 
     def _capture(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(CAPTURED_KEY):

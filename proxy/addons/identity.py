@@ -12,24 +12,38 @@ with the machine credential in `vault-secrets/transparent-sources/<address>.json
 assignment's lifetime. An unregistered source is disconnected at once; the requests of a
 registered one are treated like those of a CONNECT tunnel (revocation included). A connection
 to the namespace's gateway address goes to this proxy's own host (the model server).
+
+DNS (`--mode dns@PORT`, where the namespace's port 53 goes): a query from a registered source
+carries its identity (capture records it); any other source, or a revoked one, is answered
+REFUSED. The addresses answered to a worker for a name are remembered, per assignment: a
+transparent request to one of them whose TLS SNI (or, over plain HTTP, Host) is that name is
+sent to the name (`request.host`), so it is metered, keyed and captured as a call to
+`api.openai.com`, not to an address. The name is believed only because this proxy gave out
+that address for it; mitmproxy then connects to the name itself, with the name as SNI, so a
+provider key goes only to a server that proves it is that name.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import logging
 import weakref
 from collections.abc import MutableMapping
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, dns, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.flow import Flow
+from mitmproxy.net.dns import response_codes, types
+from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from contracts.credentials import (
     CredentialError,
     MachineIdentity,
+    VerifiedTokens,
     is_revoked,
     load_or_create_key,
     verify,
@@ -44,13 +58,17 @@ METADATA_KEY = "autovibe.identity"
 REALM = 'Basic realm="autovibe"'
 TRANSPARENT_SOURCES = "transparent-sources"
 """Under the secrets folder: `<address>.json` = {token, gateway}, written by workers.netns."""
+NAMES_KEPT = 4096
+"""Addresses remembered per worker (address, assignment) from DNS answers; the oldest go."""
+WORKERS_KEPT = 1024
+"""Workers whose DNS answers are remembered; those that asked first are forgotten first."""
 
 
 class ProxyAuthError(Exception):
     """The request carries no usable machine credential; the message says why."""
 
 
-def identity_of(flow: http.HTTPFlow) -> MachineIdentity | None:
+def identity_of(flow: Flow) -> MachineIdentity | None:
     """The verified caller of a flow, or None when it was refused or never identified."""
     identity = flow.metadata.get(METADATA_KEY)
     return identity if isinstance(identity, MachineIdentity) else None
@@ -59,6 +77,8 @@ def identity_of(flow: http.HTTPFlow) -> MachineIdentity | None:
 class Identity:
     def __init__(self) -> None:
         self.key: bytes | None = None
+        self.tokens: VerifiedTokens | None = None
+        """Credentials already verified with `key`: each is checked once, until it expires."""
         self.root: DataRoot | None = None
         # Identities proven by a CONNECT, for the requests tunnelled through that connection.
         self.tunnels: MutableMapping[connection.Client, MachineIdentity] = (
@@ -66,6 +86,8 @@ class Identity:
         )
         # Transparent clients -> their namespace's gateway address (the host, as they see it).
         self.gateways: MutableMapping[connection.Client, str] = weakref.WeakKeyDictionary()
+        # (worker address, assignment) -> {address our DNS answered: the names it answered for}.
+        self.named: dict[tuple[str, str], dict[str, set[str]]] = {}
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
@@ -75,6 +97,7 @@ class Identity:
             root = dataroot.current()
             try:
                 self.key = load_or_create_key(root)
+                self.tokens = VerifiedTokens(self.key)
                 self.root = root
             except (OSError, ValueError) as exc:
                 raise exceptions.OptionsError(
@@ -82,17 +105,62 @@ class Identity:
                 ) from exc
 
     def client_connected(self, client: connection.Client) -> None:
-        if not isinstance(client.proxy_mode, mode_specs.TransparentMode):
+        if not isinstance(client.proxy_mode, (mode_specs.TransparentMode, mode_specs.DnsMode)):
             return
         address = client.peername[0].removeprefix("::ffff:")
         try:
             identity, gateway = self._registered(address)
         except ProxyAuthError as exc:
             log.info("transparent connection from %s refused: %s", address, exc)
-            client.error = f"transparent connection refused: {exc}"
-            return
+            if isinstance(client.proxy_mode, mode_specs.TransparentMode):
+                client.error = f"transparent connection refused: {exc}"
+            return  # a DNS query is answered REFUSED (dns_request): it fails at once
         self.tunnels[client] = identity
-        self.gateways[client] = gateway
+        if isinstance(client.proxy_mode, mode_specs.TransparentMode):
+            self.gateways[client] = gateway
+
+    def dns_request(self, flow: dns.DNSFlow) -> None:
+        identity = self.tunnels.get(flow.client_conn)
+        if identity is not None:
+            try:
+                self._check_not_revoked(identity)
+            except ProxyAuthError:
+                identity = None
+        if identity is None:
+            # mitmproxy's resolver ran first (a default addon); its answer is not sent.
+            flow.response = flow.request.fail(response_codes.REFUSED)
+            return
+        flow.metadata[METADATA_KEY] = identity
+
+    def dns_response(self, flow: dns.DNSFlow) -> None:
+        identity = identity_of(flow)
+        if identity is None or flow.response is None:
+            return
+        address = flow.client_conn.peername[0].removeprefix("::ffff:")
+        named = self.named.setdefault((address, identity.assignment), {})
+        while len(self.named) > WORKERS_KEPT:  # ended assignments leave their entries behind
+            del self.named[next(iter(self.named))]
+        for record in flow.response.answers:
+            if record.type in (types.A, types.AAAA):
+                answered = str(ipaddress.ip_address(record.data))
+                named.setdefault(answered, set()).add(record.name.lower().rstrip("."))
+        while len(named) > NAMES_KEPT:
+            del named[next(iter(named))]
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        client = flow.client_conn
+        identity = self.tunnels.get(client)
+        if identity is None or client not in self.gateways:
+            return  # only transparent requests are addressed by IP
+        address = client.peername[0].removeprefix("::ffff:")
+        names = self.named.get((address, identity.assignment), {}).get(flow.request.host)
+        if not names:
+            return
+        # The name the client says it wants: TLS SNI, or the Host header over plain HTTP.
+        claimed = client.sni or url.parse_authority(flow.request.host_header or "", False)[0]
+        name = claimed.lower().rstrip(".")
+        if name in names:
+            flow.request.host = name  # mitmproxy connects to the name, with it as SNI
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         gateway = self.gateways.get(data.client)
@@ -170,7 +238,7 @@ class Identity:
             )
 
     def _verify(self, header: str | None) -> MachineIdentity:
-        if self.key is None:
+        if self.tokens is None:
             raise ProxyAuthError("the proxy has no machine-credential key yet")
         if not header:
             raise ProxyAuthError(
@@ -188,7 +256,7 @@ class Identity:
         if not sep:
             raise ProxyAuthError("Proxy-Authorization has no password (the machine token)")
         try:
-            identity = verify(self.key, token)
+            identity = self.tokens.verify(token)
         except CredentialError as exc:
             raise ProxyAuthError(str(exc)) from exc
         if user != identity.machine:

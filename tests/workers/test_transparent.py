@@ -4,6 +4,10 @@ A process in the worker namespace has no proxy variables and connects straight t
 addresses (stand-ins for cloud APIs on an extra host address, one over TLS with a certificate
 from a throwaway CA); the answers must come through mitmdump, identified by the worker's
 source address, metered when they are priced LLM calls, and everything else must be blocked.
+Names resolve through mitmdump's DNS listener: mitmdump runs in a mount namespace of its own
+whose /etc/hosts maps api.openai.com and api.anthropic.com to the stand-ins (the machine's
+hosts file, shared with others, is never touched); a stand-in on port 443 of that address
+holds a certificate for those names from the throwaway CA.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +32,12 @@ from worker_harness import (
     MeteringProxy,
     StandInCloud,
     direct_env,
+    private_hosts_file,
     stop,
     throwaway_certificate,
 )
 
+from contracts.config import load_prices
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, revoke
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
@@ -42,6 +48,8 @@ from workers import netns, sandbox
 from workers.spec import AssignmentSpec, SandboxSpec
 
 SECRET = "sk-transparent-provider-key-0123456789"
+ANTHROPIC_SECRET = "sk-ant-transparent-provider-key-9876543210"
+CLOUD_NAMES = ("api.openai.com", "api.anthropic.com")
 
 
 def _unavailable() -> str | None:
@@ -65,12 +73,15 @@ class Cloud:
     address: str
     http: StandInCloud
     https: StandInCloud
+    named: StandInCloud
+    """On port 443, with a certificate for CLOUD_NAMES: what those names resolve to here."""
 
 
 @dataclass(frozen=True)
 class TransparentProxy:
     proxy: MeteringProxy
     port: int
+    dns_port: int
 
     def identity(self, assignment: str) -> str:
         return mint(
@@ -93,14 +104,16 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
     try:
         folder = tmp_path_factory.mktemp("throwaway-ca")
-        ca, server_pem = throwaway_certificate(folder, address)
+        ca, server_pem = throwaway_certificate(folder, address, CLOUD_NAMES)
         http, https = StandInCloud(address), StandInCloud(address, cert=server_pem)
+        named = StandInCloud(address, cert=server_pem, port=443)
         (folder / "upstream-ca.pem").write_bytes(ca.read_bytes())
         try:
-            yield Cloud(address, http, https)
+            yield Cloud(address, http, https, named)
         finally:
             http.stop()
             https.stop()
+            named.stop()
     finally:
         subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
 
@@ -109,7 +122,8 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
 def transparent_proxy(
     tmp_path_factory: pytest.TempPathFactory, cloud: Cloud
 ) -> Iterator[TransparentProxy]:
-    """mitmdump with the platform's addons, a regular and a transparent listener."""
+    """mitmdump with the platform's addons, a regular, a transparent and a DNS listener, in a
+    mount namespace whose /etc/hosts names the stand-ins."""
     settings = Settings(
         data=tmp_path_factory.mktemp("transparent-data"),
         configs=PROJECT_ROOT / "configs",
@@ -120,10 +134,14 @@ def transparent_proxy(
     key = load_or_create_key(root)
     open_ample(root.budget_counters, "p1", ["m1"])
     get_store("file", root).put("providers/openai", SECRET)
-    port = free_port()
+    get_store("file", root).put("providers/anthropic", ANTHROPIC_SECRET)
+    port, dns_port = free_port(), free_port()
     upstream_ca = next(tmp_path_factory.getbasetemp().glob("throwaway-ca*/upstream-ca.pem"))
+    hosts = root.root / "hosts"
+    hosts.write_text(f"{Path('/etc/hosts').read_text()}\n{cloud.address} {' '.join(CLOUD_NAMES)}\n")
     argv = [
-        *mitmdump_argv(settings, transparent_port=port),
+        *private_hosts_file(hosts),
+        *mitmdump_argv(settings, transparent_port=port, dns_port=dns_port),
         "--set",
         f"autovibe_provider_hosts={cloud.address}:{cloud.http.address[1]}=openai",
         "--set",
@@ -134,7 +152,8 @@ def transparent_proxy(
     try:
         wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
         wait_ready(settings.host, port, timeout=30, process=process)
-        yield TransparentProxy(MeteringProxy(settings, root, key), port)
+        wait_ready(settings.host, dns_port, timeout=30, process=process)
+        yield TransparentProxy(MeteringProxy(settings, root, key), port, dns_port)
     finally:
         stop(process)
 
@@ -399,7 +418,195 @@ def test_a_sandboxed_agent_in_transparent_mode(
     assert list((proxy.root.secrets / netns.SOURCES_DIR).iterdir()) == []
 
 
+@pytest.fixture
+def named_lease(transparent_proxy: TransparentProxy) -> Iterator[tuple[netns.Lease, str]]:
+    """Like `lease`, with the proxy's DNS listener: names resolve inside."""
+    assignment = f"a-named-{uuid.uuid4().hex[:8]}"
+    proxy = transparent_proxy.proxy
+    with netns.transparent(
+        proxy.root,
+        assignment,
+        transparent_proxy.identity(assignment),
+        proxy.settings.host,
+        transparent_proxy.port,
+        dns_port=transparent_proxy.dns_port,
+    ) as lease:
+        yield lease, assignment
+    _assert_gone(lease)
+    assert not (netns.NETNS_ETC / lease.namespace).exists()
+
+
+BY_NAME = """
+    import json, socket, ssl, time, httpx
+    ca = {ca!r}
+    seen = {{}}
+    seen["resolv.conf"] = open("/etc/resolv.conf").read()
+    seen["resolved"] = sorted({{a[4][0] for a in socket.getaddrinfo("api.openai.com", 443)}})
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo("nowhere.autovibe.invalid", 443)
+        seen["unknown"] = "resolved"
+    except socket.gaierror as exc:
+        seen["unknown"] = exc.errno
+    seen["unknown_s"] = time.monotonic() - started
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("{cloud}", 5353))
+        seen["udp"] = "sent"
+    except OSError as exc:
+        seen["udp"] = type(exc).__name__
+    tls = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(("api.openai.com", 443), timeout=20) as raw:
+        with tls.wrap_socket(raw, server_hostname="api.openai.com") as wrapped:
+            cert = wrapped.getpeercert()
+    seen["cert_names"] = sorted(v for k, v in cert["subjectAltName"] if k == "DNS")
+    seen["issuer"] = dict(x[0] for x in cert["issuer"]).get("organizationName")
+    with httpx.Client(trust_env=False, timeout=20, verify=ca) as client:
+        chat = client.post(
+            "https://api.openai.com/v1/chat/completions",
+            json={{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}},
+            headers={{"Authorization": "Bearer placeholder"}},
+        )
+        seen["openai"] = [chat.status_code, chat.json()["usage"]["total_tokens"]]
+        if {anthropic!r}:
+            message = client.post(
+                "https://api.anthropic.com/v1/messages",
+                json={{"model": "claude-haiku-4-5", "max_tokens": 16,
+                      "messages": [{{"role": "user", "content": "hi"}}]}},
+                headers={{"x-api-key": "placeholder", "anthropic-version": "2023-06-01"}},
+            )
+            seen["anthropic"] = [message.status_code, message.json()["usage"]["output_tokens"]]
+    print(json.dumps(seen))
+    """
+
+
+def test_cloud_apis_by_name_through_the_proxys_dns(
+    transparent_proxy: TransparentProxy, cloud: Cloud, named_lease: tuple[netns.Lease, str]
+) -> None:
+    """No proxy variables: api.openai.com resolves through mitmdump's DNS listener, TLS is
+    intercepted with the data-root CA, and the call is metered and keyed under its name."""
+    the_lease, assignment = named_lease
+    proxy = transparent_proxy.proxy
+    before = len(cloud.named.seen)
+    code = BY_NAME.format(ca=str(proxy.root.ca_cert), cloud=cloud.address, anthropic=True)
+    seen = run_inside(the_lease, code, bare_env())
+
+    assert seen["resolv.conf"].splitlines()[-1] == f"nameserver {the_lease.gateway}"
+    assert seen["resolved"] == [cloud.address]
+    assert seen["unknown"] == socket.EAI_NONAME  # NXDOMAIN, answered at once
+    assert seen["unknown_s"] < 5
+    assert seen["udp"] == "PermissionError"  # only port 53 is let out, to the proxy
+    # Verified against the data root's CA only, for the name: mitmproxy's certificate.
+    assert "api.openai.com" in seen["cert_names"] and seen["issuer"] == "mitmproxy"
+    assert seen["openai"] == [200, 18]
+    assert seen["anthropic"] == [200, 5]
+    upstream = {s["path"]: s for s in cloud.named.seen[before:] if s["path"].startswith("/v1")}
+    assert upstream["/v1/chat/completions"]["authorization"] == f"Bearer {SECRET}"
+    assert upstream["/v1/chat/completions"]["host"] == "api.openai.com"
+    assert upstream["/v1/messages"]["x-api-key"] == ANTHROPIC_SECRET
+
+    records = _spooled_until(proxy, assignment, lambda rs: len(_calls(rs)) == 2)
+    calls = {r.host: r for r in _calls(records)}
+    prices = load_prices(PROJECT_ROOT / "configs")
+    openai, anthropic = calls["api.openai.com"], calls["api.anthropic.com"]
+    assert openai.url == "https://api.openai.com/v1/chat/completions"
+    assert (openai.provider, openai.model) == ("openai", "gpt-4o-mini")
+    assert openai.cost_usd == prices.cost_usd("openai", "gpt-4o-mini", 11, 7) != 0
+    assert (anthropic.provider, anthropic.model) == ("anthropic", "claude-haiku-4-5")
+    assert anthropic.cost_usd == prices.cost_usd("anthropic", "claude-haiku-4-5", 13, 5) != 0
+    for record in records:
+        assert (record.project, record.trial, record.machine) == ("p1", "t1", "m1")
+        assert SECRET not in record.model_dump_json()
+
+    # The lookups are records too, attributed to the worker that asked.
+    lookups = {(r.host, r.url): r for r in records if r.method == "DNS"}
+    found = lookups[("api.openai.com", "dns:api.openai.com?type=A")]
+    assert found.status == 200 and found.error is None
+    assert found.response_body is not None
+    answers = json.loads(found.response_body.text)
+    assert answers["response_code"] == "NOERROR"
+    assert [a["data"] for a in answers["answers"]] == [cloud.address]
+    missing = lookups[("nowhere.autovibe.invalid", "dns:nowhere.autovibe.invalid?type=A")]
+    assert missing.error == "dns: NXDOMAIN" and missing.status == 404
+
+
+def test_a_sandbox_resolves_names_and_strangers_are_refused(
+    transparent_proxy: TransparentProxy,
+    cloud: Cloud,
+    named_lease: tuple[netns.Lease, str],
+    tmp_path: Path,
+) -> None:
+    """bubblewrap in the namespace binds its resolv.conf; once unregistered, lookups are
+    REFUSED at once (and recorded unattributed)."""
+    sandbox.require_tools()
+    the_lease, assignment = named_lease
+    proxy = transparent_proxy.proxy
+    box = SandboxSpec(
+        proxy_host=proxy.settings.host,
+        proxy_port=proxy.settings.proxy_port,
+        memory_mb=1024,
+        cpus=1.0,
+        hidden=[proxy.root.root],
+        read_only=[proxy.root.ca_cert],
+        network="transparent",
+        transparent_port=transparent_proxy.port,
+    )
+    (tmp_path / "workspace").mkdir()
+    code = BY_NAME.format(ca=str(proxy.root.ca_cert), cloud=cloud.address, anthropic=False)
+    argv = sandbox.bwrap_argv(
+        box,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        artifacts=tmp_path,
+        workspace=tmp_path / "workspace",
+        socket=None,
+        timeout_s=60,
+        lease=the_lease,
+    )
+    assert argv[argv.index(str(the_lease.resolv_conf)) + 1] == "/etc/resolv.conf"
+    done = subprocess.run(argv, env=bare_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["resolved"] == [cloud.address] and seen["openai"] == [200, 18]
+    records = _spooled_until(proxy, assignment, lambda rs: len(_calls(rs)) == 1)
+    assert _calls(records)[0].host == "api.openai.com"
+
+    netns.unregister(proxy.root, the_lease)
+    refused = run_inside(
+        the_lease,
+        """
+        import json, socket, time
+        started = time.monotonic()
+        try:
+            socket.getaddrinfo("api.anthropic.com", 443)
+            print(json.dumps({"dns": "resolved"}))
+        except socket.gaierror as exc:
+            print(json.dumps({"dns": exc.errno, "s": time.monotonic() - started}))
+        """,
+        bare_env(),
+    )
+    assert refused["dns"] != "resolved" and refused["s"] < 5
+    strangers = _spooled_until(
+        proxy, None, lambda rs: any(r.host == "api.anthropic.com" for r in rs)
+    )
+    assert {r.error for r in strangers if r.host == "api.anthropic.com"} == {"dns: REFUSED"}
+
+
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _calls(records: list[Any]) -> list[Any]:
+    return [r for r in records if r.method != "DNS"]
+
+
+def _spooled_until(
+    proxy: MeteringProxy, assignment: str | None, done: Callable[[list[Any]], bool]
+) -> list[Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        records = proxy.spooled(assignment)
+        if done(records) or time.monotonic() > deadline:
+            assert done(records), records
+            return records
+        time.sleep(0.05)
 
 
 def _spooled(proxy: MeteringProxy, assignment: str, count: int) -> list[Any]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,7 +73,8 @@ class MeteringProxy:
             self.settings.host, self.settings.proxy_port, "m1", mint(self.key, identity)
         )
 
-    def spooled(self, assignment: str) -> list[FlowRecord]:
+    def spooled(self, assignment: str | None) -> list[FlowRecord]:
+        """Spooled records of `assignment` (None: the unattributed ones)."""
         records = []
         for path in sorted(self.root.traffic_logs.glob("*/*/flows.jsonl")):
             for line in path.read_bytes().splitlines():
@@ -101,10 +103,11 @@ class ScriptAgent:
 
 class StandInCloud:
     """A stand-in for a cloud LLM API (one cannot be reached from here) on a host address a
-    network namespace can route to: answers OpenAI chat completions with usage, anything
-    else with a page; over TLS when given a certificate. Remembers what it saw."""
+    network namespace can route to: answers OpenAI chat completions (and, at /v1/messages,
+    Anthropic Messages) with usage, anything else with a page; over TLS when given a
+    certificate; on `port` (0: any free one). Remembers what it saw."""
 
-    def __init__(self, host: str, cert: Path | None = None) -> None:
+    def __init__(self, host: str, cert: Path | None = None, port: int = 0) -> None:
         self.seen: list[dict[str, str]] = []
         seen = self.seen
 
@@ -119,6 +122,18 @@ class StandInCloud:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/messages":
+                    message = {
+                        "id": "msg_standin",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": json.loads(body).get("model"),
+                        "content": [{"type": "text", "text": "hi"}],
+                        "stop_reason": "end_turn",
+                        "usage": {"input_tokens": 13, "output_tokens": 5},
+                    }
+                    self._answer(body, "application/json", json.dumps(message).encode())
+                    return
                 answer = {
                     "id": "chatcmpl-standin",
                     "model": json.loads(body).get("model"),
@@ -132,6 +147,8 @@ class StandInCloud:
                     {
                         "path": self.path,
                         "authorization": self.headers.get("Authorization", ""),
+                        "x-api-key": self.headers.get("x-api-key", ""),
+                        "host": self.headers.get("Host", ""),
                         "body": body.decode(errors="replace"),
                     }
                 )
@@ -141,7 +158,7 @@ class StandInCloud:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.scheme = "http"
         if cert is not None:
@@ -167,10 +184,15 @@ class StandInCloud:
         self.server.server_close()
 
 
-def throwaway_certificate(folder: Path, address: str) -> tuple[Path, Path]:
-    """(CA certificate, server cert+key PEM for `address`) from a CA made for one test run."""
+def throwaway_certificate(
+    folder: Path, address: str, names: Sequence[str] = ()
+) -> tuple[Path, Path]:
+    """(CA certificate, server cert+key PEM for `address` and DNS `names`) from a CA made for
+    one test run."""
     store = CertStore.from_store(folder, "throwaway", 2048)
-    entry = store.get_cert(None, [x509.IPAddress(ipaddress.ip_address(address))])
+    sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(address))]
+    sans += [x509.DNSName(name) for name in names]
+    entry = store.get_cert(None, sans)
     server = folder / "server.pem"
     key = entry.privatekey.private_bytes(
         serialization.Encoding.PEM,
@@ -179,3 +201,10 @@ def throwaway_certificate(folder: Path, address: str) -> tuple[Path, Path]:
     )
     server.write_bytes(entry.cert.to_pem() + key)
     return folder / "throwaway-ca-cert.pem", server
+
+
+def private_hosts_file(hosts: Path) -> list[str]:
+    """argv prefix that runs a command in a mount namespace of its own with `hosts` as its
+    /etc/hosts: names for stand-ins, without touching the machine's file (needs root)."""
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hosts)]
