@@ -1,8 +1,9 @@
-"""`autovibe models …`: check the weights of the model pairs, render the serving configs."""
+"""`autovibe models …`: check the weights of the model pairs, render the serving configs, serve."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -15,8 +16,8 @@ from contracts.config import ConfigError, ModelsCatalog, load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from serving import check as check_mod
-from serving import rayserve
-from serving.llamacpp import server_config
+from serving import rayserve, rayserve_cpu
+from serving.llamacpp import server_argv, server_config
 from serving.weights import WeightsMissing
 
 app = typer.Typer(help="Model pairs: weights on disk, memory needed, serving configs.")
@@ -156,6 +157,43 @@ def render(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cpu, indent=2) + "\n")
     console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("serve")
+def serve(
+    profile: Annotated[
+        str, typer.Option(help="cpu (llama.cpp replicas behind Ray Serve); gpu: see render.")
+    ] = "cpu",
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Ray Serve replicas, each its own llama.cpp server; 0 = the bare server. "
+            "Default: AUTOVIBE_MODEL_REPLICAS, else 1.",
+        ),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Default: AUTOVIBE_MODEL_PORT.")] = None,
+) -> None:
+    """Serve the CPU pairs in the foreground until SIGTERM / Ctrl-C (what `autovibe up` runs)."""
+    if profile == "gpu":
+        raise _fail(
+            "the GPU profile is served by Ray's own CLI: `autovibe models render --profile gpu "
+            "DEST`, then `serve run DEST/serve-gpu.yaml` on the GPU cluster",
+            2,
+        )
+    if profile != "cpu":
+        raise _fail(f"--profile {profile!r}: allowed: cpu, gpu", 2)
+    settings = Settings()
+    if port is not None:
+        settings = settings.model_copy(update={"model_port": port})
+    count = replicas if replicas is not None else max(1, settings.model_replicas)
+    if count == 0:
+        try:
+            argv = server_argv(settings, _catalog(settings))
+        except WeightsMissing as exc:
+            raise _fail(str(exc)) from exc
+        os.execv(argv[0], argv)
+    rayserve_cpu.main(["--replicas", str(count), "--port", str(settings.model_port)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,366 @@
+"""The CPU profile as a Ray Serve deployment: N replicas, each fronting its own llama.cpp server.
+
+Each replica starts the server exactly as the bare profile does (`serving.llamacpp.server_argv`,
+only the port changed), waits until it answers, and forwards every HTTP route to it, streaming
+responses through unbuffered and naming itself in `x-autovibe-replica`. Ray Serve's proxy
+spreads requests over the replicas. Ray runs locally, its temp and log files under the data
+root. A replica's server dies with it: `__del__` stops it on graceful shutdown, the kernel
+(PR_SET_PDEATHSIG) when the replica's process is killed, and pid files let the entry point
+reap whatever is left after `ray.shutdown()`.
+
+    python -m serving.rayserve_cpu --replicas 2 --port 8500
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from contracts.config import load_models
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings, free_port
+from serving.llamacpp import server_argv
+
+APP_NAME = "autovibe-cpu"
+REPLICA_HEADER = "x-autovibe-replica"
+MAX_ONGOING_REQUESTS = 32
+"""Per replica: Serve hands requests over at once; the replica queues its POSTs itself."""
+START_TIMEOUT_S = 180.0
+SOCKET_PATH_MAX = 107
+"""Linux limit on a Unix socket path; Ray puts its sockets under its temp dir."""
+RAY_SOCKET_SUFFIX = len("/session_2025-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "date",
+    "server",
+    "x-request-id",
+}
+"""Headers that belong to one connection (or that the serving side writes itself)."""
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica's llama.cpp server exited or did not answer in time; the message names its log."""
+
+
+# -- one replica's backend ------------------------------------------------------------------
+
+
+def replicas_dir(root: DataRoot) -> Path:
+    """Pid files and logs of the replicas' llama.cpp servers."""
+    return root.run / "model-replicas"
+
+
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    """A `preexec_fn`: the kernel sends `sig` to the child when the process that started it dies."""
+
+    def preexec() -> None:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (field 22 of /proc/<pid>/stat); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def start_backend(settings: Settings, name: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start one llama.cpp server on a free port as the bare profile does; wait until it answers.
+
+    `server_argv` writes one config file per data root, so writing it and starting the server
+    that reads it happen under a lock: replicas starting together never swap ports.
+    """
+    root = DataRoot.at(settings.data)
+    folder = DataRoot.ensure(replicas_dir(root))
+    port = free_port(settings.host)
+    mine = settings.model_copy(update={"model_port": port})
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    env.update(mine.as_env())
+    log_path = folder / f"{name}.log"
+    with (folder / "start.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        argv = server_argv(mine, load_models(settings.configs))
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=root.root,
+                preexec_fn=_die_with_parent(signal.SIGKILL),
+            )
+        (folder / f"{name}.pid").write_text(f"{process.pid} {_start_time(process.pid)}\n")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(f"http://{settings.host}:{port}/v1/models"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_backend(process)
+                raise ReplicaStartError(
+                    f"llama.cpp server of replica {name} did not start "
+                    f"(exit {process.poll()}); see {log_path}"
+                )
+            time.sleep(0.2)
+    return process, port
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2, trust_env=False).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def stop_backend(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout_s`; reaps the process."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def reap_leftovers(root: DataRoot) -> list[int]:
+    """Kill every replica server a pid file names that still runs (the same process: start
+    time checked, so a reused pid is left alone); the pids killed."""
+    killed = []
+    for pidfile in replicas_dir(root).glob("*.pid"):
+        pid_s, _, started = pidfile.read_text().strip().partition(" ")
+        pid = int(pid_s)
+        if _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        pidfile.unlink(missing_ok=True)
+    return killed
+
+
+# -- the deployment -------------------------------------------------------------------------
+
+
+class LlamaCppReplica:
+    """One replica: its own llama.cpp server, and a streaming forwarder for every route.
+
+    A plain class, made a Serve deployment in `serving()`: importing this module needs no Ray.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.settings = Settings(**settings)
+        self.root = DataRoot.at(self.settings.data)
+        self.process, port = start_backend(self.settings, self.replica_id)
+        self.client = httpx.AsyncClient(
+            base_url=f"http://{self.settings.host}:{port}",
+            trust_env=False,
+            timeout=httpx.Timeout(10.0, read=None),
+        )
+
+    async def __call__(self, request: Request) -> Response:
+        """Send the request on as it came; stream the answer back chunk by chunk.
+
+        Concurrent generations go straight on: the server is configured not to interrupt a
+        running stream (`interrupt_requests: false` in `serving.llamacpp.server_config`).
+        """
+        return await self._forward(request)
+
+    async def _forward(self, request: Request) -> Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        upstream = self.client.build_request(
+            request.method,
+            request.url.path,
+            params=request.url.query,
+            headers=headers,
+            content=await request.body(),
+        )
+        answer = await self.client.send(upstream, stream=True)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in answer.aiter_raw():
+                    yield chunk
+            finally:
+                await answer.aclose()
+
+        out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+        out_headers[REPLICA_HEADER] = self.replica_id
+        return StreamingResponse(
+            body(),
+            status_code=answer.status_code,
+            headers=out_headers,
+        )
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose server died."""
+        if self.process.poll() is not None:
+            raise ReplicaStartError(
+                f"llama.cpp server of replica {self.replica_id} exited ({self.process.returncode})"
+            )
+
+    def __del__(self) -> None:
+        process = getattr(self, "process", None)
+        if process is not None:
+            stop_backend(process)
+            (replicas_dir(self.root) / f"{self.replica_id}.pid").unlink(missing_ok=True)
+
+
+# -- running it -----------------------------------------------------------------------------
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: leave the serving context, which shuts everything down."""
+
+
+def ray_temp_dir(root: DataRoot) -> Path:
+    """`<data>/ray`, or a short folder in /tmp linked from there when the data root's path is
+    too long for Ray's Unix sockets."""
+    wanted = root.root / "ray"
+    if len(str(wanted)) + RAY_SOCKET_SUFFIX <= SOCKET_PATH_MAX:
+        return wanted
+    short = Path("/tmp") / ("avray-" + hashlib.sha256(str(root.root).encode()).hexdigest()[:10])
+    short.mkdir(mode=0o700, exist_ok=True)
+    if not wanted.is_symlink():
+        DataRoot.ensure(root.root)
+        wanted.symlink_to(short, target_is_directory=True)
+    return short
+
+
+@contextlib.contextmanager
+def serving(settings: Settings, replicas: int) -> Iterator[str]:
+    """Ray (local) + Serve on `settings.host:model_port` with `replicas` replicas, until exit;
+    yields the base URL (`…/v1`). On exit every replica's server is stopped."""
+    import ray  # heavy (seconds): imported only by the process that runs Ray
+    from ray import serve
+
+    if replicas < 1:
+        raise ValueError(f"replicas: {replicas}; at least 1")
+    root = DataRoot.at(settings.data)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ray.init(
+        address="local",
+        num_cpus=max(replicas, os.cpu_count() or 1),
+        include_dashboard=False,
+        _temp_dir=str(ray_temp_dir(root)),
+        log_to_driver=False,
+        configure_logging=False,
+        namespace=APP_NAME,
+    )
+    for sig, handler in handlers.items():  # ray.init installs its own; the caller's win
+        signal.signal(sig, handler)
+    try:
+        serve.start(
+            http_options={"host": settings.host, "port": settings.model_port},
+            proxy_location="HeadOnly",
+        )
+        deployment = serve.deployment(
+            name="llamacpp",
+            num_replicas=replicas,
+            ray_actor_options={"num_cpus": 1},
+            max_ongoing_requests=MAX_ONGOING_REQUESTS,
+            graceful_shutdown_wait_loop_s=0.5,
+            graceful_shutdown_timeout_s=10,
+            health_check_period_s=5,
+        )(LlamaCppReplica)
+        serve.run(
+            deployment.bind(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/"
+        )
+        yield f"http://{settings.host}:{settings.model_port}/v1"
+    finally:
+        try:
+            with contextlib.suppress(Exception):  # Serve may be half started; Ray stops anyway
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            reap_leftovers(root)
+
+
+def _raise_stopped(*_: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # once: a second signal must not cut shutdown
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped
+
+
+def drive(settings: Settings, replicas: int) -> None:
+    """Serve until SIGTERM/SIGINT (also while starting), then shut down in order."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
+    try:
+        with serving(settings, replicas) as url:
+            print(f"serving {url} with {replicas} replica(s)", flush=True)
+            while True:
+                time.sleep(3600)
+    except Stopped:
+        print("stopped", flush=True)
+
+
+def supervise(argv: list[str]) -> int:
+    """Run the driver in its own session and pass SIGTERM/SIGINT on; its exit status.
+
+    Ray's processes share the driver's process group and die at once on a group SIGTERM (what
+    `autovibe down` sends), before Serve could stop its replicas. The driver therefore runs one
+    session down, told to stop by this process, and sent SIGTERM by the kernel should this
+    process die first.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-m", "serving.rayserve_cpu", "--driver", *argv],
+        start_new_session=True,
+        preexec_fn=_die_with_parent(signal.SIGTERM),
+    )
+
+    def forward(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return child.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", type=int, default=None, help="default: model_replicas or 1")
+    parser.add_argument("--port", type=int, default=None, help="default: AUTOVIBE_MODEL_PORT")
+    parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.driver:
+        sys.exit(supervise(sys.argv[1:] if argv is None else argv))
+    settings = Settings()
+    if args.port is not None:
+        settings = settings.model_copy(update={"model_port": args.port})
+    replicas = args.replicas if args.replicas is not None else max(1, settings.model_replicas)
+    drive(settings, replicas)
+
+
+if __name__ == "__main__":
+    main()

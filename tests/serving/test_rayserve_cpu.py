@@ -1,0 +1,192 @@
+"""The CPU profile as a Ray Serve deployment, for real: Ray, Serve, two llama.cpp replicas."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from contracts.config import ModelsCatalog
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings, free_port
+from orchestrator.stack import model_argv
+from serving.cli import app as models_app
+from serving.rayserve_cpu import REPLICA_HEADER, ray_temp_dir, replicas_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Deployment:
+    url: str
+    root: DataRoot
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _ours(root: DataRoot) -> list[str]:
+    """Command lines of live processes that name the data root (Ray's and llama.cpp's do)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(root.root) in cmdline:
+            found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_root: DataRoot) -> Iterator[Deployment]:
+    """Two replicas, started as `autovibe up` starts the model service with
+    `AUTOVIBE_MODEL_REPLICAS=2`."""
+    # A short data root: Ray's Unix socket paths live under it.
+    root = DataRoot.at(tempfile.mkdtemp(prefix="av", dir="/tmp"))
+    root.model_weights.symlink_to(tiny_root.model_weights, target_is_directory=True)
+    settings = Settings(
+        data=root.root, configs=REPO / "configs", model_port=free_port(), model_replicas=2
+    )
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    env.update(settings.as_env())
+    log = root.root / "rayserve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            model_argv(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 150
+        while "serving http" not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"deployment did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield Deployment(settings.model_url, root, process, log)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+        shutil.rmtree(root.root, ignore_errors=True)
+
+
+def _complete(url: str, prompt: str) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    return httpx.post(f"{url}/completions", json=body, timeout=60, trust_env=False)
+
+
+def test_concurrent_completions_are_spread_over_both_replicas(deployment: Deployment) -> None:
+    prompts = [f"Count to {n}:" for n in range(10)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda p: _complete(deployment.url, p), prompts))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert all(a.json()["choices"][0]["text"] is not None for a in answers)
+    assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2
+
+
+def test_a_streamed_completion_arrives_as_several_sse_events(deployment: Deployment) -> None:
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "stream": True}
+    arrivals: list[float] = []
+    with httpx.stream(
+        "POST", f"{deployment.url}/completions", json=body, timeout=60, trust_env=False
+    ) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert answer.headers[REPLICA_HEADER]
+        events = []
+        for line in answer.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                arrivals.append(time.monotonic())
+    assert len(events) >= 5
+    assert events[-1] == "[DONE]"
+    # Not buffered: the events came over time, not all in one read at the end.
+    assert arrivals[-1] - arrivals[0] > 0.005
+
+
+def test_models_are_the_bare_servers(deployment: Deployment, catalog: ModelsCatalog) -> None:
+    answer = httpx.get(f"{deployment.url}/models", timeout=30, trust_env=False)
+    served = {
+        spec.served_name
+        for pair in catalog.pairs.values()
+        if pair.device == "cpu"
+        for spec in (pair.normal, pair.thinking)
+    }
+    assert {m["id"] for m in answer.json()["data"]} == served == {"tiny", "tiny:thinking"}
+    assert answer.headers[REPLICA_HEADER]
+
+
+def test_every_route_is_forwarded(deployment: Deployment) -> None:
+    base = deployment.url.removesuffix("/v1")
+    tokens = httpx.post(
+        f"{base}/extras/tokenize?x=1",
+        json={"input": "hello world", "model": "tiny"},
+        timeout=30,
+        trust_env=False,
+    )
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    # Whatever the backend answers (404 where it has no such route) comes back, marked.
+    for method, path in (("POST", "/v1/messages"), ("GET", "/health")):
+        answer = httpx.request(method, base + path, json={}, timeout=30, trust_env=False)
+        assert answer.status_code < 500
+        assert answer.headers[REPLICA_HEADER]
+
+
+def test_sigterm_to_the_group_stops_everything(deployment: Deployment) -> None:
+    pids = [int(p.read_text().split()[0]) for p in replicas_dir(deployment.root).glob("*.pid")]
+    assert len(pids) == 2
+    os.killpg(deployment.process.pid, signal.SIGTERM)  # what `autovibe down` sends
+    assert deployment.process.wait(timeout=60) == 0
+    assert "stopped" in deployment.log.read_text()
+    deadline = time.monotonic() + 15
+    while _ours(deployment.root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ours(deployment.root) == []
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}/cmdline").exists()
+            or not Path(f"/proc/{pid}/cmdline").read_bytes()
+        ), f"llama.cpp server {pid} survived"
+
+
+def test_a_long_data_root_gets_a_short_ray_dir(tmp_path: Path) -> None:
+    root = DataRoot.at(tmp_path / ("x" * 60))
+    short = ray_temp_dir(root)
+    try:
+        assert len(str(short)) < 40 and (root.root / "ray").resolve() == short
+        assert ray_temp_dir(DataRoot.at("/tmp/av")) == Path("/tmp/av/ray")
+    finally:
+        shutil.rmtree(short)
+
+
+def test_the_stack_runs_the_bare_server_without_replicas(
+    tiny_root: DataRoot, tmp_path: Path
+) -> None:
+    bare = model_argv(Settings(data=tiny_root.root, configs=REPO / "configs", model_port=1234))
+    assert "serving.rayserve_cpu" not in bare
+    served = model_argv(Settings(data=tmp_path, model_port=1234, model_replicas=3))
+    assert served[1:] == ["-m", "serving.rayserve_cpu", "--replicas", "3", "--port", "1234"]
+
+
+def test_serve_gpu_points_to_render(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        models_app, ["serve", "--profile", "gpu"], env={"AUTOVIBE_DATA": str(tmp_path)}
+    )
+    assert result.exit_code == 2
+    assert "render --profile gpu" in result.output
