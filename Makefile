@@ -7,7 +7,7 @@ APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server t
   cloud-init:cloud-init virt-xml-validate:libvirt-clients xmllint:libxml2-utils \
   systemd-analyze:systemd qemu-img:qemu-utils iptables:iptables chromium:chromium
 
-.PHONY: setup system-deps demo test lint typecheck bench down clean schema
+.PHONY: setup system-deps demo test lint typecheck bench bench-deps down clean schema
 
 ## setup: install uv if absent, then the locked environment (.venv); llama.cpp compiles once
 setup: system-deps
@@ -42,7 +42,14 @@ schema:
 
 ## bench: every benchmark in bench/ (python -m bench.<name>), figures into docs/benchmarks.md
 BENCHES := $(filter-out __init__ report,$(basename $(notdir $(wildcard bench/*.py))))
-bench: setup
+## bench-deps: nginx for bench.proxy's static upstream (else it falls back to its asyncio stub)
+bench-deps:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; \
+	  else echo "please install nginx-light (bench.proxy falls back to its asyncio upstream)"; fi; }
+
+bench: setup bench-deps
 	@for b in $(BENCHES); do echo "== bench.$$b"; $(UV) run --frozen python -m bench.$$b $(BENCH_ARGS) || exit 1; done
 
 down:

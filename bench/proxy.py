@@ -1,13 +1,20 @@
-"""What the proxy costs: the same upstream called direct, through bare mitmdump and through the
-autovibe proxy (all addons: identity, metering, budget, capture, indexer), side by side.
+"""What the proxy costs: the same upstream called direct, through bare mitmdump, through the
+autovibe proxy (all addons: identity, routing, metering, budget, injection, capture, indexer,
+metrics) and through LiteLLM's proxy, side by side.
 
-Two workloads against one small asyncio upstream (its own process): a static JSON chat
-completion, and an SSE stream that sends its first event at once and the rest 2 ms later (so
-the time to first byte shows whether a proxy buffers). Concurrency 1 and 16 (and 64 without
-`--quick`); each cell sends a bounded number of keep-alive requests over loopback from an
-asyncio load generator in this process. LiteLLM is not installed here and is not run.
+Two workloads: a static JSON chat completion served by nginx (Debian `nginx-light`; without
+it, by the asyncio stub below, with a printed note), and an SSE stream from a small asyncio
+stub in its own process that sends its first event at once and the rest 2 ms later (so the
+time to first byte shows whether a proxy buffers). Concurrency 1, 16 and 64 (`--quick`: 1 and
+16); each cell sends a bounded number of keep-alive requests over loopback from an asyncio load
+generator in this process.
 
-    python -m bench.proxy [--quick]
+LiteLLM is never a project dependency: the bench makes its own venv once with uv, cached under
+`$XDG_CACHE_HOME/autovibe/bench-litellm` (`~/.cache` without it), installs the pinned
+`litellm[proxy]` there, and runs `litellm --config` with no database and a fixed master key. When
+uv or the install is unavailable its rows are left out and the notes say so.
+
+    python -m bench.proxy [--quick] [--no-litellm]
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,40 +39,54 @@ from contracts.credentials import MachineIdentity, load_or_create_key, mint
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
-from proxy.launch import mitmdump_argv, mitmdump_path, wait_ready
+from proxy.launch import mitmdump_argv, mitmdump_path, wait_ready, with_options
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
 """Priced in configs/prices.yaml as a local model, so the autovibe proxy meters the calls."""
+LITELLM_VERSION = "1.106.2"
+"""Pinned; installed only in the bench's own cached venv, never in the project's."""
+LITELLM_MASTER_KEY = "sk-autovibe-bench-0123456789abcdef"
+"""Fixed: LiteLLM 1.106 refuses to start without a master key; every bench call sends it."""
+LITELLM_STREAM_MODEL = "tiny-stream"
+"""LiteLLM routes by model name: this one goes to the SSE stub, `tiny` to the JSON upstream."""
 
 JSON_BODY = json.dumps(
     {
         "id": "chatcmpl-bench",
         "object": "chat.completion",
+        "created": 1700000000,
         "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world"}}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello world"},
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
     }
 ).encode()
 
 
 def _event(doc: dict[str, Any] | str) -> bytes:
-    return (
-        b"data: " + (doc.encode() if isinstance(doc, str) else json.dumps(doc).encode()) + b"\n\n"
-    )
+    if isinstance(doc, dict):
+        doc = json.dumps(
+            {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1700000000,
+             "model": MODEL, **doc}
+        )  # fmt: skip
+    return b"data: " + doc.encode() + b"\n\n"
 
 
-FIRST_EVENT = _event(
-    {"id": "chatcmpl-s", "choices": [{"delta": {"content": "Hel"}}], "usage": None}
-)
+def _delta(text: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+
+FIRST_EVENT = _event(_delta("Hel"))
 REST_EVENTS = (
-    b"".join(
-        _event({"id": "chatcmpl-s", "choices": [{"delta": {"content": w}}], "usage": None})
-        for w in ("lo", " wor", "ld", "!")
-    )
+    b"".join(_event(_delta(w)) for w in ("lo", " wor", "ld", "!"))
     + _event(
         {
-            "id": "chatcmpl-s",
             "choices": [],
             "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
         }
@@ -126,6 +148,33 @@ async def _serve_upstream(port: int) -> None:
         await server.serve_forever()
 
 
+def _nginx_conf(work: Path, port: int) -> str:
+    """One worker answering every request with JSON_BODY; keep-alive as long as a cell runs."""
+    body = JSON_BODY.decode()
+    assert "'" not in body and "$" not in body, "JSON_BODY must fit an nginx quoted string"
+    return f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
 # -- the load generator ---------------------------------------------------------------------
 
 
@@ -135,6 +184,11 @@ class Target:
     port: int
     """Where the client connects: the upstream itself, or a proxy."""
     proxy_auth: str | None = None
+    authorization: str | None = None
+    """An `Authorization` header the server itself asks for (LiteLLM's master key)."""
+    explicit_proxy: bool = True
+    """The client names the upstream in the request line (an HTTP proxy); False: the target
+    is the server itself (direct, or LiteLLM, which is an API server of its own)."""
 
 
 async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[float, float]:
@@ -163,9 +217,7 @@ async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[float
             return first, time.perf_counter() - t0
 
 
-async def _worker(
-    target: Target, upstream_port: int, request: bytes, n: int, out: list[tuple[float, float]]
-) -> None:
+async def _worker(target: Target, request: bytes, n: int, out: list[tuple[float, float]]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     try:
         for _ in range(n):
@@ -177,17 +229,21 @@ async def _worker(
 
 
 def _request(target: Target, upstream_port: int, stream: bool) -> bytes:
+    model = LITELLM_STREAM_MODEL if stream and target.system == "litellm" else MODEL
     body = json.dumps(
         {
-            "model": MODEL,
+            "model": model,
             "messages": [{"role": "user", "content": "say hello"}],
             "max_tokens": 8,
             "stream": stream,
         }
     ).encode()
-    host = f"127.0.0.1:{upstream_port}"
     path = "/v1/chat/completions"
-    target_uri = path if target.system == "direct" else f"http://{host}{path}"
+    if target.explicit_proxy:
+        host = f"127.0.0.1:{upstream_port}"
+        target_uri = f"http://{host}{path}"
+    else:
+        host, target_uri = f"127.0.0.1:{target.port}", path
     head = [
         f"POST {target_uri} HTTP/1.1",
         f"Host: {host}",
@@ -196,6 +252,8 @@ def _request(target: Target, upstream_port: int, stream: bool) -> bytes:
     ]
     if target.proxy_auth:
         head.append(f"Proxy-Authorization: {target.proxy_auth}")
+    if target.authorization:
+        head.append(f"Authorization: {target.authorization}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -204,14 +262,12 @@ async def _cell(
 ) -> dict[str, Any]:
     request = _request(target, upstream_port, stream)
     warm: list[tuple[float, float]] = []
-    await asyncio.gather(
-        *(_worker(target, upstream_port, request, 5, warm) for _ in range(concurrency))
-    )
+    await asyncio.gather(*(_worker(target, request, 5, warm) for _ in range(concurrency)))
     samples: list[tuple[float, float]] = []
     per_worker = max(1, total // concurrency)
     t0 = time.perf_counter()
     await asyncio.gather(
-        *(_worker(target, upstream_port, request, per_worker, samples) for _ in range(concurrency))
+        *(_worker(target, request, per_worker, samples) for _ in range(concurrency))
     )
     elapsed = time.perf_counter() - t0
     latencies = sorted(s[1] * 1000 for s in samples)
@@ -240,71 +296,200 @@ def _start(
     return process
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
+def _mitmdump_bare(work: Path, port: int) -> list[str]:
+    return [
+        str(mitmdump_path()),
+        "--mode",
+        f"regular@{port}",
+        "--listen-host",
+        "127.0.0.1",
+        "--set",
+        f"confdir={work / 'mitm-conf'}",
+        "--set",
+        "termlog_verbosity=warn",
+        "--set",
+        "flow_detail=0",
+    ]
+
+
+def _json_upstream(work: Path, stub_port: int) -> tuple[int, subprocess.Popen[bytes] | None]:
+    """nginx serving the static JSON on a port of its own; without nginx, the stub does."""
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if Path(p).exists()), None
+    )
+    if nginx is None:
+        print(
+            "note: nginx is not installed (apt-get install nginx-light, or `make bench-deps`); "
+            "the asyncio stub serves the static JSON too",
+            file=sys.stderr,
+        )
+        return stub_port, None
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(_nginx_conf(work, port))
+    return port, _start([nginx, "-p", str(work), "-c", str(conf)], port, work / "nginx.log")
+
+
+def litellm_home() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "autovibe" / "bench-litellm"
+
+
+def litellm_executable() -> tuple[Path | None, str]:
+    """The `litellm` script of the bench's own venv, made once; (None, why) when it cannot be."""
+    home = litellm_home()
+    exe, stamp = home / "bin" / "litellm", home / "installed"
+    if exe.exists() and stamp.exists() and stamp.read_text().strip() == LITELLM_VERSION:
+        return exe, ""
+    uv = shutil.which("uv")
+    if uv is None:
+        return None, "uv is not installed, so the bench cannot make LiteLLM's venv"
+    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {home} (once)", file=sys.stderr)
+    shutil.rmtree(home, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT")}
+    try:
+        for argv in (
+            [uv, "venv", "--quiet", "--python", sys.executable, str(home)],
+            [uv, "pip", "install", "--quiet", "--python", str(home / "bin" / "python"),
+             f"litellm[proxy]=={LITELLM_VERSION}"],
+        ):  # fmt: skip
+            subprocess.run(argv, check=True, env=env, timeout=1800, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return None, f"installing litellm[proxy]=={LITELLM_VERSION} failed: {exc} {detail[-300:]!r}"
+    stamp.write_text(LITELLM_VERSION + "\n")
+    return exe, ""
+
+
+def _litellm(
+    work: Path, exe: Path, json_port: int, sse_port: int
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """LiteLLM's proxy, no database, a fixed master key: `tiny` to the JSON upstream,
+    `tiny-stream` to the SSE stub (both as the OpenAI-compatible model `tiny`)."""
+
+    def entry(name: str, port: int) -> dict[str, Any]:
+        return {
+            "model_name": name,
+            "litellm_params": {
+                "model": f"openai/{MODEL}",
+                "api_base": f"http://127.0.0.1:{port}/v1",
+                "api_key": "bench",
+            },
+        }
+
+    config = work / "litellm.yaml"  # JSON is YAML
+    config.write_text(
+        json.dumps(
+            {
+                "model_list": [entry(MODEL, json_port), entry(LITELLM_STREAM_MODEL, sse_port)],
+                "litellm_settings": {"telemetry": False},
+                "general_settings": {"master_key": LITELLM_MASTER_KEY},
+            }
+        )
+    )
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "LITELLM_MASTER_KEY", "VIRTUAL_ENV")
+    }
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", NO_DOCS="True")
+    argv = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    with (work / "litellm.log").open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_ready("127.0.0.1", port, timeout=300, process=process)
+    except (RuntimeError, TimeoutError):
+        process.terminate()
+        process.wait(timeout=15)
+        raise
+    return port, process
+
+
+@dataclass
+class Run:
+    rows: list[dict[str, Any]]
+    nginx: bool
+    """The static JSON came from nginx (else from the asyncio stub)."""
+    litellm: str
+    """Empty when LiteLLM was measured; otherwise why not."""
+
+
+def run(quick: bool, with_litellm: bool = True) -> Run:
     concurrencies = [1, 16] if quick else [1, 16, 64]
     total = 400 if quick else 2000
     processes: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         work = Path(tmp)
         try:
-            upstream_port = free_port()
+            sse_port = free_port()
             processes.append(
                 _start(
-                    [sys.executable, "-m", "bench.proxy", "--upstream", str(upstream_port)],
-                    upstream_port,
+                    [sys.executable, "-m", "bench.proxy", "--upstream", str(sse_port)],
+                    sse_port,
                     work / "upstream.log",
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )
             )
+            json_port, nginx = _json_upstream(work, sse_port)
+            if nginx is not None:
+                processes.append(nginx)
             bare_port = free_port()
-            processes.append(
-                _start(
-                    [
-                        str(mitmdump_path()),
-                        "--mode",
-                        f"regular@{bare_port}",
-                        "--listen-host",
-                        "127.0.0.1",
-                        "--set",
-                        f"confdir={work / 'mitm-conf'}",
-                        "--set",
-                        "termlog_verbosity=warn",
-                        "--set",
-                        "flow_detail=0",
-                    ],
-                    bare_port,
-                    work / "mitmdump.log",
-                )
-            )
+            processes.append(_start(_mitmdump_bare(work, bare_port), bare_port, work / "bare.log"))
             settings = Settings(
                 data=work / "data",
                 configs=ROOT / "configs",
                 host="127.0.0.1",
                 proxy_port=free_port(),
-                model_port=upstream_port,
+                model_port=sse_port,
             )
             root = DataRoot.at(settings.data)
             key = load_or_create_key(root)
             identity = MachineIdentity("bench", "bench", "bench-000", "m1", time.time() + 3600)
             open_ample(root.budget_counters, identity.project, [identity.machine])
-            processes.append(
-                _start(mitmdump_argv(settings), settings.proxy_port, work / "autovibe.log")
+            argv = with_options(
+                mitmdump_argv(settings),
+                [f"autovibe_model_hosts=127.0.0.1:{sse_port},127.0.0.1:{json_port}"],
             )
+            processes.append(_start(argv, settings.proxy_port, work / "autovibe.log"))
             auth = "Basic " + base64.b64encode(f"m1:{mint(key, identity)}".encode()).decode()
             targets = [
-                Target("direct", upstream_port),
                 Target("mitmdump", bare_port),
                 Target("autovibe", settings.proxy_port, auth),
             ]
+            why_not = "not asked for (--no-litellm)"
+            if with_litellm:
+                exe, why_not = litellm_executable()
+                if exe is not None:
+                    try:
+                        port, process = _litellm(work, exe, json_port, sse_port)
+                        processes.append(process)
+                        targets.append(
+                            Target(
+                                "litellm",
+                                port,
+                                authorization=f"Bearer {LITELLM_MASTER_KEY}",
+                                explicit_proxy=False,
+                            )
+                        )
+                    except (RuntimeError, TimeoutError) as exc:
+                        why_not = f"LiteLLM did not start: {exc} (see its log)"
+                        tail = (work / "litellm.log").read_text(errors="replace")[-2000:]
+                        print(f"litellm did not start: {exc}\n{tail}", file=sys.stderr)
+            if why_not:
+                print(f"note: no LiteLLM rows: {why_not}", file=sys.stderr)
             rows = []
             for stream in (False, True):
+                upstream = sse_port if stream else json_port
                 for concurrency in concurrencies:
-                    for target in targets:
-                        rows.append(
-                            asyncio.run(_cell(target, upstream_port, stream, concurrency, total))
-                        )
+                    for target in [Target("direct", upstream, explicit_proxy=False), *targets]:
+                        # LiteLLM runs at tens of calls a second: a quarter of the calls.
+                        n = total // 4 if target.system == "litellm" else total
+                        row = asyncio.run(_cell(target, upstream, stream, concurrency, n))
+                        print(row, file=sys.stderr, flush=True)
+                        rows.append(row)
             _check_metered(root, identity.assignment)
-            return rows
+            return Run(rows, nginx is not None, why_not)
         finally:
             for process in reversed(processes):
                 process.terminate()
@@ -324,41 +509,73 @@ def _check_metered(root: DataRoot, assignment: str) -> None:
         raise SystemExit(f"autovibe proxy did not meter the bench calls: {bad[:3]}")
 
 
+def _share(rows: list[dict[str, Any]], system: str, base: str) -> list[str]:
+    """`system`'s req/s as a share (or multiple) of `base`'s, per workload and concurrency."""
+    by = {(r["system"], r["workload"], r["concurrency"]): r["req_per_s"] for r in rows}
+    return [
+        f"{w} c={c}: {by[(system, w, c)] / by[(base, w, c)]:.2f}×"
+        for (s, w, c) in by
+        if s == system and (base, w, c) in by
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 16, fewer calls")
+    parser.add_argument("--no-litellm", action="store_true", help="leave out the LiteLLM rows")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream:
         asyncio.run(_serve_upstream(args.upstream))
         return
-    rows = run(args.quick)
+    result = run(args.quick, with_litellm=not args.no_litellm)
+    rows = result.rows
     direct = {(r["workload"], r["concurrency"]): r for r in rows if r["system"] == "direct"}
     for row in rows:
         base = direct[(row["workload"], row["concurrency"])]
         row["added_p50_ms"] = round(row["p50_ms"] - base["p50_ms"], 2)
+        row["added_p99_ms"] = round(row["p99_ms"] - base["p99_ms"], 2)
         row["added_ttfb_p50_ms"] = round(row["ttfb_p50_ms"] - base["ttfb_p50_ms"], 2)
-    bare = {(r["workload"], r["concurrency"]): r for r in rows if r["system"] == "mitmdump"}
-    ratios = [
-        f"{r['workload']} c={r['concurrency']}: "
-        f"{r['req_per_s'] / bare[(r['workload'], r['concurrency'])]['req_per_s']:.0%}"
-        for r in rows
-        if r["system"] == "autovibe"
+    sse = {(r["system"], r["concurrency"]): r for r in rows if r["workload"] == "sse"}
+    ttfb = [
+        f"c={c}: {row['added_ttfb_p50_ms']} ms over direct, "
+        f"{row['ttfb_p50_ms'] - sse[('mitmdump', c)]['ttfb_p50_ms']:.2f} ms over bare mitmdump"
+        for (system, c), row in sse.items()
+        if system == "autovibe"
     ]
+    upstream = (
+        "nginx (one worker, `return 200` with the body)"
+        if result.nginx
+        else "the asyncio stub (nginx is not installed here)"
+    )
+    litellm = (
+        f"`litellm` is LiteLLM {LITELLM_VERSION}'s proxy (`litellm --config`, its own venv, no "
+        "database, a fixed master key, one worker) with the same upstreams as OpenAI-compatible "
+        f"models; it is called as an API server (`POST /v1/chat/completions`), with "
+        f"{(400 if args.quick else 2000) // 4} calls per cell. It passes the stub's stream "
+        "through as SSE. autovibe throughput as a multiple of LiteLLM's: "
+        + "; ".join(_share(rows, "autovibe", "litellm"))
+        + "."
+        if not result.litellm
+        else f"LiteLLM was not measured in this run: {result.litellm}."
+    )
+    total = 400 if args.quick else 2000
     notes = f"""
-Upstream: a small asyncio HTTP/1.1 server in its own process (nginx is not installed): static
-JSON chat completion (`json`), or SSE sent chunked, first event at once and the rest
-{STREAM_PAUSE_S * 1000:.0f} ms later (`sse`). Load: an asyncio client in the bench process,
-keep-alive connections = concurrency, {"400" if args.quick else "2000"} requests per cell after
-5 warm-up requests per connection, loopback only. `direct` is bounded by this Python client, not
-by the upstream. `mitmdump` is bare mitmdump 11 in regular (explicit proxy) mode with no
-addons; `autovibe` is the proxy as the platform starts it (identity, metering with streaming,
-budget reserve/settle on SQLite counters, capture to the spool, indexer), every call checked
+Upstreams: static JSON chat completion (`json`) from {upstream}; SSE (`sse`) from a small asyncio
+HTTP/1.1 stub in its own process, sent chunked, first event at once and the rest
+{STREAM_PAUSE_S * 1000:.0f} ms later. Load: an asyncio client in the bench process, keep-alive
+connections = concurrency, {total} calls per cell after 5 warm-up calls per connection,
+loopback only; `direct` is bounded by this Python client, not by the upstream. `mitmdump` is
+bare mitmdump 11 in regular (explicit proxy) mode with no addons; `autovibe` is the proxy as
+the platform starts it (identity, routing, metering with streaming, budget reserve/settle on
+SQLite counters, injection, capture to the spool, indexer, metrics addon), every call checked
 afterwards to be spooled with exact usage. TTFB is the time to the first body byte (first SSE
 event). `added_*` are differences from `direct` at the same workload and concurrency.
-autovibe throughput as a share of bare mitmdump: {"; ".join(ratios)}.
-LiteLLM is not installed in this environment and must not be added to the project's
-dependencies, so its row is not measured.
+The machine is shared (2 cores, other work running): compare rows of one run, not across runs.
+
+autovibe throughput as a share of bare mitmdump: {"; ".join(_share(rows, "autovibe", "mitmdump"))}.
+autovibe streaming TTFB overhead (p50): {"; ".join(ttfb)}.
+{litellm}
 """
     command = "python -m bench.proxy" + (" --quick" if args.quick else "")
     publish("proxy", command, rows, notes)

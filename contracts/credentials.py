@@ -81,6 +81,34 @@ def verify(key: bytes, token: str, now: float | None = None) -> MachineIdentity:
     return identity
 
 
+class VerifiedTokens:
+    """`verify` with one key, remembering each token it accepted until the token expires.
+
+    The proxy sees the same credential on every request of an assignment; checking its HMAC
+    and parsing its payload once is enough. A hit is the exact token string accepted before
+    under this key, and expiry is checked again on every hit. Revocation is not cached here
+    (`is_revoked` is asked on every request). Bounded: the memory is dropped when full.
+    """
+
+    def __init__(self, key: bytes, size: int = 4096) -> None:
+        self.key = key
+        self.size = size
+        self._accepted: dict[str, MachineIdentity] = {}
+
+    def verify(self, token: str, now: float | None = None) -> MachineIdentity:
+        now = time.time() if now is None else now
+        identity = self._accepted.get(token)
+        if identity is None:
+            identity = verify(self.key, token, now)
+            if len(self._accepted) >= self.size:
+                self._accepted.clear()
+            self._accepted[token] = identity
+        elif identity.expires < now:
+            del self._accepted[token]
+            raise CredentialError("machine credential has expired")
+        return identity
+
+
 def proxy_url(host: str, port: int, machine: str, token: str) -> str:
     """The HTTP(S)_PROXY value a worker uses: machine name as user, token as password."""
     return f"http://{machine}:{token}@{host}:{port}"
@@ -115,11 +143,11 @@ class _RevokedCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[Path, tuple[tuple[int, int, int], frozenset[str]]] = {}
+        self._seen: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
 
-    def ids(self, path: Path) -> frozenset[str]:
+    def ids(self, path: str) -> frozenset[str]:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return frozenset()
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -128,7 +156,7 @@ class _RevokedCache:
             if hit is not None and hit[0] == stamp:
                 return hit[1]
         # A line still being appended has no newline yet; it is read complete next time.
-        text = path.read_text()
+        text = Path(path).read_text()
         ids = frozenset(line for line in text.split("\n")[:-1] if line)
         with self._lock:
             self._seen[path] = (stamp, ids)
@@ -136,8 +164,13 @@ class _RevokedCache:
 
 
 _revoked = _RevokedCache()
+_revoked_files: dict[Path, str] = {}
+"""Data root -> its revocation file as a string: asked on every proxied request, so no pathlib."""
 
 
 def is_revoked(root: DataRoot, assignment: str) -> bool:
     """Whether the assignment's credential was revoked (a stat per call, a read per change)."""
-    return assignment in _revoked.ids(revoked_path(root))
+    path = _revoked_files.get(root.root)
+    if path is None:
+        path = _revoked_files[root.root] = str(revoked_path(root))
+    return assignment in _revoked.ids(path)

@@ -27,13 +27,18 @@ class Spool:
         self.root = root
         self._lock = threading.Lock()
         self._files: dict[Path, int] = {}
+        self._paths: dict[tuple[str, dt.date], Path] = {}
 
     def path_for(self, record: FlowRecord) -> Path:
         project = record.project or UNATTRIBUTED
         if project in {".", ".."} or "/" in project or os.sep in project:
             raise ValueError(f"project {project!r} cannot name a spool folder")
         day = dt.datetime.fromtimestamp(record.ts_start, dt.UTC).date()
-        return self.root.spool_dir(project, day) / FILE_NAME
+        key = (project, day)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = self.root.spool_dir(project, day) / FILE_NAME
+        return path
 
     def append(self, record: FlowRecord) -> Path:
         """Write the record as one line; returns the spool file it went to."""

@@ -53,6 +53,11 @@ METADATA_KEY = "autovibe.budget"
 HOLD_KEY = "autovibe.budget.hold"
 PROMPT_MARGIN_TOKENS = 64
 """Added to the prompt estimate: chat-template tokens, and the `max_tokens` we may write in."""
+SCOPE_CACHE_S = 1.0
+"""How long which scopes exist, and their currency, is remembered between calls. A scope's
+currency never changes (`ensure_scope` refuses it); a scope opened or removed is seen within
+this time. What is left in a scope is always read fresh: by `reserve`, and by `describe`
+when a call has no `max_tokens` to cap."""
 
 
 @dataclass
@@ -77,6 +82,8 @@ class Budget:
         self.orphan_s = 900.0
         self.live: set[str] = set()
         """Reservations of flows in flight here: never orphans, whatever their age."""
+        self._scopes: dict[str, tuple[float, ScopeState | None]] = {}
+        """Scope -> (when described, state or None): see SCOPE_CACHE_S."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,6 +146,7 @@ class Budget:
         if updated & {dataroot.OPTION, "autovibe_budget_store", "autovibe_budget_redis_url"}:
             if self.store is not None:
                 self.store.close()
+            self._scopes.clear()
             try:
                 self.store = open_counters(name, path=dataroot.current().budget_counters, url=url)
             except CounterError as exc:
@@ -207,9 +215,14 @@ class Budget:
         names = [project_scope(project), machine_scope(project, identity.machine)]
         if identity.task:
             names.append(task_scope(identity.trial, identity.task))
+        body = flow.request.get_content(strict=False) or b""
+        doc = facts.request_doc if facts.request_doc is not None else _json_object(body)
+        asked = doc.get("max_tokens", doc.get("max_completion_tokens"))
+        capped = isinstance(asked, int) and asked >= 0
         states: list[ScopeState] = []
         for name in names:
-            state = self.store.describe(name, now)
+            # Without max_tokens the cap needs what is left now: described fresh.
+            state = self._describe(name, now, fresh=not capped)
             if state is None and not name.startswith("task:"):
                 raise UnknownScope(name)
             if state is not None:  # a task without a budget has no scope of its own
@@ -223,13 +236,11 @@ class Budget:
             })  # fmt: skip
             return
         fx = facts.prices.fx[currency]
-        body = flow.request.get_content(strict=False) or b""
-        doc = _json_object(body)
         prompt_tokens = len(body) + PROMPT_MARGIN_TOKENS  # a token is at least one byte
         choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
-        asked = doc.get("max_tokens", doc.get("max_completion_tokens"))
         per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M tokens
-        if isinstance(asked, int) and asked >= 0:
+        if capped:
+            assert isinstance(asked, int)
             completion_tokens = asked * choices
         else:
             tightest = min(states, key=lambda s: s.left)
@@ -246,13 +257,26 @@ class Budget:
             completion_tokens = cap * choices
         amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
         scopes = tuple(s.scope for s in states)
-        outcome = self.store.reserve(flow.id, scopes, amount, now)
+        try:
+            outcome = self.store.reserve(flow.id, scopes, amount, now)
+        except UnknownScope:
+            self._scopes.clear()  # removed since it was described: the next call looks again
+            raise
         if isinstance(outcome, Refused):
             self._exhausted(flow, outcome)
             return
         flow.metadata[HOLD_KEY] = Hold(flow.id, outcome.amount, currency, fx, scopes)
         flow.metadata[METADATA_KEY] = f"reserved {outcome.amount} {currency} in {','.join(scopes)}"
         self.live.add(flow.id)
+
+    def _describe(self, name: str, now: float, *, fresh: bool) -> ScopeState | None:
+        """The scope as the store describes it, or as it did less than SCOPE_CACHE_S ago."""
+        assert self.store is not None
+        hit = self._scopes.get(name)
+        if fresh or hit is None or not 0 <= now - hit[0] < SCOPE_CACHE_S:
+            hit = (now, self.store.describe(name, now))
+            self._scopes[name] = hit
+        return hit[1]
 
     def _exhausted(self, flow: http.HTTPFlow, refused: Refused) -> None:
         self._refuse(

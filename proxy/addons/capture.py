@@ -46,6 +46,8 @@ from proxy.usage import DECODE_LIMIT, _decoder
 log = logging.getLogger(__name__)
 
 CAPTURED_KEY = "autovibe.captured"
+RECORD_KEY = "autovibe.capture.record"
+"""The FlowRecord the capture addon built for this flow (before redaction for the spool)."""
 TAP_KEY = "autovibe.capture.tap"
 """The `BodyTap` copying a streamed response, in `flow.metadata`."""
 WEBSOCKET_KEY = "autovibe.capture.websocket"
@@ -449,6 +451,7 @@ class Capture:
         assert self.spool is not None
         try:
             record = record_of(flow, self.redactor, self.body_max)
+            flow.metadata[RECORD_KEY] = record
             self.spool.append(self.redactor.record(record))
         except (OSError, ValueError):
             # The spool is the source of truth; losing a line is an incident, not a warning.

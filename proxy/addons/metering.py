@@ -59,6 +59,10 @@ class Metered:
     cost_usd: Decimal = Decimal(0)
     prices: PriceCatalog | None = None
     """The catalogue that let the call through, so a reload mid-call cannot unprice it."""
+    request_doc: dict[str, Any] | None = None
+    """The request body as metering parsed it, and as it forwards it (with any
+    `stream_options` it added); the budget addon, next in line, reads it instead of parsing
+    the body again."""
     meter: UsageMeter | None = None
     first_chunk_at: float | None = None
     response_bytes: int = 0
@@ -216,7 +220,7 @@ class Metering:
                 },
             )
             return
-        facts.model, facts.api, facts.prices = model, api, self.prices
+        facts.model, facts.api, facts.prices, facts.request_doc = model, api, self.prices, doc
         assert self.prices is not None and doc is not None
         if self.prices.price(provider, model) is None:
             refuse(

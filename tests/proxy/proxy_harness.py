@@ -149,12 +149,12 @@ class Proxy:
         return httpx.Client(proxy=url, trust_env=False, timeout=10)
 
     def spooled(self) -> list[FlowRecord]:
-        """Every record in the spool, in file order."""
+        """Every complete record in the spool, in file order (a line still being written,
+        without its newline yet, is left for the next look)."""
         records = []
         for path in sorted(self.root.traffic_logs.glob("*/*/flows.jsonl")):
-            records += [
-                FlowRecord.model_validate_json(line) for line in path.read_bytes().splitlines()
-            ]
+            complete = path.read_bytes().rpartition(b"\n")[0]
+            records += [FlowRecord.model_validate_json(line) for line in complete.splitlines()]
         return records
 
     def spooled_one(self, **match: object) -> FlowRecord:
