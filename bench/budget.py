@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -24,10 +24,15 @@ from typing import Any
 
 from bench.report import publish
 from contracts.config import load_prices
-from ledger.book import InferenceItem, Ledger
+from contracts.dataroot import DataRoot
+from contracts.records import FlowRecord, Usage
+from ledger.book import InferenceItem, Ledger, MetaAmount, inference_account, render_transaction
 from ledger.check import bean_check
 from ledger.counters import CounterStore, open_counters
+from ledger.posting import post_usage
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
+from proxy.index import TrafficIndex
+from proxy.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 # The stand-in model server and proxy launcher of the budget tests: one way to start them.
@@ -122,42 +127,117 @@ def reservations_per_s(store: CounterStore, name: str, total: int, threads: int 
     }
 
 
-def ledger_at(size: int, work: Path, postings: int = 5) -> dict[str, Any]:
-    """A ledger of `size` inference transactions: bean-check time and posting rate there."""
+def ledger_at(size: int, work: Path, postings: int = 20) -> dict[str, Any]:
+    """A ledger of `size` hourly usage transactions: bean-check time, and the rate of
+    `post_usage` (one new hour × machine × model each, from a real spool and index) and of
+    keyed `Ledger.post_inference` on it."""
     prices = load_prices(ROOT / "configs")
-    ledger = Ledger(work / f"ledger-{size}" / "ledger.beancount")
-    ledger.path.parent.mkdir(parents=True)
-    day = dt.date(2025, 1, 1)
-    ledger.open("bench", Decimal(10**9), "CAD", prices.fx, day, funding="bench")
+    fx = prices.fx["CAD"]
+    root = DataRoot.at(work / f"ledger-{size}")
+    ledger = Ledger.of(root, "bench")
+    per_hour = 16  # 8 machines × 2 models
+    now = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    first = now - dt.timedelta(hours=size // per_hour + 1)
+    ledger.open("bench", Decimal(10**9), "CAD", prices.fx, first.date(), funding="bench")
 
-    def item(n: int) -> InferenceItem:
-        return InferenceItem("local", "tiny", f"m{n % 8}", Decimal("0.0001"), 150, prices.fx["CAD"])
-
-    def post(key: str) -> None:
-        ledger.post_inference(key=key, on=day, narration="bench", items=[item(1)], meta={})
-
-    post("seed")
-    # Bulk-grow the file with copies of the transaction Ledger itself wrote (writing 10k
-    # through Ledger, which validates the whole file each time, would take hours).
-    text = ledger.path.read_text()
-    txn = text[text.index(f'{day} * "bench"') :].rstrip("\n") + "\n"
-    assert 'key: "seed"' in txn
-    copies = [re.sub(r'key: "seed"', f'key: "t{n}"', txn) for n in range(size - 1)]
-    ledger.path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(copies))
+    # Written directly, in the format `post_usage` writes, into the segment of each
+    # transaction's month (posting 100k one by one would only measure this same path longer).
+    segments: dict[str, list[str]] = defaultdict(list)
+    opens = set()
+    for n in range(size):
+        hour = first + dt.timedelta(hours=n // per_hour)
+        machine, model = f"m{n % 8}", ("tiny", "tiny:thinking")[n // 8 % 2]
+        account = inference_account("local", model)
+        opens.add(account)
+        usd = Decimal("0.000150")
+        amount = (usd * fx).quantize(Decimal("0.000001"))
+        meta = {
+            "hour": f"{hour:%Y-%m-%dT%H:00Z}",
+            "machine": machine,
+            "spool": f"history/{hour:%Y-%m-%d}/flows.jsonl",  # not the spool posted below
+            "spool-from": n * 900,
+            "spool-to": n * 900 + 1,
+            "flows": 1,
+            "first-flow": f"f{n}",
+            "last-flow": f"f{n}",
+        }
+        leg = {
+            "assignment": f"a{n // 64}",
+            "trial": "t1",
+            "agent": "builtin",
+            "usd": MetaAmount(usd, "USD"),
+            "tokens": 150,
+            "flows": 1,
+        }
+        segments[f"{hour:%Y-%m}"].append(
+            render_transaction(
+                hour.date(),
+                f"Usage {hour:%Y-%m-%d %H}h on {machine}: local {model}",
+                meta,
+                [(account, amount, leg), ("Assets:Budget:Bench", -amount, {})],
+                "CAD",
+            )
+        )
+    head = ledger.path.read_text().rstrip("\n") + "\n\n"
+    head += "".join(f"{first.date()} open {a} CAD\n" for a in sorted(opens))
+    ledger.path.write_text(head)
+    for month, texts in segments.items():
+        (ledger.journal_dir / f"{month}.beancount").write_text("\n".join(texts))
+    current = ledger.journal_dir / f"{now:%Y-%m}.beancount"
 
     started = time.perf_counter()
     errors = bean_check(ledger.path, timeout_s=600)
     check_s = time.perf_counter() - started
     assert not errors, errors[:5]
+
+    index = TrafficIndex(root.traffic_index)
+    usage_s = 0.0
+    with Spool(root) as spool:
+        for n in range(postings):
+            ts = now.timestamp() + n
+            spool.append(
+                FlowRecord(
+                    id=f"new-{n}",
+                    ts_start=ts,
+                    ts_end=ts + 1,
+                    duration_ms=1000,
+                    method="POST",
+                    url="http://model/v1/completions",
+                    host="model",
+                    path="/v1/completions",
+                    status=200,
+                    project="bench",
+                    trial="t1",
+                    assignment="a-new",
+                    machine="m1",
+                    provider="local",
+                    model="tiny",
+                    usage=Usage(prompt_tokens=100, completion_tokens=50, total_tokens=150),
+                    cost_usd=Decimal("0.000150"),
+                )
+            )
+            spool.close()
+            index.catch_up(root.traffic_logs)
+            started = time.perf_counter()
+            assert post_usage(ledger, index, "bench").transactions == 1
+            usage_s += time.perf_counter() - started
+    index.close()
+
+    item = InferenceItem("local", "tiny", "m1", Decimal("0.0001"), 150, fx)
     started = time.perf_counter()
     for n in range(postings):
-        post(f"new-{n}")
-    post_s = time.perf_counter() - started
+        on = now.date()
+        ledger.post_inference(key=f"k{n}", on=on, narration="bench", items=[item], meta={})
+    keyed_s = time.perf_counter() - started
+    assert bean_check(ledger.path, timeout_s=600) == []
     return {
         "measure": "ledger",
         "transactions": size,
+        "current_segment_transactions": len(segments.get(f"{now:%Y-%m}", [])),
+        "current_segment_mb": round(current.stat().st_size / 1e6, 1),
         "bean_check_s": round(check_s, 2),
-        "postings_per_s": round(postings / post_s, 2),
+        "postings_per_s": round(postings / usage_s, 1),
+        "keyed_postings_per_s": round(postings / keyed_s, 1),
     }
 
 
@@ -198,9 +278,15 @@ open after every connection ended) must be 0. The concurrency rows send 100 stre
 once through the real mitmdump against a budget that covers 10 at their maximum cost; the
 stand-in upstream bills every token it was allowed, so served calls spend the most they can.
 `reserve+settle` pairs come from 8 threads on the same two scopes (SQLite: one connection
-per thread, `BEGIN IMMEDIATE`; Redis: one Lua script per call). Ledger rows: `bean-check` on a
-file of that many inference transactions, and `Ledger.post_inference` rate on it (each post
-re-reads and validates the whole file before its atomic replace).
+per thread, `BEGIN IMMEDIATE`; Redis: one Lua script per call). Ledger rows: a ledger of that
+many hourly usage transactions (16 an hour: 8 machines × 2 models), generated directly in the
+format `ledger.posting.post_usage` writes, one journal segment per month, the last one the
+current month; `bean_check_s` is the real `bean-check` on all of it. `postings_per_s`: real
+`post_usage` calls on it, each posting one new flow from a real spool and index (index
+catch-up not timed); `keyed_postings_per_s`: `Ledger.post_inference`, whose idempotency check
+scans the journal's bytes. A write parses only the head file and validates the new text
+against it, then replaces the current month's segment atomically, so its cost follows the
+current segment's size, not the ledger's.
 """,
     )
 

@@ -1,17 +1,18 @@
 """The ledger plane: one beancount ledger per project, at `financial/<project>/ledger.beancount`.
 
-Chart of accounts (every account holds the project's primary currency, CAD by default):
+Chart of accounts (every account holds the project's primary currency, CAD by default; the
+full chart, file layout and posting rules are in docs/ledger.md):
 
 - `Assets:Budget:<Project>`: money the project may still spend; funded from equity, drawn down
-  by every expense.
-- `Equity:Budget:Funding`: where budget comes from; one funding transaction per budget grant,
-  keyed by `funding: "<name>"` metadata (a trial, a period).
-- `Expenses:Inference:<Provider>:<Model>`: metered LLM usage, one transaction per posting key
-  (an assignment, an hour × machine), with USD amount, tokens and machine as posting metadata.
-- Later: `Expenses:Compute` (GPU/CPU hours), `Expenses:Purchases` (payments),
-  `Income:Revenue`.
+  by every expense; a balance assertion at the start of each day the scheduler runs.
+- `Equity:Budget:Funding`: one funding transaction per budget grant (`funding:` metadata).
+- `Expenses:Inference:<Provider>:<Model>`: metered LLM usage (local models priced by the hour
+  of their machine, apportioned by tokens), posted hourly per machine × model with a leg per
+  assignment (`ledger.posting`).
+- `Expenses:Compute:VM:<Machine>`: worker VM time per assignment, priced per driver.
+- `Expenses:Purchases:<Item>`: payments; `Income:Revenue:<Source>` into
+  `Assets:Receipts:<Project>`: revenue; one transaction each.
 
-USD prices are converted with the rate written as `price USD <rate> <currency>` directives.
-Writes go through `ledger.book.Ledger`, which validates every change with beancount before an
-atomic replace, so the file on disk always passes `bean-check`.
+Writes go through `ledger.book.Ledger`, which validates each change against the ledger's head
+before atomic replaces, so the files on disk always pass `bean-check`.
 """

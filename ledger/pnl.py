@@ -1,7 +1,9 @@
 """Profit and loss from the project ledgers: per project, per machine, per agent.
 
-Expenses are postings under `Expenses`; each is attributed to the machine in its posting
-metadata and the agent in its transaction metadata. Revenue is `Income:Revenue:…` (beancount
+Expenses are postings under `Expenses`; each is attributed to the machine and the agent named
+in its posting metadata, else in its transaction's (hourly usage names the machine on the
+transaction and the agent on each assignment's leg, read from the assignment's `spec.json` when
+it was posted; see `ledger.posting`). Revenue is `Income:Revenue:…` (beancount
 keeps income negative; here it is shown positive). Profit is revenue minus expenses.
 """
 
@@ -56,11 +58,11 @@ def profit_and_loss(ledgers: Iterable[tuple[str, Ledger]]) -> ProfitAndLoss:
         for t in entries:
             if not isinstance(t, data.Transaction):
                 continue
-            agent = str(t.meta.get("agent", NONE))
             for p in t.postings:
                 if p.units is None or p.units.currency != currency or p.units.number is None:
                     continue
                 machine = str((p.meta or {}).get("machine", t.meta.get("machine", NONE)))
+                agent = str((p.meta or {}).get("agent", t.meta.get("agent", NONE)))
                 number = Decimal(p.units.number)
                 if p.account.startswith("Expenses:"):
                     slot, amount = 1, number

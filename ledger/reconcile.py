@@ -1,9 +1,12 @@
 """Reconcile a project's ledger with metered usage: every assignment's spend, to the cent.
 
-The traffic index holds every flow with its `cost_usd`; the orchestrator posts each
-assignment's spend as one transaction keyed by the assignment id. Reconciling sums the index
-per assignment, converts it at the rate the ledger recorded (the price directive in force on
-the posting's date), and compares it with the ledger's postings per key.
+The traffic index holds every flow with its `cost_usd`; usage is posted hourly (`ledger.posting`)
+with one expense leg per assignment, each carrying its metered `usd`. Reconciling sums the index
+per assignment and compares it with the ledger's legs: the USD exactly, and the amount in the
+primary currency within half a cent of each leg's USD at the rate in force on its date. Flows
+past their spool file's watermark are not posted yet (their hour is still open): they are
+reported as pending, not as a difference. Transactions keyed by assignment (`key` metadata,
+`Ledger.post_inference`) count for that assignment.
 """
 
 from __future__ import annotations
@@ -14,13 +17,25 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
-from ledger.book import QUANTUM, Ledger
+from beancount.core import data
+
+from ledger.book import (
+    INFERENCE_ROOT,
+    KEY_META,
+    QUANTUM,
+    SPOOL_META,
+    SPOOL_TO_META,
+    Ledger,
+    LedgerError,
+    _Book,
+)
+from ledger.posting import spooled
 from proxy.index import TrafficIndex
 
 TOLERANCE = Decimal("0.005")
 """Half a cent of the primary currency: what rounding per posting may leave, and no more."""
 
-Kind = Literal["match", "missing", "extra", "amount", "unattributed"]
+Kind = Literal["match", "pending", "missing", "extra", "amount"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,8 @@ class Line:
     posted: Decimal
     """The ledger's expenses under this key, in the primary currency."""
     metered_usd: Decimal
+    pending_usd: Decimal = Decimal(0)
+    """Metered but not posted yet: past the watermark of its spool file (an open hour)."""
 
     @property
     def difference(self) -> Decimal:
@@ -42,14 +59,15 @@ class Line:
     def describe(self, currency: str) -> str:
         what = {
             "match": "matches",
+            "pending": "matches what is posted; the rest waits for its hour to close",
             "missing": "metered but not posted",
             "extra": "posted but never metered",
             "amount": "amount differs",
-            "unattributed": "metered with no assignment, cannot be posted",
         }[self.kind]
+        pending = f", {self.pending_usd:f} USD pending" if self.pending_usd else ""
         return (
             f"{self.key}: {what}: ledger {self.posted:f} {currency}, "
-            f"metered {self.metered:f} {currency} ({self.metered_usd:f} USD), "
+            f"metered {self.metered:f} {currency} ({self.metered_usd:f} USD{pending}), "
             f"difference {self.difference:+f}"
         )
 
@@ -62,7 +80,7 @@ class Reconciliation:
 
     @property
     def mismatches(self) -> list[Line]:
-        return [line for line in self.lines if line.kind != "match"]
+        return [line for line in self.lines if line.kind not in ("match", "pending")]
 
     @property
     def ok(self) -> bool:
@@ -72,32 +90,71 @@ class Reconciliation:
 UNATTRIBUTED = "(no assignment)"
 
 
+@dataclass
+class _Side:
+    usd: Decimal = Decimal(0)
+    amount: Decimal = Decimal(0)
+    expected: Decimal = Decimal(0)
+    """Each leg's USD at the rate of its date, rounded as the leg was."""
+
+
 def reconcile(ledger: Ledger, index: TrafficIndex, project: str) -> Reconciliation:
-    """Compare the index's spend per assignment of `project` with the ledger's keyed postings."""
-    currency = ledger.currency()
-    posted = ledger.keyed()
+    """Compare the index's spend per assignment of `project` with the ledger's inference legs."""
+    entries, options = ledger.load()
+    currency = str(options["operating_currency"][0])
+    book = _Book(entries, options)
+
+    def rate(on: dt.date) -> Decimal:
+        if currency == "USD":
+            return Decimal(1)
+        found = book.latest_rate(currency, on)
+        if found is None:
+            raise LedgerError(f"{ledger.path} has no price of USD in {currency} by {on}")
+        return found
+
+    posted: dict[str, _Side] = defaultdict(_Side)
+    marks: dict[str, int] = {}
+    for t in entries:
+        if not isinstance(t, data.Transaction):
+            continue
+        if SPOOL_META in t.meta:
+            spool = str(t.meta[SPOOL_META])
+            marks[spool] = max(marks.get(spool, 0), int(t.meta[SPOOL_TO_META]))
+        for p in t.postings:
+            usd = (p.meta or {}).get("usd")
+            if not p.account.startswith(INFERENCE_ROOT + ":") or not isinstance(usd, data.Amount):
+                continue
+            key = str((p.meta or {}).get("assignment") or t.meta.get(KEY_META) or UNATTRIBUTED)
+            number = Decimal(usd.number or 0)
+            side = posted[key]
+            side.usd += number
+            side.amount += Decimal(p.units.number or 0) if p.units else Decimal(0)
+            side.expected += (number * rate(t.date)).quantize(QUANTUM, rounding=ROUND_HALF_UP)
+
     metered: dict[str, Decimal] = defaultdict(Decimal)
-    for flow in index.flows(project=project):
-        metered[flow.assignment or UNATTRIBUTED] += flow.cost_usd
-    today = dt.date.today()
+    pending: dict[str, Decimal] = defaultdict(Decimal)
+    for spool, flows in spooled(index, project).items():
+        for f in flows:
+            key = f.assignment or UNATTRIBUTED
+            metered[key] += f.cost_usd
+            if f.spool_offset >= marks.get(spool, 0):
+                pending[key] += f.cost_usd
+
+    today = rate(dt.date.today())
     lines: list[Line] = []
     for key in sorted(set(metered) | set(posted)):
-        usd = metered.get(key, Decimal(0))
-        entry = posted.get(key)
-        rate = ledger.fx_rate(entry.date if entry is not None else today)
-        amount = (usd * rate).quantize(QUANTUM, rounding=ROUND_HALF_UP)
-        booked = entry.amount if entry is not None else Decimal(0)
+        side = posted.get(key, _Side())
+        usd, waiting = metered.get(key, Decimal(0)), pending.get(key, Decimal(0))
+        unposted = usd - waiting - side.usd
+        amount = side.expected + (unposted * today).quantize(QUANTUM, rounding=ROUND_HALF_UP)
         kind: Kind
-        if key == UNATTRIBUTED:
-            kind = "unattributed" if usd else "match"
-        elif entry is None:
-            # An assignment whose calls cost nothing has nothing to post.
-            kind = "missing" if amount else "match"
-        elif key not in metered:
-            kind = "extra"
-        elif abs(booked - amount) > TOLERANCE:
+        if key not in metered:
+            kind = "extra" if side.usd or side.amount else "match"
+        elif unposted > 0:
+            kind = "missing" if not side.usd else "amount"
+        elif unposted < 0 or abs(side.amount - side.expected) > TOLERANCE:
             kind = "amount"
         else:
-            kind = "match"
-        lines.append(Line(key, kind, amount, booked, usd))
+            kind = "pending" if waiting else "match"
+        lines.append(Line(key, kind, amount, side.amount, usd, waiting))
     return Reconciliation(project, currency, lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
@@ -12,15 +13,20 @@ from contracts.config import NomadCluster, TrialConfig
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
-from ledger.book import Ledger
+from ledger.book import Ledger, LedgerError, ledger_projects
 from ledger.counters import CounterStore, open_counters, open_project, task_scope
+from ledger.posting import Posted, agents_from_artifacts, post_usage, post_vm_hours
 from orchestrator.catalog import Catalog
-from orchestrator.state import Store, state_url
+from orchestrator.state import Assignment, Store, state_url, utcnow
 from proxy.index import ModelUsage, TrafficIndex
 from workers.driver import WorkerDriver, get_driver
 
 MICRO = Decimal("0.000001")
 """Money is kept to a millionth: local-model calls cost fractions of a cent."""
+USAGE_POST_INTERVAL_S = 60.0
+"""How often the scheduler posts closed hours of usage to the ledgers."""
+
+log = logging.getLogger("autovibe.platform")
 
 
 @dataclass
@@ -30,6 +36,8 @@ class Platform:
     store: Store
     catalog: Catalog
     drivers: dict[str, WorkerDriver] = field(default_factory=dict)
+    usage_posted_at: float = 0.0
+    """When `post_closed_hours` last ran (UNIX time)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Platform:
@@ -108,3 +116,49 @@ class Platform:
                     )
         finally:
             store.close()
+
+    # -- the ledger: hourly usage, VM time -------------------------------------------------------
+
+    def post_usage(self, project: str, *, until: float | None = None) -> Posted:
+        """Post the project's metered usage by the hour (`ledger.posting`): closed hours up to
+        `until`, or everything indexed when None."""
+        self.index.catch_up(self.root.traffic_logs)
+        agents = agents_from_artifacts(self.root, project)
+        return post_usage(self.ledger(project), self.index, project, until=until, agent_of=agents)
+
+    def post_closed_hours(self, now: float | None = None) -> None:
+        """At most every `USAGE_POST_INTERVAL_S`: post every project's closed hours, and once a
+        day assert each budget's balance at the start of the day."""
+        now = time.time() if now is None else now
+        if now - self.usage_posted_at < USAGE_POST_INTERVAL_S:
+            return
+        self.usage_posted_at = now
+        # The earlier of the local and UTC dates: fundings and payments are dated locally.
+        today = min(dt.date.today(), dt.datetime.fromtimestamp(now, dt.UTC).date())
+        for project in ledger_projects(self.root):
+            try:
+                self.post_usage(project, until=now)
+                self.ledger(project).assert_budget(today)
+            except LedgerError:
+                log.exception("posting usage of %s failed; it is retried next time", project)
+
+    def post_vm_time(self, config: TrialConfig, a: Assignment) -> bool:
+        """Post the assignment's wall time on its worker VM at the driver's VM-hour price."""
+        if a.started_at is None:
+            return False
+        try:
+            price = self.catalog.prices.compute.vm_hour(config.driver)
+        except KeyError as exc:
+            log.error("VM time of %s not posted: %s", a.id, exc.args[0])
+            return False
+        return post_vm_hours(
+            self.ledger(config.project),
+            assignment=a.id,
+            trial=a.trial_id,
+            agent=a.agent,
+            machine=a.machine or "unknown",
+            driver=config.driver,
+            seconds=(utcnow() - a.started_at).total_seconds(),
+            usd_per_hour=price,
+            on=dt.datetime.now(dt.UTC).date(),
+        )

@@ -22,6 +22,7 @@ from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from ledger.book import Ledger
 from ledger.check import bean_check
+from ledger.reconcile import reconcile
 from orchestrator import stack
 from orchestrator.client import Client
 from proxy.index import TrafficIndex
@@ -110,14 +111,18 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
         assert (flow.trial, flow.machine, flow.provider) == (trial_id, flow.machine, "local")
         assert flow.machine in ("m1", "m2")
 
-    # The ledger passes bean-check and holds exactly the metered spend, one posting each.
+    # The ledger passes bean-check and holds exactly the metered spend: hourly transactions
+    # per machine × model, one leg per assignment, reconciled with the index to the cent.
     ledger_path = root.ledger("demo")
     assert bean_check(ledger_path) == []
-    by_key = Ledger(ledger_path).postings_by_key()
+    result = reconcile(Ledger(ledger_path), index, "demo")
+    assert result.ok, [line.describe(result.currency) for line in result.mismatches]
+    lines = {line.key: line for line in result.lines}
     for a in view["assignments"]:
-        assert by_key[a["id"]] == Decimal(a["cost"])
-    posted = sum(by_key[a["id"]] for a in view["assignments"])
-    # Each posting is rounded to 6 decimals; the total may differ by that rounding only.
+        assert lines[a["id"]].kind == "match"
+        # Each leg is rounded to 6 decimals, the assignment's cost once: rounding only.
+        assert abs(lines[a["id"]].posted - Decimal(a["cost"])) <= Decimal("0.000003")
+    posted = sum(lines[a["id"]].posted for a in view["assignments"])
     assert abs(posted - Decimal(report["total_cost"])) <= Decimal("0.000003")
 
     # Patches and grading reports are kept with each assignment; every prompt opens with
@@ -170,6 +175,10 @@ def test_orchestrator_killed_mid_trial_resumes(
     for a in view["assignments"]:
         runs = (folder / a["id"] / "runs.jsonl").read_text().splitlines()
         assert len(runs) == 1, f"{a['id']} started {len(runs)} times"
-    by_key = Ledger(root.ledger("demo")).postings_by_key()
-    assert {a["id"] for a in view["assignments"]} <= set(by_key)
+    with TrafficIndex(root.traffic_index) as index:
+        index.catch_up(root.traffic_logs)
+        result = reconcile(Ledger(root.ledger("demo")), index, "demo")
+    assert result.ok, [line.describe(result.currency) for line in result.mismatches]
+    kinds = {line.key: line.kind for line in result.lines}
+    assert {kinds[a["id"]] for a in view["assignments"]} == {"match"}
     assert bean_check(root.ledger("demo")) == []

@@ -6,6 +6,7 @@ import datetime as dt
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ledger.book import InferenceItem, Ledger
 from ledger.check import bean_check
 from ledger.cli import app, fava_command
 from ledger.pnl import profit_and_loss
+from ledger.posting import post_usage
 from ledger.reconcile import reconcile
 from proxy.index import TrafficIndex
 from proxy.spool import Spool
@@ -59,34 +61,21 @@ def flow(n: int, assignment: str, machine: str, provider: str, model: str, usd: 
     )
 
 
-def post_spend(ledger: Ledger, index: TrafficIndex, assignment: str, machine: str) -> None:
-    """What the orchestrator's `Scheduler.post_spend` does when an assignment ends."""
-    items = [
-        InferenceItem(u.provider, u.model, machine, u.cost_usd, u.total_tokens, FX["CAD"])
-        for u in index.usage(assignment=assignment)
-    ]
-    ledger.post_inference(
-        key=assignment,
-        on=TODAY,
-        narration=f"{assignment} on {machine}",
-        items=items,
-        meta={"trial": "t1", "agent": "builtin" if machine == "m1" else "aider"},
-    )
-
-
 @pytest.fixture
-def trial(tmp_path: Path) -> tuple[DataRoot, Ledger, TrafficIndex]:
-    """A finished trial: flows spooled and indexed, a1 and a2 posted, a3 still running."""
+def trial(tmp_path: Path) -> Iterator[tuple[DataRoot, Ledger, TrafficIndex]]:
+    """A trial under way: a1's and a2's flows indexed and posted, a3's indexed after that."""
     root = DataRoot.at(tmp_path)
     spool = Spool(root)
-    for n, f in enumerate(FLOWS):
+    for n, f in enumerate(FLOWS[:-1]):
         spool.append(flow(n, *f))
     index = TrafficIndex(root.traffic_index)
-    assert index.catch_up(root.traffic_logs) == len(FLOWS)
+    assert index.catch_up(root.traffic_logs) == len(FLOWS) - 1
     ledger = Ledger.of(root, "demo")
     ledger.open("demo", Decimal("50"), "CAD", FX, TODAY, funding="t1")
-    post_spend(ledger, index, "a1", "m1")
-    post_spend(ledger, index, "a2", "m2")
+    post_usage(ledger, index, "demo")
+    spool.append(flow(len(FLOWS) - 1, *FLOWS[-1]))
+    spool.close()
+    assert index.catch_up(root.traffic_logs) == 1
     yield root, ledger, index
     index.close()
 
@@ -98,27 +87,30 @@ def test_ledger_equals_metered_usage(trial: tuple[DataRoot, Ledger, TrafficIndex
     assert by_key["a1"].kind == "match"
     assert by_key["a1"].metered == Decimal("0.023276")  # 0.016867 USD × 1.38
     assert by_key["a2"].kind == "match"
-    # a3 has spent but is not posted yet: reconcile says so.
-    assert by_key["a3"].kind == "missing"
-    assert by_key["a3"].metered == Decimal("0.04278")
-    assert [line.key for line in result.mismatches] == ["a3"]
+    # a3 has spent but is not posted yet (past the watermark): pending, not a difference.
+    assert by_key["a3"].kind == "pending"
+    assert by_key["a3"].pending_usd == Decimal("0.031")
+    assert result.ok and result.mismatches == []
 
-    post_spend(ledger, index, "a3", "m1")
-    assert reconcile(ledger, index, "demo").ok
+    post_usage(ledger, index, "demo")
+    result = reconcile(ledger, index, "demo")
+    assert {line.kind for line in result.lines} == {"match"}
+    assert {line.key: line.metered for line in result.lines}["a3"] == Decimal("0.04278")
 
 
 def test_tampered_posting_and_extra_posting_are_reported(
     trial: tuple[DataRoot, Ledger, TrafficIndex], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, ledger, index = trial
-    post_spend(ledger, index, "a3", "m1")
+    post_usage(ledger, index, "demo")
     # Tamper a2: one posting 1 cent higher, the budget posting left for beancount to balance.
-    text = ledger.path.read_text()
-    block = re.search(r"\n\n(\S+ \* \"a2 on m2\"\n(?:  .*\n)+)", text)
+    (segment,) = ledger.segments()
+    text = segment.read_text()
+    block = re.search(r"(\S+ \* \"Usage [^\n]*claude-haiku-4-5\"\n(?:  .*\n)+)", text)
     assert block is not None
     tampered = block.group(1).replace("0.345000 CAD", "0.355000 CAD")
     tampered = re.sub(r"(  Assets:Budget:Demo)  -\S+ CAD", r"\1", tampered)
-    ledger.path.write_text(text.replace(block.group(1), tampered))
+    segment.write_text(text.replace(block.group(1), tampered))
     assert bean_check(ledger.path) == []
     ledger.post_inference(
         key="ghost",
@@ -146,7 +138,7 @@ def test_reconcile_cli_passes_on_a_true_ledger(
     trial: tuple[DataRoot, Ledger, TrafficIndex], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, ledger, index = trial
-    post_spend(ledger, index, "a3", "m1")
+    post_usage(ledger, index, "demo")
     monkeypatch.setenv("AUTOVIBE_DATA", str(root.root))
     out = CliRunner().invoke(app, ["reconcile", "demo"])
     assert out.exit_code == 0, out.output
