@@ -80,13 +80,7 @@ class Posted:
 
 def spooled(index: TrafficIndex, project: str) -> dict[str, list[SpooledFlow]]:
     """The project's indexed flows per spool file, in spool order."""
-    # Reads the index's table directly: TrafficIndex has no query by spool position yet.
-    rows = index._query(
-        "SELECT spool_file, id, spool_offset, ts_start, trial, assignment, machine, provider, "
-        "model, total_tokens, cost_usd FROM flows WHERE project = ? "
-        "ORDER BY spool_file, spool_offset",
-        (project,),
-    )
+    rows = index.spooled(project)
     found: dict[str, list[SpooledFlow]] = defaultdict(list)
     for spool, *fields in rows:
         flow_id, offset, ts, trial, assignment, machine, provider, model, tokens, cost = fields

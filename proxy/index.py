@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS flows (
 CREATE INDEX IF NOT EXISTS flows_by_ts ON flows (ts_start);
 CREATE INDEX IF NOT EXISTS flows_by_trial ON flows (trial, assignment);
 CREATE INDEX IF NOT EXISTS flows_by_assignment ON flows (assignment);
+CREATE INDEX IF NOT EXISTS flows_by_spool ON flows (project, spool_file, spool_offset);
 CREATE VIRTUAL TABLE IF NOT EXISTS flows_fts USING fts5(
     url, model, error, request_body, response_body, messages,
     content='flows', content_rowid='rowid'
@@ -291,6 +292,16 @@ class TrafficIndex:
         return cursor.rowcount
 
     # -- queries ----------------------------------------------------------------------------
+
+    def spooled(self, project: str) -> list[tuple[Any, ...]]:
+        """The project's flows in spool order: (spool_file, id, spool_offset, ts_start, trial,
+        assignment, machine, provider, model, total_tokens, cost_usd) — what the ledger posts."""
+        return self._query(
+            "SELECT spool_file, id, spool_offset, ts_start, trial, assignment, machine, provider, "
+            "model, total_tokens, cost_usd FROM flows WHERE project = ? "
+            "ORDER BY spool_file, spool_offset",
+            (project,),
+        )
 
     def usage(
         self,
