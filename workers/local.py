@@ -1,50 +1,152 @@
-"""Embedded worker driver: each assignment is a detached local subprocess (`workers.runner`)."""
+"""Embedded worker driver: each assignment is a detached local runner (`workers.runner`).
+
+The runner runs in a tmux session of its own on the `autovibe` tmux server
+(`workers.operator`), so an operator can attach to it, watch it and type into it; its pane is
+copied into runner.log, and a second pane follows agent.log. tmux keeps it detached: it
+outlives an orchestrator restart, is the leader of its own process group (the pid it writes
+to runner.lock is the pane's), and is found again through its lock, as before. Without tmux
+it is a plain detached subprocess.
+
+Environment: the runner gets the orchestrator's environment, as a subprocess would, given to
+its pane only (`respawn-pane -e`, never stored in the server). tmux is always called with a
+bare environment (PATH, HOME, locale), so a server we start has nothing to pass on to other
+sessions; what a server started elsewhere holds beyond ours is unset for the runner.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
+from contracts.settings import PROJECT_ROOT
+from workers import operator
 from workers.runner import kill_group
 from workers.spec import AssignmentSpec
 
 LAUNCH_WAIT_S = 30.0
+TMUX_TIMEOUT_S = 10.0
+SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMUX_TMPDIR")
+"""What the tmux client (and so a server it starts) is given; TMUX_TMPDIR picks the socket."""
+SESSION_ENV_SKIP = ("TMUX", "TMUX_PANE")
+"""Set by tmux itself in every pane."""
+
+log = logging.getLogger(__name__)
 
 
 class LocalDriver:
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, tmux: bool | None = None) -> None:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self.tmux = shutil.which("tmux") is not None if tmux is None else tmux
+        """Run runners in tmux sessions; None: when tmux is installed."""
+        if not self.tmux:
+            log.warning(
+                "tmux not found: local runners start as plain subprocesses, "
+                "`autovibe worker attach` cannot reach them (apt-get install tmux)"
+            )
 
     def launch(self, spec: AssignmentSpec) -> None:
         spec.artifacts.mkdir(parents=True, exist_ok=True)
         spec_path = spec.artifacts / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=2))
-        with (spec.artifacts / "runner.log").open("ab") as log:
+        pid = self._launch_in_tmux(spec) if self.tmux else None
+        if pid is None:
+            pid = self._launch_detached(spec)
+        # Return only once the runner holds its lock (or has already ended), so that `alive`
+        # can never report a just-started runner as dead and get it started twice.
+        deadline = time.monotonic() + LAUNCH_WAIT_S
+        while time.monotonic() < deadline and _running(pid) and not self.alive(spec):
+            self._reap(spec)
+            time.sleep(0.02)
+
+    def _launch_detached(self, spec: AssignmentSpec) -> int:
+        with (spec.artifacts / "runner.log").open("ab") as runner_log:
             # Own session: the runner outlives an orchestrator restart and is killed as a group.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.runner", str(spec_path)],
+                _runner_argv(spec),
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=runner_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
             )
         self._children[spec.assignment] = proc
-        # Return only once the runner holds its lock (or has already ended), so that `alive`
-        # can never report a just-started runner as dead and get it started twice.
-        deadline = time.monotonic() + LAUNCH_WAIT_S
-        while time.monotonic() < deadline and proc.poll() is None and not self.alive(spec):
-            time.sleep(0.02)
+        return proc.pid
 
-    def alive(self, spec: AssignmentSpec) -> bool:
+    def _launch_in_tmux(self, spec: AssignmentSpec) -> int | None:
+        """The runner's pid, or None when tmux could not start it (a note is logged)."""
+        client_env = {k: v for k, v in os.environ.items() if k in SERVER_ENV}
+        made = self._tmux(spec, operator.session_argv(spec.assignment, PROJECT_ROOT), client_env)
+        if made is None:
+            return None
+        foreign = [k for k in _global_env(client_env) if k not in os.environ]
+        argv = operator.runner_argv(
+            spec.artifacts / "spec.json",
+            spec.assignment,
+            sys.executable,
+            env={k: v for k, v in os.environ.items() if k not in SESSION_ENV_SKIP},
+            unset=foreign,
+        )
+        started = self._tmux(spec, argv, client_env)
+        try:
+            pid = int((started or "").split()[0])
+        except (IndexError, ValueError):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    operator.tmux(
+                        "kill-session", "-t", f"={operator.session_name(spec.assignment)}"
+                    ),
+                    env=client_env,
+                    capture_output=True,
+                    timeout=TMUX_TIMEOUT_S,
+                )
+            return None
+        # Best effort: a runner that has already ended has no session left to split.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                operator.agent_pane_argv(spec.assignment, pid, spec.artifacts / "agent.log"),
+                env=client_env,
+                capture_output=True,
+                timeout=TMUX_TIMEOUT_S,
+            )
+        return pid
+
+    @staticmethod
+    def _tmux(spec: AssignmentSpec, argv: list[str], env: dict[str, str]) -> str | None:
+        """stdout of a tmux command, or None when it failed (a note is logged)."""
+        try:
+            proc = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=TMUX_TIMEOUT_S
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("tmux failed (%s): %s runs without a session", exc, spec.assignment)
+            return None
+        if proc.returncode != 0:
+            log.warning(
+                "tmux %s failed (%s): %s runs without a session",
+                argv[3],
+                proc.stderr.strip(),
+                spec.assignment,
+            )
+            return None
+        return proc.stdout
+
+    def _reap(self, spec: AssignmentSpec) -> None:
         child = self._children.get(spec.assignment)
         if child is not None and child.poll() is not None:
             del self._children[spec.assignment]  # reaped: no zombie keeps its pid
+
+    def alive(self, spec: AssignmentSpec) -> bool:
+        self._reap(spec)
         if not spec.lock_path.exists():
             return False
         with spec.lock_path.open("r") as fh:
@@ -60,4 +162,33 @@ class LocalDriver:
             return
         with contextlib.suppress(ValueError, OSError):
             pid = int(spec.lock_path.read_text().strip())
-            kill_group(pid)
+            kill_group(pid)  # the runner ends, and with it its tmux session
+
+
+def _runner_argv(spec: AssignmentSpec) -> list[str]:
+    return [sys.executable, "-m", "workers.runner", str(spec.artifacts / "spec.json")]
+
+
+def _global_env(client_env: Mapping[str, str]) -> list[str]:
+    """Names in the tmux server's global environment (none when no server runs yet)."""
+    try:
+        shown = subprocess.run(
+            operator.tmux("show-environment", "-g"),
+            env=dict(client_env),
+            capture_output=True,
+            text=True,
+            timeout=TMUX_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    # "NAME=value", or "-NAME" for one removed from it.
+    return [line.split("=", 1)[0] for line in shown.stdout.splitlines() if "=" in line]
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

@@ -16,7 +16,7 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,29 +49,62 @@ def session_name(assignment: str) -> str:
     return "autovibe-" + re.sub(r"[^A-Za-z0-9_-]", "_", assignment)
 
 
-def runner_session_argv(
+def session_argv(assignment: str, cwd: Path, hold_s: int = 60) -> list[str]:
+    """A new detached session for an assignment, its pane holding a placeholder (`sleep`) until
+    `runner_argv` puts the runner in it.
+
+    Two steps, because a tmux server is the client that started it: its command line (which
+    `ps` shows anyone) and its global environment (which every session inherits) are that
+    client's. So the session is made by a client with no environment worth hiding, and the
+    runner's environment is given afterwards to the pane alone. The window closes when its
+    process ends, whatever the operator's tmux.conf says: the session lasts as long as the
+    runner (or the placeholder, should the runner never come).
+    """
+    session = session_name(assignment)
+    return tmux(
+        "new-session", "-d", "-E", "-s", session, "-c", str(cwd), "-x", "200", "-y", "50",
+        "sleep", str(hold_s),
+        ";", "set-option", "-w", "-t", f"={session}:", "remain-on-exit", "off",
+    )  # fmt: skip
+
+
+def runner_argv(
     spec_path: Path,
     assignment: str,
     python: str,
-    cwd: Path,
     env: Mapping[str, str] | None = None,
+    unset: Sequence[str] = (),
 ) -> list[str]:
-    """Start `python -m workers.runner SPEC` as the only process of a new detached session.
+    """Replace the placeholder of the assignment's session by `python -m workers.runner SPEC`
+    and print the runner's pid.
 
-    `exec` makes the runner the pane's process: a session and process-group leader whose pid is
-    the one it writes to runner.lock, so `kill_group` stops it as before. pipe-pane copies what
-    the pane shows into runner.log (in the same tmux command, before the runner can print).
-    `env` is set in the session on top of the tmux server's own (which the first session's
-    client started it with), so the runner sees the environment of whoever launched it.
+    The runner is the pane's process itself (several arguments are exec'd without a shell): a
+    session and process-group leader whose pid is the one it writes to runner.lock, so
+    `kill_group` stops it as before. `env` is given to this pane only, on top of the tmux
+    server's global environment; `unset` names global variables the runner must not see.
+    pipe-pane copies what the pane shows into runner.log (in the same tmux command, before the
+    runner can print; the terminal's CRs dropped).
     """
     session = session_name(assignment)
     log = spec_path.parent / "runner.log"
-    command = f"exec {shlex.quote(python)} -m workers.runner {shlex.quote(str(spec_path))}"
+    command = [python, "-m", "workers.runner", str(spec_path)]
+    if unset:
+        command = ["env", *(arg for name in unset for arg in ("-u", name)), *command]
     variables = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+    copy = f"exec tr -d '\\r' >> {shlex.quote(str(log))}"
     return tmux(
-        "new-session", "-d", "-s", session, "-c", str(cwd), "-x", "200", "-y", "50", *variables,
-        command,
-        ";", "pipe-pane", "-o", "-t", f"={session}:", f"cat >> {shlex.quote(str(log))}",
+        "respawn-pane", "-k", "-t", f"={session}:", *variables, *command,
+        ";", "pipe-pane", "-o", "-t", f"={session}:", copy,
+        ";", "display-message", "-p", "-t", f"={session}:", "#{pane_pid}",
+    )  # fmt: skip
+
+
+def agent_pane_argv(assignment: str, runner_pid: int, agent_log: Path) -> list[str]:
+    """A second pane, under the runner's, that shows agent.log (the agent's own output) as it
+    is written and closes once the runner has ended. The runner's pane stays the active one."""
+    return tmux(
+        "split-window", "-d", "-v", "-l", "70%", "-t", f"={session_name(assignment)}:",
+        "tail", "-n", "+1", "-F", f"--pid={runner_pid}", str(agent_log),
     )  # fmt: skip
 
 

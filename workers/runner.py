@@ -155,6 +155,8 @@ def main(argv: list[str]) -> int:
 
     configure()  # runner.log: JSON lines, as Filebeat ships them
     signal.signal(signal.SIGTERM, _terminate)
+    # Its tmux session killed (or the tmux server): end the agent too, not only the runner.
+    signal.signal(signal.SIGHUP, _terminate)
     spec = AssignmentSpec.model_validate_json(Path(argv[1]).read_text())
     lock = spec.lock_path.open("w")
     try:

@@ -2,9 +2,9 @@
 
 Command construction and parsing are checked for every adapter on fixed sample outputs.
 mini-swe-agent is installed and run for real, sandboxed, against the real llama.cpp server
-through the real metering proxy. claude-code needs `/v1/messages`, which the CPU model
-server does not serve yet, and cursor-cli cannot be installed here: both are covered by
-command construction and parsing only.
+through the real metering proxy; so is claude-code, against the server's Anthropic Messages
+API (`/v1/messages`). cursor-cli cannot be installed here: it is covered by command
+construction and parsing only.
 """
 
 from __future__ import annotations
@@ -12,21 +12,23 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from agents_harness import agent_run, installed
+from agents_harness import agent_run, installed, run_sandboxed
 from typer.testing import CliRunner
 from worker_harness import EXAMPLES, MeteringProxy, ModelServer, direct_env
 
 from contracts.dataroot import DataRoot
 from workers import runner, sandbox, workspace
 from workers.agents import AGENTS, get_agent, install
-from workers.agents.aider import AiderAgent, chat_usage
-from workers.agents.claude_code import ClaudeCodeAgent
+from workers.agents.aider import AiderAgent, AiderConfig, chat_usage
+from workers.agents.claude_code import COMPACT_SYSTEM as CLAUDE_COMPACT_SYSTEM
+from workers.agents.claude_code import ClaudeCodeAgent, ClaudeConfig
 from workers.agents.cursor_cli import CursorCliAgent
 from workers.agents.headless import TRANSCRIPT
 from workers.agents.mini_swe_agent import COMPACT_SYSTEM, MiniConfig, MiniSweAgent
-from workers.agents.qwen_code import QwenCodeAgent
+from workers.agents.qwen_code import QwenCodeAgent, QwenConfig
 from workers.agents_cli import app
 from workers.spec import SandboxSpec
 
@@ -486,3 +488,121 @@ def test_mini_swe_agent_runs_sandboxed_against_the_real_model_through_the_proxy(
     assert trajectory["messages"][0]["content"] == COMPACT_SYSTEM
     assert outcome.usage.calls >= 1
     assert [r.status for r in calls[: outcome.usage.calls]] == [200] * outcome.usage.calls
+
+
+def test_qwen_code_runs_sandboxed_against_the_real_model_through_the_proxy(
+    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+) -> None:
+    root = DataRoot.at(tmp_path / "data")
+    found = installed("qwen-code", root.root)
+    # Compact: qwen-code's own prompt and tools (~8k tokens) overflow the tiny model's 2k.
+    agent = QwenCodeAgent(root.root, QwenConfig(max_turns=2, max_tokens=48, compact=True))
+    artifacts = root.assignment_dir("p1", "t1", "a-qwen")
+    workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
+    run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=120)
+
+    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+
+    events = [json.loads(line) for line in (artifacts / TRANSCRIPT).read_text().splitlines()]
+    assert events, f"empty {TRANSCRIPT}: {log_text}"
+    assert events[0]["type"] == "system" and events[0]["qwen_code_version"] == found.version
+    assert events[-1]["type"] == "result", log_text  # it ended on its own
+    assert outcome.version == found.version
+    calls = [r for r in metering_proxy.spooled("a-qwen") if r.path == "/v1/chat/completions"]
+    assert calls and all(r.status == 200 for r in calls), log_text
+    # The base model's noise is an answer (finished) or, when it is empty three times over,
+    # qwen-code's "[API Error: … empty response text]" (crashed); never a refused call.
+    assert outcome.exit_cause == "finished" or "empty response" in outcome.detail, outcome
+    settings = json.loads((artifacts / "home" / ".qwen" / "settings.json").read_text())
+    assert settings["privacy"]["usageStatisticsEnabled"] is False
+
+
+def test_aider_runs_sandboxed_against_the_real_model_through_the_proxy(
+    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+) -> None:
+    root = DataRoot.at(tmp_path / "data")
+    found = installed("aider", root.root)
+    # A base model rambles on: 32 tokens per reply keeps the call short on a shared CPU.
+    agent = AiderAgent(root.root, AiderConfig(max_tokens=32))
+    artifacts = root.assignment_dir("p1", "t1", "a-aider")
+    workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
+    run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=120)
+
+    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+
+    assert outcome.exit_cause == "finished", (outcome, log_text)
+    assert outcome.version == found.version
+    calls = [r for r in metering_proxy.spooled("a-aider") if r.path == "/v1/chat/completions"]
+    assert calls and all(r.status == 200 for r in calls), log_text
+    history = (artifacts / "aider.chat.history.md").read_text()
+    assert run.prompt in history, history
+    assert outcome.usage.calls >= 1, history
+
+
+def test_claude_code_command_options(tmp_path: Path) -> None:
+    run = agent_run(tmp_path / "ws", tmp_path / "art", endpoint=ENDPOINT)
+    config = ClaudeConfig(max_turns=3, max_output_tokens=48, compact=True)
+    argv = ClaudeCodeAgent(tmp_path, config).command(run)
+    env = env_of(argv)
+    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "48"
+    models = [v for k, v in env.items() if k.startswith("ANTHROPIC_") and k.endswith("_MODEL")]
+    assert len(models) == 5 and set(models) == {"tiny"}  # nothing the proxy cannot price
+    assert option(argv, "--system-prompt") == CLAUDE_COMPACT_SYSTEM
+    assert "--disable-slash-commands" in argv and option(argv, "--max-turns") == "3"
+    plain = ClaudeCodeAgent(tmp_path).command(run)
+    assert "CLAUDE_CODE_MAX_OUTPUT_TOKENS" not in env_of(plain)
+    assert "--system-prompt" not in plain and "--disable-slash-commands" not in plain
+
+
+def test_claude_code_runs_sandboxed_against_the_real_model_through_the_proxy(
+    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+) -> None:
+    root = DataRoot.at(tmp_path / "data")
+    found = installed("claude-code", root.root)
+    # Compact (~0.6k prompt tokens; the full prompt is ~2.9k, over the tiny model's context)
+    # and 16 tokens a reply: on a busy shared CPU a call can take tens of seconds.
+    config = ClaudeConfig(max_turns=2, max_output_tokens=16, compact=True)
+    agent = ClaudeCodeAgent(root.root, config)
+    artifacts = root.assignment_dir("p1", "t1", "a-claude")
+    workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
+    run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=300)
+
+    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+
+    events = [json.loads(line) for line in (artifacts / TRANSCRIPT).read_text().splitlines()]
+    assert events, f"empty {TRANSCRIPT}: {log_text}"
+    assert events[0]["type"] == "system" and events[0]["claude_code_version"] == found.version
+    assert outcome.version == found.version
+    # The tiny model's noise solves nothing; the run must end (or time out) as an agent run,
+    # never on the infrastructure: every call reached the model and was metered from its usage.
+    if outcome.exit_cause != "timeout":
+        assert events[-1]["type"] == "result", log_text
+    calls = [
+        r for r in metering_proxy.spooled("a-claude") if urlsplit(r.path).path == "/v1/messages"
+    ]
+    assert calls, f"no model call metered for a-claude: {log_text}"
+    answered = [r for r in calls if r.error is None]
+    assert answered and all(r.status == 200 for r in calls), (calls, log_text)
+    assert all(r.usage and not r.usage.estimated and r.usage.prompt_tokens > 0 for r in answered)
+    assert sum(r.usage.completion_tokens for r in answered if r.usage) > 0, answered
+    assert outcome.usage.calls >= 1, outcome
+
+
+def test_aider_and_qwen_code_send_nothing_but_model_calls(tmp_path: Path) -> None:
+    run = agent_run(tmp_path / "ws", tmp_path / "art", endpoint=ENDPOINT)
+    aider = AiderAgent(tmp_path, AiderConfig(max_tokens=32)).command(run)
+    assert env_of(aider)["BROWSER"] == "true" and env_of(aider)["AIDER_ANALYTICS"] == "false"
+    metadata = json.loads(Path(option(aider, "--model-metadata-file")).read_text())
+    assert set(metadata) == {"openai/tiny"}  # known: no price list fetched from GitHub
+    settings = json.loads(Path(option(aider, "--model-settings-file")).read_text())
+    assert settings == [{"name": "openai/tiny", "extra_params": {"max_tokens": 32}}]
+
+    qwen = QwenCodeAgent(tmp_path, QwenConfig(max_tokens=48, compact=True)).command(run)
+    env = env_of(qwen)
+    assert env["NODE_OPTIONS"] == "--disable-wasm-trap-handler"  # Node under RLIMIT_AS
+    assert env["QWEN_CODE_MAX_OUTPUT_TOKENS"] == "48"
+    home_settings = json.loads((run.artifacts / "home/.qwen/settings.json").read_text())
+    assert home_settings["privacy"]["usageStatisticsEnabled"] is False
+    assert home_settings["telemetry"]["enabled"] is False
+    core = [qwen[i + 1] for i, a in enumerate(qwen) if a == "--core-tools"]
+    assert core == ["read_file", "edit", "run_shell_command"] and "--bare" not in qwen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -20,10 +21,9 @@ from typer.testing import CliRunner
 from worker_harness import EXAMPLES, direct_env
 
 from contracts.dataroot import DataRoot
-from contracts.settings import PROJECT_ROOT
 from workers import operator
+from workers.local import LocalDriver
 from workers.operator_cli import app
-from workers.runner import kill_group
 from workers.spec import AssignmentSpec
 from workers.vm import VmSpec
 
@@ -212,18 +212,22 @@ def tmux_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     shutil.rmtree(short, ignore_errors=True)
 
 
-def start(spec_path: Path) -> str:
-    spec = AssignmentSpec.model_validate_json(spec_path.read_text())
-    argv = operator.runner_session_argv(
-        spec_path, spec.assignment, sys.executable, PROJECT_ROOT, env={"AUTOVIBE_PROBE": "1"}
-    )
-    subprocess.run(argv, check=True, timeout=10)
-    return operator.session_name(spec.assignment)
+def pane(session: str, pane_id: str = "") -> str:
+    """What a pane of the session shows now (the active one, the runner's, by default)."""
+    argv = operator.tmux("capture-pane", "-p", "-t", pane_id or f"={session}:")
+    return subprocess.run(argv, capture_output=True, text=True).stdout
 
 
-def pane(session: str) -> str:
-    """What the session's pane shows now."""
-    argv = operator.tmux("capture-pane", "-p", "-t", f"={session}:")
+def panes(session: str) -> dict[str, int]:
+    """pane id -> pid of the process it runs, for every pane of the session."""
+    argv = operator.tmux("list-panes", "-t", f"={session}:", "-F", "#{pane_id} #{pane_pid}")
+    listed = subprocess.run(argv, capture_output=True, text=True).stdout.split()
+    return {listed[i]: int(listed[i + 1]) for i in range(0, len(listed), 2)}
+
+
+def tmux_env(*target: str) -> str:
+    """`show-environment` of the server (-g) or of a session (-t =NAME)."""
+    argv = operator.tmux("show-environment", *target)
     return subprocess.run(argv, capture_output=True, text=True).stdout
 
 
@@ -234,57 +238,139 @@ def wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_runner_in_tmux_keeps_the_lock_and_result_protocol(root: DataRoot, tmux_dir: Path) -> None:
-    spec_path = make_spec(root, "t1.x-001")  # `.` is not allowed in a tmux session name
-    session = start(spec_path)
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A model endpoint that accepts and never answers: the agent waits, the runner lives."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    yield f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+    silent.close()
+
+
+def spec_of(spec_path: Path) -> AssignmentSpec:
+    return AssignmentSpec.model_validate_json(spec_path.read_text())
+
+
+def test_local_driver_runs_the_runner_in_a_tmux_session_to_its_result(
+    root: DataRoot, tmux_dir: Path
+) -> None:
+    spec = spec_of(make_spec(root, "t1.x-001"))  # `.` is not allowed in a tmux session name
+    driver = LocalDriver()
+    assert driver.tmux
+    driver.launch(spec)
+    session = operator.session_name(spec.assignment)
     assert session == "autovibe-t1_x-001"
-    artifacts = spec_path.parent
-    wait(lambda: (artifacts / "result.json").exists())
-    wait(lambda: not operator.has_session(session), timeout=10)
-    result = json.loads((artifacts / "result.json").read_text())
+    wait(lambda: spec.result_path.exists())
+    wait(lambda: not operator.has_session(session), timeout=10)  # it ends with the runner
+    result = json.loads(spec.result_path.read_text())
     assert result["agent"]["exit_cause"] == "crashed"  # nothing listens at the endpoint
-    assert operator.inspect(artifacts).state == "finished"
+    assert operator.inspect(spec.artifacts).state == "finished"
+    assert not driver.alive(spec)
     logs = CliRunner().invoke(app, ["logs", "t1.x-001"], env={"AUTOVIBE_DATA": str(root.root)})
     assert "transcript.jsonl: " in logs.output
 
 
-def test_attach_watch_type_and_cancel_a_live_runner(root: DataRoot, tmux_dir: Path) -> None:
-    # A model endpoint that accepts and never answers: the agent waits, the runner lives.
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    port = silent.getsockname()[1]
-    spec_path = make_spec(root, "t1-001", endpoint=f"http://127.0.0.1:{port}/v1")
-    artifacts = spec_path.parent
-    try:
-        session = start(spec_path)
-        wait(lambda: operator.inspect(artifacts).state == "running")
-        worker = operator.inspect(artifacts)
-        pane_pid = subprocess.run(
-            operator.tmux("display-message", "-p", "-t", f"={session}:", "#{pane_pid}"),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        # The runner is the pane's process and the lock holder: kill_group reaches it.
-        assert worker.pid == int(pane_pid) == int((artifacts / "runner.lock").read_text())
-        assert os.getpgid(worker.pid) == worker.pid
-        assert b"AUTOVIBE_PROBE=1" in Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
-        assert (artifacts / "runner.log").exists()  # the pane is copied there
+def test_attach_watch_type_into_and_interrupt_a_live_runner(
+    root: DataRoot, tmux_dir: Path, silent_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tmux server already runs, started from an operator's shell with variables of its own.
+    shell_env = {**os.environ, "OPERATOR_ONLY": "from-the-shell"}
+    subprocess.run(
+        operator.tmux("new-session", "-d", "-s", "operator", "sleep", "300"), env=shell_env
+    )
+    monkeypatch.setenv("AUTOVIBE_PROBE_SECRET", "s3cret")  # in the orchestrator's environment
+    spec = spec_of(make_spec(root, "t1-001", endpoint=silent_endpoint))
+    LocalDriver().launch(spec)
+    session = operator.session_name(spec.assignment)
+    assert operator.has_session(session)
+    worker = operator.inspect(spec.artifacts)
+    assert worker.state == "running"
 
-        env = {"AUTOVIBE_DATA": str(root.root), "TMUX_TMPDIR": str(tmux_dir)}
-        shown = CliRunner().invoke(app, ["attach", "t1-001"], env=env)
-        assert shown.exit_code == 0, shown.output
-        assert shown.output.strip() == "tmux -L autovibe attach-session -t =autovibe-t1-001"
+    # The runner is the session's first pane and the lock holder: kill_group reaches it.
+    shown = subprocess.run(
+        operator.tmux("display-message", "-p", "-t", f"={session}:", "#{pane_pid}"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert worker.pid == int(shown.stdout) == int(spec.lock_path.read_text())
+    assert os.getpgid(worker.pid) == worker.pid == os.getsid(worker.pid)
+    # The orchestrator's environment reaches the runner, in its own pane only; what the
+    # server was started with beyond that does not.
+    environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+    assert b"AUTOVIBE_PROBE_SECRET=s3cret" in environ
+    assert not any(var.startswith(b"OPERATOR_ONLY=") for var in environ)
+    for listed in (tmux_env("-g"), tmux_env("-t", f"={session}"), tmux_env("-t", "=operator")):
+        assert "s3cret" not in listed
 
-        # What an attached operator does: type into the pane and see it there.
-        subprocess.run(operator.tmux("send-keys", "-t", f"={session}:", "hello", ""), check=True)
-        wait(lambda: "hello" in pane(session))
+    # The second pane follows the agent's own output.
+    (agent_pane,) = [p for p, pid in panes(session).items() if pid != worker.pid]
+    agent_log = spec.artifacts / "agent.log"
+    wait(agent_log.exists)  # the runner has started the agent
+    with agent_log.open("a") as fh:
+        fh.write("a line of the agent's\n")
+    wait(lambda: "a line of the agent's" in pane(session, agent_pane))
 
-        kill_group(worker.pid)  # what LocalDriver.cancel does with the pid from runner.lock
-        wait(lambda: not operator.has_session(session), timeout=15)
-        assert operator.inspect(artifacts).state == "stopped"
-        gone = CliRunner().invoke(app, ["attach", "t1-001"], env=env)
-        assert gone.exit_code == 1 and "t1-001 is stopped" in gone.output
-    finally:
-        silent.close()
+    env = {"AUTOVIBE_DATA": str(root.root), "TMUX_TMPDIR": str(tmux_dir)}
+    attach = CliRunner().invoke(app, ["attach", "t1-001"], env=env)
+    assert attach.exit_code == 0, attach.output
+    assert attach.output.strip() == "tmux -L autovibe attach-session -t =autovibe-t1-001"
+
+    # What an attached operator does: type into the runner's pane, see it there, and stop the
+    # runner with C-c (it ends without a result: the scheduler runs the assignment again).
+    subprocess.run(operator.tmux("send-keys", "-t", f"={session}:", "hello", ""), check=True)
+    wait(lambda: "hello" in pane(session))
+    subprocess.run(operator.tmux("send-keys", "-t", f"={session}:", "C-c", ""), check=True)
+    wait(lambda: not operator.has_session(session), timeout=15)
+    assert operator.inspect(spec.artifacts).state == "stopped"
+    assert not spec.result_path.exists()
+    assert "KeyboardInterrupt" in (spec.artifacts / "runner.log").read_text()  # the pane's copy
+    gone = CliRunner().invoke(app, ["attach", "t1-001"], env=env)
+    assert gone.exit_code == 1 and "t1-001 is stopped" in gone.output
+
+
+def test_a_runner_outlives_its_driver_and_is_cancelled_by_the_next_one(
+    root: DataRoot, tmux_dir: Path, silent_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOVIBE_PROBE_SECRET", "s3cret")
+    spec = spec_of(make_spec(root, "t1-002", endpoint=silent_endpoint))
+    LocalDriver().launch(spec)
+    session = operator.session_name(spec.assignment)
+    # The driver started the tmux server: neither its command line (`ps`) nor the global
+    # environment every session inherits holds what the runner was given.
+    server = subprocess.run(
+        operator.tmux("display-message", "-p", "#{pid}"), capture_output=True, text=True
+    )
+    assert b"s3cret" not in Path(f"/proc/{int(server.stdout)}/cmdline").read_bytes()
+    assert "AUTOVIBE_PROBE_SECRET" not in tmux_env("-g")
+    pid = int(spec.lock_path.read_text())
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent != os.getpid()  # the tmux server's child: no orchestrator to outlive
+
+    restarted = LocalDriver()  # what a restarted orchestrator has: no memory of the launch
+    assert restarted.alive(spec)
+    restarted.cancel(spec)
+    wait(lambda: not operator.has_session(session), timeout=15)
+    assert not restarted.alive(spec)
+    assert operator.inspect(spec.artifacts).state == "stopped"
+
+
+def test_without_tmux_the_runner_is_a_plain_detached_subprocess(
+    root: DataRoot,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no tmux on it
+    with caplog.at_level(logging.WARNING, logger="workers.local"):
+        driver = LocalDriver()
+    monkeypatch.setenv("PATH", path)  # the runner needs git
+    assert not driver.tmux
+    assert "tmux not found" in caplog.text
+    spec = spec_of(make_spec(root, "t2-001"))
+    driver.launch(spec)
+    wait(lambda: spec.result_path.exists())
+    assert json.loads(spec.result_path.read_text())["agent"]["exit_cause"] == "crashed"
+    wait(lambda: not driver.alive(spec))

@@ -1,6 +1,12 @@
 """Agents run headless with `-p PROMPT --output-format stream-json`: claude-code, qwen-code,
 cursor-cli. Their stdout is one JSON event per line (`system`, `assistant`, `user`, …) ending
 with a `result` event; it is written to `transcript.jsonl` and read back by `collect`.
+
+All three are Node.js programs. V8 reserves about 10 GiB of address space for each
+WebAssembly memory (its bounds checks trap on guard pages), so under the sandbox's RLIMIT_AS
+Node's own HTTP client (undici's parser is WebAssembly) fails on its first request with
+"Cannot allocate Wasm memory"; `--disable-wasm-trap-handler` (Node >= 20.15) checks bounds in
+code instead.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from workers.agents.installed import InstalledAgent, add_usage, exit_cause, json
 
 TRANSCRIPT = "transcript.jsonl"
 API_ERROR = "[API Error"
+NODE_OPTIONS = "--disable-wasm-trap-handler"
 
 
 class HeadlessAgent(InstalledAgent):
@@ -19,6 +26,9 @@ class HeadlessAgent(InstalledAgent):
 
     def agent_argv(self, run: AgentRun) -> list[str]:
         raise NotImplementedError
+
+    def env_prefix(self, run: AgentRun, **env: str) -> list[str]:
+        return super().env_prefix(run, NODE_OPTIONS=NODE_OPTIONS, **env)
 
     def command(self, run: AgentRun) -> list[str]:
         # stdout to the transcript, stderr to the runner's agent.log.
