@@ -1,4 +1,5 @@
-"""The CPU model server: llama-cpp-python's OpenAI-compatible server, one model per served name."""
+"""The CPU model server (`serving.app`: llama-cpp-python's OpenAI-compatible server plus the
+Anthropic Messages API), one model per served name."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from serving.weights import ensure_weights
 
+REASONING_KEY = "reasoning_models"
+"""Our key in llama_cpp.server's config file: served names whose reasoning `serving.app` splits
+from the answer (llama_cpp.server itself would refuse the key)."""
+
 
 def server_config(settings: Settings, catalog: ModelsCatalog) -> dict[str, object]:
-    """llama_cpp.server's config file: every CPU pair's normal and thinking model."""
+    """The server's config file: llama_cpp.server's, for every CPU pair's normal and thinking
+    model, plus `reasoning_models` (the thinking models' served names)."""
     root = DataRoot.at(settings.data)
     models = []
+    reasoning = []
     for pair in catalog.pairs.values():
         if pair.device != "cpu":
             continue
@@ -30,7 +37,15 @@ def server_config(settings: Settings, catalog: ModelsCatalog) -> dict[str, objec
                     "verbose": False,
                 }
             )
-    return {"host": settings.host, "port": settings.model_port, "models": models}
+        reasoning.append(pair.thinking.served_name)
+    return {
+        "host": settings.host,
+        "port": settings.model_port,
+        # llama-cpp-python's default cuts a running stream short when another request arrives.
+        "interrupt_requests": False,
+        "models": models,
+        REASONING_KEY: reasoning,
+    }
 
 
 def server_argv(settings: Settings, catalog: ModelsCatalog) -> list[str]:
@@ -38,4 +53,4 @@ def server_argv(settings: Settings, catalog: ModelsCatalog) -> list[str]:
     root = DataRoot.at(settings.data)
     path: Path = DataRoot.ensure(root.configs) / "llamacpp-server.json"
     path.write_text(json.dumps(server_config(settings, catalog), indent=2))
-    return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(path)]
+    return [sys.executable, "-m", "serving.app", "--config_file", str(path)]

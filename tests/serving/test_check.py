@@ -42,7 +42,7 @@ def test_tiny_absent_is_placeable_and_placed_matches_package_hash(
     assert placed.models[0].detail == "sha256 matches"
     assert placed.models[0].size == 253_113_024
     # Both roles map one file: its weights count once, each role has its own KV cache.
-    kv = 2 * 18 * 1 * 256 * 2 * 2048
+    kv = 2 * 18 * 1 * 256 * 2 * 8192
     assert placed.memory_total == 253_113_024 + 2 * kv
 
 
