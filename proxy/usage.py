@@ -62,6 +62,8 @@ class UsageMeter:
         self.raw_bytes = 0
         """Bytes fed, as they travelled (still encoded)."""
         self.decoded_bytes = 0
+        self.data_events = 0
+        """Server-sent events with data seen (`[DONE]` aside): about one token each."""
         self.response_id: str | None = None
         self.usage: Usage | None = None
         """The usage the server reported; partial until `complete`."""
@@ -163,6 +165,8 @@ class UsageMeter:
             self._event = value.decode("utf-8", errors="replace")
 
     def _dispatch(self, event: str | None, data: bytes) -> None:
+        if data.strip() != b"[DONE]":
+            self.data_events += 1
         if event in _SKIPPED_EVENTS or (event is not None and event.endswith(".delta")):
             return
         if data.strip() == b"[DONE]":

@@ -122,14 +122,25 @@ def usage_from_body(content_type: str, body: bytes) -> tuple[Usage | None, str |
     return (meter.usage if meter.complete else None), meter.response_id
 
 
-def estimate(request_bytes: int, response_bytes: int, known: Usage | None = None) -> Usage:
+def estimate(
+    request_bytes: int,
+    response_bytes: int,
+    known: Usage | None = None,
+    events: int = 0,
+    max_tokens: int | None = None,
+) -> Usage:
     """Tokens guessed from sizes, at least one each way so a call is never free.
 
     `known` is what a cut stream had already reported (Anthropic's input and cache tokens
-    come first): those input counts are kept, the output is guessed from the bytes.
+    come first): those input counts are kept. The output is guessed from a stream's data
+    events (one token each: a server sends a delta per token; the envelope bytes would count
+    ten times too many), else from the bytes, and never above the request's `max_tokens`.
     """
     prompt = max(1, math.ceil(request_bytes / BYTES_PER_TOKEN))
-    completion = max(1, math.ceil(response_bytes / BYTES_PER_TOKEN))
+    completion = events or math.ceil(response_bytes / BYTES_PER_TOKEN)
+    if max_tokens is not None and max_tokens > 0:
+        completion = min(completion, max_tokens)
+    completion = max(1, completion)
     cache_creation = cache_read = 0
     if known is not None and known.prompt_tokens > 0:
         prompt = known.prompt_tokens
@@ -318,7 +329,13 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
         # A provider charges for answers, not for refusals: a 4xx/5xx without usage is free.
         if answered or reached:
             seen = max(meter.raw_bytes, meter.decoded_bytes) if meter is not None else 0
-            usage = estimate(request_bytes, seen, known=meter.usage if meter else None)
+            usage = estimate(
+                request_bytes,
+                seen,
+                known=meter.usage if meter else None,
+                events=meter.data_events if meter is not None and meter.events else 0,
+                max_tokens=_max_tokens(facts.request_doc),
+            )
     _charge(facts, usage)
 
 
@@ -367,3 +384,14 @@ def _ask_for_stream_usage(doc: dict[str, Any]) -> bool:
         return False
     doc["stream_options"] = {**(options or {}), "include_usage": True}
     return True
+
+
+def _max_tokens(doc: dict[str, Any] | None) -> int | None:
+    """The output cap the request asked for, under any of the APIs' names for it."""
+    if not doc:
+        return None
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = doc.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

@@ -16,6 +16,7 @@ from contracts.records import Usage
 from contracts.settings import PROJECT_ROOT
 from proxy.addons.identity import Identity
 from proxy.addons.metering import Metering, estimate, parse_model_hosts, usage_from_body
+from proxy.usage import UsageMeter
 
 
 @pytest.fixture
@@ -133,3 +134,23 @@ def test_estimate_is_never_zero() -> None:
     )
     assert estimate(9, 400).prompt_tokens == 3
     assert estimate(9, 400).completion_tokens == 100
+
+
+def test_a_stream_without_usage_is_estimated_from_its_events_and_capped_by_max_tokens() -> None:
+    # 32 deltas of a llama.cpp-style stream that reports no usage: ~250 bytes of envelope
+    # each, so the bytes alone would say ~2000 tokens.
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "tiny"}
+    events = b"".join(
+        b"data: "
+        + json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": "tok"}}]}).encode()
+        + b"\n\n"
+        for _ in range(32)
+    )
+    meter = UsageMeter("openai_chat", "text/event-stream")
+    meter.feed(events + b"data: [DONE]\n\n")
+    meter.finish()
+    assert not meter.complete and meter.data_events == 32
+    assert estimate(400, meter.raw_bytes, events=meter.data_events).completion_tokens == 32
+    assert estimate(400, meter.raw_bytes).completion_tokens > 500
+    assert estimate(400, meter.raw_bytes, max_tokens=16).completion_tokens == 16
+    assert estimate(400, 0, max_tokens=16).completion_tokens == 1
