@@ -1,6 +1,8 @@
 """What the proxy costs: the same upstream called direct, through bare mitmdump, through the
-autovibe proxy (all addons: identity, routing, metering, budget, injection, capture, indexer,
-metrics) and through LiteLLM's proxy, side by side.
+autovibe proxy as the stack runs it (all addons: identity, routing, metering, budget, injection,
+capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m proxy.indexer` beside it,
+on the same machine), through the same proxy with its indexer thread inside (`autovibe-inproc`,
+the arrangement before the indexer got its own process) and through LiteLLM's proxy.
 
 Two workloads: a static JSON chat completion served by nginx (Debian `nginx-light`; without
 it, by the asyncio stub below, with a printed note), and an SSE stream from a small asyncio
@@ -25,11 +27,13 @@ import base64
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,8 @@ from contracts.credentials import MachineIdentity, load_or_create_key, mint
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
+from proxy.index import TrafficIndex
+from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv, mitmdump_path, wait_ready, with_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +100,8 @@ REST_EVENTS = (
     + _event("[DONE]")
 )
 STREAM_PAUSE_S = 0.002
+WARM_UP_CALLS = 5
+"""Calls per connection before a cell's clock starts."""
 
 
 # -- the upstream (run in its own process) ----------------------------------------------------
@@ -262,7 +270,9 @@ async def _cell(
 ) -> dict[str, Any]:
     request = _request(target, upstream_port, stream)
     warm: list[tuple[float, float]] = []
-    await asyncio.gather(*(_worker(target, request, 5, warm) for _ in range(concurrency)))
+    await asyncio.gather(
+        *(_worker(target, request, WARM_UP_CALLS, warm) for _ in range(concurrency))
+    )
     samples: list[tuple[float, float]] = []
     per_worker = max(1, total // concurrency)
     t0 = time.perf_counter()
@@ -294,6 +304,34 @@ def _start(
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     wait_ready("127.0.0.1", port, timeout=30, process=process)
     return process
+
+
+def _start_indexer(root: DataRoot, log: Path) -> subprocess.Popen[bytes]:
+    """`python -m proxy.indexer` on the data root `root`, as the stack starts it; once ready."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOVIBE_")}
+    env |= {"AUTOVIBE_DATA": str(root.root), "PYTHONPATH": str(ROOT)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.indexer"], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    deadline = time.monotonic() + 30
+    while ready_pid(root) != process.pid:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the indexer did not start (exit {process.poll()}); see {log}")
+        time.sleep(0.05)
+    return process
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait: the indexer's last catch-up may take a moment."""
+    process.terminate()
+    process.wait(timeout=30)
 
 
 def _mitmdump_bare(work: Path, port: int) -> list[str]:
@@ -409,6 +447,9 @@ def _litellm(
 @dataclass
 class Run:
     rows: list[dict[str, Any]]
+    cpu_ms: dict[str, float]
+    """CPU milliseconds per call over the whole run, per process (`/proc`): bare mitmdump,
+    the autovibe proxy, its separate indexer, the proxy with its indexer inside."""
     nginx: bool
     """The static JSON came from nginx (else from the asyncio stub)."""
     litellm: str
@@ -435,7 +476,8 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
             if nginx is not None:
                 processes.append(nginx)
             bare_port = free_port()
-            processes.append(_start(_mitmdump_bare(work, bare_port), bare_port, work / "bare.log"))
+            bare = _start(_mitmdump_bare(work, bare_port), bare_port, work / "bare.log")
+            processes.append(bare)
             settings = Settings(
                 data=work / "data",
                 configs=ROOT / "configs",
@@ -443,20 +485,29 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
                 proxy_port=free_port(),
                 model_port=sse_port,
             )
-            root = DataRoot.at(settings.data)
-            key = load_or_create_key(root)
             identity = MachineIdentity("bench", "bench", "bench-000", "m1", time.time() + 3600)
-            open_ample(root.budget_counters, identity.project, [identity.machine])
-            argv = with_options(
-                mitmdump_argv(settings),
-                [f"autovibe_model_hosts=127.0.0.1:{sse_port},127.0.0.1:{json_port}"],
+            hosts = [f"autovibe_model_hosts=127.0.0.1:{sse_port},127.0.0.1:{json_port}"]
+            # The stack's arrangement: mitmdump only spools, the indexer process indexes.
+            root, auth = _bench_root(settings, identity)
+            indexer = _start_indexer(root, work / "indexer.log")
+            processes.append(indexer)
+            argv = with_options(mitmdump_argv(settings, indexer=False), hosts)
+            autovibe = _start(argv, settings.proxy_port, work / "autovibe.log")
+            processes.append(autovibe)
+            # The arrangement before: the indexer thread inside mitmdump (a data root of its own).
+            settings_inproc = settings.model_copy(
+                update={"data": work / "data-inproc", "proxy_port": free_port()}
             )
-            processes.append(_start(argv, settings.proxy_port, work / "autovibe.log"))
-            auth = "Basic " + base64.b64encode(f"m1:{mint(key, identity)}".encode()).decode()
+            root_inproc, auth_inproc = _bench_root(settings_inproc, identity)
+            argv = with_options(mitmdump_argv(settings_inproc, indexer=True), hosts)
+            inproc = _start(argv, settings_inproc.proxy_port, work / "autovibe-inproc.log")
+            processes.append(inproc)
             targets = [
                 Target("mitmdump", bare_port),
                 Target("autovibe", settings.proxy_port, auth),
+                Target("autovibe-inproc", settings_inproc.proxy_port, auth_inproc),
             ]
+            roots = {"autovibe": root, "autovibe-inproc": root_inproc}
             why_not = "not asked for (--no-litellm)"
             if with_litellm:
                 exe, why_not = litellm_executable()
@@ -479,6 +530,7 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
             if why_not:
                 print(f"note: no LiteLLM rows: {why_not}", file=sys.stderr)
             rows = []
+            bare_calls = 0
             for stream in (False, True):
                 upstream = sse_port if stream else json_port
                 for concurrency in concurrencies:
@@ -486,18 +538,67 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
                         # LiteLLM runs at tens of calls a second: a quarter of the calls.
                         n = total // 4 if target.system == "litellm" else total
                         row = asyncio.run(_cell(target, upstream, stream, concurrency, n))
+                        if target.system in roots:
+                            # Whatever indexing is left is done now, not in the next cell.
+                            row["index_lag_s"] = _index_lag(roots[target.system])
+                        if target.system == "mitmdump":
+                            bare_calls += row["requests"] + WARM_UP_CALLS * concurrency
                         print(row, file=sys.stderr, flush=True)
                         rows.append(row)
-            _check_metered(root, identity.assignment)
-            return Run(rows, nginx is not None, why_not)
+            cpu_s = {
+                "mitmdump": _cpu_s(bare.pid),
+                "autovibe proxy": _cpu_s(autovibe.pid),
+                "autovibe indexer": _cpu_s(indexer.pid),
+                "autovibe-inproc": _cpu_s(inproc.pid),
+            }
+            calls = {
+                "mitmdump": bare_calls,
+                "autovibe proxy": _check_metered(root, identity.assignment),
+                "autovibe indexer": _spooled(root),
+                "autovibe-inproc": _check_metered(root_inproc, identity.assignment),
+            }
+            cpu_ms = {name: round(cpu_s[name] * 1000 / calls[name], 2) for name in cpu_s}
+            return Run(rows, cpu_ms, nginx is not None, why_not)
         finally:
             for process in reversed(processes):
-                process.terminate()
-                process.wait(timeout=15)
+                _stop(process)
 
 
-def _check_metered(root: DataRoot, assignment: str) -> None:
-    """The autovibe rows count only if the proxy really metered: every flow spooled, priced."""
+def _bench_root(settings: Settings, identity: MachineIdentity) -> tuple[DataRoot, str]:
+    """A data root whose budget covers the bench's machine; its `Proxy-Authorization`."""
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, identity.project, [identity.machine])
+    token = mint(key, identity)
+    return root, "Basic " + base64.b64encode(f"{identity.machine}:{token}".encode()).decode()
+
+
+def _spooled(root: DataRoot) -> int:
+    """Complete lines in the spool of `root`."""
+    return sum(p.read_bytes().count(b"\n") for p in root.traffic_logs.glob("*/*/flows.jsonl"))
+
+
+def _indexed(root: DataRoot) -> int:
+    if not root.traffic_index.exists():
+        return 0
+    with closing(sqlite3.connect(f"file:{root.traffic_index}?mode=ro", uri=True)) as db:
+        (count,) = db.execute("SELECT count(*) FROM flows").fetchone()
+    return int(count)
+
+
+def _index_lag(root: DataRoot, timeout_s: float = 300) -> float:
+    """Seconds until the traffic index of `root` holds every spooled flow."""
+    t0 = time.perf_counter()
+    while _indexed(root) < _spooled(root):
+        if time.perf_counter() - t0 > timeout_s:
+            raise SystemExit(f"the index of {root.root} trails its spool after {timeout_s}s")
+        time.sleep(0.02)
+    return round(time.perf_counter() - t0, 2)
+
+
+def _check_metered(root: DataRoot, assignment: str) -> int:
+    """The autovibe rows count only if the proxy really metered: every flow spooled, priced,
+    indexed. Returns the number of flows."""
     lines = [
         json.loads(line)
         for path in root.traffic_logs.glob("*/*/flows.jsonl")
@@ -507,6 +608,11 @@ def _check_metered(root: DataRoot, assignment: str) -> None:
     bad = [r for r in mine if r["error"] or not r["usage"] or r["usage"]["estimated"]]
     if not mine or bad:
         raise SystemExit(f"autovibe proxy did not meter the bench calls: {bad[:3]}")
+    with TrafficIndex(root.traffic_index) as index:
+        indexed = len(index.flows(assignment=assignment))
+    if indexed != len(mine):
+        raise SystemExit(f"{root.root}: {len(mine)} flows spooled, {indexed} indexed")
+    return len(mine)
 
 
 def _share(rows: list[dict[str, Any]], system: str, base: str) -> list[str]:
@@ -560,6 +666,8 @@ def main() -> None:
         else f"LiteLLM was not measured in this run: {result.litellm}."
     )
     total = 400 if args.quick else 2000
+    inproc = "; ".join(_share(rows, "autovibe-inproc", "mitmdump"))
+    cpu = "; ".join(f"{name} {ms} ms" for name, ms in result.cpu_ms.items())
     notes = f"""
 Upstreams: static JSON chat completion (`json`) from {upstream}; SSE (`sse`) from a small asyncio
 HTTP/1.1 stub in its own process, sent chunked, first event at once and the rest
@@ -568,12 +676,20 @@ connections = concurrency, {total} calls per cell after 5 warm-up calls per conn
 loopback only; `direct` is bounded by this Python client, not by the upstream. `mitmdump` is
 bare mitmdump 11 in regular (explicit proxy) mode with no addons; `autovibe` is the proxy as
 the platform starts it (identity, routing, metering with streaming, budget reserve/settle on
-SQLite counters, injection, capture to the spool, indexer, metrics addon), every call checked
-afterwards to be spooled with exact usage. TTFB is the time to the first body byte (first SSE
-event). `added_*` are differences from `direct` at the same workload and concurrency.
+SQLite counters, injection, capture to the spool, metrics addon; `autovibe_indexer=false`)
+with `python -m proxy.indexer` running beside it on the same 2 cores, catching the SQLite index
+(FTS5) up every second: its CPU competes with the proxy's, as it does in production.
+`autovibe-inproc` is the same proxy with the indexer thread inside mitmdump, as before the
+indexer got its own process (own data root). Every autovibe call is checked afterwards to be
+spooled with exact usage and indexed; `index_lag_s` is how long after a cell's last call the
+index still trailed the spool (waited out before the next cell, so no cell pays for another's
+indexing). TTFB is the time to the first body byte (first SSE event). `added_*` are
+differences from `direct` at the same workload and concurrency.
 The machine is shared (2 cores, other work running): compare rows of one run, not across runs.
 
 autovibe throughput as a share of bare mitmdump: {"; ".join(_share(rows, "autovibe", "mitmdump"))}.
+The same with the indexer inside the proxy (`autovibe-inproc`): {inproc}.
+CPU per call over the whole run (user + system, /proc; warm-up calls included): {cpu}.
 autovibe streaming TTFB overhead (p50): {"; ".join(ttfb)}.
 {litellm}
 """

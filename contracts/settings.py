@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     """Budget counter store shared by orchestrator and proxy: `sqlite` (data root) or `redis`."""
     budget_redis_url: str | None = None
     """redis://host:port/db when `budget_store` is `redis`."""
+    traffic_store: str = "sqlite"
+    """Where the indexer (`python -m proxy.indexer`) keeps the spool searchable: `sqlite` (data
+    root) or `elasticsearch`."""
+    elasticsearch_url: str | None = None
+    """http[s]://[user:password@]host:port of Elasticsearch, for `traffic_store` `elasticsearch`."""
+    index_body_max: int | None = None
+    """Bytes of each body kept in the traffic store; None: `proxy.index.DEFAULT_BODY_MAX`."""
+    index_interval_s: float = 1.0
+    """Seconds between the indexer's catch-ups; the store trails the spool by about this much."""
     cors_origins: list[str] = []
     """Origins a browser may call the control API from (exact origins; `*` is refused)."""
     rate_limit_machine: int = 10

@@ -82,7 +82,7 @@ def _client(settings: Settings) -> Client:
 @app.command()
 def up(
     only: Annotated[
-        list[str] | None, typer.Option(help="Start only these: model, proxy, api.")
+        list[str] | None, typer.Option(help="Start only these: model, indexer, proxy, api.")
     ] = None,
 ) -> None:
     """Start the model server, the proxy and the control API in the background."""

@@ -18,6 +18,7 @@ import httpx
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
+from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv
 from serving.llamacpp import server_argv
 
@@ -67,7 +68,20 @@ def model_argv(settings: Settings) -> list[str]:
     return server_argv(settings, load_models(settings.configs))
 
 
+def _indexer_ready(settings: Settings) -> Callable[[], bool]:
+    """The indexer has no port: ready once the process in its pid file has its store open."""
+    root = DataRoot.at(settings.data)
+
+    def check() -> bool:
+        pid = running_pid(root, "indexer")
+        return pid is not None and ready_pid(root) == pid
+
+    return check
+
+
 def services(settings: Settings) -> list[Service]:
+    """In start order; `down` stops them in reverse, so the indexer's last catch-up comes after
+    the proxy's last spooled flow."""
     api = [
         sys.executable,
         "-m",
@@ -82,12 +96,14 @@ def services(settings: Settings) -> list[Service]:
     ]
     return [
         Service("model", model_argv(settings), _http_ok(f"{settings.model_url}/models")),
+        Service("indexer", [sys.executable, "-m", "proxy.indexer"], _indexer_ready(settings)),
         Service(
             "proxy",
             mitmdump_argv(
                 settings,
                 transparent_port=settings.proxy_transparent_port,
                 dns_port=settings.proxy_dns_port,
+                indexer=False,
             ),
             _port_open(settings.host, settings.proxy_port),
         ),
@@ -167,7 +183,7 @@ def down(settings: Settings) -> list[str]:
 
 
 def services_names() -> list[str]:
-    return ["model", "proxy", "api"]
+    return ["model", "indexer", "proxy", "api"]
 
 
 def status(settings: Settings) -> dict[str, int | None]:

@@ -1,8 +1,9 @@
 """How the proxy process is started: the mitmdump command line, and waiting for it to listen.
 
 `python -m proxy.launch [--set option=value ...]` execs mitmdump as `mitmdump_argv` builds it
-from the AUTOVIBE_* environment; each `--set` given replaces the option of the same name (the
-container images start the proxy this way, naming hosts and URLs only a deployment knows).
+from the AUTOVIBE_* environment, without its in-process indexer (`python -m proxy.indexer` runs
+beside it); each `--set` given replaces the option of the same name (the container images start
+the proxy this way, naming hosts and URLs only a deployment knows).
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ def mitmdump_path() -> Path:
     return path
 
 
-def mitmdump_argv(settings: Settings, *, transparent_port: int = 0, dns_port: int = 0) -> list[str]:
+def mitmdump_argv(
+    settings: Settings, *, transparent_port: int = 0, dns_port: int = 0, indexer: bool = True
+) -> list[str]:
     """The command that runs the metering proxy on `settings.host:settings.proxy_port`.
 
     With `transparent_port`, the same process also listens there in transparent mode, for
     workers in network namespaces (`sandbox.network: transparent`, `workers.netns`); with
     `dns_port`, also as their DNS server (UDP and TCP; names resolved like the proxy's own
-    host resolves them: its hosts file, then its name servers).
+    host resolves them: its hosts file, then its name servers). With `indexer=False` the proxy
+    only spools, for callers that run `python -m proxy.indexer` beside it (the stack does).
     """
     root = DataRoot.at(settings.data)
     workers = ["--mode", f"transparent@{transparent_port}"] if transparent_port else []
@@ -62,6 +66,7 @@ def mitmdump_argv(settings: Settings, *, transparent_port: int = 0, dns_port: in
         f"autovibe_model_hosts={settings.host}:{settings.model_port}",
         *_budget_options(settings),
         *_metrics_options(settings),
+        *_indexer_options(settings, indexer),
         "--set",
         "termlog_verbosity=warn",
         "--set",
@@ -110,6 +115,20 @@ def _metrics_options(settings: Settings) -> list[str]:
     return ["--set", f"autovibe_metrics_port={settings.proxy_metrics_port}"]
 
 
+def _indexer_options(settings: Settings, indexer: bool) -> list[str]:
+    """Off, or the store settings when not the embedded default (as for the budget store)."""
+    if not indexer:
+        return ["--set", "autovibe_indexer=false"]
+    options = []
+    if settings.traffic_store != "sqlite":
+        options += ["--set", f"autovibe_traffic_store={settings.traffic_store}"]
+    if settings.elasticsearch_url:
+        options += ["--set", f"autovibe_elasticsearch_url={settings.elasticsearch_url}"]
+    if settings.index_body_max is not None:
+        options += ["--set", f"autovibe_index_body_max={settings.index_body_max}"]
+    return options
+
+
 def with_options(argv: list[str], sets: list[str]) -> list[str]:
     """`argv` with each `option=value` of `sets` replacing that option's `--set`, or added.
 
@@ -136,6 +155,7 @@ def argv_for(settings: Settings, args: list[str]) -> list[str]:
             settings,
             transparent_port=settings.proxy_transparent_port,
             dns_port=settings.proxy_dns_port,
+            indexer=False,
         ),
         list(args[1::2]),
     )

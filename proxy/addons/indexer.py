@@ -1,25 +1,28 @@
-"""Keeps the traffic store (SQLite or Elasticsearch) caught up with the spool as the proxy runs."""
+"""Keeps the traffic store (SQLite or Elasticsearch) caught up with the spool as the proxy runs.
+
+On by default, for whatever starts mitmdump alone. The stack, docker-compose and the bench set
+`autovibe_indexer=false` and run `python -m proxy.indexer` beside the proxy instead: indexing
+(FTS5 above all) then stops competing with the request path for this process's interpreter.
+"""
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 import threading
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from proxy.addons import dataroot
 from proxy.index import DEFAULT_BODY_MAX
-from proxy.stores import DEFAULT, STORES, TrafficStore, get_store
+from proxy.indexer import SettingNames, catch_up, open_store
+from proxy.stores import DEFAULT, STORES, TrafficStore
 
-log = logging.getLogger(__name__)
-
+ENABLED_OPTION = "autovibe_indexer"
 STORE_OPTION = "autovibe_traffic_store"
 URL_OPTION = "autovibe_elasticsearch_url"
 BODY_MAX_OPTION = "autovibe_index_body_max"
+OPTION_NAMES = SettingNames(STORE_OPTION, URL_OPTION, BODY_MAX_OPTION)
 
 
 class Indexer:
@@ -32,9 +35,17 @@ class Indexer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._running = False
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
+        loader.add_option(
+            name=ENABLED_OPTION,
+            typespec=bool,
+            default=True,
+            help="Index the spool from a thread of this process; false when `python -m "
+            "proxy.indexer` runs beside the proxy (the stack does), so no store is opened here.",
+        )
         loader.add_option(
             name=STORE_OPTION,
             typespec=str,
@@ -57,39 +68,36 @@ class Indexer:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if not updated & {dataroot.OPTION, STORE_OPTION, URL_OPTION, BODY_MAX_OPTION}:
+        options = {dataroot.OPTION, ENABLED_OPTION, STORE_OPTION, URL_OPTION, BODY_MAX_OPTION}
+        if not updated & options:
             return
+        store: TrafficStore | None = None
         root = dataroot.current()
-        name: str = getattr(ctx.options, STORE_OPTION)
-        url: str = getattr(ctx.options, URL_OPTION).strip()
-        body_max: int = getattr(ctx.options, BODY_MAX_OPTION)
-        if body_max < 0:
-            raise exceptions.OptionsError(
-                f"{BODY_MAX_OPTION} must be 0 or more bytes, got {body_max}"
-            )
-        if name not in STORES:
-            raise exceptions.OptionsError(
-                f"{STORE_OPTION}: unknown store {name!r}: use one of {', '.join(STORES)}"
-            )
-        options = {}
-        if name == "elasticsearch":
-            parts = urlsplit(url)
-            if parts.scheme not in {"http", "https"} or not parts.hostname:
-                raise exceptions.OptionsError(
-                    f"{URL_OPTION} must be an http:// or https:// URL with a host when "
-                    f"{STORE_OPTION}=elasticsearch, got {url!r}"
+        if getattr(ctx.options, ENABLED_OPTION):
+            try:
+                store = open_store(
+                    root,
+                    getattr(ctx.options, STORE_OPTION),
+                    url=getattr(ctx.options, URL_OPTION).strip(),
+                    body_max=getattr(ctx.options, BODY_MAX_OPTION),
+                    names=OPTION_NAMES,
                 )
-            options["url"] = url
-        store = get_store(name, root, **options)
-        # Both stores cut bodies the same way (proxy.index.index_copy).
-        store.body_max = body_max
+            except ValueError as exc:
+                raise exceptions.OptionsError(str(exc)) from exc
         with self._lock:
             if self.store is not None:
                 self.store.close()
             self.store = store
             self.traffic_logs = root.traffic_logs
+        if store is not None and self._running:
+            self._start()
 
     def running(self) -> None:
+        self._running = True
+        if self.store is not None:
+            self._start()
+
+    def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="autovibe-indexer", daemon=True)
             self._thread.start()
@@ -109,12 +117,7 @@ class Indexer:
         with self._lock:
             if self.store is None or self.traffic_logs is None:
                 return 0
-            try:
-                return self.store.catch_up(self.traffic_logs)
-            except (sqlite3.Error, OSError):
-                # The spool keeps everything; the next round picks up where this one failed.
-                log.exception("traffic store catch-up failed")
-                return 0
+            return catch_up(self.store, self.traffic_logs)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -4,7 +4,8 @@ Each of our services' commands is run for real by `sh`, with the compose file's 
 and secret files in a temporary folder; `python` is a shim that records the argv and the
 environment it was exec'd with. The recorded environment then goes through the code that
 picks each adapter (Settings, state_url, Platform.counters, the secret-store registry, the
-Nomad client, the proxy's mitmdump command line), so the file cannot drift from the code.
+Nomad client, the proxy's mitmdump command line, the indexer's store), so the file cannot
+drift from the code.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from orchestrator.platform import Platform
 from orchestrator.state import state_url
 from proxy import launch
 from proxy import stores as traffic_stores
+from proxy.es_shipper import ElasticsearchShipper
+from proxy.index import DEFAULT_BODY_MAX
+from proxy.indexer import store_for
 from secretstore import ENV_VAR, STORES
 from workers.nomad import client_for
 
@@ -145,11 +149,9 @@ def test_the_proxy_meters_into_redis_ships_to_elasticsearch_and_reads_vault(
     assert (redis_url.hostname, redis_url.port) == ("redis", 6379)
     assert redis_url.password == _secret_value("redis_password")
 
-    assert sets["autovibe_traffic_store"] == "elasticsearch"
-    assert "elasticsearch" in traffic_stores.STORES
-    es = urlsplit(sets["autovibe_elasticsearch_url"])
-    assert (es.scheme, es.hostname, es.port) == ("http", "elasticsearch", 9200)
-    assert (es.username, es.password) == ("elastic", _secret_value("elastic_password"))
+    # The spool goes to Elasticsearch from the indexer service, not from this process.
+    assert sets["autovibe_indexer"] == "false"
+    assert "autovibe_elasticsearch_url" not in sets
 
     port = int(sets["autovibe_metrics_port"])
     assert f"proxy:{port}" in (REPO / "configs" / "prometheus.yml").read_text()
@@ -160,6 +162,27 @@ def test_the_proxy_meters_into_redis_ships_to_elasticsearch_and_reads_vault(
     assert env["VAULT_ADDR"] == "http://vault:8200"
     assert env["VAULT_ROLE_ID"] == _secret_value("vault_proxy_role_id")
     assert env["VAULT_SECRET_ID"] == _secret_value("vault_proxy_secret_id")
+
+
+def test_the_indexer_ships_the_spool_to_elasticsearch(
+    compose: dict[str, Any], tmp_path: Path, environ: Any
+) -> None:
+    run = started(compose, "indexer", tmp_path)
+    assert run["argv"] == ["-m", "proxy.indexer"]
+    settings = environ(run["env"])
+    assert str(settings.data) == DATA
+    assert settings.traffic_store == "elasticsearch"
+    assert "elasticsearch" in traffic_stores.STORES
+    es = urlsplit(settings.elasticsearch_url)
+    assert (es.scheme, es.hostname, es.port) == ("http", "elasticsearch", 9200)
+    assert (es.username, es.password) == ("elastic", _secret_value("elastic_password"))
+    # What `python -m proxy.indexer` opens from these settings (registry under a temporary root).
+    store = store_for(settings.model_copy(update={"data": tmp_path}))
+    try:
+        assert isinstance(store, ElasticsearchShipper)
+        assert store.body_max == DEFAULT_BODY_MAX
+    finally:
+        store.close()
 
 
 def test_every_proxy_option_is_declared_by_an_addon(
@@ -189,7 +212,7 @@ def test_every_proxy_option_is_declared_by_an_addon(
 
 
 def test_the_services_share_one_image_built_here(compose: dict[str, Any]) -> None:
-    ours = {"api", "proxy", "model"}
+    ours = {"api", "proxy", "indexer", "model"}
     version = _pyproject_version()
     for name in ours:
         svc = compose["services"][name]

@@ -54,7 +54,7 @@ def test_the_stack_is_complete_and_keeps_its_data_in_the_data_root(
 ) -> None:
     services = compose["services"]
     assert set(services) == {
-        "api", "proxy", "model", "ray", "postgres", "redis", "elasticsearch", "kibana",
+        "api", "proxy", "indexer", "model", "ray", "postgres", "redis", "elasticsearch", "kibana",
         "filebeat", "superset", "vault", "nomad", "prometheus", "grafana",
     }  # fmt: skip
     # api and model share the proxy's network namespace: their ports are the proxy's.
