@@ -8,6 +8,7 @@ processes) never interleave inside a line and a reader sees only whole lines or 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import threading
 from pathlib import Path
@@ -18,6 +19,8 @@ from contracts.records import FlowRecord
 UNATTRIBUTED = "_unattributed"
 """Project folder for flows with no verified machine identity (refusals, errors)."""
 FILE_NAME = "flows.jsonl"
+ID_PREFIX_MAX = 256
+"""Bytes at the start of a line that hold its `id` (after `schema_version`)."""
 
 
 class Spool:
@@ -53,6 +56,25 @@ class Spool:
                 # A short write on a regular file means the disk is full: say so, loudly.
                 raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
         return path
+
+    def find(self, record: FlowRecord) -> FlowRecord | None:
+        """The line already spooled for `record.id` in the file `record` would go to, or None.
+
+        Reads the whole day's file: for rare checks (the budget's orphan sweep), not per flow.
+        """
+        path = self.path_for(record)
+        needle = f'"id":{json.dumps(record.id)},'.encode()
+        try:
+            with path.open("rb") as lines:
+                for line in lines:
+                    # The id is the second key of every line; a body quoting it is escaped.
+                    if needle in line[:ID_PREFIX_MAX] and line.endswith(b"\n"):
+                        found = FlowRecord.model_validate_json(line)
+                        if found.id == record.id:
+                            return found
+        except FileNotFoundError:
+            return None
+        return None
 
     def _open(self, path: Path) -> int:
         # Flows of past days stop arriving; keep only the current files open.

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from ledger.counters.periods import PERIODS, Period, iso, window
 
@@ -130,6 +130,9 @@ class Reservation:
     scopes: tuple[str, ...]
     amount: Decimal
     created: float
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """What the reserver noted with it (JSON): the proxy notes the flow, so that whoever
+    settles an orphan can write the flow's spool record (proxy.addons.budget)."""
 
 
 class CounterStore(Protocol):
@@ -142,9 +145,17 @@ class CounterStore(Protocol):
         ...
 
     def reserve(
-        self, reservation_id: str, scopes: Sequence[str], amount: Decimal, now: float | None = None
+        self,
+        reservation_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        now: float | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Reserved | Refused:
-        """Hold `amount` in every scope, or in none; repeating an open reservation is a no-op."""
+        """Hold `amount` in every scope, or in none; repeating an open reservation is a no-op.
+
+        `meta` (JSON-serializable) is kept with the reservation and read back by
+        `open_reservations`."""
         ...
 
     def settle(

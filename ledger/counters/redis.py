@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -53,7 +53,7 @@ return 'updated'
 """
 
 # KEYS: reservation, open set, scopes... ARGV: id, amount, now, scopes (JSON), then for each
-# scope its period and the start of the window holding `now`.
+# scope its period and the start of the window holding `now`, then the metadata (JSON).
 _RESERVE = """
 local held = redis.call('HMGET', KEYS[1], 'amount', 'scopes', 'settled')
 if held[1] then
@@ -75,7 +75,8 @@ for i = 1, #KEYS - 2 do
   if amount > left then return {'refused', i, left} end
 end
 for i = 1, #KEYS - 2 do redis.call('HINCRBY', KEYS[i + 2], 'reserved', amount) end
-redis.call('HSET', KEYS[1], 'amount', ARGV[2], 'scopes', ARGV[4], 'created', ARGV[3])
+redis.call('HSET', KEYS[1], 'amount', ARGV[2], 'scopes', ARGV[4], 'created', ARGV[3],
+           'meta', ARGV[#ARGV])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return {'ok', ARGV[2], ARGV[4]}
 """
@@ -192,6 +193,7 @@ class RedisCounters:
         scopes: Sequence[str],
         amount: Decimal,
         now: float | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Reserved | Refused:
         now = time.time() if now is None else now
         micro = to_micro(amount, round_up=True)
@@ -202,7 +204,10 @@ class RedisCounters:
         keys += [self._scope_key(n) for n in names]
         for _ in range(_RETRIES):
             args = [reservation_id, micro, repr(now), json.dumps(names)]
-            answer = self._call(self._reserve, keys=keys, args=args + self._windows(names, now))
+            windows = self._windows(names, now)
+            answer = self._call(
+                self._reserve, keys=keys, args=[*args, *windows, json.dumps(meta or {})]
+            )
             verdict = answer[0]
             if verdict == "ok":
                 return Reserved(
@@ -256,15 +261,19 @@ class RedisCounters:
             return []
         pipe = self.client.pipeline(transaction=False)
         for rid in ids:
-            pipe.hmget(self._reservation_key(rid), "scopes", "amount", "created", "settled")
+            pipe.hmget(self._reservation_key(rid), "scopes", "amount", "created", "settled", "meta")
         out = []
-        for rid, (scopes, amount, created, settled) in zip(
+        for rid, (scopes, amount, created, settled, meta) in zip(
             ids, self._call(pipe.execute), strict=True
         ):
             if scopes is not None and settled is None:
                 out.append(
                     Reservation(
-                        rid, tuple(json.loads(scopes)), from_micro(int(amount)), float(created)
+                        rid,
+                        tuple(json.loads(scopes)),
+                        from_micro(int(amount)),
+                        float(created),
+                        json.loads(meta or "{}"),
                     )
                 )
         return out

@@ -7,14 +7,16 @@ first's holds. Each thread gets its own connection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from ledger.counters import (
     CounterError,
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     created REAL NOT NULL,
     settled REAL,
     actual_micro INTEGER,
-    reason TEXT
+    reason TEXT,
+    meta TEXT
 );
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (created) WHERE settled IS NULL;
 """
@@ -72,7 +75,12 @@ class SqliteCounters:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._connection().executescript(_SCHEMA)
+            db = self._connection()
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(reservations)")}
+            if "meta" not in columns:  # a store made before reservations carried metadata
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                    db.execute("ALTER TABLE reservations ADD COLUMN meta TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise CounterStoreUnavailable(f"cannot create {self.path}: {exc}") from exc
 
@@ -170,6 +178,7 @@ class SqliteCounters:
         scopes: Sequence[str],
         amount: Decimal,
         now: float | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Reserved | Refused:
         now = time.time() if now is None else now
         micro = to_micro(amount, round_up=True)
@@ -199,8 +208,9 @@ class SqliteCounters:
                 [(micro, name) for name in names],
             )
             db.execute(
-                "INSERT INTO reservations (id, scopes, amount_micro, created) VALUES (?, ?, ?, ?)",
-                (reservation_id, json.dumps(names), micro, now),
+                "INSERT INTO reservations (id, scopes, amount_micro, created, meta)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (reservation_id, json.dumps(names), micro, now, json.dumps(meta or {})),
             )
         return Reserved(reservation_id, from_micro(micro), names)
 
@@ -241,7 +251,7 @@ class SqliteCounters:
             rows = (
                 self._connection()
                 .execute(
-                    "SELECT id, scopes, amount_micro, created FROM reservations"
+                    "SELECT id, scopes, amount_micro, created, meta FROM reservations"
                     " WHERE settled IS NULL AND created < ? ORDER BY created",
                     (older_than,),
                 )
@@ -249,7 +259,12 @@ class SqliteCounters:
             )
         except sqlite3.Error as exc:
             raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
-        return [Reservation(r[0], tuple(json.loads(r[1])), from_micro(r[2]), r[3]) for r in rows]
+        return [
+            Reservation(
+                r[0], tuple(json.loads(r[1])), from_micro(r[2]), r[3], json.loads(r[4] or "{}")
+            )
+            for r in rows
+        ]
 
     def describe(self, scope_id: str, now: float | None = None) -> ScopeState | None:
         now = time.time() if now is None else now

@@ -8,6 +8,15 @@ at what the tightest scope can still pay and at `autovibe_budget_max_tokens`. Re
 402 with the scope, what is left and when it resets; an unreachable counter store refuses
 everything (503). Ends: `response` and `error` settle with metering's actual cost; what a
 killed proxy left open is settled by the orphan sweeper, at start and every minute.
+
+The spool decides what an orphan costs, so that the counters' spend and the ledger (posted
+from the spool) stay equal to the cent. Each reservation notes its flow (who, where, the token
+estimate, the rate). An orphan whose flow is in the spool (its settle failed: the store was
+unreachable) is settled at the spooled cost. One that never reached the spool
+(the proxy died mid-flow) gets a record first — its own flow id, usage estimated at what was
+reserved, error ORPHAN_ERROR, cost = the reservation — and is then settled at that amount, the
+most the call could have cost: the provider may have served it, so spend is never understated,
+and a crash between the two steps leaves a spooled record that the next sweep settles at.
 """
 
 from __future__ import annotations
@@ -26,12 +35,14 @@ from mitmproxy.addonmanager import Loader
 
 from contracts.config import TokenPrice
 from contracts.credentials import MachineIdentity
+from contracts.records import FlowRecord, Usage
 from ledger.counters import (
     ADAPTERS,
     CounterError,
     CounterStore,
     CounterStoreUnavailable,
     Refused,
+    Reservation,
     ScopeState,
     UnknownScope,
     iso,
@@ -44,7 +55,9 @@ from ledger.counters.sweeper import sweep_orphans
 from proxy.addons import dataroot
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import Metered, is_llm_call, metered
+from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import fail_closed, refuse
+from proxy.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +71,10 @@ SCOPE_CACHE_S = 1.0
 currency never changes (`ensure_scope` refuses it); a scope opened or removed is seen within
 this time. What is left in a scope is always read fresh: by `reserve`, and by `describe`
 when a call has no `max_tokens` to cap."""
+ORPHAN_ERROR = "proxy died mid-flow; settled at the reservation"
+"""The `error` of the spool record the sweeper writes for an orphan that never reached it."""
+FLOW_NOTE = "flow"
+"""Key of the flow's facts in a reservation's metadata (what an orphan record is made of)."""
 
 
 @dataclass
@@ -86,6 +103,9 @@ class Budget:
         """Scope -> (when described, state or None): see SCOPE_CACHE_S."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.spool: Spool | None = None
+        """Where the sweeper writes orphans' records; capture writes every other flow's."""
+        self._redactor: Redactor | None = None
 
     # -- options -----------------------------------------------------------------------------
     def load(self, loader: Loader) -> None:
@@ -143,6 +163,10 @@ class Budget:
             raise exceptions.OptionsError(
                 f"autovibe_budget_redis_url: {url!r} is not a redis://, rediss:// or unix:// URL"
             )
+        if dataroot.OPTION in updated:
+            if self.spool is not None:
+                self.spool.close()
+            self.spool, self._redactor = Spool(dataroot.current()), None
         if updated & {dataroot.OPTION, "autovibe_budget_store", "autovibe_budget_redis_url"}:
             if self.store is not None:
                 self.store.close()
@@ -165,6 +189,8 @@ class Budget:
             self._thread.join()
         if self.store is not None:
             self.store.close()
+        if self.spool is not None:
+            self.spool.close()
 
     def sweep(self) -> int:
         """Settle orphans now; returns how many."""
@@ -172,10 +198,34 @@ class Budget:
             return 0
         try:
             older_than = time.time() - self.orphan_s
-            return len(sweep_orphans(self.store, older_than, keep=set(self.live)))
+            swept = sweep_orphans(
+                self.store, older_than, keep=set(self.live), settle_at=self._as_spooled
+            )
+            return len(swept)
         except CounterError as exc:
             log.warning("budget orphan sweep failed; the next one tries again: %s", exc)
             return 0
+
+    def _as_spooled(self, orphan: Reservation, reserved: Decimal) -> tuple[Decimal, str] | None:
+        """The spool's word on an orphan of ours: its spooled cost, or a record written now."""
+        note = orphan.meta.get(FLOW_NOTE)
+        if not isinstance(note, dict) or self.spool is None:
+            return reserved, "charged reserved"  # not a proxied flow (a payment): no record
+        fx = Decimal(note["fx"])
+        record = orphan_record(orphan, note, reserved)
+        try:
+            found = self.spool.find(record)
+            if found is not None:
+                return found.cost_usd * fx, f"charged {found.cost_usd} USD as spooled"
+            if self._redactor is None:  # made on the first orphan: most proxies never meet one
+                self._redactor = redactor_for(dataroot.current())
+            self.spool.append(self._redactor.record(record))
+        except (OSError, ValueError):
+            log.exception(
+                "could not spool orphan %s; the next sweep tries again", orphan.reservation_id
+            )
+            return None
+        return reserved, "charged reserved, spooled as an orphan record"
 
     def _run(self) -> None:
         self.sweep()
@@ -257,8 +307,16 @@ class Budget:
             completion_tokens = cap * choices
         amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
         scopes = tuple(s.scope for s in states)
+        note = {
+            "ts_start": flow.request.timestamp_start, "method": flow.request.method,
+            "url": flow.request.url, "host": flow.request.host, "path": flow.request.path,
+            "request_bytes": len(body), "project": project, "trial": identity.trial,
+            "assignment": identity.assignment, "machine": identity.machine,
+            "provider": facts.provider, "model": facts.model, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "currency": currency, "fx": str(fx),
+        }  # fmt: skip
         try:
-            outcome = self.store.reserve(flow.id, scopes, amount, now)
+            outcome = self.store.reserve(flow.id, scopes, amount, now, {FLOW_NOTE: note})
         except UnknownScope:
             self._scopes.clear()  # removed since it was described: the next call looks again
             raise
@@ -330,6 +388,47 @@ class Budget:
             f"reserved {hold.amount} {hold.currency} in {','.join(hold.scopes)}; "
             f"settled {actual.quantize(Decimal('0.000001'))} on {ending}"
         )
+
+
+def orphan_record(orphan: Reservation, note: dict[str, Any], settled: Decimal) -> FlowRecord:
+    """The spool record of a flow whose proxy died before capturing it, from its reservation."""
+    fx, now = Decimal(note["fx"]), time.time()
+    prompt, completion = int(note["prompt_tokens"]), int(note["completion_tokens"])
+    scopes = ",".join(orphan.scopes)
+    return FlowRecord(
+        id=orphan.reservation_id,
+        ts_start=note["ts_start"],
+        ts_end=now,
+        duration_ms=(now - note["ts_start"]) * 1000,
+        method=note["method"],
+        url=note["url"],
+        host=note["host"],
+        path=note["path"],
+        request_bytes=note["request_bytes"],
+        project=note["project"],
+        trial=note["trial"],
+        assignment=note["assignment"],
+        machine=note["machine"],
+        provider=note["provider"],
+        model=note["model"],
+        usage=Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            estimated=True,
+        ),
+        cost_usd=_usd(settled, fx),
+        error=ORPHAN_ERROR,
+        budget=f"reserved {orphan.amount} {note['currency']} in {scopes}; "
+        f"settled {settled} by the orphan sweep",
+    )
+
+
+def _usd(amount: Decimal, fx: Decimal) -> Decimal:
+    """`amount` in USD: exact when the rate divides it, else to 1e-12 USD (the same micro-unit
+    once multiplied back, which is how the counters and the ledger read it)."""
+    usd = amount / fx
+    return usd if usd * fx == amount else usd.quantize(Decimal("1e-12"))
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

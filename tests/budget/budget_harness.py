@@ -3,7 +3,9 @@
 The upstream stands in for a model server: `/v1/completions` answers with server-sent events
 (or JSON), `chunks` words `delay_s` apart, and reports usage with exactly `max_tokens`
 completion tokens, the most a call may cost — so settled spend is as close to the budget as
-a real provider could push it.
+a real provider could push it. A request may script its own failure: `"fail": 500` answers an
+error, `"fail": "reset"` resets the connection (RST) after `reset_after` chunks of a stream;
+`"chunks"` and `"delay_s"` override the upstream's pace.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -75,6 +78,14 @@ class _Handler(BaseHTTPRequestHandler):
             "completion_tokens": int(request.get("max_tokens", 16)),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if request.get("fail") == 500:
+            body = json.dumps({"error": {"type": "server_error", "message": "scripted"}})
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+            return
         if not request.get("stream"):
             body = json.dumps({"id": "cmpl", "choices": [{"text": "hi"}], "usage": usage})
             self.send_response(200)
@@ -85,11 +96,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Connection", "close")
+        if request.get("fail") == "reset":
+            # A declared length the stream never reaches: the reset cuts the body short.
+            self.send_header("Content-Length", "1000000")
+        else:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
         try:
-            for i in range(up.chunks):
+            for i in range(int(request.get("chunks", up.chunks))):
+                if request.get("fail") == "reset" and i == int(request.get("reset_after", 1)):
+                    self._reset()
+                    return
                 chunk = {"id": "cmpl", "choices": [{"text": f" w{i}"}], "usage": None}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
@@ -98,6 +116,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
         except OSError:
             pass  # the proxy hung up on us: the client left
+
+    def _reset(self) -> None:
+        """Abort the connection: SO_LINGER 0 makes close() send RST, not FIN."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
 
 
 def serve(**kwargs: Any) -> Iterator[Upstream]:
