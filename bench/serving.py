@@ -63,7 +63,6 @@ def running(system: System, settings: Settings, work: Path) -> Iterator[str]:
     log = work / f"{system.name}-{system.replicas}.log"
     if system.replicas == 0:
         argv = server_argv(settings, load_models(settings.configs))
-        _no_interrupts(Path(argv[argv.index("--config_file") + 1]))
         ready = ""  # the answer to /v1/models is enough
     else:
         argv = [sys.executable, "-m", "serving.rayserve_cpu", "--replicas", str(system.replicas)]
@@ -83,15 +82,6 @@ def running(system: System, settings: Settings, work: Path) -> Iterator[str]:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
-
-
-def _no_interrupts(config: Path) -> None:
-    """llama.cpp's server cuts a running stream when another request comes in unless
-    `interrupt_requests` is false; a Ray Serve replica sends its server one generation at a
-    time, so the bare server gets the setting (until serving/llamacpp.py writes it)."""
-    doc = json.loads(config.read_text())
-    doc["interrupt_requests"] = False
-    config.write_text(json.dumps(doc, indent=2))
 
 
 def _answers(url: str) -> bool:
@@ -210,10 +200,9 @@ warm-up stream each; {repeats} repeats per cell; `tokens_per_s` is the median ov
 a repeat's tokens over its wall time, `ttft_p50_ms` the median time to the first token over
 all the cell's requests. `rayserve` runs 1 replica: one llama.cpp server, as bare, behind Ray
 Serve's HTTP proxy and a replica forwarding the stream. llama.cpp's server runs one generation
-at a time, so concurrency queues in both systems alike: in the bare server behind its model
-lock (with `interrupt_requests: false` written into its config file by the bench; without it
-concurrent streams are cut short), in the Ray Serve replica, which sends its server one
-generation at a time. Ray's idle processes run during the bare measurements too.
+at a time, so concurrency queues in both systems alike, behind the server's model lock
+(`interrupt_requests: false` in serving/llamacpp.py's config: without it a new request cuts a
+running stream short). Ray's idle processes run during the bare measurements too.
 Ray Serve overhead, 1 replica vs bare (positive = worse): {overhead}. Target: throughput
 overhead ≤ 10 %: {verdict} the target (worst {worst:.1%}). The machine (2 cores) is shared
 with other engineers' work; 1-minute load average at the start of each concurrency:

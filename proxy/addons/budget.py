@@ -307,9 +307,11 @@ class Budget:
             completion_tokens = cap * choices
         amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
         scopes = tuple(s.scope for s in states)
+        # No query string in the note: it may carry a key, and the counter store is not redacted.
         note = {
             "ts_start": flow.request.timestamp_start, "method": flow.request.method,
-            "url": flow.request.url, "host": flow.request.host, "path": flow.request.path,
+            "url": flow.request.url.partition("?")[0], "host": flow.request.host,
+            "path": flow.request.path.partition("?")[0],
             "request_bytes": len(body), "project": project, "trial": identity.trial,
             "assignment": identity.assignment, "machine": identity.machine,
             "provider": facts.provider, "model": facts.model, "prompt_tokens": prompt_tokens,
