@@ -28,7 +28,7 @@ demo: setup
 
 ## test: lint, type-check and the whole suite (real processes; live suites need *_ADDR)
 test: setup lint typecheck
-	$(UV) run --frozen pytest -q
+	$(UV) run --frozen pytest -q -n 2 --dist loadfile
 
 lint:
 	$(UV) run --frozen ruff check .

@@ -35,6 +35,10 @@ from proxy.index import TrafficIndex
 TOLERANCE = Decimal("0.005")
 """Half a cent of the primary currency: what rounding per posting may leave, and no more."""
 
+USD_NOISE = Decimal("1e-12")
+"""Summing 28-digit decimals (a local model's per-token prices do not terminate) in another
+order rounds differently far below a cent; USD differences under this are that, not money."""
+
 Kind = Literal["match", "pending", "missing", "extra", "amount"]
 
 
@@ -150,9 +154,9 @@ def reconcile(ledger: Ledger, index: TrafficIndex, project: str) -> Reconciliati
         kind: Kind
         if key not in metered:
             kind = "extra" if side.usd or side.amount else "match"
-        elif unposted > 0:
+        elif unposted > USD_NOISE:
             kind = "missing" if not side.usd else "amount"
-        elif unposted < 0 or abs(side.amount - side.expected) > TOLERANCE:
+        elif unposted < -USD_NOISE or abs(side.amount - side.expected) > TOLERANCE:
             kind = "amount"
         else:
             kind = "pending" if waiting else "match"

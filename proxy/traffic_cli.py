@@ -15,7 +15,6 @@ from contracts.settings import Settings
 from proxy.index import TrafficIndex
 
 app = typer.Typer(help="Captured traffic: the spool and its index.", no_args_is_help=True)
-console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -57,4 +56,4 @@ def search(
             record.url,
             record.error or "",
         )
-    console.print(table)
+    Console().print(table)  # made here: it reads the terminal width (COLUMNS) of this call
