@@ -10,17 +10,16 @@ construction and parsing only.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from agents_harness import agent_run, installed, run_sandboxed
 from typer.testing import CliRunner
-from worker_harness import EXAMPLES, MeteringProxy, ModelServer, direct_env
+from worker_harness import EXAMPLES, MeteringProxy, ModelServer
 
 from contracts.dataroot import DataRoot
-from workers import runner, sandbox, workspace
+from workers import workspace
 from workers.agents import AGENTS, get_agent, install
 from workers.agents.aider import AiderAgent, AiderConfig, chat_usage
 from workers.agents.claude_code import COMPACT_SYSTEM as CLAUDE_COMPACT_SYSTEM
@@ -30,7 +29,6 @@ from workers.agents.headless import TRANSCRIPT
 from workers.agents.mini_swe_agent import COMPACT_SYSTEM, MiniConfig, MiniSweAgent
 from workers.agents.qwen_code import QwenCodeAgent, QwenConfig
 from workers.agents_cli import app
-from workers.spec import SandboxSpec
 
 ENDPOINT = "http://127.0.0.1:8500/v1"
 
@@ -437,47 +435,7 @@ def test_mini_swe_agent_runs_sandboxed_against_the_real_model_through_the_proxy(
     artifacts = root.assignment_dir("p1", "t1", "a-mini")
     workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
     run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=120)
-    proxy = metering_proxy.url_for("a-mini")
-    settings = metering_proxy.settings
-    box = SandboxSpec(
-        proxy_host=settings.host,
-        proxy_port=settings.proxy_port,
-        memory_mb=4096,
-        cpus=1.0,
-        hidden=[root.root],  # as the scheduler hides it, the install folder shown again below
-        read_only=[metering_proxy.root.ca_cert, *agent.read_only_paths(root.root)],
-    )
-    env = direct_env(
-        HTTP_PROXY=proxy,
-        HTTPS_PROXY=proxy,
-        OPENAI_API_KEY="autovibe-machine-credential",
-        SSL_CERT_FILE=str(metering_proxy.root.ca_cert),
-    )
-
-    # What workers.runner.run_agent does with a sandboxed spec.
-    with sandbox.ProxyBridge(box) as bridge, (artifacts / "agent.log").open("wb") as log:
-        argv = sandbox.bwrap_argv(
-            box,
-            agent.command(run),
-            artifacts=artifacts,
-            workspace=run.workspace,
-            socket=bridge.socket,
-            timeout_s=run.timeout_s,
-        )
-        proc = subprocess.Popen(
-            argv, cwd=run.workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        timed_out = False
-        try:
-            proc.wait(timeout=run.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            runner.kill_group(proc.pid, proc)
-    outcome = agent.collect(run, None if timed_out else proc.wait(), timed_out)
-
-    log_text = (artifacts / "agent.log").read_text(errors="replace")[-3000:]
+    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
     assert outcome.exit_cause in ("finished", "timeout"), (outcome, log_text)
     assert outcome.version == found.version
     calls = [r for r in metering_proxy.spooled("a-mini") if r.path == "/v1/chat/completions"]
