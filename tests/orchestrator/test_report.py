@@ -7,7 +7,6 @@ real traffic index (spool → SQLite) in a temporary data root.
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from dataclasses import replace
 from decimal import Decimal
@@ -16,9 +15,9 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from traffic_harness import llm_call
 
 from contracts.dataroot import DataRoot
-from contracts.records import FlowRecord, Usage
 from contracts.settings import PROJECT_ROOT, Settings
 from orchestrator import stats
 from orchestrator.platform import Platform
@@ -313,28 +312,7 @@ def add_trial(
                     result={"wall_s": 10.0 * (index + 1)},
                 )
             )
-            now = time.time()
-            spool.append(
-                FlowRecord(
-                    id=uuid.uuid4().hex,
-                    ts_start=now,
-                    ts_end=now + 1,
-                    duration_ms=1000,
-                    method="POST",
-                    url="http://127.0.0.1:8500/v1/completions",
-                    host="127.0.0.1",
-                    path="/v1/completions",
-                    status=200,
-                    project="demo",
-                    trial=trial_id,
-                    assignment=aid,
-                    machine="m1",
-                    provider="local",
-                    model=model,
-                    usage=Usage(prompt_tokens=40, completion_tokens=10, total_tokens=50),
-                    cost_usd=Decimal(usd),
-                )
-            )
+            spool.append(llm_call(trial_id, aid, model, usd))
     spool.close()
     return trial_id
 
@@ -436,26 +414,15 @@ def test_build_counts_local_tokens_by_provider(
         [("builtin", "tiny", "resolved", "finished", "0.001")],
     )
     spool = Spool(DataRoot.at(platform.settings.data))
-    now = time.time()
     spool.append(
-        FlowRecord(
-            id=uuid.uuid4().hex,
-            ts_start=now,
-            ts_end=now + 1,
-            duration_ms=1000,
-            method="POST",
+        llm_call(
+            trial_id,
+            f"{trial_id}-000",
+            "gpt-4o-mini",
+            "0.0001",
             url="https://api.openai.com/v1/chat/completions",
-            host="api.openai.com",
-            path="/v1/chat/completions",
-            status=200,
-            project="demo",
-            trial=trial_id,
-            assignment=f"{trial_id}-000",
-            machine="m1",
             provider="openai",
-            model="gpt-4o-mini",
-            usage=Usage(prompt_tokens=100, completion_tokens=50, total_tokens=150),
-            cost_usd=Decimal("0.0001"),
+            tokens=(100, 50),
         )
     )
     spool.close()

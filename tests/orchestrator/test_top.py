@@ -17,10 +17,10 @@ import pytest
 import typer
 import uvicorn
 from rich.console import Console
+from traffic_harness import llm_call
 from typer.testing import CliRunner
 
 from contracts.dataroot import DataRoot
-from contracts.records import FlowRecord, Usage
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from ledger.counters import machine_scope, project_scope
 from orchestrator.api import create_app
@@ -85,28 +85,7 @@ def trial(served: tuple[Settings, Platform], demo_trial: dict[str, Any]) -> str:
             exit_cause="finished", cost="0.012300", currency="CAD",
         )  # fmt: skip
     spool = Spool(DataRoot.at(settings.data))
-    now = time.time()
-    spool.append(
-        FlowRecord(
-            id=uuid.uuid4().hex,
-            ts_start=now,
-            ts_end=now + 1,
-            duration_ms=1000,
-            method="POST",
-            url="http://127.0.0.1:8500/v1/completions",
-            host="127.0.0.1",
-            path="/v1/completions",
-            status=200,
-            project="demo",
-            trial=trial_id,
-            assignment=running,
-            machine="m1",
-            provider="local",
-            model="tiny",
-            usage=Usage(prompt_tokens=40, completion_tokens=10, total_tokens=50),
-            cost_usd=Decimal("0.5"),
-        )
-    )
+    spool.append(llm_call(trial_id, running, "tiny", "0.5"))
     spool.close()
     settle(platform, [project_scope("demo"), machine_scope("demo", "m1")], "0.69")
     return trial_id
