@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 
-from contracts.credentials import MachineIdentity, mint, proxy_url
+from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
-from contracts.settings import Settings
+from contracts.settings import Settings, free_port
+from proxy.launch import wait_ready
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
@@ -197,3 +200,43 @@ def read_response(sock: socket.socket) -> bytes:
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
+
+
+def proxy_settings(tmp_path_factory: Any, model_port: int) -> tuple[Settings, DataRoot, bytes]:
+    """Settings for a proxy on a fresh data root and configs folder (the test prices), the
+    root, and its machine-credential key."""
+    configs = tmp_path_factory.mktemp("configs")
+    (configs / "prices.yaml").write_text(PRICES_YAML)
+    settings = Settings(
+        data=tmp_path_factory.mktemp("data"),
+        configs=configs,
+        host="127.0.0.1",
+        proxy_port=free_port(),
+        model_port=model_port,
+    )
+    root = DataRoot.at(settings.data)
+    return settings, root, load_or_create_key(root)
+
+
+@contextmanager
+def running_proxy(
+    settings: Settings, root: DataRoot, key: bytes, argv: list[str]
+) -> Iterator[Proxy]:
+    """mitmdump run from `argv` until the block ends; it must then have exited cleanly, with no
+    Traceback in its log (`<data>/mitmdump.log`)."""
+    log_path = root.root / "mitmdump.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
+            yield Proxy(settings, root, key)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    output = log_path.read_text()
+    assert "Traceback" not in output, output
+    assert process.returncode == 0, output

@@ -16,7 +16,6 @@ import json
 import socket
 import sqlite3
 import struct
-import subprocess
 import threading
 import time
 import zlib
@@ -29,23 +28,22 @@ import httpx
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
-from proxy_harness import PRICES_YAML, Proxy
+from proxy_harness import Proxy, proxy_settings, running_proxy
 from typer.testing import CliRunner
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import Server, ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from contracts.credentials import load_or_create_key, proxy_url
+from contracts.credentials import proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.secrets import REDACTED
-from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
 from proxy.addons.capture import BodyTap, Capture, make_body, text_of
 from proxy.addons.redaction import Redactor
 from proxy.index import TrafficIndex, cut_body
-from proxy.launch import mitmdump_argv, wait_ready
+from proxy.launch import mitmdump_argv
 from proxy.spool import Spool
 from proxy.traffic_cli import app as traffic_app
 
@@ -160,17 +158,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, model: int) -> Iterator[Prox
     """mitmdump as the platform starts it, small body caps, one value in its secret store."""
     from secretstore import store_from_env
 
-    configs = tmp_path_factory.mktemp("configs")
-    (configs / "prices.yaml").write_text(PRICES_YAML)
-    settings = Settings(
-        data=tmp_path_factory.mktemp("data"),
-        configs=configs,
-        host="127.0.0.1",
-        proxy_port=free_port(),
-        model_port=model,
-    )
-    root = DataRoot.at(settings.data)
-    key = load_or_create_key(root)
+    settings, root, key = proxy_settings(tmp_path_factory, model)
     open_ample(root.budget_counters, "p1", ["m1"])
     store_from_env(settings=settings).put("providers/test", SECRET)
     argv = [
@@ -178,22 +166,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, model: int) -> Iterator[Prox
         *("--set", f"autovibe_spool_body_max={SPOOL_MAX}"),
         *("--set", f"autovibe_index_body_max={INDEX_MAX}"),
     ]
-    log_path = root.root / "mitmdump.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
-            yield Proxy(settings, root, key)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    output = log_path.read_text()
-    assert "Traceback" not in output, output
-    assert process.returncode == 0, output
+    with running_proxy(settings, root, key, argv) as proxy:
+        yield proxy
 
 
 def captured(proxy: Proxy, path: str) -> FlowRecord:

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.test import taddons
-from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
+from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy, serve
 
-from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
 from orchestrator import stack
 from proxy.addons.indexer import Indexer
 from proxy.indexer import READY_FILE, ready_pid, run
-from proxy.launch import mitmdump_argv, wait_ready
+from proxy.launch import mitmdump_argv
 
 
 @pytest.fixture(scope="module")
@@ -39,32 +38,12 @@ def upstream() -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def spooling_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Proxy]:
     """mitmdump as the stack starts it: `mitmdump_argv(..., indexer=False)`."""
-    configs = tmp_path_factory.mktemp("configs")
-    (configs / "prices.yaml").write_text(PRICES_YAML)
-    settings = Settings(
-        data=tmp_path_factory.mktemp("data"),
-        configs=configs,
-        host="127.0.0.1",
-        proxy_port=free_port(),
-        model_port=upstream.port,
-    )
-    root = DataRoot.at(settings.data)
-    key = load_or_create_key(root)
+    settings, root, key = proxy_settings(tmp_path_factory, upstream.port)
     open_ample(root.budget_counters, "p1", ["m1"])
     argv = mitmdump_argv(settings, indexer=False)
     assert "autovibe_indexer=false" in argv
-    log = root.root / "mitmdump.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
-        yield Proxy(settings, root, key)
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-    output = log.read_text()
-    assert "Traceback" not in output, output
-    assert process.returncode == 0, output
+    with running_proxy(settings, root, key, argv) as proxy:
+        yield proxy
 
 
 def call(proxy: Proxy, upstream: Upstream, n: int, tag: str) -> None:
