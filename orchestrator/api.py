@@ -230,6 +230,7 @@ def trial_view(platform: Platform, trial_id: str) -> dict[str, Any]:
                 "exit_cause": a.exit_cause,
                 "cost": (a.result or {}).get("cost"),
                 "wall_s": (a.result or {}).get("wall_s"),
+                "confidence": (a.result or {}).get("confidence"),
             }
             for a in trial.assignments
         ]

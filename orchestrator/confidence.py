@@ -7,6 +7,7 @@ OpenAI-compatible completions endpoint. The judge's answer is constrained by a G
 (llama.cpp's `grammar` field), so even a small base model always answers with a parseable
 score. Their weighted mean is the confidence; below the trial's threshold a result is not
 accepted and is flagged for review. When the judge cannot be reached the tests decide alone.
+The scheduler runs `assess_result` on its judge thread, off its tick (`scheduler.Judges`).
 
 DeepEval reads its settings when imported: telemetry is switched off, no `.env` is read from
 the working directory, and its state folders are pointed into the data root, before the import.

@@ -4,6 +4,11 @@ Crash-safe by construction: an assignment is marked `running` before its runner 
 runner holds a lock while alive and writes `result.json` last. On any tick — including the
 first after a restart — a running assignment is either still locked (wait), has a result
 (collect it once), or has neither (its runner never started or died: run it again).
+
+The confidence judge (an LLM call, seconds) runs off the tick, on the scheduler's `Judges`
+thread: an ending is recorded at once with its confidence pending (`pending_confidence`), and
+a trial is finished only once every score is in. Pending scores are looked for on every tick,
+so those a stop or a crash left are scored again after the restart.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from contracts.config import TrialConfig
+from contracts.config import Confidence, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.routing import write_policy
 from ledger.counters import iso
@@ -43,7 +49,80 @@ log = logging.getLogger("autovibe.scheduler")
 MAX_ATTEMPTS = 3
 """A runner that dies without a result (host crash) is started again at most this often."""
 CREDENTIAL_GRACE_S = 3600
+JUDGE_RETRY_S = 30.0
+"""A judge job that failed unexpectedly (not a judge that is down: that scores tests-only) is
+submitted again by the tick after this long."""
 _ZERO = Decimal(0)
+
+
+def pending_confidence(gate: Confidence) -> dict[str, Any]:
+    """`result.confidence` from an assignment's ending until the judge has scored it."""
+    return {"pending": True, "score": None, "accepted": None, "threshold": gate.threshold}
+
+
+def confidence_pending(result: dict[str, Any] | None) -> bool:
+    """Whether this result waits for its confidence score."""
+    gate = (result or {}).get("confidence")
+    return isinstance(gate, dict) and bool(gate.get("pending"))
+
+
+class Judges:
+    """One background thread that scores assignments' confidence one at a time (the model plane
+    answers one call at a time anyway), so that a slow judge never holds up the tick."""
+
+    def __init__(self, score: Callable[[str], None]) -> None:
+        self._score = score
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._wanted: set[str] = set()
+        """Queued or being scored: submitted again, an assignment is not queued twice."""
+        self._retry_at: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def submit(self, assignment_id: str) -> None:
+        """Score this assignment in the background; a no-op once stopped."""
+        with self._cond:
+            if self._stopped or assignment_id in self._wanted:
+                return
+            if time.monotonic() < self._retry_at.get(assignment_id, 0.0):
+                return
+            self._wanted.add(assignment_id)
+            if self._thread is None:
+                # Daemon: a judge call in flight must not hold up the process's exit; what it
+                # leaves pending is scored again after the restart.
+                self._thread = threading.Thread(target=self._run, name="judges", daemon=True)
+                self._thread.start()
+        self._queue.put(assignment_id)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until everything submitted is scored; False if `timeout` (s) passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._wanted, timeout)
+
+    def stop(self, timeout: float = 10) -> None:
+        """Take no more work, drop what is queued (it stays pending in the state DB) and wait
+        up to `timeout` for the call in flight."""
+        with self._cond:
+            self._stopped = True
+            thread = self._thread
+        self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        while (assignment_id := self._queue.get()) is not None:
+            try:
+                if not self._stopped:
+                    self._score(assignment_id)
+            except Exception:  # the tick submits it again; the error is in the log with its trace
+                log.exception("confidence of %s not scored; tried again later", assignment_id)
+                with self._cond:
+                    self._retry_at[assignment_id] = time.monotonic() + JUDGE_RETRY_S
+            finally:
+                with self._cond:
+                    self._wanted.discard(assignment_id)
+                    self._cond.notify_all()
 
 
 class Scheduler:
@@ -58,6 +137,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.judges = Judges(self.score_confidence)
+        self._swept = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -68,6 +149,7 @@ class Scheduler:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+        self.judges.stop()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -82,6 +164,9 @@ class Scheduler:
         with self._lock:
             with self.p.store.session() as s:
                 trial_ids = list(s.scalars(select(Trial.id).where(Trial.status.in_(TRIAL_ACTIVE))))
+            if not self._swept:
+                self._rescore_cancelled()
+                self._swept = True
             for trial_id in trial_ids:
                 self._collect(trial_id)
                 self._launch(trial_id)
@@ -153,13 +238,31 @@ class Scheduler:
                 self.finish(a.id, {"assignment": a.id, "infra_error": f"launch failed: {exc}"})
 
     def _maybe_finish(self, trial_id: str) -> None:
+        """Finish the trial once every assignment has ended and every score is in."""
         with self.p.store.session() as s:
             trial = s.get_one(Trial, trial_id)
             states = [a.state for a in trial.assignments]
-            if trial.status in TRIAL_ACTIVE and all(st in ASSIGNMENT_DONE for st in states):
+            # Queued again on every tick (a no-op while queued): after a restart, too.
+            unscored = [a.id for a in trial.assignments if confidence_pending(a.result)]
+            for assignment_id in unscored:
+                self.judges.submit(assignment_id)
+            ended = all(st in ASSIGNMENT_DONE for st in states)
+            if trial.status in TRIAL_ACTIVE and ended and not unscored:
                 trial.status = "finished"
                 trial.finished_at = utcnow()
                 self.p.store.add_event(s, trial_id, "trial_finished", **_tally(trial))
+
+    def _rescore_cancelled(self) -> None:
+        """Queue the scores a stop left pending in cancelled trials, which the tick skips."""
+        with self.p.store.session() as s:
+            rows = s.scalars(
+                select(Assignment)
+                .join(Trial)
+                .where(Trial.status == "cancelled", Assignment.state == "finished")
+            )
+            unscored = [a.id for a in rows if confidence_pending(a.result)]
+        for assignment_id in unscored:
+            self.judges.submit(assignment_id)
 
     # -- endings -------------------------------------------------------------------------------
     def _lost(self, assignment_id: str) -> None:
@@ -224,13 +327,9 @@ class Scheduler:
         if a.state in ASSIGNMENT_DONE:
             return
         cost = self.post_spend(config, a)
-        if config.confidence.enabled and "grade" in result and "confidence" not in result:
-            # Imported here: DeepEval takes seconds to import, the API should not wait for it.
-            # The judge answers in a second or two (tiny model, warm), bounded by its timeout.
-            from orchestrator import confidence
-
-            gate = confidence.assess_result(config, a.task_id, result, self.p.settings.model_url)
-            result = {**result, "confidence": gate}
+        unscored = config.confidence.enabled and "grade" in result and "confidence" not in result
+        if unscored:
+            result = {**result, "confidence": pending_confidence(config.confidence)}
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
             if a.state in ASSIGNMENT_DONE:
@@ -254,18 +353,48 @@ class Scheduler:
                 exit_cause=a.exit_cause,
                 cost=str(cost),
                 currency=config.budget.currency,
+                **({"confidence": "pending"} if unscored else {}),
             )
-            scored = result.get("confidence")
-            if scored is not None and not scored["accepted"]:
+        if unscored:
+            self.judges.submit(assignment_id)
+
+    def score_confidence(self, assignment_id: str) -> None:
+        """Score a pending confidence with the trial's judge and record it once; below the
+        threshold the assignment is flagged `needs_review`. Runs on the `Judges` thread."""
+        with self.p.store.session() as s:
+            a = s.get_one(Assignment, assignment_id)
+            config = TrialConfig.model_validate(s.get_one(Trial, a.trial_id).config)
+            result, task_id = dict(a.result or {}), a.task_id
+        if not confidence_pending(result):
+            return
+        # Imported here: DeepEval takes seconds to import, the API should not wait for it.
+        from orchestrator import confidence
+
+        gate = confidence.assess_result(config, task_id, result, self.p.settings.model_url)
+        with self.p.store.session() as s:
+            # Locked (PostgreSQL): a scheduler of another process may score it at the same time.
+            a = s.get_one(Assignment, assignment_id, with_for_update=True)
+            if not confidence_pending(a.result):
+                return
+            a.result = {**(a.result or {}), "confidence": gate}
+            self.p.store.add_event(
+                s,
+                a.trial_id,
+                "confidence_scored",
+                assignment=a.id,
+                confidence=gate["score"],
+                accepted=gate["accepted"],
+            )
+            if not gate["accepted"]:
                 # Not `assignment_…`: followers count those as endings.
                 self.p.store.add_event(
                     s,
                     a.trial_id,
                     "needs_review",
                     assignment=a.id,
-                    confidence=scored["score"],
-                    threshold=scored["threshold"],
-                    reason=scored["reason"],
+                    confidence=gate["score"],
+                    threshold=gate["threshold"],
+                    reason=gate["reason"],
                 )
 
     def post_spend(self, config: TrialConfig, a: Assignment) -> Decimal:

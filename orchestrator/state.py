@@ -82,6 +82,10 @@ class Assignment(Base):
     """Grade: resolved | partial | unresolved (None until graded)."""
     exit_cause: Mapped[str | None] = mapped_column(String(32))
     result: Mapped[dict[str, Any] | None]
+    """The runner's `result.json` (`wall_s`, `agent`, `grade`, `patch`, or `infra_error`), plus
+    `cost` and `currency`; for a graded result with the gate on, `confidence`: while the judge
+    works `{"pending": true, "score": null, "accepted": null, "threshold": …}`, then the score
+    (`orchestrator.confidence.assess`: `score`, `tests`, `judge`, `reason`, `accepted`, …)."""
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     not_before: Mapped[dt.datetime | None]

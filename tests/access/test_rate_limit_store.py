@@ -34,8 +34,8 @@ from orchestrator.access import (
 )
 from orchestrator.auth import Guard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "budget"))  # the redis fixture
-from budget_harness import RedisServer, redis_server
+# By its package path: tests/budget, where the redis-server fixture lives, is not on sys.path here.
+from tests.budget.budget_harness import RedisServer, redis_server
 
 T0 = 1_760_000_000.0
 LIMITS = {"machine": 3, "viewer": 5}

@@ -1,7 +1,8 @@
 """A throwaway cluster of the machine's PostgreSQL (Debian `postgresql`), for real tests.
 
-The same recipe as tests/orchestrator/test_state_postgres.py: initdb into a fresh folder,
-`pg_ctl start` on a free port (TCP on 127.0.0.1, trust auth), stop and remove it afterwards.
+initdb into a fresh folder, `pg_ctl start` on a free port (TCP on 127.0.0.1, trust auth),
+stop and remove it afterwards. Used by the backup tests here and by
+tests/orchestrator/test_state_postgres.py (as `tests.ops.postgres_harness`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
-"""The confidence gate against the real llama.cpp server (tiny model) as its judge."""
+"""The confidence gate against the real llama.cpp server (tiny model) as its judge; and the
+scheduler's judge thread against a stand-in judge that answers when the test lets it."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,7 @@ from orchestrator import stack
 # Through orchestrator.confidence: imported bare, DeepEval would write `.deepeval/` here and
 # run with telemetry on.
 from orchestrator.confidence import (
+    SCORE_GRAMMAR,
     JudgeLLM,
     LLMTestCase,
     SolvesTaskMetric,
@@ -28,6 +35,7 @@ from orchestrator.platform import Platform
 from orchestrator.report import RunRecord, summarize
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Assignment, Event, Trial
+from workers.spec import AssignmentSpec
 
 TASK = "Implement add(a, b) in mathkit/basic.py: it returns the sum of a and b."
 PATCH = (
@@ -204,6 +212,8 @@ def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None
     scheduler = Scheduler(platform)
     scheduler.finish("tg-000", _result(tmp_path, "tg-000", RESOLVED, PATCH))
     scheduler.finish("tg-001", _result(tmp_path, "tg-001", UNRESOLVED, ""))
+    assert scheduler.judges.wait(2 * SLOW_S)  # scored on the scheduler's judge thread
+    scheduler.stop()
     with platform.store.session() as s:
         good, bad = (s.get_one(Assignment, f"tg-00{i}").result or {} for i in range(2))
         events = [
@@ -259,3 +269,198 @@ def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None
     (row,) = report["rows"]
     assert (row["accepted"], row["needs_review"]) == (1, 1)
     assert [r["assignment"] for r in report["needs_review"]] == ["tg-001"]
+
+
+# -- the judge off the scheduler's tick ----------------------------------------------------
+
+
+class HeldJudge:
+    """Stand-in for the judge's OpenAI completions endpoint (the judge is an external LLM): it
+    checks each request is the documented completion call with our grammar, and answers
+    `8/10 because …` only once the test sets `release`."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.asked = threading.Event()
+        self.requests: list[dict[str, Any]] = []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.requests.append(body)
+                judge.asked.set()
+                ok = self.path == "/v1/completions" and {
+                    k: body.get(k) for k in ("model", "max_tokens", "temperature", "grammar")
+                } == {"model": "tiny", "max_tokens": 48, "temperature": 0, "grammar": SCORE_GRAMMAR}
+                judge.release.wait(60)
+                answer: dict[str, Any] = {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": "tiny",
+                    "choices": [
+                        {
+                            "text": "8/10 because it returns a + b\n",
+                            "index": 0,
+                            "logprobs": None,
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 200, "completion_tokens": 9, "total_tokens": 209},
+                }
+                data = json.dumps(answer if ok else {"error": f"unexpected {self.path}"}).encode()
+                self.send_response(200 if ok else 400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def held_judge() -> Iterator[HeldJudge]:
+    judge = HeldJudge()
+    try:
+        yield judge
+    finally:
+        judge.close()
+
+
+def _platform(data: Path, judge: HeldJudge) -> Platform:
+    settings = Settings(data=data, configs=PROJECT_ROOT / "configs", model_port=judge.port)
+    return Platform.from_settings(settings)
+
+
+def _runner_wrote(platform: Platform, config: TrialConfig, aid: str) -> AssignmentSpec:
+    """The spec.json a launched runner's folder holds (the scheduler follows it)."""
+    task = config.tasks[0]
+    spec = AssignmentSpec(
+        assignment=aid,
+        project="demo",
+        trial="tg",
+        machine="m1",
+        task_id=task.id,
+        repo=task.repo,
+        prompt=task.prompt,
+        test_command=task.test_command,
+        fail_to_pass=task.fail_to_pass,
+        pass_to_pass=task.pass_to_pass,
+        timeout_s=task.timeout_s,
+        agent="builtin",
+        model="tiny",
+        endpoint=platform.settings.model_url,
+        env={},
+        artifacts=platform.root.assignment_dir("demo", "tg", aid),
+    )
+    spec.artifacts.mkdir(parents=True, exist_ok=True)
+    (spec.artifacts / "spec.json").write_text(spec.model_dump_json())
+    return spec
+
+
+def _state(platform: Platform) -> tuple[str, dict[str, tuple[str, Any]]]:
+    with platform.store.session() as s:
+        trial = s.get_one(Trial, "tg")
+        return trial.status, {
+            a.id: (a.state, (a.result or {}).get("confidence")) for a in trial.assignments
+        }
+
+
+def _kinds(platform: Platform) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.kind, e.data) for e in platform.store.events_after("tg", 0)]
+
+
+def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Path) -> None:
+    platform = _platform(tmp_path / "data", held_judge)
+    _, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
+    platform.open_ledger(config, "tg")
+    first, second = (_runner_wrote(platform, config, f"tg-00{i}") for i in range(2))
+    first.result_path.write_text(json.dumps(_result(tmp_path, "tg-000", RESOLVED, PATCH)))
+    scheduler = Scheduler(platform)
+    # The second runner is still at work: it holds its lock.
+    with second.lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        scheduler.tick()
+        status, seen = _state(platform)
+        assert seen["tg-000"] == (
+            "finished",
+            {"pending": True, "score": None, "accepted": None, "threshold": 0.7},
+        )
+        assert held_judge.asked.wait(60), "the judge was never asked"
+    # The judge holds its answer; meanwhile the second runner ends and is collected.
+    second.result_path.write_text(json.dumps(_result(tmp_path, "tg-001", UNRESOLVED, "")))
+    started = time.monotonic()
+    scheduler.tick()
+    assert time.monotonic() - started < 10
+    scheduler.tick()
+    status, seen = _state(platform)
+    assert not held_judge.release.is_set()
+    assert seen["tg-001"][0] == "finished"
+    assert seen["tg-000"][1]["pending"]
+    assert status == "running"  # every assignment ended, not every score is in
+    ended = [d for k, d in _kinds(platform) if k == "assignment_finished"]
+    assert [(d["assignment"], d["confidence"]) for d in ended] == [
+        ("tg-000", "pending"),
+        ("tg-001", "pending"),
+    ]
+
+    held_judge.release.set()
+    assert scheduler.judges.wait(60)
+    scheduler.tick()
+    scheduler.stop()
+    status, seen = _state(platform)
+    assert status == "finished"
+    good, bad = seen["tg-000"][1], seen["tg-001"][1]
+    assert (good["judge"], good["score"], good["accepted"]) == (0.8, 0.94, True)
+    assert (good["judge_tokens"], good["reason"]) == (
+        209,
+        "judge 8/10: it returns a + b; tests: resolved: 1/1 FAIL_TO_PASS pass, PASS_TO_PASS kept",
+    )
+    assert (bad["score"], bad["accepted"]) == (0.0, False)  # an empty change: no judge call
+    assert len(held_judge.requests) == 1 and TASK in held_judge.requests[0]["prompt"]
+    kinds = _kinds(platform)
+    assert [d["assignment"] for k, d in kinds if k == "needs_review"] == ["tg-001"]
+    order = [k for k, _ in kinds if k in ("confidence_scored", "trial_finished")]
+    assert order == ["confidence_scored", "confidence_scored", "trial_finished"]
+
+
+@pytest.mark.parametrize("status", ["running", "cancelled"])
+def test_scores_left_pending_are_scored_after_a_restart(
+    held_judge: HeldJudge, tmp_path: Path, status: str
+) -> None:
+    platform = _platform(tmp_path / "data", held_judge)
+    _, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
+    platform.open_ledger(config, "tg")
+    held_judge.release.set()
+    before = Scheduler(platform)
+    before.stop()  # as if stopped (or killed) with the endings recorded, the scores not yet
+    before.finish("tg-000", _result(tmp_path, "tg-000", RESOLVED, PATCH))
+    before.finish("tg-001", _result(tmp_path, "tg-001", UNRESOLVED, ""))
+    with platform.store.session() as s:
+        s.get_one(Trial, "tg").status = status
+    assert {gate["pending"] for _, gate in _state(platform)[1].values()} == {True}
+    assert held_judge.requests == []
+
+    after = Scheduler(_platform(tmp_path / "data", held_judge))
+    after.tick()
+    assert after.judges.wait(60)
+    after.tick()
+    after.stop()
+    trial_status, seen = _state(platform)
+    assert trial_status == {"running": "finished", "cancelled": "cancelled"}[status]
+    assert seen["tg-000"][1]["score"] == 0.94 and seen["tg-001"][1]["accepted"] is False
+    assert len(held_judge.requests) == 1
+    scored = [d["assignment"] for k, d in _kinds(platform) if k == "confidence_scored"]
+    assert sorted(scored) == ["tg-000", "tg-001"]

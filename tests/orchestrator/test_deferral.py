@@ -218,6 +218,7 @@ def test_machine_allowance_402_defers_to_its_reset_then_runs_again(
     started = events(platform, trial_id, "assignment_started")
     assert [e["attempt"] for e in started] == [1, 2]
     assert (artifacts / "result.json").exists()
+    assert scheduler.judges.wait(60)  # the confidence judge scores off the tick
     scheduler.tick()
     with platform.store.session() as s:
         assert s.get_one(Trial, trial_id).status == "finished"

@@ -6,10 +6,6 @@ flow as on SQLite must work unchanged through `AUTOVIBE_STATE_URL`.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,61 +14,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contracts.dataroot import DataRoot
-from contracts.settings import Settings, free_port
+from contracts.settings import Settings
 from orchestrator.api import create_app
 
+# By its package path: tests/ops, where the harness lives, is not on sys.path here.
+from tests.ops.postgres_harness import PG_BIN, cluster
+
 ROOT = Path(__file__).resolve().parents[2]
-PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; CI and developers run as root here.
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *argv]
-    return argv
 
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     if not PG_BIN:
         pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
-    bindir = PG_BIN[-1].parent
-    # Not under pytest's tmp folder: the postgres user cannot enter root's 0700 folders.
-    base = Path(tempfile.mkdtemp(prefix="autovibe-pg-"))
-    data = base / "data"
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    subprocess.run(
-        _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]),
-        check=True,
-        capture_output=True,
-    )
-    port = free_port()
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(base / "log"),
-                "-w",
-                "-o",
-                f"-p {port} -k {base} -c listen_addresses=127.0.0.1",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-            capture_output=True,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+    with cluster() as url:
+        yield url
 
 
 def test_trial_lifecycle_on_postgres(
