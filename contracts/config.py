@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -381,16 +382,23 @@ class PriceCatalog(_Strict):
     """Local models (by served name) priced from compute cost."""
     compute: ComputePrices = Field(default_factory=ComputePrices)
     """Worker VM-hours (GPU-hours of local models are in `local`, apportioned by tokens)."""
+    _local_prices: dict[str, TokenPrice] = PrivateAttr(default_factory=dict)
+    """Derived local prices of the names asked so far (priced ones only: a request names any
+    model it likes), because every proxied call asks several times."""
 
     def price(self, provider: str, model: str) -> TokenPrice | None:
         """USD per million tokens for a model, or None when unknown (callers fail closed)."""
         if provider == "local":
-            compute = self.local.get(model) or self.local.get(model.split(":")[0])
-            if compute is None:
-                return None
-            per = compute.per_mtok()
-            # Derived, not configured: keep full precision rather than the 6-decimal Money rule.
-            return TokenPrice.model_construct(input_per_mtok=per, output_per_mtok=per)
+            price = self._local_prices.get(model)
+            if price is None:
+                compute = self.local.get(model) or self.local.get(model.split(":")[0])
+                if compute is None:
+                    return None
+                per = compute.per_mtok()
+                # Derived, not configured: full precision rather than the 6-decimal Money rule.
+                price = TokenPrice.model_construct(input_per_mtok=per, output_per_mtok=per)
+                self._local_prices[model] = price
+            return price
         return self.providers.get(provider, {}).get(model)
 
     def convert(self, usd: Decimal, currency: str) -> Decimal:

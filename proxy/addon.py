@@ -1,9 +1,12 @@
 """The script given to `mitmdump -s`: the proxy's addons, in the order their hooks must run.
 
 Identity first (it refuses strangers), then routing (`auto` → the local pair), then metering
-(it refuses what it cannot price and reads usage), then budget, then injection (the real
-provider key goes in last, only on calls that will be forwarded), then capture (it records,
-redacted, what they decided), then the indexer.
+(it refuses what it cannot price and reads usage), then capture, budget and injection. Capture
+has no request hook: budget reserves, and injection puts the real provider key in last, only
+on calls that will be forwarded. When a flow ends, capture spools it (redacted) before budget
+settles it, so a proxy killed between the two leaves a spooled flow whose reservation the
+orphan sweeper settles at the spooled cost — never spend that the spool, and so the ledger,
+does not know of. Then the indexer and the metrics.
 """
 
 from proxy.addons.budget import Budget
@@ -21,9 +24,9 @@ addons = [
     Identity(),
     AutoRouting(),
     Metering(),
+    Capture(),
     Budget(),
     Injection(),
-    Capture(),
     Indexer(),
     Metrics(),
 ]

@@ -180,6 +180,11 @@ class CounterStore(Protocol):
         """What may still be reserved in the current period."""
         ...
 
+    def maintain(self) -> None:
+        """Housekeeping off the hot path, for an owner that opened the store `maintained`
+        and calls this every second or so (SQLite: a WAL checkpoint; Redis: nothing)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -189,8 +194,12 @@ ADAPTERS = {
 }
 
 
-def open_counters(name: str, *, path: Path | None = None, url: str | None = None) -> CounterStore:
-    """The adapter called `name`: `sqlite` needs `path`, `redis` needs `url`."""
+def open_counters(
+    name: str, *, path: Path | None = None, url: str | None = None, maintained: bool = False
+) -> CounterStore:
+    """The adapter called `name`: `sqlite` needs `path`, `redis` needs `url`. `maintained`:
+    the caller runs `maintain()` every second or so from a thread of its own, so that no
+    reserve or settle pays for the store's housekeeping (the proxy does)."""
     if name not in ADAPTERS:
         raise CounterError(f"unknown counter store {name!r}; allowed: {', '.join(ADAPTERS)}")
     module, _, cls = ADAPTERS[name].partition(":")
@@ -198,7 +207,7 @@ def open_counters(name: str, *, path: Path | None = None, url: str | None = None
     if name == "sqlite":
         if path is None:
             raise CounterError("the sqlite counter store needs a file path")
-        store: CounterStore = adapter(path)
+        store: CounterStore = adapter(path, maintained=maintained)
     else:
         if not url:
             raise CounterError("the redis counter store needs a URL (redis://host:port/db)")

@@ -144,6 +144,9 @@ class RedisCounters:
         except redis_py.RedisError as exc:
             raise CounterStoreUnavailable(f"counter store {self.url}: {exc}") from exc
 
+    def maintain(self) -> None:
+        """Nothing to do: Redis keeps its own house."""
+
     def close(self) -> None:
         self.client.close()
 

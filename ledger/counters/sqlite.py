@@ -68,8 +68,10 @@ _SCOPE_COLUMNS = "limit_micro, currency, period, anchor, window_start, spent_mic
 
 
 class SqliteCounters:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, maintained: bool = False):
         self.path = Path(path)
+        self.maintained = maintained
+        """The owner calls `maintain()` every second or so, so commits skip checkpointing."""
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -94,6 +96,10 @@ class SqliteCounters:
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            if self.maintained:
+                # A checkpoint copies the WAL into the database and syncs it: `maintain`, on
+                # the owner's own thread, does that instead of whichever commit fills the WAL.
+                db.execute("PRAGMA wal_autocheckpoint=0")
             self._local.db = db
             with self._lock:
                 self._all.append(db)
@@ -113,6 +119,14 @@ class SqliteCounters:
             raise
         try:
             db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
+
+    def maintain(self) -> None:
+        """Checkpoint the WAL (PASSIVE: never waits for a reader or a writer). With
+        `maintained`, the owner's background thread calls this every second or so."""
+        try:
+            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             raise CounterStoreUnavailable(f"counter store {self.path}: {exc}") from exc
 

@@ -89,6 +89,11 @@ class Hold:
     settled: bool = False
 
 
+MAINTAIN_INTERVAL_S = 1.0
+"""Seconds between the counter store's housekeeping runs (`CounterStore.maintain`: SQLite's
+WAL checkpoint), done on the budget thread so that no call waits for it."""
+
+
 class Budget:
     sweep_interval_s = 60.0
     """Seconds between orphan sweeps while the proxy runs."""
@@ -172,7 +177,9 @@ class Budget:
                 self.store.close()
             self._scopes.clear()
             try:
-                self.store = open_counters(name, path=dataroot.current().budget_counters, url=url)
+                self.store = open_counters(
+                    name, path=dataroot.current().budget_counters, url=url, maintained=True
+                )
             except CounterError as exc:
                 raise exceptions.OptionsError(f"autovibe_budget_store {name}: {exc}") from exc
 
@@ -229,8 +236,17 @@ class Budget:
 
     def _run(self) -> None:
         self.sweep()
-        while not self._stop.wait(self.sweep_interval_s):
-            self.sweep()
+        swept = time.monotonic()
+        while not self._stop.wait(min(MAINTAIN_INTERVAL_S, self.sweep_interval_s)):
+            store = self.store
+            if store is not None:
+                try:
+                    store.maintain()
+                except CounterError as exc:
+                    log.warning("budget counter store housekeeping failed: %s", exc)
+            if time.monotonic() - swept >= self.sweep_interval_s:
+                self.sweep()
+                swept = time.monotonic()
 
     # -- reserve -----------------------------------------------------------------------------
     @fail_closed
@@ -375,21 +391,49 @@ class Budget:
         hold = flow.metadata.get(HOLD_KEY)
         if not isinstance(hold, Hold) or hold.settled or self.store is None:
             return
-        facts = metered(flow)
-        actual = (facts.cost_usd if facts else Decimal(0)) * hold.fx
+        actual = _actual(flow, hold)
         try:
             self.store.settle(hold.reservation_id, actual, ending)
         except CounterError:
-            # Still open in the store: the sweeper settles it at the reserved amount.
+            # Still open in the store: the sweeper settles it at the spooled cost.
             log.exception("could not settle reservation %s; left to the sweeper", flow.id)
             return
         finally:
             self.live.discard(hold.reservation_id)
         hold.settled = True
-        flow.metadata[METADATA_KEY] = (
-            f"reserved {hold.amount} {hold.currency} in {','.join(hold.scopes)}; "
-            f"settled {actual.quantize(Decimal('0.000001'))} on {ending}"
-        )
+        flow.metadata[METADATA_KEY] = _settled_text(hold, actual, ending)
+
+
+def decision_of(flow: http.HTTPFlow) -> str | None:
+    """The budget decision as the capture record states it, once the flow is over.
+
+    Capture spools a flow before this addon settles it (the addon order): the record states
+    the settlement about to be made — the flow's metered cost, which is also what the orphan
+    sweeper settles at, from the spool, if the proxy dies in between.
+    """
+    decision = flow.metadata.get(METADATA_KEY)
+    hold = flow.metadata.get(HOLD_KEY)
+    if isinstance(hold, Hold) and not hold.settled:
+        ending = "response"
+        if flow.error is not None:
+            ending = f"error: {flow.error.msg}"
+        elif flow.response is None:
+            ending = "error: unknown"
+        return _settled_text(hold, _actual(flow, hold), ending)
+    return None if decision is None else str(decision)
+
+
+def _actual(flow: http.HTTPFlow, hold: Hold) -> Decimal:
+    """What the flow costs in the hold's currency: its metered cost (0 when unmetered)."""
+    facts = metered(flow)
+    return (facts.cost_usd if facts else Decimal(0)) * hold.fx
+
+
+def _settled_text(hold: Hold, actual: Decimal, ending: str) -> str:
+    return (
+        f"reserved {hold.amount} {hold.currency} in {','.join(hold.scopes)}; "
+        f"settled {actual.quantize(Decimal('0.000001'))} on {ending}"
+    )
 
 
 def orphan_record(orphan: Reservation, note: dict[str, Any], settled: Decimal) -> FlowRecord:

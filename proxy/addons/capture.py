@@ -34,7 +34,7 @@ from wsproto.frame_protocol import Opcode
 
 from contracts.records import Body, FlowRecord, WebSocket, WebSocketMessage
 from proxy.addons import dataroot
-from proxy.addons.budget import METADATA_KEY as BUDGET_KEY
+from proxy.addons.budget import decision_of
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import metered
 from proxy.addons.redaction import Redactor, redactor_for
@@ -282,7 +282,7 @@ def record_of(
         streamed=facts.streamed if facts else False,
         usage=facts.usage if facts else None,
         cost_usd=facts.cost_usd if facts else Decimal(0),
-        budget=_budget_of(flow),
+        budget=decision_of(flow),
         error=_error_of(flow, facts.problem if facts else None, websocket),
         request_headers=list(request.headers.items(multi=True)),
         response_headers=list(response.headers.items(multi=True)) if response else [],
@@ -335,11 +335,6 @@ def dns_record_of(flow: dns.DNSFlow, redactor: Redactor | None = None) -> FlowRe
         error=error,
         response_body=body,
     )
-
-
-def _budget_of(flow: http.HTTPFlow) -> str | None:
-    decision = flow.metadata.get(BUDGET_KEY)
-    return None if decision is None else str(decision)
 
 
 def _error_of(

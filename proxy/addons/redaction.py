@@ -64,9 +64,14 @@ class SecretCache:
 def redact_headers(headers: Iterable[tuple[str, str]], secrets: Iterable[str]) -> list[list[str]]:
     values = list(secrets)
     return [
-        [name, REDACTED if name.lower() in SECRET_HEADERS else redact_text(value, values)]
+        [name, REDACTED if name.lower() in SECRET_HEADERS else _redacted(value, values)]
         for name, value in headers
     ]
+
+
+def _redacted(text: str, secrets: list[str]) -> str:
+    """`redact_text`, without its work when no secret occurs (the common case)."""
+    return redact_text(text, secrets) if any(s in text for s in secrets) else text
 
 
 class Redactor:
@@ -98,20 +103,24 @@ class Redactor:
         return data
 
     def record(self, record: FlowRecord) -> FlowRecord:
-        """`record` redacted; its bodies and websocket messages must come redacted already."""
+        """`record` redacted; its bodies and websocket messages must come redacted already.
+
+        Headers are redacted by name and value; every other text field of the record (URL,
+        path, error, budget, …) by value. The record's other fields are numbers, and its
+        bodies may be megabytes: they were redacted as bytes (`bytes`).
+        """
         secrets = self.secrets()
-        headers = {
+        update: dict[str, object] = {
             name: [(n, v) for n, v in redact_headers(getattr(record, name), secrets)]
             for name in HEADER_FIELDS
         }
-        if not secrets:
-            return record.model_copy(update=headers)
-        # Bodies may be megabytes: they were redacted as bytes; the rest is redacted as JSON,
-        # where secret values may also appear escaped.
-        kept = {name: getattr(record, name) for name in (*BODY_FIELDS, "websocket")}
-        light = record.model_copy(update={**dict.fromkeys(kept), **headers})
-        text = redact_text(light.model_dump_json(), secrets)
-        return FlowRecord.model_validate_json(text).model_copy(update=kept)
+        if secrets:
+            for name, value in vars(record).items():
+                if isinstance(value, str) and name not in BODY_FIELDS:
+                    redacted = _redacted(value, secrets)
+                    if redacted is not value:
+                        update[name] = redacted
+        return record.model_copy(update=update)
 
 
 _REDACTED_BYTES = REDACTED.encode()

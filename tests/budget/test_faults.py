@@ -8,6 +8,7 @@ One real mitmdump at a time (SQLite counters, then a real redis-server), one scr
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -321,4 +322,77 @@ def test_the_sweeper_takes_the_spools_word_for_an_orphan(tmp_path: Path) -> None
         # The payment (no flow noted) at its reservation, the rest as the spool says.
         assert store.spent(project_scope("p")) == held + Decimal("0.004") + held + held
         assert store.open_reservations(time.time() + 1) == []
+        budget.done()
+
+
+def test_a_proxy_killed_after_capture_leaves_a_flow_the_sweeper_settles(tmp_path: Path) -> None:
+    """The proxy's own addon chain, in its order: when a flow ends, capture spools it before
+    budget settles it. Killed between the two, the proxy leaves a spooled flow and an open
+    reservation; the next proxy's sweep settles it at the spooled cost, so the counters never
+    hold spend the spool (and the ledger posted from it) does not know of."""
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    from contracts.config import load_prices
+    from contracts.credentials import MachineIdentity, load_or_create_key, mint
+    from ledger.counters import from_micro, machine_scope, open_ample, to_micro
+    from proxy import addon
+
+    root = DataRoot.at(tmp_path)
+    identity = MachineIdentity(PROJECT, "t1", f"{PROJECT}-a1", "m1", time.time() + 3600)
+    open_ample(root.budget_counters, PROJECT, [identity.machine], currency="CAD")
+    token = mint(load_or_create_key(root), identity)
+    chain = [type(a)() for a in addon.addons]  # fresh instances, in the proxy's order
+    names = [type(a).__name__ for a in chain]
+    assert names.index("Capture") < names.index("Budget")
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    body = json.dumps({"model": "tiny", "messages": [], "max_tokens": 8}).encode()
+    answer = json.dumps(
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5}}
+    ).encode()
+    with taddons.context(*chain) as tctx:
+        tctx.options.update(
+            autovibe_data=str(root.root), autovibe_configs=str(configs),
+            autovibe_model_hosts="127.0.0.1:9", autovibe_indexer=False,
+        )  # fmt: skip
+        flow = tflow.tflow()
+        flow.request = http.Request.make(
+            "POST", "http://127.0.0.1:9/v1/chat/completions", body,
+            {"Content-Type": "application/json",
+             "Proxy-Authorization": "Basic " + base64.b64encode(
+                 f"{identity.machine}:{token}".encode()).decode()},
+        )  # fmt: skip
+        for hook in ("requestheaders", "request"):
+            for a in chain:
+                getattr(a, hook, lambda f: None)(flow)
+        assert flow.response is None, flow.response and flow.response.content
+        flow.response = http.Response.make(200, answer, {"Content-Type": "application/json"})
+        for a in chain:
+            getattr(a, "responseheaders", lambda f: None)(flow)
+        # `response` up to capture; the proxy dies before budget's turn.
+        for a in chain[: names.index("Capture") + 1]:
+            getattr(a, "response", lambda f: None)(flow)
+        (record,) = [
+            FlowRecord.model_validate_json(line)
+            for path in root.traffic_logs.glob("*/*/flows.jsonl")
+            for line in path.read_bytes().splitlines()
+        ]
+        assert record.id == flow.id and record.cost_usd > 0
+        cad = record.cost_usd * load_prices(configs).fx["CAD"]
+        assert record.budget is not None and record.budget.endswith(
+            f"settled {cad.quantize(Decimal('0.000001'))} on response"
+        ), record.budget
+    # The next proxy on the same data root: its first sweep finds the orphan in the spool.
+    budget = Budget()
+    with taddons.context(budget) as tctx:
+        tctx.configure(budget, autovibe_data=str(root.root), autovibe_budget_orphan_s=0)
+        store = budget.store
+        assert store is not None
+        assert [o.reservation_id for o in store.open_reservations(time.time() + 1)] == [flow.id]
+        assert budget.sweep() == 1
+        assert store.open_reservations(time.time() + 1) == []
+        # As any settle books it: in micro-units of the scope's currency.
+        assert store.spent(machine_scope(PROJECT, identity.machine)) == from_micro(to_micro(cad))
+        lines = sum(p.read_bytes().count(b"\n") for p in root.traffic_logs.glob("*/*/flows.jsonl"))
+        assert lines == 1  # no second record for it
         budget.done()
