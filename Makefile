@@ -9,11 +9,14 @@ APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server t
 
 .PHONY: setup system-deps demo test lint typecheck bench bench-deps down clean schema
 
-## setup: install uv if absent, then the locked environment (.venv); llama.cpp compiles once
+## setup: install uv if absent, then the locked environment (.venv); llama.cpp compiles once.
+## From uv's cache first (--offline): online, uv revalidates the llama-cpp-python sdist once
+## its HTTP cache entry is stale, and a registry that answers with a new copy means another
+## ~8-minute compile; offline it reuses the wheel it built. Nothing cached: online.
 setup: system-deps
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 	  || python3 -m pip install --quiet --break-system-packages uv
-	$(UV) sync --frozen
+	@$(UV) sync --frozen --offline 2>/dev/null || $(UV) sync --frozen
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do command -v $${p%%:*} >/dev/null || missing="$$missing $${p##*:}"; done; \
