@@ -197,6 +197,8 @@ class AutoRouting:
         if api is None:
             return
         body = flow.request.get_content(strict=False) or b""
+        if b"auto" not in body and b"\\u" not in body:
+            return  # cannot name `auto` (unless spelt with \u escapes): no need to parse it
         doc = _json_object(body)
         requested = doc.get("model") if doc is not None else None
         if not isinstance(requested, str) or requested not in AUTO_MODELS or doc is None:

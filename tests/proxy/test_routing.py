@@ -50,6 +50,21 @@ def test_auto_without_a_policy_file_uses_the_default_pair(proxy: Proxy, upstream
     assert [g["model"] for g in got] == ["tiny"]
 
 
+def test_auto_spelt_with_unicode_escapes_is_routed_too(proxy: Proxy, upstream: Upstream) -> None:
+    who = proxy.identity("route-escaped")
+    body = '{"model": "\\u0061uto", "prompt": "route-escaped", "max_tokens": 5}'
+    assert json.loads(body)["model"] == "auto"
+    with proxy.client(who) as client:
+        resp = client.post(
+            f"{upstream.url}/v1/completions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+    assert resp.status_code == 200, resp.text
+    got = [json.loads(r["body"]) for r in upstream.seen if "route-escaped" in r["body"]]
+    assert [g["model"] for g in got] == ["tiny"]
+
+
 def test_a_request_only_the_cloud_could_serve_is_refused_without_allow_cloud(
     proxy: Proxy, upstream: Upstream
 ) -> None:
