@@ -22,7 +22,13 @@ from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from orchestrator.stack import model_argv
 from serving.cli import app as models_app
-from serving.rayserve_cpu import REPLICA_HEADER, ray_temp_dir, replicas_dir
+from serving.rayserve_cpu import (
+    REPLICA_HEADER,
+    SOCKET_PATH_MAX,
+    ray_temp_dir,
+    replicas_dir,
+    serve_env,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,6 +154,16 @@ def test_every_route_is_forwarded(deployment: Deployment) -> None:
         assert answer.headers[REPLICA_HEADER]
 
 
+def test_haproxy_takes_the_port_in_front_of_the_replicas(deployment: Deployment) -> None:
+    """Serve's high-throughput ingress: HAProxy (found by its config under the data root), not
+    Serve's Python proxy, answers on the model port."""
+    assert [c for c in _ours(deployment.root) if "haproxy" in c]
+    port = deployment.url.removesuffix("/v1").rsplit(":", 1)[1]
+    config = next((deployment.root.run / "haproxy").rglob("haproxy.cfg")).read_text()
+    assert f":{port}" in config
+    assert ":8500" not in config  # Serve's fallback proxy, HAProxy's backup, is off the default
+
+
 def test_sigterm_to_the_group_stops_everything(deployment: Deployment) -> None:
     pids = [int(p.read_text().split()[0]) for p in replicas_dir(deployment.root).glob("*.pid")]
     assert len(pids) == 2
@@ -173,6 +189,14 @@ def test_a_long_data_root_gets_a_short_ray_dir(tmp_path: Path) -> None:
         assert ray_temp_dir(DataRoot.at("/tmp/av")) == Path("/tmp/av/ray")
     finally:
         shutil.rmtree(short)
+
+
+def test_haproxy_sockets_fit_a_unix_socket_path(tmp_path: Path) -> None:
+    env = serve_env(Settings(data=tmp_path / ("x" * 80)))
+    node_dir = 1 + 56  # HAProxyManager puts each socket in a folder named for the node id
+    for key in ("SOCKET_PATH", "METRICS_SOCKET_PATH", "SERVER_STATE_FILE"):
+        assert len(env[f"RAY_SERVE_HAPROXY_{key}"]) + node_dir <= SOCKET_PATH_MAX, key
+    assert str(tmp_path) in env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]  # how leftovers are found
 
 
 def test_the_stack_runs_the_bare_server_without_replicas(
