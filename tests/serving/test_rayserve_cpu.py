@@ -101,7 +101,9 @@ def test_concurrent_completions_are_spread_over_both_replicas(deployment: Deploy
     prompts = [f"Count to {n}:" for n in range(10)]
     with ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(lambda p: _complete(deployment.url, p), prompts))
-    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert all(a.status_code == 200 for a in answers), [
+        (a.status_code, a.text) for a in answers if a.status_code != 200
+    ]
     assert all(a.json()["choices"][0]["text"] is not None for a in answers)
     assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2
 
@@ -152,6 +154,41 @@ def test_every_route_is_forwarded(deployment: Deployment) -> None:
         answer = httpx.request(method, base + path, json={}, timeout=30, trust_env=False)
         assert answer.status_code < 500
         assert answer.headers[REPLICA_HEADER]
+
+
+def test_backend_errors_come_back_with_their_status(deployment: Deployment) -> None:
+    """The server's own error answers, not Serve's: llama_cpp reports a bad body as a 500 with
+    an OpenAI-style error, an unknown route as FastAPI's 404."""
+    for _ in range(2):  # once on each replica (HAProxy takes turns)
+        answer = httpx.post(
+            f"{deployment.url}/completions", json={"prompt": 1}, timeout=30, trust_env=False
+        )
+        assert answer.status_code == 500
+        assert "validation error" in answer.json()["error"]["message"]
+        assert answer.headers[REPLICA_HEADER]
+        missing = httpx.get(f"{deployment.url}/nowhere", timeout=30, trust_env=False)
+        assert (missing.status_code, missing.json()) == (404, {"detail": "Not Found"})
+
+
+def test_a_stream_the_client_left_does_not_spoil_the_next_request(
+    deployment: Deployment,
+) -> None:
+    """A replica keeps its connections to the server alive between requests: one whose
+    answer was not read to its end (the client went away) must not be used again, and one the
+    server closed while idle (uvicorn's keep-alive timeout, 5 s) must be replaced."""
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 64, "stream": True}
+    for _ in range(2):
+        with httpx.stream(
+            "POST", f"{deployment.url}/completions", json=body, timeout=60, trust_env=False
+        ) as answer:
+            next(answer.iter_lines())
+    answers = [_complete(deployment.url, f"Count to {n}:") for n in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2
+    time.sleep(5.5)
+    answers = [_complete(deployment.url, f"Count to {n}:") for n in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert all(a.json()["choices"][0]["text"] is not None for a in answers)
 
 
 def test_haproxy_takes_the_port_in_front_of_the_replicas(deployment: Deployment) -> None:
