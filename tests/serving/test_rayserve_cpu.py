@@ -194,7 +194,13 @@ def test_a_stream_the_client_left_does_not_spoil_the_next_request(
 def test_haproxy_takes_the_port_in_front_of_the_replicas(deployment: Deployment) -> None:
     """Serve's high-throughput ingress: HAProxy (found by its config under the data root), not
     Serve's Python proxy, answers on the model port."""
-    assert [c for c in _ours(deployment.root) if "haproxy" in c]
+    # Serve's HAProxy manager restarts HAProxy when a replica's health changes (a busy machine
+    # can delay a health check): look for it a while rather than at one instant.
+    deadline = time.monotonic() + 30
+    while not [c for c in _ours(deployment.root) if "haproxy" in c]:
+        assert time.monotonic() < deadline, _ours(deployment.root)
+        time.sleep(0.5)
+    assert _complete(deployment.url, "Count to 3:").status_code == 200
     port = deployment.url.removesuffix("/v1").rsplit(":", 1)[1]
     config = next((deployment.root.run / "haproxy").rglob("haproxy.cfg")).read_text()
     assert f":{port}" in config
