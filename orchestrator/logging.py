@@ -21,4 +21,8 @@ def configure(level: str | None = None, stream: Any = None) -> logging.Handler:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+        # A dictConfig run earlier in the process (uvicorn's own, or a library's with
+        # disable_existing_loggers) may have disabled it or set its own level.
+        logger.disabled = False
+        logger.setLevel(logging.NOTSET)
     return handler
