@@ -21,8 +21,10 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -269,6 +271,25 @@ def haproxy_dirs(root: DataRoot) -> tuple[Path, Path]:
     return root.run / "haproxy", Path("/tmp") / f"avhap-{tag}"
 
 
+QUIET_PORTS = range(20000, 30000)
+"""Below the kernel's ephemeral range (32768 and up), from which `free_port()` (bind to port 0)
+and every outgoing connection draw, and below Serve's direct-ingress ports (30000–31000)."""
+
+
+def quiet_port() -> int:
+    """A port free on every interface, from QUIET_PORTS: Serve binds these a few seconds after
+    they are picked (HAProxy's two on all interfaces), and a port from the ephemeral range may be
+    handed to another process in between (seen in the test suite: HAProxy then exits)."""
+    for candidate in random.sample(QUIET_PORTS, 64):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", candidate))
+            except OSError:
+                continue
+            return candidate
+    return free_port("0.0.0.0")
+
+
 def serve_env(settings: Settings) -> dict[str, str]:
     """Serve's high-throughput mode, sized for one small machine; set before `ray.init` (Ray's
     processes inherit it). An operator's own RAY_SERVE_* values win.
@@ -290,12 +311,12 @@ def serve_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
         # HAProxy's template binds these two on all interfaces whatever the host: the stats page
         # and the Prometheus exporter (read-only; workers' sandboxes cannot reach them).
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(settings.host)),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(settings.host)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(quiet_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(quiet_port()),
         # Serve's Python proxy stays as HAProxy's backup server, by default on 8500 and 9500:
         # our own model port, or another stack's.
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port(settings.host)),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port(settings.host)),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(quiet_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(quiet_port()),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(config_dir / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(socket_dir / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(socket_dir),

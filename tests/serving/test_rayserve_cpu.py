@@ -198,7 +198,11 @@ def test_haproxy_takes_the_port_in_front_of_the_replicas(deployment: Deployment)
     # can delay a health check): look for it a while rather than at one instant.
     deadline = time.monotonic() + 30
     while not [c for c in _ours(deployment.root) if "haproxy" in c]:
-        assert time.monotonic() < deadline, _ours(deployment.root)
+        assert time.monotonic() < deadline, (
+            _ours(deployment.root),
+            deployment.log.read_text(errors="replace")[-3000:],
+            sorted(str(p) for p in (deployment.root.run / "haproxy").rglob("*")),
+        )
         time.sleep(0.5)
     assert _complete(deployment.url, "Count to 3:").status_code == 200
     port = deployment.url.removesuffix("/v1").rsplit(":", 1)[1]
