@@ -2,7 +2,9 @@
 autovibe proxy as the stack runs it (all addons: identity, routing, metering, budget, injection,
 capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m proxy.indexer` beside it,
 on the same machine), through the same proxy with its indexer thread inside (`autovibe-inproc`,
-the arrangement before the indexer got its own process) and through LiteLLM's proxy.
+the arrangement before the indexer got its own process), through bare mitmdump with only
+`proxy/addons/lean.py` loaded (`mitmdump-lean`: mitmproxy's unused built-ins removed, as the
+autovibe proxy removes them) and through LiteLLM's proxy.
 
 Two workloads: a static JSON chat completion served by nginx (Debian `nginx-light`; without
 it, by the asyncio stub below, with a printed note), and an SSE stream from a small asyncio
@@ -48,6 +50,7 @@ from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv, mitmdump_path, wait_ready, with_options
 
 ROOT = Path(__file__).resolve().parent.parent
+LEAN_SCRIPT = ROOT / "proxy" / "addons" / "lean.py"
 MODEL = "tiny"
 """Priced in configs/prices.yaml as a local model, so the autovibe proxy meters the calls."""
 LITELLM_VERSION = "1.106.2"
@@ -334,7 +337,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=30)
 
 
-def _mitmdump_bare(work: Path, port: int) -> list[str]:
+def _mitmdump_bare(work: Path, port: int, lean: bool = False) -> list[str]:
+    script = ["-s", str(LEAN_SCRIPT)] if lean else []
     return [
         str(mitmdump_path()),
         "--mode",
@@ -347,6 +351,7 @@ def _mitmdump_bare(work: Path, port: int) -> list[str]:
         "termlog_verbosity=warn",
         "--set",
         "flow_detail=0",
+        *script,
     ]
 
 
@@ -448,8 +453,9 @@ def _litellm(
 class Run:
     rows: list[dict[str, Any]]
     cpu_ms: dict[str, float]
-    """CPU milliseconds per call over the whole run, per process (`/proc`): bare mitmdump,
-    the autovibe proxy, its separate indexer, the proxy with its indexer inside."""
+    """CPU milliseconds per call over the whole run, per process (`/proc`): bare mitmdump, bare
+    mitmdump trimmed by `Lean`, the autovibe proxy, its separate indexer, the proxy with its
+    indexer inside."""
     nginx: bool
     """The static JSON came from nginx (else from the asyncio stub)."""
     litellm: str
@@ -478,6 +484,9 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
             bare_port = free_port()
             bare = _start(_mitmdump_bare(work, bare_port), bare_port, work / "bare.log")
             processes.append(bare)
+            lean_port = free_port()
+            lean = _start(_mitmdump_bare(work, lean_port, lean=True), lean_port, work / "lean.log")
+            processes.append(lean)
             settings = Settings(
                 data=work / "data",
                 configs=ROOT / "configs",
@@ -504,6 +513,7 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
             processes.append(inproc)
             targets = [
                 Target("mitmdump", bare_port),
+                Target("mitmdump-lean", lean_port),
                 Target("autovibe", settings.proxy_port, auth),
                 Target("autovibe-inproc", settings_inproc.proxy_port, auth_inproc),
             ]
@@ -530,7 +540,7 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
             if why_not:
                 print(f"note: no LiteLLM rows: {why_not}", file=sys.stderr)
             rows = []
-            bare_calls = 0
+            bare_calls = {"mitmdump": 0, "mitmdump-lean": 0}
             for stream in (False, True):
                 upstream = sse_port if stream else json_port
                 for concurrency in concurrencies:
@@ -541,18 +551,20 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
                         if target.system in roots:
                             # Whatever indexing is left is done now, not in the next cell.
                             row["index_lag_s"] = _index_lag(roots[target.system])
-                        if target.system == "mitmdump":
-                            bare_calls += row["requests"] + WARM_UP_CALLS * concurrency
+                        if target.system in bare_calls:
+                            made = row["requests"] + WARM_UP_CALLS * concurrency
+                            bare_calls[target.system] += made
                         print(row, file=sys.stderr, flush=True)
                         rows.append(row)
             cpu_s = {
                 "mitmdump": _cpu_s(bare.pid),
+                "mitmdump-lean": _cpu_s(lean.pid),
                 "autovibe proxy": _cpu_s(autovibe.pid),
                 "autovibe indexer": _cpu_s(indexer.pid),
                 "autovibe-inproc": _cpu_s(inproc.pid),
             }
             calls = {
-                "mitmdump": bare_calls,
+                **bare_calls,
                 "autovibe proxy": _check_metered(root, identity.assignment),
                 "autovibe indexer": _spooled(root),
                 "autovibe-inproc": _check_metered(root_inproc, identity.assignment),
@@ -674,9 +686,12 @@ HTTP/1.1 stub in its own process, sent chunked, first event at once and the rest
 {STREAM_PAUSE_S * 1000:.0f} ms later. Load: an asyncio client in the bench process, keep-alive
 connections = concurrency, {total} calls per cell after 5 warm-up calls per connection,
 loopback only; `direct` is bounded by this Python client, not by the upstream. `mitmdump` is
-bare mitmdump 11 in regular (explicit proxy) mode with no addons; `autovibe` is the proxy as
-the platform starts it (identity, routing, metering with streaming, budget reserve/settle on
-SQLite counters, injection, capture to the spool, metrics addon; `autovibe_indexer=false`)
+bare mitmdump 11 in regular (explicit proxy) mode with no addons; `mitmdump-lean` the same with
+`proxy/addons/lean.py` as its one script, which removes the mitmproxy built-ins a headless proxy
+leaves unused (map/modify/replay/save/onboarding/console commands…); `autovibe` is the proxy as
+the platform starts it (the same removal, identity, routing, metering with streaming, budget
+reserve/settle on SQLite counters, injection, capture to the spool, metrics addon;
+`autovibe_indexer=false`)
 with `python -m proxy.indexer` running beside it on the same 2 cores, catching the SQLite index
 (FTS5) up every second: its CPU competes with the proxy's, as it does in production.
 `autovibe-inproc` is the same proxy with the indexer thread inside mitmdump, as before the
@@ -688,6 +703,9 @@ differences from `direct` at the same workload and concurrency.
 The machine is shared (2 cores, other work running): compare rows of one run, not across runs.
 
 autovibe throughput as a share of bare mitmdump: {"; ".join(_share(rows, "autovibe", "mitmdump"))}.
+Part of that is the removal of unused built-ins; what our own addons cost shows against
+`mitmdump-lean`: {"; ".join(_share(rows, "autovibe", "mitmdump-lean"))};
+`mitmdump-lean` against bare mitmdump: {"; ".join(_share(rows, "mitmdump-lean", "mitmdump"))}.
 The same with the indexer inside the proxy (`autovibe-inproc`): {inproc}.
 CPU per call over the whole run (user + system, /proc; warm-up calls included): {cpu}.
 autovibe streaming TTFB overhead (p50): {"; ".join(ttfb)}.

@@ -6,7 +6,8 @@ has no request hook: budget reserves, and injection puts the real provider key i
 on calls that will be forwarded. When a flow ends, capture spools it (redacted) before budget
 settles it, so a proxy killed between the two leaves a spooled flow whose reservation the
 orphan sweeper settles at the spooled cost — never spend that the spool, and so the ledger,
-does not know of. Then the indexer and the metrics.
+does not know of. Then the indexer and the metrics. `Lean`, right after the JSON log, takes
+mitmproxy's own unused built-ins out of the chain once the proxy runs.
 """
 
 from proxy.addons.budget import Budget
@@ -15,12 +16,14 @@ from proxy.addons.identity import Identity
 from proxy.addons.indexer import Indexer
 from proxy.addons.injection import Injection
 from proxy.addons.jsonlog import JsonLog
+from proxy.addons.lean import Lean
 from proxy.addons.metering import Metering
 from proxy.addons.metrics import Metrics
 from proxy.addons.routing import AutoRouting
 
 addons = [
     JsonLog(),
+    Lean(),
     Identity(),
     AutoRouting(),
     Metering(),
