@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     """Bytes of each body kept in the traffic store; None: `proxy.index.DEFAULT_BODY_MAX`."""
     index_interval_s: float = 1.0
     """Seconds between the indexer's catch-ups; the store trails the spool by about this much."""
+    index_nice: int = 10
+    """Added to `python -m proxy.indexer`'s nice value: indexing is batch work behind the spool,
+    so on a busy machine it takes the CPU the proxy and the agents leave (its lag grows under
+    load and is caught up after); 0 keeps it at the proxy's priority."""
     cors_origins: list[str] = []
     """Origins a browser may call the control API from (exact origins; `*` is refused)."""
     rate_limit_machine: int = 10

@@ -6,7 +6,8 @@ with FTS5, or Elasticsearch at `AUTOVIBE_ELASTICSEARCH_URL`). Both stores keep t
 with what they took in, so it may be stopped, restarted or run beside another catch-up (the
 API's reads) without losing or repeating a flow. The stack and docker-compose run it next to
 mitmdump started with `autovibe_indexer=false`, so indexing never competes with the request
-path for the proxy's interpreter. SIGTERM or SIGINT: one last catch-up, then exit 0.
+path for the proxy's interpreter; it runs at a lower priority (`index_nice`), so it does not
+compete with it for the CPU either. SIGTERM or SIGINT: one last catch-up, then exit 0.
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        run(Settings(), stop)
+        settings = Settings()
+        if settings.index_nice:
+            os.nice(settings.index_nice)
+        run(settings, stop)
     except ValueError as exc:
         log.error("indexer not started: %s", exc)
         raise SystemExit(2) from exc
