@@ -33,6 +33,7 @@ __all__ = [
     "Reservation",
     "Reserved",
     "ScopeState",
+    "Settlement",
     "UnknownScope",
     "as_period",
     "from_micro",
@@ -113,6 +114,15 @@ class Reserved:
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """A settle to be made: release reservation `reservation_id`'s hold, book `actual`."""
+
+    reservation_id: str
+    actual: Decimal
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Refused:
     """The first scope that could not cover the amount; nothing was reserved anywhere."""
 
@@ -151,17 +161,26 @@ class CounterStore(Protocol):
         amount: Decimal,
         now: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        settle: Sequence[Settlement] = (),
     ) -> Reserved | Refused:
         """Hold `amount` in every scope, or in none; repeating an open reservation is a no-op.
 
         `meta` (JSON-serializable) is kept with the reservation and read back by
-        `open_reservations`."""
+        `open_reservations`. `settle`: settlements made first, as `settle_many` makes them,
+        in the same transaction where the store has them (SQLite: one commit for all); they
+        are made whatever the reservation's outcome, and not at all if this raises."""
         ...
 
     def settle(
         self, reservation_id: str, actual: Decimal, reason: str = "", now: float | None = None
     ) -> bool:
         """Release the hold and book `actual`; True only for the call that settled it."""
+        ...
+
+    def settle_many(
+        self, settlements: Sequence[Settlement], now: float | None = None
+    ) -> list[bool]:
+        """`settle` each, in one transaction where the store has them; one bool each."""
         ...
 
     def open_reservations(self, older_than: float) -> list[Reservation]:

@@ -27,6 +27,7 @@ from ledger.counters import (
     Reservation,
     Reserved,
     ScopeState,
+    Settlement,
     UnknownScope,
     as_period,
     from_micro,
@@ -197,12 +198,15 @@ class RedisCounters:
         amount: Decimal,
         now: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        settle: Sequence[Settlement] = (),
     ) -> Reserved | Refused:
         now = time.time() if now is None else now
         micro = to_micro(amount, round_up=True)
         if micro < 0:
             raise CounterError(f"cannot reserve a negative amount ({amount})")
         names = tuple(dict.fromkeys(scopes))
+        # One script per change: the settlements go first, each atomic on its own.
+        self.settle_many(settle, now)
         keys = [self._reservation_key(reservation_id), self._open_key]
         keys += [self._scope_key(n) for n in names]
         for _ in range(_RETRIES):
@@ -253,6 +257,15 @@ class RedisCounters:
                 return bool(answer[0] == "ok")
             self._shapes.pop(known[int(answer[1]) - 1], None)
         raise CounterError(f"scopes {', '.join(known)} keep changing period; try again")
+
+    def settle_many(
+        self, settlements: Sequence[Settlement], now: float | None = None
+    ) -> list[bool]:
+        now = time.time() if now is None else now
+        for s in settlements:
+            if s.actual < 0:
+                raise CounterError(f"cannot settle a negative amount ({s.actual})")
+        return [self.settle(s.reservation_id, s.actual, s.reason, now) for s in settlements]
 
     def _exists(self, scope_id: str) -> bool:
         return bool(self._call(self.client.exists, self._scope_key(scope_id)))

@@ -26,6 +26,7 @@ from ledger.counters import (
     Reservation,
     Reserved,
     ScopeState,
+    Settlement,
     UnknownScope,
     as_period,
     from_micro,
@@ -193,13 +194,17 @@ class SqliteCounters:
         amount: Decimal,
         now: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        settle: Sequence[Settlement] = (),
     ) -> Reserved | Refused:
         now = time.time() if now is None else now
         micro = to_micro(amount, round_up=True)
         if micro < 0:
             raise CounterError(f"cannot reserve a negative amount ({amount})")
         names = tuple(dict.fromkeys(scopes))
+        settling = self._settle_args(settle)
         with self._transaction() as db:
+            for args in settling:
+                self._settle_in(db, *args, now)
             existing = db.execute(
                 "SELECT scopes, amount_micro, settled FROM reservations WHERE id = ?",
                 (reservation_id,),
@@ -231,32 +236,53 @@ class SqliteCounters:
     def settle(
         self, reservation_id: str, actual: Decimal, reason: str = "", now: float | None = None
     ) -> bool:
+        return self.settle_many([Settlement(reservation_id, actual, reason)], now)[0]
+
+    def settle_many(
+        self, settlements: Sequence[Settlement], now: float | None = None
+    ) -> list[bool]:
         now = time.time() if now is None else now
-        micro = to_micro(actual)
-        if micro < 0:
-            raise CounterError(f"cannot settle a negative amount ({actual})")
+        settling = self._settle_args(settlements)
+        if not settling:
+            return []
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT scopes, amount_micro FROM reservations WHERE id = ? AND settled IS NULL",
-                (reservation_id,),
-            ).fetchone()
-            if row is None:
-                return False
-            held = row[1]
-            for name in json.loads(row[0]):
-                try:
-                    self._roll(db, name, now)
-                except UnknownScope:
-                    continue  # a scope removed by hand: nothing left to release there
-                db.execute(
-                    "UPDATE scopes SET reserved_micro = MAX(reserved_micro - ?, 0),"
-                    " spent_micro = spent_micro + ? WHERE id = ?",
-                    (held, micro, name),
-                )
+            return [self._settle_in(db, *args, now) for args in settling]
+
+    @staticmethod
+    def _settle_args(settlements: Sequence[Settlement]) -> list[tuple[str, int, str]]:
+        """(id, micro-units, reason) of each, checked before any is made."""
+        out = []
+        for s in settlements:
+            micro = to_micro(s.actual)
+            if micro < 0:
+                raise CounterError(f"cannot settle a negative amount ({s.actual})")
+            out.append((s.reservation_id, micro, s.reason))
+        return out
+
+    def _settle_in(
+        self, db: sqlite3.Connection, reservation_id: str, micro: int, reason: str, now: float
+    ) -> bool:
+        row = db.execute(
+            "SELECT scopes, amount_micro FROM reservations WHERE id = ? AND settled IS NULL",
+            (reservation_id,),
+        ).fetchone()
+        if row is None:
+            return False
+        held = row[1]
+        for name in json.loads(row[0]):
+            try:
+                self._roll(db, name, now)
+            except UnknownScope:
+                continue  # a scope removed by hand: nothing left to release there
             db.execute(
-                "UPDATE reservations SET settled = ?, actual_micro = ?, reason = ? WHERE id = ?",
-                (now, micro, reason, reservation_id),
+                "UPDATE scopes SET reserved_micro = MAX(reserved_micro - ?, 0),"
+                " spent_micro = spent_micro + ? WHERE id = ?",
+                (held, micro, name),
             )
+        db.execute(
+            "UPDATE reservations SET settled = ?, actual_micro = ?, reason = ? WHERE id = ?",
+            (now, micro, reason, reservation_id),
+        )
         return True
 
     # -- reads -------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ catalogue). The scopes of a call: the project budget, the machine's daily allowa
 when the task has one, the task's cap. A call without `max_tokens` has it written in, capped
 at what the tightest scope can still pay and at `autovibe_budget_max_tokens`. Refusals are
 402 with the scope, what is left and when it resets; an unreachable counter store refuses
-everything (503). Ends: `response` and `error` settle with metering's actual cost; what a
-killed proxy left open is settled by the orphan sweeper, at start and every minute.
+everything (503). Ends: `response` and `error` settle with metering's actual cost, written
+with the next reservation (one transaction for both) or just after the hook, so the answer
+never waits for it; what a killed proxy left open is settled by the orphan sweeper, at start
+and every minute.
 
 The spool decides what an orphan costs, so that the counters' spend and the ledger (posted
 from the spool) stay equal to the cent. Each reservation notes its flow (who, where, the token
@@ -21,6 +23,7 @@ and a crash between the two steps leaves a spooled record that the next sweep se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -44,6 +47,7 @@ from ledger.counters import (
     Refused,
     Reservation,
     ScopeState,
+    Settlement,
     UnknownScope,
     iso,
     machine_scope,
@@ -103,7 +107,12 @@ class Budget:
         self.ceiling = 4096
         self.orphan_s = 900.0
         self.live: set[str] = set()
-        """Reservations of flows in flight here: never orphans, whatever their age."""
+        """Reservations of flows in flight here, or settled and not yet written: never orphans,
+        whatever their age."""
+        self._pending: list[Settlement] = []
+        """Settlements of ended flows, to be written with the next reservation or just after
+        the hook that made them (`_flush`), whichever comes first."""
+        self._flush_scheduled = False
         self._scopes: dict[str, tuple[float, ScopeState | None]] = {}
         """Scope -> (when described, state or None): see SCOPE_CACHE_S."""
         self._stop = threading.Event()
@@ -174,6 +183,7 @@ class Budget:
             self.spool, self._redactor = Spool(dataroot.current()), None
         if updated & {dataroot.OPTION, "autovibe_budget_store", "autovibe_budget_redis_url"}:
             if self.store is not None:
+                self._flush()  # into the store they were reserved in
                 self.store.close()
             self._scopes.clear()
             try:
@@ -191,6 +201,7 @@ class Budget:
             self._thread.start()
 
     def done(self) -> None:
+        self._flush()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -333,11 +344,20 @@ class Budget:
             "provider": facts.provider, "model": facts.model, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "currency": currency, "fx": str(fx),
         }  # fmt: skip
+        # Settlements waiting to be written go in this reservation's transaction (one commit).
+        pending, self._pending = self._pending, []
         try:
-            outcome = self.store.reserve(flow.id, scopes, amount, now, {FLOW_NOTE: note})
-        except UnknownScope:
-            self._scopes.clear()  # removed since it was described: the next call looks again
+            outcome = self.store.reserve(
+                flow.id, scopes, amount, now, {FLOW_NOTE: note}, settle=pending
+            )
+        except CounterError as exc:
+            self._pending[:0] = pending  # none was made: they wait for the next write
+            if pending:
+                self._schedule_flush()
+            if isinstance(exc, UnknownScope):
+                self._scopes.clear()  # removed since it was described: the next call looks
             raise
+        self.live.difference_update(s.reservation_id for s in pending)
         if isinstance(outcome, Refused):
             self._exhausted(flow, outcome)
             return
@@ -388,20 +408,47 @@ class Budget:
         self._settle(flow, f"error: {flow.error.msg if flow.error else 'unknown'}")
 
     def _settle(self, flow: http.HTTPFlow, ending: str) -> None:
+        """Queue the flow's settlement: it is written with the next reservation, or by
+        `_flush` once this hook is done, so that under load one commit serves both, and the
+        answer goes out before an idle proxy writes. Capture spooled the flow before this
+        hook: a proxy killed before the write leaves an open reservation whose flow is in the
+        spool, which the orphan sweeper settles at the spooled cost, the same amount."""
         hold = flow.metadata.get(HOLD_KEY)
         if not isinstance(hold, Hold) or hold.settled or self.store is None:
             return
         actual = _actual(flow, hold)
-        try:
-            self.store.settle(hold.reservation_id, actual, ending)
-        except CounterError:
-            # Still open in the store: the sweeper settles it at the spooled cost.
-            log.exception("could not settle reservation %s; left to the sweeper", flow.id)
-            return
-        finally:
-            self.live.discard(hold.reservation_id)
         hold.settled = True
         flow.metadata[METADATA_KEY] = _settled_text(hold, actual, ending)
+        self._pending.append(Settlement(hold.reservation_id, actual, ending))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # hooks called outside mitmproxy's event loop: write now
+            self._flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write the queued settlements (one transaction); what fails is left to the sweeper."""
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if not pending or self.store is None:
+            return
+        try:
+            self.store.settle_many(pending)
+        except CounterError:
+            # Still open in the store: the sweeper settles them at the spooled cost.
+            log.exception(
+                "could not settle reservations %s; left to the sweeper",
+                ", ".join(s.reservation_id for s in pending),
+            )
+        finally:
+            self.live.difference_update(s.reservation_id for s in pending)
 
 
 def decision_of(flow: http.HTTPFlow) -> str | None:

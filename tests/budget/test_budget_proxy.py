@@ -92,6 +92,8 @@ def spooled(proxy: Proxy, project: str) -> list[FlowRecord]:
 
 
 def wait_settled(store: CounterStore, timeout: float = 10) -> None:
+    """Until no reservation is open: the proxy writes a settlement just after the answer went
+    out (or with the next reservation), so a read right after a call may come first."""
     deadline = time.monotonic() + timeout
     while store.open_reservations(time.time() + 1):
         assert time.monotonic() < deadline, store.open_reservations(time.time() + 1)
@@ -105,6 +107,7 @@ def test_call_is_reserved_then_settled_at_its_actual_cost(
     with proxy.client(proxy.identity("served")) as client:
         response = post(client, upstream, body(max_tokens=50))
     assert response.status_code == 200, response.text
+    wait_settled(counters)
     assert counters.spent("project:served") == (PROMPT_TOKENS + 50) * CAD_PER_TOKEN
     assert counters.spent("machine:served:m1") == (PROMPT_TOKENS + 50) * CAD_PER_TOKEN
     assert counters.open_reservations(time.time() + 1) == []
@@ -165,6 +168,7 @@ def test_missing_max_tokens_is_capped_at_what_the_tightest_scope_can_pay(
     affordable = int(Decimal("0.006") / CAD_PER_TOKEN) - len(content) - PROMPT_MARGIN_TOKENS
     assert sent["max_tokens"] == affordable
     # The upstream used every token it was allowed: the allowance is spent, never overrun.
+    wait_settled(counters)
     assert counters.spent("machine:capped:m1") <= Decimal("0.006")
     (record,) = spooled(proxy, "capped")
     assert record.usage is not None and record.usage.completion_tokens == affordable
@@ -194,6 +198,7 @@ def test_hundred_concurrent_streams_never_overrun_the_budget(
     assert set(statuses) <= {200, 402}, statuses
     served = statuses.count(200)
     assert served >= 10, statuses
+    wait_settled(counters)
     spent = counters.spent("project:crowd")
     assert spent <= budget
     assert spent == served * (PROMPT_TOKENS + 1000) * CAD_PER_TOKEN
@@ -268,6 +273,7 @@ def test_redis_store_through_the_proxy_fails_closed_when_redis_goes(
         with proxy.client(proxy.identity("redis")) as client:
             statuses = [post(client, upstream, body(max_tokens=1000)).status_code for _ in range(3)]
         assert statuses == [200, 200, 402]
+        wait_settled(store)
         assert store.spent("project:redis") == 2 * (PROMPT_TOKENS + 1000) * CAD_PER_TOKEN
         assert store.open_reservations(time.time() + 1) == []
 

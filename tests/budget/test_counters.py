@@ -19,6 +19,7 @@ from ledger.counters import (
     CounterStoreUnavailable,
     Refused,
     Reserved,
+    Settlement,
     UnknownScope,
     open_counters,
 )
@@ -74,6 +75,40 @@ def test_settlement_happens_exactly_once(store: CounterStore) -> None:
     assert store.remaining("project:p", NOW) == D("8")
     with pytest.raises(CounterError, match="settled already"):
         store.reserve("r1", ["project:p"], D("1"), NOW)
+
+
+def test_settlements_written_with_a_reservation_go_first_whatever_its_outcome(
+    store: CounterStore,
+) -> None:
+    store.ensure_scope("project:p", D("10"), "CAD", "once", NOW)
+    store.reserve("r1", ["project:p"], D("6"), NOW)
+    store.reserve("r2", ["project:p"], D("3"), NOW)
+    # r3 fits only once r1's hold is released: the settlement is made before the check.
+    r1 = Settlement("r1", D("1"), "response")
+    assert store.reserve("r3", ["project:p"], D("5"), NOW, settle=[r1]) == Reserved(
+        "r3", D("5"), ("project:p",)
+    )
+    assert store.spent("project:p", NOW) == D("1")
+    # A refused reservation still writes its settlements; a settled or unknown id is skipped.
+    r2 = Settlement("r2", D("2"), "response")
+    outcome = store.reserve("r4", ["project:p"], D("9"), NOW, settle=[r2, r1, Settlement("x", 1)])
+    assert isinstance(outcome, Refused) and outcome.left == D("2")
+    assert store.spent("project:p", NOW) == D("3")
+    assert [o.reservation_id for o in store.open_reservations(NOW + 1)] == ["r3"]
+
+
+def test_settle_many_settles_each_once_or_none_when_one_is_negative(store: CounterStore) -> None:
+    store.ensure_scope("project:p", D("10"), "CAD", "once", NOW)
+    for name in ("r1", "r2"):
+        store.reserve(name, ["project:p"], D("2"), NOW)
+    with pytest.raises(CounterError, match="negative"):
+        store.settle_many([Settlement("r1", D("1")), Settlement("r2", D("-1"))], NOW)
+    assert store.spent("project:p", NOW) == 0
+    settled = store.settle_many([Settlement("r1", D("1")), Settlement("r2", D("0.5"))], NOW)
+    assert settled == [True, True]
+    assert store.settle_many([Settlement("r1", D("1"))], NOW) == [False]
+    assert store.spent("project:p", NOW) == D("1.5")
+    assert store.remaining("project:p", NOW) == D("8.5")
 
 
 def test_repeated_reserve_is_one_hold(store: CounterStore) -> None:
