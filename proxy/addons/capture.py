@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CAPTURED_KEY = "autovibe.captured"
 RECORD_KEY = "autovibe.capture.record"
-"""The FlowRecord the capture addon built for this flow (before redaction for the spool)."""
+"""`Captured`: what later addons read of the record spooled for this flow."""
 TAP_KEY = "autovibe.capture.tap"
 """The `BodyTap` copying a streamed response, in `flow.metadata`."""
 WEBSOCKET_KEY = "autovibe.capture.websocket"
@@ -57,6 +58,25 @@ DEFAULT_SPOOL_BODY_MAX = 8 * 1024 * 1024
 NORMAL_CLOSES = frozenset({1000, 1001, 1005})
 """Websocket close codes that end a connection without an error (RFC 6455 7.4.1)."""
 _DECODE_SLICE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A spooled flow as the addons after capture (metrics) read it: no bodies or headers, so
+    the flow carries nothing large once it is spooled."""
+
+    status: int | None
+    request_bytes: int
+    response_bytes: int
+
+    @classmethod
+    def of(cls, flow: http.HTTPFlow) -> Captured:
+        """The flow's, as capture left it, or read from the flow now."""
+        found = flow.metadata.get(RECORD_KEY)
+        if isinstance(found, Captured):
+            return found
+        record = record_of(flow)
+        return cls(record.status, record.request_bytes, record.response_bytes)
 
 
 class BodyTap:
@@ -446,7 +466,11 @@ class Capture:
         assert self.spool is not None
         try:
             record = record_of(flow, self.redactor, self.body_max)
-            flow.metadata[RECORD_KEY] = record
+            # The copy of the body is in the record now: the flow need not keep it.
+            flow.metadata.pop(TAP_KEY, None)
+            flow.metadata[RECORD_KEY] = Captured(
+                record.status, record.request_bytes, record.response_bytes
+            )
             self.spool.append(self.redactor.record(record))
         except (OSError, ValueError):
             # The spool is the source of truth; losing a line is an incident, not a warning.
@@ -456,7 +480,10 @@ class Capture:
 def _tapped(
     flow: http.HTTPFlow, stream: bool | Callable[[bytes], bytes | Iterable[bytes]], tap: BodyTap
 ) -> Callable[[bytes], bytes | Iterable[bytes]]:
-    """`stream` (metering's pass-through, or plain `True`) with a copy of each chunk kept."""
+    """`stream` (metering's pass-through, or plain `True`) with a copy of each chunk kept.
+
+    Holds the flow's id, not the flow (see `proxy.addons.metering._pass_through`)."""
+    flow_id = flow.id
 
     def tapped(chunk: bytes) -> bytes | Iterable[bytes]:
         out = stream(chunk) if callable(stream) else chunk
@@ -465,7 +492,7 @@ def _tapped(
                 tap.feed(chunk)
             except Exception:
                 # Capturing must never cost the agent its answer.
-                log.exception("capture failed on %s; the stream goes on uncopied", flow.id)
+                log.exception("capture failed on %s; the stream goes on uncopied", flow_id)
                 tap.decode, tap.raw = None, False
                 tap.decode_error = tap.decode_error or "capture fault (see the proxy log)"
         return out

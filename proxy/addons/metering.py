@@ -280,8 +280,11 @@ class Metering:
 
 
 def _pass_through(flow: http.HTTPFlow, facts: Metered) -> Callable[[bytes], bytes]:
-    """The `response.stream` callable: each chunk goes on unchanged, read on the way."""
-    meter = facts.meter
+    """The `response.stream` callable: each chunk goes on unchanged, read on the way.
+
+    It holds the flow's id, not the flow: the flow holds it (`response.stream`), and a cycle
+    would leave the whole flow to the garbage collector instead of reference counting."""
+    meter, flow_id = facts.meter, flow.id
     assert meter is not None
 
     def chunk_seen(chunk: bytes) -> bytes:
@@ -294,7 +297,7 @@ def _pass_through(flow: http.HTTPFlow, facts: Metered) -> Callable[[bytes], byte
                 meter.finish()
         except Exception:
             # Reading usage must never cost the agent its answer; the estimate covers it.
-            log.exception("metering failed on %s; the stream goes on unread", flow.id)
+            log.exception("metering failed on %s; the stream goes on unread", flow_id)
             facts.problem = facts.problem or "metering fault (see the proxy log)"
             meter.finish()
         return chunk

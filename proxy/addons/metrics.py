@@ -130,8 +130,8 @@ class Metrics:
         if flow.metadata.get("autovibe.metrics.counted"):
             return  # a flow can end with a response and then an error (client gone)
         flow.metadata["autovibe.metrics.counted"] = True
-        # The capture addon (earlier in the list) leaves its record on the flow.
-        record = flow.metadata.get(capture.RECORD_KEY) or capture.record_of(flow)
+        # The capture addon (earlier in the list) leaves what it spooled on the flow.
+        record = capture.Captured.of(flow)
         status = f"{record.status // 100}xx" if record.status is not None else "error"
         self.flows.labels(status).inc()
         self.bytes.labels("request").inc(record.request_bytes)
