@@ -2,16 +2,19 @@
 autovibe proxy as the stack runs it (all addons: identity, routing, metering, budget, injection,
 capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m proxy.indexer` beside it,
 on the same machine), through the same proxy with its indexer thread inside (`autovibe-inproc`,
-the arrangement before the indexer got its own process), through bare mitmdump with only
-`proxy/addons/lean.py` loaded (`mitmdump-lean`: mitmproxy's unused built-ins removed, as the
-autovibe proxy removes them) and through LiteLLM's proxy.
+the arrangement before the indexer got its own process), through bare mitmdump run as the
+autovibe proxy runs it, without our addons (`mitmdump-lean`: `python -O`, and
+`proxy/addons/lean.py` removing mitmproxy's unused built-ins) and through LiteLLM's proxy.
 
 Two workloads: a static JSON chat completion served by nginx (Debian `nginx-light`; without
 it, by the asyncio stub below, with a printed note), and an SSE stream from a small asyncio
 stub in its own process that sends its first event at once and the rest 2 ms later (so the
 time to first byte shows whether a proxy buffers). Concurrency 1, 16 and 64 (`--quick`: 1 and
 16); each cell sends a bounded number of keep-alive requests over loopback from an asyncio load
-generator in this process.
+generator in this process, in repeats: within a repeat the systems take turns, and a cell's
+figures are medians over its repeats (a ratio between systems, the median of the per-repeat
+ratios), so that a slow minute of this shared machine weighs on one repeat of every system
+rather than on one system.
 
 LiteLLM is never a project dependency: the bench makes its own venv once with uv, cached under
 `$XDG_CACHE_HOME/autovibe/bench-litellm` (`~/.cache` without it), installs the pinned
@@ -338,8 +341,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _mitmdump_bare(work: Path, port: int, lean: bool = False) -> list[str]:
+    """Bare mitmdump as shipped; `lean`: as the autovibe proxy runs it (`python -O`, `Lean`)."""
     script = ["-s", str(LEAN_SCRIPT)] if lean else []
+    python = [sys.executable, "-O"] if lean else []
     return [
+        *python,
         str(mitmdump_path()),
         "--mode",
         f"regular@{port}",
@@ -462,9 +468,27 @@ class Run:
     """Empty when LiteLLM was measured; otherwise why not."""
 
 
+def calls_per_repeat(quick: bool) -> tuple[int, int]:
+    """(repeats, calls per repeat) of a cell, for each system but LiteLLM (one repeat)."""
+    return (3, 200) if quick else (5, 600)
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a system's repeats of a cell: medians, all its calls, every repeat's req/s."""
+    row = dict(runs[0])
+    row["requests"] = sum(r["requests"] for r in runs)
+    for key in ("req_per_s", "p50_ms", "p99_ms", "ttfb_p50_ms"):
+        row[key] = round(statistics.median(r[key] for r in runs), 2)
+    if "index_lag_s" in row:
+        row["index_lag_s"] = max(r["index_lag_s"] for r in runs)
+    row["repeats"] = len(runs)
+    row["req_per_s_repeats"] = [r["req_per_s"] for r in runs]
+    return row
+
+
 def run(quick: bool, with_litellm: bool = True) -> Run:
     concurrencies = [1, 16] if quick else [1, 16, 64]
-    total = 400 if quick else 2000
+    repeats, total = calls_per_repeat(quick)
     processes: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         work = Path(tmp)
@@ -544,18 +568,21 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
             for stream in (False, True):
                 upstream = sse_port if stream else json_port
                 for concurrency in concurrencies:
-                    for target in [Target("direct", upstream, explicit_proxy=False), *targets]:
-                        # LiteLLM runs at tens of calls a second: a quarter of the calls.
-                        n = total // 4 if target.system == "litellm" else total
-                        row = asyncio.run(_cell(target, upstream, stream, concurrency, n))
-                        if target.system in roots:
-                            # Whatever indexing is left is done now, not in the next cell.
-                            row["index_lag_s"] = _index_lag(roots[target.system])
-                        if target.system in bare_calls:
-                            made = row["requests"] + WARM_UP_CALLS * concurrency
-                            bare_calls[target.system] += made
-                        print(row, file=sys.stderr, flush=True)
-                        rows.append(row)
+                    runs: dict[str, list[dict[str, Any]]] = {}
+                    for repeat in range(repeats):
+                        for target in [Target("direct", upstream, explicit_proxy=False), *targets]:
+                            if target.system == "litellm" and repeat:
+                                continue  # tens of calls a second: one repeat
+                            row = asyncio.run(_cell(target, upstream, stream, concurrency, total))
+                            if target.system in roots:
+                                # Whatever indexing is left is done now, not in the next turn.
+                                row["index_lag_s"] = _index_lag(roots[target.system])
+                            if target.system in bare_calls:
+                                made = row["requests"] + WARM_UP_CALLS * concurrency
+                                bare_calls[target.system] += made
+                            print(row, file=sys.stderr, flush=True)
+                            runs.setdefault(target.system, []).append(row)
+                    rows += [_median_row(system_runs) for system_runs in runs.values()]
             cpu_s = {
                 "mitmdump": _cpu_s(bare.pid),
                 "mitmdump-lean": _cpu_s(lean.pid),
@@ -627,11 +654,20 @@ def _check_metered(root: DataRoot, assignment: str) -> int:
     return len(mine)
 
 
+def _ratio(row: dict[str, Any], base: dict[str, Any]) -> float:
+    """`row`'s req/s over `base`'s: the median of the per-repeat ratios when both were repeated
+    alike (each repeat's systems ran minutes apart at most), else the ratio of the medians."""
+    mine, theirs = row.get("req_per_s_repeats", []), base.get("req_per_s_repeats", [])
+    if len(mine) > 1 and len(mine) == len(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    return float(row["req_per_s"] / base["req_per_s"])
+
+
 def _share(rows: list[dict[str, Any]], system: str, base: str) -> list[str]:
     """`system`'s req/s as a share (or multiple) of `base`'s, per workload and concurrency."""
-    by = {(r["system"], r["workload"], r["concurrency"]): r["req_per_s"] for r in rows}
+    by = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
     return [
-        f"{w} c={c}: {by[(system, w, c)] / by[(base, w, c)]:.2f}×"
+        f"{w} c={c}: {_ratio(by[(system, w, c)], by[(base, w, c)]):.2f}×"
         for (s, w, c) in by
         if s == system and (base, w, c) in by
     ]
@@ -670,29 +706,32 @@ def main() -> None:
         f"`litellm` is LiteLLM {LITELLM_VERSION}'s proxy (`litellm --config`, its own venv, no "
         "database, a fixed master key, one worker) with the same upstreams as OpenAI-compatible "
         f"models; it is called as an API server (`POST /v1/chat/completions`), with "
-        f"{(400 if args.quick else 2000) // 4} calls per cell. It passes the stub's stream "
+        f"{calls_per_repeat(args.quick)[1]} calls per cell (one repeat). It passes the stub's "
+        "stream "
         "through as SSE. autovibe throughput as a multiple of LiteLLM's: "
         + "; ".join(_share(rows, "autovibe", "litellm"))
         + "."
         if not result.litellm
         else f"LiteLLM was not measured in this run: {result.litellm}."
     )
-    total = 400 if args.quick else 2000
+    repeats, total = calls_per_repeat(args.quick)
     inproc = "; ".join(_share(rows, "autovibe-inproc", "mitmdump"))
     cpu = "; ".join(f"{name} {ms} ms" for name, ms in result.cpu_ms.items())
     notes = f"""
 Upstreams: static JSON chat completion (`json`) from {upstream}; SSE (`sse`) from a small asyncio
 HTTP/1.1 stub in its own process, sent chunked, first event at once and the rest
 {STREAM_PAUSE_S * 1000:.0f} ms later. Load: an asyncio client in the bench process, keep-alive
-connections = concurrency, {total} calls per cell after 5 warm-up calls per connection,
+connections = concurrency, {repeats} repeats of {total} calls per cell and system (the systems take
+turns within a repeat; medians over repeats), each after 5 warm-up calls per connection,
 loopback only; `direct` is bounded by this Python client, not by the upstream. `mitmdump` is
-bare mitmdump 11 in regular (explicit proxy) mode with no addons; `mitmdump-lean` the same with
-`proxy/addons/lean.py` as its one script, which removes the mitmproxy built-ins a headless proxy
-leaves unused (map/modify/replay/save/onboarding/console commands…); `autovibe` is the proxy as
-the platform starts it (the same removal, identity, routing, metering with streaming, budget
-reserve/settle on SQLite counters, injection, capture to the spool, metrics addon;
-`autovibe_indexer=false`)
-with `python -m proxy.indexer` running beside it on the same 2 cores, catching the SQLite index
+bare mitmdump 11 in regular (explicit proxy) mode with no addons, as shipped; `mitmdump-lean` is
+mitmdump as the autovibe proxy runs it, without our addons: under `python -O` (mitmproxy then
+skips its debug-only type checks of each request and response) with `proxy/addons/lean.py` as
+its one script, which removes the built-ins a headless proxy leaves unused (map/modify/replay/
+save/onboarding/console commands…); `autovibe` is the proxy as the platform starts it (the same
+two, then identity, routing, metering with streaming, budget reserve/settle on SQLite counters,
+injection, capture to the spool, metrics addon; `autovibe_indexer=false`) with
+`python -m proxy.indexer` running beside it on the same 2 cores, catching the SQLite index
 (FTS5) up every second: its CPU competes with the proxy's, as it does in production.
 `autovibe-inproc` is the same proxy with the indexer thread inside mitmdump, as before the
 indexer got its own process (own data root). Every autovibe call is checked afterwards to be
@@ -703,7 +742,8 @@ differences from `direct` at the same workload and concurrency.
 The machine is shared (2 cores, other work running): compare rows of one run, not across runs.
 
 autovibe throughput as a share of bare mitmdump: {"; ".join(_share(rows, "autovibe", "mitmdump"))}.
-Part of that is the removal of unused built-ins; what our own addons cost shows against
+Part of that is how mitmdump is run (`-O`, unused built-ins removed); what our own addons cost
+shows against
 `mitmdump-lean`: {"; ".join(_share(rows, "autovibe", "mitmdump-lean"))};
 `mitmdump-lean` against bare mitmdump: {"; ".join(_share(rows, "mitmdump-lean", "mitmdump"))}.
 The same with the indexer inside the proxy (`autovibe-inproc`): {inproc}.
