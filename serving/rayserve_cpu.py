@@ -38,6 +38,7 @@ from starlette.responses import Response, StreamingResponse
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
+from contracts.processes import stop
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_argv
 
@@ -148,13 +149,7 @@ def _answers(url: str) -> bool:
 
 def stop_backend(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
     """SIGTERM, then SIGKILL after `timeout_s`; reaps the process."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop(process, timeout_s)
 
 
 def reap_leftovers(root: DataRoot) -> list[int]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from contracts import processes
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
@@ -167,13 +168,7 @@ class Proxy:
     def stop(self, kill: bool = False) -> None:
         if kill:
             self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        processes.stop(self.process)
 
 
 def start_proxy(data: Path, configs: Path, upstream: Upstream, **options: object) -> Proxy:

@@ -23,6 +23,7 @@ import httpx
 
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
+from contracts.processes import stop
 from contracts.records import FlowRecord
 from contracts.settings import Settings, free_port
 from proxy.launch import wait_ready
@@ -231,12 +232,7 @@ def running_proxy(
             wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
             yield Proxy(settings, root, key)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
     output = log_path.read_text()
     assert "Traceback" not in output, output
     assert process.returncode == 0, output

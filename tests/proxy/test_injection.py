@@ -15,6 +15,7 @@ from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
 
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
+from contracts.processes import stop
 from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
 from proxy.addons.metering import parse_provider_hosts
@@ -52,8 +53,7 @@ def injecting_proxy(tmp_path_factory: pytest.TempPathFactory, cloud: Upstream) -
             wait_ready(settings.host, settings.proxy_port, timeout=30, process=process)
             yield Proxy(settings, root, key)
         finally:
-            process.terminate()
-            process.wait(timeout=15)
+            stop(process)
 
 
 def test_real_key_reaches_provider_and_no_file_holds_it(

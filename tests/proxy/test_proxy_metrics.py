@@ -15,6 +15,7 @@ from proxy_harness import PRICES_YAML, Proxy, Upstream
 
 from contracts.credentials import MachineIdentity, load_or_create_key
 from contracts.dataroot import DataRoot
+from contracts.processes import stop
 from contracts.settings import Settings, free_port
 from ledger.counters import open_ample, open_counters, open_project
 from proxy.addons.metrics import EXPORTED
@@ -60,12 +61,7 @@ def metered_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) 
         wait_ready(settings.host, settings.proxy_metrics_port, timeout=10, process=process)
         yield Proxy(settings, root, key)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
 
 

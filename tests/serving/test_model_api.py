@@ -19,6 +19,7 @@ import pytest
 
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
+from contracts.processes import stop
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from serving.llamacpp import REASONING_KEY, server_argv, server_config
 from serving.reasoning import ReasoningSplitter, opens_reasoning, split
@@ -60,12 +61,7 @@ def server(tiny_root: DataRoot, catalog: ModelsCatalog) -> Iterator[httpx.Client
         yield client
     finally:
         client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def messages(model: str = "tiny", **extra: Any) -> dict[str, Any]:

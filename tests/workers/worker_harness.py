@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy.certs import CertStore
 
+from contracts import processes
 from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
@@ -36,12 +37,7 @@ def direct_env(**extra: str) -> dict[str, str]:
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    processes.stop(process)
 
 
 @dataclass(frozen=True)
