@@ -9,7 +9,9 @@ fair overhead comparison. Each cell fires 1, 4 or 8 concurrent streams of one fi
 fixed `max_tokens` (16, and 128 as an agent's longer answer), `--repeats` times; tokens/s is a
 repeat's tokens (SSE events carrying text: one token each, llama.cpp sends no usage when
 streaming) over its wall time, median of the repeats; TTFT is the time to the first text event,
-p50 over every request of the cell. CPU per token is measured too, which a shared machine's load
+p50 over every request of the cell. Each system has its own client, its connections kept alive
+across the run, as the proxy and the agents' SDKs keep theirs (a new connection per request would
+add its setup at every hop). CPU per token is measured too, which a shared machine's load
 does not move: the llama.cpp server's, and that of every other process the system started
 (Ray, HAProxy) while the cell ran.
 
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AsyncExitStack, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,11 @@ from serving.weights import ensure_weights
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
 MAX_TOKENS = (16, 128)
 CONCURRENCY = (1, 4, 8)
-LONE_STREAM_ROUNDS = 4
+LONE_STREAM_ROUNDS = 10
 """One-stream cells run `--repeats` × this: each repeat gives them one TTFT sample, and a lone
 first token varies by ±6 ms (one run's 16- and 128-token cells, the same first token, differed by
-12 ms in p50 over 5), more than the 10 % target (3 ms) to be resolved."""
+12 ms in p50 over 20; two runs of 50 alternating samples each put Ray Serve's overhead at -0.4
+and +3.6 ms), more than the 10 % target (3 ms) to be resolved."""
 TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 240.0
 
@@ -176,38 +179,63 @@ class Samples:
     other_cpu_s: float = 0.0
 
 
-async def _cell(url: str, concurrency: int, repeats: int, max_tokens: int) -> Samples:
-    rates, ttfts, total = [], [], 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(trust_env=False, timeout=300, limits=limits) as client:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            results = await asyncio.gather(
-                *(_stream(client, url, max_tokens) for _ in range(concurrency))
-            )
-            elapsed = time.perf_counter() - t0
-            tokens = sum(tokens for _, tokens in results)
-            rates.append(tokens / elapsed)
-            ttfts += [first for first, _ in results]
-            total += tokens
-    return Samples(rates, ttfts, total)
+async def _cell(client: httpx.AsyncClient, url: str, concurrency: int, max_tokens: int) -> Samples:
+    """One repeat: `concurrency` streams at once."""
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(_stream(client, url, max_tokens) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    tokens = sum(tokens for _, tokens in results)
+    return Samples([tokens / elapsed], [first for first, _ in results], tokens)
 
 
-def _measure(system: Running, concurrency: int, max_tokens: int) -> Samples:
+async def _measure(
+    system: Running, client: httpx.AsyncClient, concurrency: int, max_tokens: int
+) -> Samples:
     """One repeat of a cell, with the CPU the system's processes used during it."""
     model0, other0 = cpu_seconds(system.pid)
-    samples = asyncio.run(_cell(system.url, concurrency, 1, max_tokens))
+    samples = await _cell(client, system.url, concurrency, max_tokens)
     model1, other1 = cpu_seconds(system.pid)
     samples.model_cpu_s, samples.other_cpu_s = model1 - model0, other1 - other0
     return samples
+
+
+async def _measure_all(
+    started: dict[System, Running], repeats: int
+) -> tuple[dict[tuple[int, System, int], Samples], list[float]]:
+    """Every cell, the systems in turn, each through its own client whose connections are
+    kept alive across the run, as the proxy and the agents' SDKs keep theirs."""
+    cells: dict[tuple[int, System, int], Samples] = {}
+    loads = []
+    most = max(CONCURRENCY)
+    limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
+    async with AsyncExitStack() as stack:
+        clients = {
+            system: await stack.enter_async_context(
+                httpx.AsyncClient(trust_env=False, timeout=300, limits=limits)
+            )
+            for system in started
+        }
+        for system, one in started.items():
+            await _cell(clients[system], one.url, 1, MAX_TOKENS[0])  # warm-up, not counted
+        for max_tokens in MAX_TOKENS:
+            for concurrency in CONCURRENCY:
+                loads.append(os.getloadavg()[0])
+                for _ in range(repeats * (LONE_STREAM_ROUNDS if concurrency == 1 else 1)):
+                    for system, one in started.items():
+                        new = await _measure(one, clients[system], concurrency, max_tokens)
+                        old = cells.setdefault((max_tokens, system, concurrency), Samples([], []))
+                        old.rates += new.rates
+                        old.ttfts += new.ttfts
+                        old.tokens += new.tokens
+                        old.model_cpu_s += new.model_cpu_s
+                        old.other_cpu_s += new.other_cpu_s
+    return cells, loads
 
 
 def run(repeats: int) -> tuple[list[dict[str, Any]], list[float]]:
     """The rows, and the 1-minute load average at the start of each cell (the machine is
     shared)."""
     systems = [System("llamacpp", 0), System("rayserve", 1)]
-    cells: dict[tuple[int, System, int], Samples] = {}
-    loads = []
     work = Path(tempfile.mkdtemp(prefix="avb", dir="/tmp"))  # short: Ray's sockets live here
     settings = Settings(data=work / "d", configs=PROJECT_ROOT / "configs")
     ensure_weights(DataRoot.at(settings.data), load_models(settings.configs).pairs["tiny"].normal)
@@ -218,20 +246,7 @@ def run(repeats: int) -> tuple[list[dict[str, Any]], list[float]]:
             )
             for system in systems
         }
-        for one in started.values():
-            asyncio.run(_cell(one.url, 1, 1, MAX_TOKENS[0]))  # warm-up, not counted
-        for max_tokens in MAX_TOKENS:
-            for concurrency in CONCURRENCY:
-                loads.append(os.getloadavg()[0])
-                for _ in range(repeats * (LONE_STREAM_ROUNDS if concurrency == 1 else 1)):
-                    for system, one in started.items():
-                        new = _measure(one, concurrency, max_tokens)
-                        old = cells.setdefault((max_tokens, system, concurrency), Samples([], []))
-                        old.rates += new.rates
-                        old.ttfts += new.ttfts
-                        old.tokens += new.tokens
-                        old.model_cpu_s += new.model_cpu_s
-                        old.other_cpu_s += new.other_cpu_s
+        cells, loads = asyncio.run(_measure_all(started, repeats))
     shutil.rmtree(work, ignore_errors=True)  # kept, with the logs, when something failed
     rows = []
     for (max_tokens, system, concurrency), cell in cells.items():
@@ -289,10 +304,12 @@ def main() -> None:
     notes = f"""
 Fixed prompt, `max_tokens` {" and ".join(map(str, MAX_TOKENS))}, temperature 0,
 `POST /v1/completions` with `stream: true`, model `tiny` (gemma3-270m Q4_K_M) on llama.cpp; an
-asyncio httpx client in the bench process. Both systems up at once and measured alternately, repeat
-by repeat, after one warm-up stream each; {repeats} repeats per cell ({lone} at one stream, for
-TTFT samples); `tokens_per_s` is the median over repeats of a repeat's tokens over its wall time,
-`ttft_p50_ms` the median time to the first token over all the cell's requests;
+asyncio httpx client per system in the bench process, its connections kept alive across the run
+(as the proxy and the agents' SDKs keep theirs). Both systems up at once and measured
+alternately, repeat by repeat, after one warm-up stream each; {repeats} repeats per cell ({lone}
+at one stream, for TTFT samples); `tokens_per_s` is the median over repeats of a repeat's
+tokens over its wall time, `ttft_p50_ms` the median time to the first token over all the cell's
+requests;
 `model_cpu_ms_per_token` is the llama.cpp server's CPU time per streamed token,
 `other_cpu_ms_per_token` that of every other process the system started (Ray's, HAProxy), both over
 the whole cell. `rayserve` runs 1 replica: one llama.cpp server, as bare, behind Serve's
