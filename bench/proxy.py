@@ -50,7 +50,13 @@ from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
 from proxy.index import TrafficIndex
 from proxy.indexer import ready_pid
-from proxy.launch import mitmdump_argv, mitmdump_path, wait_ready, with_options
+from proxy.launch import (
+    mitmdump_argv,
+    mitmdump_command,
+    mitmdump_path,
+    wait_ready,
+    with_options,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAN_SCRIPT = ROOT / "proxy" / "addons" / "lean.py"
@@ -343,10 +349,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def _mitmdump_bare(work: Path, port: int, lean: bool = False) -> list[str]:
     """Bare mitmdump as shipped; `lean`: as the autovibe proxy runs it (`python -O`, `Lean`)."""
     script = ["-s", str(LEAN_SCRIPT)] if lean else []
-    python = [sys.executable, "-O"] if lean else []
     return [
-        *python,
-        str(mitmdump_path()),
+        *(mitmdump_command() if lean else [str(mitmdump_path())]),
         "--mode",
         f"regular@{port}",
         "--listen-host",

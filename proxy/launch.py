@@ -32,6 +32,11 @@ def mitmdump_path() -> Path:
     return path
 
 
+def mitmdump_command() -> list[str]:
+    """How the proxy runs mitmdump, before its options: under `python -O` (see `mitmdump_argv`)."""
+    return [sys.executable, "-O", str(mitmdump_path())]
+
+
 def mitmdump_argv(
     settings: Settings, *, transparent_port: int = 0, dns_port: int = 0, indexer: bool = True
 ) -> list[str]:
@@ -54,9 +59,7 @@ def mitmdump_argv(
     if dns_port:
         workers += ["--mode", f"dns@{dns_port}"]
     return [
-        sys.executable,
-        "-O",
-        str(mitmdump_path()),
+        *mitmdump_command(),
         "--mode",
         f"regular@{settings.proxy_port}",
         *workers,

@@ -36,6 +36,7 @@ __all__ = [
     "Settlement",
     "UnknownScope",
     "as_period",
+    "checked",
     "from_micro",
     "iso",
     "machine_scope",
@@ -120,6 +121,17 @@ class Settlement:
     reservation_id: str
     actual: Decimal
     reason: str = ""
+
+
+def checked(settlements: Sequence[Settlement]) -> list[tuple[str, int, str]]:
+    """(id, micro-units, reason) of each settlement, all checked before any is made."""
+    out = []
+    for s in settlements:
+        micro = to_micro(s.actual)
+        if micro < 0:
+            raise CounterError(f"cannot settle a negative amount ({s.actual})")
+        out.append((s.reservation_id, micro, s.reason))
+    return out
 
 
 @dataclass(frozen=True)

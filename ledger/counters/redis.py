@@ -30,6 +30,7 @@ from ledger.counters import (
     Settlement,
     UnknownScope,
     as_period,
+    checked,
     from_micro,
     require,
     scope_state,
@@ -262,9 +263,7 @@ class RedisCounters:
         self, settlements: Sequence[Settlement], now: float | None = None
     ) -> list[bool]:
         now = time.time() if now is None else now
-        for s in settlements:
-            if s.actual < 0:
-                raise CounterError(f"cannot settle a negative amount ({s.actual})")
+        checked(settlements)  # none is made if one is refused
         return [self.settle(s.reservation_id, s.actual, s.reason, now) for s in settlements]
 
     def _exists(self, scope_id: str) -> bool:

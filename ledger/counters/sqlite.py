@@ -29,6 +29,7 @@ from ledger.counters import (
     Settlement,
     UnknownScope,
     as_period,
+    checked,
     from_micro,
     require,
     scope_state,
@@ -201,7 +202,7 @@ class SqliteCounters:
         if micro < 0:
             raise CounterError(f"cannot reserve a negative amount ({amount})")
         names = tuple(dict.fromkeys(scopes))
-        settling = self._settle_args(settle)
+        settling = checked(settle)
         with self._transaction() as db:
             for args in settling:
                 self._settle_in(db, *args, now)
@@ -242,22 +243,11 @@ class SqliteCounters:
         self, settlements: Sequence[Settlement], now: float | None = None
     ) -> list[bool]:
         now = time.time() if now is None else now
-        settling = self._settle_args(settlements)
+        settling = checked(settlements)
         if not settling:
             return []
         with self._transaction() as db:
             return [self._settle_in(db, *args, now) for args in settling]
-
-    @staticmethod
-    def _settle_args(settlements: Sequence[Settlement]) -> list[tuple[str, int, str]]:
-        """(id, micro-units, reason) of each, checked before any is made."""
-        out = []
-        for s in settlements:
-            micro = to_micro(s.actual)
-            if micro < 0:
-                raise CounterError(f"cannot settle a negative amount ({s.actual})")
-            out.append((s.reservation_id, micro, s.reason))
-        return out
 
     def _settle_in(
         self, db: sqlite3.Connection, reservation_id: str, micro: int, reason: str, now: float
