@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import ctypes
 import fcntl
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -285,6 +287,60 @@ def quiet_port() -> int:
     return free_port("0.0.0.0")
 
 
+REPLICA_SERVER_PREFIX = "SERVE_REPLICA_"
+"""How Serve names a replica's server line in HAProxy's backend for an application."""
+
+
+def replicas_up(stat_csv: str, app: str = APP_NAME) -> int:
+    """How many of `app`'s replicas HAProxy sends requests to, from its `show stat` CSV: server
+    lines of the app's backend whose status is plain UP (not "UP 1/2", still being checked)."""
+    rows = csv.DictReader(io.StringIO(stat_csv.removeprefix("# ")))
+    return sum(
+        1
+        for row in rows
+        if row.get("pxname") == f"http-{app}"
+        and (row.get("svname") or "").startswith(REPLICA_SERVER_PREFIX)
+        and row.get("status") == "UP"
+    )
+
+
+def _haproxy_stat(socket_dir: Path) -> str:
+    """`show stat` from the HAProxy admin socket Serve made under `socket_dir` (one folder per
+    Ray node); empty until HAProxy listens."""
+    for path in socket_dir.glob("*/admin.sock"):
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            sock.sendall(b"show stat\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks).decode(errors="replace")
+    return ""
+
+
+def wait_all_up(
+    socket_dir: Path, replicas: int, logs: Path, timeout_s: float = START_TIMEOUT_S
+) -> None:
+    """Block until HAProxy spreads requests over all `replicas`.
+
+    `serve.run` returns once the replicas run, but HAProxy learns of each from Serve's controller
+    a moment later and passes two health checks before sending it traffic: without this wait,
+    the first requests after "serving" all went to one replica (seen in CI: 10 concurrent
+    completions on one of two replicas). Nothing to wait for when the operator turned HAProxy off.
+    """
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") != "1":
+        return
+    deadline = time.monotonic() + timeout_s
+    while (up := replicas_up(_haproxy_stat(socket_dir))) < replicas:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"HAProxy sends requests to {up} of {replicas} replicas after {timeout_s:.0f} s; "
+                f"see HAProxy's and Serve's logs under {logs}"
+            )
+        time.sleep(0.1)
+
+
 def serve_env(settings: Settings) -> dict[str, str]:
     """Serve's high-throughput mode, sized for one small machine; set before `ray.init` (Ray's
     processes inherit it). An operator's own RAY_SERVE_* values win.
@@ -388,6 +444,7 @@ def serving(settings: Settings, replicas: int) -> Iterator[str]:
         serve.run(
             deployment.bind(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/"
         )
+        wait_all_up(socket_dir, replicas, ray_temp_dir(root) / "session_latest" / "logs")
         yield f"http://{settings.host}:{settings.model_port}/v1"
     finally:
         try:

@@ -27,10 +27,13 @@ from serving.rayserve_cpu import (
     SOCKET_PATH_MAX,
     ray_temp_dir,
     replicas_dir,
+    replicas_up,
     serve_env,
+    wait_all_up,
 )
 
 REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @dataclass
@@ -106,6 +109,30 @@ def test_concurrent_completions_are_spread_over_both_replicas(deployment: Deploy
     ]
     assert all(a.json()["choices"][0]["text"] is not None for a in answers)
     assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2
+
+
+def test_replicas_up_counts_the_apps_replica_servers_haproxy_sends_to() -> None:
+    # `show stat` from HAProxy under Serve 2.x (bench: serving.rayserve_cpu with 2 replicas),
+    # read while the second replica was not yet in the backend, then once it was.
+    one = (FIXTURES / "haproxy_show_stat_one_of_two.csv").read_text()
+    two = (FIXTURES / "haproxy_show_stat_two_of_two.csv").read_text()
+    assert replicas_up(one) == 1  # the fallback proxy (a backup server) is not a replica
+    assert replicas_up(two) == 2
+    assert replicas_up(two, app="another-app") == 0
+    # A replica being checked ("UP 1/2": one of the two checks HAProxy wants) takes no requests.
+    rows = [r.replace(",UP,", ",UP 1/2,", 1) if "ua1ath1u" in r else r for r in two.splitlines()]
+    assert replicas_up("\n".join(rows)) == 1
+    assert replicas_up("") == 0
+
+
+def test_waiting_for_replicas_names_the_count_and_the_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    with pytest.raises(RuntimeError, match=r"0 of 2 replicas after 0 s; see .* under /x/logs"):
+        wait_all_up(tmp_path, 2, Path("/x/logs"), timeout_s=0.2)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # Serve's own proxy: nothing to wait for
+    wait_all_up(tmp_path, 2, Path("/x/logs"), timeout_s=0.2)
 
 
 def test_a_streamed_completion_arrives_as_several_sse_events(deployment: Deployment) -> None:
