@@ -3,8 +3,9 @@ autovibe proxy as the stack runs it (all addons: identity, routing, metering, bu
 capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m proxy.indexer` beside it,
 on the same machine), through the same proxy with its indexer thread inside (`autovibe-inproc`,
 the arrangement before the indexer got its own process), through bare mitmdump run as the
-autovibe proxy runs it, without our addons (`mitmdump-lean`: `python -O`, and
-`proxy/addons/lean.py` removing mitmproxy's unused built-ins) and through LiteLLM's proxy.
+autovibe proxy runs it, without our addons (`mitmdump-lean`: `python -O`,
+`proxy/addons/lean.py` removing mitmproxy's unused built-ins and `proxy/addons/dispatch.py`
+calling hooks from a plan) and through LiteLLM's proxy.
 
 Two workloads: a static JSON chat completion served by nginx (Debian `nginx-light`; without
 it, by the asyncio stub below, with a printed note), and an SSE stream from a small asyncio
@@ -59,7 +60,7 @@ from proxy.launch import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-LEAN_SCRIPT = ROOT / "proxy" / "addons" / "lean.py"
+LEAN_SCRIPTS = (ROOT / "proxy" / "addons" / "lean.py", ROOT / "proxy" / "addons" / "dispatch.py")
 MODEL = "tiny"
 """Priced in configs/prices.yaml as a local model, so the autovibe proxy meters the calls."""
 LITELLM_VERSION = "1.106.2"
@@ -347,8 +348,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _mitmdump_bare(work: Path, port: int, lean: bool = False) -> list[str]:
-    """Bare mitmdump as shipped; `lean`: as the autovibe proxy runs it (`python -O`, `Lean`)."""
-    script = ["-s", str(LEAN_SCRIPT)] if lean else []
+    """Bare mitmdump as shipped; `lean`: as the autovibe proxy runs it (`python -O`, `Lean`,
+    `Dispatch`)."""
+    script = [arg for path in LEAN_SCRIPTS for arg in ("-s", str(path))] if lean else []
     return [
         *(mitmdump_command() if lean else [str(mitmdump_path())]),
         "--mode",
@@ -730,13 +732,15 @@ turns within a repeat; medians over repeats), each after 5 warm-up calls per con
 loopback only; `direct` is bounded by this Python client, not by the upstream. `mitmdump` is
 bare mitmdump 11 in regular (explicit proxy) mode with no addons, as shipped; `mitmdump-lean` is
 mitmdump as the autovibe proxy runs it, without our addons: under `python -O` (mitmproxy then
-skips its debug-only type checks of each request and response) with `proxy/addons/lean.py` as
-its one script, which removes the built-ins a headless proxy leaves unused (map/modify/replay/
-save/onboarding/console commands…); `autovibe` is the proxy as the platform starts it (the same
-two, then identity, routing, metering with streaming, budget reserve/settle on SQLite counters,
-injection, capture to the spool, metrics addon; `autovibe_indexer=false`) with
-`python -m proxy.indexer` running beside it on the same 2 cores, catching the SQLite index
-(FTS5) up every second: its CPU competes with the proxy's, as it does in production.
+skips its debug-only type checks of each request and response) with `proxy/addons/lean.py`,
+which removes the built-ins a headless proxy leaves unused (map/modify/replay/save/onboarding/
+console commands…), and `proxy/addons/dispatch.py`, which has mitmproxy call each event's hooks
+from a plan made once per hook instead of walking the whole addon tree for every event;
+`autovibe` is the proxy as the platform starts it (the same three, then identity, routing,
+metering with streaming, budget reserve/settle on SQLite counters, injection, capture to the
+spool, metrics addon; `autovibe_indexer=false`) with `python -m proxy.indexer` running beside
+it on the same 2 cores, catching the SQLite index (FTS5) up every second: its CPU competes with
+the proxy's, as it does in production.
 `autovibe-inproc` is the same proxy with the indexer thread inside mitmdump, as before the
 indexer got its own process (own data root). Every autovibe call is checked afterwards to be
 spooled with exact usage and indexed; `index_lag_s` is how long after a cell's last call the

@@ -7,11 +7,13 @@ on calls that will be forwarded. When a flow ends, capture spools it (redacted) 
 settles it, so a proxy killed between the two leaves a spooled flow whose reservation the
 orphan sweeper settles at the spooled cost — never spend that the spool, and so the ledger,
 does not know of. Then the indexer and the metrics. `Lean`, right after the JSON log, takes
-mitmproxy's own unused built-ins out of the chain once the proxy runs.
+mitmproxy's own unused built-ins out of the chain once the proxy runs, and `Dispatch` has
+mitmproxy call each event's hooks from a plan instead of searching the addon tree for them.
 """
 
 from proxy.addons.budget import Budget
 from proxy.addons.capture import Capture
+from proxy.addons.dispatch import Dispatch
 from proxy.addons.identity import Identity
 from proxy.addons.indexer import Indexer
 from proxy.addons.injection import Injection
@@ -24,6 +26,7 @@ from proxy.addons.routing import AutoRouting
 addons = [
     JsonLog(),
     Lean(),
+    Dispatch(),
     Identity(),
     AutoRouting(),
     Metering(),
