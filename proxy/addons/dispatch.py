@@ -46,16 +46,29 @@ def _not_callable(addon: Any, name: str) -> Callable[..., Any]:
     return fail
 
 
+def _raises(exc: Exception) -> Callable[..., Any]:
+    def fail(*_: Any) -> None:
+        raise exc
+
+    return fail
+
+
 def plan(chain: list[Any], name: str) -> Plan:
-    """What mitmproxy's `_iter_hooks` would find for hook `name`, walking `chain` now."""
+    """What mitmproxy's `_iter_hooks` would find for hook `name`, walking `chain` now.
+
+    A walk that fails (an addon property that raises) leaves a call that raises the same
+    error, so that `safecall` logs it on each event, as it does upstream."""
     planned: Plan = []
     for top in chain:
         found = []
-        for addon in traverse([top]):
-            func = getattr(addon, name, None)
-            if not func or isinstance(func, types.ModuleType):
-                continue  # a module imported under a hook's name is no hook (as upstream)
-            found.append(func if callable(func) else _not_callable(addon, name))
+        try:
+            for addon in traverse([top]):
+                func = getattr(addon, name, None)
+                if not func or isinstance(func, types.ModuleType):
+                    continue  # a module imported under a hook's name is no hook (as upstream)
+                found.append(func if callable(func) else _not_callable(addon, name))
+        except Exception as exc:
+            found.append(_raises(exc))
         if found:
             planned.append(found)
     return planned

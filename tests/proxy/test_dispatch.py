@@ -50,6 +50,20 @@ class AsyncRecorder:
         self.calls.append(f"{self.name}.response (async)")
 
 
+class Broken:
+    """An addon whose `request` attribute cannot be read once armed (mitmproxy reads every
+    attribute when it registers an addon)."""
+
+    name = "broken"
+    armed = False
+
+    @property
+    def request(self) -> Callable[..., None] | None:
+        if Broken.armed:
+            raise RuntimeError("broken property")
+        return None
+
+
 class Parent:
     """An addon with children, as mitmproxy's script loader has its scripts."""
 
@@ -78,6 +92,7 @@ def _tree(calls: Calls) -> list[Any]:
         Recorder("e", calls, ("request",)),
         types.SimpleNamespace(name="mod", request=module_named_request),  # no hook (upstream)
         types.SimpleNamespace(name="bad", request=5),  # not callable: an AddonManagerError
+        Broken(),
         Recorder("halt", calls, ("response",), response=exceptions.AddonHalt()),
         Recorder("after-halt", calls, ("request", "response")),
     ]
@@ -117,6 +132,7 @@ def test_planned_dispatch_calls_what_mitmproxy_calls_in_the_same_order(
 
     async def body(tctx: taddons.context) -> None:
         trigger_all = _outcome(tctx, caplog, calls)
+        Broken.armed = True
         upstream = await trigger_all()
         planned = Planned(tctx.master.addons)
         planned.install()
@@ -129,6 +145,7 @@ def test_planned_dispatch_calls_what_mitmproxy_calls_in_the_same_order(
         assert upstream[1] == [
             "Addon error: c broke",
             "Addon error: Addon handler request (namespace(name='bad', request=5)) not callable",
+            "Addon error: broken property",
         ]
         # Nobody has an `update` hook: its plan is empty, so the event costs a lookup.
         assert planned.plans["update"] == []
@@ -136,7 +153,10 @@ def test_planned_dispatch_calls_what_mitmproxy_calls_in_the_same_order(
         assert await trigger_all() == upstream
         assert "trigger_event" not in vars(tctx.master.addons)
 
-    _run(body, *_tree(calls))
+    try:
+        _run(body, *_tree(calls))
+    finally:
+        Broken.armed = False
 
 
 def test_plans_follow_addons_added_removed_and_children_changed_with_the_options(
@@ -175,9 +195,14 @@ def test_plans_follow_addons_added_removed_and_children_changed_with_the_options
 def test_plan_is_the_tree_walk_of_upstream() -> None:
     calls: Calls = []
     chain = _tree(calls)
-    planned = plan(chain, "request")
-    assert len(planned) == 5  # a, p (with c, d), e, bad, after-halt
-    assert [len(funcs) for funcs in planned] == [1, 3, 1, 1, 1]
+    assert len(plan(chain, "request")) == 5  # Broken's `request` reads None: no hook
+    Broken.armed = True
+    try:
+        planned = plan(chain, "request")
+    finally:
+        Broken.armed = False
+    assert len(planned) == 6  # a, p (with c, d), e, bad, broken, after-halt
+    assert [len(funcs) for funcs in planned] == [1, 3, 1, 1, 1, 1]
     assert plan(chain, "websocket_message") == []
 
 
