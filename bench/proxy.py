@@ -750,8 +750,8 @@ differences from `direct` at the same workload and concurrency.
 The machine is shared (2 cores, other work running): compare rows of one run, not across runs.
 
 autovibe throughput as a share of bare mitmdump: {"; ".join(_share(rows, "autovibe", "mitmdump"))}.
-Part of that is how mitmdump is run (`-O`, unused built-ins removed); what our own addons cost
-shows against
+Part of that is how mitmdump is run (`-O`, unused built-ins removed, hooks called from plans);
+what our own addons cost shows against
 `mitmdump-lean`: {"; ".join(_share(rows, "autovibe", "mitmdump-lean"))};
 `mitmdump-lean` against bare mitmdump: {"; ".join(_share(rows, "mitmdump-lean", "mitmdump"))}.
 The same with the indexer inside the proxy (`autovibe-inproc`): {inproc}.
