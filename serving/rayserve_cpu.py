@@ -379,7 +379,78 @@ def serve_env(settings: Settings) -> dict[str, str]:
         # bring it to ~7 %. A fixed set of replicas needs no faster reconciliation.
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
         "RAY_enable_metrics_collection": "0",
+        # Ray starts its workers at nice 15, and a replica's llama.cpp server inherits that,
+        # while Ray's own daemons run at 0: the model server, which the bare profile runs at 0,
+        # would be the one kept waiting. Workers at 0; the background ones niced once serving
+        # (`renice_background`).
+        "RAY_worker_niceness": "0",
     }
+
+
+BACKGROUND = (
+    "gcs_server",
+    "log_monitor.py",
+    "dashboard/dashboard.py",
+    "autoscaler/_private/monitor.py",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+    "ray::ServeController",
+    "ray::ProxyActor",
+)
+"""Ray's processes off the request path (the GCS, log and autoscaler monitors, dashboard and
+its agents, Serve's controller, and Serve's Python proxy, which HAProxy keeps as a backup),
+by what their command lines contain. Not niced: the raylet and Serve's HAProxy manager, which
+start request-path processes (replicas, HAProxy) that would inherit their niceness."""
+BACKGROUND_NICE = 15
+"""Ray's own default for its workers."""
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid`'s living descendants (not `pid`), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/cmdline").read_bytes()).replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def renice_background(driver: int) -> list[int]:
+    """Raise the niceness of the driver's and `BACKGROUND` descendants' threads to
+    `BACKGROUND_NICE` (never lower it); the pids niced.
+
+    Measured on 2 cores, 16-token completions at one stream, 48 per condition, alternating
+    with the bare server (an ad-hoc script; `bench.serving` has the result as shipped): time
+    to first token over bare was +4.7 and +0.5 ms with every Ray process at 0, +4.1 and +2.5 ms
+    as Ray starts them (workers at 15), +2.4 and +2.9 ms with this — the run-to-run spread is
+    as large as the differences. What it fixes for certain is the order: the model server is
+    never behind Ray's daemons for the CPU.
+    """
+    niced = []
+    for pid in [driver, *descendants(driver)]:
+        if pid != driver and not any(mark in cmdline(pid) for mark in BACKGROUND):
+            continue
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                tid = int(task)
+                if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
+                    os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+            niced.append(pid)
+    return niced
 
 
 def _kill_naming(text: str) -> list[int]:
@@ -445,6 +516,7 @@ def serving(settings: Settings, replicas: int) -> Iterator[str]:
             deployment.bind(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/"
         )
         wait_all_up(socket_dir, replicas, ray_temp_dir(root) / "session_latest" / "logs")
+        renice_background(os.getpid())
         yield f"http://{settings.host}:{settings.model_port}/v1"
     finally:
         try:

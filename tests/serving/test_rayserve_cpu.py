@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -23,8 +24,11 @@ from contracts.settings import Settings, free_port
 from orchestrator.stack import model_argv
 from serving.cli import app as models_app
 from serving.rayserve_cpu import (
+    BACKGROUND_NICE,
     REPLICA_HEADER,
     SOCKET_PATH_MAX,
+    cmdline,
+    descendants,
     ray_temp_dir,
     replicas_dir,
     replicas_up,
@@ -109,6 +113,31 @@ def test_concurrent_completions_are_spread_over_both_replicas(deployment: Deploy
     ]
     assert all(a.json()["choices"][0]["text"] is not None for a in answers)
     assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2
+
+
+def _niceness_of(deployment: Deployment, *marks: str) -> dict[str, int]:
+    """Niceness of each process of the deployment whose command line has one of `marks`."""
+    found = {}
+    for pid in descendants(deployment.process.pid):
+        line = cmdline(pid)
+        for mark in marks:
+            if mark in line:
+                with contextlib.suppress(OSError):
+                    found[f"{mark} {pid}"] = os.getpriority(os.PRIO_PROCESS, pid)
+    return found
+
+
+def test_the_model_servers_run_at_normal_priority_and_rays_background_below(
+    deployment: Deployment,
+) -> None:
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert mine < BACKGROUND_NICE, "run the suite at a niceness below 15 to test this"
+    request_path = _niceness_of(deployment, "ray::ServeReplica", "serving.app")
+    background = _niceness_of(deployment, "gcs_server", "ray::ServeController")
+    assert len([k for k in request_path if "ServeReplica" in k]) == 2, request_path
+    assert len([k for k in request_path if "serving.app" in k]) == 2, request_path
+    assert set(request_path.values()) == {mine}, request_path
+    assert len(background) == 2 and set(background.values()) == {BACKGROUND_NICE}, background
 
 
 def test_replicas_up_counts_the_apps_replica_servers_haproxy_sends_to() -> None:
