@@ -136,8 +136,11 @@ def test_the_model_servers_run_at_normal_priority_and_rays_background_below(
     background = _niceness_of(deployment, "gcs_server", "ray::ServeController")
     assert len([k for k in request_path if "ServeReplica" in k]) == 2, request_path
     assert len([k for k in request_path if "serving.app" in k]) == 2, request_path
-    assert set(request_path.values()) == {mine}, request_path
-    assert len(background) == 2 and set(background.values()) == {BACKGROUND_NICE}, background
+    # Below the background, at the suite's own niceness or less (Ray may set its workers'
+    # niceness absolutely; root may lower it).
+    assert all(nice <= mine for nice in request_path.values()), request_path
+    assert len(background) == 2, background
+    assert all(nice >= BACKGROUND_NICE for nice in background.values()), background
 
 
 def test_replicas_up_counts_the_apps_replica_servers_haproxy_sends_to() -> None:
