@@ -82,7 +82,6 @@ class Planned:
         self.plans: dict[str, Plan] = {}
         self._register = manager.register
         self._remove = manager.remove
-        self._trigger_event = manager.trigger_event
 
     def install(self) -> None:
         manager: Any = self.manager  # instance attributes over the class's methods
@@ -95,15 +94,15 @@ class Planned:
             self.manager.__dict__.pop(name, None)
         self.plans.clear()
 
+    # Both run synchronously on the event loop: no event is dispatched while they change the
+    # tree, so the plans need clearing only once they are done (or failed halfway).
     def register(self, addon: Any) -> Any:
-        self.plans.clear()
         try:
             return self._register(addon)
         finally:
             self.plans.clear()
 
     def remove(self, addon: Any) -> None:
-        self.plans.clear()
         try:
             self._remove(addon)
         finally:
