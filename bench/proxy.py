@@ -47,6 +47,7 @@ from typing import Any
 from bench.report import publish
 from contracts.credentials import MachineIdentity, load_or_create_key, mint
 from contracts.dataroot import DataRoot
+from contracts.processes import cpu_s
 from contracts.settings import Settings, free_port
 from ledger.counters import open_ample
 from proxy.index import TrafficIndex
@@ -335,12 +336,6 @@ def _start_indexer(root: DataRoot, log: Path) -> subprocess.Popen[bytes]:
     return process
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM and wait: the indexer's last catch-up may take a moment."""
     process.terminate()
@@ -589,12 +584,12 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
                             print(row, file=sys.stderr, flush=True)
                             runs.setdefault(target.system, []).append(row)
                     rows += [_median_row(system_runs) for system_runs in runs.values()]
-            cpu_s = {
-                "mitmdump": _cpu_s(bare.pid),
-                "mitmdump-lean": _cpu_s(lean.pid),
-                "autovibe proxy": _cpu_s(autovibe.pid),
-                "autovibe indexer": _cpu_s(indexer.pid),
-                "autovibe-inproc": _cpu_s(inproc.pid),
+            cpu_used = {
+                "mitmdump": cpu_s(bare.pid),
+                "mitmdump-lean": cpu_s(lean.pid),
+                "autovibe proxy": cpu_s(autovibe.pid),
+                "autovibe indexer": cpu_s(indexer.pid),
+                "autovibe-inproc": cpu_s(inproc.pid),
             }
             calls = {
                 **bare_calls,
@@ -602,7 +597,7 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
                 "autovibe indexer": _spooled(root),
                 "autovibe-inproc": _check_metered(root_inproc, identity.assignment),
             }
-            cpu_ms = {name: round(cpu_s[name] * 1000 / calls[name], 2) for name in cpu_s}
+            cpu_ms = {name: round(cpu_used[name] * 1000 / calls[name], 2) for name in cpu_used}
             return Run(rows, cpu_ms, nginx is not None, why_not)
         finally:
             for process in reversed(processes):

@@ -42,6 +42,7 @@ import httpx
 from bench.report import publish
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
+from contracts.processes import cmdline, cpu_s, descendants
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from serving.llamacpp import server_argv
 from serving.weights import ensure_weights
@@ -54,7 +55,6 @@ LONE_STREAM_ROUNDS = 10
 first token varies by ±6 ms (one run's 16- and 128-token cells, the same first token, differed by
 12 ms in p50 over 20; two runs of 50 alternating samples each put Ray Serve's overhead at -0.4
 and +3.6 ms), more than the 10 % target (3 ms) to be resolved."""
-TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 240.0
 
 
@@ -73,36 +73,23 @@ class Running:
     """The process the bench started: the server, or the Ray Serve entry point."""
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds used so far) from /proc/<pid>/stat; None if gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
-
-
 def _is_model_server(pid: int) -> bool:
-    try:
-        return b"serving.app" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    return "serving.app" in cmdline(pid)
 
 
 def cpu_seconds(root: int) -> tuple[float, float]:
     """(llama.cpp server, everything else) CPU seconds of the live processes under `root`."""
-    stats = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and (stat := _stat(int(proc.name))) is not None:
-            stats[int(proc.name)] = stat
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, (ppid, _) in stats.items() if ppid == parent]
-        tree.update(children)
-        frontier += children
-    model = sum(stats[pid][1] for pid in tree if pid in stats and _is_model_server(pid))
-    return model, sum(stats[pid][1] for pid in tree if pid in stats) - model
+    model = other = 0.0
+    for pid in [root, *descendants(root)]:
+        try:
+            used = cpu_s(pid)
+        except OSError:
+            continue  # ended meanwhile
+        if _is_model_server(pid):
+            model += used
+        else:
+            other += used
+    return model, other
 
 
 @contextmanager

@@ -1,8 +1,13 @@
-"""Child processes the platform and its tests start (servers, proxies, runners): stopping one."""
+"""Child processes the platform and its tests start (servers, proxies, runners): stopping one,
+and what Linux's /proc says of a process (its command line, descendants, CPU time)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = 15) -> int:
@@ -16,3 +21,42 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float = 15) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses): the
+    first is field 3, the state."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def cmdline(pid: int) -> str:
+    """`pid`'s command line, arguments joined by spaces; empty if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) `pid` has used so far; OSError if it is gone."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid`'s living descendants (not `pid`)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int(_stat_fields(int(proc.name))[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found

@@ -40,7 +40,7 @@ from starlette.responses import Response, StreamingResponse
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import stop
+from contracts.processes import cmdline, descendants, stop
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_argv
 
@@ -49,6 +49,8 @@ REPLICA_HEADER = "x-autovibe-replica"
 MAX_ONGOING_REQUESTS = 32
 """Per replica: Serve hands requests over at once; the replica queues its POSTs itself."""
 START_TIMEOUT_S = 180.0
+BACKEND_STOP_S = 10.0
+"""How long a replica's llama.cpp server has to exit on SIGTERM before SIGKILL."""
 SOCKET_PATH_MAX = 107
 """Linux limit on a Unix socket path; Ray puts its sockets under its temp dir."""
 RAY_SOCKET_SUFFIX = len("/session_2025-01-01_00-00-00_000000_1234567/sockets/plasma_store")
@@ -133,7 +135,7 @@ def start_backend(settings: Settings, name: str) -> tuple[subprocess.Popen[bytes
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _answers(f"http://{settings.host}:{port}/v1/models"):
             if process.poll() is not None or time.monotonic() > deadline:
-                stop_backend(process)
+                stop(process, BACKEND_STOP_S)
                 raise ReplicaStartError(
                     f"llama.cpp server of replica {name} did not start "
                     f"(exit {process.poll()}); see {log_path}"
@@ -147,11 +149,6 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2, trust_env=False).is_success
     except httpx.HTTPError:
         return False
-
-
-def stop_backend(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
-    """SIGTERM, then SIGKILL after `timeout_s`; reaps the process."""
-    stop(process, timeout_s)
 
 
 def reap_leftovers(root: DataRoot) -> list[int]:
@@ -235,7 +232,7 @@ class LlamaCppReplica:
     def __del__(self) -> None:
         process = getattr(self, "process", None)
         if process is not None:
-            stop_backend(process)
+            stop(process, BACKEND_STOP_S)
             (replicas_dir(self.root) / f"{self.replica_id}.pid").unlink(missing_ok=True)
 
 
@@ -405,30 +402,6 @@ BACKGROUND_NICE = 15
 """Ray's own default for its workers."""
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid`'s living descendants (not `pid`), from /proc."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(proc.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (Path(f"/proc/{pid}/cmdline").read_bytes()).replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def renice_background(driver: int) -> list[int]:
     """Raise the niceness of the driver's and `BACKGROUND` descendants' threads to
     `BACKGROUND_NICE` (never lower it); the pids niced.
@@ -459,11 +432,7 @@ def _kill_naming(text: str) -> list[int]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
+        if text in cmdline(int(proc.name)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed.append(int(proc.name))

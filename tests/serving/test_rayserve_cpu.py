@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
+from contracts.processes import cmdline, descendants
 from contracts.settings import Settings, free_port
 from orchestrator.stack import model_argv
 from serving.cli import app as models_app
@@ -27,8 +28,6 @@ from serving.rayserve_cpu import (
     BACKGROUND_NICE,
     REPLICA_HEADER,
     SOCKET_PATH_MAX,
-    cmdline,
-    descendants,
     ray_temp_dir,
     replicas_dir,
     replicas_up,
@@ -52,14 +51,8 @@ def _ours(root: DataRoot) -> list[str]:
     """Command lines of live processes that name the data root (Ray's and llama.cpp's do)."""
     found = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(root.root) in cmdline:
-            found.append(f"{proc.name}: {cmdline[:160]}")
+        if proc.name.isdigit() and str(root.root) in (line := cmdline(int(proc.name))):
+            found.append(f"{proc.name}: {line[:160]}")
     return found
 
 
