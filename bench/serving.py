@@ -3,17 +3,17 @@ behind the Ray Serve deployment (`serving.rayserve_cpu`), streaming completions 
 
 Both systems run side by side on one machine and are measured in turn, repeat by repeat (bare,
 Ray Serve, bare, Ray Serve, …), so drift in the shared machine's load reaches both alike. Ray
-Serve runs one replica: the same single llama.cpp server as bare, behind Serve's ingress
-(HAProxy, `serving.rayserve_cpu.serve_env`) and a replica that forwards the stream, which is the
-fair overhead comparison. Each cell fires 1, 4 or 8 concurrent streams of one fixed prompt and
+Serve runs one replica: the same single model server as bare (`serving.app`, run in the
+replica's process), behind Serve's ingress (HAProxy, `serving.rayserve_cpu.serve_env`), which is
+the fair overhead comparison. Each cell fires 1, 4 or 8 concurrent streams of one fixed prompt and
 fixed `max_tokens` (16, and 128 as an agent's longer answer), `--repeats` times; tokens/s is a
 repeat's tokens (SSE events carrying text: one token each, llama.cpp sends no usage when
 streaming) over its wall time, median of the repeats; TTFT is the time to the first text event,
 p50 over every request of the cell. Each system has its own client, its connections kept alive
 across the run, as the proxy and the agents' SDKs keep theirs (a new connection per request would
 add its setup at every hop). CPU per token is measured too, which a shared machine's load
-does not move: the llama.cpp server's, and that of every other process the system started
-(Ray, HAProxy) while the cell ran.
+does not move: the model server's process (bare: `serving.app`; Ray Serve: the replica, which
+runs it), and that of every other process the system started (Ray, HAProxy) while the cell ran.
 
     python -m bench.serving [--repeats N]
 """
@@ -74,11 +74,14 @@ class Running:
 
 
 def _is_model_server(pid: int) -> bool:
-    return "serving.app" in cmdline(pid)
+    """The bare server, or a replica (which runs the same app in its process)."""
+    line = cmdline(pid)
+    return "serving.app" in line or "ray::ServeReplica" in line
 
 
 def cpu_seconds(root: int) -> tuple[float, float]:
-    """(llama.cpp server, everything else) CPU seconds of the live processes under `root`."""
+    """(model server, everything else) CPU seconds of the live processes under `root`; the
+    model server is the bare server or a replica (which runs the same app)."""
     model = other = 0.0
     for pid in [root, *descendants(root)]:
         try:
@@ -297,11 +300,12 @@ alternately, repeat by repeat, after one warm-up stream each; {repeats} repeats 
 at one stream, for TTFT samples); `tokens_per_s` is the median over repeats of a repeat's
 tokens over its wall time, `ttft_p50_ms` the median time to the first token over all the cell's
 requests;
-`model_cpu_ms_per_token` is the llama.cpp server's CPU time per streamed token,
+`model_cpu_ms_per_token` is the model server's process's CPU time per streamed token (bare:
+`serving.app`; `rayserve`: the replica, which runs the same app and Ray's replica code),
 `other_cpu_ms_per_token` that of every other process the system started (Ray's, HAProxy), both over
-the whole cell. `rayserve` runs 1 replica: one llama.cpp server, as bare, behind Serve's
-high-throughput ingress (HAProxy in front of a replica that serves HTTP itself and forwards the
-stream; `serve_env` in serving/rayserve_cpu.py). llama.cpp's server runs one generation at a time,
+the whole cell. `rayserve` runs 1 replica: the bare server's app, in the replica's process, behind
+Serve's high-throughput ingress (HAProxy in front of a replica that serves HTTP itself;
+`serve_env` in serving/rayserve_cpu.py). llama.cpp's server runs one generation at a time,
 so concurrency queues in both systems alike, behind the server's model lock (`interrupt_requests:
 false` in serving/llamacpp.py's config: without it a new request cuts a running stream short).
 Ray's idle processes run during the bare measurements too.

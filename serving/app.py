@@ -579,7 +579,13 @@ def _split_chat_stream(llama: llama_cpp.Llama, **kwargs: Any) -> Iterator[dict[s
 def load_config(path: Path) -> tuple[ServerSettings, list[ModelSettings], set[str]]:
     """llama_cpp.server's config file (JSON or YAML) and our `reasoning_models` key."""
     text = path.read_text()
-    raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    yml = path.suffix in (".yaml", ".yml")
+    return parse_config(yaml.safe_load(text) if yml else json.loads(text))
+
+
+def parse_config(raw: dict[str, Any]) -> tuple[ServerSettings, list[ModelSettings], set[str]]:
+    """llama_cpp.server's config (`serving.llamacpp.server_config`) and our `reasoning_models`."""
+    raw = dict(raw)
     reasoning = set(raw.pop(REASONING_KEY, None) or [])
     config = ConfigFileSettings.model_validate(raw)
     return ServerSettings.model_validate(config), config.models, reasoning

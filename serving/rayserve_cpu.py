@@ -1,14 +1,14 @@
-"""The CPU profile as a Ray Serve deployment: N replicas, each fronting its own llama.cpp server.
+"""The CPU profile as a Ray Serve deployment: N replicas, each the bare profile's model server.
 
-Each replica starts the server exactly as the bare profile does (`serving.llamacpp.server_argv`,
-only the port changed), waits until it answers, and forwards every HTTP route to it, streaming
-responses through unbuffered and naming itself in `x-autovibe-replica`. Ray runs locally, its
-temp and log files under the data root, in Serve's high-throughput mode (`serve_env`): HAProxy
-takes the HTTP port and spreads requests over the replicas, each of which answers HTTP itself
-(direct ingress), so a streamed token crosses no Python proxy actor and no Ray object. A
-replica's server dies with it: `__del__` stops it on graceful shutdown, the kernel
-(PR_SET_PDEATHSIG) when the replica's process is killed, and pid files let the entry point reap
-whatever is left after `ray.shutdown()`; HAProxy, found by its config path, too.
+Each replica runs `serving.app` (llama-cpp-python's app plus our routes) as its own ASGI app,
+built from the bare server's config (`serving.llamacpp.server_config`, the host and port aside),
+so every route, model name and answer is the bare server's; the models are loaded in the
+replica's process and die with it. Responses name the replica in `x-autovibe-replica`. Ray
+runs locally, its temp and log files under the data root, in Serve's high-throughput mode
+(`serve_env`): HAProxy takes the HTTP port and spreads requests over the replicas, each of which
+answers HTTP itself (direct ingress), so a streamed token crosses no Python proxy actor and no
+Ray object. HAProxy, a plain child of an actor, is found by its config path and reaped after
+`ray.shutdown()`.
 
     python -m serving.rayserve_cpu --replicas 2 --port 8500
 """
@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import ctypes
-import fcntl
 import hashlib
 import io
 import os
@@ -30,61 +29,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, descendants, stop
+from contracts.processes import cmdline, descendants
 from contracts.settings import Settings, free_port
-from serving.llamacpp import server_argv
+from serving.llamacpp import server_config
 
 APP_NAME = "autovibe-cpu"
 REPLICA_HEADER = "x-autovibe-replica"
 MAX_ONGOING_REQUESTS = 32
-"""Per replica: Serve hands requests over at once; the replica queues its POSTs itself."""
+"""Per replica: Serve hands requests over at once; the server queues generations behind its
+model lock, as the bare server does."""
 START_TIMEOUT_S = 180.0
-BACKEND_STOP_S = 10.0
-"""How long a replica's llama.cpp server has to exit on SIGTERM before SIGKILL."""
 SOCKET_PATH_MAX = 107
 """Linux limit on a Unix socket path; Ray puts its sockets under its temp dir."""
 RAY_SOCKET_SUFFIX = len("/session_2025-01-01_00-00-00_000000_1234567/sockets/plasma_store")
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "date",
-    "server",
-    "x-request-id",
-}
-"""Headers that belong to one connection (or that the serving side writes itself)."""
 HAPROXY_MAXCONN = 1024
 """HAProxy raises its fd limit to about 2.5 × maxconn; Serve's default (20 000) fails under the
 usual 20 000-fd ulimit."""
-
-
-class ReplicaStartError(RuntimeError):
-    """A replica's llama.cpp server exited or did not answer in time; the message names its log."""
-
-
-# -- one replica's backend ------------------------------------------------------------------
-
-
-def replicas_dir(root: DataRoot) -> Path:
-    """Pid files and logs of the replicas' llama.cpp servers."""
-    return root.run / "model-replicas"
 
 
 def _die_with_parent(sig: int) -> Callable[[], None]:
@@ -96,144 +64,55 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
     return preexec
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (field 22 of /proc/<pid>/stat); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def start_backend(settings: Settings, name: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start one llama.cpp server on a free port as the bare profile does; wait until it answers.
-
-    `server_argv` writes one config file per data root, so writing it and starting the server
-    that reads it happen under a lock: replicas starting together never swap ports.
-    """
-    root = DataRoot.at(settings.data)
-    folder = DataRoot.ensure(replicas_dir(root))
-    port = free_port(settings.host)
-    mine = settings.model_copy(update={"model_port": port})
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
-    env.update(mine.as_env())
-    log_path = folder / f"{name}.log"
-    with (folder / "start.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        argv = server_argv(mine, load_models(settings.configs))
-        with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=root.root,
-                preexec_fn=_die_with_parent(signal.SIGKILL),
-            )
-        (folder / f"{name}.pid").write_text(f"{process.pid} {_start_time(process.pid)}\n")
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers(f"http://{settings.host}:{port}/v1/models"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop(process, BACKEND_STOP_S)
-                raise ReplicaStartError(
-                    f"llama.cpp server of replica {name} did not start "
-                    f"(exit {process.poll()}); see {log_path}"
-                )
-            time.sleep(0.2)
-    return process, port
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2, trust_env=False).is_success
-    except httpx.HTTPError:
-        return False
-
-
-def reap_leftovers(root: DataRoot) -> list[int]:
-    """Kill every replica server a pid file names that still runs (the same process: start
-    time checked, so a reused pid is left alone); the pids killed."""
-    killed = []
-    for pidfile in replicas_dir(root).glob("*.pid"):
-        pid_s, _, started = pidfile.read_text().strip().partition(" ")
-        pid = int(pid_s)
-        if _start_time(pid) == started:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        pidfile.unlink(missing_ok=True)
-    return killed
-
-
 # -- the deployment -------------------------------------------------------------------------
 
 
+class MarkReplica:
+    """ASGI middleware: every response names the replica that answered, in `REPLICA_HEADER`."""
+
+    def __init__(self, app: ASGIApp, replica_id: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.encode(), replica_id.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, marked)
+
+
 class LlamaCppReplica:
-    """One replica: its own llama.cpp server, and a streaming forwarder for every route.
+    """One replica: the bare profile's model server (`serving.app`, the models loaded in this
+    process), as the replica's own ASGI app: every route, model name and answer is the bare
+    server's, and no request crosses a second HTTP hop.
 
     A plain class, made a Serve deployment in `serving()`: importing this module needs no Ray.
     """
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         from ray import serve
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.settings = Settings(**settings)
-        self.root = DataRoot.at(self.settings.data)
-        self.process, port = start_backend(self.settings, self.replica_id)
-        self.client = httpx.AsyncClient(
-            base_url=f"http://{self.settings.host}:{port}",
-            trust_env=False,
-            timeout=httpx.Timeout(10.0, read=None),
-        )
+        self.config = config
 
-    async def __call__(self, request: Request) -> Response:
-        """Send the request on as it came; stream the answer back chunk by chunk.
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        """Serve calls this once the replica is constructed: the app loads the models."""
+        from serving.app import build_app, parse_config  # llama_cpp: in the replica only
 
-        Concurrent generations go straight on: the server is configured not to interrupt a
-        running stream (`interrupt_requests: false` in `serving.llamacpp.server_config`).
-        """
-        return await self._forward(request)
+        server, models, reasoning = parse_config(self.config)
+        return MarkReplica(build_app(server, models, reasoning), self.replica_id)
 
-    async def _forward(self, request: Request) -> Response:
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        upstream = self.client.build_request(
-            request.method,
-            request.url.path,
-            params=request.url.query,
-            headers=headers,
-            content=await request.body(),
-        )
-        answer = await self.client.send(upstream, stream=True)
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in answer.aiter_raw():
-                    yield chunk
-            finally:
-                await answer.aclose()
-
-        out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
-        out_headers[REPLICA_HEADER] = self.replica_id
-        return StreamingResponse(
-            body(),
-            status_code=answer.status_code,
-            headers=out_headers,
-        )
-
-    def check_health(self) -> None:
-        """Serve replaces a replica whose server died."""
-        if self.process.poll() is not None:
-            raise ReplicaStartError(
-                f"llama.cpp server of replica {self.replica_id} exited ({self.process.returncode})"
-            )
-
-    def __del__(self) -> None:
-        process = getattr(self, "process", None)
-        if process is not None:
-            stop(process, BACKEND_STOP_S)
-            (replicas_dir(self.root) / f"{self.replica_id}.pid").unlink(missing_ok=True)
+def replica_config(settings: Settings) -> dict[str, Any]:
+    """The bare server's config (`serving.llamacpp.server_config`), weights assembled once here
+    rather than by replicas racing each other."""
+    return server_config(settings, load_models(settings.configs))
 
 
 # -- running it -----------------------------------------------------------------------------
@@ -442,7 +321,7 @@ def _kill_naming(text: str) -> list[int]:
 @contextlib.contextmanager
 def serving(settings: Settings, replicas: int) -> Iterator[str]:
     """Ray (local) + Serve on `settings.host:model_port` with `replicas` replicas, until exit;
-    yields the base URL (`…/v1`). On exit every replica's server is stopped."""
+    yields the base URL (`…/v1`). On exit Serve, Ray and HAProxy are stopped."""
     import ray  # heavy (seconds): imported only by the process that runs Ray
     from ray import serve
 
@@ -480,10 +359,8 @@ def serving(settings: Settings, replicas: int) -> Iterator[str]:
             graceful_shutdown_wait_loop_s=0.5,
             graceful_shutdown_timeout_s=10,
             health_check_period_s=5,
-        )(LlamaCppReplica)
-        serve.run(
-            deployment.bind(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/"
-        )
+        )(serve.ingress()(LlamaCppReplica))
+        serve.run(deployment.bind(replica_config(settings)), name=APP_NAME, route_prefix="/")
         wait_all_up(socket_dir, replicas, ray_temp_dir(root) / "session_latest" / "logs")
         renice_background(os.getpid())
         yield f"http://{settings.host}:{settings.model_port}/v1"
@@ -493,7 +370,6 @@ def serving(settings: Settings, replicas: int) -> Iterator[str]:
                 serve.shutdown()
         finally:
             ray.shutdown()
-            reap_leftovers(root)
             # HAProxy is a plain child of an actor: nothing kills it if the actor is killed.
             _kill_naming(str(config_dir))
             shutil.rmtree(socket_dir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The CPU profile as a Ray Serve deployment, for real: Ray, Serve, two llama.cpp replicas."""
+"""The CPU profile as a Ray Serve deployment, for real: Ray, Serve, HAProxy, two replicas each
+serving the tiny model with llama.cpp."""
 
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from serving.rayserve_cpu import (
     REPLICA_HEADER,
     SOCKET_PATH_MAX,
     ray_temp_dir,
-    replicas_dir,
     replicas_up,
     serve_env,
     wait_all_up,
@@ -48,7 +48,7 @@ class Deployment:
 
 
 def _ours(root: DataRoot) -> list[str]:
-    """Command lines of live processes that name the data root (Ray's and llama.cpp's do)."""
+    """Command lines of live processes that name the data root (Ray's and HAProxy's do)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and str(root.root) in (line := cmdline(int(proc.name))):
@@ -125,10 +125,9 @@ def test_the_model_servers_run_at_normal_priority_and_rays_background_below(
 ) -> None:
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     assert mine < BACKGROUND_NICE, "run the suite at a niceness below 15 to test this"
-    request_path = _niceness_of(deployment, "ray::ServeReplica", "serving.app")
+    request_path = _niceness_of(deployment, "ray::ServeReplica")  # the model runs in them
     background = _niceness_of(deployment, "gcs_server", "ray::ServeController")
-    assert len([k for k in request_path if "ServeReplica" in k]) == 2, request_path
-    assert len([k for k in request_path if "serving.app" in k]) == 2, request_path
+    assert len(request_path) == 2, request_path
     # Below the background, at the suite's own niceness or less (Ray may set its workers'
     # niceness absolutely; root may lower it).
     assert all(nice <= mine for nice in request_path.values()), request_path
@@ -192,7 +191,7 @@ def test_models_are_the_bare_servers(deployment: Deployment, catalog: ModelsCata
     assert answer.headers[REPLICA_HEADER]
 
 
-def test_every_route_is_forwarded(deployment: Deployment) -> None:
+def test_every_route_is_the_bare_servers(deployment: Deployment) -> None:
     base = deployment.url.removesuffix("/v1")
     tokens = httpx.post(
         f"{base}/extras/tokenize?x=1",
@@ -201,14 +200,14 @@ def test_every_route_is_forwarded(deployment: Deployment) -> None:
         trust_env=False,
     )
     assert tokens.status_code == 200 and tokens.json()["tokens"]
-    # Whatever the backend answers (404 where it has no such route) comes back, marked.
+    # Whatever the server answers (404 where it has no such route) comes back, marked.
     for method, path in (("POST", "/v1/messages"), ("GET", "/health")):
         answer = httpx.request(method, base + path, json={}, timeout=30, trust_env=False)
         assert answer.status_code < 500
         assert answer.headers[REPLICA_HEADER]
 
 
-def test_backend_errors_come_back_with_their_status(deployment: Deployment) -> None:
+def test_server_errors_come_back_with_their_status(deployment: Deployment) -> None:
     """The server's own error answers, not Serve's: llama_cpp reports a bad body as a 500 with
     an OpenAI-style error, an unknown route as FastAPI's 404."""
     for _ in range(2):  # once on each replica (HAProxy takes turns)
@@ -225,9 +224,9 @@ def test_backend_errors_come_back_with_their_status(deployment: Deployment) -> N
 def test_a_stream_the_client_left_does_not_spoil_the_next_request(
     deployment: Deployment,
 ) -> None:
-    """A replica keeps its connections to the server alive between requests: one whose
-    answer was not read to its end (the client went away) must not be used again, and one the
-    server closed while idle (uvicorn's keep-alive timeout, 5 s) must be replaced."""
+    """A client that leaves mid-stream frees the replica's model (its generation is stopped, the
+    model lock released), and HAProxy's connections to the replicas, idle past uvicorn's
+    keep-alive timeout (5 s), are replaced."""
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 64, "stream": True}
     for _ in range(2):
         with httpx.stream(
@@ -257,7 +256,7 @@ def test_haproxy_is_configured_for_the_model_port(deployment: Deployment) -> Non
 
 
 def test_sigterm_to_the_group_stops_everything(deployment: Deployment) -> None:
-    pids = [int(p.read_text().split()[0]) for p in replicas_dir(deployment.root).glob("*.pid")]
+    pids = [p for p in descendants(deployment.process.pid) if "ServeReplica" in cmdline(p)]
     assert len(pids) == 2
     os.killpg(deployment.process.pid, signal.SIGTERM)  # what `autovibe down` sends
     assert deployment.process.wait(timeout=60) == 0
@@ -270,7 +269,7 @@ def test_sigterm_to_the_group_stops_everything(deployment: Deployment) -> None:
         assert (
             not Path(f"/proc/{pid}/cmdline").exists()
             or not Path(f"/proc/{pid}/cmdline").read_bytes()
-        ), f"llama.cpp server {pid} survived"
+        ), f"replica {pid} survived"
 
 
 def test_a_long_data_root_gets_a_short_ray_dir(tmp_path: Path) -> None:
