@@ -39,6 +39,7 @@ import httpx
 from bench.report import publish
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
+from contracts.processes import group_members
 from contracts.settings import Settings, free_port
 from serving import rayserve
 
@@ -68,7 +69,8 @@ def vllm_serve_argv(vllm: str, config: dict[str, Any], host: str, port: int) -> 
 @contextlib.contextmanager
 def running(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """Run `argv` in its own process group (a local Ray instance goes down with it); SIGINT
-    to the group on exit, SIGKILL after STOP_TIMEOUT_S."""
+    to the group on exit, SIGKILL after STOP_TIMEOUT_S. Returns once the whole group is gone,
+    so the next server finds the GPU memory free."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -78,11 +80,16 @@ def running(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subproc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while group_members(process.pid) and time.monotonic() < deadline:
+            process.poll()  # the leader, once it exits
+            time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while group_members(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)  # SIGKILL is delivered, not yet acted on
 
 
 def wait_ready(

@@ -60,3 +60,19 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         todo.extend(children.get(child, []))
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of group `pgid` that still run (zombies, dead but not yet reaped, left
+    out: they hold no memory, GPU or port)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(int(proc.name))
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(proc.name))
+    return found

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu
 from bench.gpu import measure, running, vllm_serve_argv, wait_ready
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
+from contracts.processes import group_members
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_argv
 from serving.rayserve import gpu_app
@@ -82,3 +84,13 @@ def test_a_server_that_exits_is_named_with_its_log(tmp_path: Path) -> None:
         pytest.raises(SystemExit, match=r"exited \(1\); see .*x\.log"),
     ):
         wait_ready("http://127.0.0.1:9/v1", ["m"], process, log, timeout_s=30)
+
+
+def test_leaving_stops_the_whole_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's children (a local Ray's raylet and workers) hold the GPU: all must be gone
+    before the next server starts, even one that ignores SIGINT (killed after the wait)."""
+    monkeypatch.setattr(gpu, "STOP_TIMEOUT_S", 1.0)
+    argv = ["sh", "-c", "sleep 60 & sleep 60"]  # the background sleep ignores SIGINT
+    with running(argv, tmp_path / "x.log", dict(os.environ)) as process:
+        time.sleep(0.3)
+    assert group_members(process.pid) == []
