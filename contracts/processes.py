@@ -29,6 +29,15 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
 
 
+def runs(pid: int) -> bool:
+    """Whether `pid` exists and has not exited: a zombie (exited, not yet reaped by the parent
+    that started it) does not run, though `kill(pid, 0)` still finds it."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
 def cmdline(pid: int) -> str:
     """`pid`'s command line, arguments joined by spaces; empty if it is gone."""
     try:

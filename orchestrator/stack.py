@@ -17,6 +17,7 @@ import httpx
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
+from contracts.processes import runs
 from contracts.settings import Settings
 from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv
@@ -121,8 +122,9 @@ def running_pid(root: DataRoot, name: str) -> int | None:
         return None
     try:
         pid = int(path.read_text())
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
+    except ValueError:
+        pid = 0
+    if pid <= 0 or not runs(pid):
         path.unlink(missing_ok=True)
         return None
     return pid
@@ -168,10 +170,10 @@ def down(settings: Settings) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
+        # `runs`, not kill(pid, 0): a service this process started stays a zombie until reaped,
+        # and was waited on for the whole 10 s (seen: 40 s to stop the stack in the e2e tests).
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not runs(pid):
                 break
             time.sleep(0.1)
         else:
