@@ -78,18 +78,13 @@ def running(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subproc
     try:
         yield process
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while group_members(process.pid) and time.monotonic() < deadline:
-            process.poll()  # the leader, once it exits
-            time.sleep(0.5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        for sig in (signal.SIGINT, signal.SIGKILL):  # SIGKILL: whatever outlived the wait
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while group_members(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         process.wait()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while group_members(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)  # SIGKILL is delivered, not yet acted on
 
 
 def wait_ready(

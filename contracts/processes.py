@@ -23,6 +23,11 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float = 15) -> int:
     return process.returncode
 
 
+def pids() -> list[int]:
+    """Every process's pid, from /proc (some may end while they are read)."""
+    return [int(proc.name) for proc in Path("/proc").iterdir() if proc.name.isdigit()]
+
+
 def _stat_fields(pid: int) -> list[str]:
     """/proc/<pid>/stat after the command name (which may hold spaces and parentheses): the
     first is field 3, the state."""
@@ -55,14 +60,12 @@ def cpu_s(pid: int) -> float:
 def descendants(pid: int) -> list[int]:
     """`pid`'s living descendants (not `pid`)."""
     children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for child in pids():
         try:
-            parent = int(_stat_fields(int(proc.name))[1])
+            parent = int(_stat_fields(child)[1])
         except (OSError, IndexError, ValueError):
             continue
-        children.setdefault(parent, []).append(int(proc.name))
+        children.setdefault(parent, []).append(child)
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
@@ -75,13 +78,11 @@ def group_members(pgid: int) -> list[int]:
     """The processes of group `pgid` that still run (zombies, dead but not yet reaped, left
     out: they hold no memory, GPU or port)."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in pids():
         try:
-            fields = _stat_fields(int(proc.name))
+            fields = _stat_fields(pid)
         except OSError:
             continue
         if fields[0] != "Z" and int(fields[2]) == pgid:
-            found.append(int(proc.name))
+            found.append(pid)
     return found

@@ -121,10 +121,10 @@ def running_pid(root: DataRoot, name: str) -> int | None:
     if not path.exists():
         return None
     try:
-        pid = int(path.read_text())
+        pid: int | None = int(path.read_text())
     except ValueError:
-        pid = 0
-    if pid <= 0 or not runs(pid):
+        pid = None
+    if pid is None or not runs(pid):
         path.unlink(missing_ok=True)
         return None
     return pid

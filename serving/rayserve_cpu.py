@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, descendants
+from contracts.processes import cmdline, descendants, pids
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_config
 
@@ -308,13 +308,11 @@ def renice_background(driver: int) -> list[int]:
 def _kill_naming(text: str) -> list[int]:
     """SIGKILL every process whose command line contains `text`; the pids killed."""
     killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        if text in cmdline(int(proc.name)):
+    for pid in pids():
+        if pid != os.getpid() and text in cmdline(pid):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
     return killed
 
 

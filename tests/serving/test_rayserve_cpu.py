@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, descendants
+from contracts.processes import cmdline, descendants, pids
 from contracts.settings import Settings, free_port
 from orchestrator.stack import model_argv
 from serving.cli import app as models_app
@@ -49,11 +49,7 @@ class Deployment:
 
 def _ours(root: DataRoot) -> list[str]:
     """Command lines of live processes that name the data root (Ray's and HAProxy's do)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and str(root.root) in (line := cmdline(int(proc.name))):
-            found.append(f"{proc.name}: {line[:160]}")
-    return found
+    return [f"{pid}: {line[:160]}" for pid in pids() if str(root.root) in (line := cmdline(pid))]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
 
+from contracts.processes import cmdline, pids
 from contracts.settings import PROJECT_ROOT, free_port
 from workers import sandbox
 from workers.agents import AGENTS
@@ -237,11 +238,4 @@ def test_without_bubblewrap_the_run_fails_naming_the_package(
 
 
 def _command_lines() -> list[str]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except OSError:
-                continue
-    return out
+    return [cmdline(pid) for pid in pids()]
