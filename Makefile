@@ -5,7 +5,8 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 # command:Debian package
 APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server tmux:tmux \
   cloud-init:cloud-init virt-xml-validate:libvirt-clients xmllint:libxml2-utils \
-  systemd-analyze:systemd qemu-img:qemu-utils iptables:iptables chromium:chromium
+  systemd-analyze:systemd qemu-img:qemu-utils iptables:iptables chromium:chromium \
+  c++:g++ objdump:binutils
 
 .PHONY: setup system-deps demo test lint typecheck bench bench-deps down clean schema
 
