@@ -8,6 +8,7 @@ planes that own them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -24,6 +26,8 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
+
+from contracts.outbound import AddressRefused, Allowlist, check_url
 
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
@@ -56,6 +60,18 @@ def _sorted_unique(value: list[float]) -> list[float]:
     return sorted(value)
 
 
+def _public_url(value: str, info: ValidationInfo) -> str:
+    """With `webhook_allow` in the context (the server's allowlist): refuse a URL whose host
+    is, or resolves to, an address a trial may not reach."""
+    allow: Allowlist | None = (info.context or {}).get("webhook_allow")
+    if allow is not None:
+        try:
+            check_url(value, allow)
+        except AddressRefused as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
 class BudgetAlerts(_Strict):
     """When the operator hears of spend: SSE event, webhook call and Prometheus counter."""
 
@@ -67,8 +83,12 @@ class BudgetAlerts(_Strict):
     daily_spend_above: Money | None = None
     """Alert once a UTC day when the project's spend that day (all machines) exceeds this, in
     the budget's currency; null for no such alert."""
-    webhook_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
-    """Every alert is POSTed here as JSON (retried with backoff); null for none."""
+    webhook_url: Annotated[str, Field(pattern=r"^https?://\S+$"), AfterValidator(_public_url)] | (
+        None
+    ) = None
+    """Every alert is POSTed here as JSON (retried with backoff); null for none. Loopback,
+    link-local, private and the server's own addresses are refused unless the server allows
+    the host (`AUTOVIBE_WEBHOOK_ALLOW`)."""
 
 
 class Budget(_Strict):
@@ -103,10 +123,43 @@ class Assignment(_Strict):
     """`bandit`: how many observed costs the cost prior (the mean cost over all arms) is worth."""
 
 
+GIT_URL = re.compile(r"^(?:(?:https|ssh|git)://[^/\s]+/\S+|[\w.-]+@[\w.-]+:\S+)$")
+"""`https://host/path`, `ssh://[user@]host/path`, `git://host/path` or scp-like `user@host:path`."""
+
+
+def is_git_url(value: str) -> bool:
+    return GIT_URL.match(value) is not None
+
+
+def _not_a_git_url(value: Any) -> Any:
+    if isinstance(value, str) and is_git_url(value):
+        raise ValueError(
+            "git URLs are not yet supported: clone the repository into a task root "
+            "(AUTOVIBE_TASK_ROOTS) and name that folder"
+        )
+    return value
+
+
+def _under_task_roots(value: Path, info: ValidationInfo) -> Path:
+    """With `task_roots` in the context: the folder, symlinks resolved, must lie under one of
+    them. The answer is the same whether the path exists or not, so it reveals nothing."""
+    roots: list[Path] | None = (info.context or {}).get("task_roots")
+    if roots is None:
+        return value
+    resolved = value.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ValueError(
+            "must be a folder under the task roots (AUTOVIBE_TASK_ROOTS: "
+            f"{', '.join(str(r) for r in roots)}) or a git URL"
+        )
+    return resolved
+
+
 class Task(_Strict):
     id: Slug
-    repo: Path
-    """Folder of the task's repository; relative paths are relative to the trial file."""
+    repo: Annotated[Path, BeforeValidator(_not_a_git_url), AfterValidator(_under_task_roots)]
+    """Folder of the task's repository, under the server's task roots (`AUTOVIBE_TASK_ROOTS`;
+    symlinks resolved); relative paths are relative to the trial file."""
     prompt: str = Field(min_length=1)
     """What the agent is asked to do."""
     test_command: str = Field(min_length=1)
@@ -121,10 +174,20 @@ class Task(_Strict):
     """Optional cap on this task's spend, in the budget's currency."""
 
 
+def _unsandboxed_allowed(value: str, info: ValidationInfo) -> str:
+    if value == "none" and (info.context or {}).get("allow_unsandboxed") is False:
+        raise ValueError(
+            "`none` runs the agent unconfined on the server and is refused unless the server "
+            "sets AUTOVIBE_ALLOW_UNSANDBOXED=1 (allowed: bwrap)"
+        )
+    return value
+
+
 class Sandbox(_Strict):
-    kind: Literal["none", "bwrap"] = "bwrap"
+    kind: Annotated[Literal["none", "bwrap"], AfterValidator(_unsandboxed_allowed)] = "bwrap"
     """How each agent is confined: `bwrap` (bubblewrap: read-only host, own namespaces, only
-    the proxy reachable) or `none` (a plain subprocess; the proxy is then only a convention)."""
+    the proxy reachable) or `none` (a plain subprocess; the proxy is then only a convention;
+    only when the server sets `AUTOVIBE_ALLOW_UNSANDBOXED`)."""
     memory_mb: int = Field(default=4096, ge=64, le=1024 * 1024)
     """Address-space limit of each process of the agent, in MiB (RLIMIT_AS)."""
     cpus: float = Field(default=1.0, gt=0, le=1024)
@@ -135,10 +198,63 @@ class Sandbox(_Strict):
     connection is redirected to the proxy, no proxy variables; needs root and iptables)."""
 
 
+def _allowed_pool(value: str | None, info: ValidationInfo) -> str | None:
+    pools: list[str] | None = (info.context or {}).get("nomad_node_pools")
+    if value is not None and pools is not None and value not in pools:
+        raise ValueError(
+            f"node pool {value!r} is not one the server allows (AUTOVIBE_NOMAD_NODE_POOLS); "
+            f"allowed: {', '.join(pools)}"
+        )
+    return value
+
+
+def _allowed_datacenters(value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+    allowed: list[str] | None = (info.context or {}).get("nomad_datacenters")
+    if value is None or allowed is None or "*" in allowed:
+        return value
+    refused = [dc for dc in value if dc not in allowed]
+    if refused:
+        raise ValueError(
+            f"datacenters {', '.join(refused)} are not ones the server allows "
+            f"(AUTOVIBE_NOMAD_DATACENTERS); allowed: {', '.join(allowed)}"
+        )
+    return value
+
+
+class NomadPlacement(_Strict):
+    """Where on the server's Nomad cluster a trial's workers run. The cluster itself (address,
+    token, namespace, job ids, interpreter) is the server's configuration (`AUTOVIBE_NOMAD_*`);
+    a trial only chooses among the node pools and datacenters the server allows."""
+
+    node_pool: Annotated[str | None, AfterValidator(_allowed_pool)] = None
+    """Node pool of the worker jobs; the server's first allowed pool when unset."""
+    datacenters: Annotated[
+        list[str] | None, Field(min_length=1), AfterValidator(_allowed_datacenters)
+    ] = None
+    """Datacenters the worker jobs may run in; all the server allows when unset."""
+    cpu_mhz: int = Field(default=1000, ge=100)
+    """CPU reserved per worker allocation, in MHz."""
+    memory_mb: int = Field(default=4096, ge=64)
+    """Memory reserved per worker allocation, in MiB."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_placement(cls, data: Any, info: ValidationInfo) -> Any:
+        # Trials stored before the cluster became the server's carry its fields; they were
+        # checked when submitted, and are read back without a context: drop them, unused.
+        if info.context is None and isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in _LEGACY_CLUSTER_FIELDS}
+        return data
+
+
+_LEGACY_CLUSTER_FIELDS = ("address", "namespace", "region", "token_env", "jobs", "python")
+
+
 class NomadCluster(_Strict):
-    """Where the `nomad` driver dispatches workers; unset fields fall back to the NOMAD_*
-    environment, as with the nomad CLI. The ACL token is never written here: only the name of
-    the environment variable that holds it."""
+    """Where the `nomad` driver dispatches workers: the server's settings (`AUTOVIBE_NOMAD_*`,
+    `workers.nomad.cluster_for`) with a trial's placement, never a trial's own choice of
+    cluster. Unset fields fall back to the NOMAD_* environment, as with the nomad CLI. The ACL
+    token is never written here: only the name of the environment variable that holds it."""
 
     address: str | None = None
     """Nomad HTTP API, e.g. `https://nomad.internal:4646` (`NOMAD_ADDR` when unset)."""
@@ -146,6 +262,8 @@ class NomadCluster(_Strict):
     """Namespace of the worker jobs (`NOMAD_NAMESPACE`, else `default`)."""
     region: str | None = None
     """Region of the worker jobs (`NOMAD_REGION`, else `global`)."""
+    node_pool: str = "default"
+    """Node pool of the worker jobs."""
     datacenters: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     """Datacenters the worker jobs may run in (`*`: any)."""
     token_env: str = "NOMAD_TOKEN"
@@ -228,8 +346,8 @@ class TrialConfig(_Strict):
     driver: Literal["local", "nomad"] = "local"
     """Worker driver: `local` (a detached subprocess per assignment) or `nomad` (a dispatch of
     a parameterized batch job per assignment; see nomad-jobs/README.md)."""
-    nomad: NomadCluster = Field(default_factory=NomadCluster)
-    """The Nomad cluster, used when `driver` is `nomad`."""
+    nomad: NomadPlacement = Field(default_factory=NomadPlacement)
+    """Node pool, datacenters and resources of the workers when `driver` is `nomad`."""
     sandbox: Sandbox = Field(default_factory=Sandbox)
     """How the local driver confines each agent."""
     confidence: Confidence = Field(default_factory=Confidence)
@@ -505,7 +623,11 @@ def load_trial(path: Path, context: dict[str, Any] | None = None) -> TrialConfig
     if not isinstance(data, dict):
         raise ConfigError(str(path), ["a trial file is a YAML mapping (name, project, budget, …)"])
     for task in data.get("tasks") or []:
-        if isinstance(task, dict) and isinstance(task.get("repo"), str):
+        if (
+            isinstance(task, dict)
+            and isinstance(task.get("repo"), str)
+            and not is_git_url(task["repo"])
+        ):
             repo = Path(task["repo"])
             task["repo"] = str(repo if repo.is_absolute() else (path.parent / repo).resolve())
     try:

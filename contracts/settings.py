@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SEPARATED = {
+    "task_roots": os.pathsep,
+    "webhook_allow": ",",
+    "nomad_node_pools": ",",
+    "nomad_datacenters": ",",
+}
+"""List settings written as one separated string in the environment (like PATH), not JSON."""
 
 
 class Settings(BaseSettings):
@@ -38,6 +48,9 @@ class Settings(BaseSettings):
     """CPU model server (llama.cpp)."""
     model_replicas: int = 0
     """Ray Serve replicas of the CPU model server (`serving.rayserve_cpu`); 0 = bare llama.cpp."""
+    model_restarts: int = Field(default=3, ge=0)
+    """Times the scheduler restarts a model server of `autovibe up` that died, per API process;
+    each restart is logged and shown on the active trials' event streams."""
     state_url: str | None = None
     """SQLAlchemy URL of the state DB; SQLite in the data root when unset."""
     budget_store: str = "sqlite"
@@ -68,6 +81,49 @@ class Settings(BaseSettings):
     rate_limit_admin: int = 1200
     """Control-API requests per minute per `admin` token."""
 
+    # -- what a trial may ask for: the server decides, a trial file only chooses among it ------
+    task_roots: Annotated[list[Path], NoDecode] = []
+    """Folders a trial's `tasks[].repo` must lie in (symlinks resolved), os.pathsep-separated;
+    empty: the repository's `examples/` and `<data root>/tasks`."""
+    allow_unsandboxed: bool = False
+    """Whether a trial may ask for `sandbox.kind: none` (its agent then runs as a plain
+    subprocess of this host); off by default."""
+    webhook_allow: Annotated[list[str], NoDecode] = []
+    """Host names or CIDRs (comma-separated) a budget webhook may reach although they are
+    loopback, link-local, private or this host's own; every other such address is refused."""
+    nomad_address: str | None = None
+    """Nomad HTTP API of the `nomad` driver (`NOMAD_ADDR` when unset)."""
+    nomad_namespace: str | None = None
+    """Namespace of the worker jobs (`NOMAD_NAMESPACE`, else `default`)."""
+    nomad_region: str | None = None
+    """Region of the worker jobs (`NOMAD_REGION`, else `global`)."""
+    nomad_token_env: str = "NOMAD_TOKEN"
+    """Environment variable of the orchestrator that holds the Nomad ACL token."""
+    nomad_jobs: dict[str, str] = {}
+    """Parameterized job ID per agent (JSON); `autovibe-worker-<agent>` when not listed."""
+    nomad_python: str = "python3"
+    """Interpreter on the Nomad clients that has autovibe installed (runs `workers.runner`)."""
+    nomad_node_pools: Annotated[list[str], NoDecode] = ["default"]
+    """Node pools a trial may name (comma-separated); the first is used when it names none."""
+    nomad_datacenters: Annotated[list[str], NoDecode] = ["*"]
+    """Datacenters the worker jobs run in (comma-separated); a trial may name a subset of
+    them, or any datacenter when `*` is listed."""
+
+    @field_validator(*SEPARATED, mode="before")
+    @classmethod
+    def _split(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            return [
+                part.strip() for part in value.split(SEPARATED[info.field_name]) if part.strip()
+            ]
+        return value
+
+    @property
+    def allowed_task_roots(self) -> list[Path]:
+        """The task roots, resolved (symlinks followed), defaults filled in."""
+        roots = self.task_roots or [PROJECT_ROOT / "examples", self.data / "tasks"]
+        return [Path(r).resolve() for r in roots]
+
     @property
     def rate_limits(self) -> dict[str, int]:
         """Requests per minute by token scope."""
@@ -81,8 +137,13 @@ class Settings(BaseSettings):
     def as_env(self) -> dict[str, str]:
         """These settings as AUTOVIBE_* variables, for the processes a stack starts."""
         env = {
-            # Lists travel as JSON, the form pydantic-settings reads them back in.
-            f"AUTOVIBE_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v)
+            # Lists and maps travel as JSON, the form pydantic-settings reads them back in,
+            # except the few written like PATH.
+            f"AUTOVIBE_{k.upper()}": SEPARATED[k].join(map(str, v))
+            if k in SEPARATED
+            else json.dumps(v)
+            if isinstance(v, list | dict)
+            else str(v)
             for k, v in self.model_dump(mode="json").items()
             if v is not None
         }

@@ -28,6 +28,11 @@ variable "region" {
   default = "global"
 }
 
+variable "node_pool" {
+  type    = string
+  default = "default"
+}
+
 variable "datacenters" {
   type    = list(string)
   default = ["*"]
@@ -49,6 +54,7 @@ job "autovibe-worker" {
   type        = "batch"
   namespace   = var.namespace
   region      = var.region
+  node_pool   = var.node_pool
   datacenters = var.datacenters
 
   meta {

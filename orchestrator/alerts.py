@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from contracts.config import TrialConfig
+from contracts.outbound import AddressRefused, Allowlist, checked_addresses
 from ledger.counters import (
     CounterError,
     ScopeState,
@@ -162,7 +163,9 @@ class BudgetWatch:
     ):
         self.p = platform
         self.interval_s = interval_s
-        self.webhook = webhook or Webhook(platform.store)
+        self.webhook = webhook or Webhook(
+            platform.store, allow=Allowlist.parse(platform.settings.webhook_allow)
+        )
         self._last = float("-inf")
         self._resumed = False
 
@@ -242,14 +245,27 @@ class BudgetWatch:
 # -- webhook ------------------------------------------------------------------------------------
 
 
+WEBHOOK_FAILED = "webhook call failed"
+"""What a viewer reads of a failed call: with the HTTP status when a response came, never the
+connection's fate (refused, reset, timed out), which would make the webhook a port scanner."""
+
+
 class Webhook:
     """POSTs alerts as JSON on its own thread; a failed try is retried with exponential backoff
-    (`backoff_s`, doubled each time) up to `attempts` tries, and recorded as an event."""
+    (`backoff_s`, doubled each time) up to `attempts` tries, and recorded as an event. Only
+    hosts `contracts.outbound` allows are called (`allow`: the server's exceptions)."""
 
     def __init__(
-        self, store: Store, *, timeout_s: float = 5.0, attempts: int = 5, backoff_s: float = 2.0
+        self,
+        store: Store,
+        *,
+        timeout_s: float = 5.0,
+        attempts: int = 5,
+        backoff_s: float = 2.0,
+        allow: Allowlist | None = None,
     ):
         self.store = store
+        self.allow = allow or Allowlist.parse([])
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -312,13 +328,17 @@ class Webhook:
             if row is None or row.delivery != "pending":
                 return
             doc = {"event": ALERT_EVENT, **alert_document(row)}
+        error: str | None = None
+        detail, refused = "", False
         try:
-            resp = httpx.post(url, json=doc, timeout=self.timeout_s)
-            resp.raise_for_status()
-            error = None
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        retry = error is not None and attempt < self.attempts
+            resp = post_checked(url, doc, self.allow, self.timeout_s)
+            if not resp.is_success:
+                error = detail = f"{WEBHOOK_FAILED}: HTTP {resp.status_code}"
+        except AddressRefused as exc:
+            error, detail, refused = f"{WEBHOOK_FAILED}: address not allowed", str(exc), True
+        except (httpx.HTTPError, OSError) as exc:
+            error, detail = WEBHOOK_FAILED, f"{type(exc).__name__}: {exc}"
+        retry = error is not None and not refused and attempt < self.attempts
         delay = self.backoff_s * 2 ** (attempt - 1)
         with self.store.session() as s:
             row = s.get_one(BudgetAlert, alert_id)
@@ -343,10 +363,27 @@ class Webhook:
         if error is not None:
             log.warning(
                 "budget alert %s: webhook %s failed (try %d of %d): %s",
-                alert_id, url, attempt, self.attempts, error,
+                alert_id, url, attempt, self.attempts, detail,
             )  # fmt: skip
         if retry:
             self.send(alert_id, url, attempt + 1, delay)
+
+
+def post_checked(
+    url: str, doc: dict[str, Any], allow: Allowlist, timeout_s: float
+) -> httpx.Response:
+    """POST `doc` to `url` at an address checked now (`contracts.outbound`), not at whatever
+    the name resolves to when connecting: the Host header and TLS name stay the URL's, so
+    virtual hosts and certificates work. Never follows a redirect, never uses a proxy."""
+    address = checked_addresses(url, allow)[0]
+    target = httpx.URL(url)
+    with httpx.Client(trust_env=False, timeout=timeout_s, follow_redirects=False) as client:
+        return client.post(
+            target.copy_with(host=str(address)),
+            json=doc,
+            headers={"Host": target.netloc.decode("ascii")},
+            extensions={"sni_hostname": target.host},
+        )
 
 
 # -- deferral -----------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
 
 
 def validate_trial(platform: Platform, body: dict[str, Any]) -> TrialConfig:
-    """422 with field paths and allowed values; also checks that every task repo exists."""
+    """422 with field paths and allowed values; the server's limits (task roots, sandbox,
+    Nomad placement, webhook hosts) come from the catalog's context; also checks that every
+    task repo, once known to lie under a task root, exists."""
     try:
         config = TrialConfig.model_validate(body, context=platform.catalog.validation_context())
     except ValidationError as exc:

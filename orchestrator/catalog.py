@@ -1,11 +1,14 @@
-"""What a trial may name: agents, model pairs, currencies, from the planes that own them."""
+"""What a trial may name: agents, model pairs, currencies, from the planes that own them; and
+what the server lets a trial ask for (task roots, unsandboxed runs, Nomad placement, webhook
+hosts), from its settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.config import ModelsCatalog, PriceCatalog, load_models, load_prices
+from contracts.outbound import Allowlist
 from contracts.settings import Settings
 from workers.agents import AGENTS
 
@@ -14,14 +17,31 @@ from workers.agents import AGENTS
 class Catalog:
     models: ModelsCatalog
     prices: PriceCatalog
+    policy: dict[str, Any] = field(default_factory=dict)
+    """The server's limits on a trial, as validation-context entries (see `server_policy`)."""
 
     @classmethod
     def load(cls, settings: Settings) -> Catalog:
-        return cls(load_models(settings.configs), load_prices(settings.configs))
+        return cls(
+            load_models(settings.configs), load_prices(settings.configs), server_policy(settings)
+        )
 
     def validation_context(self) -> dict[str, Any]:
         return {
             "agents": sorted(AGENTS),
             "pairs": self.models.served_names(),
             "currencies": sorted(self.prices.fx),
+            **self.policy,
         }
+
+
+def server_policy(settings: Settings) -> dict[str, Any]:
+    """What contracts.config checks a trial against: the trial file is data, these are the
+    server's."""
+    return {
+        "task_roots": settings.allowed_task_roots,
+        "allow_unsandboxed": settings.allow_unsandboxed,
+        "nomad_node_pools": settings.nomad_node_pools,
+        "nomad_datacenters": settings.nomad_datacenters,
+        "webhook_allow": Allowlist.parse(settings.webhook_allow),
+    }

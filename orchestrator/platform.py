@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cached_property
 
-from contracts.config import NomadCluster, TrialConfig
+from contracts.config import NomadPlacement, TrialConfig
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
@@ -45,10 +45,18 @@ class Platform:
         DataRoot.ensure(root.root)
         return cls(settings, root, Store(state_url(settings)), Catalog.load(settings))
 
-    def driver(self, name: str, nomad: NomadCluster | None = None) -> WorkerDriver:
-        key = name if nomad is None or name != "nomad" else f"{name}:{nomad.model_dump_json()}"
+    def driver(self, name: str, nomad: NomadPlacement | None = None) -> WorkerDriver:
+        """The worker driver; `nomad` gets the server's cluster with the trial's placement."""
+        if name != "nomad":
+            nomad = None
+        key = name if nomad is None else f"{name}:{nomad.model_dump_json()}"
         if key not in self.drivers:
-            self.drivers[key] = get_driver(name, nomad)
+            if nomad is None:
+                self.drivers[key] = get_driver(name)
+            else:
+                from workers.nomad import cluster_for
+
+                self.drivers[key] = get_driver(name, cluster_for(self.settings, nomad))
         return self.drivers[key]
 
     @cached_property

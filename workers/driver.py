@@ -25,7 +25,7 @@ class WorkerDriver(Protocol):
 
 
 def get_driver(name: str, nomad: NomadCluster | None = None) -> WorkerDriver:
-    """The driver by its short name; `nomad` uses the trial's cluster section, else NOMAD_*."""
+    """The driver by its short name; `nomad` uses the given cluster, else the NOMAD_* defaults."""
     if name == "local":
         from workers.local import LocalDriver
 

@@ -33,9 +33,9 @@ import jinja2
 import nomad
 import nomad.api.exceptions as nomad_errors
 
-from contracts.config import NomadCluster
+from contracts.config import NomadCluster, NomadPlacement
 from contracts.dataroot import atomic_write
-from contracts.settings import PROJECT_ROOT
+from contracts.settings import PROJECT_ROOT, Settings
 from workers.spec import AssignmentSpec
 
 JOB_TEMPLATE = PROJECT_ROOT / "nomad-jobs" / "autovibe-worker.json"
@@ -84,6 +84,24 @@ class WorkerStatus:
     """When Nomad last changed that allocation (Unix seconds)."""
 
 
+def cluster_for(settings: Settings, placement: NomadPlacement | None = None) -> NomadCluster:
+    """The cluster of the server's settings, with the node pool, datacenters and resources a
+    trial chose among what they allow (checked when the trial was submitted)."""
+    placement = placement or NomadPlacement()
+    return NomadCluster(
+        address=settings.nomad_address,
+        namespace=settings.nomad_namespace,
+        region=settings.nomad_region,
+        node_pool=placement.node_pool or settings.nomad_node_pools[0],
+        datacenters=placement.datacenters or settings.nomad_datacenters,
+        token_env=settings.nomad_token_env,
+        jobs=settings.nomad_jobs,
+        python=settings.nomad_python,
+        cpu_mhz=placement.cpu_mhz,
+        memory_mb=placement.memory_mb,
+    )
+
+
 def job_id(agent: str, cluster: NomadCluster) -> str:
     return cluster.jobs.get(agent, f"autovibe-worker-{agent}")
 
@@ -108,6 +126,7 @@ def render_job(agent: str, cluster: NomadCluster) -> dict[str, Any]:
         agent=agent,
         namespace=cluster.namespace or os.environ.get("NOMAD_NAMESPACE") or "default",
         region=cluster.region or os.environ.get("NOMAD_REGION") or "global",
+        node_pool=cluster.node_pool,
         datacenters=cluster.datacenters,
         python=cluster.python,
         cpu_mhz=cluster.cpu_mhz,

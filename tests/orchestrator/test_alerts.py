@@ -2,7 +2,8 @@
 SSE stream, POSTed to a webhook (retried, never blocking) and counted for Prometheus.
 
 Real: the SQLite counter store the proxy reserves in, the control API (TestClient) and a
-local HTTP server as the webhook receiver.
+local HTTP server as the webhook receiver (on loopback, so the server allows 127.0.0.1:
+AUTOVIBE_WEBHOOK_ALLOW).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from contracts.dataroot import DataRoot
+from contracts.outbound import Allowlist
 from contracts.settings import Settings, free_port
 from ledger.counters import iso, machine_scope, project_scope
 from orchestrator.alerts import BudgetWatch, Webhook
@@ -33,6 +35,8 @@ from orchestrator.state import BudgetAlert
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = 86_400
+LOCAL = ["127.0.0.1"]
+"""The receiver's host, on the server's webhook allowlist."""
 
 
 @dataclass
@@ -79,7 +83,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Platform]]:
-    settings = Settings(data=tmp_path / "data", configs=ROOT / "configs")
+    settings = Settings(data=tmp_path / "data", configs=ROOT / "configs", webhook_allow=LOCAL)
     app = create_app(settings, run_scheduler=False)
     token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
@@ -207,7 +211,7 @@ def test_webhook_receives_the_alert_and_a_failure_is_retried(
     client, platform = api
     receiver.fail = 1
     trial_id = submit(client, demo_trial, webhook_url=receiver.url)
-    webhook = Webhook(platform.store, backoff_s=0.05)
+    webhook = Webhook(platform.store, allow=Allowlist.parse(LOCAL), backoff_s=0.05)
     watch = BudgetWatch(platform, webhook=webhook)
     try:
         spend(platform, "2.5")
@@ -252,7 +256,9 @@ def test_a_down_or_slow_webhook_never_blocks_and_gives_up_recorded(
     down_trial = copy.deepcopy(demo_trial)
     down_trial["name"] = "demo-down"
     down = submit(client, down_trial, webhook_url=f"http://127.0.0.1:{free_port()}/hook")
-    webhook = Webhook(platform.store, timeout_s=0.3, attempts=2, backoff_s=0.05)
+    webhook = Webhook(
+        platform.store, allow=Allowlist.parse(LOCAL), timeout_s=0.3, attempts=2, backoff_s=0.05
+    )
     watch = BudgetWatch(platform, webhook=webhook)
     try:
         spend(platform, "2.5")
@@ -279,11 +285,11 @@ def test_pending_delivery_is_resumed_by_a_restarted_orchestrator(
     client, platform = api
     trial_id = submit(client, demo_trial, webhook_url=receiver.url)
     spend(platform, "2.5")
-    stopped = Webhook(platform.store)
+    stopped = Webhook(platform.store, allow=Allowlist.parse(LOCAL))
     stopped.close()  # an orchestrator that stops before delivering
     [alert_id] = BudgetWatch(platform, webhook=stopped).check([trial_id], force=True)
     assert _delivery(platform, alert_id) == ("pending", 0)
-    webhook = Webhook(platform.store)
+    webhook = Webhook(platform.store, allow=Allowlist.parse(LOCAL))
     try:
         BudgetWatch(platform, webhook=webhook).check([trial_id], force=True)
         wait_for(lambda: _delivery(platform, alert_id) == ("delivered", 1))

@@ -98,6 +98,11 @@ def test_submit_list_show(api: tuple[TestClient, DataRoot], demo_trial: dict[str
         (
             lambda d: d["tasks"][0].update(repo="/no/such/repo"),
             ["body", "tasks", 0, "repo"],
+            "must be a folder under the task roots",
+        ),
+        (
+            lambda d: d["tasks"][0].update(repo=str(ROOT / "examples" / "no-such-kit")),
+            ["body", "tasks", 0, "repo"],
             "does not exist",
         ),
         (lambda d: d.update(driver="k8s"), ["body", "driver"], "'local'"),

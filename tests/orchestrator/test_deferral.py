@@ -85,9 +85,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient
     model = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
     model.daemon_threads = True
     threading.Thread(target=model.serve_forever, daemon=True).start()
+    # The trials run unsandboxed (the server allows it here) from repos under pytest's folder.
     settings = Settings(
         data=base / "data", configs=configs, host="127.0.0.1", proxy_port=free_port(),
-        model_port=int(model.server_address[1]),
+        model_port=int(model.server_address[1]), allow_unsandboxed=True,
+        task_roots=[tmp_path_factory.getbasetemp()],
     )  # fmt: skip
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.root)

@@ -19,8 +19,10 @@ import pytest
 from nomad_harness import NomadDouble
 
 from contracts.config import NomadCluster, TrialConfig
+from contracts.settings import Settings
+from orchestrator.catalog import Catalog
 from workers.driver import get_driver
-from workers.nomad import RECORD, NomadDriver, NomadError, render_job
+from workers.nomad import RECORD, NomadDriver, NomadError, cluster_for, render_job
 from workers.spec import AssignmentSpec
 
 MakeSpec = Callable[..., AssignmentSpec]
@@ -321,13 +323,33 @@ def test_unreachable_nomad_is_an_oserror(make_spec: MakeSpec) -> None:
         driver.launch(make_spec("t1-000"))
 
 
-def test_trial_config_selects_the_nomad_driver(demo_trial: dict[str, object]) -> None:
-    config = TrialConfig.model_validate(
-        {**demo_trial, "driver": "nomad", "nomad": {"datacenters": ["dc1"], "cpu_mhz": 2000}}
+def test_the_cluster_is_the_servers_and_the_trial_only_places_its_workers(
+    demo_trial: dict[str, object], double: NomadDouble, make_spec: MakeSpec
+) -> None:
+    settings = Settings(
+        nomad_address=double.url,
+        nomad_jobs={"builtin": "workers-builtin"},
+        nomad_node_pools=["default", "gpu"],
+        nomad_datacenters=["dc1", "dc2"],
     )
-    assert config.nomad.datacenters == ["dc1"] and config.nomad.token_env == "NOMAD_TOKEN"
-    driver = get_driver(config.driver, config.nomad)
+    context = Catalog.load(settings).validation_context()
+    placed = {"node_pool": "gpu", "datacenters": ["dc1"], "cpu_mhz": 2000}
+    config = TrialConfig.model_validate(
+        {**demo_trial, "driver": "nomad", "nomad": placed}, context=context
+    )
+    cluster = cluster_for(settings, config.nomad)
+    assert (cluster.address, cluster.node_pool, cluster.datacenters) == (
+        double.url,
+        "gpu",
+        ["dc1"],
+    )
+    driver = get_driver(config.driver, cluster)
     assert isinstance(driver, NomadDriver) and driver.cluster.cpu_mhz == 2000
+    driver.launch(make_spec("t1-000"))
+    job = double.jobs["workers-builtin"]
+    assert (job["NodePool"], job["Datacenters"]) == ("gpu", ["dc1"])
+    defaults = cluster_for(settings, None)
+    assert (defaults.node_pool, defaults.datacenters) == ("default", ["dc1", "dc2"])
     with pytest.raises(ValueError, match="token"):
         TrialConfig.model_validate({**demo_trial, "nomad": {"token": "s3cr3t"}})
 

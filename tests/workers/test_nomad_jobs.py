@@ -115,6 +115,7 @@ def api_job(hcl: Body, **given: Any) -> Body:
         "Type": job["type"],
         "Namespace": job["namespace"],
         "Region": job["region"],
+        "NodePool": job["node_pool"],
         "Datacenters": job["datacenters"],
         "Meta": strip(meta),
         "ParameterizedJob": {
@@ -168,6 +169,7 @@ def test_hcl_and_json_agree_for_every_variable(monkeypatch: pytest.MonkeyPatch) 
     cluster = NomadCluster(
         namespace="agents",
         region="eu",
+        node_pool="gpu",
         datacenters=["dc1", "dc2"],
         python="/opt/autovibe/.venv/bin/python",
         cpu_mhz=2500,
@@ -179,6 +181,7 @@ def test_hcl_and_json_agree_for_every_variable(monkeypatch: pytest.MonkeyPatch) 
         agent="aider",
         namespace="agents",
         region="eu",
+        node_pool="gpu",
         datacenters=["dc1", "dc2"],
         python="/opt/autovibe/.venv/bin/python",
         cpu_mhz=2500,
@@ -208,6 +211,7 @@ def test_a_missing_template_variable_fails_loudly() -> None:
             agent="a",
             namespace="default",
             region="global",
+            node_pool="default",
             datacenters=["*"],
             cpu_mhz=100,
             memory_mb=64,
