@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from dataclasses import dataclass
@@ -19,8 +20,18 @@ class DataRoot:
         return cls(Path(root).resolve())
 
     @staticmethod
-    def ensure(path: Path, mode: int = 0o755) -> Path:
-        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    def ensure(path: Path, mode: int = 0o700) -> Path:
+        """Create `path` and its missing parents, each with `mode` whatever the umask: the data
+        root holds credentials (spec.json, tokens, keys), so other users may not even list it."""
+        missing = []
+        probe = path
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+                folder.mkdir()
+                os.chmod(folder, mode)
         return path
 
     # -- traffic ----------------------------------------------------------------------------

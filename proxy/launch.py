@@ -53,6 +53,10 @@ def mitmdump_argv(
     of an optional field makes a TypeError that stays in a reference cycle with its frame (the
     garbage collector's work): about 0.2 ms of CPU per call on this machine, more under
     concurrency (`python -m bench.proxy`). The proxy's own `assert`s only narrow types.
+
+    Settings holding credentials (the Redis and Elasticsearch URLs) are not in the argv: run
+    it with `settings.as_env()` in its environment (as the stack does), where the addons read
+    them.
     """
     root = DataRoot.at(settings.data)
     workers = ["--mode", f"transparent@{transparent_port}"] if transparent_port else []
@@ -110,13 +114,12 @@ def wait_ready(
 
 def _budget_options(settings: Settings) -> list[str]:
     """The counter store, only when not the embedded default: a second `--set` of the same
-    option (a caller adding its own) must not compete with ours."""
-    options = []
+    option (a caller adding its own) must not compete with ours. Its URL (a password in it)
+    is never on the command line, which any local user reads in /proc: the addon takes it
+    from AUTOVIBE_BUDGET_REDIS_URL in its environment (`proxy.addons.budget`)."""
     if settings.budget_store != "sqlite":
-        options += ["--set", f"autovibe_budget_store={settings.budget_store}"]
-    if settings.budget_redis_url:
-        options += ["--set", f"autovibe_budget_redis_url={settings.budget_redis_url}"]
-    return options
+        return ["--set", f"autovibe_budget_store={settings.budget_store}"]
+    return []
 
 
 def _metrics_options(settings: Settings) -> list[str]:
@@ -133,8 +136,8 @@ def _indexer_options(settings: Settings, indexer: bool) -> list[str]:
     options = []
     if settings.traffic_store != "sqlite":
         options += ["--set", f"autovibe_traffic_store={settings.traffic_store}"]
-    if settings.elasticsearch_url:
-        options += ["--set", f"autovibe_elasticsearch_url={settings.elasticsearch_url}"]
+    # The Elasticsearch URL (a password in it) comes from AUTOVIBE_ELASTICSEARCH_URL in the
+    # proxy's environment, never from its command line (`proxy.addons.indexer`).
     if settings.index_body_max is not None:
         options += ["--set", f"autovibe_index_body_max={settings.index_body_max}"]
     return options

@@ -8,7 +8,8 @@ to runner.lock is the pane's), and is found again through its lock, as before. W
 it is a plain detached subprocess.
 
 Environment: the runner gets the orchestrator's environment, as a subprocess would, given to
-its pane only (`respawn-pane -e`, never stored in the server). tmux is always called with a
+its pane only through a 0600 file the pane reads and deletes (never on a command line, never
+stored in the server). tmux is always called with a
 bare environment (PATH, HOME, locale), so a server we start has nothing to pass on to other
 sessions; what a server started elsewhere holds beyond ours is unset for the runner.
 """
@@ -26,6 +27,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from contracts.dataroot import write_secret_file
 from contracts.settings import PROJECT_ROOT
 from workers import operator
 from workers.runner import kill_group
@@ -57,7 +59,8 @@ class LocalDriver:
     def launch(self, spec: AssignmentSpec) -> None:
         spec.artifacts.mkdir(parents=True, exist_ok=True)
         spec_path = spec.artifacts / "spec.json"
-        spec_path.write_text(spec.model_dump_json(indent=2))
+        # 0600: the spec carries the machine's live proxy credential.
+        write_secret_file(spec_path, spec.model_dump_json(indent=2))
         pid = self._launch_in_tmux(spec) if self.tmux else None
         if pid is None:
             pid = self._launch_detached(spec)
@@ -89,17 +92,18 @@ class LocalDriver:
         if made is None:
             return None
         foreign = [k for k in _global_env(client_env) if k not in os.environ]
+        env_file = spec.artifacts / "runner.env"
+        operator.write_env_file(
+            env_file, {k: v for k, v in os.environ.items() if k not in SESSION_ENV_SKIP}
+        )
         argv = operator.runner_argv(
-            spec.artifacts / "spec.json",
-            spec.assignment,
-            sys.executable,
-            env={k: v for k, v in os.environ.items() if k not in SESSION_ENV_SKIP},
-            unset=foreign,
+            spec.artifacts / "spec.json", spec.assignment, sys.executable, env_file, foreign
         )
         started = self._tmux(spec, argv, client_env)
         try:
             pid = int((started or "").split()[0])
         except (IndexError, ValueError):
+            env_file.unlink(missing_ok=True)  # no pane read it
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 subprocess.run(
                     operator.tmux(

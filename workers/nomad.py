@@ -169,7 +169,8 @@ class NomadDriver:
                 f"payloads are limited to {PAYLOAD_LIMIT} (shorten the task prompt)"
             )
         # The scheduler reads spec.json from the shared data root to follow the assignment.
-        (spec.artifacts / "spec.json").write_bytes(payload)
+        # 0600: the spec carries the machine's live proxy credential.
+        atomic_write(spec.artifacts / "spec.json", payload, mode=0o600)
         parent = self.ensure_job(spec.agent)
         records = _read_records(spec)
         if records and self._status(records[-1]["job"]).state in ("queued", "running"):

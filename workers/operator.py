@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.dataroot import DataRoot
+from contracts.dataroot import DataRoot, write_secret_file
 from workers.nomad import RECORD as NOMAD_RECORD
 from workers.nomad import TASK as NOMAD_TASK
 from workers.spec import AssignmentSpec
@@ -68,32 +68,48 @@ def session_argv(assignment: str, cwd: Path, hold_s: int = 60) -> list[str]:
     )  # fmt: skip
 
 
+ENV_SOURCE = 'set -a && . "$1" && set +a && rm -f -- "$1" && shift && exec "$@"'
+"""The pane's first command: read the runner's environment from a file, delete the file, then
+become the runner (exec: the pane's pid stays the runner's)."""
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def write_env_file(path: Path, env: Mapping[str, str]) -> None:
+    """`env` as shell assignments in a 0600 file, read once by the pane (`ENV_SOURCE`). The
+    values never appear on a command line, where any local user could read them in /proc. A
+    name the shell cannot assign is left out."""
+    lines = (f"{k}={shlex.quote(v)}\n" for k, v in env.items() if _SHELL_NAME.match(k))
+    write_secret_file(path, "".join(lines))
+
+
 def runner_argv(
     spec_path: Path,
     assignment: str,
     python: str,
-    env: Mapping[str, str] | None = None,
+    env_file: Path | None = None,
     unset: Sequence[str] = (),
 ) -> list[str]:
     """Replace the placeholder of the assignment's session by `python -m workers.runner SPEC`
     and print the runner's pid.
 
-    The runner is the pane's process itself (several arguments are exec'd without a shell): a
-    session and process-group leader whose pid is the one it writes to runner.lock, so
-    `kill_group` stops it as before. `env` is given to this pane only, on top of the tmux
-    server's global environment; `unset` names global variables the runner must not see.
-    pipe-pane copies what the pane shows into runner.log (in the same tmux command, before the
-    runner can print; the terminal's CRs dropped).
+    The runner is the pane's process itself (the pane's shell execs it): a session and
+    process-group leader whose pid is the one it writes to runner.lock, so `kill_group` stops it
+    as before. `env_file` (written by `write_env_file`) gives this pane alone its environment,
+    on top of the tmux server's global environment, and is deleted once read; `unset` names
+    global variables the runner must not see. pipe-pane copies what the pane shows into
+    runner.log (in the same tmux command, before the runner can print; the terminal's CRs
+    dropped).
     """
     session = session_name(assignment)
     log = spec_path.parent / "runner.log"
     command = [python, "-m", "workers.runner", str(spec_path)]
     if unset:
         command = ["env", *(arg for name in unset for arg in ("-u", name)), *command]
-    variables = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+    if env_file is not None:
+        command = ["/bin/sh", "-c", ENV_SOURCE, "sh", str(env_file), *command]
     copy = f"exec tr -d '\\r' >> {shlex.quote(str(log))}"
     return tmux(
-        "respawn-pane", "-k", "-t", f"={session}:", *variables, *command,
+        "respawn-pane", "-k", "-t", f"={session}:", *command,
         ";", "pipe-pane", "-o", "-t", f"={session}:", copy,
         ";", "display-message", "-p", "-t", f"={session}:", "#{pane_pid}",
     )  # fmt: skip

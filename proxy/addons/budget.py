@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ from proxy.spool import Spool
 
 log = logging.getLogger(__name__)
 
+REDIS_URL_ENV = "AUTOVIBE_BUDGET_REDIS_URL"
+"""Where the proxy finds the Redis URL (the setting `budget_redis_url`), never on its argv."""
 METADATA_KEY = "autovibe.budget"
 """The decision as one line of text, for the capture record's `budget` field."""
 HOLD_KEY = "autovibe.budget.hold"
@@ -133,8 +136,11 @@ class Budget:
         loader.add_option(
             name="autovibe_budget_redis_url",
             typespec=str,
-            default="redis://127.0.0.1:6379/0",
-            help="Redis URL of the budget counters when autovibe_budget_store is redis.",
+            # From the environment by default: a URL with a password on mitmdump's command
+            # line is readable by any local user in /proc/<pid>/cmdline.
+            default=os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0",
+            help="Redis URL of the budget counters when autovibe_budget_store is redis; "
+            f"default: ${REDIS_URL_ENV}, the way to pass one with a password.",
         )
         loader.add_option(
             name="autovibe_budget_max_tokens",

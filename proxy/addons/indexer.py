@@ -7,6 +7,7 @@ On by default, for whatever starts mitmdump alone. The stack, docker-compose and
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from proxy.stores import DEFAULT, STORES, TrafficStore
 ENABLED_OPTION = "autovibe_indexer"
 STORE_OPTION = "autovibe_traffic_store"
 URL_OPTION = "autovibe_elasticsearch_url"
+URL_ENV = "AUTOVIBE_ELASTICSEARCH_URL"
 BODY_MAX_OPTION = "autovibe_index_body_max"
 OPTION_NAMES = SettingNames(STORE_OPTION, URL_OPTION, BODY_MAX_OPTION)
 
@@ -55,9 +57,11 @@ class Indexer:
         loader.add_option(
             name=URL_OPTION,
             typespec=str,
-            default="",
+            # From the environment by default: a password on mitmdump's command line is
+            # readable by any local user in /proc/<pid>/cmdline.
+            default=os.environ.get(URL_ENV, ""),
             help="Elasticsearch URL (http[s]://[user:password@]host:port) for "
-            f"{STORE_OPTION}=elasticsearch.",
+            f"{STORE_OPTION}=elasticsearch; default: ${URL_ENV}, the way to pass a password.",
         )
         loader.add_option(
             name=BODY_MAX_OPTION,

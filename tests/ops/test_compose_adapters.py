@@ -145,7 +145,11 @@ def test_the_proxy_meters_into_redis_ships_to_elasticsearch_and_reads_vault(
     assert sets["autovibe_data"] == DATA
     assert "ray:8500" in sets["autovibe_model_hosts"].split(",")
     assert sets["autovibe_budget_store"] == "redis"
-    redis_url = urlsplit(sets["autovibe_budget_redis_url"])
+    # The Redis URL carries the password: the proxy reads it from its environment, never from
+    # its command line (which any local user reads in /proc/<pid>/cmdline).
+    assert "autovibe_budget_redis_url" not in sets
+    assert _secret_value("redis_password") not in " ".join(argv)
+    redis_url = urlsplit(settings.budget_redis_url)
     assert (redis_url.hostname, redis_url.port) == ("redis", 6379)
     assert redis_url.password == _secret_value("redis_password")
 
