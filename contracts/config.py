@@ -121,6 +121,10 @@ class Assignment(_Strict):
     """`bandit`: task id → kind; outcomes are pooled per kind. A task not listed is its own kind."""
     cost_prior_weight: float = Field(default=1.0, gt=0, le=1000)
     """`bandit`: how many observed costs the cost prior (the mean cost over all arms) is worth."""
+    infra_retries: int = Field(default=2, ge=0, le=10)
+    """Times an assignment is run again after an infrastructure failure (the model plane
+    failed its calls, its runner died or could not start) before it is recorded `infra_error`;
+    such an ending is never scored as the agent's."""
 
 
 GIT_URL = re.compile(r"^(?:(?:https|ssh|git)://[^/\s]+/\S+|[\w.-]+@[\w.-]+:\S+)$")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
 from pydantic import TypeAdapter
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from contracts.config import ConfigError, TrialConfig, load_trial
@@ -65,7 +66,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -139,6 +140,7 @@ def submit(
     console.print(f"submitted trial {created['name']}: id {created['id']}")
     if watch_:
         _watch(client, created["id"])
+        _fail_on_infra_errors(client.report(created["id"]))
 
 
 def _api_problem(exc: ApiError) -> str:
@@ -168,10 +170,18 @@ def watch(trial_id: str) -> None:
     _watch(_client(Settings()), trial_id)
 
 
+ENDINGS = ("assignment_finished", "assignment_failed", "assignment_cancelled")
+"""Events that end an assignment; `assignment_requeued`, `_retried` and `_deferred` do not."""
+
+
 def _watch(client: Client, trial_id: str) -> None:
+    """Follow a trial to its end; each assignment counts once, however often its ending is
+    seen (the stream is replayed from the start, and resumed after an API restart)."""
     trial = client.trial(trial_id)
     total = len(trial["assignments"])
-    done = sum(a["state"] in ("finished", "failed", "cancelled") for a in trial["assignments"])
+    ended = {
+        a["id"] for a in trial["assignments"] if a["state"] in ("finished", "failed", "cancelled")
+    }
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -179,24 +189,51 @@ def _watch(client: Client, trial_id: str) -> None:
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        bar = progress.add_task(f"trial {trial['name']}", total=total, completed=done)
+        bar = progress.add_task(f"trial {trial['name']}", total=total, completed=len(ended))
         if trial["status"] in ("finished", "cancelled"):
             return
         for kind, data in client.events(trial_id):
+            assignment = data.get("assignment")
             if kind == "assignment_started":
                 progress.console.print(
-                    f"  ▶ {data['assignment']} {data['task']} · {data['agent']} · "
-                    f"{data['model']} on {data['machine']}"
+                    f"  ▶ {assignment} {data['task']} · {data['agent']} · "
+                    f"{data['model']} on {data['machine']} (attempt {data.get('attempt', 1)})"
                 )
-            elif kind.startswith("assignment_") and kind != "assignment_requeued":
-                progress.advance(bar)
+            elif kind in ENDINGS:
+                if assignment in ended:
+                    continue
+                ended.add(assignment)
+                progress.update(bar, completed=len(ended))
+                detail = f": {data['detail']}" if data.get("detail") else ""
                 progress.console.print(
-                    f"  ■ {data['assignment']} {data.get('status') or kind.split('_')[1]} "
+                    f"  ■ {assignment} {data.get('status') or kind.split('_')[1]} "
                     f"({data.get('exit_cause')}) cost {data.get('cost', '?')} "
-                    f"{data.get('currency', '')}"
+                    f"{data.get('currency', '')}{detail}",
+                    markup=False,
                 )
-            elif kind == "assignment_requeued":
-                progress.console.print(f"  ↻ {data['assignment']} requeued")
+            elif kind == "assignment_retried":
+                progress.console.print(
+                    f"  ↻ {assignment} run again after {data.get('cause')}: {data.get('detail')}",
+                    markup=False,
+                )
+            elif kind in ("assignment_requeued", "assignment_deferred"):
+                progress.console.print(f"  ↻ {assignment} {kind.split('_')[1]}")
+            elif kind == "model_server_restarted":
+                progress.console.print(
+                    f"  ⚠ model server {data.get('detail')}", style="yellow", markup=False
+                )
+
+
+def _fail_on_infra_errors(report: dict[str, Any]) -> None:
+    """Exit non-zero when the platform failed any assignment: a green run must mean it ran."""
+    errors = report.get("infra_errors") or []
+    if errors:
+        raise _fail(
+            f"{len(errors)} assignment(s) ended in infra_error: the platform, not the agent, "
+            "failed them:\n"
+            + "\n".join(f"  {e['assignment']}: {e['cause']}: {e['detail']}" for e in errors),
+            1,
+        )
 
 
 @trial_app.command("report")
@@ -379,7 +416,8 @@ def demo(
         f"POST {settings.api_url}/v1/trials"
     )
     _watch(client, created["id"])
-    report_mod.render(client.report(created["id"]), console)
+    trial_report = client.report(created["id"])
+    report_mod.render(trial_report, console)
     console.print(f"\nwall time {time.monotonic() - started:.1f} s")
     console.print(f"ledger        {root.ledger(config.project)}")
     console.print(f"traffic logs  {root.traffic_logs / config.project}")
@@ -390,3 +428,4 @@ def demo(
         f"API           {settings.api_url}/docs (token in {root.secrets / 'operator-token'})"
     )
     console.print("stop the stack with `autovibe down`")
+    _fail_on_infra_errors(trial_report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,18 +61,43 @@ class Client:
     def cancel(self, trial_id: str) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/trials/{trial_id}/cancel"))
 
-    def events(self, trial_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(event kind, data) from the trial's SSE stream until the trial ends."""
-        with self.http.stream("GET", f"/v1/trials/{trial_id}/events") as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                self._json(resp)
-            kind, data = "message", ""
-            for line in resp.iter_lines():
-                if line.startswith("event:"):
-                    kind = line.removeprefix("event:").strip()
-                elif line.startswith("data:"):
-                    data += line.removeprefix("data:").strip()
-                elif not line and data:
-                    yield kind, json.loads(data)
-                    kind, data = "message", ""
+    def events(
+        self, trial_id: str, reconnect_s: float = 60.0
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event kind, data) from the trial's SSE stream until the trial ends.
+
+        A stream cut by an API restart is resumed from the last event seen (`Last-Event-ID`),
+        for up to `reconnect_s` of failed attempts, so no event is lost or seen twice.
+        """
+        final = {"trial_finished", "trial_cancelled"}
+        last, deadline = "", None
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with self.http.stream(
+                    "GET", f"/v1/trials/{trial_id}/events", headers=headers
+                ) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        self._json(resp)
+                    deadline = None
+                    kind, data, event_id = "message", "", ""
+                    for line in resp.iter_lines():
+                        if line.startswith("id:"):
+                            event_id = line.removeprefix("id:").strip()
+                        elif line.startswith("event:"):
+                            kind = line.removeprefix("event:").strip()
+                        elif line.startswith("data:"):
+                            data += line.removeprefix("data:").strip()
+                        elif not line and data:
+                            last = event_id or last
+                            yield kind, json.loads(data)
+                            if kind in final:
+                                return
+                            kind, data = "message", ""
+                return
+            except httpx.TransportError:
+                deadline = deadline or time.monotonic() + reconnect_s
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)

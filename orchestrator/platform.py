@@ -18,7 +18,7 @@ from ledger.counters import CounterStore, open_counters, open_project, task_scop
 from ledger.posting import Posted, agents_from_artifacts, post_usage, post_vm_hours
 from orchestrator.catalog import Catalog
 from orchestrator.state import Assignment, Store, state_url, utcnow
-from proxy.index import ModelUsage, TrafficIndex
+from proxy.index import CallFailures, ModelUsage, TrafficIndex
 from workers.driver import WorkerDriver, get_driver
 
 MICRO = Decimal("0.000001")
@@ -76,6 +76,11 @@ class Platform:
         """Metered usage, after pulling whatever the proxy has spooled into the index."""
         self.index.catch_up(self.root.traffic_logs)
         return self.index.usage(trial=trial, assignment=assignment)
+
+    def call_failures(self, assignment: str) -> CallFailures:
+        """The assignment's calls that the model plane or the proxy failed, as captured."""
+        self.index.catch_up(self.root.traffic_logs)
+        return self.index.call_failures(assignment)
 
     def in_currency(self, usd: Decimal, currency: str) -> Decimal:
         return self.catalog.prices.convert(usd, currency).quantize(MICRO, rounding=ROUND_HALF_UP)

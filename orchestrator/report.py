@@ -29,8 +29,10 @@ from orchestrator.platform import Platform
 from orchestrator.state import Trial
 
 GRADES = ("resolved", "partial", "unresolved")
-ERROR_CAUSES = ("timeout", "budget_exhausted", "crashed", "infra", "cancelled")
+ERROR_CAUSES = ("timeout", "budget_exhausted", "crashed", "model_unreachable", "infra", "cancelled")
 """`Assignment.exit_cause` values that are not a normal ending (`finished`)."""
+INFRA_CAUSES = ("model_unreachable", "infra")
+"""Causes of an `infra_error` ending: the platform failed, so the run says nothing of the agent."""
 FORMATS = ("json", "csv", "md", "png")
 PER_RESOLVED = Decimal("0.000001")
 _K = TypeVar("_K")
@@ -60,6 +62,10 @@ class RunRecord:
     """The confidence gate's score (`result.confidence.score`); None when not scored."""
     accepted: bool | None = None
     """Whether the gate accepted the result; False: flagged for review; None: not scored."""
+    failed_calls: int = 0
+    """Calls through the proxy that the model plane or the proxy failed (5xx, no response)."""
+    infra_detail: str | None = None
+    """Why an `infra_error` ending was the platform's failure."""
 
 
 def arm_name(agent: str, model: str) -> str:
@@ -96,6 +102,7 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
                 confidence=((a.result or {}).get("confidence") or {}).get("score"),
                 accepted=((a.result or {}).get("confidence") or {}).get("accepted"),
                 not_before=a.not_before.isoformat() + "Z" if a.not_before else None,
+                infra_detail=(a.result or {}).get("infra_error"),
             )
             for a in trial.assignments
         ]
@@ -110,6 +117,7 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
                 local_tokens=sum(u.total_tokens for u in usage if u.provider == "local"),
                 calls=sum(u.calls for u in usage),
                 cost_usd=sum((u.cost_usd for u in usage), start=Decimal(0)),
+                failed_calls=platform.index.call_failures(r.assignment).failed,
             )
         )
     return summarize(head, records, lambda usd: platform.in_currency(usd, currency))
@@ -146,6 +154,18 @@ def summarize(
             {"assignment": r.assignment, "not_before": r.not_before}
             for r in records
             if r.state == "deferred"
+        ],
+        "infra_errors": [
+            {
+                "assignment": r.assignment,
+                "task": r.task,
+                "agent": r.agent,
+                "model": r.model,
+                "cause": r.exit_cause,
+                "detail": r.infra_detail,
+            }
+            for r in records
+            if r.status == "infra_error"
         ],
         "needs_review": [
             {
@@ -189,8 +209,10 @@ def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) ->
         **counts,
         "pending": sum(r.state in ("queued", "deferred", "running") for r in group),
         "deferred": sum(r.state == "deferred" for r in group),
-        "errors": sum(r.status is None and r.state in ("failed", "cancelled") for r in group),
+        "errors": sum(r.state in ("failed", "cancelled") and r.status not in GRADES for r in group),
         "error_causes": {c: sum(r.exit_cause == c for r in group) for c in ERROR_CAUSES},
+        "infra_errors": sum(r.status == "infra_error" for r in group),
+        "failed_calls": sum(r.failed_calls for r in group),
         "accepted": sum(r.accepted is True for r in group),
         "needs_review": sum(r.accepted is False for r in group),
         "success_rate": round(resolved / n, 4) if n else None,
@@ -297,7 +319,28 @@ def _wall(row: dict[str, Any]) -> str:
 
 
 def _causes(row: dict[str, Any]) -> str:
-    return ", ".join(f"{c} {k}" for c, k in row["error_causes"].items() if k) or "—"
+    """Error causes and their counts; failed calls are named even where every run ended."""
+    causes = [f"{c} {k}" for c, k in row["error_causes"].items() if k]
+    if row.get("failed_calls"):
+        causes.append(f"{row['failed_calls']} failed calls")
+    return ", ".join(causes) or "—"
+
+
+def infra_note(report: dict[str, Any]) -> list[str]:
+    """Lines under the table: which runs the platform failed, left out of every rate."""
+    errors = report.get("infra_errors", [])
+    if not errors:
+        return []
+    lines = [
+        f"Infrastructure errors: {len(errors)} assignment(s) failed on the platform's side "
+        "(after their retries); they are left out of the success rates, intervals and tests:"
+    ]
+    lines += [
+        f"  {e['assignment']} ({e['task']}, {e['agent']} × {e['model']}): {e['cause']}: "
+        f"{e['detail']}"
+        for e in errors
+    ]
+    return lines
 
 
 def _gate(row: dict[str, Any]) -> str:
@@ -362,6 +405,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"Total metered spend: {Decimal(report['total_cost']):.6f} {cur} "
         f"({Decimal(report['total_cost_usd']):.6f} USD)"
     )
+    for line in infra_note(report):
+        console.print(line, style="bold red", markup=False, highlight=False)
     for d in report.get("deferred", []):
         console.print(
             f"Deferred: {d['assignment']} (its machine's daily allowance is spent) "
@@ -410,6 +455,8 @@ CSV_COLUMNS = (
     "wall_s_p50",
     "wall_s_p90",
     "wall_s_total",
+    "infra_errors",
+    "failed_calls",
     *(f"errors_{c}" for c in ERROR_CAUSES),
     "accepted",
     "needs_review",
@@ -464,6 +511,11 @@ def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
         "",
         "Success counts graded runs only (cancelled runs and infra failures are left out); "
         "the interval is Wilson's at 95 %.",
+        "",
+        *(
+            _md_escape(line if i == 0 else f"- {line.strip()}")
+            for i, line in enumerate(infra_note(report))
+        ),
         "",
         "## Pairwise comparisons",
         "",

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -41,18 +42,27 @@ from orchestrator.state import (
     Trial,
     utcnow,
 )
+from orchestrator.supervisor import ModelSupervisor
 from workers.agents import get_agent
 from workers.spec import AssignmentSpec, SandboxSpec
 
 log = logging.getLogger("autovibe.scheduler")
 
-MAX_ATTEMPTS = 3
-"""A runner that dies without a result (host crash) is started again at most this often."""
 CREDENTIAL_GRACE_S = 3600
 JUDGE_RETRY_S = 30.0
 """A judge job that failed unexpectedly (not a judge that is down: that scores tests-only) is
 submitted again by the tick after this long."""
 _ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class InfraFailure:
+    """An ending that is the platform's fault: never scored as the agent's."""
+
+    cause: str
+    """`model_unreachable` (the model plane failed the agent's calls) or `infra` (the runner
+    died, could not start or failed outside the agent)."""
+    detail: str
 
 
 def pending_confidence(gate: Confidence) -> dict[str, Any]:
@@ -138,6 +148,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.judges = Judges(self.score_confidence)
+        self.supervisor = ModelSupervisor(platform.settings, self._announce)
         self._swept = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -167,12 +178,22 @@ class Scheduler:
             if not self._swept:
                 self._rescore_cancelled()
                 self._swept = True
+            if trial_ids:
+                # Before collecting: the assignments that hit the gap are run again on a
+                # restarted server, not on a dead one.
+                self.supervisor.check()
             for trial_id in trial_ids:
                 self._collect(trial_id)
                 self._launch(trial_id)
                 self._maybe_finish(trial_id)
             self.alerts.check(trial_ids)
             self.p.post_closed_hours()
+
+    def _announce(self, kind: str, data: dict[str, object]) -> None:
+        """One event on the stream of every active trial."""
+        with self.p.store.session() as s:
+            for trial_id in s.scalars(select(Trial.id).where(Trial.status.in_(TRIAL_ACTIVE))):
+                self.p.store.add_event(s, trial_id, kind, **data)
 
     def _collect(self, trial_id: str) -> None:
         with self.p.store.session() as s:
@@ -266,21 +287,71 @@ class Scheduler:
 
     # -- endings -------------------------------------------------------------------------------
     def _lost(self, assignment_id: str) -> None:
+        attempts = self._attempts_of(assignment_id)
+        self.finish(
+            assignment_id,
+            {
+                "assignment": assignment_id,
+                "infra_error": f"runner died without a result (attempt {attempts})",
+            },
+        )
+
+    def _attempts_of(self, assignment_id: str) -> int:
+        with self.p.store.session() as s:
+            return s.get_one(Assignment, assignment_id).attempts
+
+    def infra_failure(self, assignment_id: str, result: dict[str, Any]) -> InfraFailure | None:
+        """Why this ending is the platform's failure and not the agent's, or None.
+
+        The runner's own error; the agent's word (`model_unreachable`); or, for any adapter, an
+        unresolved ending whose last call through the proxy failed (5xx or no response).
+        """
+        if result.get("cancelled"):
+            return None
+        if "infra_error" in result:
+            return InfraFailure("infra", str(result["infra_error"]))
+        agent = result.get("agent") or {}
+        if agent.get("exit_cause") == "model_unreachable":
+            return InfraFailure("model_unreachable", str(agent.get("detail") or ""))
+        if (result.get("grade") or {}).get("status") == "resolved":
+            return None
+        failures = self.p.call_failures(assignment_id)
+        if failures.last_failed:
+            return InfraFailure(
+                "model_unreachable",
+                f"its last model call failed ({failures.last_error}); "
+                f"{failures.failed} of {failures.calls} calls failed",
+            )
+        return None
+
+    def _retry(self, assignment_id: str, config: TrialConfig, failure: InfraFailure) -> bool:
+        """Queue a running assignment again after an infrastructure failure, while its trial
+        allows retries; its result is set aside and its credential stays valid."""
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
-            if a.attempts >= MAX_ATTEMPTS:
-                detail = f"runner died without a result {a.attempts} times"
-                revoke(self.p.root, assignment_id)
-                a.state, a.exit_cause, a.finished_at = "failed", "infra", utcnow()
-                a.result = {"infra_error": detail}
-                self.p.store.add_event(
-                    s, a.trial_id, "assignment_failed", assignment=a.id, detail=detail
-                )
-            else:
-                a.state, a.machine = "queued", None
-                self.p.store.add_event(
-                    s, a.trial_id, "assignment_requeued", assignment=a.id, attempt=a.attempts
-                )
+            if a.state != "running" or a.attempts > config.assignment.infra_retries:
+                return False
+            self._set_aside(config, a)
+            a.state, a.machine = "queued", None
+            self.p.store.add_event(
+                s,
+                a.trial_id,
+                "assignment_retried",
+                assignment=a.id,
+                attempt=a.attempts,
+                cause=failure.cause,
+                detail=failure.detail,
+            )
+        log.warning(
+            "assignment %s: %s (%s); run again", assignment_id, failure.cause, failure.detail
+        )
+        return True
+
+    def _set_aside(self, config: TrialConfig, a: Assignment) -> None:
+        """Keep an attempt's result beside the next one's, so its runner starts afresh."""
+        artifacts = self._artifacts(config, a.trial_id, a.id)
+        if (artifacts / "result.json").exists():
+            os.replace(artifacts / "result.json", artifacts / f"result-attempt{a.attempts}.json")
 
     def finish(self, assignment_id: str, result: dict[str, Any]) -> None:
         """Record an assignment's ending once: post its metered spend, then mark it done.
@@ -300,11 +371,7 @@ class Scheduler:
                 # this result; the spend is posted once, when the assignment really ends.
                 # The credential stays valid (revocation is per assignment id, for good); it
                 # expires on its own, and the spent allowance refuses it until the reset.
-                artifacts = self._artifacts(config, a.trial_id, a.id)
-                if (artifacts / "result.json").exists():
-                    os.replace(
-                        artifacts / "result.json", artifacts / f"result-attempt{a.attempts}.json"
-                    )
+                self._set_aside(config, a)
                 with self.p.store.session() as s:
                     a = s.get_one(Assignment, assignment_id)
                     if a.state != "running":
@@ -323,11 +390,22 @@ class Scheduler:
                         attempt=a.attempts,
                     )
                 return
-        revoke(self.p.root, assignment_id)
         if a.state in ASSIGNMENT_DONE:
+            revoke(self.p.root, assignment_id)
             return
+        failure = self.infra_failure(assignment_id, result)
+        if failure is not None and self._retry(assignment_id, config, failure):
+            return
+        revoke(self.p.root, assignment_id)
         cost = self.post_spend(config, a)
-        unscored = config.confidence.enabled and "grade" in result and "confidence" not in result
+        unscored = (
+            failure is None
+            and config.confidence.enabled
+            and "grade" in result
+            and "confidence" not in result
+        )
+        if failure is not None:
+            result = {**result, "infra_error": failure.detail, "infra_cause": failure.cause}
         if unscored:
             result = {**result, "confidence": pending_confidence(config.confidence)}
         with self.p.store.session() as s:
@@ -338,8 +416,8 @@ class Scheduler:
             a.result = {**result, "cost": str(cost), "currency": config.budget.currency}
             if result.get("cancelled"):
                 a.state, a.exit_cause = "cancelled", "cancelled"
-            elif "infra_error" in result:
-                a.state, a.exit_cause = "failed", "infra"
+            elif failure is not None:
+                a.state, a.status, a.exit_cause = "failed", "infra_error", failure.cause
             else:
                 a.state = "finished"
                 a.status = result["grade"]["status"]
@@ -354,6 +432,7 @@ class Scheduler:
                 cost=str(cost),
                 currency=config.budget.currency,
                 **({"confidence": "pending"} if unscored else {}),
+                **({"detail": failure.detail} if failure is not None else {}),
             )
         if unscored:
             self.judges.submit(assignment_id)

@@ -17,11 +17,12 @@ import httpx
 
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import runs
+from contracts.processes import group_members, runs
 from contracts.settings import Settings
 from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv
 from serving.llamacpp import server_argv
+from serving.probe import ProbeFailed, cpu_served_names, prove
 
 
 class StackError(Exception):
@@ -33,6 +34,12 @@ class Service:
     name: str
     argv: list[str]
     ready: Callable[[], bool]
+    prove: Callable[[], None] | None = None
+    """Once ready, a real use of the service (the model server's one-token completions);
+    raises ProbeFailed. A server that answers its health check may still crash on first use."""
+
+
+LOG_TAIL_LINES = 20
 
 
 def _http_ok(url: str) -> Callable[[], bool]:
@@ -95,8 +102,14 @@ def services(settings: Settings) -> list[Service]:
         "--log-level",
         "warning",
     ]
+    served = cpu_served_names(load_models(settings.configs))
     return [
-        Service("model", model_argv(settings), _http_ok(f"{settings.model_url}/models")),
+        Service(
+            "model",
+            model_argv(settings),
+            _http_ok(f"{settings.model_url}/models"),
+            lambda: prove(settings.model_url, served),
+        ),
         Service("indexer", [sys.executable, "-m", "proxy.indexer"], _indexer_ready(settings)),
         Service(
             "proxy",
@@ -116,32 +129,51 @@ def _pidfile(root: DataRoot, name: str) -> Path:
     return root.run / f"{name}.pid"
 
 
-def running_pid(root: DataRoot, name: str) -> int | None:
-    path = _pidfile(root, name)
-    if not path.exists():
-        return None
+def _recorded_pid(root: DataRoot, name: str) -> int | None:
     try:
-        pid: int | None = int(path.read_text())
-    except ValueError:
-        pid = None
-    if pid is None or not runs(pid):
-        path.unlink(missing_ok=True)
+        return int(_pidfile(root, name).read_text())
+    except (FileNotFoundError, ValueError):
         return None
-    return pid
+
+
+def recorded(root: DataRoot, name: str) -> bool:
+    """Whether `up` started this service and `down` has not stopped it since."""
+    return _pidfile(root, name).exists()
+
+
+def running_pid(root: DataRoot, name: str) -> int | None:
+    """The service's pid while it runs; its pid file stays until `down`, which also stops what
+    is left of a dead service's process group."""
+    pid = _recorded_pid(root, name)
+    return pid if pid is not None and runs(pid) else None
 
 
 def up(settings: Settings, names: list[str] | None = None, timeout_s: float = 180) -> None:
+    """Start the services (all, or `names`) and prove each ready; on any failure stop what this
+    call started and raise StackError naming the service, its log and the log's last lines."""
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.run)
     env = {**os.environ, **settings.as_env()}
     for env_name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         env.pop(env_name, None)
-    for svc in services(settings):
-        if names and svc.name not in names:
-            continue
-        if running_pid(root, svc.name) is not None and svc.ready():
-            continue
-        log = (root.run / f"{svc.name}.log").open("ab")
+    started: list[str] = []
+    try:
+        for svc in services(settings):
+            if names and svc.name not in names:
+                continue
+            if running_pid(root, svc.name) is not None and svc.ready():
+                continue
+            down(settings, [svc.name])  # what is left of an earlier one that died or hung
+            started.append(svc.name)
+            _start(root, svc, env, timeout_s)
+    except StackError:
+        down(settings, started)
+        raise
+
+
+def _start(root: DataRoot, svc: Service, env: dict[str, str], timeout_s: float) -> None:
+    log_path = root.run / f"{svc.name}.log"
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
             svc.argv,
             stdin=subprocess.DEVNULL,
@@ -150,30 +182,58 @@ def up(settings: Settings, names: list[str] | None = None, timeout_s: float = 18
             start_new_session=True,
             env=env,
         )
-        _pidfile(root, svc.name).write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout_s
-        while not svc.ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise StackError(
-                    f"{svc.name} did not start (exit {proc.poll()}); see {root.run / svc.name}.log"
-                )
-            time.sleep(0.2)
+    _pidfile(root, svc.name).write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout_s
+    while not svc.ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            how = (
+                f"exit {proc.poll()}"
+                if proc.poll() is not None
+                else f"not ready in {timeout_s:g} s"
+            )
+            raise StackError(_failure(svc.name, f"did not start ({how})", log_path))
+        time.sleep(0.2)
+    if svc.prove is None:
+        return
+    try:
+        svc.prove()
+    except ProbeFailed as exc:
+        time.sleep(0.5)  # a crash's last words reach the log
+        died = f" and exited ({proc.poll()})" if proc.poll() is not None else ""
+        raise StackError(
+            _failure(svc.name, f"failed its first use{died}: {exc}", log_path)
+        ) from exc
 
 
-def down(settings: Settings) -> list[str]:
+def _failure(name: str, what: str, log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    except OSError:
+        lines = []
+    tail = "\n".join(f"  | {line}" for line in lines) or "  (the log is empty)"
+    return f"{name} {what}; see {log_path}, last lines:\n{tail}"
+
+
+def down(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """Stop the services (all, or `names`), in reverse start order; the names stopped."""
     root = DataRoot.at(settings.data)
     stopped = []
     for svc in reversed(services_names()):
-        pid = running_pid(root, svc)
-        if pid is None:
+        if names is not None and svc not in names:
+            continue
+        pid = _recorded_pid(root, svc)
+        # The whole group, also when its leader is gone: a crashed server's children (Ray's
+        # workers, a replica) would otherwise be left running.
+        if pid is None or not (runs(pid) or group_members(pid)):
+            _pidfile(root, svc).unlink(missing_ok=True)
             continue
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        # `runs`, not kill(pid, 0): a service this process started stays a zombie until reaped,
-        # and was waited on for the whole 10 s (seen: 40 s to stop the stack in the e2e tests).
+        # Members that run, not kill(pid, 0): a service this process started stays a zombie
+        # until reaped, and was waited on for the whole 10 s (seen: 40 s to stop the stack).
         while time.monotonic() < deadline:
-            if not runs(pid):
+            if not group_members(pid):
                 break
             time.sleep(0.1)
         else:

@@ -140,6 +140,19 @@ class ModelUsage:
     """Calls whose response carried no usage and were charged by an estimate."""
 
 
+@dataclass(frozen=True)
+class CallFailures:
+    """Calls through the proxy that the upstream or the proxy itself failed (5xx, or no response
+    at all): the model plane's failures, as the capture saw them, whatever the agent says."""
+
+    calls: int
+    failed: int
+    last_failed: bool
+    """The assignment's last call failed: the agent gave up on a broken model plane."""
+    last_error: str | None
+    """The last failure, `HTTP 502` or the proxy's error text."""
+
+
 class _DecimalSum:
     """SQL aggregate `decimal_sum(text)`: exact sum of decimal strings, as a decimal string."""
 
@@ -332,6 +345,28 @@ class TrafficIndex:
             )
             for provider, model, calls, prompt, completion, total, cost, estimated in rows
         ]
+
+    def call_failures(self, assignment: str) -> CallFailures:
+        """How many of one assignment's calls failed on the upstream's or the proxy's side."""
+        failed = "(status >= 500 OR (status IS NULL AND error IS NOT NULL))"
+        rows = self._query(
+            f"SELECT count(*), coalesce(sum({failed}), 0) FROM flows WHERE assignment = ?",
+            (assignment,),
+        )
+        last = self._query(
+            f"SELECT {failed}, status, error FROM flows WHERE assignment = ? "
+            "ORDER BY ts_start DESC, id DESC LIMIT 1",
+            (assignment,),
+        )
+        calls, count = rows[0]
+        last_failed = bool(last and last[0][0])
+        error = None
+        if last_failed:
+            status, text = last[0][1], last[0][2]
+            error = (
+                str(text) if status is None else f"HTTP {status}" + (f": {text}" if text else "")
+            )
+        return CallFailures(calls, count, last_failed, error)
 
     def flows(
         self,

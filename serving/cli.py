@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 from rich.filesize import decimal
+from rich.markup import escape
 from rich.table import Table
 
 from contracts.config import ConfigError, ModelsCatalog, load_models
 from contracts.dataroot import DataRoot
+from contracts.processes import stop
 from contracts.settings import Settings
 from serving import check as check_mod
 from serving import rayserve, rayserve_cpu
 from serving.llamacpp import server_argv, server_config
+from serving.probe import ProbeFailed, cpu_served_names, prove
 from serving.weights import WeightsMissing
 
 app = typer.Typer(help="Model pairs: weights on disk, memory needed, serving configs.")
@@ -188,12 +194,43 @@ def serve(
         settings = settings.model_copy(update={"model_port": port})
     count = replicas if replicas is not None else max(1, settings.model_replicas)
     if count == 0:
+        catalog = _catalog(settings)
         try:
-            argv = server_argv(settings, _catalog(settings))
+            argv = server_argv(settings, catalog)
         except WeightsMissing as exc:
             raise _fail(str(exc)) from exc
-        os.execv(argv[0], argv)
+        raise typer.Exit(_serve_bare(argv, settings.model_url, cpu_served_names(catalog)))
     rayserve_cpu.main(["--replicas", str(count), "--port", str(settings.model_port)])
+
+
+def _serve_bare(argv: list[str], url: str, models: list[str], timeout_s: float = 180) -> int:
+    """Run the bare server, say `serving` once every model completed a token, then pass
+    SIGTERM/SIGINT on until it exits; its exit status (1 when it never proved itself)."""
+    server = subprocess.Popen(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: server.send_signal(signum))
+    deadline = time.monotonic() + timeout_s
+    while not _answers(f"{url}/models"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            err.print(f"[red]error:[/red] the model server did not start (exit {server.poll()})")
+            return 1
+        time.sleep(0.2)
+    try:
+        prove(url, models)
+    except ProbeFailed as exc:
+        stop(server)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return 1
+    console.print(f"serving {url}: {', '.join(models)} each completed a token", highlight=False)
+    return server.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from contracts.dataroot import DataRoot
 from contracts.processes import cmdline, descendants, pids
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_config
+from serving.probe import cpu_served_names, prove
 
 APP_NAME = "autovibe-cpu"
 REPLICA_HEADER = "x-autovibe-replica"
@@ -360,8 +361,11 @@ def serving(settings: Settings, replicas: int) -> Iterator[str]:
         )(serve.ingress()(LlamaCppReplica))
         serve.run(deployment.bind(replica_config(settings)), name=APP_NAME, route_prefix="/")
         wait_all_up(socket_dir, replicas, ray_temp_dir(root) / "session_latest" / "logs")
+        url = f"http://{settings.host}:{settings.model_port}/v1"
+        # Serving only once every model has completed a token (a replica can crash on it).
+        prove(url, cpu_served_names(load_models(settings.configs)))
         renice_background(os.getpid())
-        yield f"http://{settings.host}:{settings.model_port}/v1"
+        yield url
     finally:
         try:
             with contextlib.suppress(Exception):  # Serve may be half started; Ray stops anyway

@@ -28,6 +28,7 @@ from orchestrator.report import (
     learning_curve,
     render,
     summarize,
+    to_markdown,
 )
 from orchestrator.state import Assignment, Trial
 from proxy.spool import Spool
@@ -187,6 +188,7 @@ def test_summarize_fixed_trial() -> None:
         "timeout": 1,
         "budget_exhausted": 1,
         "crashed": 1,
+        "model_unreachable": 0,
         "infra": 0,
         "cancelled": 0,
     }
@@ -249,6 +251,51 @@ def test_render_shows_intervals_errors_and_verdicts() -> None:
     assert "Fisher's exact test" in text
     assert "not significant at 0.05" in text
     assert "Total metered spend: 0.303600 CAD (0.220000 USD)" in text
+
+
+def test_infra_errors_are_counted_apart_and_named_under_the_table() -> None:
+    """An `infra_error` ending says nothing of the agent: out of n and the interval, counted
+    with its cause, and listed under the table; failed calls show even where runs ended."""
+    records = [
+        run(1, "builtin", "tiny", "resolved"),
+        replace(run(2, "builtin", "tiny", "unresolved"), failed_calls=1),
+        replace(
+            run(3, "builtin", "tiny", "infra_error", "model_unreachable", state="failed"),
+            failed_calls=4,
+            infra_detail="its last model call failed (HTTP 502)",
+        ),
+        replace(run(4, "other", "tiny", "unresolved"), failed_calls=2),
+    ]
+    report = summarize(HEAD, records, to_cad)
+    builtin = row(report, "builtin", "tiny")
+    assert (builtin["assignments"], builtin["n"], builtin["resolved"]) == (3, 2, 1)
+    assert builtin["success_rate"] == 0.5
+    assert builtin["success_ci95"] == [round(x, 4) for x in stats.wilson_interval(1, 2)], (
+        "the interval must leave the infra error out"
+    )
+    assert (builtin["infra_errors"], builtin["errors"], builtin["failed_calls"]) == (1, 1, 5)
+    assert builtin["error_causes"]["model_unreachable"] == 1
+    assert report["infra_errors"] == [
+        {
+            "assignment": "a003",
+            "task": "task0",
+            "agent": "builtin",
+            "model": "tiny",
+            "cause": "model_unreachable",
+            "detail": "its last model call failed (HTTP 502)",
+        }
+    ]
+    console = Console(record=True, width=220)
+    render(report, console)
+    text = console.export_text()
+    assert "model_unreachable 1, 5 failed calls" in text
+    # No error ending, yet calls failed: the column says so instead of "—".
+    assert "2 failed calls" in text
+    assert "Infrastructure errors: 1 assignment(s)" in text
+    assert "a003 (task0, builtin × tiny): model_unreachable: its last model call failed" in text
+    markdown = to_markdown(report)
+    assert "left out of the success rates" in markdown
+    assert "- a003 (task0, builtin × tiny)" in markdown
 
 
 def test_a_trial_with_nothing_graded_yet() -> None:

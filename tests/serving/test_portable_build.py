@@ -15,9 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import llama_cpp
+import pytest
 
 LIB = Path(llama_cpp.__file__).parent / "lib"
 AMX = re.compile(

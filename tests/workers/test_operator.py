@@ -264,7 +264,7 @@ def test_local_driver_runs_the_runner_in_a_tmux_session_to_its_result(
     wait(lambda: spec.result_path.exists())
     wait(lambda: not operator.has_session(session), timeout=10)  # it ends with the runner
     result = json.loads(spec.result_path.read_text())
-    assert result["agent"]["exit_cause"] == "crashed"  # nothing listens at the endpoint
+    assert result["agent"]["exit_cause"] == "model_unreachable"  # nothing listens at the endpoint
     assert operator.inspect(spec.artifacts).state == "finished"
     assert not driver.alive(spec)
     logs = CliRunner().invoke(app, ["logs", "t1.x-001"], env={"AUTOVIBE_DATA": str(root.root)})
@@ -372,5 +372,5 @@ def test_without_tmux_the_runner_is_a_plain_detached_subprocess(
     spec = spec_of(make_spec(root, "t2-001"))
     driver.launch(spec)
     wait(lambda: spec.result_path.exists())
-    assert json.loads(spec.result_path.read_text())["agent"]["exit_cause"] == "crashed"
+    assert json.loads(spec.result_path.read_text())["agent"]["exit_cause"] == "model_unreachable"
     wait(lambda: not driver.alive(spec))

@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-ExitCause = Literal["finished", "timeout", "crashed", "budget_exhausted"]
+ExitCause = Literal["finished", "timeout", "crashed", "budget_exhausted", "model_unreachable"]
+"""`model_unreachable`: the model plane failed the agent (5xx, no connection, credential
+refused), an infrastructure failure the scheduler retries and never scores as the agent's."""
 
 
 @dataclass(frozen=True)

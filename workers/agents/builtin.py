@@ -7,8 +7,9 @@ on, writes the completion in as the body, and keeps it when the function's tests
 
 Run as `python -m workers.agents.builtin`; it leaves `transcript.jsonl` (one JSON line per
 model call, edit and test run) and `agent-summary.json` in the artifacts folder. Exit codes:
-0 done (whether or not the tests pass), 2 model endpoint unreachable, 3 budget exhausted
-(the proxy answered 402).
+0 done (whether or not the tests pass), 2 model unreachable (no connection, a 5xx from the
+proxy or the model server, or the credential refused), 3 budget exhausted (the proxy
+answered 402).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class BuiltinAgent:
             cause = "timeout"
         elif exit_code == EXIT_BUDGET:
             cause = "budget_exhausted"
+        elif exit_code == EXIT_UNREACHABLE:
+            cause = "model_unreachable"
         elif exit_code != 0:
             cause = "crashed"
         else:
@@ -158,7 +161,8 @@ class BudgetExhausted(Exception):
 
 
 class EndpointUnreachable(Exception):
-    """The model endpoint (or the proxy in front of it) is unreachable or refused the credential."""
+    """The model endpoint (or the proxy in front of it) is unreachable, failed the call (5xx) or
+    refused the credential: the model plane's failure, not the agent's."""
 
 
 @dataclass(frozen=True)
@@ -392,6 +396,12 @@ class Session:
         if response.status_code in (401, 403, 407):
             # The credential was refused: every further call would be refused too.
             raise EndpointUnreachable(f"{url} refused the call ({response.status_code})")
+        if response.status_code >= 500:
+            # The proxy's 502 when the model server is gone, or the server's own failure:
+            # going on would score the outage as the agent's unsolved task.
+            raise EndpointUnreachable(
+                f"{url} failed the call ({response.status_code}): {response.text[:300]}"
+            )
         return completion
 
     def run_tests(self, stub: Stub, attempt: int) -> bool:
