@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from contracts.dataroot import DataRoot
 from contracts.processes import cmdline, pids, stop
@@ -222,3 +223,40 @@ def test_the_local_driver_passes_secrets_only_through_files_only_its_user_reads(
     assert stat.S_IMODE((artifacts / "spec.json").stat().st_mode) == 0o600
     for folder in (root.root, artifacts.parent, artifacts):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_the_compose_redis_takes_its_password_on_stdin(tmp_path: Path) -> None:
+    """docker-compose.yml's redis command, run as written (the secret file and the port
+    swapped for this host's): the password is required and is on no command line."""
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    script = compose["services"]["redis"]["command"][-1].replace("$$", "$")
+    secret = tmp_path / "redis_password"
+    secret.write_text(REDIS_PASSWORD + "\n")
+    port = free_port()
+    script = script.replace("/run/secrets/redis_password", str(secret)).replace(
+        "appendonly yes", f"appendonly no\\nport {port}\\nbind 127.0.0.1\\ndir {tmp_path}"
+    )
+    with CommandLineWatch([REDIS_PASSWORD]) as watch:
+        server = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                assert time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.05)
+            ask = ["redis-cli", "-p", str(port), "ping"]
+            refused = subprocess.run(ask, capture_output=True, text=True, check=False)
+            allowed = subprocess.run(
+                ask,
+                capture_output=True,
+                text=True,
+                check=False,
+                env={**os.environ, "REDISCLI_AUTH": REDIS_PASSWORD},
+            )
+        finally:
+            stop(server)
+    assert "NOAUTH" in refused.stdout + refused.stderr
+    assert allowed.stdout.strip() == "PONG"
+    assert watch.rounds > 0 and not watch.seen, watch.seen
