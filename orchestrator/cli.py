@@ -218,7 +218,7 @@ def _watch(client: Client, trial_id: str) -> None:
                 )
             elif kind in ("assignment_requeued", "assignment_deferred"):
                 progress.console.print(f"  ↻ {assignment} {kind.split('_')[1]}")
-            elif kind == "model_server_restarted":
+            elif kind in ("model_server_restarted", "model_server_down"):
                 progress.console.print(
                     f"  ⚠ model server {data.get('detail')}", style="yellow", markup=False
                 )
