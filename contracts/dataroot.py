@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +120,35 @@ def write_secret_file(path: Path, value: str) -> None:
     """Create `path` with mode 0600 atomically; never leaves a readable partial file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, value, mode=0o600)
+
+
+def open_nofollow(
+    path: Path, flags: int = os.O_RDONLY, mode: int = 0o600, *, below: Path | None = None
+) -> int:
+    """fd of `path`, refusing a symlink as its last component and, with `below`, as any
+    component under `below` (a folder an untrusted process could write): `OSError` (ELOOP)."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    if below is None:
+        return os.open(path, flags, mode)
+    parts = path.relative_to(below).parts
+    fd = os.open(below, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            step = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = step
+        return os.open(parts[-1], flags, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def read_untrusted(path: Path, below: Path, limit: int = 64 * 1024 * 1024) -> bytes:
+    """The bytes of a file an agent wrote (under `below`), read without following a symlink
+    and only when it is a regular file; at most `limit` bytes."""
+    fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK, below=below)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return fh.read(limit)

@@ -17,15 +17,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from contracts.dataroot import atomic_write
+from contracts.dataroot import DataRoot, atomic_write, open_nofollow
 from workers import grading, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
 
 KILL_GRACE_S = 5.0
+WATCH_S = 1.0
+"""How often the runner measures the workspace while the agent runs."""
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -53,21 +55,49 @@ def kill_group(pid: int, leader: subprocess.Popen[bytes] | None = None) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def tree_bytes(folder: Path) -> int:
+    """Disk space used under `folder` (allocated blocks), symlinks not followed."""
+    total = 0
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return total
+
+
+def open_log(path: Path) -> BinaryIO:
+    """A log the runner writes, in a host-only folder: created or truncated, never through a
+    symlink (one planted by an earlier, unconfined attempt, say)."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def run_agent(spec: AssignmentSpec) -> AgentOutcome:
+    """Start the agent (sandboxed when the spec says so), wait for it within its timeout and
+    its workspace limit, kill its process group, and read what it left."""
     agent = get_agent(spec.agent, spec.data_root)
+    DataRoot.ensure(spec.output)
     run = AgentRun(
         workspace=spec.workspace,
         prompt=spec.prompt,
         endpoint=spec.endpoint,
         model=spec.model,
-        artifacts=spec.artifacts,
+        artifacts=spec.output,
         timeout_s=spec.timeout_s,
+        log=spec.artifacts / "agent.log",
     )
-    (spec.artifacts / "prompt.txt").write_text(spec.prompt)
-    env = {**os.environ, **spec.env}
+    prompt_fd = open_nofollow(
+        spec.output / "prompt.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, below=spec.output
+    )
+    with os.fdopen(prompt_fd, "w") as fh:
+        fh.write(spec.prompt)
+    # Only the allowlist: nothing of the orchestrator's environment reaches the agent.
+    env = sandbox.agent_env(spec.env)
     argv = agent.command(run)
+    limit = spec.sandbox.workspace_mb * 1024 * 1024 if spec.sandbox is not None else None
+    detail = ""
     # The bridge is left (stopped) only after the sandbox is killed, on every ending.
-    with contextlib.ExitStack() as stack, (spec.artifacts / "agent.log").open("wb") as log:
+    with contextlib.ExitStack() as stack, open_log(spec.artifacts / "agent.log") as log:
         if spec.sandbox is not None:
             argv, env = stack.enter_context(sandbox.confine(spec, argv, env))
         proc = subprocess.Popen(
@@ -80,16 +110,28 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
             start_new_session=True,
         )
         timed_out = False
+        deadline = time.monotonic() + spec.timeout_s
         try:
-            proc.wait(timeout=spec.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                if limit is not None:
+                    used = tree_bytes(spec.workspace) + tree_bytes(spec.output)
+                    if used > limit:
+                        detail = f"workspace and output hold {used} bytes, over the {limit} limit"
+                        log.write(f"\nautovibe runner: {detail}: agent killed\n".encode())
+                        break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=min(WATCH_S, max(0.0, deadline - time.monotonic())))
         finally:
             # Also on cancel (SIGTERM) and when the agent exited but left children behind.
             kill_group(proc.pid, proc)
         exit_code = proc.wait()
     outcome = agent.collect(run, None if timed_out else exit_code, timed_out)
     outcome.version = outcome.version or agent.version()
+    if detail:
+        outcome.exit_cause, outcome.detail = "crashed", detail
     return outcome
 
 

@@ -138,59 +138,118 @@ class ProxyBridge:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-PRIVATE_DIRS = (Path("/tmp"), Path("/run"))
-"""Replaced by empty tmpfs inside the sandbox."""
+SYSTEM_PATHS = (
+    Path("/usr"), Path("/bin"), Path("/sbin"), Path("/lib"), Path("/lib32"), Path("/lib64"),
+    Path("/libx32"), Path("/etc"),
+)  # fmt: skip
+"""The host's system folders shown read-only (a symlink such as /bin -> usr/bin stays one)."""
+ETC_SECRETS = (
+    "shadow", "shadow-", "gshadow", "gshadow-", "ssh", "sudoers", "sudoers.d", "ssl/private",
+    "security/opasswd", "netns", "autovibe",
+)  # fmt: skip
+"""Under /etc, hidden: password hashes, host keys, private keys, and our own configuration."""
+SANDBOX_UID = 1000
+"""uid and gid of the agent inside its user namespace (no capabilities, maps to the runner's)."""
+ENV_ALLOWED = frozenset({
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+    "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
+    "OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL",
+    "AUTOVIBE_MODEL", "AUTOVIBE_MODEL_ENDPOINT", "AUTOVIBE_MACHINE", "AUTOVIBE_ASSIGNMENT",
+    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM",
+})  # fmt: skip
+"""Every variable an agent may be given, whatever its caller's environment holds (locale
+`LC_*` too). OPENAI_API_KEY is the placeholder the scheduler sets; the real keys never leave
+the proxy."""
+HOME_INSIDE = "/tmp"
+"""HOME when the agent's adapter sets none: the sandbox's private /tmp."""
+PIDS_CGROUPS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
+"""cgroup v1's pids hierarchy, or the v2 root when it delegates `pids`."""
 
 
-def _masked_platform_paths() -> list[Path]:
-    """Our code and interpreter when they live under a private dir (a checkout in /tmp, say).
+def allowed_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` reduced to `ENV_ALLOWED` and the locale: nothing else of a caller reaches an agent."""
+    return {k: v for k, v in env.items() if k in ENV_ALLOWED or k.startswith("LC_")}
 
-    The sandbox must still run `python -m workers.sandbox_init` and the agent from them.
-    """
+
+def agent_env(spec_env: dict[str, str], host: dict[str, str] | None = None) -> dict[str, str]:
+    """An agent's whole environment: PATH and locale of the host, the spec's variables, an
+    inside HOME; nothing else of the orchestrator's (its keys, database URLs, Vault ids)."""
+    host = dict(os.environ) if host is None else host
+    base = {k: v for k, v in host.items() if k in ("PATH", "LANG", "TZ") or k.startswith("LC_")}
+    base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return allowed_env({**base, "HOME": HOME_INSIDE, **spec_env})
+
+
+def _platform_paths() -> list[Path]:
+    """Our code and the interpreter: the sandbox runs `python -m workers.sandbox_init` and the
+    agents from them."""
     candidates = {
         Path(__file__).resolve().parent.parent,
+        Path(sys.prefix),
         Path(sys.prefix).resolve(),
         Path(sys.base_prefix).resolve(),
         Path(sys.executable).resolve().parent.parent,
     }
-    return sorted(
-        p for p in candidates if p.exists() and any(p.is_relative_to(d) for d in PRIVATE_DIRS)
-    )
+    return sorted(p for p in candidates if p.exists() and p != Path("/"))
+
+
+def _root_argv(sandbox: SandboxSpec) -> list[str]:
+    """The sandbox's root: listed system folders, /etc without its secrets, our code, the
+    interpreter, all read-only; private /dev, /proc, /run and a size-limited /tmp."""
+    argv = ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    for path in SYSTEM_PATHS:
+        if path.is_symlink():
+            argv += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            argv += ["--ro-bind", str(path), str(path)]
+    for name in ETC_SECRETS:
+        secret = Path("/etc") / name
+        if secret.is_symlink() or not secret.exists():
+            continue
+        argv += (
+            ["--tmpfs", str(secret)] if secret.is_dir() else ["--ro-bind", "/dev/null", str(secret)]
+        )
+    for path in _platform_paths():
+        argv += ["--ro-bind", str(path), str(path)]
+    argv += [
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--ro-bind", "/proc/sys", "/proc/sys",
+        "--perms", "1777", "--size", str(sandbox.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+        "--size", str(16 * 1024 * 1024), "--tmpfs", "/run",
+    ]  # fmt: skip
+    for path in sandbox.hidden:  # the data root, where our code or interpreter holds it
+        argv += ["--tmpfs", str(path)]
+    for path in sandbox.read_only:
+        argv += ["--ro-bind", str(path), str(path)]
+    return argv
 
 
 def bwrap_argv(
     sandbox: SandboxSpec,
     command: list[str],
     *,
-    artifacts: Path,
+    writable: list[Path],
     workspace: Path,
     socket: Path | None,
     timeout_s: int,
     lease: netns.Lease | None = None,
+    offline: bool = False,
 ) -> list[str]:
-    """argv that runs `command` in `workspace` inside the sandbox: the proxy bridged in over
-    `socket`, or, with a transparent `lease`, in that network namespace (no bridge)."""
-    argv = [
-        *(lease.exec_prefix() if lease else []),
-        "bwrap",
-        "--ro-bind", "/", "/",
-        "--dev", "/dev",
-        "--proc", "/proc",
-        "--ro-bind", "/proc/sys", "/proc/sys",  # root without capabilities may still write it
-        "--tmpfs", "/tmp",
-        "--tmpfs", "/run",
-    ]  # fmt: skip
-    for path in _masked_platform_paths():
-        argv += ["--ro-bind", str(path), str(path)]
-    for path in sandbox.hidden:
-        argv += ["--tmpfs", str(path)]
-    for path in sandbox.read_only:
-        argv += ["--ro-bind", str(path), str(path)]
-    argv += ["--bind", str(artifacts), str(artifacts)]
+    """argv that runs `command` in `workspace` inside the sandbox, with only `writable` (the
+    workspace, the output folder) writable: the proxy bridged in over `socket`, or, with a
+    transparent `lease`, in that network namespace (no bridge), or `offline`: no network."""
+    argv = [*(lease.exec_prefix() if lease else []), "bwrap", *_root_argv(sandbox)]
+    for path in writable:
+        argv += ["--bind", str(path), str(path)]
     bridge = []
     if lease is not None and lease.resolv_conf is not None:
         argv += ["--ro-bind", str(lease.resolv_conf), "/etc/resolv.conf"]
-    if lease is None:
+    if offline:
+        argv += ["--unshare-net"]
+    elif lease is None:
         assert socket is not None, "the proxy bridge needs its socket"
         argv += ["--bind", str(socket), str(SOCKET_INSIDE), "--unshare-net"]
         bridge = ["--proxy-port", str(sandbox.proxy_port), "--socket", str(SOCKET_INSIDE)]
@@ -198,18 +257,84 @@ def bwrap_argv(
         "--chdir", str(workspace),
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try",
+        "--disable-userns",
         "--hostname", "autovibe-sandbox",
         "--cap-drop", "ALL",
+        "--new-session",
         "--die-with-parent",
         "--",
         sys.executable, "-m", "workers.sandbox_init",
         *bridge,
         "--memory-mb", str(sandbox.memory_mb),
         "--cpu-seconds", str(cpu_seconds(sandbox, timeout_s)),
+        "--processes", str(sandbox.processes),
+        "--file-mb", str(sandbox.workspace_mb),
         "--",
         *command,
     ]  # fmt: skip
     return argv
+
+
+@contextlib.contextmanager
+def process_limit(name: str, limit: int) -> Iterator[list[str]]:
+    """argv prefix that puts the sandbox in a pids cgroup of its own capped at `limit`.
+
+    RLIMIT_NPROC (set by `workers.sandbox_init`) counts per user and the kernel exempts the
+    host's root, which the sandbox's uid maps to when the runner runs as root; the cgroup
+    bounds the sandbox whatever its uid. No writable pids hierarchy (not root): the rlimit
+    alone, which then holds (the sandbox's uid is the runner's own, not root).
+    """
+    folder = None
+    for hierarchy in PIDS_CGROUPS:
+        controllers = hierarchy / "cgroup.subtree_control"
+        if hierarchy.name != "pids" and (
+            not controllers.exists() or "pids" not in controllers.read_text().split()
+        ):
+            continue
+        if (hierarchy / "cgroup.procs").exists() and os.access(hierarchy, os.W_OK):
+            folder = hierarchy / f"autovibe-{name}-{os.getpid()}"
+            break
+    if folder is None:
+        yield []
+        return
+    folder.mkdir(exist_ok=True)
+    try:
+        (folder / "pids.max").write_text(str(limit))
+        # Joined before bubblewrap starts: nothing of the sandbox runs outside the cgroup.
+        yield ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")]
+    finally:
+        with contextlib.suppress(OSError):  # busy: a process outlived the kill; left empty later
+            folder.rmdir()
+
+
+def _checked(spec: AssignmentSpec) -> SandboxSpec:
+    box = spec.sandbox
+    if box is None:
+        raise SandboxUnavailable(f"{spec.assignment} has no sandbox (sandbox.kind: none)")
+    require_tools()
+    return box
+
+
+@contextlib.contextmanager
+def confine_offline(
+    spec: AssignmentSpec, command: list[str], env: dict[str, str]
+) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """(argv, env) that run `command` in a fresh sandbox with no network at all: the workspace
+    is the only writable path besides a private /tmp; same root, user and limits as the
+    agent's sandbox; env reduced to the allowlist. Raises `SandboxUnavailable` when the spec
+    has no sandbox (the caller decides whether to run unconfined)."""
+    box = _checked(spec)
+    with process_limit(spec.assignment, box.processes) as prefix:
+        argv = bwrap_argv(
+            box,
+            command,
+            writable=[spec.workspace],
+            workspace=spec.workspace,
+            socket=None,
+            timeout_s=spec.timeout_s,
+            offline=True,
+        )
+        yield [*prefix, *argv], allowed_env(env)
 
 
 @contextlib.contextmanager
@@ -218,46 +343,50 @@ def confine(
 ) -> Iterator[tuple[list[str], dict[str, str]]]:
     """(argv, env) that run `command` in the spec's sandbox; its network lives for the block.
 
-    `proxy`: the bridge, env unchanged. `transparent`: the assignment's network namespace with
-    its credential (the password of the env's proxy URL) registered for the proxy; the env
-    loses its proxy variables and reaches the host's services through the gateway.
+    Writable inside: the workspace and the output folder, nothing else of the artifacts.
+    `proxy`: the bridge. `transparent`: the assignment's network namespace with its
+    credential (the password of the env's proxy URL) registered for the proxy; the env loses
+    its proxy variables and reaches the host's services through the gateway. Either way the
+    env is reduced to `ENV_ALLOWED`.
     """
-    box = spec.sandbox
-    assert box is not None, "confine() is for sandboxed assignments"
-    if box.network == "proxy":
-        with ProxyBridge(box) as bridge:
-            yield (
-                bwrap_argv(
-                    box,
-                    command,
-                    artifacts=spec.artifacts,
-                    workspace=spec.workspace,
-                    socket=bridge.socket,
-                    timeout_s=spec.timeout_s,
-                ),
-                env,
+    box = _checked(spec)
+    env = allowed_env(env)
+    writable = [spec.workspace, spec.output]
+    with contextlib.ExitStack() as stack:
+        prefix = stack.enter_context(process_limit(spec.assignment, box.processes))
+        if box.network == "proxy":
+            bridge = stack.enter_context(ProxyBridge(box))
+            argv = bwrap_argv(
+                box,
+                command,
+                writable=writable,
+                workspace=spec.workspace,
+                socket=bridge.socket,
+                timeout_s=spec.timeout_s,
             )
-        return
-    require_tools()
-    token = netns.credential_of(spec.env)
-    if box.transparent_port is None or token is None:
-        raise SandboxUnavailable(
-            "`sandbox.network: transparent` needs the proxy's transparent port "
-            "(sandbox.transparent_port) and a machine credential in the worker's HTTP_PROXY"
+            yield [*prefix, *argv], env
+            return
+        token = netns.credential_of(spec.env)
+        if box.transparent_port is None or token is None:
+            raise SandboxUnavailable(
+                "`sandbox.network: transparent` needs the proxy's transparent port "
+                "(sandbox.transparent_port) and a machine credential in the worker's HTTP_PROXY"
+            )
+        root = DataRoot.at(spec.data_root or Settings().data)
+        # SandboxSpec.dns_port: the proxy's DNS listener (None: names are not resolved).
+        dns_port = box.dns_port or 0
+        lease = stack.enter_context(
+            netns.transparent(
+                root, spec.assignment, token, box.proxy_host, box.transparent_port, dns_port
+            )
         )
-    root = DataRoot.at(spec.data_root or Settings().data)
-    # SandboxSpec.dns_port: the proxy's DNS listener (None: names are not resolved).
-    dns_port = box.dns_port or 0
-    with netns.transparent(
-        root, spec.assignment, token, box.proxy_host, box.transparent_port, dns_port
-    ) as lease:
         argv = bwrap_argv(
             box,
             command,
-            artifacts=spec.artifacts,
+            writable=writable,
             workspace=spec.workspace,
             socket=None,
             timeout_s=spec.timeout_s,
             lease=lease,
         )
-        yield argv, netns.worker_env(env, lease, box.proxy_host)
+        yield [*prefix, *argv], netns.worker_env(env, lease, box.proxy_host)

@@ -1,6 +1,7 @@
 """First program inside the sandbox: set the limits, bridge the proxy to loopback, exec the agent.
 
-`python -m workers.sandbox_init [--proxy-port P --socket S] --memory-mb M --cpu-seconds C -- ARGV`.
+`python -m workers.sandbox_init [--proxy-port P --socket S] --memory-mb M --cpu-seconds C
+--processes N --file-mb F -- ARGV`.
 Without `--proxy-port` no bridge is started (transparent mode: the network namespace itself
 leads to the proxy).
 The socat it starts stays a child of the agent; when the agent ends, bubblewrap's init ends
@@ -22,11 +23,19 @@ EXIT_NO_BRIDGE = 70
 _TCP_LISTEN = "0A"
 
 
-def set_limits(memory_mb: int, cpu_seconds: int) -> None:
-    """Soft and hard alike: with no capabilities in the sandbox they can only go down."""
+def set_limits(memory_mb: int, cpu_seconds: int, processes: int, file_mb: int) -> None:
+    """Soft and hard alike: with no capabilities in the sandbox they can only go down.
+
+    RLIMIT_NPROC counts the processes of this user namespace's uid (the sandbox's own), but
+    the kernel does not apply it when that uid is the host's root: then the pids cgroup
+    (`workers.sandbox.process_limit`) is the bound. RLIMIT_FSIZE caps each file written.
+    """
     memory = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
+    size = file_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def listening(port: int) -> bool:
@@ -58,9 +67,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--socket")
     parser.add_argument("--memory-mb", type=int, required=True)
     parser.add_argument("--cpu-seconds", type=int, required=True)
+    parser.add_argument("--processes", type=int, required=True)
+    parser.add_argument("--file-mb", type=int, required=True)
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
-    set_limits(args.memory_mb, args.cpu_seconds)
+    set_limits(args.memory_mb, args.cpu_seconds, args.processes, args.file_mb)
     try:
         if args.proxy_port is not None:
             start_bridge(args.proxy_port, args.socket)

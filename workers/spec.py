@@ -19,6 +19,13 @@ class SandboxSpec(BaseModel):
     """Address-space limit of every process in the sandbox (RLIMIT_AS)."""
     cpus: float
     """CPU share; enforced as a CPU-time limit of cpus x timeout_s per process (RLIMIT_CPU)."""
+    processes: int = 512
+    """Most processes (and threads) alive in the sandbox at once: a pids cgroup, RLIMIT_NPROC."""
+    tmp_mb: int = 1024
+    """Size of the sandbox's private /tmp (a tmpfs, in memory)."""
+    workspace_mb: int = 4096
+    """Most the workspace and output folder may hold together: the runner kills the agent past
+    it; no single file may grow beyond it (RLIMIT_FSIZE)."""
     hidden: list[Path] = Field(default_factory=list)
     """Host folders replaced by an empty one inside (the data root: secrets, other runs)."""
     read_only: list[Path] = Field(default_factory=list)
@@ -51,7 +58,9 @@ class AssignmentSpec(BaseModel):
     env: dict[str, str]
     """Worker environment: proxy with machine credential, CA bundle, model endpoint."""
     artifacts: Path
-    """The assignment's folder under worker-artifacts/<project>/<trial>/<assignment>/."""
+    """The assignment's folder under worker-artifacts/<project>/<trial>/<assignment>/: the
+    runner's control files and logs, which the sandbox cannot see, and its `workspace/` and
+    `output/`, the only parts the agent sees."""
     data_root: Path | None = None
     """The data root agents are installed under (`<data>/agents/<name>/`); None: $AUTOVIBE_DATA."""
     sandbox: SandboxSpec | None = None
@@ -60,6 +69,11 @@ class AssignmentSpec(BaseModel):
     @property
     def workspace(self) -> Path:
         return self.artifacts / "workspace"
+
+    @property
+    def output(self) -> Path:
+        """The agent's output folder (transcripts): with the workspace, all it may write."""
+        return self.artifacts / "output"
 
     @property
     def result_path(self) -> Path:

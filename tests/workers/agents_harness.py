@@ -33,6 +33,7 @@ def agent_run(workspace: Path, artifacts: Path, *, endpoint: str, timeout_s: int
         model="tiny",
         artifacts=artifacts,
         timeout_s=timeout_s,
+        log=artifacts / "agent.log",
     )
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "prompt.txt").write_text(run.prompt)
@@ -66,7 +67,7 @@ def run_sandboxed(
         argv = sandbox.bwrap_argv(
             box,
             agent.command(run),
-            artifacts=run.artifacts,
+            writable=[run.workspace, run.artifacts],
             workspace=run.workspace,
             socket=bridge.socket,
             timeout_s=run.timeout_s,

@@ -555,7 +555,7 @@ def test_a_sandbox_resolves_names_and_strangers_are_refused(
     argv = sandbox.bwrap_argv(
         box,
         [sys.executable, "-c", textwrap.dedent(code)],
-        artifacts=tmp_path,
+        writable=[tmp_path / "workspace"],
         workspace=tmp_path / "workspace",
         socket=None,
         timeout_s=60,

@@ -92,7 +92,7 @@ class AiderAgent(InstalledAgent):
         usage.calls = max(
             usage.calls, len(LLM_RESPONSE.findall(_read(run.artifacts / LLM_HISTORY)))
         )
-        log = _read(run.artifacts / "agent.log")
+        log = _read(run.log) if run.log else ""
         return AgentOutcome(
             exit_cause=exit_cause(exit_code, timed_out, _errors(text + "\n" + log)),
             exit_code=exit_code,

@@ -29,8 +29,11 @@ class AgentRun:
     model: str
     """Served model name, `<pair>` or `<pair>:thinking`."""
     artifacts: Path
-    """Folder for the transcript and anything else the agent leaves for the operator."""
+    """Folder for the transcript and anything else the agent leaves for the operator (the
+    assignment's `output/`, writable in the sandbox like the workspace)."""
     timeout_s: int
+    log: Path | None = None
+    """The runner's copy of the agent's stdout and stderr (host-only); None: not kept."""
 
 
 @dataclass
