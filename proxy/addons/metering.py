@@ -30,6 +30,7 @@ from contracts.config import ConfigError, PriceCatalog, load_prices
 from contracts.records import Usage
 from contracts.settings import Settings
 from proxy.addons.refusal import fail_closed, refuse, refused
+from proxy.addresses import ModelPlane
 from proxy.usage import API_PATHS, PARSE_LIMIT, Api, UsageMeter
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def estimate(
 class Metering:
     def __init__(self) -> None:
         self.prices: PriceCatalog | None = None
-        self.model_hosts: frozenset[tuple[str, int]] = frozenset()
+        self.model_plane = ModelPlane(())
         self.provider_hosts: dict[tuple[str, int], str] = {}
 
     def load(self, loader: Loader) -> None:
@@ -196,13 +197,13 @@ class Metering:
                 raise exceptions.OptionsError(f"autovibe_provider_hosts: {exc}") from exc
         if "autovibe_model_hosts" in updated:
             try:
-                self.model_hosts = parse_model_hosts(ctx.options.autovibe_model_hosts)
+                self.model_plane = ModelPlane(parse_model_hosts(ctx.options.autovibe_model_hosts))
             except ValueError as exc:
                 raise exceptions.OptionsError(f"autovibe_model_hosts: {exc}") from exc
 
     def provider(self, host: str, port: int) -> str | None:
         host = host.lower()
-        if (host, port) in self.model_hosts:
+        if self.model_plane.serves(host, port):
             return "local"
         return self.provider_hosts.get((host, port)) or CLOUD_HOSTS.get(host)
 
