@@ -62,6 +62,7 @@ from proxy.addons.identity import identity_of
 from proxy.addons.metering import Metered, is_llm_call, metered
 from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import fail_closed, refuse
+from proxy.output_cap import output_cap
 from proxy.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -300,8 +301,10 @@ class Budget:
             names.append(task_scope(identity.trial, identity.task))
         body = flow.request.get_content(strict=False) or b""
         doc = facts.request_doc if facts.request_doc is not None else _json_object(body)
-        asked = doc.get("max_tokens", doc.get("max_completion_tokens"))
-        capped = isinstance(asked, int) and asked >= 0
+        assert facts.api is not None, "metering names the API of every call it prices"
+        wanted = output_cap(facts.api, doc, facts.provider)
+        asked = wanted.asked
+        capped = asked is not None
         states: list[ScopeState] = []
         for name in names:
             # Without max_tokens the cap needs what is left now: described fresh.
@@ -322,8 +325,7 @@ class Budget:
         prompt_tokens = len(body) + PROMPT_MARGIN_TOKENS  # a token is at least one byte
         choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
         per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M tokens
-        if capped:
-            assert isinstance(asked, int)
+        if asked is not None:
             completion_tokens = asked * choices
         else:
             tightest = min(states, key=lambda s: s.left)
@@ -335,7 +337,7 @@ class Budget:
                 self._exhausted(flow, Refused(tightest.scope, tightest.left, currency,
                                               tightest.resets_at))  # fmt: skip
                 return
-            doc["max_tokens"] = cap
+            doc[wanted.field] = cap
             flow.request.set_content(json.dumps(doc).encode())
             completion_tokens = cap * choices
         amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000

@@ -31,6 +31,7 @@ from contracts.records import Usage
 from contracts.settings import Settings
 from proxy.addons.refusal import fail_closed, refuse, refused
 from proxy.addresses import ModelPlane
+from proxy.output_cap import output_cap
 from proxy.usage import API_PATHS, PARSE_LIMIT, Api, UsageMeter
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
                 seen,
                 known=meter.usage if meter else None,
                 events=meter.data_events if meter is not None and meter.events else 0,
-                max_tokens=_max_tokens(facts.request_doc),
+                max_tokens=(output_cap(facts.api, facts.request_doc).asked if facts.api else None),
             )
     _charge(facts, usage)
 
@@ -388,14 +389,3 @@ def _ask_for_stream_usage(doc: dict[str, Any]) -> bool:
         return False
     doc["stream_options"] = {**(options or {}), "include_usage": True}
     return True
-
-
-def _max_tokens(doc: dict[str, Any] | None) -> int | None:
-    """The output cap the request asked for, under any of the APIs' names for it."""
-    if not doc:
-        return None
-    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = doc.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None

@@ -44,6 +44,7 @@ from proxy.addons.metering import (
     parse_provider_hosts,
 )
 from proxy.addons.refusal import fail_closed, refuse
+from proxy.output_cap import output_cap
 from proxy.usage import Api
 
 log = logging.getLogger(__name__)
@@ -204,15 +205,8 @@ class AutoRouting:
         if not isinstance(requested, str) or requested not in AUTO_MODELS or doc is None:
             return
         policy = self._policy(identity_of(flow))
-        max_tokens = doc.get("max_tokens", doc.get("max_completion_tokens"))
         try:
-            route = decide(
-                requested,
-                api,
-                len(body),
-                max_tokens if isinstance(max_tokens, int) else None,
-                policy,
-            )
+            route = decide(requested, api, len(body), output_cap(api, doc).asked, policy)
         except RoutingRefused as exc:
             refuse(
                 flow,
