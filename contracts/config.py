@@ -9,6 +9,7 @@ planes that own them.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -159,6 +160,26 @@ def _under_task_roots(value: Path, info: ValidationInfo) -> Path:
     return resolved
 
 
+def _agent_program(value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+    """The `command` agent's program: a file under the task roots (symlinks resolved) or a
+    bare name found on PATH, checked where `task_roots` is in the context (the server)."""
+    roots: list[Path] | None = (info.context or {}).get("task_roots")
+    if value is None or roots is None:
+        return value
+    program = value[0]
+    if "/" not in program:
+        if shutil.which(program) is None:
+            raise ValueError(f"{program!r} is not a program on the server's PATH")
+        return value
+    resolved = Path(program).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_file():
+        raise ValueError(
+            "the program must be a file under the task roots (AUTOVIBE_TASK_ROOTS: "
+            f"{', '.join(str(r) for r in roots)}) or a bare name on PATH"
+        )
+    return [str(resolved), *value[1:]]
+
+
 class Task(_Strict):
     id: Slug
     repo: Annotated[Path, BeforeValidator(_not_a_git_url), AfterValidator(_under_task_roots)]
@@ -176,6 +197,11 @@ class Task(_Strict):
     """Wall time after which the agent's whole process group is killed."""
     budget: Money | None = None
     """Optional cap on this task's spend, in the budget's currency."""
+    agent_command: Annotated[
+        list[str] | None, Field(min_length=1), AfterValidator(_agent_program)
+    ] = None
+    """argv the `command` agent runs for this task: a program under the task roots or a bare
+    name on the server's PATH, then its arguments."""
 
 
 def _unsandboxed_allowed(value: str, info: ValidationInfo) -> str:
@@ -196,6 +222,12 @@ class Sandbox(_Strict):
     """Address-space limit of each process of the agent, in MiB (RLIMIT_AS)."""
     cpus: float = Field(default=1.0, gt=0, le=1024)
     """CPU share of the agent; enforced as CPU time, cpus x timeout_s seconds per process."""
+    processes: int = Field(default=512, ge=16, le=65536)
+    """Most processes and threads alive in the sandbox at once (pids cgroup, RLIMIT_NPROC)."""
+    tmp_mb: int = Field(default=1024, ge=16, le=1024 * 1024)
+    """Size of the sandbox's private /tmp, in MiB (a tmpfs: it counts as memory)."""
+    workspace_mb: int = Field(default=4096, ge=16, le=16 * 1024 * 1024)
+    """Most the workspace and output folder may hold, in MiB; the agent is killed past it."""
     network: Literal["proxy", "transparent"] = "proxy"
     """How a `bwrap` agent reaches the proxy: `proxy` (proxy variables; the proxy bridged onto
     the sandbox's own loopback) or `transparent` (a network namespace whose every TCP
@@ -365,6 +397,13 @@ class TrialConfig(_Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"task ids must be unique; repeated: {', '.join(dupes)}")
+        if "command" in self.agents:
+            bare = [t.id for t in self.tasks if not t.agent_command]
+            if bare:
+                raise ValueError(
+                    "agent `command` needs `agent_command` on every task; "
+                    f"missing: {', '.join(bare)}"
+                )
         return self
 
 

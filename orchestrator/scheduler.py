@@ -520,11 +520,22 @@ class Scheduler:
                 dns_port=st.proxy_dns_port or None,
                 memory_mb=config.sandbox.memory_mb,
                 cpus=config.sandbox.cpus,
+                processes=config.sandbox.processes,
+                tmp_mb=config.sandbox.tmp_mb,
+                workspace_mb=config.sandbox.workspace_mb,
                 hidden=[self.p.root.root],
                 # The agent's install folder (<data>/agents/<name>/) is under the hidden root.
                 read_only=[
                     self.p.root.ca_cert,
                     *get_agent(a.agent, self.p.root.root).read_only_paths(self.p.root.root),
+                    # The `command` agent's program, were it under the data root's tasks.
+                    *(
+                        [Path(task.agent_command[0])]
+                        if a.agent == "command"
+                        and task.agent_command
+                        and "/" in task.agent_command[0]
+                        else []
+                    ),
                 ],
             )
         # In the sandbox the proxy is bridged onto its loopback, whatever host it listens on.
@@ -561,6 +572,7 @@ class Scheduler:
             pass_to_pass=task.pass_to_pass,
             timeout_s=task.timeout_s,
             agent=a.agent,
+            agent_command=task.agent_command or [] if a.agent == "command" else [],
             model=a.model,
             endpoint=st.model_url,
             env=env,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.dataroot import DataRoot, write_secret_file
+from contracts.dataroot import DataRoot, open_nofollow, write_secret_file
 from workers.nomad import RECORD as NOMAD_RECORD
 from workers.nomad import TASK as NOMAD_TASK
 from workers.spec import AssignmentSpec
@@ -28,8 +28,9 @@ from workers.vm import VmSpec
 
 TMUX_SERVER = "autovibe"
 """Socket name of the tmux server the local runners live on (`tmux -L autovibe`)."""
-LOGS = ("agent.log", "transcript.jsonl")
-"""What `logs` shows: the agent's output and its transcript, both in the assignment folder."""
+LOGS = ("agent.log", "output/transcript.jsonl")
+"""What `logs` shows: the agent's output (the runner's copy) and its transcript (in the
+agent's output folder, never read through a symlink)."""
 
 
 class WorkerNotFound(LookupError):
@@ -263,10 +264,10 @@ def follow(
         done = until()  # checked before reading, so the last lines are never lost
         for path in paths:
             try:
-                with path.open("rb") as fh:
+                with os.fdopen(open_nofollow(path), "rb") as fh:
                     fh.seek(offsets[path])
                     chunk = fh.read()
-            except FileNotFoundError:
+            except OSError:  # not there yet, or a symlink the agent planted: not followed
                 continue
             offsets[path] += len(chunk)
             *lines, partial[path] = (partial[path] + chunk).split(b"\n")

@@ -85,6 +85,7 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
         artifacts=spec.output,
         timeout_s=spec.timeout_s,
         log=spec.artifacts / "agent.log",
+        agent_command=tuple(spec.agent_command),
     )
     prompt_fd = open_nofollow(
         spec.output / "prompt.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, below=spec.output

@@ -253,6 +253,9 @@ def bwrap_argv(
         assert socket is not None, "the proxy bridge needs its socket"
         argv += ["--bind", str(socket), str(SOCKET_INSIDE), "--unshare-net"]
         bridge = ["--proxy-port", str(sandbox.proxy_port), "--socket", str(SOCKET_INSIDE)]
+    # The root bubblewrap built (a tmpfs holding the mount points) is read-only too: the
+    # folders made for the binds, the artifacts folder's shape among them, take no files.
+    argv += ["--remount-ro", "/"]
     argv += [
         "--chdir", str(workspace),
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",

@@ -53,6 +53,8 @@ class AssignmentSpec(BaseModel):
     pass_to_pass: list[str]
     timeout_s: int
     agent: str
+    agent_command: list[str] = Field(default_factory=list)
+    """argv of the `command` agent (the task's `agent_command`), checked at submission."""
     model: str
     endpoint: str
     env: dict[str, str]

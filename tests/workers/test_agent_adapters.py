@@ -63,6 +63,7 @@ def test_every_adapter_is_registered_and_loads(tmp_path: Path) -> None:
         "claude-code",
         "qwen-code",
         "cursor-cli",
+        "command",
     }
     for name in AGENTS:
         agent = get_agent(name, tmp_path)

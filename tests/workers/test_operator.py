@@ -132,7 +132,8 @@ def test_cli_ls_and_logs(root: DataRoot, holder: Callable[[Path], subprocess.Pop
     artifacts = make_spec(root, "t1-001").parent
     proc = holder(artifacts / "runner.lock")
     (artifacts / "agent.log").write_text("collecting stubs\nasking the model\n")
-    (artifacts / "transcript.jsonl").write_text('{"type": "start"}\n')
+    (artifacts / "output").mkdir()
+    (artifacts / "output" / "transcript.jsonl").write_text('{"type": "start"}\n')
     env = {"AUTOVIBE_DATA": str(root.root)}
     listing = CliRunner().invoke(app, ["ls"], env=env)
     assert listing.exit_code == 0, listing.output

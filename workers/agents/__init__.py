@@ -16,6 +16,7 @@ AGENTS: dict[str, str] = {
     "claude-code": "workers.agents.claude_code:ClaudeCodeAgent",
     "qwen-code": "workers.agents.qwen_code:QwenCodeAgent",
     "cursor-cli": "workers.agents.cursor_cli:CursorCliAgent",
+    "command": "workers.agents.command:CommandAgent",
 }
 
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.agents.base import AgentOutcome, AgentRun, AgentUsage
+from workers.agents.base import AgentOutcome, AgentRun, AgentUsage, read_output
 from workers.agents.installed import InstalledAgent, exit_cause
 
 CHAT_HISTORY = "aider.chat.history.md"
@@ -120,7 +120,4 @@ def _errors(text: str) -> str:
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
+    return read_output(path)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from contracts.dataroot import read_untrusted
+
 ExitCause = Literal["finished", "timeout", "crashed", "budget_exhausted", "model_unreachable"]
 """`model_unreachable`: the model plane failed the agent (5xx, no connection, credential
 refused), an infrastructure failure the scheduler retries and never scores as the agent's."""
@@ -34,6 +36,8 @@ class AgentRun:
     timeout_s: int
     log: Path | None = None
     """The runner's copy of the agent's stdout and stderr (host-only); None: not kept."""
+    agent_command: tuple[str, ...] = ()
+    """The program the `command` agent runs (the task's `agent_command`)."""
 
 
 @dataclass
@@ -86,12 +90,26 @@ class Agent(Protocol):
         ...
 
 
+class UntrustedFile(OSError):
+    """A file the agent left cannot be read safely: a symlink, a folder, a device, …"""
+
+
+def read_output(path: Path) -> str:
+    """Text of a file the agent wrote ("" when there is none), never through a symlink: the
+    agent may have planted `transcript.jsonl -> /etc/shadow`. Refused: `UntrustedFile`."""
+    try:
+        data = read_untrusted(path, below=path.parent)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise UntrustedFile(f"{path} refused: not a regular file ({exc.strerror or exc})") from exc
+    return data.decode(errors="replace")
+
+
 def read_jsonl(path: Path) -> list[dict[str, object]]:
     """Complete lines of a JSONL file; a last line cut short by a kill is left out."""
-    if not path.exists():
-        return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_output(path).splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

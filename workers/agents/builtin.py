@@ -30,9 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from contracts.dataroot import atomic_write
-from workers.agents.base import AgentOutcome, AgentRun, AgentUsage, ExitCause, read_jsonl
+from workers.agents.base import (
+    AgentOutcome,
+    AgentRun,
+    AgentUsage,
+    ExitCause,
+    read_jsonl,
+    read_output,
+)
 
 TRANSCRIPT = "transcript.jsonl"
 SUMMARY = "agent-summary.json"
@@ -136,20 +144,28 @@ class BuiltinAgent:
         )
 
 
+class Summary(BaseModel):
+    """What the host reads of `agent-summary.json`, which the agent (untrusted) writes."""
+
+    functions: dict[str, str] = {}
+    detail: str = ""
+
+
 def _summary_detail(path: Path) -> str:
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
+    text = read_output(path)
+    if not text:
         return f"no {SUMMARY}: the agent ended before writing it"
-    except ValueError:
-        return f"{SUMMARY} is not valid JSON"
-    functions: dict[str, str] = summary.get("functions", {})
+    try:
+        summary = Summary.model_validate_json(text)
+    except ValidationError:
+        return f"{SUMMARY} is not a valid summary"
+    functions = summary.functions
     passed = sorted(f for f, status in functions.items() if status == "passed")
     text = f"{len(passed)}/{len(functions)} stub functions pass their tests"
     if passed:
         text += f" ({', '.join(passed)})"
-    if summary.get("detail"):
-        text += f"; {summary['detail']}"
+    if summary.detail:
+        text += f"; {summary.detail}"
     return text
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.agents import install
-from workers.agents.base import AgentRun, AgentUsage, ExitCause
+from workers.agents.base import AgentRun, AgentUsage, ExitCause, read_output
 
 BUDGET_MARKERS = ("402", "Payment Required", "no_budget", "budget_exhausted")
 """What the proxy's refusal looks like in an agent's error text."""
@@ -68,10 +68,7 @@ def json_events(path: Path) -> list[dict[str, Any]]:
 
     Lines that are not JSON objects (a banner, a line cut short by a kill) are left out.
     """
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
+    text = read_output(path)
     try:
         whole = json.loads(text)
     except ValueError:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.agents.base import AgentOutcome, AgentRun, AgentUsage
+from workers.agents.base import AgentOutcome, AgentRun, AgentUsage, read_output
 from workers.agents.installed import InstalledAgent, add_usage, exit_cause
 
 TRAJECTORY = "trajectory.json"
@@ -132,7 +132,7 @@ class MiniSweAgent(InstalledAgent):
 
 def _load(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+        data = json.loads(read_output(path) or "{}")
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}

@@ -1,0 +1,234 @@
+"""A hostile agent against the real runner and sandbox (issue 17, findings 3, 4, 5 and 9).
+
+Each test runs `python -m workers.runner SPEC` as the local driver does, with the `command`
+agent running `hostile/agent.py ATTACK`, bubblewrap around it and the proxy bridge in place,
+and a secret in the runner's own environment. It asserts that the attack failed, that nothing
+outside the sandbox changed (host files' hashes, the data root) and that the attempt is in
+agent.log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.dataroot import DataRoot
+from contracts.settings import free_port
+from workers import sandbox
+from workers.spec import AssignmentSpec, SandboxSpec
+
+AGENT = Path(__file__).parent / "hostile" / "agent.py"
+SECRET = "orchestrator-secret-" + uuid.uuid4().hex[:8]
+API_KEY = "sk-ant-" + uuid.uuid4().hex
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p): digest(p) for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
+    }
+
+
+class Run:
+    """One hostile assignment's outcome: result.json, what the agent printed, agent.log."""
+
+    def __init__(self, spec: AssignmentSpec, wall_s: float) -> None:
+        self.spec = spec
+        self.wall_s = wall_s
+        self.result: dict[str, Any] = json.loads(spec.result_path.read_text())
+        self.log = (spec.artifacts / "agent.log").read_text(errors="replace")
+        self.seen: dict[str, Any] = {}
+        for line in self.log.splitlines():
+            if line.startswith("{"):
+                self.seen = json.loads(line)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> DataRoot:
+    root = DataRoot.at(tmp_path / "data")
+    DataRoot.ensure(root.secrets)
+    (root.secrets / "admin-token").write_text("vault-admin-" + uuid.uuid4().hex)
+    return root
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, root: DataRoot) -> Any:
+    sandbox.require_tools()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("a task\n")
+
+    def run(
+        attack: str, *args: str, timeout_s: int = 60, assignment: str = "", **limits: int
+    ) -> Run:
+        assignment = assignment or f"a-{attack}-{uuid.uuid4().hex[:6]}"
+        artifacts = DataRoot.ensure(root.assignment_dir("p", "t", assignment))
+        spec = AssignmentSpec(
+            assignment=assignment,
+            project="p",
+            trial="t",
+            machine="m1",
+            task_id="hostile",
+            repo=repo,
+            prompt="escape",
+            test_command="true",
+            fail_to_pass=["x"],
+            pass_to_pass=[],
+            timeout_s=timeout_s,
+            agent="command",
+            agent_command=[sys.executable, str(AGENT), attack, *args],
+            model="tiny",
+            endpoint="http://127.0.0.1:9/v1",
+            env={"AUTOVIBE_ASSIGNMENT": assignment},
+            artifacts=artifacts,
+            data_root=root.root,
+            sandbox=SandboxSpec(
+                proxy_host="127.0.0.1",
+                proxy_port=free_port(),
+                memory_mb=1024,
+                cpus=1.0,
+                hidden=[root.root],
+                **limits,
+            ),
+        )
+        (artifacts / "spec.json").write_text(spec.model_dump_json())
+        env = {**os.environ, "AUTOVIBE_TEST_SECRET": SECRET, "ANTHROPIC_API_KEY": API_KEY}
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "workers.runner", str(artifacts / "spec.json")],
+            env=env,
+            capture_output=True,
+            timeout=timeout_s + 60,
+        )
+        return Run(spec, time.monotonic() - started)
+
+    return run
+
+
+def test_the_orchestrators_environment_does_not_reach_the_agent(hostile: Any) -> None:
+    run = hostile("env", SECRET, API_KEY)
+    assert run.seen["leaked"] == [], run.log
+    assert "AUTOVIBE_TEST_SECRET" not in run.seen["names"]
+    assert "ANTHROPIC_API_KEY" not in run.seen["names"]
+    assert set(run.seen["names"]) <= sandbox.ENV_ALLOWED | {
+        "AUTOVIBE_PROMPT_FILE",
+        "AUTOVIBE_OUTPUT",
+        "PWD",
+        "SHLVL",
+        "_",
+    } | {n for n in run.seen["names"] if n.startswith("LC_")}
+
+
+def test_host_files_the_data_root_and_other_assignments_are_out_of_sight(
+    hostile: Any, root: DataRoot
+) -> None:
+    other = DataRoot.ensure(root.assignment_dir("p", "t", "a-other") / "workspace")
+    (other / "solution.py").write_text("theirs")
+    marker = Path("/root") / f"autovibe-marker-{uuid.uuid4().hex[:8]}"
+    marker.write_text("host secret")
+    try:
+        before = tree_digest(root.root)
+        paths = ["/root/.ssh", str(marker), "/etc/shadow", "/etc/gshadow", "/home",
+                 str(root.secrets / "admin-token"), str(other / "solution.py")]  # fmt: skip
+        run = hostile("files", *paths)
+        assert digest(marker) == hashlib.sha256(b"host secret").hexdigest()
+    finally:
+        marker.unlink()
+    for path in paths:
+        assert run.seen[path] != "ok", (path, run.log)
+    assert "FileNotFoundError" in run.seen["/etc/shadow"] or "Permission" in run.seen["/etc/shadow"]
+    after = tree_digest(root.root)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing changed
+
+
+def test_control_files_are_invisible_and_the_result_is_the_runners(
+    hostile: Any, root: DataRoot
+) -> None:
+    artifacts = root.assignment_dir("p", "t", "a-control")
+    names = ("result.json", "report.json", "runner.lock", "spec.json", "routing.json")
+    run = hostile("control", *(str(artifacts / n) for n in names), assignment="a-control")
+    # What the agent wrote, if anything, went to its own private tmpfs (the data root of this
+    # test lies under /tmp): every host control file is the runner's.
+    assert set(run.seen) == {str(artifacts / n) for n in names}, run.log
+    for name in names:
+        path = artifacts / name
+        assert not path.exists() or '{"grade": {"status"' not in path.read_text(), name
+    assert run.result["agent"]["exit_cause"] == "finished", run.result
+    assert run.result["assignment"] == "a-control"
+    assert json.loads((artifacts / "spec.json").read_text())["assignment"] == "a-control"
+
+
+def test_a_planted_transcript_symlink_is_not_followed(hostile: Any, tmp_path: Path) -> None:
+    target = Path("/etc") / f"autovibe-target-{uuid.uuid4().hex[:8]}"
+    target.write_text("host file\n")
+    try:
+        before = digest(target)
+        run = hostile("symlink", str(target))
+        assert digest(target) == before
+    finally:
+        target.unlink()
+    # The host refused to read through it: an infra error that says why, not a crash.
+    assert "refused" in run.result.get("infra_error", ""), run.result
+    assert "planted" in run.seen, run.log
+
+
+def test_an_agent_log_symlink_left_on_the_host_is_not_written_through(
+    hostile: Any, root: DataRoot
+) -> None:
+    target = Path("/etc") / f"autovibe-target-{uuid.uuid4().hex[:8]}"
+    target.write_text("host file\n")
+    artifacts = DataRoot.ensure(root.assignment_dir("p", "t", "a-log"))
+    (artifacts / "agent.log").symlink_to(target)  # as an unconfined earlier attempt could
+    try:
+        run = hostile("env", assignment="a-log")
+        assert digest(target) == hashlib.sha256(b"host file\n").hexdigest()
+    finally:
+        target.unlink()
+    assert "Too many levels of symbolic links" in run.result["infra_error"], run.result
+
+
+def test_a_host_process_cannot_be_signalled(hostile: Any) -> None:
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        run = hostile("kill", str(sleeper.pid))
+        assert sleeper.poll() is None, "the host's sleep was killed"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run.seen["kill"].startswith("ProcessLookupError"), run.log
+    assert run.seen["uid"] == sandbox.SANDBOX_UID
+
+
+def test_a_fork_bomb_is_bounded(hostile: Any) -> None:
+    run = hostile("forkbomb", processes=64, timeout_s=30)
+    assert run.seen["children"] < 64, run.log
+    assert "BlockingIOError" in run.seen["error"], run.log  # EAGAIN
+    assert run.wall_s < 60
+    assert subprocess.run(["true"]).returncode == 0  # the host still forks
+
+
+def test_tmp_is_bounded(hostile: Any) -> None:
+    run = hostile("fill", "/tmp", "64", tmp_mb=16, timeout_s=10)
+    assert run.seen["written_mb"] <= 16, run.log
+    assert "No space left" in run.seen["error"], run.log
+
+
+def test_the_workspace_is_bounded(hostile: Any) -> None:
+    run = hostile("fill", ".", "48", workspace_mb=16, timeout_s=30)
+    # Each file is capped (RLIMIT_FSIZE) and the runner kills the agent past the total.
+    assert run.result["agent"]["exit_cause"] == "crashed", run.result
+    assert "over the" in run.result["agent"]["detail"], run.result
+    assert "agent killed" in run.log
+    assert run.wall_s < 30
