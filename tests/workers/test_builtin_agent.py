@@ -166,4 +166,4 @@ def test_an_unreachable_endpoint_is_recorded_and_exits_2(
     assert "ConnectError" in str(transcript[-1]["error"])
     summary = json.loads((run.artifacts / "agent-summary.json").read_text())
     assert (summary["state"], summary["calls"]) == ("unreachable", 0)
-    assert agent.collect(run, exit_code, timed_out=False).exit_cause == "crashed"
+    assert agent.collect(run, exit_code, timed_out=False).exit_cause == "model_unreachable"
