@@ -66,6 +66,8 @@ class RunRecord:
     """Calls through the proxy that the model plane or the proxy failed (5xx, no response)."""
     infra_detail: str | None = None
     """Why an `infra_error` ending was the platform's failure."""
+    tampered_files: tuple[str, ...] = ()
+    """Test files the agent changed (`result.grade.tampered_files`), restored before grading."""
 
 
 def arm_name(agent: str, model: str) -> str:
@@ -103,6 +105,9 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
                 accepted=((a.result or {}).get("confidence") or {}).get("accepted"),
                 not_before=a.not_before.isoformat() + "Z" if a.not_before else None,
                 infra_detail=(a.result or {}).get("infra_error"),
+                tampered_files=tuple(
+                    ((a.result or {}).get("grade") or {}).get("tampered_files") or ()
+                ),
             )
             for a in trial.assignments
         ]
@@ -167,6 +172,17 @@ def summarize(
             for r in records
             if r.status == "infra_error"
         ],
+        "tests_tampered": [
+            {
+                "assignment": r.assignment,
+                "task": r.task,
+                "agent": r.agent,
+                "model": r.model,
+                "files": list(r.tampered_files),
+            }
+            for r in records
+            if r.tampered_files
+        ],
         "needs_review": [
             {
                 "assignment": r.assignment,
@@ -212,6 +228,7 @@ def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) ->
         "errors": sum(r.state in ("failed", "cancelled") and r.status not in GRADES for r in group),
         "error_causes": {c: sum(r.exit_cause == c for r in group) for c in ERROR_CAUSES},
         "infra_errors": sum(r.status == "infra_error" for r in group),
+        "tests_tampered": sum(bool(r.tampered_files) for r in group),
         "failed_calls": sum(r.failed_calls for r in group),
         "accepted": sum(r.accepted is True for r in group),
         "needs_review": sum(r.accepted is False for r in group),
@@ -343,6 +360,22 @@ def infra_note(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tamper_note(report: dict[str, Any]) -> list[str]:
+    """Lines under the table: which runs edited the tests that grade them (undone first)."""
+    tampered = report.get("tests_tampered", [])
+    if not tampered:
+        return []
+    lines = [
+        f"Tests tampered with: {len(tampered)} assignment(s) changed the task's tests or "
+        "their configuration; they were restored before grading (tests-tampered.diff):"
+    ]
+    lines += [
+        f"  {t['assignment']} ({t['task']}, {t['agent']} × {t['model']}): {', '.join(t['files'])}"
+        for t in tampered
+    ]
+    return lines
+
+
 def _gate(row: dict[str, Any]) -> str:
     return f"{row.get('accepted', 0)} / {row.get('needs_review', 0)}"
 
@@ -405,7 +438,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"Total metered spend: {Decimal(report['total_cost']):.6f} {cur} "
         f"({Decimal(report['total_cost_usd']):.6f} USD)"
     )
-    for line in infra_note(report):
+    for line in [*infra_note(report), *tamper_note(report)]:
         console.print(line, style="bold red", markup=False, highlight=False)
     for d in report.get("deferred", []):
         console.print(
@@ -456,6 +489,7 @@ CSV_COLUMNS = (
     "wall_s_p90",
     "wall_s_total",
     "infra_errors",
+    "tests_tampered",
     "failed_calls",
     *(f"errors_{c}" for c in ERROR_CAUSES),
     "accepted",
@@ -515,6 +549,11 @@ def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
         *(
             _md_escape(line if i == 0 else f"- {line.strip()}")
             for i, line in enumerate(infra_note(report))
+        ),
+        "",
+        *(
+            _md_escape(line if i == 0 else f"- {line.strip()}")
+            for i, line in enumerate(tamper_note(report))
         ),
         "",
         "## Pairwise comparisons",

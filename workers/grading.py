@@ -3,6 +3,12 @@
 The test command is run through the shell with pytest's `-rA` summary switched on through
 `PYTEST_ADDOPTS`, so every test ends up on one line (`PASSED <id>`, `FAILED <id> - reason`).
 A FAIL_TO_PASS or PASS_TO_PASS test that never shows up in the output is `MISSING`.
+
+The command gets an environment of its own, spelled out whole (`test_env`): none of the
+runner's variables (no AUTOVIBE_*, no credentials), no user site, no bytecode written. The
+caller restores the task's tests first (`workers.pristine`) and, for a sandboxed assignment,
+passes `confine` (`workers.sandbox.confine_offline`): the tests then run in a fresh sandbox
+with no network, as an unprivileged user, with the agent's limits.
 """
 
 from __future__ import annotations
@@ -10,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +39,13 @@ _SUMMARY_HEADER = re.compile(r"^=+ short test summary info =+$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 PYTEST_ADDOPTS = "-rA -p no:cacheprovider"
+HOME_CONFINED = "/tmp"
+"""HOME of a confined test run: the sandbox's private /tmp."""
+
+Confine = Callable[
+    [list[str], dict[str, str]], AbstractContextManager[tuple[list[str], dict[str, str]]]
+]
+"""(argv, env) -> a context giving the argv and env that run the command confined."""
 
 
 @dataclass
@@ -42,10 +59,17 @@ class GradeReport:
     timed_out: bool
     log: Path
     """The test command's whole output."""
+    tampered_files: list[str] = field(default_factory=list)
+    """Files of the task's tests the agent changed, added or removed (restored before the run)."""
+
+    @property
+    def tests_tampered(self) -> bool:
+        return bool(self.tampered_files)
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["log"] = str(self.log)
+        data["tests_tampered"] = self.tests_tampered
         return data
 
 
@@ -69,6 +93,19 @@ def parse_pytest_summary(output: str) -> dict[str, str]:
     return statuses
 
 
+def test_env(home: str) -> dict[str, str]:
+    """The test command's whole environment. The running interpreter's folder goes first on
+    PATH, so `python` in the command is the platform's own Python (which has pytest)."""
+    return {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONNOUSERSITE": "1",
+        "PYTEST_ADDOPTS": PYTEST_ADDOPTS,
+    }
+
+
 def grade(
     workspace: Path,
     test_command: str,
@@ -77,38 +114,41 @@ def grade(
     *,
     timeout_s: int,
     log: Path,
-    env: dict[str, str] | None = None,
+    confine: Confine | None = None,
 ) -> GradeReport:
-    """Run `test_command` in `workspace` and grade it; `env` replaces this process's environment.
-
-    The running interpreter's folder goes first on PATH, so `python` in the command is the
-    platform's own Python (which has pytest) unless the command names another.
-    """
-    run_env = dict(os.environ if env is None else env)
-    bindir = str(Path(sys.executable).parent)
-    run_env["PATH"] = os.pathsep.join([bindir, run_env.get("PATH", os.defpath)])
-    run_env["PYTEST_ADDOPTS"] = f"{run_env.get('PYTEST_ADDOPTS', '')} {PYTEST_ADDOPTS}".strip()
+    """Run `test_command` in `workspace` with `test_env` (confined by `confine` when given) and
+    grade it. The environment is set with `env -i` on the command line, so whatever runs the
+    command can neither add a variable nor drop one; it holds no secret."""
+    home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
+    env = test_env(home)
+    argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
+    argv += ["/bin/sh", "-c", test_command]
     log.parent.mkdir(parents=True, exist_ok=True)
     timed_out = False
     exit_code: int | None
-    with log.open("wb") as out:
-        # A session of its own, so a timeout kills whatever the tests started too.
-        proc = subprocess.Popen(
-            test_command,
-            shell=True,
-            cwd=workspace,
-            env=run_env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            exit_code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            exit_code = None
+    try:
+        with contextlib.ExitStack() as stack, log.open("wb") as out:
+            if confine is not None:
+                argv, env = stack.enter_context(confine(argv, env))
+            # A session of its own, so a timeout kills whatever the tests started too.
+            proc = subprocess.Popen(
+                argv,
+                cwd=workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                exit_code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+                exit_code = None
+    finally:
+        if confine is None:
+            shutil.rmtree(home, ignore_errors=True)
     output = log.read_text(errors="replace")
     if timed_out:
         with log.open("a") as out:
@@ -167,6 +207,8 @@ def swebench_report(
         "status": grade.status if grade is not None else "error",
         "tests_status": tests_status,
         "tests_timed_out": grade.timed_out if grade is not None else False,
+        "tests_tampered": grade.tests_tampered if grade is not None else False,
+        "tampered_files": list(grade.tampered_files) if grade is not None else [],
         "infra_failure": infra_error is not None,
         "infra_error": infra_error,
     }

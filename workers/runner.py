@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from contracts.dataroot import DataRoot, atomic_write, open_nofollow
-from workers import grading, redact, sandbox, workspace
+from workers import grading, pristine, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
@@ -144,9 +145,23 @@ def run(spec: AssignmentSpec) -> dict[str, Any]:
     report_path = spec.artifacts / "report.json"
     report_path.unlink(missing_ok=True)  # an earlier attempt's report is not this one's
     diff = ""
+    # Host-only: the baseline the patch is taken against and the tests are restored from.
+    baseline = spec.artifacts / "baseline.git"
     try:
-        workspace.prepare(spec.repo, spec.workspace)
+        workspace.prepare(spec.repo, spec.workspace, baseline)
         outcome = run_agent(spec)
+        # The patch first: what the agent left, test edits included; then the task's tests
+        # are put back, and any edit of theirs is kept apart and flagged.
+        diff = workspace.patch(spec.workspace, baseline)
+        atomic_write(patch_path, diff.encode(errors="surrogateescape"))
+        tampering = pristine.restore(
+            spec.workspace, baseline, [*spec.fail_to_pass, *spec.pass_to_pass]
+        )
+        tampered_path = spec.artifacts / "tests-tampered.diff"
+        tampered_path.unlink(missing_ok=True)
+        if tampering.files:
+            atomic_write(tampered_path, tampering.diff)
+        confine = functools.partial(sandbox.confine_offline, spec) if spec.sandbox else None
         report = grading.grade(
             spec.workspace,
             spec.test_command,
@@ -154,9 +169,9 @@ def run(spec: AssignmentSpec) -> dict[str, Any]:
             spec.pass_to_pass,
             timeout_s=max(60, spec.timeout_s),
             log=spec.artifacts / "tests.log",
+            confine=confine,
         )
-        diff = workspace.patch(spec.workspace)
-        patch_path.write_text(diff)
+        report.tampered_files = tampering.files
     except Exception as exc:
         failed = grading.swebench_report(
             spec.task_id,

@@ -1,4 +1,11 @@
-"""An assignment's workspace: a private git copy of the task repo, and its patch against it.
+"""An assignment's workspace: a private copy of the task repo, and its patch against it.
+
+The baseline (the task as copied, committed once) lives in a git directory the host keeps
+outside the workspace, which the agent never sees: the workspace's own `.git` is a copy the
+agent may use and break as it likes, and is no more than data to the host. Patch extraction
+runs git with that host-only directory, no system or global configuration, and attributes
+switched off, so nothing the agent wrote (a `.git/config` with `core.fsmonitor`, hooks, a
+`.gitattributes` filter or diff driver) is ever executed; symlinks are recorded as symlinks.
 
 A task pinned to a commit (SWE-bench's `base_commit`) is first checked out at that commit with
 `checkout`; the workspace is then a copy of that checkout like of any other folder.
@@ -8,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -23,8 +31,29 @@ _GIT = (
     "-c",
     "core.hooksPath=/dev/null",
     "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "core.pager=cat",
+    "-c",
     "commit.gpgsign=false",
 )
+_ISOLATED = (
+    "-c",
+    "core.attributesFile=/dev/null",
+    "-c",
+    "core.excludesFile=/dev/null",
+    "-c",
+    "core.symlinks=true",
+    "-c",
+    "core.autocrlf=false",
+    "-c",
+    "core.untrackedCache=false",
+    "-c",
+    "submodule.recurse=false",
+)
+# In the host-only git dir's info/attributes, which outranks every .gitattributes in the tree:
+# no filter, no text conversion, no diff driver (only git's own binary detection).
+NEUTRAL_ATTRIBUTES = "* -filter -text -ident !diff !merge !eol !working-tree-encoding\n"
 
 
 class WorkspaceError(Exception):
@@ -50,20 +79,69 @@ def git(workspace: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
-def prepare(repo: Path, workspace: Path) -> None:
-    """Copy `repo` into `workspace` (replacing a partial copy) and commit it as the baseline."""
+def baseline_git(baseline: Path, workspace: Path, *args: str) -> bytes:
+    """Output of git on the host-only `baseline` dir with `workspace` as its work tree, reading
+    no configuration but the baseline's own (which the host wrote) and nothing from the tree."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": str(baseline),
+        "LC_ALL": "C",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_ATTR_NOSYSTEM": "1",
+        "GIT_DIR": str(baseline),
+        "GIT_WORK_TREE": str(workspace),
+        "GIT_TERMINAL_PROMPT": "0",
+    }
+    proc = subprocess.run(
+        [*_GIT, *_ISOLATED, *args],
+        cwd=baseline,
+        capture_output=True,
+        check=False,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        message = (proc.stderr.strip() or proc.stdout.strip()).decode(errors="replace")
+        raise WorkspaceError(
+            f"git {' '.join(args)} failed on {workspace} (exit {proc.returncode}): {message}"
+        )
+    return proc.stdout
+
+
+def default_baseline(workspace: Path) -> Path:
+    """The baseline beside the workspace; the runner passes one the sandbox cannot reach."""
+    return workspace.with_name(workspace.name + ".baseline")
+
+
+def prepare(repo: Path, workspace: Path, baseline: Path | None = None) -> None:
+    """Copy `repo` into `workspace` (replacing a partial copy) and commit it as the baseline in
+    `baseline`, a git dir the caller keeps out of the agent's reach (default: beside it)."""
+    baseline = baseline or default_baseline(workspace)
     if not repo.is_dir():
         raise WorkspaceError(f"task repository {repo} is not a folder")
-    if workspace.exists():
-        shutil.rmtree(workspace)
+    for old in (workspace, baseline):
+        if old.is_symlink():
+            old.unlink()
+        elif old.exists():
+            shutil.rmtree(old)
     shutil.copytree(repo, workspace, ignore=shutil.ignore_patterns(*IGNORED), symlinks=True)
-    git(workspace, "init", "--quiet", "--initial-branch=baseline")
-    # Keep caches out of the baseline and of every later patch, whatever the repo's own
-    # .gitignore says.
-    (workspace / ".git" / "info").mkdir(exist_ok=True)
-    (workspace / ".git" / "info" / "exclude").write_text("\n".join(IGNORED[1:]) + "\n")
-    git(workspace, "add", "--all")
-    git(workspace, "commit", "--quiet", "--no-verify", "--allow-empty", "-m", "baseline")
+    baseline.parent.mkdir(parents=True, exist_ok=True)
+    git(baseline.parent, "init", "--quiet", "--bare", "--initial-branch=baseline", str(baseline))
+    # Caches stay out of every patch, whatever the repo's own .gitignore says.
+    (baseline / "info").mkdir(exist_ok=True)
+    (baseline / "info" / "exclude").write_text("\n".join(IGNORED[1:]) + "\n")
+    (baseline / "info" / "attributes").write_text(NEUTRAL_ATTRIBUTES)
+    # --force: the baseline is the whole copy, files the task's .gitignore names included.
+    baseline_git(baseline, workspace, "add", "--all", "--force")
+    baseline_git(
+        baseline, workspace, "commit", "--quiet", "--no-verify", "--allow-empty", "-m", "baseline"
+    )
+    # The agent's repository: the same commit and index, its to use (git diff, git stash).
+    agents = workspace / ".git"
+    shutil.copytree(baseline, agents, symlinks=True)
+    (agents / "info" / "attributes").unlink()
+    git(workspace, "config", "--file", str(agents / "config"), "core.bare", "false")
 
 
 def checkout(repo: Path, commit: str, dest: Path) -> Path:
@@ -90,7 +168,32 @@ def checkout(repo: Path, commit: str, dest: Path) -> Path:
     return dest
 
 
-def patch(workspace: Path) -> str:
-    """Unified diff of everything changed in `workspace` since the baseline, new files included."""
-    git(workspace, "add", "--all")
-    return git(workspace, "diff", "--cached", "--binary", "HEAD")
+def patch(workspace: Path, baseline: Path | None = None) -> str:
+    """Unified diff of everything changed in `workspace` since the baseline, new files included.
+
+    Symlinks are recorded as links, never followed; FIFOs, sockets and devices (no patch can
+    hold them, and git stops at them) are removed first; the agent's `.git` is left out.
+    """
+    baseline = baseline or default_baseline(workspace)
+    if workspace.is_symlink() or not workspace.is_dir():
+        raise WorkspaceError(f"workspace {workspace} is not a folder")
+    remove_special_files(workspace)
+    baseline_git(baseline, workspace, "add", "--all")
+    diff = baseline_git(
+        baseline, workspace, "diff", "--cached", "--binary", "--no-ext-diff", "--no-textconv",
+        "--no-color", "HEAD",
+    )  # fmt: skip
+    return diff.decode(errors="surrogateescape")
+
+
+def remove_special_files(workspace: Path) -> list[str]:
+    """Remove what is neither a file, a folder nor a symlink under `workspace`; their paths."""
+    removed = []
+    for folder, dirs, files in os.walk(workspace):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                path.unlink()
+                removed.append(str(path.relative_to(workspace)))
+    return removed

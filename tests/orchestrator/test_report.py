@@ -298,6 +298,33 @@ def test_infra_errors_are_counted_apart_and_named_under_the_table() -> None:
     assert "- a003 (task0, builtin × tiny)" in markdown
 
 
+def test_tampered_tests_are_counted_and_named_under_the_table() -> None:
+    """A run whose agent edited the task's tests is graded on the restored tests; the report
+    counts it per agent x pair and names it with its files under the table."""
+    files = ("tests/conftest.py", "tests/test_basic.py")
+    records = [
+        replace(run(1, "builtin", "tiny", "resolved"), tampered_files=files),
+        run(2, "builtin", "tiny", "unresolved"),
+    ]
+    report = summarize(HEAD, records, to_cad)
+    assert row(report, "builtin", "tiny")["tests_tampered"] == 1
+    assert report["tests_tampered"] == [
+        {
+            "assignment": "a001",
+            "task": "task1",
+            "agent": "builtin",
+            "model": "tiny",
+            "files": list(files),
+        }
+    ]
+    console = Console(record=True, width=220)
+    render(report, console)
+    text = console.export_text()
+    assert "Tests tampered with: 1 assignment(s)" in text
+    assert "a001 (task1, builtin × tiny): tests/conftest.py, tests/test_basic.py" in text
+    assert "- a001 (task1, builtin × tiny): tests/conftest.py" in to_markdown(report)
+
+
 def test_a_trial_with_nothing_graded_yet() -> None:
     records = [run(1, "builtin", "tiny", None, None, state="queued", wall=None, usd="0")]
     report = summarize(HEAD, records, to_cad)

@@ -52,6 +52,8 @@ def test_report_from_real_grading(
             "PASS_TO_PASS": {"success": ids("mathkit", GRADED["mathkit"].p2p), "failure": []},
         },
         "tests_timed_out": False,
+        "tests_tampered": False,
+        "tampered_files": [],
         "infra_failure": False,
         "infra_error": None,
     }
