@@ -305,8 +305,10 @@ def export(
     if (branch is None) != (repo is None):
         raise _fail("--branch and --repo go together", 2)
     try:
+        settings = Settings()
         done = export_mod.export_trial(
-            Store(state_url(Settings())),
+            Store(state_url(settings)),
+            DataRoot.at(settings.data),
             trial_id,
             out,
             branch=branch,

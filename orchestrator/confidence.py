@@ -19,7 +19,6 @@ import asyncio
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -300,15 +299,10 @@ def assess(
 
 
 def assess_result(
-    config: TrialConfig, task_id: str, result: dict[str, Any], endpoint: str
+    config: TrialConfig, task_id: str, result: dict[str, Any], patch: str, endpoint: str
 ) -> dict[str, Any]:
-    """`assess` for a runner's `result.json`, judged by the trial's judge at `endpoint`."""
+    """`assess` for a runner's `result.json` and its `patch` (`workers.result.read_patch`),
+    judged by the trial's judge at `endpoint`."""
     task = next(t for t in config.tasks if t.id == task_id)
-    patch = ""
-    if result.get("patch"):
-        try:
-            patch = Path(result["patch"]).read_text()
-        except OSError:
-            patch = ""
     judge = JudgeLLM(endpoint, judge_model(config), timeout_s=config.confidence.timeout_s)
     return assess(task.prompt, patch, result.get("grade"), config.confidence, judge)

@@ -20,7 +20,9 @@ from typing import Any, Literal
 from sqlalchemy import select
 
 from contracts.config import TrialConfig
+from contracts.dataroot import DataRoot
 from orchestrator.state import Assignment, Store, Trial
+from workers.result import read_patch
 from workers.workspace import WorkspaceError, git
 
 
@@ -47,6 +49,7 @@ class _Candidate:
 
 def export_trial(
     store: Store,
+    root: DataRoot,
     trial_id: str,
     out: Path,
     *,
@@ -60,7 +63,7 @@ def export_trial(
         raise ValueError("--branch and --repo go together")
     out.mkdir(parents=True, exist_ok=True)
     done: list[Exported] = []
-    for c in _candidates(store, trial_id):
+    for c in _candidates(store, root, trial_id):
         if not c.accepted and not include_review:
             continue
         if not c.patch.strip():
@@ -85,7 +88,7 @@ def export_trial(
     return done
 
 
-def _candidates(store: Store, trial_id: str) -> list[_Candidate]:
+def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]:
     with store.session() as s:
         trial = s.get(Trial, trial_id)
         if trial is None:
@@ -104,8 +107,8 @@ def _candidates(store: Store, trial_id: str) -> list[_Candidate]:
         result: dict[str, Any] = a.result or {}
         gate = result.get("confidence")
         accepted = bool(gate["accepted"]) if gate else a.status == "resolved"
-        patch_file = result.get("patch")
-        patch = Path(patch_file).read_text() if patch_file and Path(patch_file).exists() else ""
+        # The data root's own patch.diff: a path written in the result is never read.
+        patch = read_patch(root.assignment_dir(config.project, trial_id, a.id))
         out.append(
             _Candidate(
                 assignment=a.id,

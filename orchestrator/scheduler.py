@@ -14,7 +14,6 @@ so those a stop or a crash left are scored again after the restart.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import queue
@@ -30,6 +29,7 @@ from sqlalchemy import select
 
 from contracts.config import Confidence, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
+from contracts.dataroot import read_untrusted
 from contracts.routing import write_policy
 from ledger.counters import iso
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
@@ -44,6 +44,7 @@ from orchestrator.state import (
 )
 from orchestrator.supervisor import ModelSupervisor
 from workers.agents import get_agent
+from workers.result import read_patch, read_result
 from workers.spec import AssignmentSpec, SandboxSpec
 
 log = logging.getLogger("autovibe.scheduler")
@@ -206,9 +207,20 @@ class Scheduler:
             )
             config = TrialConfig.model_validate(s.get_one(Trial, trial_id).config)
         for a in running:
-            spec = self._spec_on_disk(config, a)
-            if spec is not None and spec.result_path.exists():
-                self.finish(a.id, json.loads(spec.result_path.read_text()))
+            result_path = self._artifacts(config, trial_id, a.id) / "result.json"
+            # A malformed control file ends its own assignment, never the tick.
+            try:
+                spec = self._spec_on_disk(config, a)
+            except (OSError, ValueError) as exc:
+                self.finish(a.id, {"assignment": a.id, "infra_error": _unreadable("spec", exc)})
+                continue
+            try:
+                result = read_result(result_path, a.id) if os.path.lexists(result_path) else None
+            except (OSError, ValueError) as exc:
+                self.finish(a.id, {"assignment": a.id, "infra_error": _unreadable("result", exc)})
+                continue
+            if result is not None:
+                self.finish(a.id, result.to_json())
             elif spec is not None and self.p.driver(config.driver, config.nomad).alive(spec):
                 continue
             else:
@@ -449,7 +461,8 @@ class Scheduler:
         # Imported here: DeepEval takes seconds to import, the API should not wait for it.
         from orchestrator import confidence
 
-        gate = confidence.assess_result(config, task_id, result, self.p.settings.model_url)
+        patch = read_patch(self._artifacts(config, a.trial_id, assignment_id))
+        gate = confidence.assess_result(config, task_id, result, patch, self.p.settings.model_url)
         with self.p.store.session() as s:
             # Locked (PostgreSQL): a scheduler of another process may score it at the same time.
             a = s.get_one(Assignment, assignment_id, with_for_update=True)
@@ -490,10 +503,16 @@ class Scheduler:
         return self.p.root.assignment_dir(config.project, trial_id, assignment_id)
 
     def _spec_on_disk(self, config: TrialConfig, a: Assignment) -> AssignmentSpec | None:
-        path = self._artifacts(config, a.trial_id, a.id) / "spec.json"
-        if not path.exists():
+        """The spec this assignment's runner was given, None before its launch; `OSError` or
+        `ValueError` when it is not a regular file, malformed, or not this assignment's."""
+        artifacts = self._artifacts(config, a.trial_id, a.id)
+        path = artifacts / "spec.json"
+        if not os.path.lexists(path):
             return None
-        return AssignmentSpec.model_validate_json(path.read_text())
+        spec = AssignmentSpec.model_validate_json(read_untrusted(path, artifacts))
+        if (spec.assignment, spec.artifacts) != (a.id, artifacts):
+            raise ValueError(f"it is {spec.assignment!r}'s in {spec.artifacts}, not {a.id!r}'s")
+        return spec
 
     def _spec(self, config: TrialConfig, trial_id: str, a: Assignment) -> AssignmentSpec:
         task = next(t for t in config.tasks if t.id == a.task_id)
@@ -598,6 +617,12 @@ class Scheduler:
         )
 
 
+def _unreadable(name: str, exc: Exception) -> str:
+    """An infra_error's text for a control file the scheduler could not read."""
+    reason = str(exc).strip().replace("\n", "; ") or type(exc).__name__
+    return f"{name}.json unreadable: {type(exc).__name__}: {reason}"
+
+
 def _tally(trial: Trial) -> dict[str, int]:
     out: dict[str, int] = {}
     for a in trial.assignments:
@@ -624,7 +649,11 @@ def cancel(platform: Platform, trial_id: str) -> None:
     for assignment_id in running:
         with platform.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
-        spec = scheduler._spec_on_disk(config, a)
+        try:
+            spec = scheduler._spec_on_disk(config, a)
+        except (OSError, ValueError) as exc:
+            log.warning("assignment %s not stopped: %s", assignment_id, _unreadable("spec", exc))
+            spec = None
         if spec is not None:
             platform.driver(config.driver, config.nomad).cancel(spec)
         scheduler.finish(assignment_id, {"assignment": assignment_id, "cancelled": True})

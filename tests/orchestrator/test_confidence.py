@@ -188,8 +188,10 @@ def _trial(platform: Platform, repo: Path) -> tuple[str, TrialConfig]:
     return "tg", config
 
 
-def _result(tmp: Path, aid: str, grade: dict[str, Any], diff: str) -> dict[str, Any]:
-    patch = tmp / f"{aid}.diff"
+def _result(platform: Platform, aid: str, grade: dict[str, Any], diff: str) -> dict[str, Any]:
+    """What a runner leaves: its patch.diff in the assignment's folder, and its result."""
+    patch = platform.root.assignment_dir("demo", "tg", aid) / "patch.diff"
+    patch.parent.mkdir(parents=True, exist_ok=True)
     patch.write_text(diff)
     return {
         "assignment": aid,
@@ -210,8 +212,8 @@ def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None
     platform.open_ledger(config, trial_id)  # as submission does
     assert judge_model(config) == "tiny"  # the normal model of the first pair
     scheduler = Scheduler(platform)
-    scheduler.finish("tg-000", _result(tmp_path, "tg-000", RESOLVED, PATCH))
-    scheduler.finish("tg-001", _result(tmp_path, "tg-001", UNRESOLVED, ""))
+    scheduler.finish("tg-000", _result(platform, "tg-000", RESOLVED, PATCH))
+    scheduler.finish("tg-001", _result(platform, "tg-001", UNRESOLVED, ""))
     assert scheduler.judges.wait(2 * SLOW_S)  # scored on the scheduler's judge thread
     scheduler.stop()
     with platform.store.session() as s:
@@ -387,7 +389,7 @@ def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Pa
     _, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
     platform.open_ledger(config, "tg")
     first, second = (_runner_wrote(platform, config, f"tg-00{i}") for i in range(2))
-    first.result_path.write_text(json.dumps(_result(tmp_path, "tg-000", RESOLVED, PATCH)))
+    first.result_path.write_text(json.dumps(_result(platform, "tg-000", RESOLVED, PATCH)))
     scheduler = Scheduler(platform)
     # The second runner is still at work: it holds its lock.
     with second.lock_path.open("w") as lock:
@@ -400,7 +402,7 @@ def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Pa
         )
         assert held_judge.asked.wait(60), "the judge was never asked"
     # The judge holds its answer; meanwhile the second runner ends and is collected.
-    second.result_path.write_text(json.dumps(_result(tmp_path, "tg-001", UNRESOLVED, "")))
+    second.result_path.write_text(json.dumps(_result(platform, "tg-001", UNRESOLVED, "")))
     started = time.monotonic()
     scheduler.tick()
     assert time.monotonic() - started < 10
@@ -446,8 +448,8 @@ def test_scores_left_pending_are_scored_after_a_restart(
     held_judge.release.set()
     before = Scheduler(platform)
     before.stop()  # as if stopped (or killed) with the endings recorded, the scores not yet
-    before.finish("tg-000", _result(tmp_path, "tg-000", RESOLVED, PATCH))
-    before.finish("tg-001", _result(tmp_path, "tg-001", UNRESOLVED, ""))
+    before.finish("tg-000", _result(platform, "tg-000", RESOLVED, PATCH))
+    before.finish("tg-001", _result(platform, "tg-001", UNRESOLVED, ""))
     with platform.store.session() as s:
         s.get_one(Trial, "tg").status = status
     assert {gate["pending"] for _, gate in _state(platform)[1].values()} == {True}

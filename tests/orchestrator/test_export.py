@@ -62,12 +62,15 @@ def setup(tmp_path: Path) -> dict[str, Any]:
         ws = tmp_path / "ws" / aid
         workspace.prepare(task_repo, ws)
         change(ws, function, body)
-        patches[aid] = tmp_path / f"{aid}.diff"
-        patches[aid].write_text(workspace.patch(ws))
-    (tmp_path / "empty.diff").write_text("")
+        patches[aid] = workspace.patch(ws)
 
     settings = Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
     platform = Platform.from_settings(settings)
+    # Where the runners left them: each assignment's patch.diff in the data root.
+    for aid, diff in {**patches, "tr1-002": ""}.items():
+        folder = platform.root.assignment_dir("demo", "tr1", aid)
+        folder.mkdir(parents=True)
+        (folder / "patch.diff").write_text(diff)
     config = TrialConfig.model_validate(
         {
             "name": "export",
@@ -91,10 +94,10 @@ def setup(tmp_path: Path) -> dict[str, Any]:
         return {"score": 0.9 if accepted else 0.2, "accepted": accepted, "threshold": 0.7}
 
     rows = [
-        ("finished", "resolved", {"patch": str(patches["tr1-000"]), "confidence": gate(True)}),
-        ("finished", "partial", {"patch": str(patches["tr1-001"]), "confidence": gate(False)}),
+        ("finished", "resolved", {"confidence": gate(True)}),
+        ("finished", "partial", {"confidence": gate(False)}),
         # Scored before the gate existed: resolved counts as accepted; an empty patch is skipped.
-        ("finished", "resolved", {"patch": str(tmp_path / "empty.diff")}),
+        ("finished", "resolved", {}),
         ("failed", None, {"infra_error": "boom"}),
     ]
     with platform.store.session() as s:
@@ -134,7 +137,7 @@ def test_accepted_results_export_as_patches_that_apply(
     setup: dict[str, Any], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    done = export_trial(setup["platform"].store, "tr1", out)
+    done = export_trial(setup["platform"].store, setup["platform"].root, "tr1", out)
     assert [(e.assignment, e.outcome) for e in done] == [
         ("tr1-000", "patch"),
         ("tr1-002", "skipped"),
@@ -145,7 +148,9 @@ def test_accepted_results_export_as_patches_that_apply(
     git(setup["task_repo"], "apply", "--check", str(patch))
     assert (out / "export.json").exists()
     # --all adds those flagged for review.
-    everything = export_trial(setup["platform"].store, "tr1", out, include_review=True)
+    everything = export_trial(
+        setup["platform"].store, setup["platform"].root, "tr1", out, include_review=True
+    )
     assert [e.assignment for e in everything if e.outcome == "patch"] == ["tr1-000", "tr1-001"]
     assert [e.accepted for e in everything if e.outcome == "patch"] == [True, False]
     git(setup["task_repo"], "apply", "--check", str(out / "tr1-001.patch"))
@@ -157,7 +162,12 @@ def test_accepted_results_export_as_branches_at_the_base_commit(
     source: Path = setup["source"]
     before = (git(source, "rev-parse", "HEAD"), git(source, "status", "--porcelain"))
     done = export_trial(
-        setup["platform"].store, "tr1", tmp_path / "out", branch="autovibe", repo=source
+        setup["platform"].store,
+        setup["platform"].root,
+        "tr1",
+        tmp_path / "out",
+        branch="autovibe",
+        repo=source,
     )
     assert [(e.outcome, e.detail) for e in done if e.outcome == "branch"] == [
         ("branch", "autovibe/tr1-000")
@@ -170,12 +180,22 @@ def test_accepted_results_export_as_branches_at_the_base_commit(
     assert (git(source, "rev-parse", "HEAD"), git(source, "status", "--porcelain")) == before
     # Exporting again finds the same change there; another change under that name is refused.
     again = export_trial(
-        setup["platform"].store, "tr1", tmp_path / "out", branch="autovibe", repo=source
+        setup["platform"].store,
+        setup["platform"].root,
+        "tr1",
+        tmp_path / "out",
+        branch="autovibe",
+        repo=source,
     )
     assert [e.outcome for e in again if e.assignment == "tr1-000"] == ["patch", "branch"]
     git(source, "branch", "-f", "autovibe/tr1-000", "main")
     refused = export_trial(
-        setup["platform"].store, "tr1", tmp_path / "out", branch="autovibe", repo=source
+        setup["platform"].store,
+        setup["platform"].root,
+        "tr1",
+        tmp_path / "out",
+        branch="autovibe",
+        repo=source,
     )
     skipped = [e for e in refused if e.assignment == "tr1-000" and e.outcome == "skipped"]
     assert "exists" in skipped[0].detail
