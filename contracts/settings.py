@@ -15,6 +15,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 SEPARATED = {
     "task_roots": os.pathsep,
+    "egress_allow": ",",
+    "egress_tcp_allow": ",",
     "webhook_allow": ",",
     "nomad_node_pools": ",",
     "nomad_datacenters": ",",
@@ -88,6 +90,13 @@ class Settings(BaseSettings):
     allow_unsandboxed: bool = False
     """Whether a trial may ask for `sandbox.kind: none` (its agent then runs as a plain
     subprocess of this host); off by default."""
+    egress_allow: Annotated[list[str], NoDecode] = []
+    """Hosts a worker may reach through the proxy besides the model plane and the providers
+    (comma-separated `host`, `host:port`, `*.suffix[:port]`, `address` or `CIDR[:port]`; no port:
+    any port), e.g. a package registry for agents that install dependencies. The proxy host's
+    own service ports stay unreachable whatever is listed."""
+    egress_tcp_allow: Annotated[list[str], NoDecode] = []
+    """`host:port` a worker may reach with raw TCP (not HTTP or TLS); none by default."""
     webhook_allow: Annotated[list[str], NoDecode] = []
     """Host names or CIDRs (comma-separated) a budget webhook may reach although they are
     loopback, link-local, private or this host's own; every other such address is refused."""

@@ -1,6 +1,7 @@
 """The script given to `mitmdump -s`: the proxy's addons, in the order their hooks must run.
 
-Identity first (it refuses strangers), then routing (`auto` → the local pair), then metering
+Identity first (it refuses strangers), then routing (`auto` → the local pair), then the egress
+policy (it refuses destinations a worker may not reach, and raw TCP), then metering
 (it refuses what it cannot price and reads usage), then capture, budget and injection. Capture
 has no request hook: budget reserves, and injection puts the real provider key in last, only
 on calls that will be forwarded. When a flow ends, capture spools it (redacted) before budget
@@ -14,6 +15,7 @@ mitmproxy call each event's hooks from a plan instead of searching the addon tre
 from proxy.addons.budget import Budget
 from proxy.addons.capture import Capture
 from proxy.addons.dispatch import Dispatch
+from proxy.addons.egress import Egress
 from proxy.addons.identity import Identity
 from proxy.addons.indexer import Indexer
 from proxy.addons.injection import Injection
@@ -29,6 +31,7 @@ addons = [
     Dispatch(),
     Identity(),
     AutoRouting(),
+    Egress(),
     Metering(),
     Capture(),
     Budget(),

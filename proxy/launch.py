@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
@@ -80,6 +81,7 @@ def mitmdump_argv(
         "--set",
         f"autovibe_model_hosts={settings.host}:{settings.model_port}",
         *_budget_options(settings),
+        *_egress_options(settings),
         *_metrics_options(settings),
         *_indexer_options(settings, indexer),
         "--set",
@@ -110,6 +112,44 @@ def wait_ready(
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from exc
         time.sleep(0.05)
+
+
+DEFAULT_PORTS = {"redis": 6379, "postgresql": 5432, "http": 80, "https": 443}
+
+
+def own_ports(settings: Settings) -> list[int]:
+    """This host's service ports a worker must never reach: the API, the proxy's listeners and
+    metrics, and the stores the settings name (Redis, the state DB, Elasticsearch, Vault)."""
+    ports = {
+        settings.api_port,
+        settings.proxy_port,
+        settings.proxy_transparent_port,
+        settings.proxy_dns_port,
+        settings.proxy_metrics_port,
+    }
+    urls = [settings.budget_redis_url, settings.state_url, settings.elasticsearch_url]
+    for url in [*urls, os.environ.get("VAULT_ADDR")]:
+        if not url:
+            continue
+        parts = urlsplit(url)
+        scheme = parts.scheme.split("+")[0]
+        try:
+            port = parts.port or DEFAULT_PORTS.get(scheme)
+        except ValueError:
+            port = None
+        if port:
+            ports.add(port)
+    return sorted(p for p in ports if p)
+
+
+def _egress_options(settings: Settings) -> list[str]:
+    """The egress policy: the operator's allowlists and this host's own service ports."""
+    options = ["--set", f"autovibe_own_ports={','.join(map(str, own_ports(settings)))}"]
+    if settings.egress_allow:
+        options += ["--set", f"autovibe_egress_allow={','.join(settings.egress_allow)}"]
+    if settings.egress_tcp_allow:
+        options += ["--set", f"autovibe_egress_tcp_allow={','.join(settings.egress_tcp_allow)}"]
+    return options
 
 
 def _budget_options(settings: Settings) -> list[str]:

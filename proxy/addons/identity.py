@@ -64,6 +64,12 @@ WORKERS_KEPT = 1024
 """Workers whose DNS answers are remembered; those that asked first are forgotten first."""
 
 
+def _this_host() -> str:
+    """The address this proxy's host serves its own services on, as the proxy reaches them."""
+    host: str = ctx.options.listen_host
+    return "127.0.0.1" if host in ("", "0.0.0.0") else host
+
+
 class ProxyAuthError(Exception):
     """The request carries no usable machine credential; the message says why."""
 
@@ -152,6 +158,12 @@ class Identity:
         identity = self.tunnels.get(client)
         if identity is None or client not in self.gateways:
             return  # only transparent requests are addressed by IP
+        if flow.request.host == self.gateways[client]:
+            # The namespace's gateway is this host: say so, so that the egress policy and
+            # metering see the model plane (or a refused service of this host), not an address
+            # of the worker's own network.
+            flow.request.host = _this_host()
+            return
         address = client.peername[0].removeprefix("::ffff:")
         names = self.named.get((address, identity.assignment), {}).get(flow.request.host)
         if not names:
@@ -166,8 +178,7 @@ class Identity:
         gateway = self.gateways.get(data.client)
         address = data.server.address
         if gateway is not None and address is not None and address[0] == gateway:
-            host = ctx.options.listen_host
-            data.server.address = ("127.0.0.1" if host in ("", "0.0.0.0") else host, address[1])
+            data.server.address = (_this_host(), address[1])
 
     def _registered(self, address: str) -> tuple[MachineIdentity, str]:
         if self.key is None or self.root is None:

@@ -205,7 +205,9 @@ def read_response(sock: socket.socket) -> bytes:
 
 def proxy_settings(tmp_path_factory: Any, model_port: int) -> tuple[Settings, DataRoot, bytes]:
     """Settings for a proxy on a fresh data root and configs folder (the test prices), the
-    root, and its machine-credential key."""
+    root, and its machine-credential key. The tests' stand-in servers (websites, websocket
+    echoes) listen on 127.0.0.1: it is on the egress allowlist, as an operator would list a
+    package registry; the proxy host's own service ports stay refused all the same."""
     configs = tmp_path_factory.mktemp("configs")
     (configs / "prices.yaml").write_text(PRICES_YAML)
     settings = Settings(
@@ -214,6 +216,7 @@ def proxy_settings(tmp_path_factory: Any, model_port: int) -> tuple[Settings, Da
         host="127.0.0.1",
         proxy_port=free_port(),
         model_port=model_port,
+        egress_allow=["127.0.0.1"],
     )
     root = DataRoot.at(settings.data)
     return settings, root, load_or_create_key(root)

@@ -119,8 +119,16 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
 
 
 @pytest.fixture(scope="module")
+def model_plane() -> Iterator[StandInCloud]:
+    """The local model plane's stand-in, on the proxy's host (OpenAI chat with usage)."""
+    server = StandInCloud("127.0.0.1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def transparent_proxy(
-    tmp_path_factory: pytest.TempPathFactory, cloud: Cloud
+    tmp_path_factory: pytest.TempPathFactory, cloud: Cloud, model_plane: StandInCloud
 ) -> Iterator[TransparentProxy]:
     """mitmdump with the platform's addons, a regular, a transparent and a DNS listener, in a
     mount namespace whose /etc/hosts names the stand-ins."""
@@ -128,7 +136,10 @@ def transparent_proxy(
         data=tmp_path_factory.mktemp("transparent-data"),
         configs=PROJECT_ROOT / "configs",
         proxy_port=free_port(),
-        model_port=free_port(),
+        model_port=model_plane.address[1],
+        # The stand-ins (this host's, and the "remote" cloud address) are allowlisted, as an
+        # operator lists a package registry: the egress policy is tested in tests/security.
+        egress_allow=["127.0.0.1", cloud.address],
     )
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)
@@ -269,6 +280,29 @@ def test_the_gateway_leads_to_the_hosts_own_services(
     ]
 
 
+def test_the_model_plane_through_the_gateway_is_metered(
+    transparent_proxy: TransparentProxy, model_plane: StandInCloud, lease: tuple[netns.Lease, str]
+) -> None:
+    """A worker reaches the model plane as `<gateway>:<model port>`: it is metered and priced
+    as the local pair (before, the gateway's address was no provider and passed unmetered)."""
+    the_lease, assignment = lease
+    url = f"http://{the_lease.gateway}:{model_plane.address[1]}/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    seen = run_inside(
+        the_lease,
+        f"""
+        import json, httpx
+        reply = httpx.post("{url}", json={body!r}, trust_env=False, timeout=20)
+        print(json.dumps({{"status": reply.status_code}}))
+        """,
+        bare_env(),
+    )
+    assert seen == {"status": 200}
+    (record,) = _calls(_spooled_until(transparent_proxy.proxy, assignment, _calls))
+    assert (record.provider, record.model, record.status) == ("local", "tiny", 200)
+    assert record.cost_usd > 0 and record.budget is not None
+
+
 def test_udp_dns_and_unregistered_or_revoked_workers_are_blocked(
     transparent_proxy: TransparentProxy, cloud: Cloud, lease: tuple[netns.Lease, str]
 ) -> None:
@@ -393,10 +427,14 @@ def test_a_sandboxed_agent_in_transparent_mode(
                           "hostname": os.uname().nodename}}))
         """
     env = {k: v for k, v in direct_env().items() if k.lower() not in PROXY_VARS}
+    for folder in (spec.workspace, spec.output):  # as the runner makes them
+        folder.mkdir(parents=True, exist_ok=True)
     with sandbox.confine(spec, [sys.executable, "-c", textwrap.dedent(code)], {
         **env, **spec.env
     }) as (argv, sandboxed_env):  # fmt: skip
-        assert argv[:3] == ["ip", "netns", "exec"] and "--unshare-net" not in argv
+        # After the process-limit prefix (the pids cgroup), in the assignment's namespace.
+        at = argv.index("ip")
+        assert argv[at : at + 3] == ["ip", "netns", "exec"] and "--unshare-net" not in argv
         done = subprocess.run(
             argv,
             env=sandboxed_env,
@@ -492,7 +530,8 @@ def test_cloud_apis_by_name_through_the_proxys_dns(
 
     assert seen["resolv.conf"].splitlines()[-1] == f"nameserver {the_lease.gateway}"
     assert seen["resolved"] == [cloud.address]
-    assert seen["unknown"] == socket.EAI_NONAME  # NXDOMAIN, answered at once
+    # No rule of the egress policy names it: REFUSED by the proxy's DNS, answered at once.
+    assert seen["unknown"] == socket.EAI_AGAIN
     assert seen["unknown_s"] < 5
     assert seen["udp"] == "PermissionError"  # only port 53 is let out, to the proxy
     # Verified against the data root's CA only, for the name: mitmproxy's certificate.
@@ -525,8 +564,9 @@ def test_cloud_apis_by_name_through_the_proxys_dns(
     answers = json.loads(found.response_body.text)
     assert answers["response_code"] == "NOERROR"
     assert [a["data"] for a in answers["answers"]] == [cloud.address]
+    # A name no rule of the egress policy allows is not even looked up for a worker.
     missing = lookups[("nowhere.autovibe.invalid", "dns:nowhere.autovibe.invalid?type=A")]
-    assert missing.error == "dns: NXDOMAIN" and missing.status == 404
+    assert missing.error == "dns: REFUSED"
 
 
 def test_a_sandbox_resolves_names_and_strangers_are_refused(
