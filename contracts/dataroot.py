@@ -8,6 +8,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     that may race each other must hold their own lock: the temp name is fixed.
     """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # Never through a symlink planted at the fixed temp name.
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
         fh.flush()
@@ -142,6 +144,13 @@ def open_nofollow(
         return os.open(parts[-1], flags, mode, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def open_log(path: Path, *, append: bool = False) -> BinaryIO:
+    """A log written on the host (runner, tests, runs): created, truncated or appended to,
+    never through a symlink (one planted by an earlier, unconfined attempt, say)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    return os.fdopen(open_nofollow(path, flags, 0o600), "ab" if append else "wb")
 
 
 def read_untrusted(path: Path, below: Path, limit: int = 64 * 1024 * 1024) -> bytes:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from contracts.dataroot import open_log
+
 GradeStatus = Literal["resolved", "partial", "unresolved"]
 
 PASSING = ("PASSED", "XFAIL")
@@ -127,7 +129,7 @@ def grade(
     timed_out = False
     exit_code: int | None
     try:
-        with contextlib.ExitStack() as stack, log.open("wb") as out:
+        with contextlib.ExitStack() as stack, open_log(log) as out:
             if confine is not None:
                 argv, env = stack.enter_context(confine(argv, env))
             # A session of its own, so a timeout kills whatever the tests started too.
@@ -151,8 +153,8 @@ def grade(
             shutil.rmtree(home, ignore_errors=True)
     output = log.read_text(errors="replace")
     if timed_out:
-        with log.open("a") as out:
-            out.write(f"\n[autovibe] test command killed after {timeout_s}s\n")
+        with open_log(log, append=True) as out:
+            out.write(f"\n[autovibe] test command killed after {timeout_s}s\n".encode())
     statuses = parse_pytest_summary(output)
     f2p = {test: statuses.get(test, "MISSING") for test in fail_to_pass}
     p2p = {test: statuses.get(test, "MISSING") for test in pass_to_pass}

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from contracts.dataroot import write_secret_file
+from contracts.dataroot import open_log, write_secret_file
 from contracts.settings import PROJECT_ROOT
 from workers import operator
 from workers.runner import kill_group
@@ -72,7 +72,7 @@ class LocalDriver:
             time.sleep(0.02)
 
     def _launch_detached(self, spec: AssignmentSpec) -> int:
-        with (spec.artifacts / "runner.log").open("ab") as runner_log:
+        with open_log(spec.artifacts / "runner.log", append=True) as runner_log:
             # Own session: the runner outlives an orchestrator restart and is killed as a group.
             proc = subprocess.Popen(
                 _runner_argv(spec),

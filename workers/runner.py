@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from contracts.dataroot import DataRoot, atomic_write, open_nofollow
+from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
 from workers import grading, pristine, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
@@ -64,13 +64,6 @@ def tree_bytes(folder: Path) -> int:
             with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.lstat(os.path.join(parent, name)).st_blocks * 512
     return total
-
-
-def open_log(path: Path) -> BinaryIO:
-    """A log the runner writes, in a host-only folder: created or truncated, never through a
-    symlink (one planted by an earlier, unconfined attempt, say)."""
-    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    return os.fdopen(fd, "wb")
 
 
 def run_agent(spec: AssignmentSpec) -> AgentOutcome:
@@ -226,8 +219,8 @@ def main(argv: list[str]) -> int:
     lock.flush()
     if spec.result_path.exists():
         return 0
-    with (spec.artifacts / "runs.jsonl").open("a") as runs:  # append-only: one line per start
-        runs.write(json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
+    with open_log(spec.artifacts / "runs.jsonl", append=True) as runs:  # one line per start
+        runs.write(json.dumps({"pid": os.getpid(), "started": time.time()}).encode() + b"\n")
     try:
         result = run(spec)
     except Exception as exc:  # the orchestrator must hear of every ending, crashes included

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from contracts.config import TrialConfig
+from contracts.dataroot import atomic_write, open_log
 from contracts.settings import PROJECT_ROOT, Settings
 from orchestrator import export
 from orchestrator.platform import Platform
@@ -226,3 +227,24 @@ def test_a_forged_patch_path_is_never_read(platform: Platform, tmp_path: Path) -
     Scheduler(platform).score_confidence(AID)
     gate = (ending(platform).result or {})["confidence"]
     assert gate["reason"].startswith("judge 0/10: empty change"), gate
+
+
+# -- writing control files and logs --------------------------------------------------------
+
+
+def test_no_control_file_or_log_is_written_through_a_symlink(tmp_path: Path) -> None:
+    host = tmp_path / "cron.d-x"
+    host.write_text(SECRET)
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    # A link planted at atomic_write's fixed temp name.
+    (folder / "result.json.tmp").symlink_to(host)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        atomic_write(folder / "result.json", "{}")
+    for name in ("tests.log", "runs.jsonl"):
+        (folder / name).symlink_to(host)
+        for append in (False, True):
+            with pytest.raises(OSError, match="Too many levels of symbolic links"):
+                open_log(folder / name, append=append)
+    assert host.read_text() == SECRET
+    assert not (folder / "result.json").exists()
