@@ -25,6 +25,17 @@ STORES = {
 }
 """Short name → adapter class."""
 
+STORE_ENV = (
+    "VAULT_ADDR",
+    "VAULT_CACERT",
+    "VAULT_TOKEN",
+    "VAULT_ROLE_ID",
+    "VAULT_SECRET_ID",
+    "VAULT_NAMESPACE",
+    "VAULT_SKIP_VERIFY",
+)
+"""What the adapters read beyond `AUTOVIBE_*` (Vault's own variables): a process that opens
+the store (`store_from_env`; the runner, to redact) is given these."""
 ENV_VAR = "AUTOVIBE_SECRET_STORE"
 DEFAULT = "file"
 

@@ -3,11 +3,13 @@
 The runner runs in a tmux session of its own on the `autovibe` tmux server
 (`workers.operator`), so an operator can attach to it, watch it and type into it; its pane is
 copied into runner.log, and a second pane follows agent.log. tmux keeps it detached: it
-outlives an orchestrator restart, is the leader of its own process group (the pid it writes
-to runner.lock is the pane's), and is found again through its lock, as before. Without tmux
-it is a plain detached subprocess.
+outlives an orchestrator restart, is the leader of its own process group (the pane's), and is
+found again through its lock, as before. Without tmux it is a plain detached subprocess. The
+driver records the group in `runner.pgid` at launch; cancel signals that group only while its
+leader still is this assignment's runner, never a pid read from a file the runner wrote.
 
-Environment: the runner gets the orchestrator's environment, as a subprocess would, given to
+Environment: the runner gets only what it needs of the orchestrator's (`runner_env`: the
+AUTOVIBE_* settings, the secret store's variables for redaction, PATH, HOME, locale), given to
 its pane only through a 0600 file the pane reads and deletes (never on a command line, never
 stored in the server). tmux is always called with a
 bare environment (PATH, HOME, locale), so a server we start has nothing to pass on to other
@@ -27,8 +29,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from contracts.dataroot import open_log, write_secret_file
+from contracts.dataroot import atomic_write, open_log, read_untrusted, write_secret_file
+from contracts.processes import cmdline, group_members
 from contracts.settings import PROJECT_ROOT
+from secretstore import STORE_ENV
 from workers import operator
 from workers.runner import kill_group
 from workers.spec import AssignmentSpec
@@ -37,8 +41,10 @@ LAUNCH_WAIT_S = 30.0
 TMUX_TIMEOUT_S = 10.0
 SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMUX_TMPDIR")
 """What the tmux client (and so a server it starts) is given; TMUX_TMPDIR picks the socket."""
-SESSION_ENV_SKIP = ("TMUX", "TMUX_PANE")
-"""Set by tmux itself in every pane."""
+PGID_FILE = "runner.pgid"
+"""The runner's process group, as launched (host-only: the sandbox never sees the folder)."""
+RUNNER_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", *STORE_ENV)
+"""What the runner is given of the orchestrator's environment, with AUTOVIBE_* and LC_*."""
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,9 @@ class LocalDriver:
         pid = self._launch_in_tmux(spec) if self.tmux else None
         if pid is None:
             pid = self._launch_detached(spec)
+        # Host-only, written here: cancel signals this group, never a pid the runner's folders
+        # could have been made to hold.
+        atomic_write(spec.artifacts / PGID_FILE, f"{pid}\n", mode=0o600)
         # Return only once the runner holds its lock (or has already ended), so that `alive`
         # can never report a just-started runner as dead and get it started twice.
         deadline = time.monotonic() + LAUNCH_WAIT_S
@@ -76,6 +85,7 @@ class LocalDriver:
             # Own session: the runner outlives an orchestrator restart and is killed as a group.
             proc = subprocess.Popen(
                 _runner_argv(spec),
+                env=runner_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=runner_log,
                 stderr=subprocess.STDOUT,
@@ -91,11 +101,10 @@ class LocalDriver:
         made = self._tmux(spec, operator.session_argv(spec.assignment, PROJECT_ROOT), client_env)
         if made is None:
             return None
-        foreign = [k for k in _global_env(client_env) if k not in os.environ]
+        env = runner_env()
+        foreign = [k for k in _global_env(client_env) if k not in env]
         env_file = spec.artifacts / "runner.env"
-        operator.write_env_file(
-            env_file, {k: v for k, v in os.environ.items() if k not in SESSION_ENV_SKIP}
-        )
+        operator.write_env_file(env_file, env)
         argv = operator.runner_argv(
             spec.artifacts / "spec.json", spec.assignment, sys.executable, env_file, foreign
         )
@@ -164,9 +173,31 @@ class LocalDriver:
     def cancel(self, spec: AssignmentSpec) -> None:
         if not self.alive(spec):
             return
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(spec.lock_path.read_text().strip())
-            kill_group(pid)  # the runner ends, and with it its tmux session
+        pgid = runner_group(spec)
+        if pgid is None:
+            log.warning("%s: no runner of its own found to stop", spec.assignment)
+            return
+        kill_group(pgid)  # the runner ends, and with it its tmux session
+
+
+def runner_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The runner's whole environment, from the orchestrator's (`env`, default ours): its
+    settings and the secret store's variables, no other key, URL or id it happens to hold."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items() if k in RUNNER_ENV or k.startswith(("AUTOVIBE_", "LC_"))}
+
+
+def runner_group(spec: AssignmentSpec) -> int | None:
+    """The process group `launch` recorded for this assignment's runner, if its leader still
+    is that runner (`python -m workers.runner <its spec.json>`); never group 1 or our own."""
+    try:
+        pgid = int(read_untrusted(spec.artifacts / PGID_FILE, spec.artifacts, 32))
+    except (OSError, ValueError):
+        return None
+    if pgid <= 1 or pgid == os.getpgrp() or pgid not in group_members(pgid):
+        return None  # a pid taken over by another process no longer leads that group
+    runner = " ".join(_runner_argv(spec)[1:])  # -m workers.runner <spec.json>
+    return pgid if cmdline(pgid).rstrip(" ").endswith(" " + runner) else None
 
 
 def _runner_argv(spec: AssignmentSpec) -> list[str]:

@@ -209,12 +209,13 @@ def main(argv: list[str]) -> int:
     # Its tmux session killed (or the tmux server): end the agent too, not only the runner.
     signal.signal(signal.SIGHUP, _terminate)
     spec = AssignmentSpec.model_validate_json(Path(argv[1]).read_text())
-    lock = spec.lock_path.open("w")
+    lock = os.fdopen(open_nofollow(spec.lock_path, os.O_WRONLY | os.O_CREAT, 0o600), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         print(f"another runner holds {spec.lock_path}", file=sys.stderr)
         return 75
+    lock.truncate(0)  # for operators only: cancel never signals a pid read from here
     lock.write(str(os.getpid()))
     lock.flush()
     if spec.result_path.exists():
