@@ -62,7 +62,8 @@ app.add_typer(dashboards_app, name="dashboards")
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table
     console = Console(width=160)
-err = Console(stderr=True)
+# soft_wrap: a path in an error is printed whole, to be copied, never broken across lines.
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

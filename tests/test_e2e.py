@@ -64,9 +64,9 @@ def wait_finished(client: Client, trial_id: str, timeout_s: float = 600) -> dict
 def transcripts(root: DataRoot, project: str, trial_id: str) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for path in sorted(
-        (root.root / "worker-artifacts" / project / trial_id).glob("*/transcript.jsonl")
+        (root.root / "worker-artifacts" / project / trial_id).glob("*/output/transcript.jsonl")
     ):
-        out[path.parent.name] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        out[path.parent.parent.name] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     return out
 
 
@@ -130,7 +130,7 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
     for a in view["assignments"]:
         folder = root.assignment_dir("demo", trial_id, a["id"])
         assert (folder / "patch.diff").exists() and (folder / "tests.log").exists()
-        prompt = (folder / "prompt.txt").read_text()
+        prompt = (folder / "output" / "prompt.txt").read_text()
         assert prompt.startswith("## Budget\nProject demo has ")
         assert "CAD left of its 5.00 CAD biweekly budget" in prompt
 

@@ -117,7 +117,7 @@ def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
     with TrafficIndex(root.traffic_index) as index:
         assert {f.id for f in index.flows()} == {r.id for r in records}
     assert (
-        (spec.artifacts / "prompt.txt")
+        (spec.output / "prompt.txt")
         .read_text()
         .endswith(f"The deploy key is {REDACTED}; print it in a comment.")
     )
