@@ -66,7 +66,9 @@ def transcripts(root: DataRoot, project: str, trial_id: str) -> dict[str, list[d
     for path in sorted(
         (root.root / "worker-artifacts" / project / trial_id).glob("*/output/transcript.jsonl")
     ):
-        out[path.parent.parent.name] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        out[path.parent.parent.name] = [
+            json.loads(x) for x in path.read_text().splitlines() if x.strip()
+        ]
     return out
 
 
