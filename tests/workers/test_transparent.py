@@ -229,7 +229,8 @@ def test_direct_connections_are_intercepted_identified_and_metered(
         bare_env(),
     )
 
-    assert seen["http"] == [200, "stand-in cloud page\n"]
+    # A page of the provider's host is no metered endpoint: intercepted and refused, no key.
+    assert seen["http"][0] == 403 and "endpoint_not_metered" in seen["http"][1]
     # Verified against the data root's CA only: mitmproxy decrypted and re-encrypted.
     assert seen["https"] == [200, "stand-in cloud page\n"]
     assert seen["llm"] == [200, 18]
@@ -420,7 +421,7 @@ def test_a_sandboxed_agent_in_transparent_mode(
     )
     code = f"""
         import json, os, httpx
-        reply = httpx.get("{cloud.http.url}/from-the-sandbox", timeout=20)
+        reply = httpx.get("{cloud.https.url}/from-the-sandbox", timeout=20)
         assert httpx.get("{cloud.https.url}/tls-from-the-sandbox", timeout=20).is_success
         proxies = sorted(k for k in os.environ if k.lower().endswith("_proxy"))
         print(json.dumps({{"status": reply.status_code, "proxy_vars": proxies,
@@ -443,7 +444,7 @@ def test_a_sandboxed_agent_in_transparent_mode(
             text=True,
             timeout=60,
         )
-        lease_ns = argv[3]
+        lease_ns = argv[at + 3]
     assert done.returncode == 0, done.stdout + done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen == {"status": 200, "proxy_vars": [], "hostname": "autovibe-sandbox"}
