@@ -211,8 +211,6 @@ def _root_argv(sandbox: SandboxSpec) -> list[str]:
         argv += (
             ["--tmpfs", str(secret)] if secret.is_dir() else ["--ro-bind", "/dev/null", str(secret)]
         )
-    for path in _platform_paths():
-        argv += ["--ro-bind", str(path), str(path)]
     argv += [
         "--dev", "/dev",
         "--proc", "/proc",
@@ -220,6 +218,10 @@ def _root_argv(sandbox: SandboxSpec) -> list[str]:
         "--perms", "1777", "--size", str(sandbox.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
         "--size", str(16 * 1024 * 1024), "--tmpfs", "/run",
     ]  # fmt: skip
+    # After the private /tmp and /run: a checkout or a virtual environment under /tmp (CI's
+    # clone may be there) is shown again on top of them, read-only.
+    for path in _platform_paths():
+        argv += ["--ro-bind", str(path), str(path)]
     for path in sandbox.hidden:  # the data root, where our code or interpreter holds it
         argv += ["--tmpfs", str(path)]
     for path in sandbox.read_only:
