@@ -15,7 +15,8 @@ time to first byte shows whether a proxy buffers). Concurrency 1, 16 and 64 (`--
 generator in this process, in repeats: within a repeat the systems take turns, and a cell's
 figures are medians over its repeats (a ratio between systems, the median of the per-repeat
 ratios), so that a slow minute of this shared machine weighs on one repeat of every system
-rather than on one system.
+rather than on one system. A last row, `refused`, measures the autovibe proxy answering 403 to
+a request for a host outside its egress policy, at concurrency 16.
 
 LiteLLM is never a project dependency: the bench makes its own venv once with uv, cached under
 `$XDG_CACHE_HOME/autovibe/bench-litellm` (`~/.cache` without it), installs the pinned
@@ -213,11 +214,13 @@ class Target:
     is the server itself (direct, or LiteLLM, which is an API server of its own)."""
 
 
-async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[float, float]:
-    """Read one response; (time to first body byte, time to the end), both from t0."""
+async def _read_response(
+    reader: asyncio.StreamReader, t0: float, status: bytes = b"200"
+) -> tuple[float, float]:
+    """Read one response with `status`; (time to first body byte, time to the end), from t0."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.lower().split(b"\r\n")
-    if not lines[0].startswith(b"http/1.1 200"):
+    if not lines[0].startswith(b"http/1.1 " + status):
         raise RuntimeError(f"unexpected answer: {head!r}")
     length, chunked = None, False
     for line in lines[1:]:
@@ -239,13 +242,19 @@ async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[float
             return first, time.perf_counter() - t0
 
 
-async def _worker(target: Target, request: bytes, n: int, out: list[tuple[float, float]]) -> None:
+async def _worker(
+    target: Target,
+    request: bytes,
+    n: int,
+    out: list[tuple[float, float]],
+    status: bytes = b"200",
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     try:
         for _ in range(n):
             t0 = time.perf_counter()
             writer.write(request)
-            out.append(await _read_response(reader, t0))
+            out.append(await _read_response(reader, t0, status))
     finally:
         writer.close()
 
@@ -280,25 +289,32 @@ def _request(target: Target, upstream_port: int, stream: bool) -> bytes:
 
 
 async def _cell(
-    target: Target, upstream_port: int, stream: bool, concurrency: int, total: int
+    target: Target,
+    upstream_port: int,
+    stream: bool,
+    concurrency: int,
+    total: int,
+    refused: bool = False,
 ) -> dict[str, Any]:
+    """One cell; `refused`: the upstream is outside the egress policy, every answer a 403."""
     request = _request(target, upstream_port, stream)
+    status = b"403" if refused else b"200"
     warm: list[tuple[float, float]] = []
     await asyncio.gather(
-        *(_worker(target, request, WARM_UP_CALLS, warm) for _ in range(concurrency))
+        *(_worker(target, request, WARM_UP_CALLS, warm, status) for _ in range(concurrency))
     )
     samples: list[tuple[float, float]] = []
     per_worker = max(1, total // concurrency)
     t0 = time.perf_counter()
     await asyncio.gather(
-        *(_worker(target, request, per_worker, samples) for _ in range(concurrency))
+        *(_worker(target, request, per_worker, samples, status) for _ in range(concurrency))
     )
     elapsed = time.perf_counter() - t0
     latencies = sorted(s[1] * 1000 for s in samples)
     ttfb = [s[0] * 1000 for s in samples]
     return {
         "system": target.system,
-        "workload": "sse" if stream else "json",
+        "workload": "refused" if refused else "sse" if stream else "json",
         "concurrency": concurrency,
         "requests": len(samples),
         "req_per_s": round(len(samples) / elapsed, 1),
@@ -469,6 +485,10 @@ class Run:
     """Empty when LiteLLM was measured; otherwise why not."""
 
 
+REFUSED_AT = 16
+"""Concurrency of the refused-request row."""
+
+
 def calls_per_repeat(quick: bool) -> tuple[int, int]:
     """(repeats, calls per repeat) of a cell, for each system but LiteLLM (one repeat)."""
     return (3, 200) if quick else (5, 600)
@@ -598,6 +618,16 @@ def run(quick: bool, with_litellm: bool = True) -> Run:
                 "autovibe-inproc": _check_metered(root_inproc, identity.assignment),
             }
             cpu_ms = {name: round(cpu_used[name] * 1000 / calls[name], 2) for name in cpu_used}
+            # Last, once the CPU per metered call is taken: a request to a host outside the
+            # egress policy (nothing listens there), answered 403 by the proxy itself.
+            refused_port = free_port()
+            refusals = [
+                asyncio.run(_cell(targets[2], refused_port, False, REFUSED_AT, total, True))
+                for _ in range(repeats)
+            ]
+            for row in refusals:
+                print(row, file=sys.stderr, flush=True)
+            rows.append(_median_row(refusals))
             return Run(rows, cpu_ms, nginx is not None, why_not)
         finally:
             for process in reversed(processes):
@@ -687,7 +717,9 @@ def main() -> None:
     rows = result.rows
     direct = {(r["workload"], r["concurrency"]): r for r in rows if r["system"] == "direct"}
     for row in rows:
-        base = direct[(row["workload"], row["concurrency"])]
+        base = direct.get((row["workload"], row["concurrency"]))
+        if base is None:  # the refused row: nothing to compare with
+            continue
         row["added_p50_ms"] = round(row["p50_ms"] - base["p50_ms"], 2)
         row["added_p99_ms"] = round(row["p99_ms"] - base["p99_ms"], 2)
         row["added_ttfb_p50_ms"] = round(row["ttfb_p50_ms"] - base["ttfb_p50_ms"], 2)
@@ -718,6 +750,11 @@ def main() -> None:
     repeats, total = calls_per_repeat(args.quick)
     inproc = "; ".join(_share(rows, "autovibe-inproc", "mitmdump"))
     cpu = "; ".join(f"{name} {ms} ms" for name, ms in result.cpu_ms.items())
+    refused = "; ".join(
+        f"{r['req_per_s']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms"
+        for r in rows
+        if r["workload"] == "refused"
+    )
     notes = f"""
 Upstreams: static JSON chat completion (`json`) from {upstream}; SSE (`sse`) from a small asyncio
 HTTP/1.1 stub in its own process, sent chunked, first event at once and the rest
@@ -752,6 +789,8 @@ what our own addons cost shows against
 The same with the indexer inside the proxy (`autovibe-inproc`): {inproc}.
 CPU per call over the whole run (user + system, /proc; warm-up calls included): {cpu}.
 autovibe streaming TTFB overhead (p50): {"; ".join(ttfb)}.
+A refused request (`refused`: a POST to a host outside the egress policy, answered 403 by the
+proxy without any upstream connection), autovibe at c={REFUSED_AT}: {refused}.
 {litellm}
 """
     command = "python -m bench.proxy" + (" --quick" if args.quick else "")
