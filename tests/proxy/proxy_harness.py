@@ -239,3 +239,27 @@ def running_proxy(
     output = log_path.read_text()
     assert "Traceback" not in output, output
     assert process.returncode == 0, output
+
+
+def metering_proxy(
+    tmp_path_factory: Any,
+    model_port: int,
+    *extra_argv: str,
+    secrets: dict[str, str] | None = None,
+    **settings: Any,
+) -> Iterator[Proxy]:
+    """mitmdump as the platform starts it (`mitmdump_argv`), in front of the model plane at
+    `model_port`, project p1 with an ample budget for m1, until the generator is closed;
+    `settings` override the tests' defaults, `extra_argv` adds `--set` options, `secrets` are
+    put in the embedded secret store first."""
+    from ledger.counters import open_ample
+    from proxy.launch import mitmdump_argv
+    from secretstore import get_store
+
+    base, root, key = proxy_settings(tmp_path_factory, model_port)
+    chosen = base.model_copy(update=settings)
+    open_ample(root.budget_counters, "p1", ["m1"])
+    for path, value in (secrets or {}).items():
+        get_store("file", root).put(path, value)
+    with running_proxy(chosen, root, key, [*mitmdump_argv(chosen), *extra_argv]) as proxy:
+        yield proxy

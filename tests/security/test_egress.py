@@ -18,17 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
-from proxy_harness import (
-    Proxy,
-    Upstream,
-    connect_tunnel,
-    proxy_settings,
-    running_proxy,
-    serve,
-)
-
-from ledger.counters import open_ample
-from proxy.launch import mitmdump_argv
+from proxy_harness import Proxy, Upstream, connect_tunnel, metering_proxy, serve
 
 BANNER = b"SSH-2.0-OpenSSH_9.2 hostile-tunnel-test\r\n"
 HELLO = b"\x00\x01\x02 not http, not tls\n"
@@ -97,24 +87,20 @@ def proxy(
     servers: dict[str, Upstream],
     banners: dict[str, BannerServer],
 ) -> Iterator[Proxy]:
-    settings, root, key = proxy_settings(tmp_path_factory, servers["model"].port)
     closed, listed = banners["closed"].port, banners["listed"].port
-    settings = settings.model_copy(
-        update={
-            # The control API's port is allowlisted too: it must stay refused all the same.
-            "api_port": servers["api"].port,
-            "egress_allow": [
-                f"127.0.0.1:{servers['allowed'].port}",
-                f"127.0.0.1:{servers['api'].port}",
-                f"127.0.0.1:{closed}",
-                f"127.0.0.1:{listed}",
-            ],
-            "egress_tcp_allow": [f"127.0.0.1:{listed}"],
-        }
+    yield from metering_proxy(
+        tmp_path_factory,
+        servers["model"].port,
+        # The control API's port is allowlisted too: it must stay refused all the same.
+        api_port=servers["api"].port,
+        egress_allow=[
+            f"127.0.0.1:{servers['allowed'].port}",
+            f"127.0.0.1:{servers['api'].port}",
+            f"127.0.0.1:{closed}",
+            f"127.0.0.1:{listed}",
+        ],
+        egress_tcp_allow=[f"127.0.0.1:{listed}"],
     )
-    open_ample(root.budget_counters, "p1", ["m1"])
-    with running_proxy(settings, root, key, mitmdump_argv(settings)) as proxy:
-        yield proxy
 
 
 def basic(proxy: Proxy, assignment: str) -> str:

@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
-from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy, serve
-
-from ledger.counters import open_ample
-from proxy.launch import mitmdump_argv
+from proxy_harness import Proxy, Upstream, metering_proxy, serve
 
 SPELLINGS = ["localhost", "LOCALHOST", "0.0.0.0", "127.1"]
 
@@ -31,10 +28,7 @@ def model_server() -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, model_server: Upstream) -> Iterator[Proxy]:
-    settings, root, key = proxy_settings(tmp_path_factory, model_server.port)
-    open_ample(root.budget_counters, "p1", ["m1"])
-    with running_proxy(settings, root, key, mitmdump_argv(settings)) as proxy:
-        yield proxy
+    yield from metering_proxy(tmp_path_factory, model_server.port)
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

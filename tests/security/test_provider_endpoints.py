@@ -15,11 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
-from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy, serve
-
-from ledger.counters import open_ample
-from proxy.launch import mitmdump_argv
-from secretstore import get_store
+from proxy_harness import Proxy, Upstream, metering_proxy, serve
 
 KEY = "sk-real-provider-key-for-endpoint-tests"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -33,15 +29,10 @@ def provider() -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, provider: Upstream) -> Iterator[Proxy]:
-    settings, root, key = proxy_settings(tmp_path_factory, model_port=1)
-    open_ample(root.budget_counters, "p1", ["m1"])
-    get_store("file", root).put("providers/openai", KEY)
-    argv = [
-        *mitmdump_argv(settings),
-        *("--set", f"autovibe_provider_hosts=127.0.0.1:{provider.port}=openai"),
-    ]
-    with running_proxy(settings, root, key, argv) as proxy:
-        yield proxy
+    hosts = f"autovibe_provider_hosts=127.0.0.1:{provider.port}=openai"
+    yield from metering_proxy(
+        tmp_path_factory, 1, "--set", hosts, secrets={"providers/openai": KEY}
+    )
 
 
 def keyed(provider: Upstream, path: str) -> list[str]:
