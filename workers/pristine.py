@@ -104,8 +104,16 @@ def restore(workspace: Path, baseline: Path, test_ids: Iterable[str]) -> Tamperi
     }
     root = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
+        # Bytecode caches are removed below, never flagged: running the tests makes them.
         current = dict(
-            _walk(root, "", lambda p: guarded(p, named) or (loaded_first(p) and p not in pristine))
+            _walk(
+                root,
+                "",
+                lambda p: (
+                    "__pycache__" not in p.split("/")
+                    and (guarded(p, named) or (loaded_first(p) and p not in pristine))
+                ),
+            )
         )
         tampered: dict[str, tuple[_Entry | None, _Entry | None]] = {}
         for path in sorted(set(pristine) | set(current)):
