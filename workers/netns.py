@@ -25,16 +25,16 @@ port (the model server), so `worker_env` rewrites loopback URLs to the gateway.
 
 Names: with the proxy's DNS listener (`dns_port`, mitmdump `--mode dns@PORT`), the worker's
 port-53 traffic, UDP and TCP, whatever server it is addressed to, is DNATed to that listener,
-and the namespace's resolv.conf names the gateway (`/etc/netns/<ns>/resolv.conf`, which
-`ip netns exec` mounts over /etc/resolv.conf; the sandbox binds it there too). The proxy
-resolves as its own host does and refuses unregistered sources; it answers only A and AAAA
-questions about names its egress policy allows (`proxy.addons.egress`; anything else is
-REFUSED), and a name it cannot resolve is answered NXDOMAIN at once. It also remembers which addresses it gave a worker for which name,
-so that an HTTPS connection to such an address is metered and keyed under that name
-(`proxy.addons.identity`). Without a DNS listener, or for anything else that is not TCP, the
-namespace refuses at once (the sender gets EPERM), so a lookup fails rather than times out
-and upstreams are reached by address (the model server through the gateway). TCP that is
-neither HTTP nor TLS is not relayed by the proxy unless its address is a listed raw-TCP
+and the namespace's resolv.conf names the gateway (`/etc/netns/<ns>/resolv.conf`, which `ip
+netns exec` mounts over /etc/resolv.conf; the sandbox binds it there too). The proxy resolves
+as its own host does and refuses unregistered sources; it answers only A and AAAA questions
+about names its egress policy allows (`proxy.addons.egress`; anything else is REFUSED), and a
+name it cannot resolve is answered NXDOMAIN at once. It also remembers which addresses it gave
+a worker for which name, so that an HTTPS connection to such an address is metered and keyed
+under that name (`proxy.addons.identity`). Without a DNS listener, or for anything else that is
+not TCP, the namespace refuses at once (the sender gets EPERM), so a lookup fails rather than
+times out and upstreams are reached by address (the model server through the gateway). TCP that
+is neither HTTP nor TLS is not relayed by the proxy unless its address is a listed raw-TCP
 exception (`AUTOVIBE_EGRESS_TCP_ALLOW`), as through a CONNECT tunnel in proxy mode.
 Needs root, `ip` (iproute2) and `iptables`.
 """
