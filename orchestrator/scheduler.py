@@ -224,7 +224,7 @@ class Scheduler:
             elif spec is not None and self.p.driver(config.driver, config.nomad).alive(spec):
                 continue
             else:
-                self._lost(a.id)
+                self._lost(a)
 
     def _launch(self, trial_id: str) -> None:
         with self.p.store.session() as s:
@@ -298,19 +298,9 @@ class Scheduler:
             self.judges.submit(assignment_id)
 
     # -- endings -------------------------------------------------------------------------------
-    def _lost(self, assignment_id: str) -> None:
-        attempts = self._attempts_of(assignment_id)
-        self.finish(
-            assignment_id,
-            {
-                "assignment": assignment_id,
-                "infra_error": f"runner died without a result (attempt {attempts})",
-            },
-        )
-
-    def _attempts_of(self, assignment_id: str) -> int:
-        with self.p.store.session() as s:
-            return s.get_one(Assignment, assignment_id).attempts
+    def _lost(self, a: Assignment) -> None:
+        detail = f"runner died without a result (attempt {a.attempts})"
+        self.finish(a.id, {"assignment": a.id, "infra_error": detail})
 
     def infra_failure(self, assignment_id: str, result: dict[str, Any]) -> InfraFailure | None:
         """Why this ending is the platform's failure and not the agent's, or None.
