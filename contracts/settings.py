@@ -22,6 +22,8 @@ SEPARATED = {
     "nomad_datacenters": ",",
 }
 """List settings written as one separated string in the environment (like PATH), not JSON."""
+SANDBOX_HOST_UID = 99999
+"""Default host uid (and gid) of sandboxed agents and tests when the platform runs as root."""
 
 
 class Settings(BaseSettings):
@@ -87,6 +89,9 @@ class Settings(BaseSettings):
     task_roots: Annotated[list[Path], NoDecode] = []
     """Folders a trial's `tasks[].repo` must lie in (symlinks resolved), os.pathsep-separated;
     empty: the repository's `examples/` and `<data root>/tasks`."""
+    sandbox_uid: int = Field(default=SANDBOX_HOST_UID, gt=0)
+    """Host uid and gid that sandboxed agents and tests run as when the worker runs as root
+    (`$AUTOVIBE_SANDBOX_UID`); pick one no account and no file on the host uses."""
     allow_unsandboxed: bool = False
     """Whether a trial may ask for `sandbox.kind: none` (its agent then runs as a plain
     subprocess of this host); off by default."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from contracts.config import Confidence, TrialConfig
+from contracts.config import Confidence, Egress, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
 from contracts.routing import write_policy
@@ -507,6 +507,9 @@ class Scheduler:
     def _spec(self, config: TrialConfig, trial_id: str, a: Assignment) -> AssignmentSpec:
         task = next(t for t in config.tasks if t.id == a.task_id)
         machine = a.machine or "m1"
+        # The credential carries the worker's egress lists: the proxy applies them per caller.
+        egress = self.p.catalog.egress
+        lists = egress.of_trial(config) if egress is not None else Egress()
         identity = MachineIdentity(
             project=config.project,
             trial=trial_id,
@@ -514,6 +517,8 @@ class Scheduler:
             machine=machine,
             expires=time.time() + task.timeout_s + CREDENTIAL_GRACE_S,
             task=task.id,
+            egress_allow=None if lists.allow is None else tuple(lists.allow),
+            egress_tcp_allow=None if lists.tcp_allow is None else tuple(lists.tcp_allow),
         )
         pair = self.p.catalog.models.pairs.get(a.model.split(":")[0])
         context = min(pair.normal.context, pair.thinking.context) if pair else None
@@ -532,6 +537,7 @@ class Scheduler:
                 processes=config.sandbox.processes,
                 tmp_mb=config.sandbox.tmp_mb,
                 workspace_mb=config.sandbox.workspace_mb,
+                host_uid=st.sandbox_uid,
                 hidden=[self.p.root.root],
                 # The agent's install folder (<data>/agents/<name>/) is under the hidden root.
                 read_only=[

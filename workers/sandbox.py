@@ -19,6 +19,10 @@ The worker gets no proxy variables; the proxy identifies it by its source addres
 proxy has a DNS listener, the namespace's resolv.conf (nameserver: the gateway) is bound at
 /etc/resolv.conf, so names resolve through the proxy.
 
+User: uid 1000 in a user namespace of its own, no capabilities. When the runner is root,
+bubblewrap itself is started as an unprivileged host user (`SandboxSpec.host_uid`, by
+`workers.sandbox_user`), so that uid 1000 is that user on the host, not root.
+
 Limits, what is really enforced: rlimits, set by `workers.sandbox_init` inside the sandbox
 (without capabilities nothing in there can raise them again). RLIMIT_AS caps each process's
 address space at `memory_mb` (virtual memory, per process, not the sum of all processes;
@@ -149,7 +153,8 @@ ETC_SECRETS = (
 )  # fmt: skip
 """Under /etc, hidden: password hashes, host keys, private keys, and our own configuration."""
 SANDBOX_UID = 1000
-"""uid and gid of the agent inside its user namespace (no capabilities, maps to the runner's)."""
+"""uid and gid of the agent inside its user namespace (no capabilities). Outside it maps to the
+runner's uid, or, when the runner is root, to `SandboxSpec.host_uid` (`workers.sandbox_user`)."""
 ENV_ALLOWED = frozenset({
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
     "http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -243,7 +248,7 @@ def bwrap_argv(
     """argv that runs `command` in `workspace` inside the sandbox, with only `writable` (the
     workspace, the output folder) writable: the proxy bridged in over `socket`, or, with a
     transparent `lease`, in that network namespace (no bridge), or `offline`: no network."""
-    argv = [*(lease.exec_prefix() if lease else []), "bwrap", *_root_argv(sandbox)]
+    argv = ["bwrap", *_root_argv(sandbox)]
     for path in writable:
         argv += ["--bind", str(path), str(path)]
     bridge = []
@@ -277,17 +282,37 @@ def bwrap_argv(
         "--",
         *command,
     ]  # fmt: skip
-    return argv
+    if os.geteuid() == 0:
+        shown = [*_platform_paths(), *sandbox.read_only]
+        if lease is not None and lease.resolv_conf is not None:
+            shown.append(lease.resolv_conf)
+        given = [*writable, *([socket] if socket is not None and bridge else [])]
+        argv = as_sandbox_user(sandbox.host_uid, given, shown, argv)
+    return [*(lease.exec_prefix() if lease else []), *argv]
+
+
+def as_sandbox_user(
+    uid: int, writable: list[Path], shown: list[Path], argv: list[str]
+) -> list[str]:
+    """`argv` (bubblewrap's) run by `workers.sandbox_user` as host uid:gid `uid` rather than as
+    root: `writable` (the workspace, the output folder, the bridge's socket) become its, and
+    the bind sources under folders it cannot search (`shown` too) are staged for it."""
+    prefix = [sys.executable, "-m", "workers.sandbox_user", "--uid", str(uid), "--gid", str(uid)]
+    for path in writable:
+        prefix += ["--writable", str(path)]
+    for path in shown:
+        prefix += ["--visible", str(path)]
+    return [*prefix, "--", *argv]
 
 
 @contextlib.contextmanager
 def process_limit(name: str, limit: int) -> Iterator[list[str]]:
     """argv prefix that puts the sandbox in a pids cgroup of its own capped at `limit`.
 
-    RLIMIT_NPROC (set by `workers.sandbox_init`) counts per user and the kernel exempts the
-    host's root, which the sandbox's uid maps to when the runner runs as root; the cgroup
-    bounds the sandbox whatever its uid. No writable pids hierarchy (not root): the rlimit
-    alone, which then holds (the sandbox's uid is the runner's own, not root).
+    RLIMIT_NPROC (set by `workers.sandbox_init`) counts the processes of the sandbox's uid in
+    its own user namespace; the cgroup also bounds what that count misses (threads of a
+    process that raced the limit, processes of other namespaces). No writable pids hierarchy
+    (not root): the rlimit alone.
     """
     folder = None
     for hierarchy in PIDS_CGROUPS:

@@ -26,9 +26,9 @@ _TCP_LISTEN = "0A"
 def set_limits(memory_mb: int, cpu_seconds: int, processes: int, file_mb: int) -> None:
     """Soft and hard alike: with no capabilities in the sandbox they can only go down.
 
-    RLIMIT_NPROC counts the processes of this user namespace's uid (the sandbox's own), but
-    the kernel does not apply it when that uid is the host's root: then the pids cgroup
-    (`workers.sandbox.process_limit`) is the bound. RLIMIT_FSIZE caps each file written.
+    RLIMIT_NPROC counts the processes of this user namespace's uid (the sandbox's own; never
+    the host's root, see `workers.sandbox_user`), beside the pids cgroup
+    (`workers.sandbox.process_limit`). RLIMIT_FSIZE caps each file written.
     """
     memory = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))

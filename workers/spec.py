@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from contracts.settings import SANDBOX_HOST_UID
+
 
 class SandboxSpec(BaseModel):
     """How the agent is confined (bubblewrap, `workers.sandbox`); the proxy is its only way out."""
@@ -37,6 +39,9 @@ class SandboxSpec(BaseModel):
     """The proxy's transparent listener (`--mode transparent@PORT`); needed for `transparent`."""
     dns_port: int | None = None
     """The proxy's DNS listener (`--mode dns@PORT`) for `transparent` workers; None: no names."""
+    host_uid: int = Field(default=SANDBOX_HOST_UID, gt=0)
+    """Host uid and gid bubblewrap runs as when the runner is root (`workers.sandbox_user`):
+    the sandbox's uid maps to it. From the server's settings, never from a trial."""
 
 
 class AssignmentSpec(BaseModel):

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from contracts.dataroot import DataRoot
-from contracts.settings import free_port
+from contracts.settings import SANDBOX_HOST_UID, free_port
 from workers import sandbox
 from workers.spec import AssignmentSpec, SandboxSpec
 
@@ -71,7 +71,12 @@ def hostile(tmp_path: Path, root: DataRoot) -> Any:
     (repo / "README.md").write_text("a task\n")
 
     def run(
-        attack: str, *args: str, timeout_s: int = 60, assignment: str = "", **limits: int
+        attack: str,
+        *args: str,
+        timeout_s: int = 60,
+        assignment: str = "",
+        read_only: list[Path] | None = None,
+        **limits: int,
     ) -> Run:
         assignment = assignment or f"a-{attack}-{uuid.uuid4().hex[:6]}"
         artifacts = DataRoot.ensure(root.assignment_dir("p", "t", assignment))
@@ -100,6 +105,7 @@ def hostile(tmp_path: Path, root: DataRoot) -> Any:
                 memory_mb=1024,
                 cpus=1.0,
                 hidden=[root.root],
+                read_only=read_only or [],
                 **limits,
             ),
         )
@@ -209,6 +215,25 @@ def test_a_host_process_cannot_be_signalled(hostile: Any) -> None:
         sleeper.wait()
     assert run.seen["kill"].startswith("ProcessLookupError"), run.log
     assert run.seen["uid"] == sandbox.SANDBOX_UID
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="as a user the runner starts bubblewrap as that user already"
+)
+def test_on_the_host_the_agent_is_an_unprivileged_user_not_root(
+    hostile: Any, tmp_path: Path
+) -> None:
+    # A root-only file the sandbox shows: mapped to root, the agent would own and read it.
+    private = tmp_path / "root-only.txt"
+    private.write_text("root only")
+    private.chmod(0o600)
+    run = hostile("identity", str(private), read_only=[private])
+    assert run.seen["uid"] == sandbox.SANDBOX_UID, run.log
+    assert run.seen[str(private)].startswith("PermissionError"), run.log
+    # What it writes is the sandbox user's on the host; the runner still reads it back.
+    assert (run.spec.workspace / "mine.txt").stat().st_uid == SANDBOX_HOST_UID
+    assert run.result["agent"]["exit_cause"] == "finished", run.result
+    assert run.result["grade"]["status"] in {"resolved", "unresolved"}, run.result
 
 
 def test_a_fork_bomb_is_bounded(hostile: Any) -> None:

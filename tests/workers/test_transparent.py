@@ -602,7 +602,8 @@ def test_a_sandbox_resolves_names_and_strangers_are_refused(
         timeout_s=60,
         lease=the_lease,
     )
-    assert argv[argv.index(str(the_lease.resolv_conf)) + 1] == "/etc/resolv.conf"
+    bwrap = argv[argv.index("bwrap") :]
+    assert bwrap[bwrap.index(str(the_lease.resolv_conf)) + 1] == "/etc/resolv.conf"
     done = subprocess.run(argv, env=bare_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])

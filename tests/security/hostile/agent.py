@@ -65,6 +65,13 @@ def kill(pid: str) -> dict[str, object]:
     return {"kill": attempt(lambda: os.kill(int(pid), signal.SIGKILL)), "uid": os.getuid()}
 
 
+def identity(*paths: str) -> dict[str, object]:
+    """Who the agent is inside and on the host; a file of its own; what it may read."""
+    Path("mine.txt").write_text("the agent's\n")
+    seen: dict[str, object] = {"uid": os.getuid(), "gid": os.getgid()}
+    return seen | {path: read(path) for path in paths}
+
+
 def forkbomb() -> dict[str, object]:
     children, error = 0, ""
     while children < 10_000:
