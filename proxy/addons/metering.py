@@ -4,7 +4,8 @@ the response, price from configs/prices.yaml.
 A call whose price is unknown is refused before it is forwarded (fail closed). Event streams
 and bodies of unknown length pass through chunk by chunk as they arrive, read on the way by a
 `proxy.usage.UsageMeter`; other answers are read whole. A successful response without usage,
-or a stream cut short, is charged by an estimate from its bytes, marked `estimated`, never zero.
+or a stream cut short, is charged by an estimate from its bytes, marked `estimated`, never zero;
+so is one whose usage says it read 0 input tokens (an upstream that does not count).
 
 The contract other addons rely on: once a flow is over — in the `response` and `error` hooks,
 whichever addon runs first — `metered(flow)` holds its final usage and cost.
@@ -327,6 +328,11 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
         facts.problem = facts.problem or meter.problem
     request_bytes = len(flow.request.raw_content or b"")
     usage = meter.usage if meter is not None and meter.complete else None
+    if usage is not None and usage.prompt_tokens <= 0:
+        # No LLM call reads zero input tokens (the chat template alone is some): an upstream
+        # that reports 0 does not count, and its call would be settled as free (litellm#37923).
+        facts.problem = facts.problem or "upstream reported 0 input tokens; usage estimated"
+        usage = None
     if usage is None:
         answered = response is not None and 200 <= response.status_code < 300
         # The request may have reached the provider before a failure: charge an estimate.

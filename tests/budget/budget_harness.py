@@ -5,7 +5,9 @@ The upstream stands in for a model server: `/v1/completions` answers with server
 completion tokens, the most a call may cost — so settled spend is as close to the budget as
 a real provider could push it. A request may script its own failure: `"fail": 500` answers an
 error, `"fail": "reset"` resets the connection (RST) after `reset_after` chunks of a stream;
-`"chunks"` and `"delay_s"` override the upstream's pace.
+`"chunks"` and `"delay_s"` override the upstream's pace; `"usage": "zero"` reports 0 tokens each
+way with the same content; `"held": true` waits for `Upstream.release` before answering, so a
+test can have every call admitted (or refused) before any of them ends.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from contracts.settings import Settings, free_port
 from proxy.launch import mitmdump_argv, wait_ready
 
 PROMPT_TOKENS = 11
+HOLD_TIMEOUT_S = 30
 
 PRICES_YAML = """\
 currency: USD
@@ -52,6 +55,10 @@ class Upstream:
     chunks: int = 4
     delay_s: float = 0.02
     seen: list[dict[str, Any]] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    """What a `"held": true` request waits for (at most HOLD_TIMEOUT_S) before answering."""
+    streamed: dict[str, int] = field(default_factory=dict)
+    """Chunks each streamed request (by prompt) got out before it ended or was hung up on."""
 
     @property
     def port(self) -> int:
@@ -78,7 +85,11 @@ class _Handler(BaseHTTPRequestHandler):
             "prompt_tokens": PROMPT_TOKENS,
             "completion_tokens": int(request.get("max_tokens", 16)),
         }
+        if request.get("usage") == "zero":
+            usage = {"prompt_tokens": 0, "completion_tokens": 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if request.get("held"):
+            up.release.wait(HOLD_TIMEOUT_S)
         if request.get("fail") == 500:
             body = json.dumps({"error": {"type": "server_error", "message": "scripted"}})
             self.send_response(500)
@@ -104,6 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        prompt = str(request.get("prompt"))
         try:
             for i in range(int(request.get("chunks", up.chunks))):
                 if request.get("fail") == "reset" and i == int(request.get("reset_after", 1)):
@@ -112,6 +124,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = {"id": "cmpl", "choices": [{"text": f" w{i}"}], "usage": None}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
+                up.streamed[prompt] = i + 1
                 time.sleep(delay)
             last = {"id": "cmpl", "choices": [], "usage": usage}
             self.wfile.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
@@ -172,7 +185,9 @@ class Proxy:
 
 
 def start_proxy(data: Path, configs: Path, upstream: Upstream, **options: object) -> Proxy:
-    """mitmdump with our addons, as the platform starts it, plus `--set` budget options."""
+    """mitmdump with our addons, as the platform starts it, plus `--set` options; each replaces
+    the platform's option of the same name (given twice, an addon's option is refused by
+    mitmproxy and left at its default)."""
     if not (configs / "prices.yaml").exists():
         configs.mkdir(parents=True, exist_ok=True)
         (configs / "prices.yaml").write_text(PRICES_YAML)
@@ -184,6 +199,9 @@ def start_proxy(data: Path, configs: Path, upstream: Upstream, **options: object
     key = load_or_create_key(root)
     argv = mitmdump_argv(settings)
     for name, value in options.items():
+        given = [i for i, arg in enumerate(argv) if arg.startswith(f"{name}=")]
+        for i in reversed(given):
+            del argv[i - 1 : i + 1]
         argv += ["--set", f"{name}={value}"]
     log = root.root / f"mitmdump-{settings.proxy_port}.log"
     with log.open("wb") as out:
