@@ -533,6 +533,20 @@ class ComputePrices(_Strict):
         )
 
 
+class UnitPrices(_Strict):
+    """One provider's prices of the endpoints billed by something other than chat tokens
+    (`proxy/endpoints.py` says which endpoint uses which), USD, by model."""
+
+    embeddings_per_mtok: dict[str, Money] = Field(default_factory=dict)
+    """Per million input tokens of `POST /v1/embeddings`."""
+    images_per_image: dict[str, dict[str, dict[str, Money]]] = Field(default_factory=dict)
+    """Per image of `POST /v1/images/generations`, by model, then quality, then size."""
+    speech_per_mchar: dict[str, Money] = Field(default_factory=dict)
+    """Per million input characters of `POST /v1/audio/speech`."""
+    transcription_per_minute: dict[str, Money] = Field(default_factory=dict)
+    """Per minute of audio of `POST /v1/audio/transcriptions`, billed to the second."""
+
+
 class PriceCatalog(_Strict):
     currency: Literal["USD"] = "USD"
     fx: dict[Currency, Decimal]
@@ -543,6 +557,8 @@ class PriceCatalog(_Strict):
     """Local models (by served name) priced from compute cost."""
     compute: ComputePrices = Field(default_factory=ComputePrices)
     """Worker VM-hours (GPU-hours of local models are in `local`, apportioned by tokens)."""
+    units: dict[str, UnitPrices] = Field(default_factory=dict)
+    """Per provider: embeddings, images, speech and transcription (`UnitPrices`)."""
     _local_prices: dict[str, TokenPrice] = PrivateAttr(default_factory=dict)
     """Derived local prices of the names asked so far (priced ones only: a request names any
     model it likes), because every proxied call asks several times."""

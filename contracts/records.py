@@ -27,6 +27,11 @@ class Usage(BaseModel):
     """Part of `prompt_tokens` written to the provider's prompt cache (Anthropic)."""
     cache_read_tokens: int = 0
     """Part of `prompt_tokens` read from the provider's prompt cache (cheaper)."""
+    unit: Literal["image", "character", "second"] | None = None
+    """What a call priced by neither chat nor embedding tokens was priced by; None otherwise."""
+    units: int = 0
+    """How many `unit`s the call was charged for (images made, input characters spoken,
+    seconds of audio transcribed)."""
 
 
 class Body(BaseModel):

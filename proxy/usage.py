@@ -11,6 +11,9 @@ Four API shapes are understood:
 - Anthropic Messages (`/v1/messages`): `usage` in the body, or `message_start` (input and
   cache tokens) then `message_delta` (cumulative output tokens).
 
+A meter made with no API (`None`) reads no usage: it keeps a plain body's JSON object in
+`document`, for the endpoints priced per unit (`proxy.endpoints`).
+
 Whatever arrives — broken JSON, a cut stream, an undecodable body — the meter never raises;
 it says what went wrong in `problem` and leaves `complete` false, so the caller estimates.
 """
@@ -30,14 +33,6 @@ from contracts.records import Usage
 
 Api = Literal["openai_chat", "openai_completions", "openai_responses", "anthropic_messages"]
 
-API_PATHS: dict[str, Api] = {
-    "/v1/chat/completions": "openai_chat",
-    "/v1/completions": "openai_completions",
-    "/v1/responses": "openai_responses",
-    "/v1/messages": "anthropic_messages",
-}
-"""The LLM calls the proxy meters, by request path."""
-
 PARSE_LIMIT = 8 * 1024 * 1024
 """Decoded bytes of a plain (non-event) body kept to read its usage; beyond it, estimate."""
 LINE_LIMIT = 1024 * 1024
@@ -56,7 +51,7 @@ _USAGE_NULL = re.compile(rb'"usage"\s*:\s*null')
 class UsageMeter:
     """Reads usage from one response's raw bytes, fed in order; never raises."""
 
-    def __init__(self, api: Api, content_type: str = "", content_encoding: str = "") -> None:
+    def __init__(self, api: Api | None, content_type: str = "", content_encoding: str = "") -> None:
         self.api = api
         self.events = content_type.lower().startswith("text/event-stream")
         self.raw_bytes = 0
@@ -69,6 +64,8 @@ class UsageMeter:
         """The usage the server reported; partial until `complete`."""
         self.complete = False
         """True once the server's final usage has been read."""
+        self.document: dict[str, Any] | None = None
+        """A plain body's JSON object, kept when the meter reads no usage (`api` None)."""
         self.problem: str | None = None
         """The first thing that went wrong reading the response, for the capture record."""
         self._decoder = _decoder(content_encoding)
@@ -183,6 +180,9 @@ class UsageMeter:
 
     def _take_body(self, doc: dict[str, Any]) -> None:
         self.response_id = _str(doc.get("id"))
+        if self.api is None:
+            self.document = doc
+            return
         usage = usage_of(self.api, doc.get("usage"))
         if usage is not None:
             self.usage, self.complete = usage, True
@@ -192,6 +192,8 @@ class UsageMeter:
     def _take_event(self, event: str | None, doc: dict[str, Any]) -> None:
         if event == "error":
             self._note(f"upstream error event: {_error_kind(doc.get('error'))}")
+            return
+        if self.api is None:
             return
         if self.api == "anthropic_messages":
             self._take_anthropic(event, doc)
@@ -216,7 +218,7 @@ class UsageMeter:
             message = doc.get("message")
             if isinstance(message, dict):
                 self.response_id = _str(message.get("id"))
-                self.usage = usage_of(self.api, message.get("usage"))
+                self.usage = usage_of("anthropic_messages", message.get("usage"))
         elif event == "message_delta":
             delta = doc.get("usage")
             if not isinstance(delta, dict):
@@ -231,7 +233,7 @@ class UsageMeter:
                 "cache_read_input_tokens": start.cache_read_tokens,
             }
             merged = {**known, **{k: v for k, v in delta.items() if v is not None}}
-            usage = usage_of(self.api, merged)
+            usage = usage_of("anthropic_messages", merged)
             if usage is not None:
                 self.usage, self.complete = usage, True
 

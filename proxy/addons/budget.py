@@ -1,10 +1,11 @@
-"""Reserve, then settle: no LLM call is forwarded unless every budget it is charged to can pay
-for the most it could cost, and every call that was let through is settled exactly once.
+"""Reserve, then settle: no metered call is forwarded unless every budget it is charged to can
+pay for the most it could cost, and every call that was let through is settled exactly once.
 
 Runs after metering in the addon list (metering named the provider, the model and the price
 catalogue). The scopes of a call: the project budget, the machine's daily allowance and,
 when the task has one, the task's cap. A call without `max_tokens` has it written in, capped
-at what the tightest scope can still pay and at `autovibe_budget_max_tokens`. Refusals are
+at what the tightest scope can still pay and at `autovibe_budget_max_tokens`; a call priced
+per unit (images, characters, seconds: `proxy.endpoints`) reserves its quote's most. Refusals are
 402 with the scope, what is left and when it resets; an unreachable counter store refuses
 everything (503). Ends: `response` and `error` settle with metering's actual cost, written
 with the next reservation (one transaction for both) or just after the hook, so the answer
@@ -59,7 +60,7 @@ from ledger.counters import (
 from ledger.counters.sweeper import sweep_orphans
 from proxy.addons import dataroot
 from proxy.addons.identity import identity_of
-from proxy.addons.metering import Metered, is_llm_call, metered
+from proxy.addons.metering import Metered, metered
 from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import fail_closed, refuse
 from proxy.output_cap import output_cap
@@ -269,14 +270,14 @@ class Budget:
     # -- reserve -----------------------------------------------------------------------------
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not is_llm_call(flow):
+        if flow.response is not None:
             return
         facts, identity = metered(flow), identity_of(flow)
         if facts is None or facts.model is None or identity is None:
-            return
+            return  # metering names the model of every call it prices, and only of those
         assert self.store is not None and facts.prices is not None
-        price = facts.prices.price(facts.provider, facts.model)
-        assert price is not None, "metering refuses calls it cannot price"
+        price = None if facts.quote else facts.prices.price(facts.provider, facts.model)
+        assert price is not None or facts.quote, "metering refuses calls it cannot price"
         try:
             self._reserve(flow, identity, facts, price)
         except CounterStoreUnavailable as exc:
@@ -291,7 +292,11 @@ class Budget:
             )  # fmt: skip
 
     def _reserve(
-        self, flow: http.HTTPFlow, identity: MachineIdentity, facts: Metered, price: TokenPrice
+        self,
+        flow: http.HTTPFlow,
+        identity: MachineIdentity,
+        facts: Metered,
+        price: TokenPrice | None,
     ) -> None:
         assert self.store is not None and facts.prices is not None
         project = identity.project
@@ -301,10 +306,9 @@ class Budget:
             names.append(task_scope(identity.trial, identity.task))
         body = flow.request.get_content(strict=False) or b""
         doc = facts.request_doc if facts.request_doc is not None else _json_object(body)
-        assert facts.api is not None, "metering names the API of every call it prices"
-        wanted = output_cap(facts.api, doc, facts.provider)
-        asked = wanted.asked
-        capped = asked is not None
+        wanted = None if facts.api is None else output_cap(facts.api, doc, facts.provider)
+        asked = wanted.asked if wanted is not None else None
+        capped = wanted is None or asked is not None
         states: list[ScopeState] = []
         for name in names:
             # Without max_tokens the cap needs what is left now: described fresh.
@@ -322,25 +326,35 @@ class Budget:
             })  # fmt: skip
             return
         fx = facts.prices.fx[currency]
-        prompt_tokens = len(body) + PROMPT_MARGIN_TOKENS  # a token is at least one byte
-        choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
-        per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M tokens
-        if asked is not None:
-            completion_tokens = asked * choices
+        if facts.quote is not None:
+            # Priced per unit (proxy.endpoints): the most it may cost is known from the
+            # request, which goes on unchanged.
+            amount = facts.quote.most_usd * fx
+            prompt_tokens = facts.quote.most if facts.quote.unit == "token" else 0
+            completion_tokens = 0
         else:
-            tightest = min(states, key=lambda s: s.left)
-            affordable = (tightest.left * 1_000_000 - per_in * prompt_tokens) / per_out
-            cap = (
-                min(self.ceiling, math.floor(affordable / choices)) if per_out > 0 else self.ceiling
-            )
-            if cap < 1:
-                self._exhausted(flow, Refused(tightest.scope, tightest.left, currency,
-                                              tightest.resets_at))  # fmt: skip
-                return
-            doc[wanted.field] = cap
-            flow.request.set_content(json.dumps(doc).encode())
-            completion_tokens = cap * choices
-        amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
+            assert price is not None and wanted is not None
+            prompt_tokens = len(body) + PROMPT_MARGIN_TOKENS  # a token is at least one byte
+            choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
+            per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M
+            if asked is not None:
+                completion_tokens = asked * choices
+            else:
+                tightest = min(states, key=lambda s: s.left)
+                affordable = (tightest.left * 1_000_000 - per_in * prompt_tokens) / per_out
+                cap = (
+                    min(self.ceiling, math.floor(affordable / choices))
+                    if per_out > 0
+                    else self.ceiling
+                )
+                if cap < 1:
+                    self._exhausted(flow, Refused(tightest.scope, tightest.left, currency,
+                                                  tightest.resets_at))  # fmt: skip
+                    return
+                doc[wanted.field] = cap
+                flow.request.set_content(json.dumps(doc).encode())
+                completion_tokens = cap * choices
+            amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
         scopes = tuple(s.scope for s in states)
         # No query string in the note: it may carry a key, and the counter store is not redacted.
         note = {

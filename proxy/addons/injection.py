@@ -4,11 +4,11 @@ Known providers (api.openai.com, api.anthropic.com, and `autovibe_provider_hosts
 key from the secret store at `providers/<name>`. The worker never holds it; a call to a known
 provider without a stored key is refused (502), not forwarded with the placeholder.
 
-Only calls the proxy meters get the key (the LLM APIs of `proxy.usage.API_PATHS`), and the
-few endpoints that cost nothing (`FREE_ENDPOINTS`): embeddings, images, audio, batches, files
-and the like are billed to the organisation while no counter moves, so they are refused (403
-`endpoint_not_metered`) until they have a pricing rule. The public providers' hosts get their
-key only over TLS; an operator's own `autovibe_provider_hosts` entry may be plain HTTP.
+Only calls the proxy meters or lets through free get the key: the provider's endpoint table
+(`proxy.endpoints`) decides, the one metering prices by. Metering refuses the rest first (403
+`endpoint_not_metered`); the check here is the last one before the key goes in. The public
+providers' hosts get their key only over TLS; an operator's own `autovibe_provider_hosts`
+entry may be plain HTTP.
 """
 
 from __future__ import annotations
@@ -22,25 +22,14 @@ from mitmproxy.addonmanager import Loader
 from contracts.secrets import SecretNotFound, SecretStoreError
 from proxy.addons import dataroot
 from proxy.addons.identity import identity_of
-from proxy.addons.metering import CLOUD_HOSTS, llm_api, parse_provider_hosts
+from proxy.addons.metering import CLOUD_HOSTS, not_metered, parse_provider_hosts
 from proxy.addons.redaction import SecretCache, open_store
 from proxy.addons.refusal import fail_closed, refuse
-from proxy.usage import API_PATHS
+from proxy.endpoints import endpoint_of
 
 log = logging.getLogger(__name__)
 
 OPTION = "autovibe_provider_hosts"
-FREE_ENDPOINTS = ("GET /v1/models", "GET /v1/models/<id>", "POST /v1/messages/count_tokens")
-"""Provider endpoints that cost nothing, keyed without metering; every other endpoint that is
-not a metered LLM call is refused before the key is put in."""
-
-
-def free_endpoint(method: str, path: str) -> bool:
-    if method == "GET":
-        return path == "/v1/models" or (path.startswith("/v1/models/") and path.count("/") == 3)
-    return method == "POST" and path == "/v1/messages/count_tokens"
-
-
 SECRET_PREFIX = "providers/"
 
 
@@ -83,20 +72,10 @@ class Injection:
         if provider is None:
             return
         method, path = flow.request.method, urlsplit(flow.request.path).path
-        if llm_api(flow) is None and not free_endpoint(method, path):
+        endpoint = endpoint_of(provider, method, path)
+        if endpoint is None or endpoint.rule == "refused":
             # Billed to the organisation while no counter moves: no key, no call.
-            refuse(
-                flow,
-                403,
-                {
-                    "error": "endpoint_not_metered",
-                    "provider": provider,
-                    "endpoint": f"{method} {path}",
-                    "detail": f"{method} {path} at {provider} has no pricing rule, so the proxy "
-                    "refuses it and never sends the key with it; metered: POST "
-                    f"{', '.join(sorted(API_PATHS))}; free: {', '.join(FREE_ENDPOINTS)}",
-                },
-            )
+            refuse(flow, 403, not_metered(provider, method, path, endpoint))
             return
         if flow.request.host.lower() in CLOUD_HOSTS and flow.request.scheme != "https":
             refuse(

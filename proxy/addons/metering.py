@@ -1,7 +1,11 @@
-"""What an LLM call costs: provider from the destination, model from the request, usage from
-the response, price from configs/prices.yaml.
+"""What a call to a provider costs: provider from the destination, endpoint and its pricing
+rule from `proxy.endpoints`, model from the request, usage from the response, price from
+configs/prices.yaml.
 
-A call whose price is unknown is refused before it is forwarded (fail closed). Event streams
+An endpoint the provider's table does not meter is refused (403 `endpoint_not_metered`), and a
+call whose price is unknown is refused (402 `unknown_price`), before either is forwarded (fail
+closed). Calls priced per unit (embeddings, images, speech, transcription) are quoted from the
+request (`proxy.endpoints.quote`) and charged from the answer (`served`). Event streams
 and bodies of unknown length pass through chunk by chunk as they arrive, read on the way by a
 `proxy.usage.UsageMeter`; other answers are read whole. A successful response without usage,
 or a stream cut short, is charged by an estimate from its bytes, marked `estimated`, never zero;
@@ -32,18 +36,31 @@ from contracts.records import Usage
 from contracts.settings import Settings
 from proxy.addons.refusal import fail_closed, refuse, refused
 from proxy.addresses import ModelPlane
+from proxy.endpoints import (
+    Endpoint,
+    Quote,
+    Unmeterable,
+    Unpriced,
+    allowed,
+    endpoint_of,
+    quote,
+    served,
+)
+from proxy.endpoints import llm_api as api_of
 from proxy.output_cap import output_cap
-from proxy.usage import API_PATHS, PARSE_LIMIT, Api, UsageMeter
+from proxy.usage import PARSE_LIMIT, Api, UsageMeter
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "autovibe.metering"
-LLM_PATHS = frozenset(API_PATHS)
 CLOUD_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic"}
 INCLUDE_USAGE_PROVIDERS = frozenset({"openai", "local"})
 """Providers whose chat/completions streams send usage when asked (stream_options)."""
 BYTES_PER_TOKEN = 4
 """Rough size of a token on the wire, for responses that report no usage."""
+AUDIO_MAX_SECONDS = 1500
+"""Default of `autovibe_audio_max_seconds`: OpenAI's limit on the audio of one transcription
+by its gpt-4o models (whisper-1 takes files of up to 25 MB)."""
 
 
 @dataclass
@@ -52,7 +69,11 @@ class Metered:
 
     provider: str
     model: str | None = None
+    endpoint: Endpoint | None = None
+    """The provider's declared endpoint the request called, once let through."""
     api: Api | None = None
+    quote: Quote | None = None
+    """The price of a call metered per unit (images, characters, …); None for LLM calls."""
     response_id: str | None = None
     streamed: bool = False
     """The response passed through chunk by chunk, not read whole first."""
@@ -163,6 +184,7 @@ class Metering:
         self.prices: PriceCatalog | None = None
         self.model_plane = ModelPlane(())
         self.provider_hosts: dict[tuple[str, int], str] = {}
+        self.audio_max_seconds = AUDIO_MAX_SECONDS
 
     def load(self, loader: Loader) -> None:
         defaults = Settings.model_fields
@@ -178,6 +200,13 @@ class Metering:
             default=f"{defaults['host'].default}:{defaults['model_port'].default}",
             help="Comma-separated host:port of the local model plane; calls there are "
             "metered as provider `local`.",
+        )
+        loader.add_option(
+            name="autovibe_audio_max_seconds",
+            typespec=int,
+            default=AUDIO_MAX_SECONDS,
+            help="Seconds of audio a transcription is reserved for (its length is known only "
+            "from the answer); a longer one is charged in full when it settles.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -197,6 +226,13 @@ class Metering:
                 self.provider_hosts = parse_provider_hosts(ctx.options.autovibe_provider_hosts)
             except ValueError as exc:
                 raise exceptions.OptionsError(f"autovibe_provider_hosts: {exc}") from exc
+        if "autovibe_audio_max_seconds" in updated:
+            if ctx.options.autovibe_audio_max_seconds < 1:
+                raise exceptions.OptionsError(
+                    "autovibe_audio_max_seconds must be at least 1, got "
+                    f"{ctx.options.autovibe_audio_max_seconds}"
+                )
+            self.audio_max_seconds = ctx.options.autovibe_audio_max_seconds
         if "autovibe_model_hosts" in updated:
             try:
                 self.model_plane = ModelPlane(parse_model_hosts(ctx.options.autovibe_model_hosts))
@@ -218,9 +254,22 @@ class Metering:
             return
         facts = Metered(provider=provider)
         flow.metadata[METADATA_KEY] = facts
-        api = llm_api(flow)
-        if api is None:
+        method, path = flow.request.method, urlsplit(flow.request.path).path
+        endpoint = endpoint_of(provider, method, path)
+        if provider == "local":
+            # The model plane holds no key and is paid by the hour: only its LLM APIs count.
+            if endpoint is None or endpoint.api is None:
+                return
+        elif endpoint is None or endpoint.rule == "refused":
+            refuse(flow, 403, not_metered(provider, method, path, endpoint))
             return
+        facts.endpoint = endpoint
+        if endpoint.rule == "free":
+            return
+        if endpoint.api is None:
+            self._quote(flow, facts, endpoint)
+            return
+        api = endpoint.api
         doc = _request_doc(flow.request.get_content(strict=False) or b"")
         model = doc.get("model") if doc is not None else None
         if not isinstance(model, str) or not model:
@@ -236,6 +285,15 @@ class Metering:
             return
         facts.model, facts.api, facts.prices, facts.request_doc = model, api, self.prices, doc
         assert self.prices is not None and doc is not None
+        if api == "openai_responses" and doc.get("background") is True:
+            # Answered at once without usage; the tokens are generated, and billed, later.
+            refusal = not_metered(provider, method, path, endpoint)
+            refusal["detail"] = (
+                "a background response is generated after its call has ended, outside any "
+                "call the proxy sees, so it cannot be metered; send it without `background`"
+            )
+            refuse(flow, 403, refusal)
+            return
         if self.prices.price(provider, model) is None:
             refuse(
                 flow,
@@ -257,10 +315,44 @@ class Metering:
             flow.request.content = json.dumps(doc).encode()
             facts.usage_requested = True
 
+    def _quote(self, flow: http.HTTPFlow, facts: Metered, endpoint: Endpoint) -> None:
+        """Price a call metered per unit from its request, or refuse it."""
+        assert self.prices is not None
+        body = flow.request.get_content(strict=False) or b""
+        form = endpoint.rule == "audio_seconds"
+        doc = _form_fields(flow) if form else _request_doc(body)
+        try:
+            facts.quote = quote(
+                endpoint.rule, facts.provider, doc, len(body), self.prices, self.audio_max_seconds
+            )
+        except Unmeterable as exc:
+            refuse(flow, 400, {
+                "error": "unmeterable_request",
+                "endpoint": endpoint.name,
+                "detail": f"{exc}; the proxy refuses what it cannot meter",
+            })  # fmt: skip
+            return
+        except Unpriced as exc:
+            model = doc.get("model") if doc is not None else None
+            refuse(flow, 402, {
+                "error": "unknown_price",
+                "provider": facts.provider,
+                "model": model if isinstance(model, str) else None,
+                "detail": f"{exc} in prices.yaml; the proxy refuses what it cannot meter",
+            })  # fmt: skip
+            return
+        facts.model, facts.prices = facts.quote.model, self.prices
+        facts.request_doc = None if form else doc
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         facts = metered(flow)
         response = flow.response
-        if facts is None or facts.api is None or refused(flow) or response is None:
+        if facts is None or facts.model is None or refused(flow) or response is None:
+            return
+        if facts.quote is not None and facts.quote.fixed:
+            # Its units are known from the request: the answer (audio) passes unread, counted.
+            facts.streamed = True
+            response.stream = _counted(facts)
             return
         content_type = response.headers.get("Content-Type", "")
         facts.meter = UsageMeter(
@@ -308,6 +400,18 @@ def _pass_through(flow: http.HTTPFlow, facts: Metered) -> Callable[[bytes], byte
     return chunk_seen
 
 
+def _counted(facts: Metered) -> Callable[[bytes], bytes]:
+    """The `response.stream` callable of an answer passed on unread: it only counts bytes."""
+
+    def chunk_seen(chunk: bytes) -> bytes:
+        if chunk and facts.first_chunk_at is None:
+            facts.first_chunk_at = time.time()
+        facts.response_bytes += len(chunk)
+        return chunk
+
+    return chunk_seen
+
+
 def _is_over(flow: http.HTTPFlow) -> bool:
     return flow.error is not None or (
         flow.response is not None and flow.response.timestamp_end is not None
@@ -316,7 +420,7 @@ def _is_over(flow: http.HTTPFlow) -> bool:
 
 def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
     facts.final = True
-    if facts.model is None or facts.api is None or refused(flow):
+    if facts.model is None or refused(flow):
         return
     response, meter = flow.response, facts.meter
     if meter is not None:
@@ -327,6 +431,9 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
         facts.response_bytes = meter.raw_bytes
         facts.problem = facts.problem or meter.problem
     request_bytes = len(flow.request.raw_content or b"")
+    if facts.quote is not None:
+        _charge_units(flow, facts, facts.quote, request_bytes)
+        return
     usage = meter.usage if meter is not None and meter.complete else None
     if usage is not None and usage.prompt_tokens <= 0:
         # No LLM call reads zero input tokens (the chat template alone is some): an upstream
@@ -350,6 +457,24 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
     _charge(facts, usage)
 
 
+def _charge_units(flow: http.HTTPFlow, facts: Metered, quote: Quote, request_bytes: int) -> None:
+    """Charge a call priced per unit for what its answer says was served."""
+    response = flow.response
+    answered = response is not None and 200 <= response.status_code < 300
+    reached = flow.error is not None and flow.server_conn.timestamp_tcp_setup is not None
+    if not (answered or reached):
+        return  # a provider charges for answers, not for refusals
+    meter = facts.meter
+    answer = meter.document if meter is not None and answered else None
+    units, estimated = served(quote, answer, request_bytes)
+    unit = quote.unit
+    if unit == "token":
+        usage = Usage(prompt_tokens=units, total_tokens=units, estimated=estimated)
+    else:
+        usage = Usage(unit=unit, units=units, estimated=estimated)
+    facts.usage, facts.cost_usd = usage, quote.cost_usd(units)
+
+
 def _charge(facts: Metered, usage: Usage | None) -> None:
     facts.usage = usage
     if usage is None:
@@ -368,14 +493,26 @@ def _charge(facts: Metered, usage: Usage | None) -> None:
 
 
 def llm_api(flow: http.HTTPFlow) -> Api | None:
-    """Which LLM API a request calls, or None when it is no metered call."""
-    if flow.request.method != "POST":
-        return None
-    return API_PATHS.get(urlsplit(flow.request.path).path)
+    """Which LLM API a request calls, or None when it is no LLM call."""
+    return api_of(flow.request.method, urlsplit(flow.request.path).path)
 
 
-def is_llm_call(flow: http.HTTPFlow) -> bool:
-    return llm_api(flow) is not None
+def not_metered(provider: str, method: str, path: str, endpoint: Endpoint | None) -> dict[str, str]:
+    """The body of the 403 for an endpoint the provider's table does not meter."""
+    why = endpoint.why if endpoint is not None else "not declared"
+    return {
+        "error": "endpoint_not_metered",
+        "provider": provider,
+        "endpoint": f"{method} {path}",
+        "detail": f"{method} {path} at {provider} has no pricing rule ({why}), so the proxy "
+        f"refuses it and never sends the key with it; metered or free: {allowed(provider)}",
+    }
+
+
+def _form_fields(flow: http.HTTPFlow) -> dict[str, Any]:
+    """The `model` of a multipart form (an audio upload), its file left undecoded."""
+    model = flow.request.multipart_form.get(b"model")
+    return {"model": model.decode("utf-8", "replace")} if isinstance(model, bytes) else {}
 
 
 def _request_doc(body: bytes) -> dict[str, Any] | None:

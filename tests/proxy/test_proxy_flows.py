@@ -53,6 +53,8 @@ def test_metered_call_is_spooled_with_identity_and_cost(
         "estimated": False,
         "cache_creation_tokens": 0,
         "cache_read_tokens": 0,
+        "unit": None,
+        "units": 0,
     }
     assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
     assert record.cost_usd > 0
@@ -174,6 +176,8 @@ def test_streamed_usage_is_read_from_the_events(
         "estimated": False,
         "cache_creation_tokens": 0,
         "cache_read_tokens": 0,
+        "unit": None,
+        "units": 0,
     }
     assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
 

@@ -534,6 +534,8 @@ def test_anthropic_messages_stream_and_body_with_cache_tokens(
         "estimated": False,
         "cache_creation_tokens": 4,
         "cache_read_tokens": 6,
+        "unit": None,
+        "units": 0,
     }
     assert flow.response_id == "msg_1"
     assert flow.cost_usd == prices.cost_usd("local", "tiny", 20, 15, cache_read=6, cache_write=4)
