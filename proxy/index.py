@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contracts.dataroot import DataRoot
 from contracts.records import Body, FlowRecord, WebSocket
 from proxy.spool import FILE_NAME
 
@@ -169,6 +170,14 @@ class _DecimalSum:
 
 class TrafficIndex:
     """The SQLite traffic store at `path`; safe to share between threads and processes."""
+
+    @classmethod
+    def in_root(cls, root: DataRoot, **options: Any) -> TrafficIndex:
+        """The traffic stores' one constructor (`proxy.stores`): `traffic-index.sqlite` of
+        `root`; this store has no options."""
+        if options:
+            raise TypeError(f"the sqlite store takes no options, got {sorted(options)}")
+        return cls(root.traffic_index)
 
     def __init__(self, path: Path, *, body_max: int = DEFAULT_BODY_MAX) -> None:
         self.path = path

@@ -7,10 +7,10 @@ Adapters are imported only when picked, so the SQLite store never loads elastics
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from contracts.adapters import resolve
 from contracts.dataroot import DataRoot
 
 DEFAULT = "sqlite"
@@ -27,33 +27,15 @@ class TrafficStore(Protocol):
     def close(self) -> None: ...
 
 
-class UnknownStore(ValueError):
-    """A store name that is not one of `STORES`."""
-
-
-def _sqlite(root: DataRoot, **options: Any) -> TrafficStore:
-    from proxy.index import TrafficIndex
-
-    if options:
-        raise TypeError(f"the sqlite store takes no options, got {sorted(options)}")
-    return TrafficIndex(root.traffic_index)
-
-
-def _elasticsearch(root: DataRoot, **options: Any) -> TrafficStore:
-    from proxy.es_shipper import ElasticsearchShipper
-
-    return ElasticsearchShipper.in_root(root, **options)
-
-
-STORES: dict[str, Callable[..., TrafficStore]] = {
-    "sqlite": _sqlite,
-    "elasticsearch": _elasticsearch,
+STORES = {
+    "sqlite": "proxy.index:TrafficIndex",
+    "elasticsearch": "proxy.es_shipper:ElasticsearchShipper",
 }
-"""Short name → factory taking the data root and the adapter's own options."""
+"""Short name → store class; each is built by `in_root(root, **its own options)`."""
 
 
 def get_store(name: str, root: DataRoot, **options: Any) -> TrafficStore:
-    """The store called `name` for the data root `root` (`elasticsearch` needs `url=`)."""
-    if name not in STORES:
-        raise UnknownStore(f"unknown traffic store {name!r}: use one of {', '.join(STORES)}")
-    return STORES[name](root, **options)
+    """The store called `name` (or an operator's dotted path) for the data root `root`
+    (`elasticsearch` needs `url=`); `contracts.adapters.UnknownAdapter` lists the names."""
+    store: TrafficStore = resolve("traffic store", name, STORES).in_root(root, **options)
+    return store

@@ -10,20 +10,20 @@ Adapters are imported only when picked, so the file store never loads hvac.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from contracts.adapters import resolve
 from contracts.dataroot import DataRoot
-from contracts.secrets import FieldCipher, SecretStore, SecretStoreError
+from contracts.secrets import FieldCipher, SecretStore
 from contracts.settings import Settings
 
 STORES = {
-    "file": "secretstore.file.FileSecretStore",
-    "vault": "secretstore.vault.VaultSecretStore",
+    "file": "secretstore.file:FileSecretStore",
+    "vault": "secretstore.vault:VaultSecretStore",
 }
-"""Short name → adapter class."""
+"""Short name → adapter class; each is built by `from_env(env, root)`."""
 
 STORE_ENV = (
     "VAULT_ADDR",
@@ -41,12 +41,7 @@ DEFAULT = "file"
 
 
 def _adapter(name: str, source: str = "") -> Any:
-    if name not in STORES:
-        raise SecretStoreError(
-            f"unknown secret store {name!r}{source}: use one of {', '.join(sorted(STORES))}"
-        )
-    module, _, cls = STORES[name].rpartition(".")
-    return getattr(importlib.import_module(module), cls)
+    return resolve("secret store", name, STORES, source=source)
 
 
 def get_store(name: str, *args: Any, **options: Any) -> SecretStore:

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from contracts.adapters import UnknownAdapter
 from contracts.dataroot import DataRoot
 from contracts.secrets import SecretStore, SecretStoreError, mask
 from contracts.settings import Settings
@@ -34,7 +35,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 def _store() -> SecretStore:
     try:
         return store_from_env()
-    except SecretStoreError as exc:
+    except (SecretStoreError, UnknownAdapter) as exc:
         raise _fail(str(exc)) from exc
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from contracts.adapters import resolve
 from contracts.config import NomadCluster
 from workers.spec import AssignmentSpec
 
@@ -24,14 +25,15 @@ class WorkerDriver(Protocol):
         ...
 
 
+DRIVERS = {
+    "local": "workers.local:LocalDriver",
+    "nomad": "workers.nomad:NomadDriver",
+}
+"""Short name -> driver class; each is built with the cluster (`None`: local, or NOMAD_*)."""
+
+
 def get_driver(name: str, nomad: NomadCluster | None = None) -> WorkerDriver:
-    """The driver by its short name; `nomad` uses the given cluster, else the NOMAD_* defaults."""
-    if name == "local":
-        from workers.local import LocalDriver
-
-        return LocalDriver()
-    if name == "nomad":
-        from workers.nomad import NomadDriver
-
-        return NomadDriver(nomad)
-    raise KeyError(f"unknown worker driver {name!r}; allowed: local, nomad")
+    """The driver by its short name (or an operator's dotted path); `nomad` is the cluster the
+    driver places on, else the NOMAD_* defaults (the local driver places nothing)."""
+    driver: WorkerDriver = resolve("worker driver", name, DRIVERS)(nomad)
+    return driver

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from contracts.config import NomadCluster
 from contracts.dataroot import atomic_write, open_log, read_untrusted, write_secret_file
 from contracts.processes import cmdline, group_members
 from contracts.settings import PROJECT_ROOT
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 class LocalDriver:
     name = "local"
 
-    def __init__(self, tmux: bool | None = None) -> None:
+    def __init__(self, cluster: NomadCluster | None = None, *, tmux: bool | None = None) -> None:
+        """`cluster`: the drivers' one constructor (`workers.driver`); local places nothing."""
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self.tmux = shutil.which("tmux") is not None if tmux is None else tmux
         """Run runners in tmux sessions; None: when tmux is installed."""

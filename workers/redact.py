@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from contracts.adapters import UnknownAdapter
 from contracts.dataroot import atomic_write
 from contracts.secrets import SecretStoreError, redact_text, redactable
 from contracts.settings import Settings
@@ -52,7 +53,7 @@ def redact_artifacts(artifacts: Path, data_root: Path | None) -> list[Path]:
     """Redact the assignment's folder; an unreadable store is logged, never fatal to the run."""
     try:
         secrets = stored_secrets(data_root)
-    except SecretStoreError as exc:
+    except (SecretStoreError, UnknownAdapter) as exc:
         log.warning("artifacts of %s not redacted: secret store unavailable: %s", artifacts, exc)
         return []
     changed = redact_tree(artifacts, secrets)

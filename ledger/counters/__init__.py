@@ -12,7 +12,6 @@ integer micro-units. Adapters are picked by short name: `sqlite` (embedded) and 
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from contracts.adapters import resolve
 from ledger.counters.periods import PERIODS, Period, iso, window
 
 __all__ = [
@@ -223,6 +223,8 @@ ADAPTERS = {
     "sqlite": "ledger.counters.sqlite:SqliteCounters",
     "redis": "ledger.counters.redis:RedisCounters",
 }
+"""Short name -> store class; each is built by `open(path=, url=, maintained=)` and takes
+what it needs of them."""
 
 
 def open_counters(
@@ -231,18 +233,8 @@ def open_counters(
     """The adapter called `name`: `sqlite` needs `path`, `redis` needs `url`. `maintained`:
     the caller runs `maintain()` every second or so from a thread of its own, so that no
     reserve or settle pays for the store's housekeeping (the proxy does)."""
-    if name not in ADAPTERS:
-        raise CounterError(f"unknown counter store {name!r}; allowed: {', '.join(ADAPTERS)}")
-    module, _, cls = ADAPTERS[name].partition(":")
-    adapter = getattr(importlib.import_module(module), cls)
-    if name == "sqlite":
-        if path is None:
-            raise CounterError("the sqlite counter store needs a file path")
-        store: CounterStore = adapter(path, maintained=maintained)
-    else:
-        if not url:
-            raise CounterError("the redis counter store needs a URL (redis://host:port/db)")
-        store = adapter(url)
+    adapter = resolve("counter store", name, ADAPTERS)
+    store: CounterStore = adapter.open(path=path, url=url, maintained=maintained)
     return store
 
 

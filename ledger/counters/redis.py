@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import redis as redis_py
@@ -110,6 +111,16 @@ return {'ok'}
 
 
 class RedisCounters:
+    @classmethod
+    def open(
+        cls, *, path: Path | None = None, url: str | None, maintained: bool = False
+    ) -> RedisCounters:
+        """The counter stores' one constructor (`open_counters`): this one needs `url`;
+        `maintained` changes nothing (Redis has no housekeeping of ours)."""
+        if not url:
+            raise CounterError("the redis counter store needs a URL (redis://host:port/db)")
+        return cls(url)
+
     def __init__(self, url: str, *, prefix: str = PREFIX):
         try:
             # Fail fast: a call waits on the store, and an unreachable store refuses the call.

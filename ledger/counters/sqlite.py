@@ -70,6 +70,15 @@ _SCOPE_COLUMNS = "limit_micro, currency, period, anchor, window_start, spent_mic
 
 
 class SqliteCounters:
+    @classmethod
+    def open(
+        cls, *, path: Path | None, url: str | None = None, maintained: bool = False
+    ) -> SqliteCounters:
+        """The counter stores' one constructor (`open_counters`): this one needs `path`."""
+        if path is None:
+            raise CounterError("the sqlite counter store needs a file path")
+        return cls(path, maintained=maintained)
+
     def __init__(self, path: Path, *, maintained: bool = False):
         self.path = Path(path)
         self.maintained = maintained

@@ -38,6 +38,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
+from contracts.adapters import UnknownAdapter
 from contracts.config import TokenPrice
 from contracts.credentials import MachineIdentity
 from contracts.records import FlowRecord, Usage
@@ -198,7 +199,7 @@ class Budget:
                 self.store = open_counters(
                     name, path=dataroot.current().budget_counters, url=url, maintained=True
                 )
-            except CounterError as exc:
+            except (CounterError, UnknownAdapter) as exc:
                 raise exceptions.OptionsError(f"autovibe_budget_store {name}: {exc}") from exc
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 from proxy_harness import PRICES_YAML
 
+from contracts.adapters import UnknownAdapter
 from contracts.dataroot import DataRoot
 from contracts.records import Body, FlowRecord, Usage, WebSocket, WebSocketMessage
 from contracts.settings import PROJECT_ROOT, Settings, free_port
@@ -40,7 +41,7 @@ from proxy.es_shipper import (
 from proxy.index import TrafficIndex
 from proxy.launch import mitmdump_argv, wait_ready
 from proxy.spool import Spool
-from proxy.stores import UnknownStore, get_store
+from proxy.stores import get_store
 from retention.policy import load_policy
 from retention.render import ilm_policies
 
@@ -403,7 +404,9 @@ def test_stores_are_picked_by_short_name(tmp_path: Path, stand_in: StandInElasti
     es = get_store("elasticsearch", root, url=stand_in.url)
     assert isinstance(es, ElasticsearchShipper)
     es.close()
-    with pytest.raises(UnknownStore, match=r"'solr'.*sqlite, elasticsearch"):
+    with pytest.raises(
+        UnknownAdapter, match=r"traffic store 'solr'; allowed: elasticsearch, sqlite"
+    ):
         get_store("solr", root)
 
 

@@ -70,7 +70,8 @@ def test_errors_are_one_line_and_exit_nonzero(data: DataRoot) -> None:
 def test_unknown_store_name(data: DataRoot, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOVIBE_SECRET_STORE", "consul")
     result = runner.invoke(app, ["ls"])
-    assert result.exit_code == 1 and "use one of file, vault" in result.stderr
+    assert result.exit_code == 1
+    assert "secret store 'consul' ($AUTOVIBE_SECRET_STORE); allowed: file, vault" in result.stderr
 
 
 @pytest.fixture

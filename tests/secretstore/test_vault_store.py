@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 from vault_double import ROLE_ID, ROOT_TOKEN, SECRET_ID, VaultDouble
 
+from contracts.adapters import UnknownAdapter
 from contracts.dataroot import DataRoot
 from contracts.secrets import SecretNotFound, SecretStore, SecretStoreError
 from secretstore import get_store, store_from_env
@@ -224,6 +225,6 @@ def test_incomplete_vault_config_is_named(env: dict[str, str], message: str) -> 
 
 def test_unknown_store_name_lists_the_known_ones() -> None:
     with pytest.raises(
-        SecretStoreError, match=r"'consul' \(\$AUTOVIBE_SECRET_STORE\).*file, vault"
+        UnknownAdapter, match=r"'consul' \(\$AUTOVIBE_SECRET_STORE\); allowed: file, vault"
     ):
         store_from_env({"AUTOVIBE_SECRET_STORE": "consul"})

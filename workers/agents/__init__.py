@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-from importlib import import_module
 from pathlib import Path
 
+from contracts.adapters import resolve
 from workers.agents.base import Agent
 
 # short name -> "module:Class"; imported only when used, so an agent's deps stay optional.
@@ -20,19 +19,9 @@ AGENTS: dict[str, str] = {
 }
 
 
-class UnknownAgent(KeyError):
-    pass
-
-
 def get_agent(name: str, root: Path | None = None) -> Agent:
-    """The adapter for `name`; installed agents are looked up under data root `root`
-    (default: `Settings().data`)."""
-    try:
-        module, cls = AGENTS[name].split(":")
-    except KeyError as exc:
-        raise UnknownAgent(f"unknown agent {name!r}; allowed: {', '.join(sorted(AGENTS))}") from exc
-    factory = getattr(import_module(module), cls)
-    # Adapters of installed agents find their install under the data root; others need nothing.
-    takes_root = "root" in inspect.signature(factory).parameters
-    agent: Agent = factory(root=root) if takes_root else factory()
+    """The adapter for `name` (a short name only: a trial names it); every adapter is built
+    with the data root `root` its install lives under (default: `Settings().data`).
+    `contracts.adapters.UnknownAdapter` lists the allowed names."""
+    agent: Agent = resolve("agent", name, AGENTS, dotted=False)(root=root)
     return agent

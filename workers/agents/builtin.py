@@ -79,8 +79,8 @@ class BuiltinAgent:
 
     name = "builtin"
 
-    def __init__(self, config: BuiltinConfig | None = None) -> None:
-        self.config = config or BuiltinConfig()
+    def __init__(self, root: Path | None = None, config: BuiltinConfig | None = None) -> None:
+        self.config = config or BuiltinConfig()  # runs from our own code: no install, no root
 
     def version(self) -> str:
         try:

@@ -21,6 +21,9 @@ PROMPT = "prompt.txt"
 class CommandAgent:
     name = "command"
 
+    def __init__(self, root: Path | None = None) -> None:
+        """Nothing to find: the task names the program (`agent_command`)."""
+
     def version(self) -> str:
         return "command"
 
