@@ -8,6 +8,7 @@ planes that own them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from collections.abc import Iterable
@@ -25,9 +26,11 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
+from contracts.egress import parse_rules, uncovered
 from contracts.outbound import AddressRefused, Allowlist, check_url
 
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -366,6 +369,29 @@ class Routing(_Strict):
         return self
 
 
+def _egress_rule(value: str) -> str:
+    if len(parse_rules(value)) != 1:  # ValueError names a malformed one
+        raise ValueError(f"{value!r} is one rule: host, host:port, *.suffix[:port] or CIDR[:port]")
+    return value
+
+
+EgressRule = Annotated[str, AfterValidator(_egress_rule)]
+
+
+class Egress(_Strict):
+    """Where workers may go through the proxy besides the model plane and the providers (always
+    reachable; the proxy host's own services never are). In configs/projects.yaml a project's
+    lists; in a trial, a narrowing of its project's: a trial may only drop or narrow entries."""
+
+    allow: list[EgressRule] | None = None
+    """HTTP(S) destinations: `host`, `host:port`, `*.suffix[:port]`, `address` or
+    `CIDR[:port]`; no port: any port. null: the level above's (the project's for a trial,
+    AUTOVIBE_EGRESS_ALLOW for a project); [] for none."""
+    tcp_allow: list[EgressRule] | None = None
+    """`host:port` reachable with raw TCP (not HTTP or TLS), e.g. a git server over SSH. null:
+    the level above's (AUTOVIBE_EGRESS_TCP_ALLOW for a project); [] for none."""
+
+
 class TrialConfig(_Strict):
     """A trial: tasks × agents × model pairs, with a budget."""
 
@@ -390,6 +416,32 @@ class TrialConfig(_Strict):
     """The confidence gate every graded result goes through."""
     routing: Routing = Field(default_factory=Routing)
     """Where requests for the model `auto` go: the local pair first, the cloud if allowed."""
+    egress: Egress = Field(default_factory=Egress)
+    """Where the workers may go: the project's allowlists (configs/projects.yaml), or a part."""
+
+    @field_validator("egress")
+    @classmethod
+    def _within_project(cls, egress: Egress, info: ValidationInfo) -> Egress:
+        """With the server's `EgressPolicies` in the context: refuse a list wider than the
+        project's, naming what is not allowed and what is."""
+        policies: EgressPolicies | None = (info.context or {}).get("egress")
+        project = info.data.get("project")
+        if policies is None or project is None:
+            return egress
+        allowed = policies.of(project)
+        problems = []
+        for field in ("allow", "tcp_allow"):
+            asked: list[str] | None = getattr(egress, field)
+            granted: list[str] = getattr(allowed, field)
+            extra = uncovered(asked or [], granted)
+            if extra:
+                problems.append(
+                    f"{field}: {', '.join(extra)} not allowed by project {project!r}, which "
+                    f"allows {', '.join(granted) or 'nothing'} (a trial may only narrow it)"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return egress
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> TrialConfig:
@@ -613,6 +665,49 @@ class PriceCatalog(_Strict):
 # -- loading with positions ----------------------------------------------------------------
 
 
+class Project(_Strict):
+    egress: Egress = Field(default_factory=Egress)
+    """The project's egress allowlists; a null list is the server's (AUTOVIBE_EGRESS_ALLOW)."""
+
+
+class ProjectsCatalog(_Strict):
+    """configs/projects.yaml: what differs per project. A project not listed has the server's
+    defaults."""
+
+    projects: dict[Slug, Project] = Field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EgressPolicies:
+    """Each project's egress lists, resolved: configs/projects.yaml over the server's."""
+
+    default: Egress
+    """The server's (AUTOVIBE_EGRESS_ALLOW, AUTOVIBE_EGRESS_TCP_ALLOW), neither list null."""
+    projects: ProjectsCatalog = dataclasses.field(default_factory=ProjectsCatalog)
+
+    def of(self, project: str) -> Egress:
+        """The project's lists, neither null."""
+        own = self.projects.projects.get(project)
+        if own is None:
+            return self.default
+        return Egress(
+            allow=self.default.allow if own.egress.allow is None else own.egress.allow,
+            tcp_allow=(
+                self.default.tcp_allow if own.egress.tcp_allow is None else own.egress.tcp_allow
+            ),
+        )
+
+    def of_trial(self, config: TrialConfig) -> Egress:
+        """What the trial's workers may reach: its own lists where it has them, its project's
+        elsewhere (a trial's lists were checked to lie within its project's)."""
+        project = self.of(config.project)
+        asked = config.egress
+        return Egress(
+            allow=project.allow if asked.allow is None else asked.allow,
+            tcp_allow=project.tcp_allow if asked.tcp_allow is None else asked.tcp_allow,
+        )
+
+
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -709,3 +804,9 @@ def load_models(configs: Path) -> ModelsCatalog:
 
 def load_prices(configs: Path) -> PriceCatalog:
     return load_catalog(configs / "prices.yaml", PriceCatalog)
+
+
+def load_projects(configs: Path) -> ProjectsCatalog:
+    """configs/projects.yaml; without one, no project has settings of its own."""
+    path = configs / "projects.yaml"
+    return load_catalog(path, ProjectsCatalog) if path.exists() else ProjectsCatalog()

@@ -39,6 +39,11 @@ class MachineIdentity:
     expires: float
     task: str = ""
     """The task the assignment works on; the proxy charges its optional per-task budget."""
+    egress_allow: tuple[str, ...] | None = None
+    """Where the worker may go besides the model plane and the providers (`contracts.egress`
+    rules): its trial's list, within its project's. None: the proxy's AUTOVIBE_EGRESS_ALLOW."""
+    egress_tcp_allow: tuple[str, ...] | None = None
+    """`host:port` the worker may reach with raw TCP; None: the proxy's own list."""
 
 
 def load_or_create_key(root: DataRoot) -> bytes:
@@ -73,8 +78,12 @@ def verify(key: bytes, token: str, now: float | None = None) -> MachineIdentity:
     if not hmac.compare_digest(expected, sig):
         raise CredentialError("machine credential signature does not match")
     try:
-        identity = MachineIdentity(**json.loads(_unb64(body)))
-    except (ValueError, TypeError) as exc:
+        fields = json.loads(_unb64(body))
+        for name in ("egress_allow", "egress_tcp_allow"):
+            if fields.get(name) is not None:  # JSON has lists; the identity is hashable
+                fields[name] = tuple(str(entry) for entry in fields[name])
+        identity = MachineIdentity(**fields)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise CredentialError("machine credential payload is unreadable") from exc
     if identity.expires < (time.time() if now is None else now):
         raise CredentialError("machine credential has expired")

@@ -33,9 +33,11 @@ name it cannot resolve is answered NXDOMAIN at once. It also remembers which add
 a worker for which name, so that an HTTPS connection to such an address is metered and keyed
 under that name (`proxy.addons.identity`). Without a DNS listener, or for anything else that is
 not TCP, the namespace refuses at once (the sender gets EPERM), so a lookup fails rather than
-times out and upstreams are reached by address (the model server through the gateway). TCP that
-is neither HTTP nor TLS is not relayed by the proxy unless its address is a listed raw-TCP
-exception (`AUTOVIBE_EGRESS_TCP_ALLOW`), as through a CONNECT tunnel in proxy mode.
+times out and upstreams are reached by address (the model server through the gateway); TCP to
+some address's port 53 then reaches the transparent listener, where the proxy refuses DNS over
+TCP (it answers no DNS but its own listener's). TCP that is neither HTTP nor TLS is not relayed
+by the proxy unless its address is one of the worker's raw-TCP exceptions (its credential's
+`egress.tcp_allow`), as through a CONNECT tunnel in proxy mode; either way it is captured.
 Needs root, `ip` (iproute2) and `iptables`.
 """
 

@@ -11,7 +11,9 @@ never held back. The schema and its rules: docs/capture-record.md.
 
 A DNS query (the proxy's `dns` mode, for workers in transparent mode) is a record too: method
 `DNS`, the name as host, `dns:<name>?type=<type>` (RFC 4501) as url, the answers as the response
-body, attributed by the source address like the worker's connections.
+body, attributed by the source address like the worker's connections. So is a raw TCP stream
+(a listed raw-TCP exception, or one the egress policy refused): method `TCP`, `tcp://host:port`
+as url, the bytes each way as request and response bytes, their first bytes as the bodies.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-from mitmproxy import ctx, dns, exceptions, http
+from mitmproxy import ctx, dns, exceptions, http, tcp
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.dns import response_codes
 from mitmproxy.net.dns import types as dns_types
@@ -53,6 +55,8 @@ TAP_KEY = "autovibe.capture.tap"
 """The `BodyTap` copying a streamed response, in `flow.metadata`."""
 WEBSOCKET_KEY = "autovibe.capture.websocket"
 """The `WebSocketTap` of a websocket's handshake flow, in `flow.metadata`."""
+STREAM_KEY = "autovibe.capture.stream"
+"""The `StreamTap` of a raw TCP flow, in `flow.metadata`."""
 SPOOL_BODY_OPTION = "autovibe_spool_body_max"
 DEFAULT_SPOOL_BODY_MAX = 8 * 1024 * 1024
 NORMAL_CLOSES = frozenset({1000, 1001, 1005})
@@ -82,16 +86,19 @@ class Captured:
 class BodyTap:
     """A bounded copy of a body as it passes chunk by chunk: decoded, counted and hashed whole."""
 
-    def __init__(self, content_encoding: str, keep: int) -> None:
+    def __init__(self, content_encoding: str | None, keep: int) -> None:
+        """`content_encoding` None: bytes that have none (a raw TCP stream), kept as they are."""
         self.keep = keep
         self.kept = bytearray()
         self.size = 0
         self.hash = hashlib.sha256()
-        self.decode: Callable[[bytes], bytes] | None = _decoder(content_encoding)
+        self.decode: Callable[[bytes], bytes] | None = (
+            None if content_encoding is None else _decoder(content_encoding)
+        )
         self.decode_error: str | None = None
         self.raw = self.decode is None
-        """The encoding cannot be undone: the raw bytes are kept, as they travelled."""
-        if self.raw:
+        """The encoding cannot be undone, or there is none: the bytes are kept as they travelled."""
+        if self.raw and content_encoding is not None:
             self.decode_error = f"cannot decode Content-Encoding {content_encoding!r}"
 
     def feed(self, chunk: bytes) -> None:
@@ -163,6 +170,23 @@ class WebSocketTap:
             reason = data.close_reason
             record.close_reason = redactor.bytes(reason.encode()).decode() if reason else None
         return record
+
+
+class StreamTap:
+    """Both directions of a raw TCP stream: counted, hashed, the first bytes of each kept."""
+
+    def __init__(self, keep: int) -> None:
+        self.client = BodyTap(None, keep)
+        self.server = BodyTap(None, keep)
+        self.first_server_byte_at: float | None = None
+
+    def add(self, message: tcp.TCPMessage) -> None:
+        if message.from_client:
+            self.client.feed(message.content)
+            return
+        if self.first_server_byte_at is None and message.content:
+            self.first_server_byte_at = message.timestamp
+        self.server.feed(message.content)
 
 
 def make_body(
@@ -357,6 +381,43 @@ def dns_record_of(flow: dns.DNSFlow, redactor: Redactor | None = None) -> FlowRe
     )
 
 
+def tcp_record_of(
+    flow: tcp.TCPFlow, tap: StreamTap, redactor: Redactor | None = None
+) -> FlowRecord:
+    """The capture record of a raw TCP stream: where it went, bytes and first bytes each way,
+    when it started, first heard from the server and ended, who opened it (capture-record.md)."""
+    redactor = redactor or Redactor(None)
+    for message in flow.messages:  # what no `tcp_message` hook saw (a refused stream's start)
+        tap.add(message)
+    flow.messages.clear()
+    address = flow.server_conn.address
+    host, port = (str(address[0]), int(address[1])) if address else ("", 0)
+    ts_start = flow.timestamp_created
+    ts_end = flow.error.timestamp if flow.error is not None else time.time()
+    first = tap.first_server_byte_at
+    identity = identity_of(flow)
+    return FlowRecord(
+        id=flow.id,
+        ts_start=ts_start,
+        ts_end=ts_end,
+        duration_ms=(ts_end - ts_start) * 1000,
+        ttfb_ms=(first - ts_start) * 1000 if first is not None else None,
+        method="TCP",
+        url=f"tcp://{host}:{port}" if ":" not in host else f"tcp://[{host}]:{port}",
+        host=host,
+        path="",
+        request_bytes=tap.client.size,
+        response_bytes=tap.server.size,
+        project=identity.project if identity else None,
+        trial=identity.trial if identity else None,
+        assignment=identity.assignment if identity else None,
+        machine=identity.machine if identity else None,
+        error=flow.error.msg if flow.error is not None else None,
+        request_body=tap.client.body(redactor) if tap.client.size else None,
+        response_body=tap.server.body(redactor) if tap.server.size else None,
+    )
+
+
 def _error_of(
     flow: http.HTTPFlow, metering_problem: str | None, websocket: WebSocket | None
 ) -> str | None:
@@ -445,9 +506,36 @@ class Capture:
     def dns_error(self, flow: dns.DNSFlow) -> None:
         self._capture_dns(flow)
 
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        flow.metadata[STREAM_KEY] = StreamTap(self.body_max)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        tap = flow.metadata.get(STREAM_KEY)
+        if not isinstance(tap, StreamTap):
+            return
+        tap.add(flow.messages[-1])
+        # mitmproxy keeps every message of a stream; the tap has what the record needs.
+        flow.messages.clear()
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        self._capture_stream(flow)
+
+    def tcp_error(self, flow: tcp.TCPFlow) -> None:
+        self._capture_stream(flow)
+
     def done(self) -> None:
         if self.spool is not None:
             self.spool.close()
+
+    def _capture_stream(self, flow: tcp.TCPFlow) -> None:
+        tap = flow.metadata.pop(STREAM_KEY, None)
+        if not isinstance(tap, StreamTap):
+            return  # written already (each flow ends once), or started before capture ran
+        assert self.spool is not None
+        try:
+            self.spool.append(self.redactor.record(tcp_record_of(flow, tap, self.redactor)))
+        except (OSError, ValueError):
+            log.exception("could not spool TCP stream %s to %s", flow.id, flow.server_conn.address)
 
     def _capture_dns(self, flow: dns.DNSFlow) -> None:
         if flow.metadata.get(CAPTURED_KEY):

@@ -1,32 +1,43 @@
 """Where a worker may go: the egress policy, checked before anything is forwarded.
 
 Allowed: the local model plane (by address, `proxy.addresses`), the providers' API hosts over
-TLS (`api.openai.com:443`, `autovibe_provider_hosts`), and what the operator lists in
-`autovibe_egress_allow` (`AUTOVIBE_EGRESS_ALLOW`: `host`, `host:port`, `*.suffix[:port]`,
-`address` or `CIDR[:port]`; no port means any port). Everything else is answered 403 with a
-JSON body naming the host and the rule, for a CONNECT as for a plain request, and captured
-like any flow. The proxy host's own service ports (`autovibe_own_ports`: the control API, the
-proxy's listeners, its metrics, the counter and state stores) are refused whatever the
-allowlist says; the model plane is the one service of this host a worker may reach.
+TLS (`api.openai.com:443`, `autovibe_provider_hosts`), and the worker's allowlist (rules of
+`contracts.egress`). That list comes with the worker's machine credential, signed by the
+orchestrator: its trial's `egress.allow`, within its project's (configs/projects.yaml). A
+credential that carries none gets the proxy's `autovibe_egress_allow` (`AUTOVIBE_EGRESS_ALLOW`).
+Everything else is answered 403 with a JSON body naming the host and the rule, for a CONNECT as
+for a plain request, and captured like any flow. The proxy host's own service ports
+(`autovibe_own_ports`: the control API, the proxy's listeners, its metrics, the counter and
+state stores) are refused whatever the allowlist says; the model plane is the one service of
+this host a worker may reach. Deciding is a dict lookup for the credential's policy, then
+pure matching: no I/O per request.
 
 Inside an allowed tunnel only HTTP and TLS pass: a raw TCP stream (SSH, a database protocol,
-anything mitmproxy cannot read as HTTP) is cut unless its `host:port` is listed in
-`autovibe_egress_tcp_allow`. In transparent mode a worker's DNS gets answers only for A and
-AAAA questions about names the policy allows; other questions are refused.
+DNS over TCP, anything mitmproxy cannot read as HTTP) is closed unrelayed, and captured as a
+TCP flow with the refusal as its error, unless its `host:port` is one of the worker's raw-TCP
+exceptions (`egress.tcp_allow`, else `autovibe_egress_tcp_allow`); an allowed one is relayed
+and captured as a TCP flow with its bytes and timings. In transparent mode a worker's DNS gets
+answers only for A and AAAA questions about names its policy allows, and only from the
+proxy's DNS listener: a query that reaches the proxy any other way (TCP to some `IP:53`) is
+answered REFUSED, never forwarded.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from mitmproxy import ctx, dns, exceptions, http, tcp
+from mitmproxy import ctx, dns, exceptions, flow, http, tcp
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.dns import response_codes, types
-from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy import commands, events, layer, layers, mode_specs
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.tcp import TcpErrorHook, TcpStartHook
+from mitmproxy.proxy.utils import expect
 
-from proxy.addons.identity import identity_of
+from contracts.credentials import MachineIdentity
+from contracts.egress import Rule, parse_rules
+from proxy.addons.identity import identity_of, identity_of_client
 from proxy.addons.metering import CLOUD_HOSTS, parse_model_hosts, parse_provider_hosts
 from proxy.addons.refusal import fail_closed, refuse
 from proxy.addresses import THIS_HOST, ModelPlane, keys
@@ -35,68 +46,10 @@ log = logging.getLogger(__name__)
 
 TLS_PORT = 443
 DNS_TYPES = frozenset({types.A, types.AAAA})
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One allowlist entry: a host name, `*.suffix`, or a network; a port or any port."""
-
-    text: str
-    name: str | None
-    suffix: str | None
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
-    port: int | None
-
-    def matches_host(self, host: str) -> bool:
-        host = host.strip("[]").lower().rstrip(".")
-        if self.name is not None:
-            return host == self.name
-        if self.suffix is not None:
-            return host.endswith(self.suffix)
-        assert self.network is not None
-        try:
-            return ipaddress.ip_address(host) in self.network
-        except ValueError:
-            return False  # names are not resolved to match a network: no lookups to decide
-
-    def matches(self, host: str, port: int) -> bool:
-        return (self.port is None or self.port == port) and self.matches_host(host)
-
-
-def parse_rules(value: str) -> tuple[Rule, ...]:
-    """`a.example:443,*.pypi.org,10.0.0.0/8:5432,[::1]:80` → rules; ValueError names the bad one."""
-    rules = []
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        host, port = entry, None
-        if entry.startswith("["):
-            host, _, rest = entry[1:].partition("]")
-            port_text = rest.removeprefix(":") if rest.startswith(":") else None
-            if rest and port_text is None:
-                raise ValueError(f"{entry!r} is not [address]:port")
-        elif entry.count(":") == 1:
-            host, port_text = entry.split(":")
-        else:
-            port_text = None
-        if port_text is not None:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-                raise ValueError(f"{entry!r}: the port must be 1-65535")
-            port = int(port_text)
-        host = host.lower().rstrip(".")
-        network = None
-        try:
-            network = ipaddress.ip_network(host, strict=False)
-        except ValueError:
-            if not host or (any(c in host for c in "/ *") and not host.startswith("*.")):
-                raise ValueError(f"{entry!r} is not a host, *.suffix, address or CIDR") from None
-        if network is not None:
-            rules.append(Rule(entry, None, None, network, port))
-        elif host.startswith("*."):
-            rules.append(Rule(entry, None, host[1:], None, port))
-        else:
-            rules.append(Rule(entry, host, None, None, port))
-    return tuple(rules)
+POLICIES_KEPT = 1024
+"""Policies of credentials kept parsed (one per distinct allowlist); dropped when full."""
+PROXY_LISTS = ("AUTOVIBE_EGRESS_ALLOW", "AUTOVIBE_EGRESS_TCP_ALLOW")
+CREDENTIAL_LISTS = ("the trial's egress.allow", "the trial's egress.tcp_allow")
 
 
 def parse_ports(value: str) -> frozenset[int]:
@@ -124,6 +77,8 @@ class EgressPolicy:
     allow: tuple[Rule, ...] = ()
     tcp_allow: tuple[Rule, ...] = ()
     own_ports: frozenset[int] = frozenset()
+    lists: tuple[str, str] = PROXY_LISTS
+    """Where `allow` and `tcp_allow` come from, as a refusal names them."""
 
     def decide(self, host: str, port: int) -> Verdict:
         """Whether a worker may reach `host:port` over HTTP(S), and by which rule."""
@@ -137,9 +92,12 @@ class EgressPolicy:
             return Verdict(True, f"provider {host}:{port}")
         for rule in self.allow:
             if rule.matches(host, port):
-                return Verdict(True, f"AUTOVIBE_EGRESS_ALLOW {rule.text}")
+                return Verdict(True, f"{self.lists[0]} {rule.text}")
+        for rule in self.tcp_allow:  # a raw-TCP exception is reached through a CONNECT
+            if rule.matches(host, port):
+                return Verdict(True, f"{self.lists[1]} {rule.text}")
         return Verdict(
-            False, "not the model plane, a provider, or in AUTOVIBE_EGRESS_ALLOW (default deny)"
+            False, f"not the model plane, a provider, or in {self.lists[0]} (default deny)"
         )
 
     def raw_tcp(self, host: str, port: int) -> bool:
@@ -158,9 +116,39 @@ class EgressPolicy:
         )
 
 
+class RefusedStream(layers.TCPLayer):
+    """A raw TCP stream outside the policy: a TCP flow that carries its refusal as the error
+    and what had arrived before it was recognised, closed at once, relayed to neither side."""
+
+    def __init__(self, context: Context, reason: str, client: bytes, server: bytes) -> None:
+        super().__init__(context)
+        self.reason = reason
+        self.first = [tcp.TCPMessage(True, client)] if client else []
+        self.first += [tcp.TCPMessage(False, server)] if server else []
+
+    @expect(events.Start)
+    def start(self, _: events.Event) -> layer.CommandGenerator[None]:
+        assert self.flow is not None
+        yield TcpStartHook(self.flow)
+        self.flow.messages.extend(self.first)
+        self.flow.error = flow.Error(self.reason)
+        yield TcpErrorHook(self.flow)
+        self.flow.live = False
+        self._handle_event = self.done
+        yield commands.CloseConnection(self.context.client)
+        if self.context.server.connected:
+            yield commands.CloseConnection(self.context.server)
+
+    _handle_event = start
+
+
 class Egress:
     def __init__(self) -> None:
         self.policy = EgressPolicy(ModelPlane(()), frozenset())
+        """The proxy's own lists: for a credential that carries none."""
+        self.granted: dict[tuple[tuple[str, ...] | None, tuple[str, ...] | None], EgressPolicy] = {}
+        """Credentials' lists -> their policy, parsed once (the proxy's model plane, providers
+        and own ports with the credential's allowlists)."""
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -168,13 +156,15 @@ class Egress:
             typespec=str,
             default="",
             help="Comma-separated hosts a worker may reach besides the model plane and the "
-            "providers: host, host:port, *.suffix[:port], address or CIDR[:port].",
+            "providers, when its credential carries no list of its own: host, host:port, "
+            "*.suffix[:port], address or CIDR[:port].",
         )
         loader.add_option(
             name="autovibe_egress_tcp_allow",
             typespec=str,
             default="",
-            help="Comma-separated host:port a worker may reach with raw TCP (not HTTP/TLS).",
+            help="Comma-separated host:port a worker may reach with raw TCP (not HTTP/TLS), "
+            "when its credential carries no list of its own.",
         )
         loader.add_option(
             name="autovibe_own_ports",
@@ -207,6 +197,35 @@ class Egress:
             )
         except ValueError as exc:
             raise exceptions.OptionsError(f"egress policy: {exc}") from exc
+        self.granted.clear()
+
+    def policy_of(self, identity: MachineIdentity | None) -> EgressPolicy:
+        """The policy of a worker: its credential's lists, or the proxy's where it has none."""
+        if identity is None:
+            return self.policy
+        key = (identity.egress_allow, identity.egress_tcp_allow)
+        policy = self.granted.get(key)
+        if policy is not None:
+            return policy
+        if key == (None, None):
+            return self.policy
+        allow, tcp_allow = self.policy.allow, self.policy.tcp_allow
+        try:
+            if identity.egress_allow is not None:
+                allow = parse_rules(identity.egress_allow)
+            if identity.egress_tcp_allow is not None:
+                tcp_allow = parse_rules(identity.egress_tcp_allow)
+        except ValueError as exc:
+            # Signed by the orchestrator, which checked it: a bug there, not a guess here.
+            log.error("credential of %s has an unreadable egress list (%s): nothing allowed",
+                      identity.assignment, exc)  # fmt: skip
+            allow, tcp_allow = (), ()
+        if len(self.granted) >= POLICIES_KEPT:
+            self.granted.clear()
+        policy = self.granted[key] = replace(
+            self.policy, allow=allow, tcp_allow=tcp_allow, lists=CREDENTIAL_LISTS
+        )
+        return policy
 
     @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -220,10 +239,10 @@ class Egress:
 
     def _check(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
-        verdict = self.policy.decide(host, port)
+        identity = identity_of(flow)
+        verdict = self.policy_of(identity).decide(host, port)
         if verdict.allowed:
             return
-        identity = identity_of(flow)
         log.info(
             "egress refused: %s:%s for %s (%s)",
             host,
@@ -244,44 +263,64 @@ class Egress:
         )
 
     def running(self) -> None:
-        # mitmproxy relays what it cannot read as HTTP or TLS as raw TCP; off here, so such a
-        # stream meets the HTTP layer and is closed as malformed. Listed exceptions are put
-        # back one connection at a time (`next_layer`).
+        # mitmproxy relays what it cannot read as HTTP or TLS as raw TCP; off here, and every
+        # such stream is decided in `next_layer`: relayed when listed, refused otherwise.
         ctx.options.update(rawtcp=False)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """Put raw TCP back for a listed `host:port`: a server that speaks first, or a client
-        that speaks neither TLS nor HTTP (runs before mitmproxy's own choice of layer)."""
+        """A stream that is not TLS or HTTP (a server that speaks first, a client that speaks
+        neither) is relayed as raw TCP when the worker's policy lists its `host:port`, and
+        refused otherwise (runs before mitmproxy's own choice of layer, which would take
+        DNS over TCP to port 53 to an upstream resolver)."""
         address = nextlayer.context.server.address
         if nextlayer.layer is not None or address is None:
             return
-        if not self.policy.raw_tcp(str(address[0]), int(address[1])):
-            return
-        client = nextlayer.data_client()
+        client, server = nextlayer.data_client(), nextlayer.data_server()
         first_line = client.partition(b"\n")[0]
         looks_like_http = client[:3].isalpha() and b" " in first_line
-        if (nextlayer.data_server() and not client) or (
-            client and not client.startswith(b"\x16") and not looks_like_http
+        if not (server and not client) and (
+            not client or client.startswith(b"\x16") or looks_like_http
         ):
+            return  # TLS, HTTP, or nothing to tell by yet
+        host, port = str(address[0]), int(address[1])
+        identity = identity_of_client(nextlayer.context.client)
+        policy = self.policy_of(identity)
+        if policy.raw_tcp(host, port):
             nextlayer.layer = layers.TCPLayer(nextlayer.context)
+            return
+        reason = (
+            f"egress_refused: raw TCP to {host}:{port} is not HTTP or TLS and not in "
+            f"{policy.lists[1]}"
+        )
+        log.info("%s (%s)", reason, identity.assignment if identity else "unidentified")
+        nextlayer.layer = RefusedStream(nextlayer.context, reason, client, server)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
         """A raw stream that got past `next_layer` (mitmproxy's own `tcp_hosts`, say) carries
         nothing unless listed: mitmproxy cannot kill a TCP flow, so its messages go empty."""
         address = flow.server_conn.address
-        if address is not None and self.policy.raw_tcp(str(address[0]), int(address[1])):
+        policy = self.policy_of(identity_of(flow))
+        if address is not None and policy.raw_tcp(str(address[0]), int(address[1])):
             return
         if flow.messages:
             flow.messages[-1].content = b""
-        log.warning("raw TCP to %s not relayed: not in AUTOVIBE_EGRESS_TCP_ALLOW", address)
+        log.warning("raw TCP to %s not relayed: not in %s", address, policy.lists[1])
 
     def dns_request(self, flow: dns.DNSFlow) -> None:
         # After identity; mitmproxy's resolver has answered already, and its answer is
         # replaced here. An unidentified source was answered REFUSED by identity.
-        if identity_of(flow) is None:
+        if not isinstance(flow.client_conn.proxy_mode, mode_specs.DnsMode):
+            # DNS over a tunnel or a transparent connection to some `IP:53` would be sent to
+            # that server: only the proxy's DNS listener answers a worker.
+            log.info("DNS to %s refused: not the proxy's DNS listener", flow.server_conn.address)
+            flow.response = flow.request.fail(response_codes.REFUSED)
             return
+        identity = identity_of(flow)
+        if identity is None:
+            return
+        policy = self.policy_of(identity)
         questions = flow.request.questions
-        if all(q.type in DNS_TYPES and self.policy.resolvable(q.name) for q in questions):
+        if all(q.type in DNS_TYPES and policy.resolvable(q.name) for q in questions):
             return
         log.info("DNS refused: %s", [(q.name, types.to_str(q.type)) for q in questions])
         flow.response = flow.request.fail(response_codes.REFUSED)

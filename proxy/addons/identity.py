@@ -33,7 +33,7 @@ import logging
 import weakref
 from collections.abc import MutableMapping
 
-from mitmproxy import connection, ctx, dns, exceptions, http
+from mitmproxy import connection, ctx, dns, exceptions, http, tcp
 from mitmproxy.addonmanager import Loader
 from mitmproxy.flow import Flow
 from mitmproxy.net.dns import response_codes, types
@@ -80,6 +80,17 @@ def identity_of(flow: Flow) -> MachineIdentity | None:
     return identity if isinstance(identity, MachineIdentity) else None
 
 
+_clients: MutableMapping[connection.Client, MachineIdentity] = weakref.WeakKeyDictionary()
+"""Identities proven by a CONNECT or a transparent source's registration, per client
+connection: for the requests tunnelled through it, and for the hooks that have no flow."""
+
+
+def identity_of_client(client: connection.Client) -> MachineIdentity | None:
+    """The verified caller of a client connection (a CONNECT tunnel, a transparent source), for
+    a hook that has no flow yet (`next_layer`); None when it was not identified."""
+    return _clients.get(client)
+
+
 class Identity:
     def __init__(self) -> None:
         self.key: bytes | None = None
@@ -87,9 +98,7 @@ class Identity:
         """Credentials already verified with `key`: each is checked once, until it expires."""
         self.root: DataRoot | None = None
         # Identities proven by a CONNECT, for the requests tunnelled through that connection.
-        self.tunnels: MutableMapping[connection.Client, MachineIdentity] = (
-            weakref.WeakKeyDictionary()
-        )
+        self.tunnels = _clients
         # Transparent clients -> their namespace's gateway address (the host, as they see it).
         self.gateways: MutableMapping[connection.Client, str] = weakref.WeakKeyDictionary()
         # (worker address, assignment) -> {address our DNS answered: the names it answered for}.
@@ -137,6 +146,12 @@ class Identity:
             flow.response = flow.request.fail(response_codes.REFUSED)
             return
         flow.metadata[METADATA_KEY] = identity
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        # A raw stream through a tunnel or from a transparent source: its caller, for capture.
+        identity = self.tunnels.get(flow.client_conn)
+        if identity is not None:
+            flow.metadata[METADATA_KEY] = identity
 
     def dns_response(self, flow: dns.DNSFlow) -> None:
         identity = identity_of(flow)

@@ -263,3 +263,51 @@ def metering_proxy(
         get_store("file", root).put(path, value)
     with running_proxy(chosen, root, key, [*mitmdump_argv(chosen), *extra_argv]) as proxy:
         yield proxy
+
+
+BANNER = b"SSH-2.0-OpenSSH_9.2 hostile-tunnel-test\r\n"
+HELLO = b"\x00\x01\x02 not http, not tls\n"
+
+
+class BannerServer:
+    """A TCP service that is neither HTTP nor TLS: it greets with `banner` (as SSH does) and
+    echoes what it receives; `received` holds every byte a client got through to it."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, banner: bytes = BANNER) -> None:
+        self.sock = socket.create_server((host, port))
+        self.port = self.sock.getsockname()[1]
+        self.banner = banner
+        self.received = b""
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(self.banner)
+                while data := conn.recv(1024):
+                    self.received += data
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+
+def talk_through(sock: socket.socket, wait_s: float) -> bytes:
+    """Send HELLO into an open tunnel; what comes back within `wait_s` or until it closes."""
+    sock.settimeout(wait_s)
+    received = b""
+    try:
+        sock.sendall(HELLO)
+        while HELLO not in received and (chunk := sock.recv(1024)):
+            received += chunk
+    except OSError:
+        pass
+    sock.close()
+    return received

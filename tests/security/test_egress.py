@@ -1,70 +1,44 @@
 """The egress policy, through the real mitmdump with a machine credential (issue 18, findings
 1 and 2): a worker reaches the model plane, the providers and the operator's allowlist, nothing
 else; never the proxy host's own services; and no raw TCP inside an allowed tunnel unless
-listed. Each refusal is a 403 naming the host and the rule, captured in the spool, and the
-server behind it sees nothing.
+listed, DNS over TCP to some server's port 53 included. Each refusal is a 403 naming the host
+and the rule (a closed stream for raw TCP), captured in the spool, and the server behind it
+sees nothing; a listed raw TCP stream is captured with its bytes and timings.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import socket
+import struct
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
-from proxy_harness import Proxy, Upstream, connect_tunnel, metering_proxy, serve
+from proxy_harness import (
+    BANNER,
+    HELLO,
+    BannerServer,
+    Proxy,
+    Upstream,
+    connect_tunnel,
+    metering_proxy,
+    serve,
+    talk_through,
+)
 
-BANNER = b"SSH-2.0-OpenSSH_9.2 hostile-tunnel-test\r\n"
-HELLO = b"\x00\x01\x02 not http, not tls\n"
-
-
-class BannerServer:
-    """A TCP service that is neither HTTP nor TLS: it greets with BANNER (as SSH does) and
-    echoes what it receives; `received` holds every byte a client got through to it."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.received = b""
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
-
-    def _talk(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.sendall(BANNER)
-                while data := conn.recv(1024):
-                    self.received += data
-                    conn.sendall(data)
-            except OSError:
-                pass
+DNS_ADDRESS = "127.0.0.153"
 
 
-def talk_through(sock: socket.socket, wait_s: float) -> bytes:
-    """Send HELLO into an open tunnel; what comes back within `wait_s` or until it closes."""
-    sock.settimeout(wait_s)
-    received = b""
-    try:
-        sock.sendall(HELLO)
-        while HELLO not in received and (chunk := sock.recv(1024)):
-            received += chunk
-    except OSError:
-        pass
-    sock.close()
-    return received
+def dns_query(name: str, qtype: int) -> bytes:
+    """A DNS question as sent over TCP: two bytes of length, then the message (RFC 1035 4.2.2)."""
+    qname = b"".join(bytes([len(part)]) + part.encode() for part in name.split(".")) + b"\0"
+    message = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname
+    message += struct.pack(">HH", qtype, 1)
+    return struct.pack(">H", len(message)) + message
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +52,9 @@ def servers() -> Iterator[dict[str, Upstream]]:
 
 @pytest.fixture(scope="module")
 def banners() -> dict[str, BannerServer]:
-    return {"closed": BannerServer(), "listed": BannerServer()}
+    # A resolver stand-in on port 53 of another loopback address: it would echo a query back.
+    dns = BannerServer(DNS_ADDRESS, 53, banner=b"")
+    return {"closed": BannerServer(), "listed": BannerServer(), "dns": dns}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +74,7 @@ def proxy(
             f"127.0.0.1:{servers['api'].port}",
             f"127.0.0.1:{closed}",
             f"127.0.0.1:{listed}",
+            f"{DNS_ADDRESS}:53",
         ],
         egress_tcp_allow=[f"127.0.0.1:{listed}"],
     )
@@ -165,6 +142,14 @@ def test_raw_tcp_in_an_allowed_tunnel_is_cut(
     received = talk_through(sock, wait_s=3)
     assert BANNER not in received and HELLO not in received, received
     assert server.received == b"", "the client's bytes reached the server"
+    # The attempt is a TCP record: where it went, who tried, why it was refused, and what had
+    # arrived from either side when the stream was recognised (the banner, or HELLO).
+    record = proxy.spooled_one(assignment="a-tcp")
+    assert (record.method, record.url) == ("TCP", f"tcp://127.0.0.1:{server.port}")
+    assert record.error is not None and record.error.startswith("egress_refused: raw TCP")
+    assert "AUTOVIBE_EGRESS_TCP_ALLOW" in record.error
+    first = [b for b in (record.request_body, record.response_body) if b is not None]
+    assert first and all(b.text in (BANNER.decode(), HELLO.decode()) for b in first), record
 
 
 def test_raw_tcp_listed_as_an_exception_passes(
@@ -176,3 +161,43 @@ def test_raw_tcp_listed_as_an_exception_passes(
     received = talk_through(sock, wait_s=10)
     assert HELLO in received, received
     assert HELLO in server.received
+    # Captured as a TCP flow once both sides have closed: bytes each way, first bytes, timings.
+    record = proxy.spooled_one(assignment="a-tcp-listed")
+    assert (record.method, record.url, record.host) == (
+        "TCP",
+        f"tcp://127.0.0.1:{server.port}",
+        "127.0.0.1",
+    )
+    assert (record.project, record.trial, record.machine) == ("p1", "t1", "m1")
+    assert record.error is None and record.status is None
+    assert (record.request_bytes, record.response_bytes) == (len(HELLO), len(BANNER + HELLO))
+    assert record.request_body is not None and record.request_body.text == HELLO.decode()
+    assert record.response_body is not None
+    assert record.response_body.text == (BANNER + HELLO).decode()
+    assert record.ttfb_ms is not None and 0 <= record.ttfb_ms <= record.duration_ms
+    assert record.ts_start <= record.ts_end
+
+
+def test_dns_over_tcp_to_some_port_53_is_not_let_through(
+    proxy: Proxy, banners: dict[str, BannerServer]
+) -> None:
+    """A tunnel to an allowed `address:53`: mitmproxy would forward DNS over TCP to that
+    server, here an A question for a name the policy allows; it is refused unrelayed, and
+    recorded. Only the proxy's own DNS listener answers a worker."""
+    server = banners["dns"]
+    sock, reply = connect_tunnel(proxy, f"{DNS_ADDRESS}:53", basic(proxy, "a-dns-tcp"))
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    query = dns_query("api.openai.com", 1)
+    sock.settimeout(5)
+    sock.sendall(query)
+    try:
+        answer = sock.recv(1024)
+    except OSError as exc:  # reset rather than closed
+        answer = repr(exc).encode()
+    sock.close()
+    assert b"\x12\x34" not in answer, answer  # no DNS answer to our query id
+    assert server.received == b""
+    record = proxy.spooled_one(assignment="a-dns-tcp")
+    assert (record.method, record.url) == ("TCP", f"tcp://{DNS_ADDRESS}:53")
+    assert record.error is not None and record.error.startswith("egress_refused")
+    assert record.request_bytes == len(query) and record.response_bytes == 0

@@ -12,6 +12,7 @@ holds a certificate for those names from the throwaway CA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -630,6 +632,130 @@ def test_a_sandbox_resolves_names_and_strangers_are_refused(
         proxy, None, lambda rs: any(r.host == "api.anthropic.com" for r in rs)
     )
     assert {r.error for r in strangers if r.host == "api.anthropic.com"} == {"dns: REFUSED"}
+
+
+class StandInResolver:
+    """Something listening on port 53 (TCP and UDP) of the "remote" address: a resolver a
+    worker might pick instead of the proxy's. It records what reaches it and answers nothing."""
+
+    def __init__(self, address: str) -> None:
+        self.tcp = socket.create_server((address, 53))
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((address, 53))
+        self.received: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._datagrams, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.tcp.accept()
+                with conn:
+                    conn.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        while data := conn.recv(1024):
+                            self.received.append(data)
+
+    def _datagrams(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.received.append(self.udp.recv(1024))
+
+    def close(self) -> None:
+        for sock in (self.tcp, self.udp):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def resolver(cloud: Cloud) -> Iterator[StandInResolver]:
+    server = StandInResolver(cloud.address)
+    yield server
+    server.close()
+
+
+ASK_A_RESOLVER = """
+    import json, socket, struct
+    def query(name, qtype):
+        qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0"
+        return struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack(
+            ">HH", qtype, 1)
+    def answer(reply):
+        if len(reply) < 12 or reply[:2] != b"\\x12\\x34":
+            return "no answer"
+        code, count = reply[3] & 0xF, struct.unpack(">H", reply[6:8])[0]
+        return [code, socket.inet_ntoa(reply[-4:]) if count and code == 0 else None]
+    seen = {{}}
+    for name, qtype in (("api.openai.com", 1), ("api.openai.com", 16)):
+        message = query(name, qtype)
+        try:
+            with socket.create_connection(({server!r}, 53), timeout=5) as s:
+                s.sendall(struct.pack(">H", len(message)) + message)
+                reply = b""
+                while len(reply) < 2 or len(reply) < 2 + struct.unpack(">H", reply[:2])[0]:
+                    chunk = s.recv(2048)
+                    if not chunk:
+                        break
+                    reply += chunk
+            seen[f"tcp/{{qtype}}"] = answer(reply[2:])
+        except OSError as exc:
+            seen[f"tcp/{{qtype}}"] = type(exc).__name__
+        try:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.settimeout(5)
+            u.sendto(message, ({server!r}, 53))
+            seen[f"udp/{{qtype}}"] = answer(u.recv(2048))
+        except OSError as exc:
+            seen[f"udp/{{qtype}}"] = type(exc).__name__
+    print(json.dumps(seen))
+    """
+
+
+def test_dns_to_any_resolver_without_the_dns_listener_is_cut(
+    transparent_proxy: TransparentProxy,
+    cloud: Cloud,
+    lease: tuple[netns.Lease, str],
+    resolver: StandInResolver,
+) -> None:
+    """No DNS listener: TCP to `<any address>:53` reaches the transparent listener, where
+    mitmproxy would relay DNS over TCP to that address; it is refused unrelayed and recorded.
+    UDP never leaves the namespace."""
+    the_lease, assignment = lease
+    before = len(resolver.received)
+    seen = run_inside(the_lease, ASK_A_RESOLVER.format(server=cloud.address), bare_env())
+    assert seen["tcp/1"] == seen["tcp/16"] == "no answer"
+    assert seen["udp/1"] == seen["udp/16"] == "PermissionError"
+    assert len(resolver.received) == before
+    records = _spooled(transparent_proxy.proxy, assignment, count=2)
+    for record in records:
+        assert (record.method, record.url) == ("TCP", f"tcp://{cloud.address}:53")
+        assert record.error is not None and record.error.startswith("egress_refused: raw TCP")
+        assert record.request_bytes > 12 and record.response_bytes == 0
+
+
+def test_dns_to_any_resolver_is_answered_by_the_proxy_only(
+    transparent_proxy: TransparentProxy,
+    cloud: Cloud,
+    named_lease: tuple[netns.Lease, str],
+    resolver: StandInResolver,
+) -> None:
+    """With the DNS listener, a query to `<any address>:53`, TCP or UDP, is the proxy's to
+    answer: A for a name the policy allows, REFUSED for the rest (a TXT question here); the
+    resolver the worker named hears nothing."""
+    the_lease, assignment = named_lease
+    before = len(resolver.received)
+    seen = run_inside(the_lease, ASK_A_RESOLVER.format(server=cloud.address), bare_env())
+    assert seen["tcp/1"] == seen["udp/1"] == [0, cloud.address]  # the proxy's hosts file
+    assert seen["tcp/16"] == seen["udp/16"] == [5, None]  # REFUSED
+    assert len(resolver.received) == before
+    records = _spooled(transparent_proxy.proxy, assignment, count=4)
+    assert sorted((r.url, r.error) for r in records) == [
+        ("dns:api.openai.com?type=A", None),
+        ("dns:api.openai.com?type=A", None),
+        ("dns:api.openai.com?type=TXT", "dns: REFUSED"),
+        ("dns:api.openai.com?type=TXT", "dns: REFUSED"),
+    ]
 
 
 # -- helpers ---------------------------------------------------------------------------------

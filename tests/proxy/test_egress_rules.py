@@ -1,0 +1,109 @@
+"""The egress policy's pure parts, in-process: which rule covers which (a trial may only
+narrow its project's list), the policy of a credential (its lists, parsed once, or the
+proxy's), and DNS that did not come through the proxy's DNS listener (refused, never sent on).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mitmproxy.net.dns import response_codes
+from mitmproxy.proxy import mode_specs
+from mitmproxy.test import taddons, tflow
+
+from contracts.credentials import MachineIdentity
+from contracts.egress import parse_rules, uncovered
+from proxy.addons.egress import Egress
+from proxy.addons.identity import METADATA_KEY
+
+
+@pytest.mark.parametrize(
+    ("narrow", "wide", "outside"),
+    [
+        (["pypi.org"], ["pypi.org"], []),
+        (["pypi.org:443"], ["pypi.org"], []),
+        (["pypi.org"], ["pypi.org:443"], ["pypi.org"]),  # any port is more than 443
+        (["files.pythonhosted.org", "*.a.pythonhosted.org"], ["*.pythonhosted.org"], []),
+        (["pythonhosted.org"], ["*.pythonhosted.org"], ["pythonhosted.org"]),
+        (["*.org"], ["*.pythonhosted.org"], ["*.org"]),
+        (["10.1.2.0/24:5432", "10.1.2.3"], ["10.0.0.0/8"], []),
+        (["10.0.0.0/7"], ["10.0.0.0/8"], ["10.0.0.0/7"]),
+        (["[::1]:80"], ["::/0"], []),
+        (["10.0.0.1"], ["::/0"], ["10.0.0.1"]),
+        (["example.com"], ["10.0.0.0/8"], ["example.com"]),  # names are never resolved
+        (["a.example", "b.example"], [], ["a.example", "b.example"]),
+    ],
+)
+def test_a_rule_covers_only_what_it_allows(
+    narrow: list[str], wide: list[str], outside: list[str]
+) -> None:
+    assert uncovered(narrow, wide) == outside
+
+
+@pytest.mark.parametrize("entry", ["a b", "host:0", "host:99999", "*", "[::1]x", "a/b"])
+def test_a_malformed_rule_is_named(entry: str) -> None:
+    with pytest.raises(ValueError, match="'"):
+        parse_rules([entry])
+
+
+def identity(allow: tuple[str, ...] | None, tcp: tuple[str, ...] | None = None) -> MachineIdentity:
+    return MachineIdentity(
+        "p1", "t1", "a1", "m1", time.time() + 60, egress_allow=allow, egress_tcp_allow=tcp
+    )
+
+
+def configured(ctx: taddons.context, egress: Egress, **options: str) -> None:
+    """Configure `egress` as mitmdump would; metering declares the model plane's option."""
+    ctx.options.add_option("autovibe_model_hosts", str, "", "the model plane (metering's)")
+    ctx.configure(egress, autovibe_model_hosts="127.0.0.1:8500", **options)
+
+
+def test_a_credentials_lists_replace_the_proxys_and_are_parsed_once() -> None:
+    egress = Egress()
+    with taddons.context(egress) as ctx:
+        configured(ctx, egress, autovibe_egress_allow="pypi.org")
+        assert egress.policy_of(None) is egress.policy
+        assert egress.policy_of(identity(None)) is egress.policy
+        narrowed = egress.policy_of(identity(("mirror.example",)))
+        assert egress.policy_of(identity(("mirror.example",))) is narrowed
+        assert not narrowed.decide("pypi.org", 443).allowed
+        assert narrowed.decide("mirror.example", 443).rule == (
+            "the trial's egress.allow mirror.example"
+        )
+        # An empty list is no list: nothing but the model plane and the providers.
+        assert not egress.policy_of(identity(())).decide("mirror.example", 443).allowed
+        # One list of its own, the proxy's for the other.
+        git = egress.policy_of(identity(None, ("git.example:22",)))
+        assert git.raw_tcp("git.example", 22) and git.decide("pypi.org", 443).allowed
+        # Not readable (the orchestrator checks every list it signs): nothing is allowed.
+        broken = egress.policy_of(identity(("a b",), ("c d",)))
+        assert broken.allow == () and broken.tcp_allow == ()
+
+
+@pytest.mark.parametrize("mode", ["transparent", "regular"])
+def test_dns_that_is_not_for_the_proxys_listener_is_refused(mode: str) -> None:
+    """A transparent connection to some `IP:53`, or a tunnel to it, would have mitmproxy send
+    the query to that server: the proxy answers REFUSED instead."""
+    egress = Egress()
+    with taddons.context(egress) as ctx:
+        configured(ctx, egress)
+        flow = tflow.tdnsflow()
+        flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse(mode)
+        flow.metadata[METADATA_KEY] = identity(None)
+        flow.response = None
+        egress.dns_request(flow)
+        assert flow.response is not None
+        assert flow.response.response_code == response_codes.REFUSED
+
+
+def test_dns_for_the_proxys_listener_follows_the_callers_policy() -> None:
+    egress = Egress()
+    with taddons.context(egress) as ctx:
+        configured(ctx, egress)
+        for allow, refused in ((("dns.google",), False), (("other.example",), True)):
+            flow = tflow.tdnsflow()  # an A question for dns.google, to the DNS listener
+            flow.metadata[METADATA_KEY] = identity(allow)
+            flow.response = None
+            egress.dns_request(flow)
+            assert (flow.response is not None) == refused
