@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     transparent mode (`workers.netns` sends their port-53 traffic there); 0 = none."""
     model_port: int = 8500
     """CPU model server (llama.cpp)."""
+    model_server: str = "llamacpp"
+    """The CPU model server `autovibe up` starts when `model_replicas` is 0: `llamacpp` (the
+    tiny GGUF on llama.cpp) or `deterministic` (`serving.deterministic`: scripted answers in
+    OpenAI's wire format, no model; for tests where the model's words do not matter)."""
     model_replicas: int = 0
     """Ray Serve replicas of the CPU model server (`serving.rayserve_cpu`); 0 = bare llama.cpp."""
     model_restarts: int = Field(default=3, ge=0)

@@ -21,7 +21,7 @@ from contracts.processes import group_members, runs
 from contracts.settings import Settings
 from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv
-from serving.llamacpp import server_argv
+from serving.launch import server_argv
 from serving.probe import ProbeFailed, cpu_served_names, prove
 
 
@@ -62,7 +62,8 @@ def _port_open(host: str, port: int) -> Callable[[], bool]:
 
 
 def model_argv(settings: Settings) -> list[str]:
-    """The bare llama.cpp server, or its Ray Serve deployment when `model_replicas` ≥ 1."""
+    """The Ray Serve deployment of llama.cpp when `model_replicas` ≥ 1, else the server
+    `model_server` names (bare llama.cpp by default)."""
     if settings.model_replicas >= 1:
         return [
             sys.executable,
