@@ -1,17 +1,21 @@
 """The capture record: one line of the traffic spool per proxied flow (docs/capture-record.md).
 
 Schema 2 adds headers, bodies and websocket messages to schema 1; every field it added has a
-default, so schema-1 lines still read as FlowRecords (with no headers and no bodies).
+default, so schema-1 lines still read as FlowRecords (with no headers and no bodies). Schema 3
+adds `budget_decision`, the budget decision as a typed record beside the `budget` text, and
+`usage.unit`/`units`; `FlowRecord.decision()` reads it from either, so older lines still tell
+their decision.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
+import re
+from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Header = tuple[str, str]
 """One header line, `[name, value]` in JSON; a list of them keeps order and duplicates."""
@@ -32,6 +36,77 @@ class Usage(BaseModel):
     units: int = 0
     """How many `unit`s the call was charged for (images made, input characters spoken,
     seconds of audio transcribed)."""
+
+
+class BudgetDecision(BaseModel):
+    """What the budget addon decided on one flow (`proxy/addons/budget.py`), as a record.
+
+    `reserved`: the call may cost up to `reserved` in `scopes`, not settled yet (a flow
+    captured mid-way). `settled`: reserved, then charged `settled`, the call having ended by
+    `ending` (`response`, `error: <why>`, `orphan sweep`). `refused`: not let through, for
+    `error` (`budget_exhausted`, `budget_unavailable`, …) by `scopes[0]` when a scope refused.
+    """
+
+    action: Literal["reserved", "settled", "refused"]
+    scopes: list[str] = Field(default_factory=list)
+    reserved: Decimal | None = None
+    settled: Decimal | None = None
+    currency: str | None = None
+    ending: str | None = None
+    error: str | None = None
+
+    @property
+    def scope(self) -> str | None:
+        """The refusing scope of a refusal (None when no scope refused); else the first."""
+        return self.scopes[0] if self.scopes else None
+
+    def text(self) -> str:
+        """The one line `FlowRecord.budget` has always held (schemas 1 and 2)."""
+        if self.action == "refused":
+            return f"refused {self.error}" + (f" by {self.scope}" if self.scope else "")
+        text = f"reserved {self.reserved} {self.currency} in {','.join(self.scopes)}"
+        if self.action == "settled":
+            if self.ending == ORPHAN_ENDING:
+                text += f"; settled {self.settled} by the orphan sweep"
+            else:
+                text += f"; settled {self.settled} on {self.ending}"
+        return text
+
+    @classmethod
+    def from_text(cls, text: str | None) -> BudgetDecision | None:
+        """The decision a schema-1 or -2 `budget` line states; None when it states none."""
+        if not text:
+            return None
+        refused = _REFUSED.fullmatch(text)
+        if refused:
+            scope = refused["scope"]
+            return cls(action="refused", error=refused["error"], scopes=[scope] if scope else [])
+        held = _HELD.fullmatch(text)
+        if held is None:
+            return None
+        try:
+            reserved = Decimal(held["reserved"])
+            settled = None if held["settled"] is None else Decimal(held["settled"])
+        except InvalidOperation:
+            return None
+        return cls(
+            action="reserved" if settled is None else "settled",
+            scopes=held["scopes"].split(","),
+            reserved=reserved,
+            settled=settled,
+            currency=held["currency"],
+            ending=ORPHAN_ENDING if held["orphan"] else held["ending"],
+        )
+
+
+ORPHAN_ENDING = "orphan sweep"
+"""`BudgetDecision.ending` of a reservation the orphan sweeper settled (its proxy died)."""
+_REFUSED = re.compile(r"refused (?P<error>\w+)(?: by (?P<scope>\S+))?")
+_HELD = re.compile(
+    r"reserved (?P<reserved>\S+) (?P<currency>[A-Z]{3}) in (?P<scopes>\S+)"
+    r"(?:; settled (?P<settled>\S+) (?:on (?P<ending>.+)|(?P<orphan>by the orphan sweep)))?",
+    re.DOTALL,
+)
 
 
 class Body(BaseModel):
@@ -111,7 +186,10 @@ class FlowRecord(BaseModel):
     cost_usd: Decimal = Field(default=Decimal(0))
     error: str | None = None
     budget: str | None = None
-    """The budget decision: what was reserved in which scopes and settled, or why refused."""
+    """The budget decision as one line for people: reserved in which scopes and settled, or
+    why refused (`BudgetDecision.text`)."""
+    budget_decision: BudgetDecision | None = None
+    """The budget decision as a record (schema 3); older lines have only `budget`."""
     request_headers: list[Header] = Field(default_factory=list)
     """As forwarded upstream, redacted (schema 2)."""
     response_headers: list[Header] = Field(default_factory=list)
@@ -122,6 +200,10 @@ class FlowRecord(BaseModel):
     """None when the response had no body, or none came (schema 2)."""
     websocket: WebSocket | None = None
     """Set on the handshake flow of a websocket connection, written when it closes (schema 2)."""
+
+    def decision(self) -> BudgetDecision | None:
+        """The budget decision, from the record (schema 3) or from its text (schemas 1, 2)."""
+        return self.budget_decision or BudgetDecision.from_text(self.budget)
 
 
 BODY_FIELDS = ("request_body", "response_body")

@@ -21,7 +21,6 @@ import datetime as dt
 import heapq
 import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from contracts.config import TrialConfig
 from contracts.outbound import AddressRefused, Allowlist, checked_addresses
+from contracts.records import BudgetDecision
 from ledger.counters import (
     CounterError,
     ScopeState,
@@ -388,9 +388,6 @@ def post_checked(
 
 # -- deferral -----------------------------------------------------------------------------------
 
-_REFUSAL = re.compile(r"refused (?P<error>\w+) by (?P<scope>\S+)")
-"""The proxy's budget decision of a refused flow (proxy/addons/budget.py `_refuse`)."""
-
 
 @dataclass(frozen=True)
 class Deferral:
@@ -399,10 +396,11 @@ class Deferral:
     """When the refusing allowance resets (epoch seconds, UTC)."""
 
 
-def refusing_scope(decision: str | None) -> str | None:
+def refusing_scope(decision: BudgetDecision | None) -> str | None:
     """The scope named by a `budget_exhausted` refusal, or None for anything else."""
-    m = _REFUSAL.fullmatch(decision or "")
-    return m["scope"] if m and m["error"] == "budget_exhausted" else None
+    if decision is None or decision.action != "refused" or decision.error != "budget_exhausted":
+        return None
+    return decision.scope
 
 
 def machine_day_refusal(platform: Platform, config: TrialConfig, a: Assignment) -> Deferral | None:
@@ -415,7 +413,7 @@ def machine_day_refusal(platform: Platform, config: TrialConfig, a: Assignment) 
     refused = [
         f for f in platform.index.flows(assignment=a.id) if f.status == 402 and f.ts_start >= since
     ]
-    scopes = {refusing_scope(f.budget) for f in refused}
+    scopes = {refusing_scope(f.decision()) for f in refused}
     if len(scopes) != 1 or refused[-1].machine is None:
         return None  # no refusal on record, or more than one scope refused
     scope = scopes.pop()

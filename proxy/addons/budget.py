@@ -41,7 +41,7 @@ from mitmproxy.addonmanager import Loader
 from contracts.adapters import UnknownAdapter
 from contracts.config import TokenPrice
 from contracts.credentials import MachineIdentity
-from contracts.records import FlowRecord, Usage
+from contracts.records import ORPHAN_ENDING, BudgetDecision, FlowRecord, Usage
 from ledger.counters import (
     ADAPTERS,
     CounterError,
@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "AUTOVIBE_BUDGET_REDIS_URL"
 """Where the proxy finds the Redis URL (the setting `budget_redis_url`), never on its argv."""
 METADATA_KEY = "autovibe.budget"
-"""The decision as one line of text, for the capture record's `budget` field."""
+"""The decision (`contracts.records.BudgetDecision`), for the capture record."""
 HOLD_KEY = "autovibe.budget.hold"
 PROMPT_MARGIN_TOKENS = 64
 """Added to the prompt estimate: chat-template tokens, and the `max_tokens` we may write in."""
@@ -385,7 +385,9 @@ class Budget:
             self._exhausted(flow, outcome)
             return
         flow.metadata[HOLD_KEY] = Hold(flow.id, outcome.amount, currency, fx, scopes)
-        flow.metadata[METADATA_KEY] = f"reserved {outcome.amount} {currency} in {','.join(scopes)}"
+        flow.metadata[METADATA_KEY] = BudgetDecision(
+            action="reserved", scopes=list(scopes), reserved=outcome.amount, currency=currency
+        )
         self.live.add(flow.id)
 
     def _describe(self, name: str, now: float, *, fresh: bool) -> ScopeState | None:
@@ -419,8 +421,10 @@ class Budget:
 
     def _refuse(self, flow: http.HTTPFlow, status: int, body: dict[str, Any]) -> None:
         refuse(flow, status, body)
-        flow.metadata[METADATA_KEY] = f"refused {body['error']}" + (
-            f" by {body['scope']}" if body.get("scope") else ""
+        flow.metadata[METADATA_KEY] = BudgetDecision(
+            action="refused",
+            error=body["error"],
+            scopes=[body["scope"]] if body.get("scope") else [],
         )
 
     # -- settle ------------------------------------------------------------------------------
@@ -441,7 +445,7 @@ class Budget:
             return
         actual = _actual(flow, hold)
         hold.settled = True
-        flow.metadata[METADATA_KEY] = _settled_text(hold, actual, ending)
+        flow.metadata[METADATA_KEY] = _settled(hold, actual, ending)
         self._pending.append(Settlement(hold.reservation_id, actual, ending))
         self._schedule_flush()
 
@@ -474,7 +478,7 @@ class Budget:
             self.live.difference_update(s.reservation_id for s in pending)
 
 
-def decision_of(flow: http.HTTPFlow) -> str | None:
+def decision_of(flow: http.HTTPFlow) -> BudgetDecision | None:
     """The budget decision as the capture record states it, once the flow is over.
 
     Capture spools a flow before this addon settles it (the addon order): the record states
@@ -489,8 +493,8 @@ def decision_of(flow: http.HTTPFlow) -> str | None:
             ending = f"error: {flow.error.msg}"
         elif flow.response is None:
             ending = "error: unknown"
-        return _settled_text(hold, _actual(flow, hold), ending)
-    return None if decision is None else str(decision)
+        return _settled(hold, _actual(flow, hold), ending)
+    return decision if isinstance(decision, BudgetDecision) else None
 
 
 def _actual(flow: http.HTTPFlow, hold: Hold) -> Decimal:
@@ -499,10 +503,14 @@ def _actual(flow: http.HTTPFlow, hold: Hold) -> Decimal:
     return (facts.cost_usd if facts else Decimal(0)) * hold.fx
 
 
-def _settled_text(hold: Hold, actual: Decimal, ending: str) -> str:
-    return (
-        f"reserved {hold.amount} {hold.currency} in {','.join(hold.scopes)}; "
-        f"settled {actual.quantize(Decimal('0.000001'))} on {ending}"
+def _settled(hold: Hold, actual: Decimal, ending: str) -> BudgetDecision:
+    return BudgetDecision(
+        action="settled",
+        scopes=list(hold.scopes),
+        reserved=hold.amount,
+        settled=actual.quantize(Decimal("0.000001")),
+        currency=hold.currency,
+        ending=ending,
     )
 
 
@@ -510,7 +518,14 @@ def orphan_record(orphan: Reservation, note: dict[str, Any], settled: Decimal) -
     """The spool record of a flow whose proxy died before capturing it, from its reservation."""
     fx, now = Decimal(note["fx"]), time.time()
     prompt, completion = int(note["prompt_tokens"]), int(note["completion_tokens"])
-    scopes = ",".join(orphan.scopes)
+    decision = BudgetDecision(
+        action="settled",
+        scopes=list(orphan.scopes),
+        reserved=orphan.amount,
+        settled=settled,
+        currency=note["currency"],
+        ending=ORPHAN_ENDING,
+    )
     return FlowRecord(
         id=orphan.reservation_id,
         ts_start=note["ts_start"],
@@ -535,8 +550,8 @@ def orphan_record(orphan: Reservation, note: dict[str, Any], settled: Decimal) -
         ),
         cost_usd=_usd(settled, fx),
         error=ORPHAN_ERROR,
-        budget=f"reserved {orphan.amount} {note['currency']} in {scopes}; "
-        f"settled {settled} by the orphan sweep",
+        budget=decision.text(),
+        budget_decision=decision,
     )
 
 

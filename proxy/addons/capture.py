@@ -300,6 +300,7 @@ def record_of(
     elif facts is not None:
         # Streamed through: mitmproxy kept no body, the meter counted what passed.
         response_bytes = facts.response_bytes
+    decision = decision_of(flow)
     return FlowRecord(
         id=flow.id,
         ts_start=ts_start,
@@ -326,7 +327,8 @@ def record_of(
         streamed=facts.streamed if facts else False,
         usage=facts.usage if facts else None,
         cost_usd=facts.cost_usd if facts else Decimal(0),
-        budget=decision_of(flow),
+        budget=None if decision is None else decision.text(),
+        budget_decision=decision,
         error=_error_of(flow, facts.problem if facts else None, websocket),
         request_headers=list(request.headers.items(multi=True)),
         response_headers=list(response.headers.items(multi=True)) if response else [],

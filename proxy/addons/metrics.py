@@ -16,6 +16,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from contracts.records import BudgetDecision
 from proxy.addons import capture
 from proxy.addons.budget import METADATA_KEY as BUDGET_KEY
 from proxy.addons.refusal import refused
@@ -136,9 +137,9 @@ class Metrics:
         self.flows.labels(status).inc()
         self.bytes.labels("request").inc(record.request_bytes)
         self.bytes.labels("response").inc(record.response_bytes)
-        decision = str(flow.metadata.get(BUDGET_KEY, ""))
-        if decision.startswith("refused "):
-            self.refusals.labels(decision.split()[1]).inc()
+        decision = flow.metadata.get(BUDGET_KEY)
+        if isinstance(decision, BudgetDecision) and decision.action == "refused":
+            self.refusals.labels(decision.error or "refused").inc()
         response = flow.response
         if (
             response is not None

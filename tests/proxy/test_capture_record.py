@@ -1,4 +1,4 @@
-"""The complete capture record (schema 2) through the real mitmdump: headers and bodies,
+"""The complete capture record (schema 3) through the real mitmdump: headers and bodies,
 redacted, whole in the spool up to its cap and cut in the index, hashed; streamed responses
 copied as they pass; websockets; full-text search over bodies; schema-1 lines still indexed.
 
@@ -37,7 +37,7 @@ from websockets.sync.server import serve as ws_serve
 
 from contracts.credentials import proxy_url
 from contracts.dataroot import DataRoot
-from contracts.records import FlowRecord
+from contracts.records import SCHEMA_VERSION, BudgetDecision, FlowRecord
 from contracts.secrets import REDACTED
 from ledger.counters import open_ample
 from proxy.addons.capture import BodyTap, Capture, make_body, text_of
@@ -218,7 +218,7 @@ def test_headers_are_kept_in_order_and_secrets_never_reach_spool_or_index(
         )
     assert response.status_code == 200
     record = captured(proxy, "/echo")
-    assert record.schema_version == 2
+    assert record.schema_version == SCHEMA_VERSION == 3
     request_headers = dict(record.request_headers)
     assert request_headers["Authorization"] == REDACTED
     assert request_headers["Cookie"] == REDACTED
@@ -545,3 +545,36 @@ def test_a_negative_body_cap_is_refused() -> None:
         pytest.raises(exceptions.OptionsError, match=r"autovibe_spool_body_max.*-1"),
     ):
         ctx.configure(capture, autovibe_spool_body_max=-1)
+
+
+# -- the budget decision as a record (schema 3) ------------------------------------------------
+
+OLD_DECISIONS = [
+    ("reserved 0.0123 USD in project:p,machine:p:t:m1:day", "reserved", None),
+    ("reserved 1.5 EUR in project:p; settled 0.000120 on response", "settled", "response"),
+    (
+        "reserved 1 USD in project:p; settled 0 on error: peer closed",
+        "settled",
+        "error: peer closed",
+    ),
+    ("reserved 2 USD in project:p; settled 2 by the orphan sweep", "settled", "orphan sweep"),
+    ("refused budget_exhausted by machine:p:t:m1:day", "refused", None),
+    ("refused budget_unavailable", "refused", None),
+]
+
+
+@pytest.mark.parametrize(("text", "action", "ending"), OLD_DECISIONS)
+def test_a_schema_2_budget_line_reads_as_a_decision(text: str, action: str, ending: str) -> None:
+    record = FlowRecord.model_validate({**V1_LINE, "schema_version": 2, "budget": text})
+    decision = record.decision()
+    assert decision is not None and record.budget_decision is None
+    assert (decision.action, decision.ending) == (action, ending)
+    assert decision.text() == text  # what a schema-3 proxy writes for the same decision
+
+
+def test_a_refusal_names_its_scope_and_error() -> None:
+    decision = BudgetDecision.from_text("refused budget_exhausted by machine:p:t:m1:day")
+    assert decision is not None
+    assert (decision.error, decision.scope) == ("budget_exhausted", "machine:p:t:m1:day")
+    assert BudgetDecision.from_text("something else") is None
+    assert BudgetDecision.from_text(None) is None

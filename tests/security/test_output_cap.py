@@ -40,10 +40,10 @@ def call(proxy: Proxy, upstream: Upstream, path: str, body: dict[str, Any]) -> d
     assert response.status_code == 200, response.text
     (seen,) = [s for s in upstream.seen if marker in s["body"]]
     record = proxy.spooled_one(assignment=assignment)
-    assert record.budget is not None
-    reserved = re.search(r"reserved ([0-9.]+)", record.budget)
-    assert reserved is not None, record.budget
-    return {"body": json.loads(seen["body"]), "reserved": float(reserved.group(1))}
+    decision = record.budget_decision
+    assert decision is not None and decision.reserved is not None, record.budget
+    assert record.budget == decision.text()  # the line for people says the same
+    return {"body": json.loads(seen["body"]), "reserved": float(decision.reserved)}
 
 
 def test_max_tokens_zero_is_no_cap_and_gets_one_written(

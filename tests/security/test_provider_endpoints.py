@@ -187,9 +187,10 @@ def counters(proxy: Proxy) -> tuple[Decimal, Decimal]:
 
 
 def reserved_of(record: FlowRecord) -> Decimal:
-    found = re.search(r"reserved ([0-9.]+) USD", record.budget or "")
-    assert found is not None, record.budget
-    return Decimal(found.group(1))
+    decision = record.budget_decision
+    assert decision is not None and decision.currency == "USD", record.budget
+    assert decision.reserved is not None and record.budget == decision.text()
+    return decision.reserved
 
 
 def metered_call(
