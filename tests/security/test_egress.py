@@ -9,7 +9,9 @@ sees nothing; a listed raw TCP stream is captured with its bytes and timings.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import random
 import struct
 import sys
 from collections.abc import Iterator
@@ -30,7 +32,9 @@ from proxy_harness import (
     talk_through,
 )
 
-DNS_ADDRESS = "127.0.0.153"
+
+def dns_address(banners: dict[str, BannerServer]) -> str:
+    return str(banners["dns"].sock.getsockname()[0])
 
 
 def dns_query(name: str, qtype: int) -> bytes:
@@ -53,7 +57,14 @@ def servers() -> Iterator[dict[str, Upstream]]:
 @pytest.fixture(scope="module")
 def banners() -> dict[str, BannerServer]:
     # A resolver stand-in on port 53 of another loopback address: it would echo a query back.
-    dns = BannerServer(DNS_ADDRESS, 53, banner=b"")
+    # The address is drawn, so that concurrent runs do not compete for one port 53.
+    for _ in range(100):
+        host = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(2, 254)}"
+        with contextlib.suppress(OSError):
+            dns = BannerServer(host, 53, banner=b"")
+            break
+    else:
+        raise RuntimeError("no loopback address with a free port 53")
     return {"closed": BannerServer(), "listed": BannerServer(), "dns": dns}
 
 
@@ -74,7 +85,7 @@ def proxy(
             f"127.0.0.1:{servers['api'].port}",
             f"127.0.0.1:{closed}",
             f"127.0.0.1:{listed}",
-            f"{DNS_ADDRESS}:53",
+            f"{dns_address(banners)}:53",
         ],
         egress_tcp_allow=[f"127.0.0.1:{listed}"],
     )
@@ -185,7 +196,8 @@ def test_dns_over_tcp_to_some_port_53_is_not_let_through(
     server, here an A question for a name the policy allows; it is refused unrelayed, and
     recorded. Only the proxy's own DNS listener answers a worker."""
     server = banners["dns"]
-    sock, reply = connect_tunnel(proxy, f"{DNS_ADDRESS}:53", basic(proxy, "a-dns-tcp"))
+    address = dns_address(banners)
+    sock, reply = connect_tunnel(proxy, f"{address}:53", basic(proxy, "a-dns-tcp"))
     assert reply.startswith(b"HTTP/1.1 200"), reply
     query = dns_query("api.openai.com", 1)
     sock.settimeout(5)
@@ -198,6 +210,6 @@ def test_dns_over_tcp_to_some_port_53_is_not_let_through(
     assert b"\x12\x34" not in answer, answer  # no DNS answer to our query id
     assert server.received == b""
     record = proxy.spooled_one(assignment="a-dns-tcp")
-    assert (record.method, record.url) == ("TCP", f"tcp://{DNS_ADDRESS}:53")
+    assert (record.method, record.url) == ("TCP", f"tcp://{address}:53")
     assert record.error is not None and record.error.startswith("egress_refused")
     assert record.request_bytes == len(query) and record.response_bytes == 0
