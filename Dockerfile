@@ -30,6 +30,9 @@ COPY pyproject.toml uv.lock README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --extra postgres --no-install-project
 COPY contracts ./contracts
+COPY common ./common
+COPY budget ./budget
+COPY traffic ./traffic
 COPY orchestrator ./orchestrator
 COPY proxy ./proxy
 COPY ledger ./ledger

@@ -8,7 +8,7 @@ APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server t
   systemd-analyze:systemd qemu-img:qemu-utils iptables:iptables chromium:chromium \
   c++:g++ objdump:binutils
 
-.PHONY: setup system-deps demo test lint typecheck bench bench-deps down clean schema
+.PHONY: setup system-deps demo test test-fast lint typecheck bench bench-deps down clean schema
 
 ## setup: install uv if absent, then the locked environment (.venv); llama.cpp compiles once.
 ## From uv's cache first (--offline): online, uv revalidates the llama-cpp-python sdist once
@@ -34,12 +34,18 @@ demo: setup
 test: setup lint typecheck
 	$(UV) run --frozen pytest -q -n 2 --dist loadfile
 
+## test-fast: unit and in-process tests, and those that start our own small processes (mitmdump,
+## the deterministic model, bubblewrap); no llama.cpp, Ray, Superset or whole stack. Under 3 min on 2 cores.
+FAST := not (live or e2e or model or ray or superset)
+test-fast:
+	$(UV) run --frozen pytest -q -n 2 --dist loadfile -m "$(FAST)"
+
 lint:
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
 typecheck:
-	$(UV) run --frozen mypy contracts orchestrator proxy ledger workers serving retention secretstore bench
+	$(UV) run --frozen mypy contracts common traffic budget orchestrator proxy ledger workers serving retention secretstore bench
 
 schema:
 	$(UV) run --frozen autovibe config schema

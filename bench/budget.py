@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import publish
+from budget import CounterStore, open_counters
 from contracts.config import load_prices
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord, Usage
 from ledger.book import InferenceItem, Ledger, MetaAmount, inference_account, render_transaction
 from ledger.check import bean_check
-from ledger.counters import CounterStore, open_counters
 from ledger.posting import post_usage
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
-from proxy.index import TrafficIndex
-from proxy.spool import Spool
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore
 
 ROOT = Path(__file__).resolve().parent.parent
 # The stand-in model server and proxy launcher of the budget tests: one way to start them.
@@ -190,7 +190,7 @@ def ledger_at(size: int, work: Path, postings: int = 20) -> dict[str, Any]:
     check_s = time.perf_counter() - started
     assert not errors, errors[:5]
 
-    index = TrafficIndex(root.traffic_index)
+    index = SqliteTrafficStore(root.traffic_index)
     usage_s = 0.0
     with Spool(root) as spool:
         for n in range(postings):

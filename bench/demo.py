@@ -16,10 +16,10 @@ import httpx
 import yaml
 
 from bench.report import publish
+from budget import open_ample
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
-from ledger.counters import open_ample
 from orchestrator import stack
 from orchestrator.client import Client
 

@@ -37,9 +37,9 @@ from typing import Any
 import httpx
 
 from bench.report import publish
+from common.processes import group_members
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import group_members
 from contracts.settings import Settings, free_port
 from serving import rayserve
 

@@ -1,6 +1,6 @@
 """What the proxy costs: the same upstream called direct, through bare mitmdump, through the
 autovibe proxy as the stack runs it (all addons: identity, routing, metering, budget, injection,
-capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m proxy.indexer` beside it,
+capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m traffic.indexer` beside it,
 on the same machine), through the same proxy with its indexer thread inside (`autovibe-inproc`,
 the arrangement before the indexer got its own process), through bare mitmdump run as the
 autovibe proxy runs it, without our addons (`mitmdump-lean`: `python -O`,
@@ -46,13 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import publish
+from budget import open_ample
+from common.processes import cpu_s
 from contracts.credentials import MachineIdentity, load_or_create_key, mint
 from contracts.dataroot import DataRoot
-from contracts.processes import cpu_s
 from contracts.settings import Settings, free_port
-from ledger.counters import open_ample
-from proxy.index import TrafficIndex
-from proxy.indexer import ready_pid
 from proxy.launch import (
     mitmdump_argv,
     mitmdump_command,
@@ -60,6 +58,8 @@ from proxy.launch import (
     wait_ready,
     with_options,
 )
+from traffic.indexer import ready_pid
+from traffic.sqlite_store import SqliteTrafficStore
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAN_SCRIPTS = (ROOT / "proxy" / "addons" / "lean.py", ROOT / "proxy" / "addons" / "dispatch.py")
@@ -337,12 +337,12 @@ def _start(
 
 
 def _start_indexer(root: DataRoot, log: Path) -> subprocess.Popen[bytes]:
-    """`python -m proxy.indexer` on the data root `root`, as the stack starts it; once ready."""
+    """`python -m traffic.indexer` on the data root `root`, as the stack starts it; once ready."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOVIBE_")}
     env |= {"AUTOVIBE_DATA": str(root.root), "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.indexer"], stdout=out, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "traffic.indexer"], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     deadline = time.monotonic() + 30
     while ready_pid(root) != process.pid:
@@ -678,7 +678,7 @@ def _check_metered(root: DataRoot, assignment: str) -> int:
     bad = [r for r in mine if r["error"] or not r["usage"] or r["usage"]["estimated"]]
     if not mine or bad:
         raise SystemExit(f"autovibe proxy did not meter the bench calls: {bad[:3]}")
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         indexed = len(index.flows(assignment=assignment))
     if indexed != len(mine):
         raise SystemExit(f"{root.root}: {len(mine)} flows spooled, {indexed} indexed")
@@ -770,7 +770,7 @@ console commands…), and `proxy/addons/dispatch.py`, which has mitmproxy call e
 from a plan made once per hook instead of walking the whole addon tree for every event;
 `autovibe` is the proxy as the platform starts it (the same three, then identity, routing,
 metering with streaming, budget reserve/settle on SQLite counters, injection, capture to the
-spool, metrics addon; `autovibe_indexer=false`) with `python -m proxy.indexer` running beside
+spool, metrics addon; `autovibe_indexer=false`) with `python -m traffic.indexer` running beside
 it on the same 2 cores, catching the SQLite index (FTS5) up every second: its CPU competes with
 the proxy's, as it does in production.
 `autovibe-inproc` is the same proxy with the indexer thread inside mitmdump, as before the

@@ -40,9 +40,9 @@ from typing import Any
 import httpx
 
 from bench.report import publish
+from common.processes import cmdline, cpu_s, descendants
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, cpu_s, descendants
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from serving.llamacpp import server_argv
 from serving.weights import ensure_weights

@@ -66,16 +66,17 @@ class Settings(BaseSettings):
     budget_redis_url: str | None = None
     """redis://host:port/db when `budget_store` is `redis`."""
     traffic_store: str = "sqlite"
-    """Where the indexer (`python -m proxy.indexer`) keeps the spool searchable: `sqlite` (data
+    """Where the indexer (`python -m traffic.indexer`) keeps the spool searchable: `sqlite` (data
     root) or `elasticsearch`."""
     elasticsearch_url: str | None = None
     """http[s]://[user:password@]host:port of Elasticsearch, for `traffic_store` `elasticsearch`."""
     index_body_max: int | None = None
-    """Bytes of each body kept in the traffic store; None: `proxy.index.DEFAULT_BODY_MAX`."""
+    """Bytes of each body kept in the traffic store; None: the store's default
+    (`traffic.sqlite_store.DEFAULT_BODY_MAX`)."""
     index_interval_s: float = 1.0
     """Seconds between the indexer's catch-ups; the store trails the spool by about this much."""
     index_nice: int = 10
-    """Added to `python -m proxy.indexer`'s nice value: indexing is batch work behind the spool,
+    """Added to `python -m traffic.indexer`'s nice value: indexing is batch work behind the spool,
     so on a busy machine it takes the CPU the proxy and the agents leave (its lag grows under
     load and is caught up after); 0 keeps it at the proxy's priority."""
     cors_origins: list[str] = []

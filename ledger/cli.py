@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from budget import CounterStore, open_counters
 from contracts.config import load_prices
 from contracts.dataroot import DataRoot
 from contracts.secrets import SecretStoreError
 from contracts.settings import Settings
 from ledger.book import Ledger, LedgerError, ledger_projects
-from ledger.counters import CounterStore, open_counters
 from ledger.payments import (
     Broker,
     PaymentError,
@@ -29,8 +30,8 @@ from ledger.payments import (
 from ledger.pnl import Row, profit_and_loss
 from ledger.posting import agents_from_artifacts, post_usage
 from ledger.reconcile import reconcile
-from proxy.index import TrafficIndex
 from secretstore import store_from_env
+from traffic.stores import metered_flows
 
 app = typer.Typer(
     help="The project ledgers: reconcile, profit and loss, Fava.", no_args_is_help=True
@@ -67,7 +68,7 @@ def reconcile_cmd(project: str) -> None:
     root = _root(Settings())
     ledger = _ledger(root, project)
     DataRoot.ensure(root.traffic_logs)
-    with TrafficIndex(root.traffic_index) as index:
+    with contextlib.closing(metered_flows(root)) as index:
         index.catch_up(root.traffic_logs)
         try:
             result = reconcile(ledger, index, project)
@@ -93,7 +94,7 @@ def post(project: Annotated[str | None, typer.Argument()] = None) -> None:
             p.parent.name for p in (root.root / "financial").glob("*/ledger.beancount")
         )
     DataRoot.ensure(root.traffic_logs)
-    with TrafficIndex(root.traffic_index) as index:
+    with contextlib.closing(metered_flows(root)) as index:
         index.catch_up(root.traffic_logs)
         for name in projects:
             try:

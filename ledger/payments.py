@@ -40,10 +40,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from contracts.dataroot import DataRoot, atomic_write
-from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sealed, mask
-from ledger.book import QUANTUM, Ledger, LedgerError
-from ledger.counters import (
+from budget import (
     CounterError,
     CounterStore,
     CounterStoreUnavailable,
@@ -52,6 +49,9 @@ from ledger.counters import (
     machine_scope,
     project_scope,
 )
+from contracts.dataroot import DataRoot, atomic_write
+from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sealed, mask
+from ledger.book import QUANTUM, Ledger, LedgerError
 from ledger.methods import Charge, PaymentFailed, get_method
 
 TRANSACTIONS_FILE = "transactions.json"

@@ -41,32 +41,11 @@ from ledger.book import (
     render_transaction,
     vm_account,
 )
-from proxy.index import TrafficIndex
+from traffic.stores import MeteredFlows, SpooledFlow
 
 HOUR_S = 3600
 AgentOf = Callable[[str | None, str | None], str | None]
 """(trial, assignment) → agent name, or None when unknown."""
-
-
-@dataclass(frozen=True)
-class SpooledFlow:
-    """What a usage posting needs of one indexed flow."""
-
-    id: str
-    spool_offset: int
-    ts_start: float
-    trial: str | None
-    assignment: str | None
-    machine: str | None
-    provider: str | None
-    model: str | None
-    tokens: int
-    cost_usd: Decimal
-
-    @property
-    def hour(self) -> dt.datetime:
-        start = int(self.ts_start) // HOUR_S * HOUR_S
-        return dt.datetime.fromtimestamp(start, dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -78,26 +57,11 @@ class Posted:
     usd: Decimal
 
 
-def spooled(index: TrafficIndex, project: str) -> dict[str, list[SpooledFlow]]:
-    """The project's indexed flows per spool file, in spool order."""
-    rows = index.spooled(project)
+def spooled(index: MeteredFlows, project: str) -> dict[str, list[SpooledFlow]]:
+    """The project's stored flows per spool file, in spool order."""
     found: dict[str, list[SpooledFlow]] = defaultdict(list)
-    for spool, *fields in rows:
-        flow_id, offset, ts, trial, assignment, machine, provider, model, tokens, cost = fields
-        found[spool].append(
-            SpooledFlow(
-                flow_id,
-                offset,
-                ts,
-                trial,
-                assignment,
-                machine,
-                provider,
-                model,
-                tokens or 0,
-                Decimal(cost),
-            )
-        )
+    for flow in index.spooled(project):
+        found[flow.spool_file].append(flow)
     return dict(found)
 
 
@@ -126,7 +90,7 @@ def agents_from_artifacts(root: DataRoot, project: str) -> AgentOf:
 
 def post_usage(
     ledger: Ledger,
-    index: TrafficIndex,
+    index: MeteredFlows,
     project: str,
     *,
     until: float | None = None,

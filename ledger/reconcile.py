@@ -30,7 +30,7 @@ from ledger.book import (
     _Book,
 )
 from ledger.posting import spooled
-from proxy.index import TrafficIndex
+from traffic.stores import MeteredFlows
 
 TOLERANCE = Decimal("0.005")
 """Half a cent of the primary currency: what rounding per posting may leave, and no more."""
@@ -102,7 +102,7 @@ class _Side:
     """Each leg's USD at the rate of its date, rounded as the leg was."""
 
 
-def reconcile(ledger: Ledger, index: TrafficIndex, project: str) -> Reconciliation:
+def reconcile(ledger: Ledger, index: MeteredFlows, project: str) -> Reconciliation:
     """Compare the index's spend per assignment of `project` with the ledger's inference legs."""
     entries, options = ledger.load()
     currency = str(options["operating_currency"][0])

@@ -324,8 +324,8 @@ class RedisRateWindow:
     PREFIX = "{autovibe-rate}:"
 
     def __init__(self, url: str) -> None:
-        from ledger.counters import CounterError
-        from ledger.counters.redis import RedisCounters
+        from budget import CounterError
+        from budget.redis import RedisCounters
 
         try:
             self.client = RedisCounters(url).client  # one way to connect to Redis

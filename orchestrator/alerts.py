@@ -32,17 +32,18 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from budget import CounterError, ScopeState, iso
+from budget.scopes import (
+    daily_scope,
+    machine_scope,
+    machines_of,
+    project_scope,
+    task_scope,
+    trial_scopes,
+)
 from contracts.config import TrialConfig
 from contracts.outbound import AddressRefused, Allowlist, checked_addresses
 from contracts.records import BudgetDecision
-from ledger.counters import (
-    CounterError,
-    ScopeState,
-    iso,
-    machine_scope,
-    project_scope,
-    task_scope,
-)
 from orchestrator.state import Assignment, BudgetAlert, Store, Trial, utcnow
 
 if TYPE_CHECKING:
@@ -58,24 +59,6 @@ ONCE = "once"
 
 
 # -- scopes -------------------------------------------------------------------------------------
-
-
-def machines_of(config: TrialConfig) -> list[str]:
-    return [f"m{i}" for i in range(1, config.machines.count + 1)]
-
-
-def trial_scopes(trial_id: str, config: TrialConfig) -> list[str]:
-    """The counter scopes a trial opened: its project, each machine's day, each capped task."""
-    p = config.project
-    return [
-        project_scope(p),
-        *(machine_scope(p, m) for m in machines_of(config)),
-        *(task_scope(trial_id, t.id) for t in config.tasks if t.budget is not None),
-    ]
-
-
-def daily_scope(project: str) -> str:
-    return f"daily:{project}"
 
 
 def alert_labels(trial_id: str, config: TrialConfig) -> list[tuple[str, str, str]]:

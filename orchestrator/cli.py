@@ -26,12 +26,12 @@ from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
 from orchestrator.tokens_cli import app as tokens_app
-from proxy.traffic_cli import app as traffic_app
 from retention import backup_cli
 from retention.checkpoints_cli import app as checkpoints_app
 from retention.cli import app as retention_app
 from secretstore.cli import app as secrets_app
 from serving.cli import app as models_app
+from traffic.cli import app as traffic_app
 from workers.agents_cli import app as agents_app
 from workers.operator_cli import app as worker_app
 from workers.vm_cli import app as vm_app

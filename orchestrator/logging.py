@@ -1,12 +1,12 @@
-"""The API's logs as JSON lines (`contracts.logs`), uvicorn's included."""
+"""The API's logs as JSON lines (`common.logs`), uvicorn's included."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from contracts import logs
-from contracts.logs import JsonFormatter
+from common import logs
+from common.logs import JsonFormatter
 
 __all__ = ["JsonFormatter", "configure"]
 

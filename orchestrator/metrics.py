@@ -20,12 +20,13 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from budget import CounterError
+from budget.scopes import trial_scopes
 from contracts.config import TrialConfig
-from ledger.counters import CounterError
-from orchestrator.alerts import alert_labels, trial_scopes
+from orchestrator.alerts import alert_labels
 from orchestrator.state import Assignment, BudgetAlert, Trial
-from proxy.index import ModelUsage
-from proxy.spool import FILE_NAME
+from traffic.spool import FILE_NAME
+from traffic.stores import ModelUsage
 
 if TYPE_CHECKING:
     from orchestrator.platform import Platform

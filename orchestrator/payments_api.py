@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 
+from budget import CounterStore
 from ledger.book import LedgerError
-from ledger.counters import CounterStore
 from ledger.payments import (
     Broker,
     PaymentPolicy,

@@ -9,16 +9,17 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cached_property
 
+from budget import CounterStore, open_counters
+from budget.scopes import open_trial
 from contracts.config import NomadPlacement, TrialConfig
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from ledger.book import Ledger, LedgerError, ledger_projects
-from ledger.counters import CounterStore, open_counters, open_project, task_scope
 from ledger.posting import Posted, agents_from_artifacts, post_usage, post_vm_hours
 from orchestrator.catalog import Catalog
 from orchestrator.state import Assignment, Store, state_url, utcnow
-from proxy.index import CallFailures, ModelUsage, TrafficIndex
+from traffic.stores import CallFailures, MeteredFlows, ModelUsage, metered_flows
 from workers.driver import WorkerDriver, get_driver
 
 MICRO = Decimal("0.000001")
@@ -64,9 +65,9 @@ class Platform:
         return load_or_create_key(self.root)
 
     @cached_property
-    def index(self) -> TrafficIndex:
+    def index(self) -> MeteredFlows:
         DataRoot.ensure(self.root.traffic_logs)
-        return TrafficIndex(self.root.traffic_index)
+        return metered_flows(self.root)
 
     def ledger(self, project: str) -> Ledger:
         DataRoot.ensure(self.root.financial(project))
@@ -109,24 +110,9 @@ class Platform:
 
         Reopening keeps what was spent; limits and periods become this trial's.
         """
-        b, now = config.budget, time.time()
         store = self.counters()
         try:
-            open_project(
-                store,
-                config.project,
-                [f"m{i}" for i in range(1, config.machines.count + 1)],
-                amount=b.amount,
-                daily_allowance=config.machines.daily_allowance,
-                currency=b.currency,
-                period=b.period,
-                now=now,
-            )
-            for task in config.tasks:
-                if task.budget is not None:
-                    store.ensure_scope(
-                        task_scope(trial_id, task.id), task.budget, b.currency, "once", now
-                    )
+            open_trial(store, config, trial_id, time.time())
         finally:
             store.close()
 

@@ -27,11 +27,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from budget import iso
 from contracts.config import Confidence, Egress, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
 from contracts.routing import write_policy
-from ledger.counters import iso
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.platform import Platform
 from orchestrator.state import (

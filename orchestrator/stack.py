@@ -15,14 +15,14 @@ from pathlib import Path
 
 import httpx
 
+from common.processes import group_members, runs
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import group_members, runs
 from contracts.settings import Settings
-from proxy.indexer import ready_pid
 from proxy.launch import mitmdump_argv
 from serving.launch import server_argv
 from serving.probe import ProbeFailed, cpu_served_names, prove
+from traffic.indexer import ready_pid
 
 
 class StackError(Exception):
@@ -111,7 +111,7 @@ def services(settings: Settings) -> list[Service]:
             _http_ok(f"{settings.model_url}/models"),
             lambda: prove(settings.model_url, served),
         ),
-        Service("indexer", [sys.executable, "-m", "proxy.indexer"], _indexer_ready(settings)),
+        Service("indexer", [sys.executable, "-m", "traffic.indexer"], _indexer_ready(settings)),
         Service(
             "proxy",
             mitmdump_argv(

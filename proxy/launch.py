@@ -1,7 +1,7 @@
 """How the proxy process is started: the mitmdump command line, and waiting for it to listen.
 
 `python -m proxy.launch [--set option=value ...]` execs mitmdump as `mitmdump_argv` builds it
-from the AUTOVIBE_* environment, without its in-process indexer (`python -m proxy.indexer` runs
+from the AUTOVIBE_* environment, without its in-process indexer (`python -m traffic.indexer` runs
 beside it); each `--set` given replaces the option of the same name (the container images start
 the proxy this way, naming hosts and URLs only a deployment knows).
 """
@@ -47,7 +47,7 @@ def mitmdump_argv(
     workers in network namespaces (`sandbox.network: transparent`, `workers.netns`); with
     `dns_port`, also as their DNS server (UDP and TCP; names resolved like the proxy's own
     host resolves them: its hosts file, then its name servers). With `indexer=False` the proxy
-    only spools, for callers that run `python -m proxy.indexer` beside it (the stack does).
+    only spools, for callers that run `python -m traffic.indexer` beside it (the stack does).
 
     mitmdump runs under `python -O`, the optimised mode mitmproxy provides for: it checks the
     field types of every request and response it builds only `if __debug__`, and each check

@@ -16,9 +16,9 @@ from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
+from common.processes import stop
 from contracts.config import ConfigError, ModelsCatalog, load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import stop
 from contracts.settings import Settings
 from serving import check as check_mod
 from serving import rayserve, rayserve_cpu

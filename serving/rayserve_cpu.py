@@ -35,9 +35,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.processes import cmdline, descendants, pids
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, descendants, pids
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_config
 from serving.probe import cpu_served_names, prove

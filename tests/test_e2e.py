@@ -25,7 +25,7 @@ from ledger.check import bean_check
 from ledger.reconcile import reconcile
 from orchestrator import stack
 from orchestrator.client import Client
-from proxy.index import TrafficIndex
+from traffic.sqlite_store import SqliteTrafficStore
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
 
     # Every LLM call went through the proxy, and what it metered is exactly what the model
     # server reported to the agent, request by request.
-    index = TrafficIndex(root.traffic_index)
+    index = SqliteTrafficStore(root.traffic_index)
     index.catch_up(root.traffic_logs)
     metered = {f.response_id: f for f in index.flows(trial=trial_id) if f.response_id}
     calls = [
@@ -177,7 +177,7 @@ def test_orchestrator_killed_mid_trial_resumes(
     for a in view["assignments"]:
         runs = (folder / a["id"] / "runs.jsonl").read_text().splitlines()
         assert len(runs) == 1, f"{a['id']} started {len(runs)} times"
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         index.catch_up(root.traffic_logs)
         result = reconcile(Ledger(root.ledger("demo")), index, "demo")
     assert result.ok, [line.describe(result.currency) for line in result.mismatches]

@@ -24,8 +24,8 @@ from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from orchestrator import stack
 from orchestrator.client import Client
-from proxy.index import TrafficIndex
 from tests.test_e2e import wait_finished
+from traffic.sqlite_store import SqliteTrafficStore
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def kill_model_once_calls_flow(root: DataRoot, timeout_s: float = 180) -> int:
     """SIGKILL the model server's whole group as soon as an agent's call went through it (the
     agent is mid-run: its next call falls in the gap); the killed pid."""
     deadline = time.monotonic() + timeout_s
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         while time.monotonic() < deadline:
             index.catch_up(root.traffic_logs)
             if any(f.status == 200 for f in index.flows(project="demo")):

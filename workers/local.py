@@ -29,9 +29,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from common.processes import cmdline, group_members
 from contracts.config import NomadCluster
 from contracts.dataroot import atomic_write, open_log, read_untrusted, write_secret_file
-from contracts.processes import cmdline, group_members
 from contracts.settings import PROJECT_ROOT
 from secretstore import STORE_ENV
 from workers import operator

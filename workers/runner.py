@@ -202,7 +202,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from contracts.logs import configure
+    from common.logs import configure
 
     configure()  # runner.log: JSON lines, as Filebeat ships them
     signal.signal(signal.SIGTERM, _terminate)

@@ -38,15 +38,12 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from contracts.adapters import UnknownAdapter
-from contracts.config import TokenPrice
-from contracts.credentials import MachineIdentity
-from contracts.records import ORPHAN_ENDING, BudgetDecision, FlowRecord, Usage
-from ledger.counters import (
+from budget import (
     ADAPTERS,
     CounterError,
     CounterStore,
     CounterStoreUnavailable,
+    Maintained,
     Refused,
     Reservation,
     ScopeState,
@@ -58,14 +55,18 @@ from ledger.counters import (
     project_scope,
     task_scope,
 )
-from ledger.counters.sweeper import sweep_orphans
+from budget.sweeper import sweep_orphans
+from contracts.adapters import UnknownAdapter
+from contracts.config import TokenPrice
+from contracts.credentials import MachineIdentity
+from contracts.records import ORPHAN_ENDING, BudgetDecision, FlowRecord, Usage
 from proxy.addons import dataroot
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import Metered, metered
 from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import fail_closed, refuse
 from proxy.output_cap import output_cap
-from proxy.spool import Spool
+from traffic.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Hold:
 
 
 MAINTAIN_INTERVAL_S = 1.0
-"""Seconds between the counter store's housekeeping runs (`CounterStore.maintain`: SQLite's
+"""Seconds between the counter store's housekeeping runs (`budget.Maintained`: SQLite's
 WAL checkpoint), done on the budget thread so that no call waits for it."""
 
 
@@ -259,7 +260,7 @@ class Budget:
         swept = time.monotonic()
         while not self._stop.wait(min(MAINTAIN_INTERVAL_S, self.sweep_interval_s)):
             store = self.store
-            if store is not None:
+            if isinstance(store, Maintained):  # only stores with housekeeping have it
                 try:
                     store.maintain()
                 except CounterError as exc:

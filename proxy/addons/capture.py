@@ -43,8 +43,8 @@ from proxy.addons.metering import metered
 from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import refused
 from proxy.addons.routing import routed
-from proxy.spool import Spool
 from proxy.usage import DECODE_LIMIT, _decoder
+from traffic.spool import Spool
 
 log = logging.getLogger(__name__)
 

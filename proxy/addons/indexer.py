@@ -1,7 +1,7 @@
 """Keeps the traffic store (SQLite or Elasticsearch) caught up with the spool as the proxy runs.
 
 On by default, for whatever starts mitmdump alone. The stack, docker-compose and the bench set
-`autovibe_indexer=false` and run `python -m proxy.indexer` beside the proxy instead: indexing
+`autovibe_indexer=false` and run `python -m traffic.indexer` beside the proxy instead: indexing
 (FTS5 above all) then stops competing with the request path for this process's interpreter.
 """
 
@@ -15,9 +15,9 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from proxy.addons import dataroot
-from proxy.index import DEFAULT_BODY_MAX
-from proxy.indexer import SettingNames, catch_up, open_store
-from proxy.stores import DEFAULT, STORES, TrafficStore
+from traffic.indexer import SettingNames, catch_up, open_store
+from traffic.sqlite_store import DEFAULT_BODY_MAX
+from traffic.stores import DEFAULT, STORES, TrafficStore
 
 ENABLED_OPTION = "autovibe_indexer"
 STORE_OPTION = "autovibe_traffic_store"
@@ -46,7 +46,7 @@ class Indexer:
             typespec=bool,
             default=True,
             help="Index the spool from a thread of this process; false when `python -m "
-            "proxy.indexer` runs beside the proxy (the stack does), so no store is opened here.",
+            "traffic.indexer` runs beside the proxy (the stack does), so no store is opened here.",
         )
         loader.add_option(
             name=STORE_OPTION,

@@ -1,4 +1,4 @@
-"""The proxy's logs as JSON lines on stderr (`contracts.logs`), in place of mitmdump's own.
+"""The proxy's logs as JSON lines on stderr (`common.logs`), in place of mitmdump's own.
 
 mitmdump's terminal log (`TermLog`) prints plain text to stdout; this addon takes its handler
 off the root logger and puts a JSON one in its place, so the addons' records and mitmproxy's
@@ -18,7 +18,7 @@ from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 from mitmproxy.addons.termlog import TermLogHandler
 
-from contracts.logs import json_handler
+from common.logs import json_handler
 
 
 class JsonLog:

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from contracts import processes
+from common import processes
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port

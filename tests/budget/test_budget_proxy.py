@@ -25,9 +25,9 @@ from budget_harness import (
     start_proxy,
 )
 
+from budget import CounterStore, open_counters
+from budget.sqlite import SqliteCounters
 from contracts.records import FlowRecord
-from ledger.counters import CounterStore, open_counters
-from ledger.counters.sqlite import SqliteCounters
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
 
 NO_LIMIT = Decimal(1000)

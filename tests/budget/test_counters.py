@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from budget_harness import RedisServer, redis_server
 
-from contracts.settings import free_port
-from ledger.counters import (
+from budget import (
     CounterError,
     CounterStore,
     CounterStoreUnavailable,
@@ -23,8 +22,9 @@ from ledger.counters import (
     UnknownScope,
     open_counters,
 )
-from ledger.counters.periods import window
-from ledger.counters.sweeper import sweep_orphans
+from budget.periods import window
+from budget.sweeper import sweep_orphans
+from contracts.settings import free_port
 
 NOW = dt.datetime(2025, 3, 12, 15, 30, tzinfo=dt.UTC).timestamp()  # a Wednesday
 DAY = 86_400.0

@@ -35,11 +35,11 @@ from budget_harness import (
 )
 from mitmproxy.test import taddons
 
+from budget import CounterStore, open_counters, project_scope
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from ledger.book import INFERENCE_ROOT, Ledger
 from ledger.check import bean_check
-from ledger.counters import CounterStore, open_counters, project_scope
 from ledger.posting import post_usage
 from ledger.reconcile import reconcile
 from proxy.addons.budget import (
@@ -49,7 +49,7 @@ from proxy.addons.budget import (
     Budget,
     orphan_record,
 )
-from proxy.index import TrafficIndex
+from traffic.sqlite_store import SqliteTrafficStore
 
 PROJECT = "faults"
 ORPHAN_S = 1
@@ -252,7 +252,7 @@ def test_faults_under_load_leave_spend_equal_to_the_ledger(
         assert all(r.cost_usd == (PROMPT_TOKENS + MAX_TOKENS) * CAD_PER_TOKEN / 2 for r in served)
 
         # -- the ledger, posted from the spool ------------------------------------------------
-        index = TrafficIndex(tmp_path / "index.sqlite")
+        index = SqliteTrafficStore(tmp_path / "index.sqlite")
         stack.callback(index.close)
         assert index.catch_up(root.traffic_logs) >= len(records)
         ledger = Ledger.of(root, PROJECT)
@@ -333,9 +333,9 @@ def test_a_proxy_killed_after_capture_leaves_a_flow_the_sweeper_settles(tmp_path
     from mitmproxy import http
     from mitmproxy.test import tflow
 
+    from budget import from_micro, machine_scope, open_ample, to_micro
     from contracts.config import load_prices
     from contracts.credentials import MachineIdentity, load_or_create_key, mint
-    from ledger.counters import from_micro, machine_scope, open_ample, to_micro
     from proxy import addon
 
     root = DataRoot.at(tmp_path)

@@ -6,9 +6,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from budget.sqlite import SqliteCounters
 from contracts.config import TrialConfig
 from contracts.settings import Settings
-from ledger.counters.sqlite import SqliteCounters
 from orchestrator.platform import Platform
 
 

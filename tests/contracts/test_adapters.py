@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from budget import open_counters
+from budget.sqlite import SqliteCounters
 from contracts.adapters import UnknownAdapter, resolve
 from contracts.dataroot import DataRoot
-from ledger.counters import open_counters
-from ledger.counters.sqlite import SqliteCounters
-from proxy.index import TrafficIndex
-from proxy.stores import get_store
 from secretstore import store_from_env
+from traffic.sqlite_store import SqliteTrafficStore
+from traffic.stores import get_store
 from workers.agents import AGENTS, get_agent
 from workers.driver import get_driver
 from workers.local import LocalDriver
@@ -42,10 +42,10 @@ def test_each_plane_names_its_allowed_adapters_in_one_error(tmp_path: Path) -> N
 
 
 def test_a_server_chosen_adapter_may_be_a_dotted_path(tmp_path: Path) -> None:
-    store = get_store("proxy.index:TrafficIndex", DataRoot.at(tmp_path))
-    assert isinstance(store, TrafficIndex)
+    store = get_store("traffic.sqlite_store:SqliteTrafficStore", DataRoot.at(tmp_path))
+    assert isinstance(store, SqliteTrafficStore)
     store.close()
-    counters = open_counters("ledger.counters.sqlite.SqliteCounters", path=tmp_path / "c.sqlite")
+    counters = open_counters("budget.sqlite.SqliteCounters", path=tmp_path / "c.sqlite")
     assert isinstance(counters, SqliteCounters)
     counters.close()
     assert isinstance(get_driver("workers.local:LocalDriver"), LocalDriver)

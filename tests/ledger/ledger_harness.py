@@ -9,8 +9,8 @@ from pathlib import Path
 
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord, Usage
-from proxy.index import TrafficIndex
-from proxy.spool import Spool
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore
 
 FX = {"CAD": Decimal("1.38"), "USD": Decimal("1")}
 
@@ -53,7 +53,7 @@ def flow(
     )
 
 
-def spool_and_index(root: DataRoot, index: TrafficIndex, flows: list[FlowRecord]) -> None:
+def spool_and_index(root: DataRoot, index: SqliteTrafficStore, flows: list[FlowRecord]) -> None:
     with Spool(root) as spool:
         for record in flows:
             spool.append(record)

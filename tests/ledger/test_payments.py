@@ -17,6 +17,7 @@ from fastapi import FastAPI, Header
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from budget import machine_scope, open_project, project_scope
 from contracts.secrets import FieldCipherError
 from contracts.settings import PROJECT_ROOT, Settings
 from ledger import cli as ledger_cli
@@ -25,7 +26,6 @@ from ledger.book import Ledger
 from ledger.check import bean_check
 from ledger.cli import app as ledger_app
 from ledger.cli import payments_app
-from ledger.counters import machine_scope, open_project, project_scope
 from ledger.methods import Charge, Receipt
 from ledger.payments import (
     Broker,

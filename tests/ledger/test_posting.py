@@ -20,7 +20,7 @@ from ledger.cli import app
 from ledger.pnl import profit_and_loss
 from ledger.posting import agents_from_artifacts, post_usage, post_vm_hours
 from ledger.reconcile import reconcile
-from proxy.index import TrafficIndex
+from traffic.sqlite_store import SqliteTrafficStore
 
 DAY = dt.date(2025, 1, 6)
 SPOOL = "demo/2025-01-06/flows.jsonl"
@@ -35,9 +35,9 @@ FLOWS = [
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[DataRoot, Ledger, TrafficIndex]]:
+def setup(tmp_path: Path) -> Iterator[tuple[DataRoot, Ledger, SqliteTrafficStore]]:
     root = DataRoot.at(tmp_path)
-    index = TrafficIndex(root.traffic_index)
+    index = SqliteTrafficStore(root.traffic_index)
     ledger = Ledger.of(root, "demo")
     ledger.open("demo", Decimal("50"), "CAD", FX, DAY, funding="t1")
     write_spec(root, "demo", "t1", "a1", "builtin")
@@ -52,7 +52,7 @@ def usage_transactions(ledger: Ledger) -> list[data.Transaction]:
 
 
 def test_hourly_transactions_per_machine_and_model_link_the_flows(
-    setup: tuple[DataRoot, Ledger, TrafficIndex],
+    setup: tuple[DataRoot, Ledger, SqliteTrafficStore],
 ) -> None:
     root, ledger, index = setup
     spool_and_index(root, index, FLOWS)
@@ -107,7 +107,7 @@ def test_hourly_transactions_per_machine_and_model_link_the_flows(
 
 
 def test_exactly_once_across_calls_late_flows_and_an_index_rebuild(
-    setup: tuple[DataRoot, Ledger, TrafficIndex],
+    setup: tuple[DataRoot, Ledger, SqliteTrafficStore],
 ) -> None:
     root, ledger, index = setup
     spool_and_index(root, index, FLOWS)
@@ -133,7 +133,7 @@ def test_exactly_once_across_calls_late_flows_and_an_index_rebuild(
     # The index is disposable: rebuilt from the spool, it changes nothing in the ledger.
     index.close()
     root.traffic_index.unlink()
-    rebuilt = TrafficIndex(root.traffic_index)
+    rebuilt = SqliteTrafficStore(root.traffic_index)
     assert rebuilt.catch_up(root.traffic_logs) == len(FLOWS) + 1
     assert post_usage(ledger, rebuilt, "demo").transactions == 0
     assert reconcile(ledger, rebuilt, "demo").ok
@@ -142,7 +142,7 @@ def test_exactly_once_across_calls_late_flows_and_an_index_rebuild(
     assert bean_check(ledger.path) == []
 
 
-def test_a_tick_posts_closed_hours_only(setup: tuple[DataRoot, Ledger, TrafficIndex]) -> None:
+def test_a_tick_posts_closed_hours_only(setup: tuple[DataRoot, Ledger, SqliteTrafficStore]) -> None:
     root, ledger, index = setup
     spool_and_index(root, index, FLOWS)
     posted = post_usage(ledger, index, "demo", until=at(DAY, 11, 30))
@@ -156,7 +156,7 @@ def test_a_tick_posts_closed_hours_only(setup: tuple[DataRoot, Ledger, TrafficIn
 
 
 def test_reconcile_finds_a_lost_a_changed_and_a_ghost_posting(
-    setup: tuple[DataRoot, Ledger, TrafficIndex],
+    setup: tuple[DataRoot, Ledger, SqliteTrafficStore],
 ) -> None:
     root, ledger, index = setup
     spool_and_index(root, index, FLOWS)
@@ -186,7 +186,9 @@ def test_reconcile_finds_a_lost_a_changed_and_a_ghost_posting(
     assert a1.difference == Decimal("0.01")
 
 
-def test_vm_hours_are_posted_once_to_compute(setup: tuple[DataRoot, Ledger, TrafficIndex]) -> None:
+def test_vm_hours_are_posted_once_to_compute(
+    setup: tuple[DataRoot, Ledger, SqliteTrafficStore],
+) -> None:
     _, ledger, _ = setup
     prices = PriceCatalog.model_validate(
         {"fx": {"USD": "1", "CAD": "1.38"}, "compute": {"vm_hour_usd": {"nomad": "0.50"}}}
@@ -238,7 +240,7 @@ def test_vm_hour_prices_are_validated() -> None:
     ) == Decimal("0.3")
 
 
-def test_balance_assertion_closes_a_day(setup: tuple[DataRoot, Ledger, TrafficIndex]) -> None:
+def test_balance_assertion_closes_a_day(setup: tuple[DataRoot, Ledger, SqliteTrafficStore]) -> None:
     root, ledger, index = setup
     spool_and_index(root, index, FLOWS[:2])
     post_usage(ledger, index, "demo")
@@ -267,7 +269,7 @@ def test_balance_assertion_closes_a_day(setup: tuple[DataRoot, Ledger, TrafficIn
 
 
 def test_cli_post_then_reconcile(
-    setup: tuple[DataRoot, Ledger, TrafficIndex], monkeypatch: pytest.MonkeyPatch
+    setup: tuple[DataRoot, Ledger, SqliteTrafficStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, _, index = setup
     spool_and_index(root, index, FLOWS)

@@ -23,8 +23,8 @@ from ledger.cli import app, fava_command
 from ledger.pnl import profit_and_loss
 from ledger.posting import post_usage
 from ledger.reconcile import reconcile
-from proxy.index import TrafficIndex
-from proxy.spool import Spool
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore
 
 FX = {"CAD": Decimal("1.38"), "USD": Decimal("1")}
 TODAY = dt.date.today()
@@ -62,13 +62,13 @@ def flow(n: int, assignment: str, machine: str, provider: str, model: str, usd: 
 
 
 @pytest.fixture
-def trial(tmp_path: Path) -> Iterator[tuple[DataRoot, Ledger, TrafficIndex]]:
+def trial(tmp_path: Path) -> Iterator[tuple[DataRoot, Ledger, SqliteTrafficStore]]:
     """A trial under way: a1's and a2's flows indexed and posted, a3's indexed after that."""
     root = DataRoot.at(tmp_path)
     spool = Spool(root)
     for n, f in enumerate(FLOWS[:-1]):
         spool.append(flow(n, *f))
-    index = TrafficIndex(root.traffic_index)
+    index = SqliteTrafficStore(root.traffic_index)
     assert index.catch_up(root.traffic_logs) == len(FLOWS) - 1
     ledger = Ledger.of(root, "demo")
     ledger.open("demo", Decimal("50"), "CAD", FX, TODAY, funding="t1")
@@ -80,7 +80,7 @@ def trial(tmp_path: Path) -> Iterator[tuple[DataRoot, Ledger, TrafficIndex]]:
     index.close()
 
 
-def test_ledger_equals_metered_usage(trial: tuple[DataRoot, Ledger, TrafficIndex]) -> None:
+def test_ledger_equals_metered_usage(trial: tuple[DataRoot, Ledger, SqliteTrafficStore]) -> None:
     _, ledger, index = trial
     result = reconcile(ledger, index, "demo")
     by_key = {line.key: line for line in result.lines}
@@ -99,7 +99,7 @@ def test_ledger_equals_metered_usage(trial: tuple[DataRoot, Ledger, TrafficIndex
 
 
 def test_tampered_posting_and_extra_posting_are_reported(
-    trial: tuple[DataRoot, Ledger, TrafficIndex], monkeypatch: pytest.MonkeyPatch
+    trial: tuple[DataRoot, Ledger, SqliteTrafficStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, ledger, index = trial
     post_usage(ledger, index, "demo")
@@ -135,7 +135,7 @@ def test_tampered_posting_and_extra_posting_are_reported(
 
 
 def test_reconcile_cli_passes_on_a_true_ledger(
-    trial: tuple[DataRoot, Ledger, TrafficIndex], monkeypatch: pytest.MonkeyPatch
+    trial: tuple[DataRoot, Ledger, SqliteTrafficStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, ledger, index = trial
     post_usage(ledger, index, "demo")
@@ -201,7 +201,7 @@ def test_pnl_per_project_machine_and_agent(tmp_path: Path) -> None:
     assert agents == {("demo", "-"): 0, ("demo", "aider"): Decimal("2.07"), ("demo", "builtin"): 10}
 
 
-def test_fava_serves_the_ledger(trial: tuple[DataRoot, Ledger, TrafficIndex]) -> None:
+def test_fava_serves_the_ledger(trial: tuple[DataRoot, Ledger, SqliteTrafficStore]) -> None:
     _, ledger, _ = trial
     port = free_port()
     proc = subprocess.Popen(

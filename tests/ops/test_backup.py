@@ -19,11 +19,11 @@ import typer
 from ops_harness import ledger, secrets
 from typer.testing import CliRunner
 
+from budget import open_ample
 from contracts.dataroot import DataRoot
-from ledger.counters import open_ample
-from proxy.index import TrafficIndex
 from retention import backup as bk
 from retention import backup_cli
+from traffic.sqlite_store import SqliteTrafficStore
 
 WRITER = """
 import sqlite3, sys, time
@@ -67,7 +67,7 @@ def root(tmp_path: Path) -> DataRoot:
     db.close()
     ledger(root)
     secrets(root)
-    with TrafficIndex(root.traffic_index):
+    with SqliteTrafficStore(root.traffic_index):
         pass
     open_ample(root.budget_counters, "p1", ["m1"])
     return root

@@ -24,18 +24,18 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from budget.redis import RedisCounters
 from contracts.config import NomadCluster
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
-from ledger.counters.redis import RedisCounters
 from orchestrator.platform import Platform
 from orchestrator.state import state_url
 from proxy import launch
-from proxy import stores as traffic_stores
-from proxy.es_shipper import ElasticsearchShipper
-from proxy.index import DEFAULT_BODY_MAX
-from proxy.indexer import store_for
 from secretstore import ENV_VAR, STORES
+from traffic import stores as traffic_stores
+from traffic.elasticsearch_store import ElasticsearchTrafficStore
+from traffic.indexer import store_for
+from traffic.sqlite_store import DEFAULT_BODY_MAX
 from workers.nomad import client_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_the_api_runs_on_postgres_redis_vault_and_nomad(
     )
 
     env = run["env"]
-    assert STORES[env[ENV_VAR]] == "secretstore.vault.VaultSecretStore"
+    assert STORES[env[ENV_VAR]] == "secretstore.vault:VaultSecretStore"
     assert env["VAULT_ADDR"] == "http://vault:8200"
     assert env["VAULT_ROLE_ID"] == _secret_value("vault_orchestrator_role_id")
     assert env["VAULT_SECRET_ID"] == _secret_value("vault_orchestrator_secret_id")
@@ -162,7 +162,7 @@ def test_the_proxy_meters_into_redis_ships_to_elasticsearch_and_reads_vault(
     assert str(port) in compose["services"]["proxy"]["expose"]
 
     env = run["env"]
-    assert STORES[env[ENV_VAR]] == "secretstore.vault.VaultSecretStore"
+    assert STORES[env[ENV_VAR]] == "secretstore.vault:VaultSecretStore"
     assert env["VAULT_ADDR"] == "http://vault:8200"
     assert env["VAULT_ROLE_ID"] == _secret_value("vault_proxy_role_id")
     assert env["VAULT_SECRET_ID"] == _secret_value("vault_proxy_secret_id")
@@ -172,7 +172,7 @@ def test_the_indexer_ships_the_spool_to_elasticsearch(
     compose: dict[str, Any], tmp_path: Path, environ: Any
 ) -> None:
     run = started(compose, "indexer", tmp_path)
-    assert run["argv"] == ["-m", "proxy.indexer"]
+    assert run["argv"] == ["-m", "traffic.indexer"]
     settings = environ(run["env"])
     assert str(settings.data) == DATA
     assert settings.traffic_store == "elasticsearch"
@@ -180,10 +180,10 @@ def test_the_indexer_ships_the_spool_to_elasticsearch(
     es = urlsplit(settings.elasticsearch_url)
     assert (es.scheme, es.hostname, es.port) == ("http", "elasticsearch", 9200)
     assert (es.username, es.password) == ("elastic", _secret_value("elastic_password"))
-    # What `python -m proxy.indexer` opens from these settings (registry under a temporary root).
+    # What `python -m traffic.indexer` opens from these settings (registry under a temporary root).
     store = store_for(settings.model_copy(update={"data": tmp_path}))
     try:
-        assert isinstance(store, ElasticsearchShipper)
+        assert isinstance(store, ElasticsearchTrafficStore)
         assert store.body_max == DEFAULT_BODY_MAX
     finally:
         store.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts.logs import JsonFormatter
+from common.logs import JsonFormatter
 from contracts.settings import Settings, free_port
 from proxy.launch import mitmdump_argv, mitmdump_path, wait_ready
 from workers import runner

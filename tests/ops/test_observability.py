@@ -20,7 +20,7 @@ from orchestrator.metrics import EXPORTED, Metrics
 from orchestrator.platform import Platform
 from orchestrator.state import Assignment, Trial
 from proxy.addons import metrics as proxy_metrics
-from proxy.spool import Spool
+from traffic.spool import Spool
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "configs" / "grafana" / "autovibe.json"

@@ -34,8 +34,8 @@ from contracts.records import FlowRecord, Usage
 from orchestrator.dashboards_cli import app as dashboards_app
 from orchestrator.state import Assignment, Store, Trial
 from orchestrator.superset import SOURCE, build
-from proxy.index import TrafficIndex
-from proxy.spool import Spool
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore
 
 UNREACHABLE_ES = "http://127.0.0.1:9"
 """Nothing listens on the discard port: the Elasticsearch variant is imported, not queried."""
@@ -113,7 +113,7 @@ def fill_traffic(root: DataRoot) -> list[FlowRecord]:
     with Spool(root) as spool:
         for flow in flows:
             spool.append(flow)
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == len(flows)
         return index.flows()
 

@@ -23,10 +23,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from budget import iso, machine_scope, project_scope
 from contracts.dataroot import DataRoot
 from contracts.outbound import Allowlist
 from contracts.settings import Settings, free_port
-from ledger.counters import iso, machine_scope, project_scope
 from orchestrator.alerts import BudgetWatch, Webhook
 from orchestrator.api import create_app
 from orchestrator.platform import Platform

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from budget import machine_scope
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
-from ledger.counters import machine_scope
 from orchestrator import report
 from orchestrator.api import create_app
 from orchestrator.platform import Platform

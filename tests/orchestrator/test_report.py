@@ -31,7 +31,7 @@ from orchestrator.report import (
     to_markdown,
 )
 from orchestrator.state import Assignment, Trial
-from proxy.spool import Spool
+from traffic.spool import Spool
 
 CAD = Decimal("1.38")
 HEAD = {

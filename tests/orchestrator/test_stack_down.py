@@ -8,8 +8,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from common.processes import runs
 from contracts.dataroot import DataRoot
-from contracts.processes import runs
 from contracts.settings import Settings
 from orchestrator import stack
 

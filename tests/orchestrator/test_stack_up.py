@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from common.processes import cmdline, pids
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, pids
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator import stack
 from orchestrator.cli import app

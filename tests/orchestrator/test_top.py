@@ -20,15 +20,15 @@ from rich.console import Console
 from traffic_harness import llm_call
 from typer.testing import CliRunner
 
+from budget import machine_scope, project_scope
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from ledger.counters import machine_scope, project_scope
 from orchestrator.api import create_app
 from orchestrator.client import Client
 from orchestrator.platform import Platform
 from orchestrator.state import Assignment
 from orchestrator.top import Frame, Scope, Top, render, run, top
-from proxy.spool import Spool
+from traffic.spool import Spool
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy, serve
 
-from ledger.counters import open_ample
-from proxy.index import TrafficIndex
+from budget import open_ample
 from proxy.launch import mitmdump_argv
+from traffic.sqlite_store import SqliteTrafficStore
 
 
 @pytest.fixture(scope="module")
@@ -34,5 +34,5 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Itera
         yield proxy
     # The indexer's last catch-up, on shutdown, leaves nothing of the spool unindexed.
     spooled = {record.id for record in Proxy(settings, root, key).spooled()}
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert {flow.id for flow in index.flows()} == spooled

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
+from common.processes import stop
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
-from contracts.processes import stop
 from contracts.records import FlowRecord
 from contracts.settings import Settings, free_port
 from proxy.launch import wait_ready
@@ -252,7 +252,7 @@ def metering_proxy(
     `model_port`, project p1 with an ample budget for m1, until the generator is closed;
     `settings` override the tests' defaults, `extra_argv` adds `--set` options, `secrets` are
     put in the embedded secret store first."""
-    from ledger.counters import open_ample
+    from budget import open_ample
     from proxy.launch import mitmdump_argv
     from secretstore import get_store
 

@@ -35,17 +35,17 @@ from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import Server, ServerConnection
 from websockets.sync.server import serve as ws_serve
 
+from budget import open_ample
 from contracts.credentials import proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import SCHEMA_VERSION, BudgetDecision, FlowRecord
 from contracts.secrets import REDACTED
-from ledger.counters import open_ample
 from proxy.addons.capture import BodyTap, Capture, make_body, text_of
 from proxy.addons.redaction import Redactor
-from proxy.index import TrafficIndex, cut_body
 from proxy.launch import mitmdump_argv
-from proxy.spool import Spool
-from proxy.traffic_cli import app as traffic_app
+from traffic.cli import app as traffic_app
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore, cut_body
 
 SPOOL_MAX = 4096
 INDEX_MAX = 512
@@ -185,7 +185,7 @@ def captured(proxy: Proxy, path: str) -> FlowRecord:
 def indexed(proxy: Proxy, flow_id: str) -> FlowRecord:
     """The flow as the proxy's own indexer put it in the SQLite index."""
     deadline = time.monotonic() + 10
-    with TrafficIndex(proxy.root.traffic_index) as index:
+    with SqliteTrafficStore(proxy.root.traffic_index) as index:
         while True:
             found = [f for f in index.flows() if f.id == flow_id]
             if found or time.monotonic() > deadline:
@@ -340,7 +340,7 @@ def test_fts_finds_a_word_of_a_body(proxy: Proxy, website: int) -> None:
         c.post(f"http://127.0.0.1:{website}/fts", content=b"please find xylophonic here")
     record = captured(proxy, "/fts")
     indexed(proxy, record.id)
-    with TrafficIndex(proxy.root.traffic_index) as index:
+    with SqliteTrafficStore(proxy.root.traffic_index) as index:
         assert [f.id for f in index.search("xylophonic")] == [record.id]
         assert index.search(f'"{SECRET}"') == []
     runner = CliRunner()
@@ -399,7 +399,7 @@ def test_a_websocket_is_captured_with_its_messages(proxy: Proxy, ws_port: int) -
     assert len(websocket.messages) == 7 and websocket.messages_omitted == 3
     in_index = indexed(proxy, record.id)
     assert in_index.websocket is not None
-    with TrafficIndex(proxy.root.traffic_index) as index:
+    with SqliteTrafficStore(proxy.root.traffic_index) as index:
         assert [f.id for f in index.search("quokkafish")] == [record.id]
 
 
@@ -464,7 +464,7 @@ def test_schema_1_lines_still_index(tmp_path: Path) -> None:
     folder = root.spool_dir("p1", dt.date(2023, 11, 14))
     folder.mkdir(parents=True)
     (folder / "flows.jsonl").write_text(json.dumps(V1_LINE) + "\n")
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == 1
         (flow,) = index.flows()
         assert index.rejects() == []
@@ -487,7 +487,7 @@ def test_an_index_of_the_old_layout_is_rebuilt_from_the_spool(tmp_path: Path) ->
         "INSERT INTO offsets VALUES ('p1/2023-11-14/flows.jsonl', 99999);"
     )
     db.close()
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == 1
         assert [f.id for f in index.search("legacyproblem")] == ["v1flow"]
 

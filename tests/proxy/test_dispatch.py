@@ -16,7 +16,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
 from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy
 
-from ledger.counters import open_ample
+from budget import open_ample
 from proxy.addons.dispatch import Dispatch, Planned, plan
 from proxy.launch import mitmdump_argv, with_options
 

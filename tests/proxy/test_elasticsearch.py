@@ -31,19 +31,19 @@ from contracts.dataroot import DataRoot
 from contracts.records import Body, FlowRecord, Usage, WebSocket, WebSocketMessage
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from proxy.addons.indexer import Indexer
-from proxy.es_shipper import (
+from proxy.launch import mitmdump_argv, wait_ready
+from retention.policy import load_policy
+from retention.render import ilm_policies
+from traffic.elasticsearch_store import (
     DEFAULT_PREFIX,
     GROUPS,
     REGISTRY_FILE,
     TEMPLATES,
-    ElasticsearchShipper,
+    ElasticsearchTrafficStore,
 )
-from proxy.index import TrafficIndex
-from proxy.launch import mitmdump_argv, wait_ready
-from proxy.spool import Spool
-from proxy.stores import get_store
-from retention.policy import load_policy
-from retention.render import ilm_policies
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore
+from traffic.stores import get_store
 
 DAY1 = 1_700_000_000.0  # 2023-11-14 UTC
 DAY2 = DAY1 + 86_400.0
@@ -125,8 +125,8 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     client.close()
 
 
-def shipper(target: Target, root: DataRoot, **options: Any) -> ElasticsearchShipper:
-    return ElasticsearchShipper.in_root(
+def shipper(target: Target, root: DataRoot, **options: Any) -> ElasticsearchTrafficStore:
+    return ElasticsearchTrafficStore.in_root(
         root, target.url, index_prefix=target.prefix, initial_backoff_s=0.01, **options
     )
 
@@ -236,7 +236,7 @@ def test_bulk_request_is_create_actions_in_compat_ndjson(
     root = DataRoot.at(tmp_path)
     record = flow()
     spool(root, [record])
-    with ElasticsearchShipper.in_root(root, stand_in.url) as es:
+    with ElasticsearchTrafficStore.in_root(root, stand_in.url) as es:
         assert es.catch_up(root.traffic_logs) == 1
     *templates, bulk = stand_in.requests
     assert [(t.method, t.path) for t in templates] == [
@@ -283,7 +283,7 @@ def test_a_record_is_split_by_field_group_with_bodies_cut(
         websocket=WebSocket(messages_from_client=1, bytes_from_client=2, messages=[message]),
     )
     spool(root, [record])
-    with ElasticsearchShipper.in_root(root, stand_in.url, body_max=11) as es:
+    with ElasticsearchTrafficStore.in_root(root, stand_in.url, body_max=11) as es:
         assert es.catch_up(root.traffic_logs) == 1
     bulk = stand_in.requests[-1]
     lines = [json.loads(line) for line in bulk.body.splitlines()]
@@ -372,7 +372,7 @@ def test_a_refused_document_is_a_reject_and_the_rest_ship(
     records = [flow() for _ in range(3)]
     stand_in.refuse_ids = {records[1].id}
     spool(root, records)
-    with ElasticsearchShipper.in_root(root, stand_in.url) as es:
+    with ElasticsearchTrafficStore.in_root(root, stand_in.url) as es:
         assert es.catch_up(root.traffic_logs) == 2
         ((_, offset, error),) = es.rejects()
         assert es.catch_up(root.traffic_logs) == 0
@@ -387,7 +387,7 @@ def test_a_server_that_is_not_elasticsearch_gets_nothing(
     stand_in.product_header = False
     root = DataRoot.at(tmp_path)
     spool(root, [flow()])
-    with ElasticsearchShipper.in_root(root, stand_in.url) as es:
+    with ElasticsearchTrafficStore.in_root(root, stand_in.url) as es:
         assert es.catch_up(root.traffic_logs) == 0
         assert es.offsets() == {}
         assert es.rejects() == []
@@ -399,10 +399,10 @@ def test_a_server_that_is_not_elasticsearch_gets_nothing(
 def test_stores_are_picked_by_short_name(tmp_path: Path, stand_in: StandInElasticsearch) -> None:
     root = DataRoot.at(tmp_path)
     sqlite = get_store("sqlite", root)
-    assert isinstance(sqlite, TrafficIndex)
+    assert isinstance(sqlite, SqliteTrafficStore)
     sqlite.close()
     es = get_store("elasticsearch", root, url=stand_in.url)
-    assert isinstance(es, ElasticsearchShipper)
+    assert isinstance(es, ElasticsearchTrafficStore)
     es.close()
     with pytest.raises(
         UnknownAdapter, match=r"traffic store 'solr'; allowed: elasticsearch, sqlite"
@@ -441,13 +441,13 @@ def test_indexer_ships_to_the_store_it_is_told(
     indexer = Indexer()
     with taddons.context(indexer) as ctx:
         ctx.configure(indexer, autovibe_data=str(tmp_path))
-        assert isinstance(indexer.store, TrafficIndex)
+        assert isinstance(indexer.store, SqliteTrafficStore)
         ctx.configure(
             indexer,
             autovibe_traffic_store="elasticsearch",
             autovibe_elasticsearch_url=stand_in.url,
         )
-        assert isinstance(indexer.store, ElasticsearchShipper)
+        assert isinstance(indexer.store, ElasticsearchTrafficStore)
         assert indexer.catch_up() == 1
         indexer.done()
     assert set(stand_in.documents()) == {record.id}

@@ -17,8 +17,8 @@ from es_harness import StandInElasticsearch
 from test_elasticsearch import DAY1, flow, spool
 
 from contracts.dataroot import DataRoot
-from proxy.es_shipper import ElasticsearchShipper
-from proxy.spool import Spool
+from traffic.elasticsearch_store import ElasticsearchTrafficStore
+from traffic.spool import Spool
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_an_outage_under_load_loses_nothing_and_repeats_nothing(
                 time.sleep(0.0012)
 
     writer = threading.Thread(target=write)
-    es = ElasticsearchShipper.in_root(
+    es = ElasticsearchTrafficStore.in_root(
         root, stand_in.url, chunk_size=50, initial_backoff_s=0.005, max_backoff_s=0.05
     )
     shipped = 0
@@ -112,7 +112,7 @@ def test_backoff_doubles_skips_calls_and_resets(
     root = DataRoot.at(tmp_path)
     spool(root, [flow(DAY1)])
     now = [0.0]
-    es = ElasticsearchShipper.in_root(
+    es = ElasticsearchTrafficStore.in_root(
         root, stand_in.url, clock=lambda: now[0], initial_backoff_s=1.0, max_backoff_s=4.0
     )
 

@@ -1,4 +1,4 @@
-"""`python -m proxy.indexer` beside a real mitmdump started with its in-process indexer off.
+"""`python -m traffic.indexer` beside a real mitmdump started with its in-process indexer off.
 
 The proxy only spools; the separate process indexes what it spooled, takes in on SIGTERM what
 came after its last round, and after a restart goes on from its offsets with no flow twice.
@@ -21,13 +21,13 @@ import pytest
 from mitmproxy.test import taddons
 from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy, serve
 
+from budget import open_ample
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
-from ledger.counters import open_ample
 from orchestrator import stack
 from proxy.addons.indexer import Indexer
-from proxy.indexer import READY_FILE, ready_pid, run
 from proxy.launch import mitmdump_argv
+from traffic.indexer import READY_FILE, ready_pid, run
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,10 @@ def start_indexer(proxy: Proxy, interval_s: float, log: Path) -> subprocess.Pope
     env |= {"AUTOVIBE_DATA": str(proxy.root.root), "AUTOVIBE_INDEX_INTERVAL_S": str(interval_s)}
     with log.open("ab") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.indexer"], stderr=err, stdout=subprocess.DEVNULL, env=env
+            [sys.executable, "-m", "traffic.indexer"],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            env=env,
         )
     deadline = time.monotonic() + 30
     while ready_pid(proxy.root) != process.pid:
@@ -180,7 +183,7 @@ def test_the_stack_runs_the_indexer_and_turns_the_proxys_off(tmp_path: Path) -> 
     settings = Settings(data=tmp_path, proxy_port=free_port(), api_port=free_port())
     services = {svc.name: svc for svc in stack.services(settings)}
     assert "autovibe_indexer=false" in services["proxy"].argv
-    assert services["indexer"].argv == [sys.executable, "-m", "proxy.indexer"]
+    assert services["indexer"].argv == [sys.executable, "-m", "traffic.indexer"]
     # Stopped in reverse: the proxy before the indexer, whose last round follows its last flow.
     names = stack.services_names()
     assert names.index("indexer") < names.index("proxy") and names == list(services)

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import pytest
 from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
 
+from budget import open_ample
+from common.processes import stop
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
-from contracts.processes import stop
 from contracts.settings import Settings, free_port
-from ledger.counters import open_ample
 from proxy.addons.metering import parse_provider_hosts
 from proxy.addons.redaction import REDACTED, redact_headers
 from proxy.launch import mitmdump_argv, wait_ready

@@ -8,7 +8,7 @@ import json
 import pytest
 from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy
 
-from ledger.counters import open_ample
+from budget import open_ample
 from proxy.addons.lean import IN_USE, unused
 from proxy.launch import mitmdump_argv, with_options
 

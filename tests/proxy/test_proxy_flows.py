@@ -15,7 +15,7 @@ from proxy_harness import USAGE, Proxy, Upstream, connect_tunnel, read_response
 from contracts.config import PriceCatalog, load_prices
 from contracts.credentials import mint
 from contracts.settings import free_port
-from proxy.index import TrafficIndex
+from traffic.sqlite_store import SqliteTrafficStore
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_proxy_credential_is_not_forwarded(proxy: Proxy, upstream: Upstream) -> 
 def test_proxy_indexes_its_own_flows(proxy: Proxy, upstream: Upstream) -> None:
     complete(proxy, upstream, "a-background")
     deadline = time.monotonic() + 10
-    with TrafficIndex(proxy.root.traffic_index) as index:
+    with SqliteTrafficStore(proxy.root.traffic_index) as index:
         # No catch_up here: the proxy's indexer thread does it about once a second.
         while not index.flows(assignment="a-background"):
             assert time.monotonic() < deadline, "the proxy's indexer did not index the flow"
@@ -88,7 +88,7 @@ def test_index_catches_up_once_and_sums_usage(proxy: Proxy, upstream: Upstream) 
     assert len(spooled) == 2
 
     # The proxy's own indexer runs beside this one on the same database.
-    with TrafficIndex(proxy.root.traffic_index) as index:
+    with SqliteTrafficStore(proxy.root.traffic_index) as index:
         index.catch_up(proxy.root.traffic_logs)
         assert {f.id for f in index.flows(assignment="a-sum")} == {r.id for r in spooled}
         assert index.catch_up(proxy.root.traffic_logs) == 0
@@ -190,7 +190,7 @@ def test_response_without_usage_is_estimated_and_marked(proxy: Proxy, upstream: 
     assert record.usage.prompt_tokens == math.ceil(record.request_bytes / 4)
     assert record.usage.completion_tokens == math.ceil(record.response_bytes / 4)
     assert record.cost_usd > 0
-    with TrafficIndex(proxy.root.traffic_index) as index:
+    with SqliteTrafficStore(proxy.root.traffic_index) as index:
         index.catch_up(proxy.root.traffic_logs)
         (usage,) = index.usage(assignment="a-estimate")
     assert usage.estimated_calls == 1

@@ -13,11 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_harness import PRICES_YAML, Proxy, Upstream
 
+from budget import open_ample, open_counters, open_project
+from common.processes import stop
 from contracts.credentials import MachineIdentity, load_or_create_key
 from contracts.dataroot import DataRoot
-from contracts.processes import stop
 from contracts.settings import Settings, free_port
-from ledger.counters import open_ample, open_counters, open_project
 from proxy.addons.metrics import EXPORTED
 from proxy.launch import mitmdump_argv, wait_ready, with_options
 

@@ -29,12 +29,12 @@ import httpx
 import pytest
 from proxy_harness import PRICES_YAML, Proxy
 
+from budget import open_counters
 from contracts.config import PriceCatalog, load_prices
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import Settings, free_port
-from ledger.counters import open_counters
 from proxy.launch import mitmdump_argv, wait_ready
 from proxy.usage import PARSE_LIMIT, UsageMeter
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord, Usage
-from proxy.index import TrafficIndex
-from proxy.spool import Spool
+from traffic.spool import Spool
+from traffic.sqlite_store import SqliteTrafficStore
 
 
 def record(assignment: str | None = "a1", cost: str = "0.1", **fields: object) -> FlowRecord:
@@ -81,7 +81,7 @@ def test_catch_up_takes_whole_lines_once(tmp_path: Path) -> None:
     with path.open("ab") as fh:
         fh.write(line[:40])  # a writer caught mid-line
 
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == 2
         assert index.catch_up(root.traffic_logs) == 0
         with path.open("ab") as fh:
@@ -90,7 +90,7 @@ def test_catch_up_takes_whole_lines_once(tmp_path: Path) -> None:
         assert torn.id in {f.id for f in index.flows(assignment="a1")}
 
     # A new index process picks up from the stored offsets, not from the start.
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == 0
         assert len(index.flows()) == 3
 
@@ -103,7 +103,7 @@ def test_unreadable_line_is_kept_aside(tmp_path: Path) -> None:
         fh.write(b'{"not": "a flow record"}\n')
     with Spool(root) as spool:
         spool.append(record())
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == 2
         ((where, offset, error),) = index.rejects()
         assert where.endswith("flows.jsonl") and offset > 0 and "id" in error
@@ -123,7 +123,7 @@ def test_usage_sums_money_exactly(tmp_path: Path) -> None:
                 usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2, estimated=True),
             )
         )
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         index.catch_up(root.traffic_logs)
         tiny, thinking = index.usage(assignment="a1")
         assert (tiny.model, tiny.calls, tiny.estimated_calls) == ("tiny", 11, 1)
@@ -141,7 +141,7 @@ def test_full_text_search(tmp_path: Path) -> None:
     with Spool(root) as spool:
         spool.append(record(url="https://pypi.org/simple/requests/", provider=None, model=None))
         spool.append(record(error="upstream connection reset"))
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         index.catch_up(root.traffic_logs)
         (found,) = index.search("pypi")
         assert found.url == "https://pypi.org/simple/requests/"
@@ -159,7 +159,7 @@ def _write(root: Path, count: int) -> None:
 def _index(root: Path, writers_done: Event, totals: multiprocessing.Queue) -> None:
     data = DataRoot.at(root)
     added = 0
-    with TrafficIndex(data.traffic_index) as index:
+    with SqliteTrafficStore(data.traffic_index) as index:
         while not writers_done.is_set():
             added += index.catch_up(data.traffic_logs)
         added += index.catch_up(data.traffic_logs)
@@ -187,6 +187,6 @@ def test_concurrent_indexers_neither_lose_nor_repeat(tmp_path: Path) -> None:
     counts = [totals.get(timeout=5) for _ in indexers]
     assert sum(counts) == 600
     root = DataRoot.at(tmp_path)
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert index.catch_up(root.traffic_logs) == 0
         assert len(index.flows()) == 600

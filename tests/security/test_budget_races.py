@@ -46,11 +46,11 @@ from budget_harness import (
     start_proxy,
 )
 
+from budget import CounterStore, ScopeState, open_counters, project_scope
 from contracts.credentials import mint
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import free_port
-from ledger.counters import CounterStore, ScopeState, open_counters, project_scope
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
 
 NO_LIMIT = Decimal(1000)

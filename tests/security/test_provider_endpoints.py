@@ -30,8 +30,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
 from proxy_harness import PRICES_YAML, Proxy, Upstream, metering_proxy
 
+from budget import open_counters, project_scope
 from contracts.records import FlowRecord
-from ledger.counters import open_counters, project_scope
 
 KEY = "sk-real-provider-key-for-endpoint-tests"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

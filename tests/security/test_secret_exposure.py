@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.processes import cmdline, pids, stop
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, pids, stop
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from proxy.launch import mitmdump_argv, wait_ready
 from workers import operator

@@ -26,10 +26,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from budget import project_scope
 from contracts.dataroot import DataRoot
 from contracts.outbound import Allowlist, is_own_address, refusal
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from ledger.counters import project_scope
 from orchestrator.alerts import WEBHOOK_FAILED, BudgetWatch, Webhook
 from orchestrator.api import create_app
 from orchestrator.platform import Platform

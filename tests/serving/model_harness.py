@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.processes import stop
 from contracts.config import load_models
-from contracts.processes import stop
 from contracts.settings import Settings
 from proxy.launch import wait_ready
 from serving.launch import server_argv

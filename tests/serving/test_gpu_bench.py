@@ -12,9 +12,9 @@ import pytest
 
 from bench import gpu
 from bench.gpu import measure, running, vllm_serve_argv, wait_ready
+from common.processes import group_members
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
-from contracts.processes import group_members
 from contracts.settings import Settings, free_port
 from serving.llamacpp import server_argv
 from serving.rayserve import gpu_app

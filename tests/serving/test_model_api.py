@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from common.processes import stop
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
-from contracts.processes import stop
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from serving.llamacpp import REASONING_KEY, server_argv, server_config
 from serving.reasoning import ReasoningSplitter, opens_reasoning, split

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from common.processes import cmdline, descendants, pids
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
-from contracts.processes import cmdline, descendants, pids
 from contracts.settings import Settings, free_port
 from orchestrator.stack import model_argv
 from serving.cli import app as models_app

@@ -17,11 +17,11 @@ from worker_harness import (
     stop,
 )
 
+from budget import open_ample
 from contracts.config import load_models
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from ledger.counters import open_ample
 from proxy.launch import mitmdump_argv, wait_ready
 from serving.llamacpp import server_argv
 from workers import workspace

@@ -21,16 +21,16 @@ from pathlib import Path
 import httpx
 from worker_harness import EXAMPLES, MeteringProxy, ModelServer, direct_env, stop
 
+from budget import open_ample
 from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.secrets import REDACTED, redact_credentials
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from ledger.counters import open_ample
 from orchestrator.access import TokenScope, TokenStore
 from orchestrator.auth import ensure_token
-from proxy.index import TrafficIndex
 from proxy.launch import mitmdump_argv, wait_ready
 from secretstore.file import FileSecretStore
+from traffic.sqlite_store import SqliteTrafficStore
 from workers import runner
 from workers.redact import redact_tree
 from workers.spec import AssignmentSpec
@@ -114,7 +114,7 @@ def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
     assert [r.url for r in records if r.method == "GET"] == [
         f"{model_server.url}/models?key={REDACTED}"
     ]
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         assert {f.id for f in index.flows()} == {r.id for r in records}
     assert (
         (spec.output / "prompt.txt")

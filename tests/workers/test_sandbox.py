@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
 
-from contracts.processes import cmdline, pids
+from common.processes import cmdline, pids
 from contracts.settings import PROJECT_ROOT, free_port
 from workers import sandbox
 from workers.agents import AGENTS

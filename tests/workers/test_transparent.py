@@ -39,11 +39,11 @@ from worker_harness import (
     throwaway_certificate,
 )
 
+from budget import open_ample
 from contracts.config import load_prices
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, revoke
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from ledger.counters import open_ample
 from proxy.launch import mitmdump_argv, wait_ready
 from secretstore import get_store
 from workers import netns, sandbox

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy.certs import CertStore
 
-from contracts import processes
+from common import processes
 from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord

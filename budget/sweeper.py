@@ -7,7 +7,7 @@ from collections.abc import Callable, Container
 from decimal import Decimal
 from typing import Literal
 
-from ledger.counters import CounterStore, Reservation
+from budget import CounterStore, Reservation
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ integer micro-units. Adapters are picked by short name: `sqlite` (embedded) and 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
+from budget.periods import PERIODS, Period, iso, window
+from budget.scopes import machine_scope, open_ample, open_project, project_scope, task_scope
 from contracts.adapters import resolve
-from ledger.counters.periods import PERIODS, Period, iso, window
 
 __all__ = [
     "ADAPTERS",
@@ -28,6 +28,7 @@ __all__ = [
     "CounterError",
     "CounterStore",
     "CounterStoreUnavailable",
+    "Maintained",
     "Period",
     "Refused",
     "Reservation",
@@ -40,7 +41,9 @@ __all__ = [
     "from_micro",
     "iso",
     "machine_scope",
+    "open_ample",
     "open_counters",
+    "open_project",
     "project_scope",
     "task_scope",
     "to_micro",
@@ -74,18 +77,6 @@ def to_micro(amount: Decimal, *, round_up: bool = False) -> int:
 
 def from_micro(micro: int) -> Decimal:
     return (Decimal(micro) / MICRO).quantize(Decimal("0.000001"))
-
-
-def project_scope(project: str) -> str:
-    return f"project:{project}"
-
-
-def machine_scope(project: str, machine: str) -> str:
-    return f"machine:{project}:{machine}"
-
-
-def task_scope(trial: str, task: str) -> str:
-    return f"task:{trial}:{task}"
 
 
 @dataclass(frozen=True)
@@ -211,17 +202,20 @@ class CounterStore(Protocol):
         """What may still be reserved in the current period."""
         ...
 
-    def maintain(self) -> None:
-        """Housekeeping off the hot path, for an owner that opened the store `maintained`
-        and calls this every second or so (SQLite: a WAL checkpoint; Redis: nothing)."""
-        ...
-
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class Maintained(Protocol):
+    """A store with housekeeping to run off the hot path (SQLite: a WAL checkpoint); an owner
+    that opened it `maintained` calls this every second or so. Redis has none."""
+
+    def maintain(self) -> None: ...
+
+
 ADAPTERS = {
-    "sqlite": "ledger.counters.sqlite:SqliteCounters",
-    "redis": "ledger.counters.redis:RedisCounters",
+    "sqlite": "budget.sqlite:SqliteCounters",
+    "redis": "budget.redis:RedisCounters",
 }
 """Short name -> store class; each is built by `open(path=, url=, maintained=)` and takes
 what it needs of them."""
@@ -273,39 +267,3 @@ def as_period(value: str) -> Period:
     if value not in PERIODS:
         raise CounterError(f"unknown period {value!r}; allowed: {', '.join(PERIODS)}")
     return cast(Period, value)
-
-
-def open_project(
-    store: CounterStore,
-    project: str,
-    machines: list[str],
-    *,
-    amount: Decimal,
-    daily_allowance: Decimal,
-    currency: str,
-    period: Period,
-    now: float,
-) -> None:
-    """Open (or reopen) a project's scope and each machine's daily scope; idempotent."""
-    store.ensure_scope(project_scope(project), amount, currency, period, now)
-    for machine in machines:
-        store.ensure_scope(machine_scope(project, machine), daily_allowance, currency, "daily", now)
-
-
-def open_ample(path: Path, project: str, machines: list[str], currency: str = "USD") -> None:
-    """A budget no test or benchmark will exhaust, in the embedded store at `path`."""
-    store = open_counters("sqlite", path=path)
-    try:
-        ample = Decimal(10**6)
-        open_project(
-            store,
-            project,
-            machines,
-            amount=ample,
-            daily_allowance=ample,
-            currency=currency,
-            period="once",
-            now=time.time(),
-        )
-    finally:
-        store.close()

@@ -37,8 +37,8 @@ from pydantic import ValidationError
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import Settings
-from proxy.index import DEFAULT_BODY_MAX, _complete_lines, index_copy
-from proxy.spool import FILE_NAME
+from traffic.spool import FILE_NAME
+from traffic.sqlite_store import DEFAULT_BODY_MAX, _complete_lines, index_copy
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ _SCHEMA = (
 )
 
 
-class ElasticsearchShipper:
+class ElasticsearchTrafficStore:
     """Ships complete spool lines to Elasticsearch exactly once; offsets live in `registry_path`."""
 
     def __init__(
@@ -92,7 +92,7 @@ class ElasticsearchShipper:
         self.index_prefix = index_prefix
         self.templates = templates or TEMPLATES
         self.body_max = body_max
-        """Bytes of each body shipped (proxy.index.index_copy)."""
+        """Bytes of each body shipped (traffic.sqlite_store.index_copy)."""
         self.chunk_size = chunk_size
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -115,7 +115,7 @@ class ElasticsearchShipper:
             self._db.execute(statement)
 
     @classmethod
-    def in_root(cls, root: DataRoot, url: str, **options: Any) -> ElasticsearchShipper:
+    def in_root(cls, root: DataRoot, url: str, **options: Any) -> ElasticsearchTrafficStore:
         """A shipper whose registry is `traffic-logs/es-registry.sqlite` of `root`."""
         return cls(url, root.traffic_logs / REGISTRY_FILE, **options)
 
@@ -124,7 +124,7 @@ class ElasticsearchShipper:
             self._db.close()
             self.client.close()
 
-    def __enter__(self) -> ElasticsearchShipper:
+    def __enter__(self) -> ElasticsearchTrafficStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

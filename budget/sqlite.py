@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ledger.counters import (
+from budget import (
     CounterError,
     CounterStoreUnavailable,
     Period,
@@ -35,7 +35,7 @@ from ledger.counters import (
     scope_state,
     to_micro,
 )
-from ledger.counters.periods import PERIODS, anchor_of, window
+from budget.periods import PERIODS, anchor_of, window
 
 BUSY_TIMEOUT_S = 10.0
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
-from proxy.index import TrafficIndex
+from traffic.sqlite_store import SqliteTrafficStore
 
 app = typer.Typer(help="Captured traffic: the spool and its index.", no_args_is_help=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -32,7 +32,7 @@ def search(
 ) -> None:
     """Flows whose url, model, error, bodies or websocket messages match QUERY."""
     root = DataRoot.at(Settings().data)
-    with TrafficIndex(root.traffic_index) as index:
+    with SqliteTrafficStore(root.traffic_index) as index:
         # The proxy indexes as it runs; catching up here also serves a proxy that is stopped.
         index.catch_up(root.traffic_logs)
         try:

@@ -16,7 +16,6 @@ import base64
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from pydantic import ValidationError
 
 from contracts.dataroot import DataRoot
 from contracts.records import Body, FlowRecord, WebSocket
-from proxy.spool import FILE_NAME
+from traffic.spool import FILE_NAME
+from traffic.stores import CallFailures, ModelUsage, SpooledFlow
 
 READ_CHUNK = 4 * 1024 * 1024
 """Bytes of a spool file read per transaction, so one catch-up never holds the lock for long."""
@@ -126,32 +126,14 @@ _INSERT = (
 )
 
 
-@dataclass(frozen=True)
-class ModelUsage:
-    """Metered LLM calls of one provider and model, summed."""
-
-    provider: str
-    model: str
-    calls: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cost_usd: Decimal
-    estimated_calls: int
-    """Calls whose response carried no usage and were charged by an estimate."""
-
-
-@dataclass(frozen=True)
-class CallFailures:
-    """Calls through the proxy that the upstream or the proxy itself failed (5xx, or no response
-    at all): the model plane's failures, as the capture saw them, whatever the agent says."""
-
-    calls: int
-    failed: int
-    last_failed: bool
-    """The assignment's last call failed: the agent gave up on a broken model plane."""
-    last_error: str | None
-    """The last failure, `HTTP 502` or the proxy's error text."""
+def _spooled_flow(
+    spool: str, flow_id: str, offset: int, ts: float, trial: str | None, assignment: str | None,
+    machine: str | None, provider: str | None, model: str | None, tokens: int | None, cost: str,
+) -> SpooledFlow:  # fmt: skip
+    return SpooledFlow(
+        spool, flow_id, offset, ts, trial, assignment, machine, provider, model, tokens or 0,
+        Decimal(cost),
+    )  # fmt: skip
 
 
 class _DecimalSum:
@@ -168,12 +150,12 @@ class _DecimalSum:
         return format(self.total, "f")
 
 
-class TrafficIndex:
+class SqliteTrafficStore:
     """The SQLite traffic store at `path`; safe to share between threads and processes."""
 
     @classmethod
-    def in_root(cls, root: DataRoot, **options: Any) -> TrafficIndex:
-        """The traffic stores' one constructor (`proxy.stores`): `traffic-index.sqlite` of
+    def in_root(cls, root: DataRoot, **options: Any) -> SqliteTrafficStore:
+        """The traffic stores' one constructor (`traffic.stores`): `traffic-index.sqlite` of
         `root`; this store has no options."""
         if options:
             raise TypeError(f"the sqlite store takes no options, got {sorted(options)}")
@@ -205,7 +187,7 @@ class TrafficIndex:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> TrafficIndex:
+    def __enter__(self) -> SqliteTrafficStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -315,15 +297,16 @@ class TrafficIndex:
 
     # -- queries ----------------------------------------------------------------------------
 
-    def spooled(self, project: str) -> list[tuple[Any, ...]]:
-        """The project's flows in spool order: (spool_file, id, spool_offset, ts_start, trial,
-        assignment, machine, provider, model, total_tokens, cost_usd) — what the ledger posts."""
-        return self._query(
+    def spooled(self, project: str) -> list[SpooledFlow]:
+        """The project's flows in spool order (by spool file, then offset): what the ledger
+        posts."""
+        rows = self._query(
             "SELECT spool_file, id, spool_offset, ts_start, trial, assignment, machine, provider, "
             "model, total_tokens, cost_usd FROM flows WHERE project = ? "
             "ORDER BY spool_file, spool_offset",
             (project,),
         )
+        return [_spooled_flow(*row) for row in rows]
 
     def usage(
         self,

@@ -1,4 +1,5 @@
-"""`python -m proxy.indexer`: keeps the traffic store caught up with the spool, in its own process.
+"""`python -m traffic.indexer`: keeps the traffic store caught up with the spool, in its own
+process.
 
 The proxy appends each flow to the spool (JSONL, the source of truth); this process reads the
 spool every `index_interval_s` and feeds the store named by `AUTOVIBE_TRAFFIC_STORE` (SQLite
@@ -23,11 +24,11 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
-from contracts import logs
+from common import logs
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
-from proxy.index import DEFAULT_BODY_MAX
-from proxy.stores import STORES, TrafficStore, get_store
+from traffic.sqlite_store import DEFAULT_BODY_MAX
+from traffic.stores import STORES, TrafficStore, get_store
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def open_store(
             )
         options["url"] = url
     store = get_store(name, root, **options)
-    # Both stores cut bodies the same way (proxy.index.index_copy).
+    # Both stores cut bodies the same way (traffic.sqlite_store.index_copy).
     store.body_max = body_max
     return store
 

@@ -20,7 +20,7 @@ import redis as redis_py
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ledger.counters import (
+from budget import (
     CounterError,
     CounterStoreUnavailable,
     Period,
@@ -37,7 +37,7 @@ from ledger.counters import (
     scope_state,
     to_micro,
 )
-from ledger.counters.periods import PERIODS, anchor_of, window
+from budget.periods import PERIODS, anchor_of, window
 
 PREFIX = "{autovibe-budget}:"
 _RETRIES = 3
@@ -156,9 +156,6 @@ class RedisCounters:
             return fn(*args, **kwargs)
         except redis_py.RedisError as exc:
             raise CounterStoreUnavailable(f"counter store {self.url}: {exc}") from exc
-
-    def maintain(self) -> None:
-        """Nothing to do: Redis keeps its own house."""
 
     def close(self) -> None:
         self.client.close()
