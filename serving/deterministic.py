@@ -8,7 +8,8 @@ they speak to llama.cpp, only nothing is loaded and every answer is known in adv
 - `GET /v1/models`: the served names. `POST /v1/completions` and `/v1/chat/completions`, as
   JSON or as SSE (`stream: true`, with the usage chunk when `stream_options.include_usage`).
 - The answers are `--output` texts in the order given, one per call, the last one repeated;
-  by default one Python function body (`    return 1`), so the built-in agent's edits compile.
+  by default one sentence, which is no code (an agent that writes what it is told gets no
+  further than a tiny model would; a test that needs working code scripts it).
 - A token is a run of whitespace and the word after it (`\\s*\\S+`): the usage counts the prompt
   and the answer that way, `max_tokens` cuts the answer (finish `length`), a `stop` string
   cuts it before the stop (finish `stop`). A model the server does not serve is a 404, as
@@ -40,8 +41,8 @@ from contracts.config import ModelsCatalog
 from contracts.settings import Settings
 from serving.probe import cpu_served_names
 
-DEFAULT_OUTPUT = "    return 1\n"
-"""The answer when none is scripted: a function body, which is what the built-in agent asks for."""
+DEFAULT_OUTPUT = "Deterministic answer."
+"""The answer when none is scripted."""
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for `/v1/completions`; chat completions have none."""
 TOKEN = re.compile(r"\s*\S+|\s+")

@@ -2,22 +2,19 @@
 a 402 from the project budget ends it as `budget_exhausted`.
 
 Real: mitmdump with our addons, the SQLite counter store, the scheduler with detached runners
-and the built-in agent. The model server is a stand-in that answers completions with usage
-(the agent only needs an answer; the budget decision is the proxy's).
+and the built-in agent. The model server is the deterministic one, answering `return 1` with
+usage (the agent only needs an answer; the budget decision is the proxy's).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import sqlite3
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Assignment, Store, Trial
 from proxy.launch import mitmdump_argv, wait_ready
+from tests.serving.model_harness import deterministic_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = 86_400
@@ -47,65 +45,34 @@ local:
 """One USD per million tokens: a call of the built-in agent may cost about 0.01 CAD."""
 
 
-class _Completions(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        completion = int(request.get("max_tokens", 16))
-        body = json.dumps(
-            {
-                "id": "cmpl",
-                "choices": [{"text": "    return 1\n", "finish_reason": "stop"}],
-                "usage": {
-                    "prompt_tokens": 20,
-                    "completion_tokens": completion,
-                    "total_tokens": 20 + completion,
-                },
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Platform]]:
-    """Stand-in model server, real mitmdump, control API without its scheduler thread."""
+    """Deterministic model server, real mitmdump, control API without its scheduler thread."""
     base = tmp_path_factory.mktemp("deferral")
     configs = base / "configs"
     configs.mkdir()
     shutil.copy(ROOT / "configs/models.yaml", configs / "models.yaml")
     (configs / "prices.yaml").write_text(PRICES_YAML)
-    model = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
-    model.daemon_threads = True
-    threading.Thread(target=model.serve_forever, daemon=True).start()
     # The trials run unsandboxed (the server allows it here) from repos under pytest's folder.
     settings = Settings(
         data=base / "data", configs=configs, host="127.0.0.1", proxy_port=free_port(),
-        model_port=int(model.server_address[1]), allow_unsandboxed=True,
+        model_port=free_port(), allow_unsandboxed=True,
         task_roots=[tmp_path_factory.getbasetemp()],
     )  # fmt: skip
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.root)
-    with (root.root / "mitmdump.log").open("wb") as out:
-        proxy = subprocess.Popen(mitmdump_argv(settings), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(settings.host, settings.proxy_port, timeout=60, process=proxy)
-        app = create_app(settings, run_scheduler=False)
-        token = (root.secrets / "operator-token").read_text().strip()
-        with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-            yield client, app.state.platform
-    finally:
-        proxy.terminate()
-        proxy.wait(timeout=15)
-        model.shutdown()
-        model.server_close()
+    with deterministic_server(settings, ["    return 1\n"]):
+        with (root.root / "mitmdump.log").open("wb") as out:
+            proxy = subprocess.Popen(mitmdump_argv(settings), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(settings.host, settings.proxy_port, timeout=60, process=proxy)
+            app = create_app(settings, run_scheduler=False)
+            token = (root.secrets / "operator-token").read_text().strip()
+            with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+                yield client, app.state.platform
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=15)
 
 
 def task_repo(base: Path) -> Path:

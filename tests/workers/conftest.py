@@ -1,4 +1,6 @@
-"""The real model server (llama.cpp, tiny model) and the real metering proxy in front of it."""
+"""The model servers (llama.cpp with the tiny model, for the tests about the model; the
+deterministic server, for the tests where its words do not matter) and the real metering proxy
+in front of each."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from proxy.launch import mitmdump_argv, wait_ready
 from serving.llamacpp import server_argv
+from tests.serving.model_harness import deterministic_server
 from workers import workspace
 
 
@@ -62,10 +65,36 @@ def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServ
 
 
 @pytest.fixture(scope="session")
+def deterministic_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """`serving.deterministic` serving the CPU pairs' names: real HTTP, scripted answers."""
+    settings = Settings(
+        data=tmp_path_factory.mktemp("deterministic-data"),
+        configs=PROJECT_ROOT / "configs",
+        model_port=free_port(),
+    )
+    with deterministic_server(settings):
+        yield ModelServer(settings)
+
+
+@pytest.fixture(scope="session")
 def metering_proxy(
+    tmp_path_factory: pytest.TempPathFactory, deterministic_model: ModelServer
+) -> Iterator[MeteringProxy]:
+    """mitmdump with the platform's addons, metering calls to the deterministic model."""
+    yield from _metering_proxy(tmp_path_factory, deterministic_model)
+
+
+@pytest.fixture(scope="session")
+def llama_proxy(
     tmp_path_factory: pytest.TempPathFactory, model_server: ModelServer
 ) -> Iterator[MeteringProxy]:
-    """mitmdump with the platform's addons, metering calls to the model server."""
+    """mitmdump with the platform's addons, metering calls to llama.cpp."""
+    yield from _metering_proxy(tmp_path_factory, model_server)
+
+
+def _metering_proxy(
+    tmp_path_factory: pytest.TempPathFactory, model_server: ModelServer
+) -> Iterator[MeteringProxy]:
     settings = Settings(
         data=tmp_path_factory.mktemp("proxy-data"),
         configs=PROJECT_ROOT / "configs",

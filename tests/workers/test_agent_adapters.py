@@ -426,8 +426,9 @@ def test_aider_chat_history_is_parsed(tmp_path: Path) -> None:
 # -- real run ----------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_mini_swe_agent_runs_sandboxed_against_the_real_model_through_the_proxy(
-    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+    tmp_path: Path, llama_proxy: MeteringProxy, model_server: ModelServer
 ) -> None:
     root = DataRoot.at(tmp_path / "data")
     found = installed("mini-swe-agent", root.root)
@@ -436,10 +437,10 @@ def test_mini_swe_agent_runs_sandboxed_against_the_real_model_through_the_proxy(
     artifacts = root.assignment_dir("p1", "t1", "a-mini")
     workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
     run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=120)
-    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+    outcome, log_text = run_sandboxed(agent, run, llama_proxy, root)
     assert outcome.exit_cause in ("finished", "timeout"), (outcome, log_text)
     assert outcome.version == found.version
-    calls = [r for r in metering_proxy.spooled("a-mini") if r.path == "/v1/chat/completions"]
+    calls = [r for r in llama_proxy.spooled("a-mini") if r.path == "/v1/chat/completions"]
     assert calls, f"no model call metered for a-mini: {log_text}"
     assert outcome.transcript.exists(), log_text
     trajectory = json.loads(outcome.transcript.read_text())
@@ -449,8 +450,9 @@ def test_mini_swe_agent_runs_sandboxed_against_the_real_model_through_the_proxy(
     assert [r.status for r in calls[: outcome.usage.calls]] == [200] * outcome.usage.calls
 
 
+@pytest.mark.model
 def test_qwen_code_runs_sandboxed_against_the_real_model_through_the_proxy(
-    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+    tmp_path: Path, llama_proxy: MeteringProxy, model_server: ModelServer
 ) -> None:
     root = DataRoot.at(tmp_path / "data")
     found = installed("qwen-code", root.root)
@@ -460,14 +462,14 @@ def test_qwen_code_runs_sandboxed_against_the_real_model_through_the_proxy(
     workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
     run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=120)
 
-    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+    outcome, log_text = run_sandboxed(agent, run, llama_proxy, root)
 
     events = [json.loads(line) for line in (artifacts / TRANSCRIPT).read_text().splitlines()]
     assert events, f"empty {TRANSCRIPT}: {log_text}"
     assert events[0]["type"] == "system" and events[0]["qwen_code_version"] == found.version
     assert events[-1]["type"] == "result", log_text  # it ended on its own
     assert outcome.version == found.version
-    calls = [r for r in metering_proxy.spooled("a-qwen") if r.path == "/v1/chat/completions"]
+    calls = [r for r in llama_proxy.spooled("a-qwen") if r.path == "/v1/chat/completions"]
     assert calls and all(r.status == 200 for r in calls), log_text
     # The base model's noise is an answer (finished) or, when it is empty three times over,
     # qwen-code's "[API Error: … empty response text]" (crashed); never a refused call.
@@ -476,8 +478,9 @@ def test_qwen_code_runs_sandboxed_against_the_real_model_through_the_proxy(
     assert settings["privacy"]["usageStatisticsEnabled"] is False
 
 
+@pytest.mark.model
 def test_aider_runs_sandboxed_against_the_real_model_through_the_proxy(
-    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+    tmp_path: Path, llama_proxy: MeteringProxy, model_server: ModelServer
 ) -> None:
     root = DataRoot.at(tmp_path / "data")
     found = installed("aider", root.root)
@@ -487,11 +490,11 @@ def test_aider_runs_sandboxed_against_the_real_model_through_the_proxy(
     workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
     run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=120)
 
-    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+    outcome, log_text = run_sandboxed(agent, run, llama_proxy, root)
 
     assert outcome.exit_cause == "finished", (outcome, log_text)
     assert outcome.version == found.version
-    calls = [r for r in metering_proxy.spooled("a-aider") if r.path == "/v1/chat/completions"]
+    calls = [r for r in llama_proxy.spooled("a-aider") if r.path == "/v1/chat/completions"]
     assert calls and all(r.status == 200 for r in calls), log_text
     history = (artifacts / "aider.chat.history.md").read_text()
     assert run.prompt in history, history
@@ -513,8 +516,9 @@ def test_claude_code_command_options(tmp_path: Path) -> None:
     assert "--system-prompt" not in plain and "--disable-slash-commands" not in plain
 
 
+@pytest.mark.model
 def test_claude_code_runs_sandboxed_against_the_real_model_through_the_proxy(
-    tmp_path: Path, metering_proxy: MeteringProxy, model_server: ModelServer
+    tmp_path: Path, llama_proxy: MeteringProxy, model_server: ModelServer
 ) -> None:
     root = DataRoot.at(tmp_path / "data")
     found = installed("claude-code", root.root)
@@ -526,7 +530,7 @@ def test_claude_code_runs_sandboxed_against_the_real_model_through_the_proxy(
     workspace.prepare(EXAMPLES / "mathkit", artifacts / "workspace")
     run = agent_run(artifacts / "workspace", artifacts, endpoint=model_server.url, timeout_s=300)
 
-    outcome, log_text = run_sandboxed(agent, run, metering_proxy, root)
+    outcome, log_text = run_sandboxed(agent, run, llama_proxy, root)
 
     events = [json.loads(line) for line in (artifacts / TRANSCRIPT).read_text().splitlines()]
     assert events, f"empty {TRANSCRIPT}: {log_text}"
@@ -536,9 +540,7 @@ def test_claude_code_runs_sandboxed_against_the_real_model_through_the_proxy(
     # never on the infrastructure: every call reached the model and was metered from its usage.
     if outcome.exit_cause != "timeout":
         assert events[-1]["type"] == "result", log_text
-    calls = [
-        r for r in metering_proxy.spooled("a-claude") if urlsplit(r.path).path == "/v1/messages"
-    ]
+    calls = [r for r in llama_proxy.spooled("a-claude") if urlsplit(r.path).path == "/v1/messages"]
     assert calls, f"no model call metered for a-claude: {log_text}"
     answered = [r for r in calls if r.error is None]
     assert answered and all(r.status == 200 for r in calls), (calls, log_text)

@@ -1,4 +1,5 @@
-"""The built-in agent against the real tiny model, directly and through the metering proxy.
+"""The built-in agent against the real tiny model, and through the metering proxy against the
+deterministic model (what is metered there does not depend on the model's words).
 
 Whether a 270M base model solves a task is not asserted; that the agent asked it, wrote
 compiling code where the stubs were, and accounted for every call is.
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from worker_harness import MeteringProxy, ModelServer, direct_env
 
 from workers.agents import get_agent
@@ -66,6 +68,7 @@ def test_registry_knows_the_builtin_agent() -> None:
     assert agent.version() not in ("", "unknown")
 
 
+@pytest.mark.model
 def test_agent_fills_the_stubs_with_the_real_model(
     model_server: ModelServer, prepared: Callable[[str], Path]
 ) -> None:
@@ -113,10 +116,12 @@ def test_agent_fills_the_stubs_with_the_real_model(
 
 
 def test_calls_through_the_proxy_are_metered_under_the_same_response_ids(
-    metering_proxy: MeteringProxy, model_server: ModelServer, prepared: Callable[[str], Path]
+    metering_proxy: MeteringProxy,
+    deterministic_model: ModelServer,
+    prepared: Callable[[str], Path],
 ) -> None:
     ws = prepared("mathkit")
-    run = start_run(ws, model_server.url)
+    run = start_run(ws, deterministic_model.url)
 
     exit_code = execute(BuiltinAgent(), run, direct_env(HTTP_PROXY=metering_proxy.url_for("a-1")))
 
@@ -131,11 +136,13 @@ def test_calls_through_the_proxy_are_metered_under_the_same_response_ids(
 
 
 def test_a_402_from_the_proxy_stops_the_agent_with_exit_3(
-    metering_proxy: MeteringProxy, model_server: ModelServer, prepared: Callable[[str], Path]
+    metering_proxy: MeteringProxy,
+    deterministic_model: ModelServer,
+    prepared: Callable[[str], Path],
 ) -> None:
     ws = prepared("mathkit")
     # The proxy refuses a model it has no price for with 402, before the model server sees it.
-    run = start_run(ws, model_server.url, model="unpriced-model")
+    run = start_run(ws, deterministic_model.url, model="unpriced-model")
     agent = BuiltinAgent()
 
     exit_code = execute(agent, run, direct_env(HTTP_PROXY=metering_proxy.url_for("a-402")))

@@ -2,8 +2,9 @@
 
 A secret is put in the file store, then handed to the built-in agent inside its prompt (a leak
 attempt: the agent puts the prompt's last lines into its model requests, which go through the
-real metering proxy) and sent once more in a request URL through the proxy. Afterwards every
-file under the data root but `vault-secrets/`, and the model server's log, is searched for it.
+real metering proxy to the deterministic model server) and sent once more in a request URL
+through the proxy. Afterwards every file under the data root but `vault-secrets/`, and the
+model server's log, is searched for it.
 
 The proxy keeps no request bodies, so the spool and index hold the URL's copy only (redacted);
 the runner's `prompt.txt` holds the prompt's copy until the runner redacts it at the end.
@@ -51,14 +52,14 @@ def files_holding(folder: Path, needle: str, skip: Path | None = None) -> list[P
 
 
 def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
-    tmp_path: Path, model_server: ModelServer
+    tmp_path: Path, deterministic_model: ModelServer
 ) -> None:
     secret = "sk-leaktest-" + secrets.token_hex(16)
     settings = Settings(
         data=tmp_path / "data",
         configs=PROJECT_ROOT / "configs",
         proxy_port=free_port(),
-        model_port=model_server.settings.model_port,
+        model_port=deterministic_model.settings.model_port,
     )
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.root)
@@ -89,7 +90,7 @@ def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
             timeout_s=300,
             agent="builtin",
             model="tiny",
-            endpoint=model_server.url,
+            endpoint=deterministic_model.url,
             env={
                 **{v: via for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
                 "NO_PROXY": "",
@@ -101,18 +102,18 @@ def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
         spec.artifacts.mkdir(parents=True)
         result = runner.run(spec)
         with httpx.Client(proxy=via, trust_env=False, timeout=30) as client:
-            leak = client.get(f"{model_server.url}/models", params={"key": secret})
+            leak = client.get(f"{deterministic_model.url}/models", params={"key": secret})
         assert leak.status_code == 200, leak.text
     finally:
         stop(process)  # its last index catch-up runs on shutdown
 
-    assert result["agent"]["exit_cause"] == "finished", result
+    assert result.agent is not None and result.agent.exit_cause == "finished", result
     # The secret did travel: through the proxy (redacted when spooled and indexed) and into
     # the assignment's folder (redacted by the runner once the agent had stopped).
     records = proxy.spooled("t1-leak")
     assert [r.path for r in records if r.method == "POST"], "the agent called no model"
     assert [r.url for r in records if r.method == "GET"] == [
-        f"{model_server.url}/models?key={REDACTED}"
+        f"{deterministic_model.url}/models?key={REDACTED}"
     ]
     with SqliteTrafficStore(root.traffic_index) as index:
         assert {f.id for f in index.flows()} == {r.id for r in records}
@@ -123,11 +124,12 @@ def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
     )
 
     assert files_holding(root.root, secret, skip=root.secrets) == []
-    # KNOWN LEAK, outside the platform's data root: the model server's access log keeps request
-    # URLs, query strings included. The prompt's copy (a request body) is not logged there.
+    # KNOWN LEAK, outside the platform's data root: llama.cpp's access log keeps request URLs,
+    # query strings included (the prompt's copy, a request body, is not logged there). The
+    # deterministic server logs no requests; a server that logs one logs no more than its URL.
     model_log = [
         line
-        for path in files_holding(model_server.settings.data, secret)
+        for path in files_holding(deterministic_model.settings.data, secret)
         for line in path.read_text().splitlines()
         if secret in line
     ]

@@ -96,10 +96,10 @@ def probe(tmp_path: Path) -> Probe:
 
 
 def test_only_the_proxy_is_reachable_and_it_meters_the_call(
-    probe: Probe, metering_proxy: MeteringProxy, model_server: ModelServer
+    probe: Probe, metering_proxy: MeteringProxy, deterministic_model: ModelServer
 ) -> None:
     proxy = metering_proxy.url_for("a-sandbox-net")
-    model_port = model_server.settings.model_port
+    model_port = deterministic_model.settings.model_port
     outcome, seen, log = probe(
         f"""
         import json, socket, httpx
@@ -111,7 +111,7 @@ def test_only_the_proxy_is_reachable_and_it_meters_the_call(
             except OSError as exc:
                 seen[name] = type(exc).__name__
         body = {{"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 4}}
-        reply = httpx.post("{model_server.url}/completions", json=body, timeout=120)
+        reply = httpx.post("{deterministic_model.url}/completions", json=body, timeout=120)
         seen["proxied"] = reply.status_code
         print(json.dumps(seen))
         """,

@@ -86,6 +86,9 @@ class ScriptAgent:
 
     name = "script"
 
+    def __init__(self, root: Path | None = None) -> None:
+        """As every agent is built (`get_agent`): with the data root, which it does not use."""
+
     def version(self) -> str:
         return "script"
 
