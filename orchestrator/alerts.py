@@ -44,7 +44,7 @@ from budget.scopes import (
 from contracts.config import TrialConfig
 from contracts.outbound import AddressRefused, Allowlist, checked_addresses
 from contracts.records import BudgetDecision
-from orchestrator.state import Assignment, BudgetAlert, Store, Trial, utcnow
+from orchestrator.state import Assignment, BudgetAlert, Store, Trial, stored_config, utcnow
 
 if TYPE_CHECKING:
     from orchestrator.platform import Platform
@@ -165,7 +165,7 @@ class BudgetWatch:
             return []
         with self.p.store.session() as s:
             trials = [
-                (t.id, TrialConfig.model_validate(t.config))
+                (t.id, stored_config(t.config))
                 for t in s.scalars(select(Trial).where(Trial.id.in_(ids)))
             ]
             seen = {
@@ -279,7 +279,7 @@ class Webhook:
                 .where(BudgetAlert.delivery == "pending")
             ).all()
         for alert_id, attempts, config in rows:
-            url = TrialConfig.model_validate(config).budget.alerts.webhook_url
+            url = stored_config(config).budget.alerts.webhook_url
             if url:
                 self.send(alert_id, url, attempt=attempts + 1)
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import NamedTuple
 
 from sqlalchemy import select
 
 from contracts.config import PriceCatalog, TrialConfig
-from orchestrator.state import Assignment, Store, Trial
+from orchestrator.state import Assignment, Store, Trial, stored_config
 
 
 class Outcome(NamedTuple):
@@ -135,17 +134,19 @@ def history_from_state(
         )
         if project is not None:
             query = query.where(Trial.project == project)
+        configs: dict[str, TrialConfig] = {}
         for a, trial_config in s.execute(query):
-            result = a.result or {}
-            if "cost" not in result:
+            ending = a.ending
+            if ending.cost is None:
                 continue
-            cost = Decimal(str(result["cost"]))
-            have = result.get("currency")
+            cost, have = ending.cost, ending.currency
             if currency is not None and have != currency:
                 if prices is None or have not in prices.fx or currency not in prices.fx:
                     continue
                 cost = cost / prices.fx[have] * prices.fx[currency]
-            kinds = ((trial_config or {}).get("assignment") or {}).get("task_kinds") or {}
+            if a.trial_id not in configs:
+                configs[a.trial_id] = stored_config(trial_config)
+            kinds = configs[a.trial_id].assignment.task_kinds
             kind = kinds.get(a.task_id, a.task_id)
             out.append(Outcome(kind, a.agent, a.model, a.status == "resolved", float(cost)))
     return out

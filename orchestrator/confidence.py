@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from contracts.config import Confidence, TrialConfig
+from contracts.results import AssignmentResult, ConfidenceGate
 from contracts.settings import Settings
 
 
@@ -299,10 +300,13 @@ def assess(
 
 
 def assess_result(
-    config: TrialConfig, task_id: str, result: dict[str, Any], patch: str, endpoint: str
-) -> dict[str, Any]:
-    """`assess` for a runner's `result.json` and its `patch` (`workers.result.read_patch`),
+    config: TrialConfig, task_id: str, result: AssignmentResult, patch: str, endpoint: str
+) -> ConfidenceGate:
+    """`assess` for an assignment's ending and its `patch` (`workers.result.read_patch`),
     judged by the trial's judge at `endpoint`."""
     task = next(t for t in config.tasks if t.id == task_id)
     judge = JudgeLLM(endpoint, judge_model(config), timeout_s=config.confidence.timeout_s)
-    return assess(task.prompt, patch, result.get("grade"), config.confidence, judge)
+    grade = result.grade.to_json() if result.grade is not None else None
+    return ConfidenceGate.model_validate(
+        assess(task.prompt, patch, grade, config.confidence, judge)
+    )

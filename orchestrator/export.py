@@ -15,13 +15,12 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import select
 
-from contracts.config import TrialConfig
 from contracts.dataroot import DataRoot
-from orchestrator.state import Assignment, Store, Trial
+from orchestrator.state import Assignment, Store, Trial, stored_config
 from workers.result import read_patch
 from workers.workspace import WorkspaceError, git
 
@@ -93,7 +92,7 @@ def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]
         trial = s.get(Trial, trial_id)
         if trial is None:
             raise LookupError(f"no trial {trial_id}")
-        config = TrialConfig.model_validate(trial.config)
+        config = stored_config(trial.config)
         rows = list(
             s.scalars(
                 select(Assignment)
@@ -104,9 +103,8 @@ def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]
     repos = {t.id: t.repo for t in config.tasks}
     out = []
     for a in rows:
-        result: dict[str, Any] = a.result or {}
-        gate = result.get("confidence")
-        accepted = bool(gate["accepted"]) if gate else a.status == "resolved"
+        gate = a.ending.confidence
+        accepted = bool(gate.accepted) if gate is not None else a.status == "resolved"
         # The data root's own patch.diff: a path written in the result is never read.
         patch = read_patch(root.assignment_dir(config.project, trial_id, a.id))
         out.append(
@@ -115,7 +113,7 @@ def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]
                 task=a.task_id,
                 repo=repos[a.task_id],
                 patch=patch,
-                confidence=gate["score"] if gate else None,
+                confidence=gate.score if gate is not None else None,
                 accepted=accepted,
             )
         )

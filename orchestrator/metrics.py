@@ -22,9 +22,8 @@ from sqlalchemy import func, select
 
 from budget import CounterError
 from budget.scopes import trial_scopes
-from contracts.config import TrialConfig
 from orchestrator.alerts import alert_labels
-from orchestrator.state import Assignment, BudgetAlert, Trial
+from orchestrator.state import Assignment, BudgetAlert, Trial, stored_config
 from traffic.spool import FILE_NAME
 from traffic.stores import ModelUsage
 
@@ -194,7 +193,7 @@ class Metrics:
             # Every alert a trial may raise starts at 0, so that rate() sees its first one.
             alerts: dict[tuple[str, str, str], int] = {}
             for trial_id, config in s.execute(select(Trial.id, Trial.config)).all():
-                c = TrialConfig.model_validate(config)
+                c = stored_config(config)
                 scopes.update(dict.fromkeys(trial_scopes(trial_id, c), c.project))
                 for key in alert_labels(trial_id, c):
                     alerts.setdefault(key, 0)

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from orchestrator import stats
 from orchestrator.platform import Platform
-from orchestrator.state import Trial
+from orchestrator.state import Assignment, Trial, stored_config
 
 GRADES = ("resolved", "partial", "unresolved")
 ERROR_CAUSES = ("timeout", "budget_exhausted", "crashed", "model_unreachable", "infra", "cancelled")
@@ -81,7 +81,7 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
     """The report of one trial, from the state DB and the proxy's metering."""
     with platform.store.session() as s:
         trial = s.get_one(Trial, trial_id)
-        currency = trial.config["budget"]["currency"]
+        currency = stored_config(trial.config).budget.currency
         head = {
             "id": trial.id,
             "name": trial.name,
@@ -91,26 +91,7 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
             "created_at": trial.created_at.isoformat() + "Z",
             "finished_at": trial.finished_at.isoformat() + "Z" if trial.finished_at else None,
         }
-        bare = [
-            RunRecord(
-                assignment=a.id,
-                task=a.task_id,
-                agent=a.agent,
-                model=a.model,
-                state=a.state,
-                status=a.status,
-                exit_cause=a.exit_cause,
-                wall_s=(a.result or {}).get("wall_s"),
-                confidence=((a.result or {}).get("confidence") or {}).get("score"),
-                accepted=((a.result or {}).get("confidence") or {}).get("accepted"),
-                not_before=a.not_before.isoformat() + "Z" if a.not_before else None,
-                infra_detail=(a.result or {}).get("infra_error"),
-                tampered_files=tuple(
-                    ((a.result or {}).get("grade") or {}).get("tampered_files") or ()
-                ),
-            )
-            for a in trial.assignments
-        ]
+        bare = [_record(a) for a in trial.assignments]
     platform.usage(trial=trial_id)  # one catch-up of the index, then plain reads
     records = []
     for r in bare:
@@ -126,6 +107,27 @@ def build(platform: Platform, trial_id: str) -> dict[str, Any]:
             )
         )
     return summarize(head, records, lambda usd: platform.in_currency(usd, currency))
+
+
+def _record(a: Assignment) -> RunRecord:
+    """An assignment as the report sees it, before its metered usage is added."""
+    ending = a.ending
+    gate = ending.confidence
+    return RunRecord(
+        assignment=a.id,
+        task=a.task_id,
+        agent=a.agent,
+        model=a.model,
+        state=a.state,
+        status=a.status,
+        exit_cause=a.exit_cause,
+        wall_s=ending.wall_s,
+        confidence=gate.score if gate is not None else None,
+        accepted=gate.accepted if gate is not None else None,
+        not_before=a.not_before.isoformat() + "Z" if a.not_before else None,
+        infra_detail=ending.infra_error,
+        tampered_files=tuple(ending.grade.tampered_files) if ending.grade is not None else (),
+    )
 
 
 def summarize(

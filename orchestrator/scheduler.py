@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 
@@ -31,6 +30,7 @@ from budget import iso
 from contracts.config import Confidence, Egress, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
+from contracts.results import AssignmentResult, ConfidenceGate
 from contracts.routing import write_policy
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.platform import Platform
@@ -40,6 +40,7 @@ from orchestrator.state import (
     TRIAL_ACTIVE,
     Assignment,
     Trial,
+    stored_config,
     utcnow,
 )
 from orchestrator.supervisor import ModelSupervisor
@@ -66,15 +67,9 @@ class InfraFailure:
     detail: str
 
 
-def pending_confidence(gate: Confidence) -> dict[str, Any]:
+def pending_confidence(gate: Confidence) -> ConfidenceGate:
     """`result.confidence` from an assignment's ending until the judge has scored it."""
-    return {"pending": True, "score": None, "accepted": None, "threshold": gate.threshold}
-
-
-def confidence_pending(result: dict[str, Any] | None) -> bool:
-    """Whether this result waits for its confidence score."""
-    gate = (result or {}).get("confidence")
-    return isinstance(gate, dict) and bool(gate.get("pending"))
+    return ConfidenceGate(pending=True, score=None, accepted=None, threshold=gate.threshold)
 
 
 class Judges:
@@ -205,22 +200,22 @@ class Scheduler:
                     )
                 )
             )
-            config = TrialConfig.model_validate(s.get_one(Trial, trial_id).config)
+            config = stored_config(s.get_one(Trial, trial_id).config)
         for a in running:
             result_path = self._artifacts(config, trial_id, a.id) / "result.json"
             # A malformed control file ends its own assignment, never the tick.
             try:
                 spec = self._spec_on_disk(config, a)
             except (OSError, ValueError) as exc:
-                self.finish(a.id, {"assignment": a.id, "infra_error": _unreadable("spec", exc)})
+                self.finish(a.id, AssignmentResult.infra(a.id, _unreadable("spec", exc)))
                 continue
             try:
                 result = read_result(result_path, a.id) if os.path.lexists(result_path) else None
             except (OSError, ValueError) as exc:
-                self.finish(a.id, {"assignment": a.id, "infra_error": _unreadable("result", exc)})
+                self.finish(a.id, AssignmentResult.infra(a.id, _unreadable("result", exc)))
                 continue
             if result is not None:
-                self.finish(a.id, result.to_json())
+                self.finish(a.id, result.kept())
             elif spec is not None and self.p.driver(config.driver, config.nomad).alive(spec):
                 continue
             else:
@@ -229,7 +224,7 @@ class Scheduler:
     def _launch(self, trial_id: str) -> None:
         with self.p.store.session() as s:
             trial = s.get_one(Trial, trial_id)
-            config = TrialConfig.model_validate(trial.config)
+            config = stored_config(trial.config)
             rows = list(s.scalars(select(Assignment).where(Assignment.trial_id == trial_id)))
             busy = {a.machine for a in rows if a.state == "running"}
             free = [f"m{i}" for i in range(1, config.machines.count + 1) if f"m{i}" not in busy]
@@ -268,7 +263,7 @@ class Scheduler:
             try:
                 self.p.driver(config.driver, config.nomad).launch(spec)
             except OSError as exc:
-                self.finish(a.id, {"assignment": a.id, "infra_error": f"launch failed: {exc}"})
+                self.finish(a.id, AssignmentResult.infra(a.id, f"launch failed: {exc}"))
 
     def _maybe_finish(self, trial_id: str) -> None:
         """Finish the trial once every assignment has ended and every score is in."""
@@ -276,7 +271,7 @@ class Scheduler:
             trial = s.get_one(Trial, trial_id)
             states = [a.state for a in trial.assignments]
             # Queued again on every tick (a no-op while queued): after a restart, too.
-            unscored = [a.id for a in trial.assignments if confidence_pending(a.result)]
+            unscored = [a.id for a in trial.assignments if a.ending.confidence_pending]
             for assignment_id in unscored:
                 self.judges.submit(assignment_id)
             ended = all(st in ASSIGNMENT_DONE for st in states)
@@ -293,29 +288,28 @@ class Scheduler:
                 .join(Trial)
                 .where(Trial.status == "cancelled", Assignment.state == "finished")
             )
-            unscored = [a.id for a in rows if confidence_pending(a.result)]
+            unscored = [a.id for a in rows if a.ending.confidence_pending]
         for assignment_id in unscored:
             self.judges.submit(assignment_id)
 
     # -- endings -------------------------------------------------------------------------------
     def _lost(self, a: Assignment) -> None:
         detail = f"runner died without a result (attempt {a.attempts})"
-        self.finish(a.id, {"assignment": a.id, "infra_error": detail})
+        self.finish(a.id, AssignmentResult.infra(a.id, detail))
 
-    def infra_failure(self, assignment_id: str, result: dict[str, Any]) -> InfraFailure | None:
+    def infra_failure(self, assignment_id: str, result: AssignmentResult) -> InfraFailure | None:
         """Why this ending is the platform's failure and not the agent's, or None.
 
         The runner's own error; the agent's word (`model_unreachable`); or, for any adapter, an
         unresolved ending whose last call through the proxy failed (5xx or no response).
         """
-        if result.get("cancelled"):
+        if result.cancelled:
             return None
-        if "infra_error" in result:
-            return InfraFailure("infra", str(result["infra_error"]))
-        agent = result.get("agent") or {}
-        if agent.get("exit_cause") == "model_unreachable":
-            return InfraFailure("model_unreachable", str(agent.get("detail") or ""))
-        if (result.get("grade") or {}).get("status") == "resolved":
+        if result.infra_error is not None:
+            return InfraFailure("infra", result.infra_error)
+        if result.agent is not None and result.agent.exit_cause == "model_unreachable":
+            return InfraFailure("model_unreachable", result.agent.detail)
+        if result.grade is not None and result.grade.status == "resolved":
             return None
         failures = self.p.call_failures(assignment_id)
         if failures.last_failed:
@@ -355,7 +349,7 @@ class Scheduler:
         if (artifacts / "result.json").exists():
             os.replace(artifacts / "result.json", artifacts / f"result-attempt{a.attempts}.json")
 
-    def finish(self, assignment_id: str, result: dict[str, Any]) -> None:
+    def finish(self, assignment_id: str, result: AssignmentResult) -> None:
         """Record an assignment's ending once: post its metered spend, then mark it done.
 
         An agent stopped by its machine's daily allowance alone (the project can still pay) is
@@ -364,9 +358,9 @@ class Scheduler:
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
             trial = s.get_one(Trial, a.trial_id)
-            config = TrialConfig.model_validate(trial.config)
-        agent = result.get("agent") or {}
-        if a.state == "running" and agent.get("exit_cause") == "budget_exhausted":
+            config = stored_config(trial.config)
+        exit_cause = result.agent.exit_cause if result.agent is not None else None
+        if a.state == "running" and exit_cause == "budget_exhausted":
             deferral = machine_day_refusal(self.p, config, a)
             if deferral is not None:
                 # Kept aside, so that the next attempt's runner starts instead of returning
@@ -381,7 +375,7 @@ class Scheduler:
                     until = dt.datetime.fromtimestamp(deferral.until, dt.UTC)
                     a.state, a.machine = "deferred", None
                     a.not_before = until.replace(tzinfo=None)
-                    a.result = {**result, "deferred_until": iso(deferral.until)}
+                    a.ending = result.model_copy(update={"deferred_until": iso(deferral.until)})
                     self.p.store.add_event(
                         s,
                         a.trial_id,
@@ -403,27 +397,31 @@ class Scheduler:
         unscored = (
             failure is None
             and config.confidence.enabled
-            and "grade" in result
-            and "confidence" not in result
+            and result.grade is not None
+            and result.confidence is None
         )
         if failure is not None:
-            result = {**result, "infra_error": failure.detail, "infra_cause": failure.cause}
+            result = result.model_copy(
+                update={"infra_error": failure.detail, "infra_cause": failure.cause}
+            )
         if unscored:
-            result = {**result, "confidence": pending_confidence(config.confidence)}
+            result = result.model_copy(update={"confidence": pending_confidence(config.confidence)})
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
             if a.state in ASSIGNMENT_DONE:
                 return
             a.finished_at = utcnow()
-            a.result = {**result, "cost": str(cost), "currency": config.budget.currency}
-            if result.get("cancelled"):
+            a.ending = result.model_copy(update={"cost": cost, "currency": config.budget.currency})
+            if result.cancelled:
                 a.state, a.exit_cause = "cancelled", "cancelled"
             elif failure is not None:
                 a.state, a.status, a.exit_cause = "failed", "infra_error", failure.cause
             else:
+                # Not an infra_error, so the runner wrote both (`RunnerResult._one_shape`).
+                assert result.grade is not None and result.agent is not None
                 a.state = "finished"
-                a.status = result["grade"]["status"]
-                a.exit_cause = result["agent"]["exit_cause"]
+                a.status = result.grade.status
+                a.exit_cause = result.agent.exit_cause
             self.p.store.add_event(
                 s,
                 a.trial_id,
@@ -444,9 +442,9 @@ class Scheduler:
         threshold the assignment is flagged `needs_review`. Runs on the `Judges` thread."""
         with self.p.store.session() as s:
             a = s.get_one(Assignment, assignment_id)
-            config = TrialConfig.model_validate(s.get_one(Trial, a.trial_id).config)
-            result, task_id = dict(a.result or {}), a.task_id
-        if not confidence_pending(result):
+            config = stored_config(s.get_one(Trial, a.trial_id).config)
+            result, task_id = a.ending, a.task_id
+        if not result.confidence_pending:
             return
         # Imported here: DeepEval takes seconds to import, the API should not wait for it.
         from orchestrator import confidence
@@ -456,27 +454,27 @@ class Scheduler:
         with self.p.store.session() as s:
             # Locked (PostgreSQL): a scheduler of another process may score it at the same time.
             a = s.get_one(Assignment, assignment_id, with_for_update=True)
-            if not confidence_pending(a.result):
+            if not a.ending.confidence_pending:
                 return
-            a.result = {**(a.result or {}), "confidence": gate}
+            a.ending = a.ending.model_copy(update={"confidence": gate})
             self.p.store.add_event(
                 s,
                 a.trial_id,
                 "confidence_scored",
                 assignment=a.id,
-                confidence=gate["score"],
-                accepted=gate["accepted"],
+                confidence=gate.score,
+                accepted=gate.accepted,
             )
-            if not gate["accepted"]:
+            if not gate.accepted:
                 # Not `assignment_…`: followers count those as endings.
                 self.p.store.add_event(
                     s,
                     a.trial_id,
                     "needs_review",
                     assignment=a.id,
-                    confidence=gate["score"],
-                    threshold=gate["threshold"],
-                    reason=gate["reason"],
+                    confidence=gate.score,
+                    threshold=gate.threshold,
+                    reason=gate.reason,
                 )
 
     def post_spend(self, config: TrialConfig, a: Assignment) -> Decimal:
@@ -633,7 +631,7 @@ def cancel(platform: Platform, trial_id: str) -> None:
         trial = s.get_one(Trial, trial_id)
         if trial.status not in TRIAL_ACTIVE:
             return
-        config = TrialConfig.model_validate(trial.config)
+        config = stored_config(trial.config)
         trial.status = "cancelled"
         trial.finished_at = utcnow()
         running = [a.id for a in trial.assignments if a.state == "running"]
@@ -652,4 +650,4 @@ def cancel(platform: Platform, trial_id: str) -> None:
             spec = None
         if spec is not None:
             platform.driver(config.driver, config.nomad).cancel(spec)
-        scheduler.finish(assignment_id, {"assignment": assignment_id, "cancelled": True})
+        scheduler.finish(assignment_id, AssignmentResult(assignment=assignment_id, cancelled=True))

@@ -29,13 +29,21 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from contracts.config import TrialConfig
 from contracts.dataroot import DataRoot
+from contracts.results import AssignmentResult
 from contracts.settings import Settings
 
 TRIAL_ACTIVE = ("queued", "running")
 ASSIGNMENT_DONE = ("finished", "failed", "cancelled")
 ASSIGNMENT_WAITING = ("queued", "deferred")
 """Not started, or put back until its machine's daily allowance resets (`not_before`)."""
+
+
+def stored_config(data: dict[str, Any]) -> TrialConfig:
+    """A stored trial's config (`Trial.config`), read back. It was checked against the server's
+    limits when submitted, so it is read without them; fields older trials carry are dropped."""
+    return TrialConfig.model_validate(data)
 
 
 def utcnow() -> dt.datetime:
@@ -82,15 +90,23 @@ class Assignment(Base):
     """Grade: resolved | partial | unresolved (None until graded)."""
     exit_cause: Mapped[str | None] = mapped_column(String(32))
     result: Mapped[dict[str, Any] | None]
-    """The runner's `result.json` (`wall_s`, `agent`, `grade`, `patch`, or `infra_error`), plus
-    `cost` and `currency`; for a graded result with the gate on, `confidence`: while the judge
-    works `{"pending": true, "score": null, "accepted": null, "threshold": …}`, then the score
-    (`orchestrator.confidence.assess`: `score`, `tests`, `judge`, `reason`, `accepted`, …)."""
+    """The ending as JSON (`contracts.results.AssignmentResult`); read and written only through
+    `ending`."""
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     not_before: Mapped[dt.datetime | None]
     """A deferred assignment starts again from this moment (UTC): its allowance's reset."""
     trial: Mapped[Trial] = relationship(back_populates="assignments")
+
+    @property
+    def ending(self) -> AssignmentResult:
+        """The runner's `result.json` plus what the orchestrator adds (spend, confidence, a
+        deferral, a cancel); empty until the assignment ends. Older rows read the same."""
+        return AssignmentResult.stored(self.result)
+
+    @ending.setter
+    def ending(self, value: AssignmentResult) -> None:
+        self.result = value.to_json()
 
 
 class Event(Base):

@@ -27,6 +27,7 @@ from typing import Any
 import lz4.frame
 
 from contracts.dataroot import DataRoot, atomic_write
+from contracts.results import RunnerResult
 
 ARCHIVE_SUFFIX = ".tar.lz4"
 MANIFEST_VERSION = 1
@@ -140,6 +141,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _runner_failed(result: dict[str, Any]) -> bool:
+    """Whether a runner's `result.json` is its own failure, or no runner's result at all."""
+    try:
+        return RunnerResult.model_validate(result).infra_error is not None
+    except ValueError:
+        return True
+
+
 def _assignment_facts(assignment_dir: Path) -> dict[str, str]:
     """Project, trial and assignment from the folder; task, agent, model, status from its files."""
     parts = assignment_dir.resolve().parts
@@ -152,10 +161,10 @@ def _assignment_facts(assignment_dir: Path) -> dict[str, str]:
     result = _read_json(assignment_dir / "result.json")
     if report.get("status"):
         status = str(report["status"])
-    elif result.get("infra_error"):
-        status = "error"
+    elif not result:
+        status = "running"
     else:
-        status = "finished" if result else "running"
+        status = "error" if _runner_failed(result) else "finished"
     return {
         "project": str(spec.get("project") or parts[-3]),
         "trial": str(spec.get("trial") or parts[-2]),

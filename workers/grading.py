@@ -25,11 +25,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from contracts.dataroot import open_log
-
-GradeStatus = Literal["resolved", "partial", "unresolved"]
+from contracts.results import GradeStatus as GradeStatus
 
 PASSING = ("PASSED", "XFAIL")
 """Outcomes that count as a pass (as in SWE-bench); SKIPPED proves nothing, so it fails."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from contracts.dataroot import DataRoot, open_nofollow, write_secret_file
 from workers.nomad import RECORD as NOMAD_RECORD
 from workers.nomad import TASK as NOMAD_TASK
+from workers.result import read_result
 from workers.spec import AssignmentSpec
 from workers.vm import VmSpec
 
@@ -197,9 +198,9 @@ def inspect(artifacts: Path) -> Worker:
     pid = lock_holder(spec.lock_path)
     if spec.result_path.exists():
         try:
-            result = json.loads(spec.result_path.read_text())
-            state = "crashed" if result.get("infra_error") else "finished"
-        except ValueError:
+            result = read_result(spec.result_path, spec.assignment)
+            state = "crashed" if result.infra_error is not None else "finished"
+        except (OSError, ValueError):  # a symlink, or no runner's result
             state = "crashed"
     elif pid is not None:
         state = "running"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
+from contracts.results import AgentResult, GradeResult, RunnerResult
 from workers import grading, pristine, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
@@ -130,7 +131,7 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
     return outcome
 
 
-def run(spec: AssignmentSpec) -> dict[str, Any]:
+def run(spec: AssignmentSpec) -> RunnerResult:
     """Workspace, agent, tests; `report.json` (SWE-bench style) is written on every ending but
     a cancel, before the caller writes `result.json`."""
     started = time.time()
@@ -185,16 +186,16 @@ def run(spec: AssignmentSpec) -> dict[str, Any]:
         ),
     )
     finished = time.time()
-    return {
-        "assignment": spec.assignment,
-        "started": started,
-        "finished": finished,
-        "wall_s": round(finished - started, 3),
-        "agent": outcome.to_json(),
-        "grade": report.to_json(),
-        "patch": str(patch_path),
-        "report": str(report_path),
-    }
+    return RunnerResult(
+        assignment=spec.assignment,
+        started=started,
+        finished=finished,
+        wall_s=round(finished - started, 3),
+        agent=AgentResult.model_validate(outcome.to_json()),
+        grade=GradeResult.model_validate(report.to_json()),
+        patch=str(patch_path),
+        report=str(report_path),
+    )
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -225,13 +226,12 @@ def main(argv: list[str]) -> int:
     try:
         result = run(spec)
     except Exception as exc:  # the orchestrator must hear of every ending, crashes included
-        result = {
-            "assignment": spec.assignment,
-            "infra_error": f"{type(exc).__name__}: {exc}",
-        }
-        _write_json_atomic(spec.result_path, result)
+        failed = RunnerResult(
+            assignment=spec.assignment, infra_error=f"{type(exc).__name__}: {exc}"
+        )
+        _write_json_atomic(spec.result_path, failed.to_json())
         raise
-    _write_json_atomic(spec.result_path, result)
+    _write_json_atomic(spec.result_path, result.to_json())
     return 0
 
 

@@ -137,10 +137,12 @@ def test_thompson_draws_favour_cost_per_success() -> None:
 
 def test_history_from_state(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'state.sqlite'}")
-    config = {"assignment": {"task_kinds": {"t1": "bugfix"}}}
+    # Stored as submitted: a whole config; only task t1 has a kind.
+    config = trial("bandit", 1, 1, 1, kinds={"t1": "bugfix"}).model_dump(mode="json")
+    other = trial("random", 2, 1, 1, kinds={}).model_dump(mode="json")
     with store.session() as s:
         s.add(Trial(id="tr1", name="one", project="p", status="finished", config=config))
-        s.add(Trial(id="tr2", name="two", project="q", status="finished", config={}))
+        s.add(Trial(id="tr2", name="two", project="q", status="finished", config=other))
         rows = [
             ("tr1", 0, "t1", "finished", "resolved", {"cost": "0.138", "currency": "CAD"}),
             ("tr1", 1, "t1", "finished", "unresolved", {"cost": "0.5", "currency": "USD"}),

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from contracts.config import Confidence, TrialConfig
+from contracts.results import RunnerResult
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator import stack
 
@@ -94,6 +95,7 @@ def test_grade_scores() -> None:
     assert metric.is_successful()
 
 
+@pytest.mark.model
 def test_the_local_judge_scores_a_change(model: Settings) -> None:
     judge = JudgeLLM(model.model_url, "tiny", timeout_s=SLOW_S)
     metric = SolvesTaskMetric(judge)
@@ -188,20 +190,23 @@ def _trial(platform: Platform, repo: Path) -> tuple[str, TrialConfig]:
     return "tg", config
 
 
-def _result(platform: Platform, aid: str, grade: dict[str, Any], diff: str) -> dict[str, Any]:
+def _result(platform: Platform, aid: str, grade: dict[str, Any], diff: str) -> RunnerResult:
     """What a runner leaves: its patch.diff in the assignment's folder, and its result."""
     patch = platform.root.assignment_dir("demo", "tg", aid) / "patch.diff"
     patch.parent.mkdir(parents=True, exist_ok=True)
     patch.write_text(diff)
-    return {
-        "assignment": aid,
-        "wall_s": 1.0,
-        "agent": {"exit_cause": "finished"},
-        "grade": grade,
-        "patch": str(patch),
-    }
+    return RunnerResult.model_validate(
+        {
+            "assignment": aid,
+            "wall_s": 1.0,
+            "agent": {"exit_cause": "finished"},
+            "grade": grade,
+            "patch": str(patch),
+        }
+    )
 
 
+@pytest.mark.model
 def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None:
     platform = Platform.from_settings(
         Settings(
@@ -212,8 +217,8 @@ def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None
     platform.open_ledger(config, trial_id)  # as submission does
     assert judge_model(config) == "tiny"  # the normal model of the first pair
     scheduler = Scheduler(platform)
-    scheduler.finish("tg-000", _result(platform, "tg-000", RESOLVED, PATCH))
-    scheduler.finish("tg-001", _result(platform, "tg-001", UNRESOLVED, ""))
+    scheduler.finish("tg-000", _result(platform, "tg-000", RESOLVED, PATCH).kept())
+    scheduler.finish("tg-001", _result(platform, "tg-001", UNRESOLVED, "").kept())
     assert scheduler.judges.wait(2 * SLOW_S)  # scored on the scheduler's judge thread
     scheduler.stop()
     with platform.store.session() as s:
@@ -389,7 +394,7 @@ def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Pa
     _, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
     platform.open_ledger(config, "tg")
     first, second = (_runner_wrote(platform, config, f"tg-00{i}") for i in range(2))
-    first.result_path.write_text(json.dumps(_result(platform, "tg-000", RESOLVED, PATCH)))
+    first.result_path.write_text(_result(platform, "tg-000", RESOLVED, PATCH).model_dump_json())
     scheduler = Scheduler(platform)
     # The second runner is still at work: it holds its lock.
     with second.lock_path.open("w") as lock:
@@ -402,7 +407,7 @@ def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Pa
         )
         assert held_judge.asked.wait(60), "the judge was never asked"
     # The judge holds its answer; meanwhile the second runner ends and is collected.
-    second.result_path.write_text(json.dumps(_result(platform, "tg-001", UNRESOLVED, "")))
+    second.result_path.write_text(_result(platform, "tg-001", UNRESOLVED, "").model_dump_json())
     started = time.monotonic()
     scheduler.tick()
     assert time.monotonic() - started < 10
@@ -448,8 +453,8 @@ def test_scores_left_pending_are_scored_after_a_restart(
     held_judge.release.set()
     before = Scheduler(platform)
     before.stop()  # as if stopped (or killed) with the endings recorded, the scores not yet
-    before.finish("tg-000", _result(platform, "tg-000", RESOLVED, PATCH))
-    before.finish("tg-001", _result(platform, "tg-001", UNRESOLVED, ""))
+    before.finish("tg-000", _result(platform, "tg-000", RESOLVED, PATCH).kept())
+    before.finish("tg-001", _result(platform, "tg-001", UNRESOLVED, "").kept())
     with platform.store.session() as s:
         s.get_one(Trial, "tg").status = status
     assert {gate["pending"] for _, gate in _state(platform)[1].values()} == {True}

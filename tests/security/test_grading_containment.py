@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from contracts.dataroot import DataRoot
+from contracts.results import RunnerResult
 from contracts.settings import PROJECT_ROOT, free_port
 from workers import runner, sandbox
 from workers.agents import AGENTS
@@ -52,6 +53,9 @@ class HostileScript:
 
     name = "hostile"
 
+    def __init__(self, root: Path | None = None) -> None:
+        """Every adapter is built with the data root (`workers.agents.get_agent`)."""
+
     def version(self) -> str:
         return "hostile"
 
@@ -66,10 +70,11 @@ class HostileScript:
 class Graded:
     """One assignment's outcome as the host left it."""
 
-    def __init__(self, spec: AssignmentSpec, result: dict[str, Any]) -> None:
+    def __init__(self, spec: AssignmentSpec, result: RunnerResult) -> None:
         self.spec = spec
         self.result = result
-        self.grade: dict[str, Any] = result["grade"]
+        assert result.grade is not None, result
+        self.grade: dict[str, Any] = result.grade.to_json()
         self.report: dict[str, Any] = json.loads((spec.artifacts / "report.json").read_text())
         self.patch = (spec.artifacts / "patch.diff").read_text()
         tampered = spec.artifacts / "tests-tampered.diff"

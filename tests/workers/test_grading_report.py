@@ -117,8 +117,8 @@ def test_runner_writes_report_json_beside_the_result(tmp_path: Path) -> None:
     (spec.artifacts / "report.json").write_text('{"stale": true}')  # an earlier attempt's
     result = runner.run(spec)
     report = json.loads((spec.artifacts / "report.json").read_text())
-    assert result["report"] == str(spec.artifacts / "report.json")
-    assert result["grade"]["status"] == "resolved"
+    assert result.report == str(spec.artifacts / "report.json")
+    assert result.grade is not None and result.grade.status == "resolved"
     assert (report["instance_id"], report["assignment"]) == ("mathkit", "t1-000")
     assert (report["patch_exists"], report["resolved"], report["infra_failure"]) == (
         True,

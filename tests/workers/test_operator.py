@@ -90,9 +90,11 @@ def test_states_from_lock_and_result_files(
     (running / "runs.jsonl").write_text(json.dumps({"pid": proc.pid, "started": 1000.0}) + "\n")
     done = make_spec(root, "t1-002").parent
     (done / "runner.lock").write_text("1")
-    (done / "result.json").write_text(json.dumps({"assignment": "t1-002", "grade": {}}))
+    graded = {"agent": {"exit_cause": "finished"}, "grade": {"status": "resolved"}}
+    (done / "result.json").write_text(json.dumps({"assignment": "t1-002", **graded}))
     crashed = make_spec(root, "t2-001").parent
-    (crashed / "result.json").write_text(json.dumps({"infra_error": "OSError: disk"}))
+    failed = {"assignment": "t2-001", "infra_error": "OSError: disk"}
+    (crashed / "result.json").write_text(json.dumps(failed))
     stopped = make_spec(root, "t2-002").parent
     (stopped / "runner.lock").write_text("999999")
     make_spec(root, "t3-001")

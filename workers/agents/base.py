@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from contracts.dataroot import read_untrusted
-
-ExitCause = Literal["finished", "timeout", "crashed", "budget_exhausted", "model_unreachable"]
-"""`model_unreachable`: the model plane failed the agent (5xx, no connection, credential
-refused), an infrastructure failure the scheduler retries and never scores as the agent's."""
+from contracts.results import ExitCause as ExitCause  # the adapters take it from here
 
 
 @dataclass(frozen=True)

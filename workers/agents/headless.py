@@ -73,11 +73,11 @@ def stream_usage(events: list[dict[str, Any]]) -> tuple[AgentUsage, dict[str, An
     message id and usage; it is one call. The result's own `usage` total wins when present.
     """
     usage = AgentUsage()
-    result = None
+    final = None
     seen: set[str] = set()
     for event in events:
         if event.get("type") == "result":
-            result = event
+            final = event
         if event.get("type") != "assistant":
             continue
         message = event.get("message")
@@ -88,12 +88,12 @@ def stream_usage(events: list[dict[str, Any]]) -> tuple[AgentUsage, dict[str, An
         seen.add(key)
         usage.calls += 1
         add_usage(usage, message.get("usage"))
-    if result is not None and isinstance(result.get("usage"), dict):
+    if final is not None and isinstance(final.get("usage"), dict):
         total = AgentUsage(calls=usage.calls)
-        add_usage(total, result["usage"])
+        add_usage(total, final["usage"])
         if total.total_tokens:
             usage = total
-    return usage, result
+    return usage, final
 
 
 def _text(message: dict[str, Any]) -> str:
