@@ -206,6 +206,7 @@ def test_cli_refuses_a_url_that_is_not_elasticsearch(tmp_path: Path) -> None:
     assert not (tmp_path / "b.zip").exists()
 
 
+@pytest.mark.superset
 def test_chart_data_equals_the_stores(site: Site) -> None:
     charts = _charts(site.api)
 
@@ -257,6 +258,7 @@ def test_chart_data_equals_the_stores(site: Site) -> None:
     assert {r["status"]: r["count"] for r in rows} == Counter(f.status for f in site.flows)
 
 
+@pytest.mark.superset
 def test_dashboard_screenshot(site: Site, tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -294,6 +296,7 @@ def test_dashboard_screenshot(site: Site, tmp_path: Path) -> None:
     assert len(drawn) >= 3, f"charts not drawn ({drawn}); see {site.home / 'dashboard.png'}"
 
 
+@pytest.mark.superset
 def test_elasticsearch_variant_is_imported(site: Site) -> None:
     answer = site.api.get("/api/v1/dashboard/autovibe-elasticsearch")
     assert answer.status_code == 200, answer.text

@@ -34,6 +34,7 @@ def left_running(data: Path) -> list[str]:
     return [line for pid in pids() if str(data) in (line := cmdline(pid))]
 
 
+@pytest.mark.model
 def test_up_with_a_model_file_that_does_not_load_fails_names_the_log_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -55,6 +56,7 @@ def test_up_with_a_model_file_that_does_not_load_fails_names_the_log_and_leaves_
     assert left_running(data) == []
 
 
+@pytest.mark.model
 def test_up_fails_when_a_served_model_cannot_complete_one_token(tmp_path: Path) -> None:
     """The server loads and answers /v1/models, but every completion is an error (a context
     too small for the probe's prompt): not ready, and stopped again."""

@@ -53,6 +53,7 @@ def test_bare_vllm_gets_the_rendered_engine_arguments(catalog: ModelsCatalog) ->
         vllm_serve_argv("vllm", {**normal, "engine_kwargs": {"x": {"a": 1}}}, "h", 1)
 
 
+@pytest.mark.model
 def test_measuring_streams_counts_tokens_and_first_token(
     tiny_root: DataRoot, catalog: ModelsCatalog, tmp_path: Path
 ) -> None:

@@ -108,6 +108,7 @@ def error_of(response: httpx.Response, status: int, kind: str) -> str:
 # -- the Messages API ------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_messages_answer_as_the_chat_route_does_with_the_same_token_counts(
     server: httpx.Client,
 ) -> None:
@@ -131,6 +132,7 @@ def test_messages_answer_as_the_chat_route_does_with_the_same_token_counts(
     assert count.json() == {"input_tokens": reference["usage"]["prompt_tokens"]}
 
 
+@pytest.mark.model
 def test_an_answer_ended_by_the_model_is_end_turn_without_its_end_token(
     server: httpx.Client,
 ) -> None:
@@ -151,6 +153,7 @@ def test_an_answer_ended_by_the_model_is_end_turn_without_its_end_token(
     }
 
 
+@pytest.mark.model
 def test_streamed_messages_follow_the_documented_event_order(server: httpx.Client) -> None:
     server.post("/v1/messages", json=messages()).raise_for_status()  # warm the prompt up
     whole = server.post("/v1/messages", json=messages()).json()
@@ -178,6 +181,7 @@ def test_streamed_messages_follow_the_documented_event_order(server: httpx.Clien
     assert delta["usage"] == {"output_tokens": whole["usage"]["output_tokens"]}
 
 
+@pytest.mark.model
 def test_a_stop_sequence_ends_the_answer_and_is_named(server: httpx.Client) -> None:
     server.post("/v1/chat/completions", json=chat()).raise_for_status()
     text = server.post("/v1/chat/completions", json=chat()).json()["choices"][0]["message"]
@@ -197,6 +201,7 @@ def test_a_stop_sequence_ends_the_answer_and_is_named(server: httpx.Client) -> N
     assert final["usage"]["output_tokens"] == reference["usage"]["completion_tokens"]
 
 
+@pytest.mark.model
 def test_bad_requests_get_anthropic_errors_naming_the_field(
     server: httpx.Client, catalog: ModelsCatalog
 ) -> None:
@@ -233,6 +238,7 @@ def test_bad_requests_get_anthropic_errors_naming_the_field(
 # -- reasoning -------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_a_thinking_model_answers_with_a_thinking_block_before_the_text(
     server: httpx.Client,
 ) -> None:
@@ -265,6 +271,7 @@ def test_a_thinking_model_answers_with_a_thinking_block_before_the_text(
     assert [block["type"] for block in normal["content"]] == ["text"]
 
 
+@pytest.mark.model
 def test_chat_completions_carry_reasoning_content_for_thinking_models_only(
     server: httpx.Client,
 ) -> None:

@@ -93,6 +93,7 @@ def _complete(url: str, prompt: str) -> httpx.Response:
     return httpx.post(f"{url}/completions", json=body, timeout=60, trust_env=False)
 
 
+@pytest.mark.ray
 def test_concurrent_completions_are_spread_over_both_replicas(deployment: Deployment) -> None:
     prompts = [f"Count to {n}:" for n in range(10)]
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -116,6 +117,7 @@ def _niceness_of(deployment: Deployment, *marks: str) -> dict[str, int]:
     return found
 
 
+@pytest.mark.ray
 def test_the_model_servers_run_at_normal_priority_and_rays_background_below(
     deployment: Deployment,
 ) -> None:
@@ -155,6 +157,7 @@ def test_waiting_for_replicas_names_the_count_and_the_logs(
     wait_all_up(tmp_path, 2, Path("/x/logs"), timeout_s=0.2)
 
 
+@pytest.mark.ray
 def test_a_streamed_completion_arrives_as_several_sse_events(deployment: Deployment) -> None:
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "stream": True}
     arrivals: list[float] = []
@@ -175,6 +178,7 @@ def test_a_streamed_completion_arrives_as_several_sse_events(deployment: Deploym
     assert arrivals[-1] - arrivals[0] > 0.005
 
 
+@pytest.mark.ray
 def test_models_are_the_bare_servers(deployment: Deployment, catalog: ModelsCatalog) -> None:
     answer = httpx.get(f"{deployment.url}/models", timeout=30, trust_env=False)
     served = {
@@ -187,6 +191,7 @@ def test_models_are_the_bare_servers(deployment: Deployment, catalog: ModelsCata
     assert answer.headers[REPLICA_HEADER]
 
 
+@pytest.mark.ray
 def test_every_route_is_the_bare_servers(deployment: Deployment) -> None:
     base = deployment.url.removesuffix("/v1")
     tokens = httpx.post(
@@ -203,6 +208,7 @@ def test_every_route_is_the_bare_servers(deployment: Deployment) -> None:
         assert answer.headers[REPLICA_HEADER]
 
 
+@pytest.mark.ray
 def test_server_errors_come_back_with_their_status(deployment: Deployment) -> None:
     """The server's own error answers, not Serve's: llama_cpp reports a bad body as a 500 with
     an OpenAI-style error, an unknown route as FastAPI's 404."""
@@ -217,6 +223,7 @@ def test_server_errors_come_back_with_their_status(deployment: Deployment) -> No
         assert (missing.status_code, missing.json()) == (404, {"detail": "Not Found"})
 
 
+@pytest.mark.ray
 def test_a_stream_the_client_left_does_not_spoil_the_next_request(
     deployment: Deployment,
 ) -> None:
@@ -238,6 +245,7 @@ def test_a_stream_the_client_left_does_not_spoil_the_next_request(
     assert all(a.json()["choices"][0]["text"] is not None for a in answers)
 
 
+@pytest.mark.ray
 def test_haproxy_is_configured_for_the_model_port(deployment: Deployment) -> None:
     """Serve's high-throughput ingress: Serve rendered HAProxy's config under the data root, with
     the model port as its frontend and Serve's fallback proxy off the default port.
@@ -251,6 +259,7 @@ def test_haproxy_is_configured_for_the_model_port(deployment: Deployment) -> Non
     assert ":8500" not in config  # Serve's fallback proxy, HAProxy's backup, is off the default
 
 
+@pytest.mark.ray
 def test_sigterm_to_the_group_stops_everything(deployment: Deployment) -> None:
     pids = [p for p in descendants(deployment.process.pid) if "ServeReplica" in cmdline(p)]
     assert len(pids) == 2
