@@ -1,6 +1,7 @@
 """Control API (FastAPI): submit, list, inspect, follow and cancel trials."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the submit route's body type holds a validator bound
+# to its app's catalog, which FastAPI must read as an object, not as a name to look up.
 
 import asyncio
 import json
@@ -17,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -29,7 +30,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.planning import plan
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler, cancel
-from orchestrator.state import Assignment, Trial, utcnow
+from orchestrator.state import Assignment, Trial, stored_config, utcnow
 from workers.agents import install as agent_install
 
 log = logging.getLogger("autovibe.api")
@@ -80,9 +81,16 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(platform), media_type=CONTENT_TYPE_LATEST)
 
+    def with_server_limits(body: Any, _schema_only: ValidatorFunctionWrapHandler) -> TrialConfig:
+        # FastAPI validates without a context; the server's limits (known agents and pairs,
+        # task roots, sandbox, Nomad placement, webhook hosts, egress) are the catalog's.
+        return TrialConfig.model_validate(body, context=platform.catalog.validation_context())
+
     @app.post("/v1/trials", status_code=201, dependencies=guarded)
-    def submit(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
-        config = validate_trial(platform, body)
+    def submit(
+        config: Annotated[TrialConfig, WrapValidator(with_server_limits), Body()],
+    ) -> dict[str, Any]:
+        check_trial(platform, config)
         trial = Trial(
             id=new_trial_id(),
             name=config.name,
@@ -150,16 +158,10 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
     return app
 
 
-def validate_trial(platform: Platform, body: dict[str, Any]) -> TrialConfig:
-    """422 with field paths and allowed values; the server's limits (task roots, sandbox,
-    Nomad placement, webhook hosts) come from the catalog's context; also checks that every
-    task repo, once known to lie under a task root, exists."""
-    try:
-        config = TrialConfig.model_validate(body, context=platform.catalog.validation_context())
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from exc
+def check_trial(platform: Platform, config: TrialConfig) -> None:
+    """422 for what only this machine can tell of a valid trial: every task repo (known to lie
+    under a task root) exists, every agent is installed, a transparent sandbox has its
+    listener."""
     missing = [
         {
             "type": "path_missing",
@@ -193,7 +195,6 @@ def validate_trial(platform: Platform, body: dict[str, Any]) -> TrialConfig:
         )
     if missing:
         raise RequestValidationError(missing)
-    return config
 
 
 def new_trial_id() -> str:
@@ -216,26 +217,9 @@ def trial_view(platform: Platform, trial_id: str) -> dict[str, Any]:
         trial = s.get(Trial, trial_id)
         if trial is None:
             raise HTTPException(404, f"no trial {trial_id!r}")
-        config = TrialConfig.model_validate(trial.config)
+        config = stored_config(trial.config)
         view = summary(trial)
-        view["assignments"] = [
-            {
-                "id": a.id,
-                "task": a.task_id,
-                "agent": a.agent,
-                "model": a.model,
-                "state": a.state,
-                "machine": a.machine,
-                "attempts": a.attempts,
-                "not_before": a.not_before.isoformat() + "Z" if a.not_before else None,
-                "status": a.status,
-                "exit_cause": a.exit_cause,
-                "cost": (a.result or {}).get("cost"),
-                "wall_s": (a.result or {}).get("wall_s"),
-                "confidence": (a.result or {}).get("confidence"),
-            }
-            for a in trial.assignments
-        ]
+        view["assignments"] = [_assignment_view(a) for a in trial.assignments]
     usd = sum((u.cost_usd for u in platform.usage(trial=trial_id)), start=Decimal(0))
     for a in view["assignments"]:
         if a["state"] == "running":
@@ -266,3 +250,23 @@ async def event_stream(
         if await request.is_disconnected():
             return
         await asyncio.sleep(0.5)
+
+
+def _assignment_view(a: Assignment) -> dict[str, Any]:
+    """One assignment as a trial's view lists it."""
+    ending = a.ending
+    return {
+        "id": a.id,
+        "task": a.task_id,
+        "agent": a.agent,
+        "model": a.model,
+        "state": a.state,
+        "machine": a.machine,
+        "attempts": a.attempts,
+        "not_before": a.not_before.isoformat() + "Z" if a.not_before else None,
+        "status": a.status,
+        "exit_cause": a.exit_cause,
+        "cost": None if ending.cost is None else str(ending.cost),
+        "wall_s": ending.wall_s,
+        "confidence": None if ending.confidence is None else ending.confidence.to_json(),
+    }

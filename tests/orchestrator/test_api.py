@@ -168,3 +168,13 @@ def test_metrics_are_prometheus_text(api: tuple[TestClient, DataRoot]) -> None:
     text = client.get("/metrics").text
     assert 'autovibe_assignments{state="queued"}' in text
     assert "autovibe_spend_usd" in text
+
+
+def test_the_openapi_document_shows_the_trial_schema(api: tuple[TestClient, DataRoot]) -> None:
+    client, _ = api
+    resp = client.get("/openapi.json")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()["paths"]["/v1/trials"]["post"]["requestBody"]
+    trial = {"$ref": "#/components/schemas/TrialConfig"}
+    assert body["content"]["application/json"]["schema"] == trial
+    assert "budget" in resp.json()["components"]["schemas"]["TrialConfig"]["properties"]
