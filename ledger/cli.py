@@ -31,7 +31,7 @@ from ledger.pnl import Row, profit_and_loss
 from ledger.posting import agents_from_artifacts, post_usage
 from ledger.reconcile import reconcile
 from secretstore import store_from_env
-from traffic.stores import metered_flows
+from traffic.stores import metered_flows_for
 
 app = typer.Typer(
     help="The project ledgers: reconcile, profit and loss, Fava.", no_args_is_help=True
@@ -65,10 +65,11 @@ def _ledger(root: DataRoot, project: str) -> Ledger:
 @app.command("reconcile")
 def reconcile_cmd(project: str) -> None:
     """Prove the ledger equals metered usage to the cent; exit 1 on any difference."""
-    root = _root(Settings())
+    settings = Settings()
+    root = _root(settings)
     ledger = _ledger(root, project)
     DataRoot.ensure(root.traffic_logs)
-    with contextlib.closing(metered_flows(root)) as index:
+    with contextlib.closing(metered_flows_for(settings)) as index:
         index.catch_up(root.traffic_logs)
         try:
             result = reconcile(ledger, index, project)
@@ -85,7 +86,8 @@ def reconcile_cmd(project: str) -> None:
 @app.command()
 def post(project: Annotated[str | None, typer.Argument()] = None) -> None:
     """Post metered usage not yet in the ledger, every hour up to now (all projects by default)."""
-    root = _root(Settings())
+    settings = Settings()
+    root = _root(settings)
     if project is not None:
         projects = [project]
         _ledger(root, project)
@@ -94,7 +96,7 @@ def post(project: Annotated[str | None, typer.Argument()] = None) -> None:
             p.parent.name for p in (root.root / "financial").glob("*/ledger.beancount")
         )
     DataRoot.ensure(root.traffic_logs)
-    with contextlib.closing(metered_flows(root)) as index:
+    with contextlib.closing(metered_flows_for(settings)) as index:
         index.catch_up(root.traffic_logs)
         for name in projects:
             try:

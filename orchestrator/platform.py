@@ -19,7 +19,7 @@ from ledger.book import Ledger, LedgerError, ledger_projects
 from ledger.posting import Posted, agents_from_artifacts, post_usage, post_vm_hours
 from orchestrator.catalog import Catalog
 from orchestrator.state import Assignment, Store, state_url, utcnow
-from traffic.stores import CallFailures, MeteredFlows, ModelUsage, metered_flows
+from traffic.stores import CallFailures, MeteredFlows, ModelUsage, metered_flows_for
 from workers.driver import WorkerDriver, get_driver
 
 MICRO = Decimal("0.000001")
@@ -67,7 +67,7 @@ class Platform:
     @cached_property
     def index(self) -> MeteredFlows:
         DataRoot.ensure(self.root.traffic_logs)
-        return metered_flows(self.root)
+        return metered_flows_for(self.settings)
 
     def ledger(self, project: str) -> Ledger:
         DataRoot.ensure(self.root.financial(project))

@@ -1,4 +1,5 @@
-"""The production traffic store: the spool shipped to Elasticsearch with the bulk helper.
+"""The production traffic store: the spool shipped to Elasticsearch with the bulk helper, and
+read back through the search API (`traffic.stores.MeteredFlows`).
 
 (Not `proxy/elasticsearch.py`: `mitmdump -s proxy/addon.py` puts `proxy/` first on sys.path,
 where such a module would shadow elasticsearch-py itself.)
@@ -16,6 +17,14 @@ A record is split by field group, one document per group in indices of their own
 retention is per index: `usage` (everything but headers and bodies, kept longest), `headers`
 and `bodies` (cut to `body_max` bytes, kept shortest); each of the latter two is sent only when
 the record has something for it. A line is shipped once every document of it is acknowledged.
+The usage document also says where the spool holds the line (`spool_file`, `spool_offset`).
+
+Reads page through `_search` with `search_after` on a sort that is a total order of immutable
+fields (so no page is cut by `index.max_result_window` and none repeats or skips a hit), and
+sum tokens and cost here with Decimal from each hit's `_source`: `cost_usd` is mapped as a
+`scaled_float`, whose aggregations are doubles, and the ledger needs it to the cent. A read
+refreshes the indices first when a catch-up ran since the last one, so it sees what the
+catch-up shipped (Elasticsearch shows new documents only after a refresh).
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +50,7 @@ from contracts.records import FlowRecord
 from contracts.settings import Settings
 from traffic.spool import FILE_NAME
 from traffic.sqlite_store import DEFAULT_BODY_MAX, _complete_lines, index_copy
+from traffic.stores import CallFailures, ModelUsage, SpooledFlow, TrafficUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,10 @@ TEMPLATES = {
 """Index template per field group (mappings of its fields), installed before the first bulk."""
 CONFLICT = 409
 """A `create` whose `_id` exists: an earlier attempt got there, which counts as shipped."""
+SHIPPED_ONLY = frozenset({"@timestamp", "spool_file", "spool_offset"})
+"""Fields of a usage document that are not the record's."""
+PAGE_SIZE = 1000
+"""Hits per search request; `search_after` pages on, so a read is never capped at 10,000."""
 REFUSED = 400
 """The one item status that rejects a document for good (mapping or parse error): any other
 failure (429, 5xx, a read-only index, a missing index) is sent again later, so a misconfigured
@@ -83,6 +99,7 @@ class ElasticsearchTrafficStore:
         templates: dict[str, Path] | None = None,
         body_max: int = DEFAULT_BODY_MAX,
         chunk_size: int = 500,
+        page_size: int = PAGE_SIZE,
         request_timeout: float = 10.0,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
@@ -94,6 +111,7 @@ class ElasticsearchTrafficStore:
         self.body_max = body_max
         """Bytes of each body shipped (traffic.sqlite_store.index_copy)."""
         self.chunk_size = chunk_size
+        self.page_size = page_size
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
         self._clock = clock
@@ -103,6 +121,7 @@ class ElasticsearchTrafficStore:
         client_options.setdefault("retry_on_status", ())
         self.client = Elasticsearch(url, request_timeout=request_timeout, **client_options)
         self._template_installed = False
+        self._refresh_due = True
         self._failures = 0
         self._retry_at = 0.0
         self._lock = threading.Lock()
@@ -116,7 +135,7 @@ class ElasticsearchTrafficStore:
 
     @classmethod
     def in_root(cls, root: DataRoot, url: str, **options: Any) -> ElasticsearchTrafficStore:
-        """A shipper whose registry is `traffic-logs/es-registry.sqlite` of `root`."""
+        """The store at `url` whose registry is `traffic-logs/es-registry.sqlite` of `root`."""
         return cls(url, root.traffic_logs / REGISTRY_FILE, **options)
 
     def close(self) -> None:
@@ -141,6 +160,8 @@ class ElasticsearchTrafficStore:
         (returns 0) until the backoff ends.
         """
         with self._lock:
+            # Another process may have shipped too: the next read refreshes, whatever this does.
+            self._refresh_due = True
             if self._clock() < self._retry_at:
                 return 0
             shipped = 0
@@ -192,7 +213,7 @@ class ElasticsearchTrafficStore:
         data = _complete_lines(spool_file, offset)
         if not data:
             return 0, False, None
-        lines = _Lines(key, offset, data, self._actions)
+        lines = _Lines(key, offset, data, lambda record, at: self._actions(record, key, at))
         results = helpers.streaming_bulk(
             self.client,
             lines.actions(),
@@ -221,8 +242,9 @@ class ElasticsearchTrafficStore:
         more = failure is None and lines.done == offset + len(data) and lines.done < size
         return lines.acknowledged, more, failure
 
-    def _actions(self, record: FlowRecord) -> list[dict[str, Any]]:
-        """The bulk `create` actions of one record: one per field group it has data for."""
+    def _actions(self, record: FlowRecord, key: str, offset: int) -> list[dict[str, Any]]:
+        """The bulk `create` actions of the record at `offset` of spool file `key`: one per field
+        group it has data for."""
         return [
             {
                 "_op_type": "create",
@@ -230,7 +252,7 @@ class ElasticsearchTrafficStore:
                 "_id": record.id,
                 "_source": source,
             }
-            for group, source, day in documents(record, self.body_max)
+            for group, source, day in documents(record, self.body_max, key, offset)
         ]
 
     def _commit(self, key: str, lines: _Lines) -> None:
@@ -278,6 +300,160 @@ class ElasticsearchTrafficStore:
             ).fetchall()
         return [(path, int(offset), error) for path, offset, error in rows]
 
+    # -- reading (traffic.stores.MeteredFlows) -----------------------------------------------
+
+    def spooled(self, project: str) -> list[SpooledFlow]:
+        """The project's flows in spool order (by spool file, then offset): what the ledger posts.
+
+        Only flows behind the registry's offset of their spool file: Elasticsearch may already
+        hold a later line whose earlier neighbour waits for a retry (a 429 on one item of a
+        bulk), and the ledger's watermark must never pass a flow it has not seen.
+        """
+        shipped = self.offsets()
+        self._refresh(always=True)  # everything behind those offsets is acknowledged: show it
+        fields = [*_SPOOLED_FIELDS, "usage.total_tokens"]
+        sort = ["spool_file", "spool_offset", "id"]
+        flows = []
+        for source in self._hits("usage", _scope(project=project), sort, fields):
+            key, offset = source.get("spool_file"), source.get("spool_offset")
+            if key is None or offset is None:
+                raise TrafficUnavailable(
+                    f"flow {source.get('id')} in {self.index_prefix}-usage-* has no spool_file: "
+                    "shipped before documents said where the spool holds them; delete the "
+                    f"{self.index_prefix}-* indices and {REGISTRY_FILE} to ship the spool again"
+                )
+            if offset >= shipped.get(key, 0):
+                continue
+            flows.append(
+                SpooledFlow(
+                    key,
+                    source["id"],
+                    offset,
+                    source["ts_start"],
+                    source.get("trial"),
+                    source.get("assignment"),
+                    source.get("machine"),
+                    source.get("provider"),
+                    source.get("model"),
+                    (source.get("usage") or {}).get("total_tokens") or 0,
+                    Decimal(source.get("cost_usd", "0")),
+                )
+            )
+        return flows
+
+    def usage(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[ModelUsage]:
+        """Metered LLM calls grouped by provider and model, optionally for one scope."""
+        self._refresh()
+        metered = [{"exists": {"field": "usage.prompt_tokens"}}]
+        scope = _scope(project=project, trial=trial, assignment=assignment) + metered
+        fields = ["provider", "model", "usage", "cost_usd"]
+        sums: dict[tuple[Any, Any], list[Any]] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0), 0])
+        for source in self._hits("usage", scope, ["id"], fields):
+            used = source["usage"]
+            total = sums[(source.get("provider"), source.get("model"))]
+            total[0] += 1
+            total[1] += used.get("prompt_tokens", 0)
+            total[2] += used.get("completion_tokens", 0)
+            total[3] += used.get("total_tokens", 0)
+            total[4] += Decimal(source.get("cost_usd", "0"))
+            total[5] += int(bool(used.get("estimated")))
+        return [
+            ModelUsage(provider, model, *total)
+            for (provider, model), total in sorted(sums.items(), key=_nulls_first)
+        ]
+
+    def call_failures(self, assignment: str) -> CallFailures:
+        """How many of one assignment's calls failed on the upstream's or the proxy's side."""
+        self._refresh()
+        calls = failed = 0
+        last: dict[str, Any] | None = None
+        scope, fields = _scope(assignment=assignment), ["id", "ts_start", "status", "error"]
+        for source in self._hits("usage", scope, ["ts_start", "id"], fields):
+            calls += 1
+            failed += _failed(source)
+            last = source
+        if last is None or not _failed(last):
+            return CallFailures(calls, failed, False, None)
+        status, text = last.get("status"), last.get("error")
+        error = str(text) if status is None else f"HTTP {status}" + (f": {text}" if text else "")
+        return CallFailures(calls, failed, True, error)
+
+    def flows(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[FlowRecord]:
+        """Stored flows in the order they started, optionally for one scope: each usage document
+        with its headers and bodies (cut to `body_max`), as long as retention keeps them."""
+        self._refresh()
+        scope = _scope(project=project, trial=trial, assignment=assignment)
+        parts: dict[str, dict[str, Any]] = defaultdict(dict)
+        for group, names in (("headers", HEADER_FIELDS), ("bodies", _BODY_PARTS)):
+            for source in self._hits(group, scope, ["id"], ["id", *sorted(names)]):
+                part = {name: source[name] for name in names if name in source}
+                messages = (part.pop("websocket", None) or {}).get("messages")
+                if messages:
+                    parts[source["id"]]["messages"] = messages
+                parts[source["id"]].update(part)
+        records = []
+        for source in self._hits("usage", scope, ["ts_start", "id"], None):
+            fields = {k: v for k, v in source.items() if k not in SHIPPED_ONLY}
+            part = parts.get(source["id"], {})
+            messages = part.pop("messages", None)
+            if messages is not None and fields.get("websocket") is not None:
+                fields["websocket"] = {**fields["websocket"], "messages": messages}
+            records.append(FlowRecord.model_validate({**fields, **part}))
+        return records
+
+    def _hits(
+        self, group: str, scope: list[dict[str, Any]], sort: list[str], fields: list[str] | None
+    ) -> Iterator[dict[str, Any]]:
+        """The `_source` (only `fields`; None: all) of every document of `group` in `scope`, by
+        `sort` ascending, which must end in a field unique per document (`id`)."""
+        index = f"{self.index_prefix}-{group}-*"
+        query = {"bool": {"filter": scope}} if scope else {"match_all": {}}
+        after: list[Any] | None = None
+        while True:
+            try:
+                answer = self.client.search(
+                    index=index,
+                    query=query,
+                    sort=[{name: "asc"} for name in sort],
+                    size=self.page_size,
+                    source=True if fields is None else {"includes": fields},
+                    search_after=after,
+                    track_total_hits=False,
+                )
+            except (ApiError, TransportError) as exc:
+                raise TrafficUnavailable(f"searching {index}: {exc}") from exc
+            hits = answer["hits"]["hits"]
+            for hit in hits:
+                yield hit["_source"]
+            if len(hits) < self.page_size:
+                return
+            after = hits[-1]["sort"]
+
+    def _refresh(self, *, always: bool = False) -> None:
+        """Make what was shipped searchable, when a catch-up ran since the last refresh."""
+        if not (always or self._refresh_due):
+            return
+        self._refresh_due = False
+        try:
+            self.client.indices.refresh(
+                index=f"{self.index_prefix}-*", allow_no_indices=True, ignore_unavailable=True
+            )
+        except (ApiError, TransportError) as exc:
+            self._refresh_due = True
+            raise TrafficUnavailable(f"refreshing {self.index_prefix}-*: {exc}") from exc
+
 
 class _Unavailable(Exception):
     """Elasticsearch could not take a batch now; what it did not acknowledge is sent again."""
@@ -291,7 +467,7 @@ class _Lines:
         key: str,
         offset: int,
         data: bytes,
-        actions_of: Callable[[FlowRecord], list[dict[str, Any]]],
+        actions_of: Callable[[FlowRecord, int], list[dict[str, Any]]],
     ) -> None:
         self.key = key
         self.done = offset
@@ -311,7 +487,7 @@ class _Lines:
                 except ValidationError as exc:
                     self._lines.append([end, None, position, line, str(exc), 0])
                 else:
-                    actions = actions_of(record)
+                    actions = actions_of(record, position)
                     self._lines.append([end, record.id, position, line, None, len(actions)])
                     self._actions += actions
             position = end
@@ -356,8 +532,11 @@ class _Lines:
                 yield position, line.decode("utf-8", errors="replace"), error
 
 
-def documents(record: FlowRecord, body_max: int) -> list[tuple[str, dict[str, Any], str]]:
-    """(field group, `_source`, UTC day) of each document a record is shipped as."""
+def documents(
+    record: FlowRecord, body_max: int, spool_file: str, spool_offset: int
+) -> list[tuple[str, dict[str, Any], str]]:
+    """(field group, `_source`, UTC day) of each document a record is shipped as; the record is
+    line `spool_offset` (in bytes) of spool file `spool_file`."""
     record = index_copy(record, body_max)
     day = dt.datetime.fromtimestamp(record.ts_start, dt.UTC)
     timestamp = day.isoformat(timespec="milliseconds")
@@ -365,6 +544,8 @@ def documents(record: FlowRecord, body_max: int) -> list[tuple[str, dict[str, An
     link = {"@timestamp": timestamp, **{name: source[name] for name in LINK_FIELDS}}
     usage = {k: v for k, v in source.items() if k not in HEADER_FIELDS | BODY_FIELDS}
     usage["@timestamp"] = timestamp
+    usage["spool_file"] = spool_file
+    usage["spool_offset"] = spool_offset
     messages = None
     if usage.get("websocket") is not None:
         messages = usage["websocket"].pop("messages")
@@ -378,3 +559,27 @@ def documents(record: FlowRecord, body_max: int) -> list[tuple[str, dict[str, An
             bodies["websocket"] = {"messages": messages}
         docs.append(("bodies", bodies, f"{day:%Y.%m.%d}"))
     return docs
+
+
+_SPOOLED_FIELDS = [
+    "id", "spool_file", "spool_offset", "ts_start", "trial", "assignment", "machine", "provider",
+    "model", "cost_usd",
+]  # fmt: skip
+_BODY_PARTS = BODY_FIELDS | {"websocket"}
+
+
+def _scope(**filters: str | None) -> list[dict[str, Any]]:
+    """`term` filters on the link fields that are given (keywords: exact match)."""
+    return [{"term": {name: value}} for name, value in filters.items() if value is not None]
+
+
+def _failed(source: dict[str, Any]) -> bool:
+    """A 5xx, or no response at all with an error: the model plane's or the proxy's failure."""
+    status = source.get("status")
+    return status >= 500 if status is not None else source.get("error") is not None
+
+
+def _nulls_first(item: tuple[tuple[Any, Any], Any]) -> tuple[object, ...]:
+    """SQL's `ORDER BY provider, model` (NULLs first), for the same order as the SQLite store."""
+    (provider, model), _ = item
+    return (provider is not None, provider or "", model is not None, model or "")

@@ -154,12 +154,10 @@ class SqliteTrafficStore:
     """The SQLite traffic store at `path`; safe to share between threads and processes."""
 
     @classmethod
-    def in_root(cls, root: DataRoot, **options: Any) -> SqliteTrafficStore:
+    def in_root(cls, root: DataRoot, *, body_max: int = DEFAULT_BODY_MAX) -> SqliteTrafficStore:
         """The traffic stores' one constructor (`traffic.stores`): `traffic-index.sqlite` of
-        `root`; this store has no options."""
-        if options:
-            raise TypeError(f"the sqlite store takes no options, got {sorted(options)}")
-        return cls(root.traffic_index)
+        `root`."""
+        return cls(root.traffic_index, body_max=body_max)
 
     def __init__(self, path: Path, *, body_max: int = DEFAULT_BODY_MAX) -> None:
         self.path = path

@@ -1,8 +1,11 @@
 """Traffic-store adapters, picked by short name: `sqlite` (embedded default) or `elasticsearch`.
 
 Both are fed from the spool, the source of truth, and track how far they got per spool file,
-so `catch_up` can be called as often as wanted and an outage of the store loses nothing.
-Adapters are imported only when picked, so the SQLite store never loads elasticsearch-py.
+so `catch_up` can be called as often as wanted and an outage of the store loses nothing. Both
+answer the read port, `MeteredFlows`, with the same flows and the same sums to the cent; the
+platform and the ledger read from the store the settings name (`metered_flows_for`), the one
+the indexer feeds. Adapters are imported only when picked, so the SQLite store never loads
+elasticsearch-py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 from contracts.adapters import resolve
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
+from contracts.settings import Settings
 
 DEFAULT = "sqlite"
 HOUR_S = 3600
@@ -72,6 +76,11 @@ class SpooledFlow:
         return dt.datetime.fromtimestamp(start, dt.UTC)
 
 
+class TrafficUnavailable(Exception):
+    """The store cannot answer a read now (a cluster down or refusing); the spool keeps
+    everything, so the same read succeeds once the store is back."""
+
+
 class MeteredFlows(Protocol):
     """The traffic plane's read port: what the ledger, the scheduler and the reports ask of the
     captured traffic. Readers depend on this, never on a store's class."""
@@ -111,15 +120,34 @@ class MeteredFlows(Protocol):
     def close(self) -> None: ...
 
 
-READERS = {"sqlite": "traffic.sqlite_store:SqliteTrafficStore"}
-"""Stores that implement `MeteredFlows`. The Elasticsearch store is fed from the spool as
-well but answers no reads yet: readers use the embedded store, which every deployment keeps."""
+READERS = {
+    "sqlite": "traffic.sqlite_store:SqliteTrafficStore",
+    "elasticsearch": "traffic.elasticsearch_store:ElasticsearchTrafficStore",
+}
+"""Stores that implement `MeteredFlows` (today, every store), by short name."""
 
 
-def metered_flows(root: DataRoot, name: str = DEFAULT) -> MeteredFlows:
-    """The read port over the traffic of data root `root` (the embedded store by default)."""
-    reader: MeteredFlows = resolve("traffic reader", name, READERS).in_root(root)
+def metered_flows(root: DataRoot, name: str = DEFAULT, **options: Any) -> MeteredFlows:
+    """The read port over the traffic of data root `root` in store `name` (the embedded store
+    by default; `elasticsearch` needs `url=`)."""
+    reader: MeteredFlows = resolve("traffic reader", name, READERS).in_root(root, **options)
     return reader
+
+
+def metered_flows_for(settings: Settings) -> MeteredFlows:
+    """The read port over the store `settings` name (`traffic_store`, `elasticsearch_url`,
+    `index_body_max`), the one `python -m traffic.indexer` feeds."""
+    options: dict[str, Any] = {}
+    if settings.index_body_max is not None:
+        options["body_max"] = settings.index_body_max
+    if settings.traffic_store == "elasticsearch":
+        url = (settings.elasticsearch_url or "").strip()
+        if not url:
+            raise ValueError(
+                "AUTOVIBE_ELASTICSEARCH_URL must be set when AUTOVIBE_TRAFFIC_STORE=elasticsearch"
+            )
+        options["url"] = url
+    return metered_flows(DataRoot.at(settings.data), settings.traffic_store, **options)
 
 
 class TrafficStore(Protocol):

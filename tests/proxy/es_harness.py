@@ -1,6 +1,6 @@
-"""A stand-in for the part of Elasticsearch's HTTP API that the traffic shipper calls.
+"""A stand-in for the part of Elasticsearch's HTTP API that the traffic store calls.
 
-Elasticsearch cannot run here. This server accepts only what the shipper sends, checked against
+Elasticsearch cannot run here. This server accepts only what the store sends, checked against
 the documented API and what elasticsearch-py 8 puts on the wire:
 
 - `PUT /_index_template/<name>` (docs: indices-put-template), answered `{"acknowledged": true}`;
@@ -12,6 +12,15 @@ the documented API and what elasticsearch-py 8 puts on the wire:
   Each source may hold only fields its index template maps (the templates are `dynamic: false`,
   so Elasticsearch would silently drop any other), and must be a FlowRecord (a `usage` document)
   or a part of one (a `headers` or `bodies` document).
+- `POST /<index pattern>/_refresh` (docs: indices-refresh): what was created becomes searchable,
+  as on a real node, where a new document is seen by searches only after a refresh;
+- `POST /<index pattern>/_search` (docs: search-search, paginate-search-results) with a body of
+  `query` (`match_all`, or `bool.filter` of `term` and `exists`), `sort` (field → `asc`/`desc`
+  on fields the template maps with doc values, never `text`), `size` (≤ 10,000, the default
+  `index.max_result_window`), `search_after` (the last hit's `sort` values), `_source`
+  (`true` or `{"includes": [...]}`) and `track_total_hits: false`, answered with the documented
+  response (`took`, `timed_out`, `_shards`, `hits.hits` of `_index`, `_id`, `_score: null`,
+  `_source`, `sort`), only refreshed documents.
 
 Every 2xx answer carries `X-Elastic-Product: Elasticsearch`, which the 8.x client checks on
 each response (it sends no `GET /` first). Anything else is a contract violation: answered 400
@@ -27,9 +36,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from pydantic import ValidationError
 
@@ -50,6 +61,12 @@ TEMPLATE_FIELDS = {
     "deprecated",
 }
 """Body fields of PUT _index_template (elasticsearch-specification, IndicesPutIndexTemplate)."""
+SEARCH_FIELDS = {"query", "sort", "size", "search_after", "_source", "track_total_hits"}
+"""The body fields of a search the store sends (all in the API's search request body)."""
+MAX_RESULT_WINDOW = 10_000
+"""`index.max_result_window`'s default: `from + size` of one search may not exceed it."""
+SORTABLE = {"keyword", "long", "integer", "short", "double", "date", "boolean", "scaled_float"}
+"""Field types with doc values that a search may sort on (a `text` field is refused)."""
 ERROR_TYPES = {
     429: "es_rejected_execution_exception",
     500: "exception",
@@ -81,6 +98,8 @@ class StandInElasticsearch:
     is 1."""
     statuses: Counter[int] = field(default_factory=Counter)
     """Item and request statuses answered, for asserting a scenario happened."""
+    unrefreshed: set[tuple[str, str]] = field(default_factory=set)
+    """(index, `_id`) created since the last refresh of its index: not searchable yet."""
     requests: list[Request] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     _failing: int | None = None
@@ -170,6 +189,12 @@ class StandInElasticsearch:
             return self._put_template(request)
         if request.method in {"PUT", "POST"} and request.path == "/_bulk":
             return self._bulk(request)
+        path, _, query = request.path.partition("?")
+        target, _, api = path.removeprefix("/").partition("/")
+        if request.method == "POST" and api == "_refresh":
+            return self._refresh(unquote(target), parse_qs(query))
+        if request.method == "POST" and api == "_search" and not query:
+            return self._search(unquote(target), request)
         return self._violation(f"{request.method} {request.path} is not what the shipper calls")
 
     def _violation(self, message: str) -> tuple[int, dict[str, Any]]:
@@ -297,6 +322,7 @@ class StandInElasticsearch:
                 },
             }
         docs[doc_id] = source
+        self.unrefreshed.add((index, doc_id))
         self.creates[f"{index}/{doc_id}"] += 1
         self.statuses[201] += 1
         return {
@@ -309,6 +335,176 @@ class StandInElasticsearch:
             "_primary_term": 1,
             "status": 201,
         }
+
+    def _refresh(self, pattern: str, params: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        if not set(params) <= {"allow_no_indices", "ignore_unavailable"} or any(
+            v not in (["true"], ["false"]) for v in params.values()
+        ):
+            return self._violation(f"refresh parameters {params!r}")
+        indices = [name for name in self.indices if _matches(pattern, name)]
+        if not indices and params.get("allow_no_indices") != ["true"]:
+            return 404, _error(404, f"no such index [{pattern}]", "index_not_found_exception")
+        self.unrefreshed = {(i, d) for i, d in self.unrefreshed if i not in indices}
+        shards = {"total": 2 * len(indices), "successful": len(indices), "failed": 0}
+        return 200, {"_shards": shards}
+
+    def _search(self, pattern: str, request: Request) -> tuple[int, dict[str, Any]]:
+        started = time.monotonic()
+        if request.headers.get("content-type") != COMPAT_JSON:
+            return self._violation(f"search Content-Type {request.headers.get('content-type')!r}")
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            return self._violation("search body is not JSON")
+        if not isinstance(body, dict) or not set(body) <= SEARCH_FIELDS:
+            return self._violation(f"search body fields {sorted(body)}: not what the store sends")
+        mapped = [t for t in self.templates.values() if pattern in t["index_patterns"]]
+        if len(mapped) > 1:
+            return self._violation(f"search of {pattern!r}: the pattern of several templates")
+        # Before the first catch-up there is no template and no index: a search finds nothing,
+        # and only the shape of the request can be checked.
+        properties = mapped[0]["template"]["mappings"]["properties"] if mapped else None
+        checked = _search_plan(body, properties)
+        if isinstance(checked, str):
+            return self._violation(f"search of {pattern!r}: {checked}")
+        matches, sort, size, after, includes = checked
+        hits = []
+        for index in sorted(i for i in self.indices if _matches(pattern, i)):
+            for doc_id, source in self.indices[index].items():
+                if (index, doc_id) not in self.unrefreshed and matches(source):
+                    values = [_value(source, name) for name, _ in sort]
+                    hits.append((_sort_key(values, sort), values, index, doc_id, source))
+        hits.sort(key=lambda hit: hit[0])
+        if after is not None:
+            hits = [hit for hit in hits if hit[0] > _sort_key(after, sort)]
+        shards = len({hit[2] for hit in hits}) or 1
+        return 200, {
+            "took": int((time.monotonic() - started) * 1000),
+            "timed_out": False,
+            "_shards": {"total": shards, "successful": shards, "skipped": 0, "failed": 0},
+            "hits": {
+                "max_score": None,
+                "hits": [
+                    {
+                        "_index": index,
+                        "_id": doc_id,
+                        "_score": None,
+                        "_source": source if includes is None else _include(source, includes),
+                        "sort": values,
+                    }
+                    for _, values, index, doc_id, source in hits[:size]
+                ],
+            },
+        }
+
+
+Plan = tuple[
+    Callable[[dict[str, Any]], bool], list[tuple[str, str]], int, list[Any] | None, set[str] | None
+]
+
+
+def _search_plan(body: dict[str, Any], properties: dict[str, Any] | None) -> Plan | str:
+    """(matches, sort, size, search_after, `_source` includes) of a search body, or what is
+    wrong with it. Only what the store sends is understood; anything else is a violation.
+    Fields are checked against the template's `properties` (None: no template, no check)."""
+    if body.get("track_total_hits") is not False:
+        return "track_total_hits must be false (the store pages on; a total is not needed)"
+    size = body.get("size")
+    if not isinstance(size, int) or not 0 < size <= MAX_RESULT_WINDOW:
+        return f"size {size!r} is not 1 to {MAX_RESULT_WINDOW}"
+    query = body.get("query")
+    if query == {"match_all": {}}:
+        filters: list[Any] = []
+    elif isinstance(query, dict) and list(query) == ["bool"] and list(query["bool"]) == ["filter"]:
+        filters = query["bool"]["filter"]
+    else:
+        return f"query {query!r} is neither match_all nor bool.filter"
+    tests: list[Callable[[dict[str, Any]], bool]] = []
+    for clause in filters if isinstance(filters, list) else [None]:
+        if not (isinstance(clause, dict) and len(clause) == 1):
+            return f"filter clause {clause!r}"
+        ((kind, spec),) = clause.items()
+        if kind == "term" and isinstance(spec, dict) and len(spec) == 1:
+            ((name, value),) = spec.items()
+            if _mapping(properties, name).get("type") not in SORTABLE:
+                return f"term on {name!r}, not a keyword or numeric field of the template"
+            tests.append(lambda s, n=name, v=value: _value(s, n) == v)
+        elif kind == "exists" and isinstance(spec, dict) and list(spec) == ["field"]:
+            if not _mapping(properties, spec["field"]):
+                return f"exists on {spec['field']!r}, which the template does not map"
+            tests.append(lambda s, n=spec["field"]: _value(s, n) not in (None, []))
+        else:
+            return f"filter clause {clause!r} is neither term nor exists"
+    sort = []
+    for item in body.get("sort", []):
+        ((name, order),) = item.items() if isinstance(item, dict) and len(item) == 1 else [(0, 0)]
+        order = order.get("order") if isinstance(order, dict) else order
+        if order not in ("asc", "desc") or not isinstance(name, str):
+            return f"sort {item!r}"
+        if _mapping(properties, name).get("type") not in SORTABLE:
+            return f"sort on {name!r}, which has no doc values in the template (text, unmapped)"
+        sort.append((name, order))
+    after = body.get("search_after")
+    if after is not None and not (isinstance(after, list) and len(after) == len(sort) > 0):
+        return f"search_after {after!r} does not match the sort {sort!r}"
+    source = body.get("_source", True)
+    if source is True:
+        includes = None
+    elif isinstance(source, dict) and list(source) == ["includes"]:
+        includes = set(source["includes"])
+    else:
+        return f"_source {source!r}"
+    return (lambda s: all(test(s) for test in tests)), sort, size, after, includes
+
+
+def _mapping(properties: dict[str, Any] | None, path: str) -> dict[str, Any]:
+    """The mapping of dotted field `path`, {} when the template does not map it (any sortable
+    mapping when there is no template to check against)."""
+    if properties is None:
+        return {"type": "keyword"}
+    mapping: dict[str, Any] = {"properties": properties}
+    for name in path.split("."):
+        mapping = mapping.get("properties", {}).get(name, {})
+    return mapping
+
+
+def _value(source: dict[str, Any], path: str) -> Any:
+    value: Any = source
+    for name in path.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
+def _sort_key(values: list[Any], sort: list[tuple[str, str]]) -> tuple[Any, ...]:
+    """Missing values last, whatever the order (Elasticsearch's default `missing: _last`)."""
+    key: list[Any] = []
+    for value, (_, order) in zip(values, sort, strict=True):
+        if value is None:
+            key.append((1, 0))
+        elif order == "asc":
+            key.append((0, value))
+        else:  # the store sorts ascending only; descending numbers are enough for the checks
+            key.append((0, -value))
+    return tuple(key)
+
+
+def _include(source: dict[str, Any], paths: set[str], prefix: str = "") -> dict[str, Any]:
+    """`_source` filtering: the fields named by `paths`, objects kept for the paths inside."""
+    kept = {}
+    for name, value in source.items():
+        path = prefix + name
+        if path in paths:
+            kept[name] = value
+        elif isinstance(value, dict) and any(p.startswith(path + ".") for p in paths):
+            inner = _include(value, paths, path + ".")
+            if inner:
+                kept[name] = inner
+    return kept
+
+
+def _matches(pattern: str, index: str) -> bool:
+    """Whether `index` is named by a comma-separated list of wildcard patterns."""
+    return any(re.fullmatch(re.escape(p).replace(r"\*", ".*"), index) for p in pattern.split(","))
 
 
 _REQUIRED = {
@@ -353,3 +549,14 @@ def _error(status: int, reason: str, kind: str | None = None) -> dict[str, Any]:
     """The documented error body: `{"error": {"root_cause": [...], "type", "reason"}, "status"}`."""
     cause = _cause(kind or ERROR_TYPES.get(status, "exception"), reason)
     return {"error": {"root_cause": [cause], **cause}, "status": status}
+
+
+@dataclass
+class Target:
+    """Where an Elasticsearch test runs: the stand-in, or a real cluster (`pytest -m live`)."""
+
+    url: str
+    prefix: str
+    stored: Callable[[], list[tuple[str, str, dict[str, Any]]]]
+    """Every stored document as (index, _id, source)."""
+    stand_in: StandInElasticsearch | None = None

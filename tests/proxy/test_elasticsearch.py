@@ -8,20 +8,16 @@ real Elasticsearch 8. Contract tests check the exact bytes the shipper puts on t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from elasticsearch import Elasticsearch, helpers
-from es_harness import COMPAT_JSON, COMPAT_NDJSON, StandInElasticsearch
+from es_harness import COMPAT_JSON, COMPAT_NDJSON, StandInElasticsearch, Target
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 from proxy_harness import PRICES_YAML
@@ -74,55 +70,6 @@ def flow(ts_start: float = DAY1, project: str = "p1", **fields: object) -> FlowR
 
 
 # -- targets: the stand-in, or a real cluster ----------------------------------------------
-
-
-@pytest.fixture
-def stand_in() -> Iterator[StandInElasticsearch]:
-    es = StandInElasticsearch()
-    es.start()
-    yield es
-    es.stop()
-    assert not es.violations, "requests outside the documented API:\n" + "\n".join(es.violations)
-
-
-@dataclass
-class Target:
-    url: str
-    prefix: str
-    stored: Callable[[], list[tuple[str, str, dict[str, Any]]]]
-    """Every stored document as (index, _id, source)."""
-    stand_in: StandInElasticsearch | None = None
-
-
-@pytest.fixture(params=["stand-in", pytest.param("live", marks=pytest.mark.live)])
-def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    prefix = f"autovibe-test-{uuid.uuid4().hex[:8]}"
-    if request.param == "stand-in":
-        es: StandInElasticsearch = request.getfixturevalue("stand_in")
-        yield Target(
-            es.url,
-            prefix,
-            lambda: [(i, d, s) for i, docs in es.indices.items() for d, s in docs.items()],
-            es,
-        )
-        return
-    url = os.environ.get("ELASTICSEARCH_URL")
-    if not url:
-        pytest.skip("set ELASTICSEARCH_URL to run against a real Elasticsearch")
-    client = Elasticsearch(url, request_timeout=30)
-
-    def stored() -> list[tuple[str, str, dict[str, Any]]]:
-        client.indices.refresh(index=f"{prefix}-*", allow_no_indices=True)
-        hits = helpers.scan(client, index=f"{prefix}-*", query={"query": {"match_all": {}}})
-        return [(hit["_index"], hit["_id"], hit["_source"]) for hit in hits]
-
-    yield Target(url, prefix, stored)
-    # Wildcard deletes are refused by default (action.destructive_requires_name): by name.
-    for index in client.indices.get(index=f"{prefix}-*", allow_no_indices=True):
-        client.indices.delete(index=index)
-    for group in GROUPS:
-        client.indices.delete_index_template(name=f"{prefix}-{group}")
-    client.close()
 
 
 def shipper(target: Target, root: DataRoot, **options: Any) -> ElasticsearchTrafficStore:
@@ -261,6 +208,9 @@ def test_bulk_request_is_create_actions_in_compat_ndjson(
     expected = {
         **record.model_dump(mode="json", exclude={"request_headers", "response_headers"}),
         "@timestamp": "2023-11-14T22:13:20.000+00:00",
+        # Where the spool holds it: what the ledger's posting reads back, in spool order.
+        "spool_file": "p1/2023-11-14/flows.jsonl",
+        "spool_offset": 0,
     }
     del expected["request_body"], expected["response_body"]
     assert json.loads(source) == expected
@@ -308,6 +258,8 @@ def test_a_record_is_split_by_field_group_with_bodies_cut(
         ),
         "websocket": {k: v for k, v in websocket.items() if k != "messages"},
         "@timestamp": timestamp,
+        "spool_file": "p1/2023-11-14/flows.jsonl",
+        "spool_offset": 0,
     }
     assert headers == {
         **link,
@@ -336,13 +288,16 @@ def test_templates_map_every_record_field() -> None:
     templates = {g: json.loads(path.read_text()) for g, path in TEMPLATES.items()}
     properties = {g: t["template"]["mappings"]["properties"] for g, t in templates.items()}
     fields = {"@timestamp", *FlowRecord.model_fields}
-    assert set().union(*properties.values()) == fields
-    assert set(properties["usage"]) == fields - {
+    spool = {"spool_file", "spool_offset"}
+    assert set().union(*properties.values()) == fields | spool
+    assert set(properties["usage"]) == spool | fields - {
         "request_headers",
         "response_headers",
         "request_body",
         "response_body",
     }
+    assert properties["usage"]["spool_file"] == {"type": "keyword"}  # sorted on: doc values
+    assert properties["usage"]["spool_offset"] == {"type": "long"}
     assert set(properties["usage"]["usage"]["properties"]) == set(Usage.model_fields)
     assert set(properties["usage"]["websocket"]["properties"]) == set(WebSocket.model_fields) - {
         "messages"

@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from es_harness import StandInElasticsearch
 from test_elasticsearch import DAY1, flow, spool
 
 from contracts.dataroot import DataRoot
 from traffic.elasticsearch_store import ElasticsearchTrafficStore
 from traffic.spool import Spool
-
-
-@pytest.fixture
-def stand_in() -> Iterator[StandInElasticsearch]:
-    es = StandInElasticsearch()
-    es.start()
-    yield es
-    es.stop()
-    assert not es.violations, "requests outside the documented API:\n" + "\n".join(es.violations)
 
 
 def spool_sizes(root: DataRoot) -> dict[str, int]:
