@@ -35,8 +35,8 @@ test: setup lint typecheck
 	$(UV) run --frozen pytest -q -n 2 --dist loadfile
 
 ## test-fast: unit and in-process tests, and those that start our own small processes (mitmdump,
-## the deterministic model, bubblewrap); no llama.cpp, Ray, Superset or whole stack. Under 3 min on 2 cores.
-FAST := not (live or e2e or model or ray or superset)
+## the deterministic model, bubblewrap); no llama.cpp, Ray, Superset, whole stack or `slow` test. Under 3 min on 2 cores.
+FAST := not (live or e2e or model or ray or superset or slow)
 test-fast:
 	$(UV) run --frozen pytest -q -n 2 --dist loadfile -m "$(FAST)"
 

@@ -181,6 +181,7 @@ def test_missing_max_tokens_is_capped_at_what_the_tightest_scope_can_pay(
     assert sent["max_tokens"] == 4096
 
 
+@pytest.mark.slow
 def test_hundred_concurrent_streams_never_overrun_the_budget(
     proxy: Proxy, upstream: Upstream, counters: SqliteCounters
 ) -> None:
@@ -222,6 +223,7 @@ def test_client_that_disconnects_mid_stream_is_settled(
     assert state.spent <= Decimal(1)
 
 
+@pytest.mark.slow
 def test_killed_proxy_leaves_orphans_that_the_next_one_settles(
     tmp_path: Path, upstream: Upstream
 ) -> None:
@@ -255,6 +257,7 @@ def test_killed_proxy_leaves_orphans_that_the_next_one_settles(
         store.close()
 
 
+@pytest.mark.slow
 def test_redis_store_through_the_proxy_fails_closed_when_redis_goes(
     tmp_path: Path, upstream: Upstream
 ) -> None:

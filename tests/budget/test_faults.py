@@ -51,6 +51,8 @@ from proxy.addons.budget import (
 )
 from traffic.sqlite_store import SqliteTrafficStore
 
+pytestmark = pytest.mark.slow  # fault injection under load: make test runs it
+
 PROJECT = "faults"
 ORPHAN_S = 1
 MAX_TOKENS = 200

@@ -12,6 +12,8 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from ledger.book import InferenceItem, Ledger
 from ledger.check import bean_check
 
@@ -62,6 +64,7 @@ def opened_ledger(tmp_path: Path) -> Ledger:
     return ledger
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_a_valid_ledger(tmp_path: Path) -> None:
     """Kill a posting loop at random moments, and right inside the write (temp file written,
     not yet renamed): every time, the ledger passes bean-check and no acknowledged posting is lost.

@@ -134,6 +134,7 @@ def events(platform: Platform, trial_id: str, kind: str) -> list[dict[str, Any]]
     return [e.data for e in platform.store.events_after(trial_id, 0) if e.kind == kind]
 
 
+@pytest.mark.slow
 def test_machine_allowance_402_defers_to_its_reset_then_runs_again(
     stack: tuple[TestClient, Platform], tmp_path: Path
 ) -> None:
@@ -193,6 +194,7 @@ def test_machine_allowance_402_defers_to_its_reset_then_runs_again(
         assert s.get_one(Trial, trial_id).status == "finished"
 
 
+@pytest.mark.slow
 def test_project_budget_402_ends_as_budget_exhausted(
     stack: tuple[TestClient, Platform], tmp_path: Path
 ) -> None:

@@ -53,6 +53,8 @@ from contracts.records import FlowRecord
 from contracts.settings import free_port
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
 
+pytestmark = pytest.mark.slow  # fault injection under load: make test runs it
+
 NO_LIMIT = Decimal(1000)
 PROVIDER = "acme"
 """A provider of the tests' own (`autovibe_provider_hosts`) with a price and no stored key."""

@@ -244,6 +244,7 @@ def test_a_fork_bomb_is_bounded(hostile: Any) -> None:
     assert subprocess.run(["true"]).returncode == 0  # the host still forks
 
 
+@pytest.mark.slow
 def test_tmp_is_bounded(hostile: Any) -> None:
     run = hostile("fill", "/tmp", "64", tmp_mb=16, timeout_s=10)
     assert run.seen["written_mb"] <= 16, run.log

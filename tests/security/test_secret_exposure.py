@@ -105,6 +105,7 @@ def redis_with_password() -> Iterator[int]:
         process.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_the_proxy_reads_its_store_passwords_from_its_environment(
     tmp_path: Path, redis_with_password: int
 ) -> None:

@@ -104,6 +104,7 @@ def test_cursor_cli_is_installed_when_its_binary_is_there(
     assert CursorCliAgent(tmp_path).version() == "2026.11.01-abc"
 
 
+@pytest.mark.slow
 def test_install_pypi_and_npm_agents_into_the_data_root_and_list_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
