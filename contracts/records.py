@@ -54,6 +54,10 @@ class BudgetDecision(BaseModel):
     currency: str | None = None
     ending: str | None = None
     error: str | None = None
+    input_estimate: str | None = None
+    """What the reservation counted as input beyond the request's body (images at their
+    ceiling, files and unseen earlier conversations at the context window, …); None when the
+    body alone was counted (`proxy.input_estimate`)."""
 
     @property
     def scope(self) -> str | None:

@@ -3,9 +3,12 @@ pay for the most it could cost, and every call that was let through is settled e
 
 Runs after metering in the addon list (metering named the provider, the model and the price
 catalogue). The scopes of a call: the project budget, the machine's daily allowance and,
-when the task has one, the task's cap. A call without `max_tokens` has it written in, capped
-at what the tightest scope can still pay and at `autovibe_budget_max_tokens`; a call priced
-per unit (images, characters, seconds: `proxy.endpoints`) reserves its quote's most. Refusals are
+when the task has one, the task's cap. Its input is reserved at the most it may be billed for
+(`proxy.input_estimate`: the body, images at their ceiling, files and unseen earlier Responses
+at the context window, earlier ones seen here at their metered tokens). A call without
+`max_tokens` has it written in, capped at what the tightest scope can still pay and at
+`autovibe_budget_max_tokens`; a call priced per unit (images, characters, seconds:
+`proxy.endpoints`) reserves its quote's most. Refusals are
 402 with the scope, what is left and when it resets; an unreachable counter store refuses
 everything (503). Ends: `response` and `error` settle with metering's actual cost, written
 with the next reservation (one transaction for both) or just after the hook, so the answer
@@ -33,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -57,7 +61,7 @@ from budget import (
 )
 from budget.sweeper import sweep_orphans
 from contracts.adapters import UnknownAdapter
-from contracts.config import TokenPrice
+from contracts.config import ConfigError, TokenPrice, load_models
 from contracts.credentials import MachineIdentity
 from contracts.records import ORPHAN_ENDING, BudgetDecision, FlowRecord, Usage
 from proxy.addons import dataroot
@@ -65,6 +69,14 @@ from proxy.addons.identity import identity_of
 from proxy.addons.metering import Metered, metered
 from proxy.addons.redaction import Redactor, redactor_for
 from proxy.addons.refusal import fail_closed, refuse
+from proxy.input_estimate import PROMPT_MARGIN_TOKENS as PROMPT_MARGIN_TOKENS  # re-exported
+from proxy.input_estimate import (
+    History,
+    InputEstimate,
+    context_window,
+    conversation_key,
+    estimate_input,
+)
 from proxy.output_cap import output_cap
 from traffic.spool import Spool
 
@@ -75,8 +87,6 @@ REDIS_URL_ENV = "AUTOVIBE_BUDGET_REDIS_URL"
 METADATA_KEY = "autovibe.budget"
 """The decision (`contracts.records.BudgetDecision`), for the capture record."""
 HOLD_KEY = "autovibe.budget.hold"
-PROMPT_MARGIN_TOKENS = 64
-"""Added to the prompt estimate: chat-template tokens, and the `max_tokens` we may write in."""
 SCOPE_CACHE_S = 1.0
 """How long which scopes exist, and their currency, is remembered between calls. A scope's
 currency never changes (`ensure_scope` refuses it); a scope opened or removed is seen within
@@ -97,6 +107,8 @@ class Hold:
     currency: str
     fx: Decimal
     scopes: tuple[str, ...]
+    input_estimate: str | None = None
+    """What the input reservation counted beyond the body (`InputEstimate.note`)."""
     settled: bool = False
 
 
@@ -127,6 +139,10 @@ class Budget:
         self.spool: Spool | None = None
         """Where the sweeper writes orphans' records; capture writes every other flow's."""
         self._redactor: Redactor | None = None
+        self.history = History()
+        """Tokens of the Responses calls metered here, for a later call that names them."""
+        self.local_contexts: dict[str, int] = {}
+        """Context length of each local model by served name (models.yaml)."""
 
     # -- options -----------------------------------------------------------------------------
     def load(self, loader: Loader) -> None:
@@ -187,6 +203,8 @@ class Budget:
             raise exceptions.OptionsError(
                 f"autovibe_budget_redis_url: {url!r} is not a redis://, rediss:// or unix:// URL"
             )
+        if "autovibe_configs" in updated:  # declared by metering
+            self.local_contexts = local_contexts(Path(opts.autovibe_configs))
         if dataroot.OPTION in updated:
             if self.spool is not None:
                 self.spool.close()
@@ -328,6 +346,7 @@ class Budget:
             })  # fmt: skip
             return
         fx = facts.prices.fx[currency]
+        input_note = None
         if facts.quote is not None:
             # Priced per unit (proxy.endpoints): the most it may cost is known from the
             # request, which goes on unchanged.
@@ -336,7 +355,8 @@ class Budget:
             completion_tokens = 0
         else:
             assert price is not None and wanted is not None
-            prompt_tokens = len(body) + PROMPT_MARGIN_TOKENS  # a token is at least one byte
+            estimate = self._estimate_input(flow, facts, doc, len(body))
+            prompt_tokens, input_note = estimate.tokens, estimate.note
             choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
             per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M
             if asked is not None:
@@ -368,6 +388,8 @@ class Budget:
             "provider": facts.provider, "model": facts.model, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "currency": currency, "fx": str(fx),
         }  # fmt: skip
+        if input_note is not None:
+            note["input_estimate"] = input_note
         # Settlements waiting to be written go in this reservation's transaction (one commit).
         pending, self._pending = self._pending, []
         try:
@@ -385,11 +407,27 @@ class Budget:
         if isinstance(outcome, Refused):
             self._exhausted(flow, outcome)
             return
-        flow.metadata[HOLD_KEY] = Hold(flow.id, outcome.amount, currency, fx, scopes)
+        flow.metadata[HOLD_KEY] = Hold(flow.id, outcome.amount, currency, fx, scopes, input_note)
         flow.metadata[METADATA_KEY] = BudgetDecision(
-            action="reserved", scopes=list(scopes), reserved=outcome.amount, currency=currency
+            action="reserved",
+            scopes=list(scopes),
+            reserved=outcome.amount,
+            currency=currency,
+            input_estimate=input_note,
         )
         self.live.add(flow.id)
+
+    def _estimate_input(
+        self, flow: http.HTTPFlow, facts: Metered, doc: dict[str, Any], body_bytes: int
+    ) -> InputEstimate:
+        assert facts.api is not None and facts.model is not None
+        window = context_window(
+            facts.provider,
+            facts.model,
+            self.local_contexts,
+            anthropic_beta=flow.request.headers.get("anthropic-beta", ""),
+        )
+        return estimate_input(facts.api, facts.model, doc, body_bytes, window, self.history)
 
     def _describe(self, name: str, now: float, *, fresh: bool) -> ScopeState | None:
         """The scope as the store describes it, or as it did less than SCOPE_CACHE_S ago."""
@@ -431,6 +469,22 @@ class Budget:
     # -- settle ------------------------------------------------------------------------------
     def response(self, flow: http.HTTPFlow) -> None:
         self._settle(flow, "response")
+        self._remember(flow)
+
+    def _remember(self, flow: http.HTTPFlow) -> None:
+        """Keep a Responses call's input + output tokens under its id and its conversation:
+        the earlier conversation a later call names, and the provider bills again."""
+        facts = metered(flow)
+        if facts is None or facts.api != "openai_responses" or facts.response_id is None:
+            return
+        usage, response = facts.usage, flow.response
+        if usage is None or usage.estimated or response is None or response.status_code >= 300:
+            return  # an estimate may be short: a later call reserves the context window
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        self.history.remember(facts.response_id, tokens)
+        conversation = conversation_key(facts.request_doc)
+        if conversation is not None:
+            self.history.remember(conversation, tokens)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._settle(flow, f"error: {flow.error.msg if flow.error else 'unknown'}")
@@ -512,6 +566,7 @@ def _settled(hold: Hold, actual: Decimal, ending: str) -> BudgetDecision:
         settled=actual.quantize(Decimal("0.000001")),
         currency=hold.currency,
         ending=ending,
+        input_estimate=hold.input_estimate,
     )
 
 
@@ -526,6 +581,7 @@ def orphan_record(orphan: Reservation, note: dict[str, Any], settled: Decimal) -
         settled=settled,
         currency=note["currency"],
         ending=ORPHAN_ENDING,
+        input_estimate=note.get("input_estimate"),
     )
     return FlowRecord(
         id=orphan.reservation_id,
@@ -561,6 +617,22 @@ def _usd(amount: Decimal, fx: Decimal) -> Decimal:
     once multiplied back, which is how the counters and the ledger read it)."""
     usd = amount / fx
     return usd if usd * fx == amount else usd.quantize(Decimal("1e-12"))
+
+
+def local_contexts(configs: Path) -> dict[str, int]:
+    """Context length of each local model by served name, from models.yaml; {} without one
+    (a local model's window is then unknown, and no estimate is capped at it)."""
+    if not (configs / "models.yaml").is_file():
+        return {}
+    try:
+        catalog = load_models(configs)
+    except ConfigError as exc:
+        raise exceptions.OptionsError(f"autovibe_configs: {exc}") from exc
+    return {
+        spec.served_name: spec.context
+        for pair in catalog.pairs.values()
+        for spec in (pair.normal, pair.thinking)
+    }
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
