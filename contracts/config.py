@@ -2,19 +2,20 @@
 
 A trial file is YAML; `load_trial` reports a bad one as `file:line: field.path: message`, naming
 the allowed values. Which agents and model pairs exist is not known here: callers pass them in
-the validation context (`{"agents": [...], "pairs": [...]}`), so the lists come from the
-planes that own them.
+the validation context (`{"agents": [...], "models": ModelChoices, ...}`), so the lists come
+from the planes that own them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import shutil
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import (
@@ -50,8 +51,27 @@ def _known(context_key: str, what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+class ModelChoices(Protocol):
+    """What the server lets a trial name in `model_pairs` (`orchestrator.catalog` builds it
+    from its catalogues, secret store and model plane; the validation context's `models`)."""
+
+    def refusal(self, model: str, agents: list[str]) -> str | None:
+        """Why the trial cannot run `model` with `agents`, naming the model; None: it can."""
+        ...
+
+
+def _runnable(value: str, info: ValidationInfo) -> str:
+    choices: ModelChoices | None = (info.context or {}).get("models")
+    if choices is not None:
+        why = choices.refusal(value, list(info.data.get("agents") or []))
+        if why is not None:
+            raise ValueError(why)
+    return value
+
+
 AgentName = Annotated[str, _known("agents", "agent")]
-PairName = Annotated[str, _known("pairs", "model pair")]
+PairName = Annotated[str, _known("pairs", "model pair"), AfterValidator(_runnable)]
+"""A local pair (`tiny`, `7b:thinking`) or a provider's model (`anthropic/claude-sonnet-4-5`)."""
 
 
 class _Strict(BaseModel):
@@ -544,6 +564,8 @@ class TokenPrice(_Strict):
     """Input tokens read from the prompt cache; absent: charged as plain input."""
     cache_write_per_mtok: Money | None = None
     """Input tokens written to the prompt cache; absent: charged as plain input."""
+    as_of: datetime.date | None = None
+    """The day the price was read from the provider's price page (`autovibe models ls`)."""
 
 
 class LocalCompute(_Strict):

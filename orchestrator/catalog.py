@@ -1,4 +1,5 @@
-"""What a trial may name: agents, model pairs, currencies, from the planes that own them; and
+"""What a trial may name: agents, models (local pairs and providers' models, `ModelChoices`),
+currencies, from the planes that own them; and
 what the server lets a trial ask for (task roots, unsandboxed runs, Nomad placement, webhook
 hosts, each project's egress allowlists), from its settings and configs/projects.yaml."""
 
@@ -17,7 +18,9 @@ from contracts.config import (
     load_projects,
 )
 from contracts.outbound import Allowlist
+from contracts.providers import ProvidersCatalog, load_providers, split_model
 from contracts.settings import Settings
+from orchestrator.model_choices import ModelChoices
 from workers.agents import AGENTS
 
 
@@ -27,12 +30,34 @@ class Catalog:
     prices: PriceCatalog
     policy: dict[str, Any] = field(default_factory=dict)
     """The server's limits on a trial, as validation-context entries (see `server_policy`)."""
+    providers: ProvidersCatalog = field(default_factory=ProvidersCatalog)
+    settings: Settings = field(default_factory=Settings)
+    """Where the secret store and the model plane are, for what a trial can run."""
 
     @classmethod
     def load(cls, settings: Settings) -> Catalog:
         return cls(
-            load_models(settings.configs), load_prices(settings.configs), server_policy(settings)
+            load_models(settings.configs),
+            load_prices(settings.configs),
+            server_policy(settings),
+            load_providers(settings.configs),
+            settings,
         )
+
+    def endpoint(self, model: str) -> tuple[str, str]:
+        """Where an agent calls a trial's `model`, OpenAI-style (`…/v1`; Anthropic clients use
+        its origin), and the name it sends: the model plane and the pair's name, or the
+        provider's URL and its own model name (`openrouter/qwen/qwen3-coder` → `qwen/qwen3-coder`).
+        KeyError for a provider not in providers.yaml."""
+        split = split_model(model)
+        if split is None:
+            return self.settings.model_url, model
+        provider, upstream = split
+        return self.providers.providers[provider].base_url, upstream
+
+    def choices(self) -> ModelChoices:
+        """What a trial can run now (asks the secret store and model plane when needed)."""
+        return ModelChoices(self.models, self.prices, self.providers, self.settings)
 
     @property
     def egress(self) -> EgressPolicies | None:
@@ -44,7 +69,7 @@ class Catalog:
     def validation_context(self) -> dict[str, Any]:
         return {
             "agents": sorted(AGENTS),
-            "pairs": self.models.served_names(),
+            "models": self.choices(),
             "currencies": sorted(self.prices.fx),
             **self.policy,
         }

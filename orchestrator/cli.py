@@ -25,6 +25,7 @@ from orchestrator import top as top_cmd
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
+from orchestrator.models_cli import ls as models_ls
 from orchestrator.tokens_cli import app as tokens_app
 from retention import backup_cli
 from retention.checkpoints_cli import app as checkpoints_app
@@ -46,6 +47,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(models_app, name="models")
+models_app.command("ls")(models_ls)
 app.add_typer(retention_app, name="retention")
 app.add_typer(checkpoints_app, name="checkpoints")
 app.command("backup")(backup_cli.backup)

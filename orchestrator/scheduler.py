@@ -30,6 +30,7 @@ from budget import iso
 from contracts.config import Confidence, Egress, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
+from contracts.providers import PLACEHOLDER_KEY
 from contracts.results import AssignmentResult, ConfidenceGate
 from contracts.routing import write_policy
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
@@ -555,6 +556,8 @@ class Scheduler:
         host = "127.0.0.1" if sandbox else st.host
         proxy = proxy_url(host, st.proxy_port, machine, mint(self.p.credential_key, identity))
         ca = str(self.p.root.ca_cert)
+        # A provider's model is called at its real host through the proxy, which puts the key in.
+        endpoint, model = self.p.catalog.endpoint(a.model)
         env = {
             "HTTP_PROXY": proxy,
             "HTTPS_PROXY": proxy,
@@ -565,10 +568,11 @@ class Scheduler:
             "SSL_CERT_FILE": ca,
             "REQUESTS_CA_BUNDLE": ca,
             "NODE_EXTRA_CA_CERTS": ca,
-            "OPENAI_BASE_URL": st.model_url,
-            "OPENAI_API_KEY": "autovibe-machine-credential",
-            "AUTOVIBE_MODEL_ENDPOINT": st.model_url,
-            "AUTOVIBE_MODEL": a.model,
+            "OPENAI_BASE_URL": endpoint,
+            "OPENAI_API_KEY": PLACEHOLDER_KEY,
+            "ANTHROPIC_BASE_URL": endpoint.removesuffix("/v1"),
+            "AUTOVIBE_MODEL_ENDPOINT": endpoint,
+            "AUTOVIBE_MODEL": model,
             "AUTOVIBE_MACHINE": machine,
             "AUTOVIBE_ASSIGNMENT": a.id,
         }
@@ -586,8 +590,8 @@ class Scheduler:
             timeout_s=task.timeout_s,
             agent=a.agent,
             agent_command=task.agent_command or [] if a.agent == "command" else [],
-            model=a.model,
-            endpoint=st.model_url,
+            model=model,
+            endpoint=endpoint,
             env=env,
             artifacts=self._artifacts(config, trial_id, a.id),
             data_root=self.p.root.root,

@@ -1,10 +1,11 @@
 """Where a worker may go: the egress policy, checked before anything is forwarded.
 
-Allowed: the local model plane (by address, `proxy.addresses`), the providers' API hosts over
-TLS (`api.openai.com:443`, `autovibe_provider_hosts`), and the worker's allowlist (rules of
-`contracts.egress`). That list comes with the worker's machine credential, signed by the
-orchestrator: its trial's `egress.allow`, within its project's (configs/projects.yaml). A
-credential that carries none gets the proxy's `autovibe_egress_allow` (`AUTOVIBE_EGRESS_ALLOW`).
+Allowed: the local model plane (by address, `proxy.addresses`), the providers' API hosts
+(configs/providers.yaml: `api.openai.com:443`; `autovibe_provider_hosts`), and the worker's
+allowlist (rules of `contracts.egress`). That list comes with the worker's machine credential,
+signed by the orchestrator: its trial's `egress.allow`, within its project's
+(configs/projects.yaml). A credential that carries none gets the proxy's `autovibe_egress_allow`
+(`AUTOVIBE_EGRESS_ALLOW`).
 Everything else is answered 403 with a JSON body naming the host and the rule, for a CONNECT as
 for a plain request, and captured like any flow. The proxy host's own service ports
 (`autovibe_own_ports`: the control API, the proxy's listeners, its metrics, the counter and
@@ -37,14 +38,14 @@ from mitmproxy.proxy.utils import expect
 
 from contracts.credentials import MachineIdentity
 from contracts.egress import Rule, parse_rules
+from proxy.addons import providers
 from proxy.addons.identity import identity_of, identity_of_client
-from proxy.addons.metering import CLOUD_HOSTS, parse_model_hosts, parse_provider_hosts
+from proxy.addons.metering import parse_model_hosts
 from proxy.addons.refusal import fail_closed, refuse
 from proxy.addresses import THIS_HOST, ModelPlane, keys
 
 log = logging.getLogger(__name__)
 
-TLS_PORT = 443
 DNS_TYPES = frozenset({types.A, types.AAAA})
 POLICIES_KEPT = 1024
 """Policies of credentials kept parsed (one per distinct allowlist); dropped when full."""
@@ -180,17 +181,16 @@ class Egress:
             "autovibe_egress_tcp_allow",
             "autovibe_own_ports",
             "autovibe_model_hosts",
-            "autovibe_provider_hosts",
+            *providers.OPTIONS,
         }
         if not names & updated:
             return
         opts = ctx.options
         try:
             plane = ModelPlane(parse_model_hosts(opts.autovibe_model_hosts))
-            extra = parse_provider_hosts(getattr(opts, "autovibe_provider_hosts", ""))
             self.policy = EgressPolicy(
                 model_plane=plane,
-                providers=frozenset({(h, TLS_PORT) for h in CLOUD_HOSTS} | set(extra)),
+                providers=providers.from_options().hosts(),
                 allow=parse_rules(opts.autovibe_egress_allow),
                 tcp_allow=parse_rules(opts.autovibe_egress_tcp_allow),
                 own_ports=parse_ports(opts.autovibe_own_ports) - plane.ports,

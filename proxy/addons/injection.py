@@ -1,14 +1,15 @@
 """The worker's placeholder API key is swapped for the real one as a call leaves the proxy.
 
-Known providers (api.openai.com, api.anthropic.com, and `autovibe_provider_hosts`) take their
-key from the secret store at `providers/<name>`. The worker never holds it; a call to a known
-provider without a stored key is refused (502), not forwarded with the placeholder.
+Known providers (configs/providers.yaml, `contracts.providers`, and the stand-ins of
+`autovibe_provider_hosts`) take their key from the secret store at `providers/<name>`. The
+worker never holds it; a call to a known provider without a stored key is refused (502), not
+forwarded with the placeholder.
 
 Only calls the proxy meters or lets through free get the key: the provider's endpoint table
 (`proxy.endpoints`) decides, the one metering prices by. Metering refuses the rest first (403
 `endpoint_not_metered`); the check here is the last one before the key goes in. The public
-providers' hosts get their key only over TLS; an operator's own `autovibe_provider_hosts`
-entry may be plain HTTP.
+providers' hosts get their key only over TLS (an `https` URL in providers.yaml); an operator's
+own `http` provider or `autovibe_provider_hosts` entry may be plain HTTP.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import exceptions, http
 from mitmproxy.addonmanager import Loader
 
+from contracts.providers import SECRET_PREFIX
 from contracts.secrets import SecretNotFound, SecretStoreError
-from proxy.addons import dataroot
+from proxy.addons import dataroot, providers
 from proxy.addons.identity import identity_of
-from proxy.addons.metering import CLOUD_HOSTS, not_metered, parse_provider_hosts
+from proxy.addons.metering import not_metered
+from proxy.addons.providers import Providers
 from proxy.addons.redaction import SecretCache, open_store
 from proxy.addons.refusal import fail_closed, refuse
 from proxy.endpoints import endpoint_of
@@ -30,12 +33,11 @@ from proxy.endpoints import endpoint_of
 log = logging.getLogger(__name__)
 
 OPTION = "autovibe_provider_hosts"
-SECRET_PREFIX = "providers/"
 
 
 class Injection:
     def __init__(self) -> None:
-        self.extra_hosts: dict[tuple[str, int], str] = {}
+        self.providers = Providers()
         self.cache: SecretCache | None = None
 
     def load(self, loader: Loader) -> None:
@@ -49,11 +51,8 @@ class Injection:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if OPTION in updated:
-            try:
-                self.extra_hosts = parse_provider_hosts(getattr(ctx.options, OPTION))
-            except ValueError as exc:
-                raise exceptions.OptionsError(f"{OPTION}: {exc}") from exc
+        if providers.OPTIONS & updated:
+            self.providers = providers.from_options()
         if dataroot.OPTION in updated:
             try:
                 self.cache = SecretCache(open_store(dataroot.current()))
@@ -61,8 +60,7 @@ class Injection:
                 raise exceptions.OptionsError(f"secret store: {exc}") from exc
 
     def provider(self, host: str, port: int) -> str | None:
-        host = host.lower()
-        return self.extra_hosts.get((host, port)) or CLOUD_HOSTS.get(host)
+        return self.providers.at(host, port)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -71,13 +69,14 @@ class Injection:
         provider = self.provider(flow.request.host, flow.request.port)
         if provider is None:
             return
-        method, path = flow.request.method, urlsplit(flow.request.path).path
+        method = flow.request.method
+        path = self.providers.api_path(provider, urlsplit(flow.request.path).path)
         endpoint = endpoint_of(provider, method, path)
         if endpoint is None or endpoint.rule == "refused":
             # Billed to the organisation while no counter moves: no key, no call.
             refuse(flow, 403, not_metered(provider, method, path, endpoint))
             return
-        if flow.request.host.lower() in CLOUD_HOSTS and flow.request.scheme != "https":
+        if self.providers.catalog.over_tls(flow.request.host) and flow.request.scheme != "https":
             refuse(
                 flow,
                 403,
@@ -105,7 +104,12 @@ class Injection:
             )
             return
         headers = flow.request.headers
-        if "x-api-key" in headers or (provider == "anthropic" and "authorization" not in headers):
+        known = self.providers.of(provider)
+        # Anthropic's own clients send x-api-key; so do clients of a Messages-only gateway.
+        messages_only = provider == "anthropic" or (
+            known is not None and known.wire == ["anthropic"]
+        )
+        if "x-api-key" in headers or (messages_only and "authorization" not in headers):
             headers["x-api-key"] = key
             headers.pop("authorization", None)
         else:

@@ -34,6 +34,9 @@ from mitmproxy.addonmanager import Loader
 from contracts.config import ConfigError, PriceCatalog, load_prices
 from contracts.records import Usage
 from contracts.settings import Settings
+from proxy.addons import providers
+from proxy.addons.providers import Providers
+from proxy.addons.providers import parse_provider_hosts as parse_provider_hosts
 from proxy.addons.refusal import fail_closed, refuse, refused
 from proxy.addresses import ModelPlane
 from proxy.endpoints import (
@@ -53,9 +56,6 @@ from proxy.usage import PARSE_LIMIT, Api, UsageMeter
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "autovibe.metering"
-CLOUD_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic"}
-INCLUDE_USAGE_PROVIDERS = frozenset({"openai", "local"})
-"""Providers whose chat/completions streams send usage when asked (stream_options)."""
 BYTES_PER_TOKEN = 4
 """Rough size of a token on the wire, for responses that report no usage."""
 AUDIO_MAX_SECONDS = 1500
@@ -124,20 +124,6 @@ def parse_model_hosts(value: str) -> frozenset[tuple[str, int]]:
     return frozenset(hosts)
 
 
-def parse_provider_hosts(value: str) -> dict[tuple[str, int], str]:
-    """`host:port=provider,…` → {(host, port): provider}; ValueError names the bad entry."""
-    hosts = {}
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        where, sep, provider = entry.partition("=")
-        host, colon, port = where.rpartition(":")
-        if not sep or not provider or not colon or not host or not port.isdigit():
-            raise ValueError(f"{entry!r} is not host:port=provider")
-        hosts[(host.strip("[]").lower(), int(port))] = provider.strip()
-    return hosts
-
-
 def usage_from_body(content_type: str, body: bytes) -> tuple[Usage | None, str | None]:
     """OpenAI usage and response id from a whole JSON or server-sent-events body."""
     meter = UsageMeter("openai_chat", content_type)
@@ -183,7 +169,7 @@ class Metering:
     def __init__(self) -> None:
         self.prices: PriceCatalog | None = None
         self.model_plane = ModelPlane(())
-        self.provider_hosts: dict[tuple[str, int], str] = {}
+        self.providers = Providers()
         self.audio_max_seconds = AUDIO_MAX_SECONDS
 
     def load(self, loader: Loader) -> None:
@@ -220,12 +206,9 @@ class Metering:
                 self.prices = load_prices(configs)
             except ConfigError as exc:
                 raise exceptions.OptionsError(f"autovibe_configs: {exc}") from exc
-        if "autovibe_provider_hosts" in updated:
-            # Declared by the injection addon: the same hosts get keys injected and are metered.
-            try:
-                self.provider_hosts = parse_provider_hosts(ctx.options.autovibe_provider_hosts)
-            except ValueError as exc:
-                raise exceptions.OptionsError(f"autovibe_provider_hosts: {exc}") from exc
+        if providers.OPTIONS & updated:
+            # The same hosts get keys injected (injection) and are metered here.
+            self.providers = providers.from_options()
         if "autovibe_audio_max_seconds" in updated:
             if ctx.options.autovibe_audio_max_seconds < 1:
                 raise exceptions.OptionsError(
@@ -243,7 +226,7 @@ class Metering:
         host = host.lower()
         if self.model_plane.serves(host, port):
             return "local"
-        return self.provider_hosts.get((host, port)) or CLOUD_HOSTS.get(host)
+        return self.providers.at(host, port)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -254,7 +237,8 @@ class Metering:
             return
         facts = Metered(provider=provider)
         flow.metadata[METADATA_KEY] = facts
-        method, path = flow.request.method, urlsplit(flow.request.path).path
+        method = flow.request.method
+        path = self.providers.api_path(provider, urlsplit(flow.request.path).path)
         endpoint = endpoint_of(provider, method, path)
         if provider == "local":
             # The model plane holds no key and is paid by the hour: only its LLM APIs count.
@@ -308,12 +292,18 @@ class Metering:
             )
             return
         if (
-            provider in INCLUDE_USAGE_PROVIDERS
+            self._sends_stream_usage(provider)
             and api in ("openai_chat", "openai_completions")
             and _ask_for_stream_usage(doc)
         ):
             flow.request.content = json.dumps(doc).encode()
             facts.usage_requested = True
+
+    def _sends_stream_usage(self, provider: str) -> bool:
+        """Whether the provider's chat/completions streams send usage when asked
+        (`stream_options`): the model plane and the providers that speak OpenAI's format."""
+        known = self.providers.of(provider)
+        return provider == "local" or (known is not None and "openai" in known.wire)
 
     def _quote(self, flow: http.HTTPFlow, facts: Metered, endpoint: Endpoint) -> None:
         """Price a call metered per unit from its request, or refuse it."""

@@ -34,15 +34,10 @@ from pydantic import ValidationError
 
 from contracts.credentials import MachineIdentity
 from contracts.routing import AssignmentPolicy, policy_path
-from proxy.addons import dataroot
+from proxy.addons import dataroot, providers
 from proxy.addons.identity import identity_of
-from proxy.addons.metering import (
-    BYTES_PER_TOKEN,
-    CLOUD_HOSTS,
-    llm_api,
-    parse_model_hosts,
-    parse_provider_hosts,
-)
+from proxy.addons.metering import BYTES_PER_TOKEN, llm_api, parse_model_hosts
+from proxy.addons.providers import Providers
 from proxy.addons.refusal import fail_closed, refuse
 from proxy.output_cap import output_cap
 from proxy.usage import Api
@@ -149,7 +144,7 @@ class AutoRouting:
     def __init__(self) -> None:
         self.local: tuple[str, int] | None = None
         self.default_pair = "tiny"
-        self.provider_hosts: dict[str, tuple[str, int]] = {}
+        self.providers = Providers()
         self.policies = _PolicyCache()
 
     def load(self, loader: Loader) -> None:
@@ -180,15 +175,8 @@ class AutoRouting:
             first = next((e.strip() for e in value.split(",") if e.strip()), "")
             host, _, port = first.rpartition(":")
             self.local = (host.strip("[]").lower(), int(port)) if first else None
-        if "autovibe_provider_hosts" in updated:
-            # Declared by the injection addon: stand-ins for cloud providers (host:port=name).
-            try:
-                hosts = parse_provider_hosts(ctx.options.autovibe_provider_hosts)
-            except ValueError as exc:
-                raise exceptions.OptionsError(f"autovibe_provider_hosts: {exc}") from exc
-            self.provider_hosts = {}
-            for where, provider in hosts.items():
-                self.provider_hosts.setdefault(provider, where)
+        if providers.OPTIONS & updated:
+            self.providers = providers.from_options()
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -247,18 +235,12 @@ class AutoRouting:
             if (request.host.lower(), request.port) != self.local:
                 request.scheme, request.host, request.port = "http", *self.local
             return
-        here = (request.host.lower(), request.port)
-        stand_in = self.provider_hosts.get(route.provider)
-        if here == stand_in or CLOUD_HOSTS.get(here[0]) == route.provider:
+        if self.providers.at(request.host, request.port) == route.provider:
             return
-        if stand_in is not None:
-            scheme = "https" if stand_in[1] == 443 else "http"
-            request.scheme, request.host, request.port = scheme, *stand_in
-            return
-        public = next((h for h, p in CLOUD_HOSTS.items() if p == route.provider), None)
-        if public is None:
+        where = self.providers.where(route.provider)
+        if where is None:
             raise RuntimeError(f"no host known for cloud provider {route.provider!r}")
-        request.scheme, request.host, request.port = "https", public, 443
+        request.scheme, request.host, request.port = where
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

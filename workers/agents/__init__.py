@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from contracts.adapters import resolve
+from contracts.providers import Wire
 from workers.agents.base import Agent
 
 # short name -> "module:Class"; imported only when used, so an agent's deps stay optional.
@@ -17,6 +18,18 @@ AGENTS: dict[str, str] = {
     "cursor-cli": "workers.agents.cursor_cli:CursorCliAgent",
     "command": "workers.agents.command:CommandAgent",
 }
+
+SPEAKS: dict[str, frozenset[Wire]] = {
+    "builtin": frozenset({"openai"}),  # completions (a base model's API)
+    "mini-swe-agent": frozenset({"openai"}),  # litellm `openai/<model>` at the base URL
+    "aider": frozenset({"openai"}),
+    "claude-code": frozenset({"anthropic"}),
+    "qwen-code": frozenset({"openai"}),
+    "cursor-cli": frozenset(),  # only Cursor's own service: it takes no base URL
+    "command": frozenset({"openai", "anthropic"}),  # the task's program gets both base URLs
+}
+"""The wire formats each agent speaks; a trial pairing it with a model that speaks none of
+them is refused at submission (the proxy does not translate)."""
 
 
 def get_agent(name: str, root: Path | None = None) -> Agent:
