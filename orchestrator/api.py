@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from contracts.config import TrialConfig
+from contracts.reports import TrialReport
 from contracts.settings import Settings
 from orchestrator import access, auth, payments_api, report
 from orchestrator.bandit import history_from_state
@@ -137,7 +138,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
         return trial_view(platform, trial_id)
 
     @app.get("/v1/trials/{trial_id}/report", dependencies=guarded)
-    def trial_report(trial_id: str) -> dict[str, Any]:
+    def trial_report(trial_id: str) -> TrialReport:
         trial_view(platform, trial_id)
         return report.build(platform, trial_id)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 import yaml
@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from contracts.config import ConfigError, TrialConfig, load_trial
 from contracts.dataroot import DataRoot
+from contracts.reports import TrialReport
 from contracts.settings import Settings
 from ledger.cli import app as ledger_app
 from ledger.cli import payments_app
@@ -143,7 +144,7 @@ def submit(
     console.print(f"submitted trial {created['name']}: id {created['id']}")
     if watch_:
         _watch(client, created["id"])
-        _fail_on_infra_errors(client.report(created["id"]))
+        _fail_on_infra_errors(TrialReport.model_validate(client.report(created["id"])))
 
 
 def _api_problem(exc: ApiError) -> str:
@@ -227,14 +228,14 @@ def _watch(client: Client, trial_id: str) -> None:
                 )
 
 
-def _fail_on_infra_errors(report: dict[str, Any]) -> None:
+def _fail_on_infra_errors(report: TrialReport) -> None:
     """Exit non-zero when the platform failed any assignment: a green run must mean it ran."""
-    errors = report.get("infra_errors") or []
+    errors = report.infra_errors
     if errors:
         raise _fail(
             f"{len(errors)} assignment(s) ended in infra_error: the platform, not the agent, "
             "failed them:\n"
-            + "\n".join(f"  {e['assignment']}: {e['cause']}: {e['detail']}" for e in errors),
+            + "\n".join(f"  {e.assignment}: {e.cause}: {e.detail}" for e in errors),
             1,
         )
 
@@ -257,18 +258,21 @@ def report(
     """Per agent × model pair: success with its 95 % interval, cost per resolved task, time,
     error causes, and whether differences between agents and pairs are significant."""
     client = _client(Settings())
-    data = client.report(trial_id)
+    data = TrialReport.model_validate(client.report(trial_id))
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        sys.stdout.write(json.dumps(data.to_json(), indent=2) + "\n")
     else:
         report_mod.render(data, console)
     if out is None:
         return
     learning = None
     if curve:
-        project = data["project"]
-        reports = [client.report(t["id"]) for t in client.trials() if t["project"] == project]
-        learning = report_mod.curve_from_reports(reports, project)
+        reports = [
+            TrialReport.model_validate(client.report(t["id"]))
+            for t in client.trials()
+            if t["project"] == data.project
+        ]
+        learning = report_mod.curve_from_reports(reports, data.project)
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     try:
         written = report_mod.write_outputs(data, out, wanted, curve=learning)
@@ -421,7 +425,7 @@ def demo(
         f"POST {settings.api_url}/v1/trials"
     )
     _watch(client, created["id"])
-    trial_report = client.report(created["id"])
+    trial_report = TrialReport.model_validate(client.report(created["id"]))
     report_mod.render(trial_report, console)
     console.print(f"\nwall time {time.monotonic() - started:.1f} s")
     console.print(f"ledger        {root.ledger(config.project)}")

@@ -4,7 +4,8 @@
 them to `summarize`, a pure function, so the numbers can be checked against fixed data. A run
 counts as *scored* (the `n` of the success rate) once it was graded; cancelled runs and infra
 failures say nothing about the agent and are left out of `n`, but their spend is not.
-Outputs: `render` (Rich, terminal) and `write_outputs` (JSON, CSV, Markdown, PNG charts).
+The report is one `contracts.reports.TrialReport`; every output takes it: `render` (Rich,
+terminal) and `write_outputs` (JSON, CSV, Markdown, PNG charts).
 """
 
 from __future__ import annotations
@@ -18,24 +19,41 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
+from contracts.reports import (
+    ERROR_CAUSES,
+    AgentRow,
+    ArmRow,
+    ArmStats,
+    Comparison,
+    Comparisons,
+    CurvePoint,
+    DeferredRun,
+    InfraErrorRun,
+    LearningCurve,
+    LocalShare,
+    ModelPairRow,
+    ReviewRun,
+    TamperedRun,
+    TrialHead,
+    TrialReport,
+)
 from orchestrator import stats
 from orchestrator.platform import Platform
 from orchestrator.state import Assignment, Trial, stored_config
 
 GRADES = ("resolved", "partial", "unresolved")
-ERROR_CAUSES = ("timeout", "budget_exhausted", "crashed", "model_unreachable", "infra", "cancelled")
-"""`Assignment.exit_cause` values that are not a normal ending (`finished`)."""
 INFRA_CAUSES = ("model_unreachable", "infra")
 """Causes of an `infra_error` ending: the platform failed, so the run says nothing of the agent."""
 FORMATS = ("json", "csv", "md", "png")
 PER_RESOLVED = Decimal("0.000001")
 _K = TypeVar("_K")
+_Row = TypeVar("_Row", bound=ArmStats)
 
 
 @dataclass(frozen=True)
@@ -77,20 +95,20 @@ def arm_name(agent: str, model: str) -> str:
 # -- building ------------------------------------------------------------------------------
 
 
-def build(platform: Platform, trial_id: str) -> dict[str, Any]:
+def build(platform: Platform, trial_id: str) -> TrialReport:
     """The report of one trial, from the state DB and the proxy's metering."""
     with platform.store.session() as s:
         trial = s.get_one(Trial, trial_id)
         currency = stored_config(trial.config).budget.currency
-        head = {
-            "id": trial.id,
-            "name": trial.name,
-            "project": trial.project,
-            "status": trial.status,
-            "currency": currency,
-            "created_at": trial.created_at.isoformat() + "Z",
-            "finished_at": trial.finished_at.isoformat() + "Z" if trial.finished_at else None,
-        }
+        head = TrialHead(
+            id=trial.id,
+            name=trial.name,
+            project=trial.project,
+            status=trial.status,
+            currency=currency,
+            created_at=trial.created_at.isoformat() + "Z",
+            finished_at=trial.finished_at.isoformat() + "Z" if trial.finished_at else None,
+        )
         bare = [_record(a) for a in trial.assignments]
     platform.usage(trial=trial_id)  # one catch-up of the index, then plain reads
     records = []
@@ -131,76 +149,76 @@ def _record(a: Assignment) -> RunRecord:
 
 
 def summarize(
-    head: dict[str, Any], records: Sequence[RunRecord], to_currency: Callable[[Decimal], Decimal]
-) -> dict[str, Any]:
+    head: TrialHead, records: Sequence[RunRecord], to_currency: Callable[[Decimal], Decimal]
+) -> TrialReport:
     """Rows per agent × model pair, per agent and per model pair, and the pairwise tests."""
     rows = [
-        {"agent": agent, "model": model, **_stats(group, to_currency)}
+        ArmRow(agent=agent, model=model, **dict(_stats(group, to_currency)))
         for (agent, model), group in _grouped(records, lambda r: (r.agent, r.model))
     ]
     by_agent = [
-        {"agent": agent, **_stats(group, to_currency)}
+        AgentRow(agent=agent, **dict(_stats(group, to_currency)))
         for agent, group in _grouped(records, lambda r: r.agent)
     ]
     by_model = [
-        {"model": model, **_stats(group, to_currency)}
+        ModelPairRow(model=model, **dict(_stats(group, to_currency)))
         for model, group in _grouped(records, lambda r: r.model)
     ]
     total_usd = sum((r.cost_usd for r in records), start=Decimal(0))
-    return {
-        **head,
-        "rows": rows,
-        "by_agent": by_agent,
-        "by_model": by_model,
-        "comparisons": {
-            "agents": _compare(by_agent, lambda r: r["agent"]),
-            "model_pairs": _compare(by_model, lambda r: r["model"]),
-            "arms": _compare(rows, lambda r: arm_name(r["agent"], r["model"])),
-        },
-        "deferred": [
-            {"assignment": r.assignment, "not_before": r.not_before}
+    return TrialReport(
+        **dict(head),
+        rows=rows,
+        by_agent=by_agent,
+        by_model=by_model,
+        comparisons=Comparisons(
+            agents=_compare(by_agent, lambda r: r.agent),
+            model_pairs=_compare(by_model, lambda r: r.model),
+            arms=_compare(rows, lambda r: arm_name(r.agent, r.model)),
+        ),
+        deferred=[
+            DeferredRun(assignment=r.assignment, not_before=r.not_before)
             for r in records
             if r.state == "deferred"
         ],
-        "infra_errors": [
-            {
-                "assignment": r.assignment,
-                "task": r.task,
-                "agent": r.agent,
-                "model": r.model,
-                "cause": r.exit_cause,
-                "detail": r.infra_detail,
-            }
+        infra_errors=[
+            InfraErrorRun(
+                assignment=r.assignment,
+                task=r.task,
+                agent=r.agent,
+                model=r.model,
+                cause=r.exit_cause,
+                detail=r.infra_detail,
+            )
             for r in records
             if r.status == "infra_error"
         ],
-        "tests_tampered": [
-            {
-                "assignment": r.assignment,
-                "task": r.task,
-                "agent": r.agent,
-                "model": r.model,
-                "files": list(r.tampered_files),
-            }
+        tests_tampered=[
+            TamperedRun(
+                assignment=r.assignment,
+                task=r.task,
+                agent=r.agent,
+                model=r.model,
+                files=list(r.tampered_files),
+            )
             for r in records
             if r.tampered_files
         ],
-        "needs_review": [
-            {
-                "assignment": r.assignment,
-                "task": r.task,
-                "agent": r.agent,
-                "model": r.model,
-                "confidence": r.confidence,
-            }
+        needs_review=[
+            ReviewRun(
+                assignment=r.assignment,
+                task=r.task,
+                agent=r.agent,
+                model=r.model,
+                confidence=r.confidence,
+            )
             for r in records
             if r.accepted is False
         ],
-        "local_share": _local_share(records),
-        "alpha": stats.ALPHA,
-        "total_cost": str(to_currency(total_usd)),
-        "total_cost_usd": str(total_usd),
-    }
+        local_share=_local_share(records),
+        alpha=stats.ALPHA,
+        total_cost=to_currency(total_usd),
+        total_cost_usd=total_usd,
+    )
 
 
 def _grouped(
@@ -212,60 +230,58 @@ def _grouped(
     return sorted(groups.items(), key=lambda kv: str(kv[0]))
 
 
-def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) -> dict[str, Any]:
-    counts = {g: sum(r.status == g for r in group) for g in GRADES}
-    n = sum(counts.values())
-    resolved = counts["resolved"]
+def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) -> ArmStats:
+    resolved, partial, unresolved = (sum(r.status == g for r in group) for g in GRADES)
+    n = resolved + partial + unresolved
     low, high = stats.wilson_interval(resolved, n)
     wall = [float(r.wall_s) for r in group if r.wall_s is not None]
     cost_usd = sum((r.cost_usd for r in group), start=Decimal(0))
     cost = to_currency(cost_usd)
     p50, p90 = stats.percentile(wall, 50), stats.percentile(wall, 90)
-    return {
-        "assignments": len(group),
-        "n": n,
-        **counts,
-        "pending": sum(r.state in ("queued", "deferred", "running") for r in group),
-        "deferred": sum(r.state == "deferred" for r in group),
-        "errors": sum(r.state in ("failed", "cancelled") and r.status not in GRADES for r in group),
-        "error_causes": {c: sum(r.exit_cause == c for r in group) for c in ERROR_CAUSES},
-        "infra_errors": sum(r.status == "infra_error" for r in group),
-        "tests_tampered": sum(bool(r.tampered_files) for r in group),
-        "failed_calls": sum(r.failed_calls for r in group),
-        "accepted": sum(r.accepted is True for r in group),
-        "needs_review": sum(r.accepted is False for r in group),
-        "success_rate": round(resolved / n, 4) if n else None,
-        "success_ci95": [round(low, 4), round(high, 4)],
-        "llm_calls": sum(r.calls for r in group),
-        "tokens": sum(r.tokens for r in group),
-        **_local_share(group),
-        "cost": str(cost),
-        "cost_usd": str(cost_usd),
-        "cost_per_resolved": str((cost / resolved).quantize(PER_RESOLVED)) if resolved else None,
-        "wall_s_median": round(statistics.median(wall), 2) if wall else None,
-        "wall_s_p50": None if p50 is None else round(p50, 2),
-        "wall_s_p90": None if p90 is None else round(p90, 2),
-        "wall_s_total": round(sum(wall), 2),
-    }
+    return ArmStats(
+        assignments=len(group),
+        n=n,
+        resolved=resolved,
+        partial=partial,
+        unresolved=unresolved,
+        pending=sum(r.state in ("queued", "deferred", "running") for r in group),
+        deferred=sum(r.state == "deferred" for r in group),
+        errors=sum(r.state in ("failed", "cancelled") and r.status not in GRADES for r in group),
+        error_causes={c: sum(r.exit_cause == c for r in group) for c in ERROR_CAUSES},
+        infra_errors=sum(r.status == "infra_error" for r in group),
+        tests_tampered=sum(bool(r.tampered_files) for r in group),
+        failed_calls=sum(r.failed_calls for r in group),
+        accepted=sum(r.accepted is True for r in group),
+        needs_review=sum(r.accepted is False for r in group),
+        success_rate=round(resolved / n, 4) if n else None,
+        success_ci95=(round(low, 4), round(high, 4)),
+        llm_calls=sum(r.calls for r in group),
+        tokens=sum(r.tokens for r in group),
+        **dict(_local_share(group)),
+        cost=cost,
+        cost_usd=cost_usd,
+        cost_per_resolved=(cost / resolved).quantize(PER_RESOLVED) if resolved else None,
+        wall_s_median=round(statistics.median(wall), 2) if wall else None,
+        wall_s_p50=None if p50 is None else round(p50, 2),
+        wall_s_p90=None if p90 is None else round(p90, 2),
+        wall_s_total=round(sum(wall), 2),
+    )
 
 
-def _local_share(group: Sequence[RunRecord]) -> dict[str, Any]:
+def _local_share(group: Sequence[RunRecord]) -> LocalShare:
     """Tokens served by the local pair, and their share of all metered tokens (None: none)."""
     tokens, local = sum(r.tokens for r in group), sum(r.local_tokens for r in group)
-    return {"local_tokens": local, "local_share": round(local / tokens, 4) if tokens else None}
+    return LocalShare(local_tokens=local, local_share=round(local / tokens, 4) if tokens else None)
 
 
-def _compare(
-    rows: list[dict[str, Any]], name: Callable[[dict[str, Any]], str]
-) -> list[dict[str, object]]:
-    arms = [stats.Arm(name(r), r["resolved"], r["n"]) for r in rows]
-    return [c.to_json() for c in stats.compare_all(arms)]
+def _compare(rows: Sequence[_Row], name: Callable[[_Row], str]) -> list[Comparison]:
+    return stats.compare_all([stats.Arm(name(r), r.resolved, r.n) for r in rows])
 
 
 # -- learning curves -----------------------------------------------------------------------
 
 
-def learning_curve(platform: Platform, project: str) -> dict[str, Any]:
+def learning_curve(platform: Platform, project: str) -> LearningCurve:
     """Success and cost per success of a project's trials, oldest first."""
     with platform.store.session() as s:
         ids = list(
@@ -274,80 +290,78 @@ def learning_curve(platform: Platform, project: str) -> dict[str, Any]:
     return curve_from_reports([build(platform, i) for i in ids], project)
 
 
-def curve_from_reports(reports: Sequence[dict[str, Any]], project: str) -> dict[str, Any]:
+def curve_from_reports(reports: Sequence[TrialReport], project: str) -> LearningCurve:
     """One point per trial, overall and per agent × model pair, ordered by creation time."""
-    ordered = sorted(reports, key=lambda r: r["created_at"])
-    currencies = {r["currency"] for r in ordered}
+    ordered = sorted(reports, key=lambda r: r.created_at)
+    currencies = {r.currency for r in ordered}
     if len(currencies) > 1:
         raise ValueError(
             f"trials of {project} are priced in several currencies "
             f"({', '.join(sorted(currencies))}); their costs cannot share one curve"
         )
     points = []
-    arms: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    arms: dict[str, list[CurvePoint]] = defaultdict(list)
     for report in ordered:
-        trial = {
-            "trial": report["id"],
-            "name": report["name"],
-            "created_at": report["created_at"],
-        }
-        points.append({**trial, **_point(report["rows"])})
-        for row in report["rows"]:
-            arms[arm_name(row["agent"], row["model"])].append({**trial, **_point([row])})
-    return {
-        "project": project,
-        "currency": currencies.pop() if currencies else None,
-        "points": points,
-        "arms": dict(sorted(arms.items())),
-    }
+        points.append(_point(report, report.rows))
+        for row in report.rows:
+            arms[arm_name(row.agent, row.model)].append(_point(report, [row]))
+    return LearningCurve(
+        project=project,
+        currency=currencies.pop() if currencies else None,
+        points=points,
+        arms=dict(sorted(arms.items())),
+    )
 
 
-def _point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    n = sum(r["n"] for r in rows)
-    resolved = sum(r["resolved"] for r in rows)
-    cost = sum((Decimal(r["cost"]) for r in rows), start=Decimal(0))
+def _point(report: TrialReport, rows: Sequence[ArmRow]) -> CurvePoint:
+    n = sum(r.n for r in rows)
+    resolved = sum(r.resolved for r in rows)
+    cost = sum((r.cost for r in rows), start=Decimal(0))
     low, high = stats.wilson_interval(resolved, n)
-    return {
-        "n": n,
-        "resolved": resolved,
-        "success_rate": round(resolved / n, 4) if n else None,
-        "success_ci95": [round(low, 4), round(high, 4)],
-        "cost": str(cost),
-        "cost_per_resolved": str((cost / resolved).quantize(PER_RESOLVED)) if resolved else None,
-    }
+    return CurvePoint(
+        trial=report.id,
+        name=report.name,
+        created_at=report.created_at,
+        n=n,
+        resolved=resolved,
+        success_rate=round(resolved / n, 4) if n else None,
+        success_ci95=(round(low, 4), round(high, 4)),
+        cost=cost,
+        cost_per_resolved=(cost / resolved).quantize(PER_RESOLVED) if resolved else None,
+    )
 
 
 # -- outputs -------------------------------------------------------------------------------
 
 
-def _rate(row: dict[str, Any]) -> str:
-    if row["success_rate"] is None:
+def _rate(row: ArmStats) -> str:
+    if row.success_rate is None:
         return "—"
-    low, high = row["success_ci95"]
-    return f"{row['resolved']}/{row['n']} = {row['success_rate']:.0%} [{low:.0%}, {high:.0%}]"
+    low, high = row.success_ci95
+    return f"{row.resolved}/{row.n} = {row.success_rate:.0%} [{low:.0%}, {high:.0%}]"
 
 
-def _money(value: str | None) -> str:
-    return f"{Decimal(value):.6f}" if value is not None else "—"
+def _money(value: Decimal | None) -> str:
+    return f"{value:.6f}" if value is not None else "—"
 
 
-def _wall(row: dict[str, Any]) -> str:
-    if row["wall_s_p50"] is None:
+def _wall(row: ArmStats) -> str:
+    if row.wall_s_p50 is None or row.wall_s_p90 is None:
         return "—"
-    return f"{row['wall_s_p50']:g} / {row['wall_s_p90']:g}"
+    return f"{row.wall_s_p50:g} / {row.wall_s_p90:g}"
 
 
-def _causes(row: dict[str, Any]) -> str:
+def _causes(row: ArmStats) -> str:
     """Error causes and their counts; failed calls are named even where every run ended."""
-    causes = [f"{c} {k}" for c, k in row["error_causes"].items() if k]
-    if row.get("failed_calls"):
-        causes.append(f"{row['failed_calls']} failed calls")
+    causes = [f"{c} {k}" for c, k in row.error_causes.items() if k]
+    if row.failed_calls:
+        causes.append(f"{row.failed_calls} failed calls")
     return ", ".join(causes) or "—"
 
 
-def infra_note(report: dict[str, Any]) -> list[str]:
+def infra_note(report: TrialReport) -> list[str]:
     """Lines under the table: which runs the platform failed, left out of every rate."""
-    errors = report.get("infra_errors", [])
+    errors = report.infra_errors
     if not errors:
         return []
     lines = [
@@ -355,16 +369,14 @@ def infra_note(report: dict[str, Any]) -> list[str]:
         "(after their retries); they are left out of the success rates, intervals and tests:"
     ]
     lines += [
-        f"  {e['assignment']} ({e['task']}, {e['agent']} × {e['model']}): {e['cause']}: "
-        f"{e['detail']}"
-        for e in errors
+        f"  {e.assignment} ({e.task}, {e.agent} × {e.model}): {e.cause}: {e.detail}" for e in errors
     ]
     return lines
 
 
-def tamper_note(report: dict[str, Any]) -> list[str]:
+def tamper_note(report: TrialReport) -> list[str]:
     """Lines under the table: which runs edited the tests that grade them (undone first)."""
-    tampered = report.get("tests_tampered", [])
+    tampered = report.tests_tampered
     if not tampered:
         return []
     lines = [
@@ -372,14 +384,14 @@ def tamper_note(report: dict[str, Any]) -> list[str]:
         "their configuration; they were restored before grading (tests-tampered.diff):"
     ]
     lines += [
-        f"  {t['assignment']} ({t['task']}, {t['agent']} × {t['model']}): {', '.join(t['files'])}"
+        f"  {t.assignment} ({t.task}, {t.agent} × {t.model}): {', '.join(t.files)}"
         for t in tampered
     ]
     return lines
 
 
-def _gate(row: dict[str, Any]) -> str:
-    return f"{row.get('accepted', 0)} / {row.get('needs_review', 0)}"
+def _gate(row: ArmStats) -> str:
+    return f"{row.accepted} / {row.needs_review}"
 
 
 def _share(value: float | None) -> str:
@@ -390,9 +402,14 @@ def _p(value: float | None) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
-def render(report: dict[str, Any], console: Console) -> None:
-    cur = report["currency"]
-    table = Table(title=f"Trial {report['name']} ({report['id']}) — {report['status']}")
+def _between(c: Comparison) -> tuple[str, str]:
+    """The two sides of a comparison, each with its resolved / scored count."""
+    return f"{c.a} ({c.a_resolved}/{c.a_n})", f"{c.b} ({c.b_resolved}/{c.b_n})"
+
+
+def render(report: TrialReport, console: Console) -> None:
+    cur = report.currency
+    table = Table(title=f"Trial {report.name} ({report.id}) — {report.status}")
     for col in (
         "agent",
         "model pair",
@@ -412,47 +429,46 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_column(
             col, justify="left" if col in ("agent", "model pair", "errors") else "right"
         )
-    for r in report["rows"]:
+    for r in report.rows:
         table.add_row(
-            r["agent"],
-            r["model"],
-            str(r["assignments"]),
-            str(r["resolved"]),
-            str(r["partial"]),
+            r.agent,
+            r.model,
+            str(r.assignments),
+            str(r.resolved),
+            str(r.partial),
             _rate(r),
-            str(r["llm_calls"]),
-            str(r["tokens"]),
-            _share(r.get("local_share")),
-            _money(r["cost"]),
-            _money(r["cost_per_resolved"]),
+            str(r.llm_calls),
+            str(r.tokens),
+            _share(r.local_share),
+            _money(r.cost),
+            _money(r.cost_per_resolved),
             _wall(r),
             _causes(r),
             _gate(r),
         )
     console.print(table)
-    if "local_share" in report:
-        share = report["local_share"]
+    if report.local_share is not None:
+        share = report.local_share
         console.print(
-            f"Tokens served locally: {share['local_tokens']} "
-            f"({_share(share['local_share'])} of all metered tokens)"
+            f"Tokens served locally: {share.local_tokens} "
+            f"({_share(share.local_share)} of all metered tokens)"
         )
     console.print(
-        f"Total metered spend: {Decimal(report['total_cost']):.6f} {cur} "
-        f"({Decimal(report['total_cost_usd']):.6f} USD)"
+        f"Total metered spend: {report.total_cost:.6f} {cur} ({report.total_cost_usd:.6f} USD)"
     )
     for line in [*infra_note(report), *tamper_note(report)]:
         console.print(line, style="bold red", markup=False, highlight=False)
-    for d in report.get("deferred", []):
+    for d in report.deferred:
         console.print(
-            f"Deferred: {d['assignment']} (its machine's daily allowance is spent) "
-            f"until {d['not_before']}"
+            f"Deferred: {d.assignment} (its machine's daily allowance is spent) "
+            f"until {d.not_before}"
         )
-    for flagged in report.get("needs_review", []):
+    for flagged in report.needs_review:
         console.print(
-            f"Needs review: {flagged['assignment']} ({flagged['task']}, {flagged['agent']} × "
-            f"{flagged['model']}): confidence {flagged['confidence']} is below the threshold"
+            f"Needs review: {flagged.assignment} ({flagged.task}, {flagged.agent} × "
+            f"{flagged.model}): confidence {flagged.confidence} is below the threshold"
         )
-    comparisons = [(family, c) for family, cs in report["comparisons"].items() for c in cs]
+    comparisons = [(family, c) for family, cs in report.comparisons.families() for c in cs]
     if comparisons:
         ctable = Table(title="Pairwise success rates (Fisher's exact test, Holm-adjusted)")
         for col in ("between", "a", "b", "p", "p adj", "verdict"):
@@ -460,11 +476,10 @@ def render(report: dict[str, Any], console: Console) -> None:
         for family, c in comparisons:
             ctable.add_row(
                 family.replace("_", " "),
-                f"{c['a']} ({c['a_resolved']}/{c['a_n']})",
-                f"{c['b']} ({c['b_resolved']}/{c['b_n']})",
-                _p(c["p_value"]),
-                _p(c["p_adjusted"]),
-                str(c["verdict"]),
+                *_between(c),
+                _p(c.p_value),
+                _p(c.p_adjusted),
+                c.verdict,
             )
         console.print(ctable)
 
@@ -499,45 +514,45 @@ CSV_COLUMNS = (
 )
 
 
-def to_csv(report: dict[str, Any]) -> str:
+def to_csv(report: TrialReport) -> str:
     """One line per agent × model pair; empty cells where a value does not exist."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for r in report["rows"]:
-        flat = {k: r.get(k) for k in CSV_COLUMNS if k in r}
-        flat["currency"] = report["currency"]
-        flat["success_ci95_low"], flat["success_ci95_high"] = r["success_ci95"]
-        flat.update({f"errors_{c}": k for c, k in r["error_causes"].items()})
+    for r in report.rows:
+        low, high = r.success_ci95
+        flat = {k: v for k, v in r.to_json().items() if k in CSV_COLUMNS}
+        flat |= {"currency": report.currency, "success_ci95_low": low, "success_ci95_high": high}
+        flat |= {f"errors_{c}": k for c, k in r.error_causes.items()}
         writer.writerow({k: "" if v is None else v for k, v in flat.items()})
     return out.getvalue()
 
 
-def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
+def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
     """The report as a Markdown page; `charts` are linked by file name (written beside it)."""
-    cur = report["currency"]
+    cur = report.currency
     lines = [
-        f"# Trial {report['name']} ({report['id']})",
+        f"# Trial {report.name} ({report.id})",
         "",
-        f"Project **{report['project']}**, status **{report['status']}**, "
-        f"total metered spend **{Decimal(report['total_cost']):.6f} {cur}** "
-        f"({Decimal(report['total_cost_usd']):.6f} USD).",
+        f"Project **{report.project}**, status **{report.status}**, "
+        f"total metered spend **{report.total_cost:.6f} {cur}** "
+        f"({report.total_cost_usd:.6f} USD).",
         "",
         f"| agent | model pair | runs | resolved | partial | success [95% CI] | tokens "
         f"| cost {cur} | {cur} / resolved | wall s p50 / p90 | errors | accepted / review |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
     ]
-    for r in report["rows"]:
+    for r in report.rows:
         cells = [
-            r["agent"],
-            r["model"],
-            str(r["assignments"]),
-            str(r["resolved"]),
-            str(r["partial"]),
+            r.agent,
+            r.model,
+            str(r.assignments),
+            str(r.resolved),
+            str(r.partial),
             _rate(r),
-            str(r["tokens"]),
-            _money(r["cost"]),
-            _money(r["cost_per_resolved"]),
+            str(r.tokens),
+            _money(r.cost),
+            _money(r.cost_per_resolved),
             _wall(r),
             _causes(r),
             _gate(r),
@@ -561,11 +576,11 @@ def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
         "## Pairwise comparisons",
         "",
     ]
-    comparisons = [(f, c) for f, cs in report["comparisons"].items() for c in cs]
+    comparisons = [(f, c) for f, cs in report.comparisons.families() for c in cs]
     if comparisons:
         lines += [
             "Fisher's exact test on success rates, two-sided; p-values Holm-adjusted within "
-            f"each family; significant when the adjusted p < {report['alpha']}.",
+            f"each family; significant when the adjusted p < {report.alpha}.",
             "",
             "| between | a | b | p | p adj | significant | verdict |",
             "|---|---|---|--:|--:|---|---|",
@@ -573,12 +588,11 @@ def to_markdown(report: dict[str, Any], charts: Sequence[Path] = ()) -> str:
         for family, c in comparisons:
             cells = [
                 family.replace("_", " "),
-                f"{c['a']} ({c['a_resolved']}/{c['a_n']})",
-                f"{c['b']} ({c['b_resolved']}/{c['b_n']})",
-                _p(c["p_value"]),
-                _p(c["p_adjusted"]),
-                "yes" if c["significant"] else "no",
-                str(c["verdict"]),
+                *_between(c),
+                _p(c.p_value),
+                _p(c.p_adjusted),
+                "yes" if c.significant else "no",
+                c.verdict,
             ]
             lines.append("| " + " | ".join(_md_escape(x) for x in cells) + " |")
     else:
@@ -593,10 +607,10 @@ def _md_escape(text: str) -> str:
 
 
 def write_outputs(
-    report: dict[str, Any],
+    report: TrialReport,
     dest_dir: Path,
     formats: Iterable[str] = FORMATS,
-    curve: dict[str, Any] | None = None,
+    curve: LearningCurve | None = None,
 ) -> dict[str, list[Path]]:
     """Write the report in each format into `dest_dir`; returns the files per format.
 
@@ -609,7 +623,7 @@ def write_outputs(
             f"unknown report format {', '.join(unknown)}; allowed: {', '.join(FORMATS)}"
         )
     dest_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"report-{report['id']}"
+    stem = f"report-{report.id}"
     written: dict[str, list[Path]] = {}
     if "png" in wanted:
         from orchestrator import charts  # matplotlib is slow to import; only when asked
@@ -620,7 +634,9 @@ def write_outputs(
         written["png"] = pngs
     if "json" in wanted:
         path = dest_dir / f"{stem}.json"
-        data = report if curve is None else {**report, "learning_curve": curve}
+        data = report.to_json()
+        if curve is not None:
+            data |= {"learning_curve": curve.to_json()}
         path.write_text(json.dumps(data, indent=2) + "\n")
         written["json"] = [path]
     if "csv" in wanted:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import combinations
 
 from scipy.stats import fisher_exact, norm
+
+from contracts.reports import Comparison
 
 ALPHA = 0.05
 """Significance level of every comparison in the report."""
@@ -54,29 +56,6 @@ class Arm:
     name: str
     resolved: int
     n: int
-
-
-@dataclass(frozen=True)
-class Comparison:
-    a: str
-    b: str
-    a_resolved: int
-    a_n: int
-    b_resolved: int
-    b_n: int
-    difference: float | None
-    """Success rate of a minus that of b; None when either side has no scored run."""
-    test: str
-    p_value: float | None
-    p_adjusted: float | None
-    """Holm-adjusted within the family of comparisons it was made in."""
-    significant: bool
-    """True only when the adjusted p-value is below ALPHA."""
-    verdict: str
-    """What to tell a person, including why a difference cannot be significant."""
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def compare_all(arms: Sequence[Arm], alpha: float = ALPHA) -> list[Comparison]:

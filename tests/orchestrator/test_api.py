@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contracts.dataroot import DataRoot
+from contracts.reports import TrialReport
 from contracts.settings import Settings
 from orchestrator.api import create_app
 
@@ -178,3 +179,28 @@ def test_the_openapi_document_shows_the_trial_schema(api: tuple[TestClient, Data
     trial = {"$ref": "#/components/schemas/TrialConfig"}
     assert body["content"]["application/json"]["schema"] == trial
     assert "budget" in resp.json()["components"]["schemas"]["TrialConfig"]["properties"]
+
+
+def test_the_report_route_serves_the_trial_report(
+    api: tuple[TestClient, DataRoot], demo_trial: dict[str, Any]
+) -> None:
+    client, _ = api
+    trial_id = client.post("/v1/trials", json=demo_trial).json()["id"]
+    resp = client.get(f"/v1/trials/{trial_id}/report")
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    report = TrialReport.model_validate(data)
+    assert (report.id, report.status, report.currency) == (trial_id, "queued", "CAD")
+    (row,) = data["rows"]
+    assert (row["assignments"], row["pending"], row["n"], row["success_rate"]) == (6, 6, 0, None)
+    assert (row["cost_usd"], row["cost"], row["cost_per_resolved"]) == ("0", "0.000000", None)
+    assert row["success_ci95"] == [0.0, 1.0]
+    assert data["comparisons"] == {"agents": [], "model_pairs": [], "arms": []}
+    assert data["local_share"] == {"local_tokens": 0, "local_share": None}
+    assert client.get("/v1/trials/nope/report").status_code == 404
+
+    paths = client.get("/openapi.json").json()["paths"]
+    ok = paths["/v1/trials/{trial_id}/report"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TrialReport"
+    }

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from contracts.config import Confidence, TrialConfig
+from contracts.reports import TrialHead
 from contracts.results import RunnerResult
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator import stack
@@ -272,10 +273,19 @@ def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None
             accepted=False,
         ),
     ]
-    report = summarize({"id": trial_id, "name": "gate", "currency": "CAD"}, records, lambda d: d)
-    (row,) = report["rows"]
-    assert (row["accepted"], row["needs_review"]) == (1, 1)
-    assert [r["assignment"] for r in report["needs_review"]] == ["tg-001"]
+    head = TrialHead(
+        id=trial_id,
+        name="gate",
+        project="p",
+        status="finished",
+        currency="CAD",
+        created_at="2025-03-01T10:00:00Z",
+        finished_at=None,
+    )
+    report = summarize(head, records, lambda d: d)
+    (row,) = report.rows
+    assert (row.accepted, row.needs_review) == (1, 1)
+    assert [r.assignment for r in report.needs_review] == ["tg-001"]
 
 
 # -- the judge off the scheduler's tick ----------------------------------------------------

@@ -163,8 +163,8 @@ def test_machine_allowance_402_defers_to_its_reset_then_runs_again(
     view = client.get(f"/v1/trials/{trial_id}").json()
     assert (view["status"], view["assignments"][0]["state"]) == ("running", "deferred")
     rep = report.build(platform, trial_id)
-    assert rep["deferred"] == [{"assignment": a.id, "not_before": reset_iso}]
-    assert (rep["rows"][0]["pending"], rep["rows"][0]["deferred"]) == (1, 1)
+    assert rep.to_json()["deferred"] == [{"assignment": a.id, "not_before": reset_iso}]
+    assert (rep.rows[0].pending, rep.rows[0].deferred) == (1, 1)
     artifacts = platform.root.assignment_dir("daily", trial_id, a.id)
     assert not (artifacts / "result.json").exists()
     assert (artifacts / "result-attempt1.json").exists()

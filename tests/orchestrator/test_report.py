@@ -18,6 +18,7 @@ from rich.console import Console
 from traffic_harness import llm_call
 
 from contracts.dataroot import DataRoot
+from contracts.reports import ArmRow, LocalShare, TrialHead, TrialReport
 from contracts.settings import PROJECT_ROOT, Settings
 from orchestrator import stats
 from orchestrator.platform import Platform
@@ -34,15 +35,15 @@ from orchestrator.state import Assignment, Trial
 from traffic.spool import Spool
 
 CAD = Decimal("1.38")
-HEAD = {
-    "id": "t1",
-    "name": "fixed",
-    "project": "demo",
-    "status": "finished",
-    "currency": "CAD",
-    "created_at": "2025-03-01T10:00:00Z",
-    "finished_at": "2025-03-01T11:00:00Z",
-}
+HEAD = TrialHead(
+    id="t1",
+    name="fixed",
+    project="demo",
+    status="finished",
+    currency="CAD",
+    created_at="2025-03-01T10:00:00Z",
+    finished_at="2025-03-01T11:00:00Z",
+)
 
 
 def to_cad(usd: Decimal) -> Decimal:
@@ -94,8 +95,8 @@ def fixed_records() -> list[RunRecord]:
     return records
 
 
-def row(report: dict[str, Any], agent: str, model: str) -> dict[str, Any]:
-    (match,) = [r for r in report["rows"] if (r["agent"], r["model"]) == (agent, model)]
+def row(report: TrialReport, agent: str, model: str) -> ArmRow:
+    (match,) = [r for r in report.rows if (r.agent, r.model) == (agent, model)]
     return match
 
 
@@ -169,22 +170,22 @@ def test_fisher_comparison_is_honest_about_small_samples() -> None:
 
 def test_summarize_fixed_trial() -> None:
     report = summarize(HEAD, fixed_records(), to_cad)
-    assert [(r["agent"], r["model"]) for r in report["rows"]] == [
+    assert [(r.agent, r.model) for r in report.rows] == [
         ("builtin", "tiny"),
         ("builtin", "tiny:thinking"),
         ("other", "tiny"),
     ]
     plain = row(report, "builtin", "tiny")
-    assert {k: plain[k] for k in ("assignments", "n", "resolved", "partial", "unresolved")} == {
-        "assignments": 6,
-        "n": 6,
-        "resolved": 2,
-        "partial": 1,
-        "unresolved": 3,
-    }
-    assert plain["success_rate"] == 0.3333
-    assert plain["success_ci95"] == [0.0968, 0.7]
-    assert plain["error_causes"] == {
+    assert (plain.assignments, plain.n, plain.resolved, plain.partial, plain.unresolved) == (
+        6,
+        6,
+        2,
+        1,
+        3,
+    )
+    assert plain.success_rate == 0.3333
+    assert plain.success_ci95 == (0.0968, 0.7)
+    assert plain.error_causes == {
         "timeout": 1,
         "budget_exhausted": 1,
         "crashed": 1,
@@ -192,27 +193,34 @@ def test_summarize_fixed_trial() -> None:
         "infra": 0,
         "cancelled": 0,
     }
-    assert (plain["llm_calls"], plain["tokens"]) == (12, 600)
-    assert (plain["cost_usd"], plain["cost"]) == ("0.06", "0.082800")
-    assert plain["cost_per_resolved"] == "0.041400"
-    assert (plain["wall_s_median"], plain["wall_s_p50"], plain["wall_s_p90"]) == (35, 35, 55)
-    assert plain["wall_s_total"] == 210
+    assert (plain.llm_calls, plain.tokens) == (12, 600)
+    # Money is a decimal string in the JSON, to the last digit the currency's rate gives.
+    wire = plain.to_json()
+    assert (wire["cost_usd"], wire["cost"], wire["cost_per_resolved"]) == (
+        "0.06",
+        "0.082800",
+        "0.041400",
+    )
+    assert list(wire)[:3] == ["agent", "model", "assignments"]
+    assert wire["success_ci95"] == [0.0968, 0.7]
+    assert (plain.wall_s_median, plain.wall_s_p50, plain.wall_s_p90) == (35, 35, 55)
+    assert plain.wall_s_total == 210
 
     # The infra failure and the cancel are not scored, but what they spent is counted.
     thinking = row(report, "builtin", "tiny:thinking")
-    assert (thinking["assignments"], thinking["n"], thinking["resolved"]) == (8, 6, 6)
-    assert (thinking["errors"], thinking["success_rate"]) == (2, 1.0)
-    assert thinking["error_causes"]["infra"] == thinking["error_causes"]["cancelled"] == 1
-    assert thinking["cost_usd"] == "0.13"
-    assert thinking["cost_per_resolved"] == str(
-        (to_cad(Decimal("0.13")) / 6).quantize(Decimal("0.000001"))
-    )
-    assert row(report, "other", "tiny")["cost_per_resolved"] is None
+    assert (thinking.assignments, thinking.n, thinking.resolved) == (8, 6, 6)
+    assert (thinking.errors, thinking.success_rate) == (2, 1.0)
+    assert thinking.error_causes["infra"] == thinking.error_causes["cancelled"] == 1
+    assert thinking.cost_usd == Decimal("0.13")
+    assert thinking.cost_per_resolved == (to_cad(Decimal("0.13")) / 6).quantize(Decimal("0.000001"))
+    assert row(report, "other", "tiny").cost_per_resolved is None
 
-    assert report["total_cost_usd"] == "0.22"
-    assert report["total_cost"] == "0.303600"
-    assert [a["agent"] for a in report["by_agent"]] == ["builtin", "other"]
-    assert [(m["model"], m["resolved"], m["n"]) for m in report["by_model"]] == [
+    assert (report.to_json()["total_cost_usd"], report.to_json()["total_cost"]) == (
+        "0.22",
+        "0.303600",
+    )
+    assert [a.agent for a in report.by_agent] == ["builtin", "other"]
+    assert [(m.model, m.resolved, m.n) for m in report.by_model] == [
         ("tiny", 2, 9),
         ("tiny:thinking", 6, 6),
     ]
@@ -220,25 +228,25 @@ def test_summarize_fixed_trial() -> None:
 
 def test_pairwise_comparisons_of_agents_pairs_and_arms() -> None:
     report = summarize(HEAD, fixed_records(), to_cad)
-    comparisons = report["comparisons"]
-    (agents,) = comparisons["agents"]
-    assert (agents["a"], agents["a_resolved"], agents["a_n"]) == ("builtin", 8, 12)
-    assert (agents["b"], agents["b_resolved"], agents["b_n"]) == ("other", 0, 3)
-    assert agents["significant"] is False
-    (pairs,) = comparisons["model_pairs"]
+    comparisons = report.comparisons
+    (agents,) = comparisons.agents
+    assert (agents.a, agents.a_resolved, agents.a_n) == ("builtin", 8, 12)
+    assert (agents.b, agents.b_resolved, agents.b_n) == ("other", 0, 3)
+    assert agents.significant is False
+    (pairs,) = comparisons.model_pairs
     # 2/9 against 6/6 is significant even at these sizes: tails (36 + 9) / C(15, 8).
-    assert pairs["p_value"] == pytest.approx(45 / 6435, abs=1e-6)
-    assert pairs["significant"] is True
-    assert pairs["verdict"] == "significant at 0.05: tiny:thinking resolves more"
-    arms = comparisons["arms"]
+    assert pairs.p_value == pytest.approx(45 / 6435, abs=1e-6)
+    assert pairs.significant is True
+    assert pairs.verdict == "significant at 0.05: tiny:thinking resolves more"
+    arms = comparisons.arms
     assert len(arms) == 3
     first = arms[0]
-    assert (first["a"], first["b"]) == ("builtin × tiny", "builtin × tiny:thinking")
-    assert first["p_value"] == pytest.approx(30 / 495, abs=1e-6)
+    assert (first.a, first.b) == ("builtin × tiny", "builtin × tiny:thinking")
+    assert first.p_value == pytest.approx(30 / 495, abs=1e-6)
     # Holm over three comparisons: 6/6 against 0/3 (p = 1 / C(9, 3)) ranks first, this second.
-    assert arms[2]["p_value"] == pytest.approx(1 / 84, abs=1e-6)
-    assert first["p_adjusted"] == pytest.approx(2 * 30 / 495, abs=1e-6)
-    assert first["significant"] is False
+    assert arms[2].p_value == pytest.approx(1 / 84, abs=1e-6)
+    assert first.p_adjusted == pytest.approx(2 * 30 / 495, abs=1e-6)
+    assert first.significant is False
 
 
 def test_render_shows_intervals_errors_and_verdicts() -> None:
@@ -268,14 +276,14 @@ def test_infra_errors_are_counted_apart_and_named_under_the_table() -> None:
     ]
     report = summarize(HEAD, records, to_cad)
     builtin = row(report, "builtin", "tiny")
-    assert (builtin["assignments"], builtin["n"], builtin["resolved"]) == (3, 2, 1)
-    assert builtin["success_rate"] == 0.5
-    assert builtin["success_ci95"] == [round(x, 4) for x in stats.wilson_interval(1, 2)], (
+    assert (builtin.assignments, builtin.n, builtin.resolved) == (3, 2, 1)
+    assert builtin.success_rate == 0.5
+    assert builtin.success_ci95 == tuple(round(x, 4) for x in stats.wilson_interval(1, 2)), (
         "the interval must leave the infra error out"
     )
-    assert (builtin["infra_errors"], builtin["errors"], builtin["failed_calls"]) == (1, 1, 5)
-    assert builtin["error_causes"]["model_unreachable"] == 1
-    assert report["infra_errors"] == [
+    assert (builtin.infra_errors, builtin.errors, builtin.failed_calls) == (1, 1, 5)
+    assert builtin.error_causes["model_unreachable"] == 1
+    assert report.to_json()["infra_errors"] == [
         {
             "assignment": "a003",
             "task": "task0",
@@ -307,8 +315,8 @@ def test_tampered_tests_are_counted_and_named_under_the_table() -> None:
         run(2, "builtin", "tiny", "unresolved"),
     ]
     report = summarize(HEAD, records, to_cad)
-    assert row(report, "builtin", "tiny")["tests_tampered"] == 1
-    assert report["tests_tampered"] == [
+    assert row(report, "builtin", "tiny").tests_tampered == 1
+    assert report.to_json()["tests_tampered"] == [
         {
             "assignment": "a001",
             "task": "task1",
@@ -328,10 +336,10 @@ def test_tampered_tests_are_counted_and_named_under_the_table() -> None:
 def test_a_trial_with_nothing_graded_yet() -> None:
     records = [run(1, "builtin", "tiny", None, None, state="queued", wall=None, usd="0")]
     report = summarize(HEAD, records, to_cad)
-    (only,) = report["rows"]
-    assert (only["n"], only["pending"], only["success_rate"]) == (0, 1, None)
-    assert only["success_ci95"] == [0.0, 1.0]
-    assert only["wall_s_p50"] is None
+    (only,) = report.rows
+    assert (only.n, only.pending, only.success_rate) == (0, 1, None)
+    assert only.success_ci95 == (0.0, 1.0)
+    assert only.wall_s_p50 is None
     console = Console(record=True, width=220)
     render(report, console)
     assert "builtin" in console.export_text()
@@ -406,21 +414,22 @@ def test_build_reads_the_state_db_and_the_metering(
         ],
     )
     report = build(platform, trial_id)
-    assert (report["id"], report["currency"], report["created_at"]) == (
+    assert (report.id, report.currency, report.created_at) == (
         trial_id,
         "CAD",
         "2025-03-01T10:00:00Z",
     )
     plain = row(report, "builtin", "tiny")
-    assert (plain["n"], plain["resolved"], plain["llm_calls"], plain["tokens"]) == (2, 1, 2, 100)
-    assert plain["cost_usd"] == "0.003"
-    assert plain["cost"] == "0.004140"  # 1.38 CAD per USD in configs/prices.yaml
-    assert plain["cost_per_resolved"] == "0.004140"
-    assert plain["error_causes"]["timeout"] == 1
-    assert (plain["wall_s_p50"], plain["wall_s_p90"]) == (15.0, 19.0)
+    assert (plain.n, plain.resolved, plain.llm_calls, plain.tokens) == (2, 1, 2, 100)
+    wire = plain.to_json()
+    assert wire["cost_usd"] == "0.003"
+    assert wire["cost"] == "0.004140"  # 1.38 CAD per USD in configs/prices.yaml
+    assert wire["cost_per_resolved"] == "0.004140"
+    assert plain.error_causes["timeout"] == 1
+    assert (plain.wall_s_p50, plain.wall_s_p90) == (15.0, 19.0)
     broken = row(report, "builtin", "tiny:thinking")
-    assert (broken["n"], broken["errors"], broken["error_causes"]["infra"]) == (0, 1, 1)
-    assert report["total_cost_usd"] == "0.0035"
+    assert (broken.n, broken.errors, broken.error_causes["infra"]) == (0, 1, 1)
+    assert report.to_json()["total_cost_usd"] == "0.0035"
 
 
 def test_learning_curve_over_a_projects_trials(
@@ -437,17 +446,19 @@ def test_learning_curve_over_a_projects_trials(
     late = add_trial(platform, demo_trial, "curve-2", dt.datetime(2025, 3, 2), outcomes_late)
     early = add_trial(platform, demo_trial, "curve-1", dt.datetime(2025, 3, 1), outcomes_early)
     curve = learning_curve(platform, "demo")
-    assert curve["currency"] == "CAD"
-    assert [p["trial"] for p in curve["points"]] == [early, late]
-    assert [p["success_rate"] for p in curve["points"]] == [0.5, 1.0]
-    assert [p["cost_per_resolved"] for p in curve["points"]] == ["0.008280", "0.001380"]
-    assert list(curve["arms"]) == ["builtin × tiny"]
-    assert learning_curve(platform, "nobody")["points"] == []
+    assert curve.currency == "CAD"
+    assert [p.trial for p in curve.points] == [early, late]
+    assert [p.success_rate for p in curve.points] == [0.5, 1.0]
+    assert [p["cost_per_resolved"] for p in curve.to_json()["points"]] == ["0.008280", "0.001380"]
+    assert list(curve.arms) == ["builtin × tiny"]
+    assert learning_curve(platform, "nobody").points == []
 
 
 def test_learning_curve_refuses_mixed_currencies() -> None:
     cad = summarize(HEAD, fixed_records(), to_cad)
-    usd = {**summarize({**HEAD, "id": "t2", "currency": "USD"}, fixed_records(), to_cad)}
+    usd = summarize(
+        HEAD.model_copy(update={"id": "t2", "currency": "USD"}), fixed_records(), to_cad
+    )
     with pytest.raises(ValueError, match=r"several currencies \(CAD, USD\)"):
         curve_from_reports([cad, usd], "demo")
 
@@ -464,12 +475,12 @@ def test_local_share_per_arm_and_overall_on_fixed_data() -> None:
     ]
     report = summarize(HEAD, records, to_cad)
     assert (
-        row(report, "builtin", "tiny")["local_tokens"],
-        row(report, "builtin", "tiny")["local_share"],
+        row(report, "builtin", "tiny").local_tokens,
+        row(report, "builtin", "tiny").local_share,
     ) == (300, 0.75)
-    assert row(report, "aider", "tiny")["local_share"] == 0.0
-    assert row(report, "aider", "tiny:thinking")["local_share"] is None  # no tokens yet
-    assert report["local_share"] == {"local_tokens": 300, "local_share": 0.375}
+    assert row(report, "aider", "tiny").local_share == 0.0
+    assert row(report, "aider", "tiny:thinking").local_share is None  # no tokens yet
+    assert report.local_share == LocalShare(local_tokens=300, local_share=0.375)
     console = Console(record=True, width=240)
     render(report, console)
     text = console.export_text()
@@ -502,5 +513,5 @@ def test_build_counts_local_tokens_by_provider(
     spool.close()
     report = build(platform, trial_id)
     arm = row(report, "builtin", "tiny")
-    assert (arm["tokens"], arm["local_tokens"], arm["local_share"]) == (200, 50, 0.25)
-    assert report["local_share"] == {"local_tokens": 50, "local_share": 0.25}
+    assert (arm.tokens, arm.local_tokens, arm.local_share) == (200, 50, 0.25)
+    assert report.local_share == LocalShare(local_tokens=50, local_share=0.25)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from test_report import HEAD, fixed_records, to_cad
 
+from contracts.reports import TrialReport
 from orchestrator.report import FORMATS, curve_from_reports, summarize, write_outputs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +29,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_every_format_is_written_and_parses(tmp_path: Path) -> None:
     report = summarize(HEAD, fixed_records(), to_cad)
     later = summarize(
-        {**HEAD, "id": "t2", "name": "later", "created_at": "2025-03-02T10:00:00Z"},
+        HEAD.model_copy(update={"id": "t2", "name": "later", "created_at": "2025-03-02T10:00:00Z"}),
         fixed_records()[:6],
         to_cad,
     )
@@ -38,7 +39,12 @@ def test_every_format_is_written_and_parses(tmp_path: Path) -> None:
 
     (json_path,) = written["json"]
     data = json.loads(json_path.read_text())
-    assert data["rows"] == report["rows"]
+    assert data == {**report.to_json(), "learning_curve": curve.to_json()}
+    assert TrialReport.model_validate(data) == report  # the file reads back to the same report
+    assert data["rows"][0]["cost"] == "0.082800" and data["rows"][0]["success_ci95"] == [
+        0.0968,
+        0.7,
+    ]
     assert [p["name"] for p in data["learning_curve"]["points"]] == ["fixed", "later"]
 
     (csv_path,) = written["csv"]
