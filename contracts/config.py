@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import re
 import shutil
+import urllib.parse
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -21,9 +22,9 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -151,20 +152,35 @@ class Assignment(_Strict):
     such an ending is never scored as the agent's."""
 
 
-GIT_URL = re.compile(r"^(?:(?:https|ssh|git)://[^/\s]+/\S+|[\w.-]+@[\w.-]+:\S+)$")
-"""`https://host/path`, `ssh://[user@]host/path`, `git://host/path` or scp-like `user@host:path`."""
+GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[\w.-]+@[\w.-]+:\S+)$")
+"""`https://host/path` (or `http://`), `ssh://[user@]host/path`, `git://host/path`,
+`file:///path` or scp-like `user@host:path`."""
+_HEX = re.compile(r"^[0-9a-f]{7,64}$")
+_REF = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9._/+-]{0,254}$")
 
 
 def is_git_url(value: str) -> bool:
     return GIT_URL.match(value) is not None
 
 
-def _not_a_git_url(value: Any) -> Any:
-    if isinstance(value, str) and is_git_url(value):
-        raise ValueError(
-            "git URLs are not yet supported: clone the repository into a task root "
-            "(AUTOVIBE_TASK_ROOTS) and name that folder"
-        )
+def _repo(value: Any) -> Path | str:
+    """A git URL stays a string; anything else is a folder."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a folder or a git URL (a string)")
+    return value if is_git_url(value) else Path(value)
+
+
+def _repo_allowed(value: Path | str, info: ValidationInfo) -> Path | str:
+    if isinstance(value, Path):
+        return _under_task_roots(value, info)
+    if value.startswith("file://"):
+        # A file:// URL reads the server's disk: only what a folder repo may name.
+        local = Path(urllib.parse.unquote(urllib.parse.urlsplit(value).path))
+        if not local.is_absolute():
+            raise ValueError("a file:// URL names an absolute path (file:///srv/repos/x.git)")
+        _under_task_roots(local, info)
     return value
 
 
@@ -178,7 +194,8 @@ def _under_task_roots(value: Path, info: ValidationInfo) -> Path:
     if not any(resolved.is_relative_to(root) for root in roots):
         raise ValueError(
             "must be a folder under the task roots (AUTOVIBE_TASK_ROOTS: "
-            f"{', '.join(str(r) for r in roots)}) or a git URL"
+            f"{', '.join(str(r) for r in roots)}) or a git URL (https://, ssh://, git://, "
+            "file://)"
         )
     return resolved
 
@@ -203,11 +220,35 @@ def _agent_program(value: list[str] | None, info: ValidationInfo) -> list[str] |
     return [str(resolved), *value[1:]]
 
 
+def _parser(value: str, info: ValidationInfo) -> str:
+    """With `parsers` in the context (swebench's parser names): `pytest`, a repository
+    `owner/name`, or a parser swebench has."""
+    known: list[str] | None = (info.context or {}).get("parsers")
+    if "/" in value:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            raise ValueError(f"a repository is `owner/name`, not {value!r}")
+    elif known is not None and value != "pytest" and value not in known:
+        raise ValueError(
+            f"unknown test log parser {value!r}; allowed: pytest, a repository `owner/name` "
+            f"(swebench's parser for it, else pytest's) or one of {', '.join(known)}"
+        )
+    return value
+
+
 class Task(_Strict):
     id: Slug
-    repo: Annotated[Path, BeforeValidator(_not_a_git_url), AfterValidator(_under_task_roots)]
-    """Folder of the task's repository, under the server's task roots (`AUTOVIBE_TASK_ROOTS`;
-    symlinks resolved); relative paths are relative to the trial file."""
+    repo: Annotated[
+        Path | str, PlainValidator(_repo, json_schema_input_type=str), AfterValidator(_repo_allowed)
+    ]
+    """The task's repository: a folder under the server's task roots (`AUTOVIBE_TASK_ROOTS`;
+    symlinks resolved; relative to the trial file), copied as it is; or a git URL (`https://`,
+    `ssh://`, `git://`, `file://` under the task roots) with `commit` or `ref`, kept as a mirror
+    in the data root and checked out with no history."""
+    commit: Annotated[str, Field(pattern=_HEX.pattern)] | None = None
+    """With a git URL: the commit the workspace holds (lower-case hex, full or abbreviated)."""
+    ref: Annotated[str, Field(pattern=_REF.pattern)] | None = None
+    """With a git URL and no `commit`: a branch or tag, resolved to its commit at submission
+    (the stored trial keeps that commit)."""
     prompt: str = Field(min_length=1)
     """What the agent is asked to do."""
     test_command: str = Field(min_length=1)
@@ -225,6 +266,21 @@ class Task(_Strict):
     ] = None
     """argv the `command` agent runs for this task: a program under the task roots or a bare
     name on the server's PATH, then its arguments."""
+    test_patch: str | None = None
+    """A diff applied to the workspace after the agent and before the tests (SWE-bench's
+    `test_patch`): the tests that judge the task, which the agent never sees."""
+    parser: Annotated[str, AfterValidator(_parser)] | None = None
+    """How the test output is read: `pytest` (its `-rA` summary; the default), a repository the
+    `swebench` package knows (`django/django`, `sympy/sympy`: its parser for that repository)
+    or a `swebench` parser by name (`parse_log_django`)."""
+
+    @model_validator(mode="after")
+    def _pinned(self) -> Task:
+        if isinstance(self.repo, str) and self.commit is None and self.ref is None:
+            raise ValueError("a git URL repo needs `commit` (or `ref`): the workspace is pinned")
+        if isinstance(self.repo, Path) and (self.commit or self.ref):
+            raise ValueError("`commit` and `ref` go with a git URL repo; a folder is copied as is")
+        return self
 
 
 def _unsandboxed_allowed(value: str, info: ValidationInfo) -> str:

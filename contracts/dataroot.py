@@ -65,6 +65,17 @@ class DataRoot:
     def assignment_dir(self, project: str, trial: str, assignment: str) -> Path:
         return self.root / "worker-artifacts" / project / trial / assignment
 
+    # -- tasks ------------------------------------------------------------------------------
+    @property
+    def task_mirrors(self) -> Path:
+        """Bare git mirrors of the repositories trials name by URL, one per repository."""
+        return self.root / "tasks" / "mirrors"
+
+    @property
+    def task_trees(self) -> Path:
+        """Trees exported from the mirrors, `<mirror>/<commit>/`, with no git history."""
+        return self.root / "tasks" / "trees"
+
     # -- services ---------------------------------------------------------------------------
     @property
     def state_db(self) -> Path:

@@ -28,6 +28,7 @@ from contracts.settings import Settings
 from orchestrator import access, auth, payments_api, report
 from orchestrator.bandit import history_from_state
 from orchestrator.metrics import Metrics
+from orchestrator.mirrors import Mirrors, RepoError, public_url
 from orchestrator.planning import plan
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler, cancel
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
         config: Annotated[TrialConfig, WrapValidator(with_server_limits), Body()],
     ) -> dict[str, Any]:
         check_trial(platform, config)
+        pin_repos(platform, config)
         trial = Trial(
             id=new_trial_id(),
             name=config.name,
@@ -171,7 +173,7 @@ def check_trial(platform: Platform, config: TrialConfig) -> None:
             "input": str(t.repo),
         }
         for i, t in enumerate(config.tasks)
-        if not Path(t.repo).is_dir()
+        if isinstance(t.repo, Path) and not t.repo.is_dir()
     ]
     # Refused now, not as a failure mid-run: every agent must be installed on this machine.
     missing += [
@@ -196,6 +198,28 @@ def check_trial(platform: Platform, config: TrialConfig) -> None:
         )
     if missing:
         raise RequestValidationError(missing)
+
+
+def pin_repos(platform: Platform, config: TrialConfig) -> None:
+    """Fetch every task repo named by URL into its mirror and pin the task to the full commit
+    (a `ref` resolved now, once for the whole trial); 422 naming the task and the cause."""
+    mirrors = Mirrors(platform.root)
+    unusable = []
+    for i, t in enumerate(config.tasks):
+        if isinstance(t.repo, str):
+            try:
+                t.commit = mirrors.resolve(t.repo, t.commit, t.ref)
+            except RepoError as exc:
+                unusable.append(
+                    {
+                        "type": "repo_unusable",
+                        "loc": ("body", "tasks", i, "repo"),
+                        "msg": f"task {t.id}: {exc}",
+                        "input": public_url(t.repo),
+                    }
+                )
+    if unusable:
+        raise RequestValidationError(unusable)
 
 
 def new_trial_id() -> str:

@@ -21,6 +21,7 @@ from contracts.outbound import Allowlist
 from contracts.providers import ProvidersCatalog, load_providers, split_model
 from contracts.settings import Settings
 from orchestrator.model_choices import ModelChoices
+from workers import swebench_logs
 from workers.agents import AGENTS
 
 
@@ -71,6 +72,7 @@ class Catalog:
             "agents": sorted(AGENTS),
             "models": self.choices(),
             "currencies": sorted(self.prices.fx),
+            "parsers": swebench_logs.names(),
             **self.policy,
         }
 

@@ -40,7 +40,9 @@ class Exported:
 class _Candidate:
     assignment: str
     task: str
-    repo: Path
+    repo: Path | str
+    """The task's repository: a folder, or a git URL whose pinned commit is the base."""
+    commit: str | None
     patch: str
     confidence: float | None
     accepted: bool
@@ -100,7 +102,7 @@ def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]
                 .order_by(Assignment.index)
             )
         )
-    repos = {t.id: t.repo for t in config.tasks}
+    tasks = {t.id: t for t in config.tasks}
     out = []
     for a in rows:
         gate = a.ending.confidence
@@ -111,7 +113,8 @@ def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]
             _Candidate(
                 assignment=a.id,
                 task=a.task_id,
-                repo=repos[a.task_id],
+                repo=tasks[a.task_id].repo,
+                commit=tasks[a.task_id].commit,
                 patch=patch,
                 confidence=gate.score if gate is not None else None,
                 accepted=accepted,
@@ -123,7 +126,7 @@ def _candidates(store: Store, root: DataRoot, trial_id: str) -> list[_Candidate]
 def make_branch(repo: Path, name: str, c: _Candidate, patch: Path, trial_id: str) -> str:
     """Branch `name` in `repo`: the task's base commit plus the patch, as one commit."""
     git(repo, "check-ref-format", "--branch", name)
-    base = _base_commit(repo, c.repo)
+    base = _base_commit(repo, c.repo, c.commit)
     with tempfile.TemporaryDirectory() as tmp:
         # A private index: the repository's own index and working tree are never touched.
         env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
@@ -144,11 +147,15 @@ def make_branch(repo: Path, name: str, c: _Candidate, patch: Path, trial_id: str
     return name
 
 
-def _base_commit(repo: Path, task_repo: Path) -> str:
-    """The task checkout's HEAD when the task folder is a repository, else `repo`'s HEAD."""
-    if not (task_repo / ".git").exists():
+def _base_commit(repo: Path, task_repo: Path | str, commit: str | None) -> str:
+    """The task's pinned commit (a repo named by URL), the task checkout's HEAD when the task
+    folder is a repository, else `repo`'s HEAD."""
+    if commit is not None:
+        base = commit
+    elif isinstance(task_repo, str) or not (task_repo / ".git").exists():
         return git(repo, "rev-parse", "HEAD").strip()
-    base = git(task_repo, "rev-parse", "HEAD").strip()
+    else:
+        base = git(task_repo, "rev-parse", "HEAD").strip()
     try:
         git(repo, "cat-file", "-e", f"{base}^{{commit}}")
     except WorkspaceError as exc:

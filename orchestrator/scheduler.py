@@ -27,13 +27,14 @@ from pathlib import Path
 from sqlalchemy import select
 
 from budget import iso
-from contracts.config import Confidence, Egress, TrialConfig
+from contracts.config import Confidence, Egress, Task, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
 from contracts.providers import PLACEHOLDER_KEY
 from contracts.results import AssignmentResult, ConfidenceGate
 from contracts.routing import write_policy
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
+from orchestrator.mirrors import Mirrors, RepoError
 from orchestrator.platform import Platform
 from orchestrator.state import (
     ASSIGNMENT_DONE,
@@ -260,10 +261,10 @@ class Scheduler:
                 starting.append(a)
         # Committed as running first: a crash from here on is found by _collect, never lost.
         for a in starting:
-            spec = self._spec(config, trial_id, a)
             try:
+                spec = self._spec(config, trial_id, a)
                 self.p.driver(config.driver, config.nomad).launch(spec)
-            except OSError as exc:
+            except (OSError, RepoError) as exc:
                 self.finish(a.id, AssignmentResult.infra(a.id, f"launch failed: {exc}"))
 
     def _maybe_finish(self, trial_id: str) -> None:
@@ -582,11 +583,13 @@ class Scheduler:
             trial=trial_id,
             machine=machine,
             task_id=task.id,
-            repo=task.repo,
+            repo=self._task_folder(task),
             prompt=self.prompt(config, trial_id, task.prompt),
             test_command=task.test_command,
             fail_to_pass=task.fail_to_pass,
             pass_to_pass=task.pass_to_pass,
+            test_patch=task.test_patch,
+            parser=task.parser,
             timeout_s=task.timeout_s,
             agent=a.agent,
             agent_command=task.agent_command or [] if a.agent == "command" else [],
@@ -597,6 +600,15 @@ class Scheduler:
             data_root=self.p.root.root,
             sandbox=sandbox,
         )
+
+    def _task_folder(self, task: Task) -> Path:
+        """The folder a workspace is copied from: the task's own, or for a repo named by URL
+        its commit's tree exported from the mirror (no history); RepoError when unusable."""
+        if isinstance(task.repo, Path):
+            return task.repo
+        mirrors = Mirrors(self.p.root)
+        commit = task.commit or mirrors.resolve(task.repo, ref=task.ref)
+        return mirrors.tree(task.repo, commit)
 
     def prompt(self, config: TrialConfig, trial_id: str, task_prompt: str) -> str:
         """The task prompt, preceded by the budget preamble every agent gets."""

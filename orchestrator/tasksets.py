@@ -1,11 +1,13 @@
 """Task sets in SWE-bench's format, from a local JSON or JSONL file; repos already on disk.
 
 An entry has `instance_id`, `repo` (`owner/name`), `base_commit`, `problem_statement`,
-`FAIL_TO_PASS` and `PASS_TO_PASS`. SWE-bench's published files hold the last two as
-JSON-encoded strings; plain lists are accepted too. Nothing is downloaded: the repository is
-looked up as `repos_root/<owner>__<name>`, `repos_root/<owner>/<name>`, or is `repos_root`
-itself, and its `base_commit` must exist there (`git cat-file -e`). Every bad entry is
-reported with its file and line, all at once.
+`FAIL_TO_PASS` and `PASS_TO_PASS`; its `test_patch` is applied after the agent, before the
+tests, and the output is read by `swebench`'s parser for `repo` (pytest's summary for a
+repository it does not know); an entry may name its own `test_cmd` and `parser`. SWE-bench's
+published files hold the test lists as JSON-encoded strings; plain lists are accepted too.
+Nothing is downloaded: the repository is looked up as `repos_root/<owner>__<name>`,
+`repos_root/<owner>/<name>`, or is `repos_root` itself, and its `base_commit` must exist
+there (`git cat-file -e`). Every bad entry is reported with its file and line, all at once.
 
 A workspace is a copy of its task's repository folder (`workers.workspace.prepare`), so each
 task's `repo` is a checkout of its repository at `base_commit`
@@ -184,15 +186,21 @@ def _instance(
             repo = checkout(source, full, checkouts / repo_name.replace("/", "__") / full)
         except WorkspaceError as exc:
             raise _Bad(f"cannot check out base_commit {commit}: {exc}") from exc
+    for key in ("test_patch", "test_cmd", "parser"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise _Bad(f"{key} must be a string")
     try:
         task = Task(
             id=slugify(instance_id),
             repo=repo,
             prompt=entry["problem_statement"],
-            test_command=test_command,
+            test_command=entry.get("test_cmd") or test_command,
             fail_to_pass=fail_to_pass,
             pass_to_pass=pass_to_pass,
             timeout_s=timeout_s,
+            test_patch=entry.get("test_patch") or None,
+            # swebench's parser for the repository (pytest's when it has none), unless declared.
+            parser=entry.get("parser") or repo_name,
         )
     except ValidationError as exc:
         raise _Bad("; ".join(describe_errors(exc))) from exc

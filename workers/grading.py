@@ -2,7 +2,13 @@
 
 The test command is run through the shell with pytest's `-rA` summary switched on through
 `PYTEST_ADDOPTS`, so every test ends up on one line (`PASSED <id>`, `FAILED <id> - reason`).
-A FAIL_TO_PASS or PASS_TO_PASS test that never shows up in the output is `MISSING`.
+The output is read by the task's `parser` (`read_statuses`): pytest's summary by default, or,
+as SWE-bench does, the `swebench` package's own parser for the task's repository (Django's
+runner, SymPy's `bin/test`, ...; `workers.swebench_logs`), pytest's for a repository it does
+not know. A FAIL_TO_PASS or PASS_TO_PASS test that never shows up in the output is `MISSING`.
+
+A SWE-bench task's `test_patch` (the tests that judge it, which the agent never saw) is applied
+after the agent and the restore of the task's tests, before they run (`apply_test_patch`).
 
 The command gets an environment of its own, spelled out whole (`test_env`): none of the
 runner's variables (no AUTOVIBE_*, no credentials), no user site, no bytecode written. The
@@ -28,6 +34,8 @@ from pathlib import Path
 
 from contracts.dataroot import open_log
 from contracts.results import GradeStatus as GradeStatus
+from workers import swebench_logs
+from workers.workspace import WorkspaceError, baseline_git, isolated_git
 
 PASSING = ("PASSED", "XFAIL")
 """Outcomes that count as a pass (as in SWE-bench); SKIPPED proves nothing, so it fails."""
@@ -93,6 +101,65 @@ def parse_pytest_summary(output: str) -> dict[str, str]:
     return statuses
 
 
+def read_statuses(
+    output: str,
+    parser: str | None,
+    *,
+    task_id: str = "",
+    fail_to_pass: list[str] | None = None,
+    pass_to_pass: list[str] | None = None,
+) -> dict[str, str]:
+    """Test id -> status: `parse_pytest_summary` for `pytest` (or no parser), else swebench's
+    parser of that name or for that repository, and pytest's for a repository it lacks."""
+    if parser is not None and parser != "pytest":
+        statuses = swebench_logs.parse(
+            output,
+            parser,
+            instance_id=task_id,
+            fail_to_pass=fail_to_pass or [],
+            pass_to_pass=pass_to_pass or [],
+        )
+        if statuses is not None:
+            return statuses
+        if "/" not in parser:
+            raise ValueError(f"task {task_id}: no test log parser {parser!r} in swebench")
+    return parse_pytest_summary(output)
+
+
+class TestPatchError(Exception):
+    """A task's test_patch does not apply to its workspace: the task is broken, not the agent."""
+
+    __test__ = False  # not a pytest test class
+
+
+def patched_paths(workspace: Path, baseline: Path, patch: Path) -> list[str]:
+    """The paths `patch` changes, creates or deletes (restored before it is applied)."""
+    numstat = baseline_git(baseline, workspace, "apply", "--numstat", "-z", str(patch))
+    # `added<TAB>deleted<TAB>path<NUL>`, or for a rename `added<TAB>deleted<TAB><NUL>a<NUL>b<NUL>`
+    paths = []
+    for field_ in numstat.decode(errors="surrogateescape").split("\0"):
+        path = field_.split("\t", 2)[2] if field_.count("\t") >= 2 else field_
+        if path:
+            paths.append(path)
+    return paths
+
+
+def apply_test_patch(workspace: Path, baseline: Path, patch: Path, task_id: str) -> None:
+    """Apply the test patch in `patch` (a host-only file) to the workspace; TestPatchError naming
+    the task when it does not apply. Git runs on the host-only baseline and refuses to write
+    through a symlink the agent left."""
+    try:
+        # From the workspace's root: git apply takes the patch's paths relative to where it runs.
+        isolated_git(
+            baseline, "apply", "--whitespace=nowarn", str(patch), work_tree=workspace,
+            cwd=workspace, what=str(workspace),
+        )  # fmt: skip
+    except WorkspaceError as exc:
+        raise TestPatchError(
+            f"task {task_id}: its test_patch does not apply: {' '.join(exc.output.split())}"
+        ) from None
+
+
 def test_env(home: str) -> dict[str, str]:
     """The test command's whole environment. The running interpreter's folder goes first on
     PATH, so `python` in the command is the platform's own Python (which has pytest)."""
@@ -115,10 +182,13 @@ def grade(
     timeout_s: int,
     log: Path,
     confine: Confine | None = None,
+    parser: str | None = None,
+    task_id: str = "",
 ) -> GradeReport:
     """Run `test_command` in `workspace` with `test_env` (confined by `confine` when given) and
-    grade it. The environment is set with `env -i` on the command line, so whatever runs the
-    command can neither add a variable nor drop one; it holds no secret."""
+    grade it, reading its output with `parser` (`read_statuses`). The environment is set with
+    `env -i` on the command line, so whatever runs the command can neither add a variable nor
+    drop one; it holds no secret."""
     home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
     env = test_env(home)
     argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
@@ -153,7 +223,9 @@ def grade(
     if timed_out:
         with open_log(log, append=True) as out:
             out.write(f"\n[autovibe] test command killed after {timeout_s}s\n".encode())
-    statuses = parse_pytest_summary(output)
+    statuses = read_statuses(
+        output, parser, task_id=task_id, fail_to_pass=fail_to_pass, pass_to_pass=pass_to_pass
+    )
     f2p = {test: statuses.get(test, "MISSING") for test in fail_to_pass}
     p2p = {test: statuses.get(test, "MISSING") for test in pass_to_pass}
     return GradeReport(

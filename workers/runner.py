@@ -148,9 +148,17 @@ def run(spec: AssignmentSpec) -> RunnerResult:
         # are put back, and any edit of theirs is kept apart and flagged.
         diff = workspace.patch(spec.workspace, baseline)
         atomic_write(patch_path, diff.encode(errors="surrogateescape"))
+        # As SWE-bench: the files the test_patch touches are put back too, then it is applied.
+        test_patch = spec.artifacts / "test.patch"
+        touched: list[str] = []
+        if spec.test_patch:
+            atomic_write(test_patch, spec.test_patch.encode(errors="surrogateescape"))
+            touched = grading.patched_paths(spec.workspace, baseline, test_patch)
         tampering = pristine.restore(
-            spec.workspace, baseline, [*spec.fail_to_pass, *spec.pass_to_pass]
+            spec.workspace, baseline, [*spec.fail_to_pass, *spec.pass_to_pass, *touched]
         )
+        if spec.test_patch:
+            grading.apply_test_patch(spec.workspace, baseline, test_patch, spec.task_id)
         tampered_path = spec.artifacts / "tests-tampered.diff"
         tampered_path.unlink(missing_ok=True)
         if tampering.files:
@@ -164,6 +172,8 @@ def run(spec: AssignmentSpec) -> RunnerResult:
             timeout_s=max(60, spec.timeout_s),
             log=spec.artifacts / "tests.log",
             confine=confine,
+            parser=spec.parser,
+            task_id=spec.task_id,
         )
         report.tampered_files = tampering.files
     except Exception as exc:

@@ -56,6 +56,10 @@ class AssignmentSpec(BaseModel):
     test_command: str
     fail_to_pass: list[str]
     pass_to_pass: list[str]
+    test_patch: str | None = None
+    """Applied after the agent, before the tests (SWE-bench's `test_patch`); never shown to it."""
+    parser: str | None = None
+    """How the test output is read (`workers.grading.read_statuses`); None: pytest's summary."""
     timeout_s: int
     agent: str
     agent_command: list[str] = Field(default_factory=list)

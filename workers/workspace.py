@@ -59,6 +59,11 @@ NEUTRAL_ATTRIBUTES = "* -filter -text -ident !diff !merge !eol !working-tree-enc
 class WorkspaceError(Exception):
     """A git command in the workspace failed; the message carries its output."""
 
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+        """What git said, alone."""
+
 
 def git(workspace: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Output of a git command run in `workspace` as autovibe (no hooks, no signing); raises
@@ -82,29 +87,53 @@ def git(workspace: Path, *args: str, env: dict[str, str] | None = None) -> str:
 def baseline_git(baseline: Path, workspace: Path, *args: str) -> bytes:
     """Output of git on the host-only `baseline` dir with `workspace` as its work tree, reading
     no configuration but the baseline's own (which the host wrote) and nothing from the tree."""
-    env = {
+    return isolated_git(baseline, *args, work_tree=workspace, what=str(workspace))
+
+
+def isolated_git(
+    git_dir: Path,
+    *args: str,
+    work_tree: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    what: str | None = None,
+    cwd: Path | None = None,
+) -> bytes:
+    """Output of git on `git_dir` reading no system or global configuration, no hooks, no
+    fsmonitor, no terminal prompt; `env`: variables added (a proxy, HOME for ssh keys); `cwd`
+    (default: the git dir) matters to `apply`. Raises WorkspaceError naming `what` (default:
+    the git dir) and git's message."""
+    full_env = {
         "PATH": os.environ.get("PATH", os.defpath),
-        "HOME": str(baseline),
+        "HOME": str(git_dir),
         "LC_ALL": "C",
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": os.devnull,
         "GIT_ATTR_NOSYSTEM": "1",
-        "GIT_DIR": str(baseline),
-        "GIT_WORK_TREE": str(workspace),
+        "GIT_DIR": str(git_dir),
         "GIT_TERMINAL_PROMPT": "0",
+        **({"GIT_WORK_TREE": str(work_tree)} if work_tree is not None else {}),
+        **(env or {}),
     }
-    proc = subprocess.run(
-        [*_GIT, *_ISOLATED, *args],
-        cwd=baseline,
-        capture_output=True,
-        check=False,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        proc = subprocess.run(
+            [*_GIT, *_ISOLATED, *args],
+            cwd=cwd or (git_dir if git_dir.is_dir() else git_dir.parent),
+            capture_output=True,
+            check=False,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise WorkspaceError(
+            f"git {' '.join(args)} on {what or git_dir} took over {timeout_s:.0f}s"
+        ) from exc
     if proc.returncode != 0:
         message = (proc.stderr.strip() or proc.stdout.strip()).decode(errors="replace")
         raise WorkspaceError(
-            f"git {' '.join(args)} failed on {workspace} (exit {proc.returncode}): {message}"
+            f"git {' '.join(args)} failed on {what or git_dir} (exit {proc.returncode}): {message}",
+            message,
         )
     return proc.stdout
 

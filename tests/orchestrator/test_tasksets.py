@@ -235,3 +235,24 @@ def test_empty_and_missing_files(tmp_path: Path, repos: tuple[Path, str, str]) -
 )
 def test_slugify(instance_id: str, slug: str) -> None:
     assert slugify(instance_id) == slug
+
+
+def test_carries_test_patch_and_reads_output_with_the_repos_swebench_parser(
+    tmp_path: Path, repos: tuple[Path, str, str]
+) -> None:
+    root, _old, new = repos
+    patch = "diff --git a/t.py b/t.py\n"
+    path = write_jsonl(
+        tmp_path / "set.jsonl",
+        [
+            entry(new, test_patch=patch),
+            entry(new, instance_id="a-2", repo="acme/mathkit", test_cmd="./run", parser="pytest"),
+        ],
+    )
+    first, second = load_swebench(path, root)
+    assert (first.task.test_patch, first.task.parser) == (patch, "acme/mathkit")
+    assert (second.task.test_patch, second.task.test_command, second.task.parser) == (
+        None,
+        "./run",
+        "pytest",
+    )

@@ -109,11 +109,18 @@ def test_a_symlink_in_a_task_root_that_points_out_is_refused(
         "git@github.com:acme/mathkit.git",
     ],
 )
-def test_a_git_url_is_refused_as_not_yet_supported(
+def test_a_git_url_must_be_pinned_to_a_commit_or_a_ref(
     api: Api, demo_trial: dict[str, Any], url: str
 ) -> None:
-    message = refusal(api(), with_repo(demo_trial, url), ["tasks", 0, "repo"])
-    assert "git URLs are not yet supported" in message
+    message = refusal(api(), with_repo(demo_trial, url), ["tasks", 0])
+    assert "a git URL repo needs `commit` (or `ref`)" in message
+
+
+def test_a_file_url_outside_the_task_roots_is_refused(api: Api, demo_trial: dict[str, Any]) -> None:
+    body = with_repo(demo_trial, "file:///etc/../root/.ssh")
+    body["tasks"][0]["ref"] = "main"
+    message = refusal(api(), body, ["tasks", 0, "repo"])
+    assert "must be a folder under the task roots" in message
 
 
 def test_an_unsandboxed_trial_needs_the_servers_setting(

@@ -44,8 +44,8 @@ PACKAGES: dict[str, Package] = {
     "qwen-code": Package("npm", "@qwen-code/qwen-code", "qwen"),
 }
 """Agents `autovibe agents install` knows how to install."""
-BUNDLED = ("builtin",)
-"""Agents that ship with autovibe: always installed."""
+BUNDLED = ("builtin", "command")
+"""Agents that ship with autovibe: always installed (`command` runs the task's own program)."""
 
 
 class InstallError(RuntimeError):
