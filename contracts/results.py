@@ -7,6 +7,9 @@ state DB as an `AssignmentResult`: the same fields plus those only the orchestra
 spend, the confidence gate, a deferral, a cancel, why an ending was the platform's fault).
 Every reader (scheduler, report, API, export, bandit) takes the model, never the dict.
 Stored rows of older versions still read: every field the orchestrator adds has a default.
+
+Beside it in the assignment's folder: the runner's `report.json` (`SwebenchReport`), and the
+`spec.json` the orchestrator wrote, which other planes read as `SpecLabels`.
 """
 
 from __future__ import annotations
@@ -152,3 +155,56 @@ class AssignmentResult(_RunFields):
     def to_json(self) -> dict[str, Any]:
         """The fields that were set, as the state DB stores them."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+class TestLists(BaseModel):
+    """SWE-bench's lists of one family of tests: SKIPPED and MISSING tests are failures."""
+
+    __test__ = False  # not a pytest test class
+    success: list[str]
+    failure: list[str]
+
+
+class TestsStatus(BaseModel):
+    """SWE-bench's `tests_status`, named as SWE-bench names it."""
+
+    __test__ = False
+    FAIL_TO_PASS: TestLists
+    PASS_TO_PASS: TestLists
+
+
+class SwebenchReport(BaseModel):
+    """An assignment's `report.json`, shaped like SWE-bench's per-instance report: written by
+    the runner on every ending but a cancel (`workers.grading.swebench_report`)."""
+
+    instance_id: str
+    assignment: str
+    patch_exists: bool
+    patch_successfully_applied: bool
+    """False: the run never reached its tests (an infra failure)."""
+    resolved: bool
+    status: GradeStatus | Literal["error"]
+    """The grade; `error` when the run never reached its tests."""
+    tests_status: TestsStatus
+    tests_timed_out: bool
+    # Reports written before tampering was detected still read.
+    tests_tampered: bool = False
+    tampered_files: list[str] = []
+    infra_failure: bool
+    infra_error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class SpecLabels(BaseModel):
+    """What planes other than the workers read of an assignment's `spec.json` (written by the
+    orchestrator as `workers.spec.AssignmentSpec`): who ran what, where. Any may be missing
+    from a folder another tool made; the reader says what stands in."""
+
+    project: str | None = None
+    trial: str | None = None
+    assignment: str | None = None
+    task_id: str | None = None
+    agent: str | None = None
+    model: str | None = None

@@ -19,7 +19,6 @@ latest balance assertion when the hour is older (`hour` keeps the truth).
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.dataroot import DataRoot
+from contracts.results import SpecLabels
 from ledger.book import (
     COMPUTE_META,
     PRICE_CURRENCY,
@@ -80,8 +80,8 @@ def agents_from_artifacts(root: DataRoot, project: str) -> AgentOf:
         if (trial, assignment) not in cache:
             spec = root.assignment_dir(project, trial, assignment) / "spec.json"
             try:
-                cache[(trial, assignment)] = str(json.loads(spec.read_text())["agent"])
-            except (OSError, ValueError, KeyError):
+                cache[(trial, assignment)] = SpecLabels.model_validate_json(spec.read_text()).agent
+            except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
                 cache[(trial, assignment)] = None
         return cache[(trial, assignment)]
 

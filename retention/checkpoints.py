@@ -22,15 +22,17 @@ import subprocess
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import lz4.frame
+from pydantic import BaseModel, ValidationError
 
 from contracts.dataroot import DataRoot, atomic_write
-from contracts.results import RunnerResult
+from contracts.results import RunnerResult, SpecLabels, SwebenchReport
 
 ARCHIVE_SUFFIX = ".tar.lz4"
 MANIFEST_VERSION = 1
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class CheckpointError(Exception):
@@ -149,31 +151,58 @@ def _runner_failed(result: dict[str, Any]) -> bool:
         return True
 
 
-def _assignment_facts(assignment_dir: Path) -> dict[str, str]:
+def _read_model(path: Path, model: type[_Model]) -> _Model | None:
+    """The JSON file at `path` as `model`; None when there is none."""
+    data = _read_json(path)
+    if not data:
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise CheckpointError(f"{path}: not a {model.__name__}: {where}: {first['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """Who made the workspace and how its run ended, as a checkpoint records them."""
+
+    project: str
+    trial: str
+    assignment: str
+    task: str
+    agent: str
+    model: str
+    status: str
+
+
+def _assignment_facts(assignment_dir: Path) -> _Facts:
     """Project, trial and assignment from the folder; task, agent, model, status from its files."""
     parts = assignment_dir.resolve().parts
     if len(parts) < 4 or parts[-4] != "worker-artifacts":
         raise CheckpointError(
             f"{assignment_dir} is not worker-artifacts/<project>/<trial>/<assignment>/"
         )
-    spec = _read_json(assignment_dir / "spec.json")
-    report = _read_json(assignment_dir / "report.json")
+    spec = _read_model(assignment_dir / "spec.json", SpecLabels) or SpecLabels()
+    report = _read_model(assignment_dir / "report.json", SwebenchReport)
     result = _read_json(assignment_dir / "result.json")
-    if report.get("status"):
-        status = str(report["status"])
+    status: str
+    if report is not None:
+        status = report.status
     elif not result:
         status = "running"
     else:
         status = "error" if _runner_failed(result) else "finished"
-    return {
-        "project": str(spec.get("project") or parts[-3]),
-        "trial": str(spec.get("trial") or parts[-2]),
-        "assignment": str(spec.get("assignment") or parts[-1]),
-        "task": str(spec.get("task_id") or ""),
-        "agent": str(spec.get("agent") or ""),
-        "model": str(spec.get("model") or ""),
-        "status": status,
-    }
+    return _Facts(
+        project=spec.project or parts[-3],
+        trial=spec.trial or parts[-2],
+        assignment=spec.assignment or parts[-1],
+        task=spec.task_id or "",
+        agent=spec.agent or "",
+        model=spec.model or "",
+        status=status,
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -232,15 +261,15 @@ def create(root: DataRoot, assignment_dir: Path, *, now: dt.datetime | None = No
     facts = _assignment_facts(assignment_dir)
     entries = manifest(workspace)
     digest = manifest_digest(entries)
-    cid = f"{facts['assignment']}-{digest[:12]}"
-    dirs = _dirs(root, facts["project"])
+    cid = f"{facts.assignment}-{digest[:12]}"
+    dirs = _dirs(root, facts.project)
     meta_path = dirs["metadata"] / f"{cid}.json"
     if meta_path.exists():
         return Checkpoint.from_json(_read_json(meta_path))
     earlier = [
         c
-        for c in checkpoints(root, facts["project"])
-        if c.task == facts["task"] and c.agent == facts["agent"]
+        for c in checkpoints(root, facts.project)
+        if c.task == facts.task and c.agent == facts.agent
     ]
     archive = dirs["archives"] / f"{cid}{ARCHIVE_SUFFIX}"
     _archive(workspace, entries, archive)
@@ -265,7 +294,7 @@ def create(root: DataRoot, assignment_dir: Path, *, now: dt.datetime | None = No
         files=sum(e.type == "file" for e in entries),
         bytes=sum(e.size for e in entries),
         archive_bytes=archive.stat().st_size,
-        **facts,
+        **asdict(facts),
     )
     # Metadata last: a checkpoint exists once its metadata does.
     _write_atomic(meta_path, json.dumps(asdict(checkpoint), indent=1).encode())

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from contracts.dataroot import open_log
 from contracts.results import GradeStatus as GradeStatus
+from contracts.results import SwebenchReport, TestLists, TestsStatus
 from workers import swebench_logs
 from workers.workspace import WorkspaceError, baseline_git, isolated_git
 
@@ -260,35 +261,34 @@ def swebench_report(
     *,
     patch_exists: bool,
     infra_error: str | None = None,
-) -> dict[str, object]:
+) -> SwebenchReport:
     """An assignment's `report.json`, shaped like SWE-bench's per-instance report.
 
     `grade` is None when the run never reached its tests (an infra failure). The agent edits
     the workspace in place, so a graded patch has been applied by construction.
     """
-    tests_status = {
-        "FAIL_TO_PASS": _split(grade.fail_to_pass if grade else {}),
-        "PASS_TO_PASS": _split(grade.pass_to_pass if grade else {}),
-    }
-    return {
-        "instance_id": instance_id,
-        "assignment": assignment,
-        "patch_exists": patch_exists,
-        "patch_successfully_applied": grade is not None,
-        "resolved": grade is not None and grade.status == "resolved",
-        "status": grade.status if grade is not None else "error",
-        "tests_status": tests_status,
-        "tests_timed_out": grade.timed_out if grade is not None else False,
-        "tests_tampered": grade.tests_tampered if grade is not None else False,
-        "tampered_files": list(grade.tampered_files) if grade is not None else [],
-        "infra_failure": infra_error is not None,
-        "infra_error": infra_error,
-    }
+    return SwebenchReport(
+        instance_id=instance_id,
+        assignment=assignment,
+        patch_exists=patch_exists,
+        patch_successfully_applied=grade is not None,
+        resolved=grade is not None and grade.status == "resolved",
+        status=grade.status if grade is not None else "error",
+        tests_status=TestsStatus(
+            FAIL_TO_PASS=_split(grade.fail_to_pass if grade else {}),
+            PASS_TO_PASS=_split(grade.pass_to_pass if grade else {}),
+        ),
+        tests_timed_out=grade.timed_out if grade is not None else False,
+        tests_tampered=grade.tests_tampered if grade is not None else False,
+        tampered_files=list(grade.tampered_files) if grade is not None else [],
+        infra_failure=infra_error is not None,
+        infra_error=infra_error,
+    )
 
 
-def _split(statuses: dict[str, str]) -> dict[str, list[str]]:
+def _split(statuses: dict[str, str]) -> TestLists:
     """SWE-bench's success/failure lists; SKIPPED and MISSING tests are failures."""
-    return {
-        "success": [test for test, s in statuses.items() if s in PASSING],
-        "failure": [test for test, s in statuses.items() if s not in PASSING],
-    }
+    return TestLists(
+        success=[test for test, s in statuses.items() if s in PASSING],
+        failure=[test for test, s in statuses.items() if s not in PASSING],
+    )

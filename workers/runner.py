@@ -184,7 +184,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
             patch_exists=bool(diff.strip()),
             infra_error=f"{type(exc).__name__}: {exc}",
         )
-        _write_json_atomic(report_path, failed)
+        _write_json_atomic(report_path, failed.to_json())
         raise
     finally:
         # The agent has stopped: no stored secret it saw stays in what it left behind.
@@ -193,7 +193,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
         report_path,
         grading.swebench_report(
             spec.task_id, spec.assignment, report, patch_exists=bool(diff.strip())
-        ),
+        ).to_json(),
     )
     finished = time.time()
     return RunnerResult(

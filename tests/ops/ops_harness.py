@@ -11,6 +11,7 @@ from pathlib import Path
 from contracts.dataroot import DataRoot, write_secret_file
 from ledger.book import Ledger
 from workers import workspace
+from workers.grading import GradeReport, swebench_report
 
 FX = {"USD": Decimal("1"), "CAD": Decimal("1.37")}
 
@@ -53,7 +54,9 @@ def assignment(
     spec = {"assignment": aid, "project": "p1", "trial": trial, "task_id": task}
     spec |= {"agent": agent, "model": "tiny"}
     (folder / "spec.json").write_text(json.dumps(spec))
-    (folder / "report.json").write_text(json.dumps({"status": "resolved"}))
+    grade = GradeReport("resolved", {"tests/test_f.py::test_f": "PASSED"}, {}, 0, False, Path())
+    report = swebench_report(task, aid, grade, patch_exists=True)
+    (folder / "report.json").write_text(json.dumps(report.to_json()))
     workspace.prepare(repo, folder / "workspace")
     return folder
 

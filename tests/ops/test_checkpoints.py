@@ -84,6 +84,32 @@ def test_same_state_same_checkpoint_and_restore_refuses_a_full_folder(
         ck.restore(root, "nope", tmp_path / "n")
 
 
+def test_status_and_labels_come_from_the_typed_files(root: DataRoot, repo: Path) -> None:
+    """report.json is read as SwebenchReport and spec.json as SpecLabels: a report from before
+    tampering was recorded still reads, a spec without labels falls back to the folder, and a
+    report that is not one is refused, naming the file and the field."""
+    folder = assignment(root, repo, trial="t1", index=0)
+    report = json.loads((folder / "report.json").read_text())
+    old = {k: v for k, v in report.items() if k not in ("tests_tampered", "tampered_files")}
+    (folder / "report.json").write_text(json.dumps({**old, "status": "partial"}))
+    (folder / "spec.json").write_text(json.dumps({"agent": "builtin"}))
+    c = ck.create(root, folder)
+    assert (c.project, c.trial, c.assignment, c.task, c.status) == (
+        "p1",
+        "t1",
+        "t1-000",
+        "",
+        "partial",
+    )
+
+    _edit(folder / "workspace")
+    (folder / "report.json").write_text(json.dumps({"status": "resolved"}))
+    with pytest.raises(ck.CheckpointError, match=r"report.json: not a SwebenchReport: instance_id"):
+        ck.create(root, folder)
+    (folder / "report.json").unlink()
+    assert ck.create(root, folder).status == "running"  # no report, no result yet
+
+
 def test_restore_refuses_an_archive_that_escapes(
     root: DataRoot, repo: Path, tmp_path: Path
 ) -> None:

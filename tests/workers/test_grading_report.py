@@ -40,7 +40,7 @@ def test_report_from_real_grading(
     f2p = ids("mathkit", GRADED["mathkit"].f2p)
     add_tests = [t for t in f2p if "test_add" in t]
     passed = {"resolved": f2p, "partial": add_tests, "unresolved": []}[status]
-    assert report == {
+    assert report.to_json() == {
         "instance_id": "mathkit",
         "assignment": "a-001",
         "patch_exists": bool(solved),
@@ -57,7 +57,7 @@ def test_report_from_real_grading(
         "infra_failure": False,
         "infra_error": None,
     }
-    json.dumps(report)  # plain JSON all the way down
+    json.dumps(report.to_json())  # plain JSON all the way down
 
 
 def test_missing_and_skipped_tests_are_failures(prepared: Callable[[str], Path]) -> None:
@@ -65,21 +65,21 @@ def test_missing_and_skipped_tests_are_failures(prepared: Callable[[str], Path])
     solve(ws, "mathkit", "add", "is_even")
     grade = grade_example(ws, "mathkit", command="python -m pytest -q -k 'add or subtract'")
     report = swebench_report("mathkit", "a-002", grade, patch_exists=True)
-    f2p = report["tests_status"]["FAIL_TO_PASS"]  # type: ignore[index]
-    assert f2p["failure"] == ids("mathkit", ["test_is_even", "test_is_even_zero_and_negative"])
-    assert report["status"] == "partial" and report["resolved"] is False
+    f2p = report.tests_status.FAIL_TO_PASS
+    assert f2p.failure == ids("mathkit", ["test_is_even", "test_is_even_zero_and_negative"])
+    assert report.status == "partial" and report.resolved is False
 
 
 def test_an_infra_failure_has_no_test_results() -> None:
     report = swebench_report("t", "a-003", None, patch_exists=False, infra_error="OSError: disk")
-    assert report["infra_failure"] is True and report["infra_error"] == "OSError: disk"
-    assert (report["status"], report["resolved"], report["patch_successfully_applied"]) == (
+    assert report.infra_failure is True and report.infra_error == "OSError: disk"
+    assert (report.status, report.resolved, report.patch_successfully_applied) == (
         "error",
         False,
         False,
     )
     empty = {"success": [], "failure": []}
-    assert report["tests_status"] == {"FAIL_TO_PASS": empty, "PASS_TO_PASS": empty}
+    assert report.to_json()["tests_status"] == {"FAIL_TO_PASS": empty, "PASS_TO_PASS": empty}
 
 
 def spec_for(tmp_path: Path, program: str, repo: Path = EXAMPLES / "mathkit") -> AssignmentSpec:
