@@ -18,7 +18,22 @@ def machine() -> str:
     return f"{platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
 
 
-def publish(name: str, command: str, rows: list[dict[str, Any]], notes: str) -> None:
+def table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table, one column per key in the order first seen."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def publish(
+    name: str,
+    command: str,
+    rows: list[dict[str, Any]],
+    notes: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """`rows` are the section's table; `extra` (more tables by name) goes to the JSON only."""
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     data = {
@@ -27,16 +42,14 @@ def publish(name: str, command: str, rows: list[dict[str, Any]], notes: str) -> 
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
+        **(extra or {}),
     }
     (results / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    table += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     section = (
         f"<!-- bench:{name} -->\n## {name}\n\n"
         f"Command: `{command}` — {data['date']}, {data['machine']}.\n\n"
-        + "\n".join(table)
+        + table(rows)
         + f"\n\n{notes.strip()}\n<!-- /bench:{name} -->"
     )
     text = (

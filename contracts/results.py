@@ -87,6 +87,10 @@ class _RunFields(BaseModel):
     `patch.diff` of the assignment, never a path from this record."""
     report: str | None = None
     """Where the runner wrote the SWE-bench report (`report.json`)."""
+    phases: dict[str, float] = {}
+    """When each step of the run ended, epoch seconds: `workspace` (copied, baseline taken),
+    `agent_start` (sandbox set up, agent about to start), `agent_end` (its group gone),
+    `patch` (patch taken, tests restored), `graded` (tests run); `bench.harness` reads them."""
     infra_error: str | None = None
 
 

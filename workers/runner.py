@@ -67,9 +67,11 @@ def tree_bytes(folder: Path) -> int:
     return total
 
 
-def run_agent(spec: AssignmentSpec) -> AgentOutcome:
+def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> AgentOutcome:
     """Start the agent (sandboxed when the spec says so), wait for it within its timeout and
-    its workspace limit, kill its process group, and read what it left."""
+    its workspace limit, kill its process group, and read what it left; `phases` gets when
+    it was started and when its group was gone."""
+    phases = {} if phases is None else phases
     agent = get_agent(spec.agent, spec.data_root)
     DataRoot.ensure(spec.output)
     run = AgentRun(
@@ -96,6 +98,7 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
     with contextlib.ExitStack() as stack, open_log(spec.artifacts / "agent.log") as log:
         if spec.sandbox is not None:
             argv, env = stack.enter_context(sandbox.confine(spec, argv, env))
+        phases["agent_start"] = time.time()
         proc = subprocess.Popen(
             argv,
             cwd=spec.workspace,
@@ -124,6 +127,7 @@ def run_agent(spec: AssignmentSpec) -> AgentOutcome:
             # Also on cancel (SIGTERM) and when the agent exited but left children behind.
             kill_group(proc.pid, proc)
         exit_code = proc.wait()
+    phases["agent_end"] = time.time()
     outcome = agent.collect(run, None if timed_out else exit_code, timed_out)
     outcome.version = outcome.version or agent.version()
     if detail:
@@ -139,11 +143,13 @@ def run(spec: AssignmentSpec) -> RunnerResult:
     report_path = spec.artifacts / "report.json"
     report_path.unlink(missing_ok=True)  # an earlier attempt's report is not this one's
     diff = ""
+    phases: dict[str, float] = {}
     # Host-only: the baseline the patch is taken against and the tests are restored from.
     baseline = spec.artifacts / "baseline.git"
     try:
         workspace.prepare(spec.repo, spec.workspace, baseline)
-        outcome = run_agent(spec)
+        phases["workspace"] = time.time()
+        outcome = run_agent(spec, phases)
         # The patch first: what the agent left, test edits included; then the task's tests
         # are put back, and any edit of theirs is kept apart and flagged.
         diff = workspace.patch(spec.workspace, baseline)
@@ -163,6 +169,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
         tampered_path.unlink(missing_ok=True)
         if tampering.files:
             atomic_write(tampered_path, tampering.diff)
+        phases["patch"] = time.time()
         confine = functools.partial(sandbox.confine_offline, spec) if spec.sandbox else None
         report = grading.grade(
             spec.workspace,
@@ -176,6 +183,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
             task_id=spec.task_id,
         )
         report.tampered_files = tampering.files
+        phases["graded"] = time.time()
     except Exception as exc:
         failed = grading.swebench_report(
             spec.task_id,
@@ -205,6 +213,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
         grade=GradeResult.model_validate(report.to_json()),
         patch=str(patch_path),
         report=str(report_path),
+        phases=phases,
     )
 
 
