@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Header = tuple[str, str]
 """One header line, `[name, value]` in JSON; a list of them keeps order and duplicates."""
@@ -189,6 +189,11 @@ class FlowRecord(BaseModel):
     usage: Usage | None = None
     cost_usd: Decimal = Field(default=Decimal(0))
     error: str | None = None
+    upstream_error: str | None = None
+    """How a provider's answer fell short of a whole one (schema 4): the error it named
+    (`rate_limit_error`, `overloaded_error`, `rate_limit_exceeded`, `server_error`, …),
+    `http_<status>` when it named none, `stream_cut`, or `no_response`; None for a whole answer,
+    a flow to no provider, and the proxy's own refusals."""
     budget: str | None = None
     """The budget decision as one line for people: reserved in which scopes and settled, or
     why refused (`BudgetDecision.text`)."""

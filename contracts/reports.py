@@ -169,6 +169,29 @@ class ReviewRun(RunRef):
     confidence: float | None
 
 
+class ProviderErrorCount(BaseModel):
+    """Calls to a provider whose answer fell short the same way."""
+
+    status: int | None
+    """The HTTP status; None when no answer came."""
+    error: str
+    """The capture record's `upstream_error`: the error the provider named
+    (`rate_limit_error`, `overloaded_error`, `rate_limit_exceeded`, `server_error`, …),
+    `http_<status>`, `stream_cut` or `no_response`."""
+    calls: int
+
+
+class ProviderRow(BaseModel):
+    """One provider's calls in the trial (the model plane is `local`) and its errors."""
+
+    provider: str
+    calls: int
+    """Every call to it the proxy saw, its own refusals included."""
+    failed: int
+    """Calls whose answer fell short: an error status, an error event, a cut stream, none."""
+    errors: list[ProviderErrorCount] = []
+
+
 class TrialHead(_Json):
     """The trial the report is about."""
 
@@ -194,6 +217,8 @@ class TrialReport(TrialHead):
     tests_tampered: list[TamperedRun] = []
     needs_review: list[ReviewRun] = []
     local_share: LocalShare | None = None
+    providers: list[ProviderRow] = []
+    """Calls per provider with its errors counted by status and kind (429, 529, 5xx, cut)."""
     alpha: float
     """Significance level of every comparison."""
     total_cost: Decimal

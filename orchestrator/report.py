@@ -38,6 +38,8 @@ from contracts.reports import (
     LearningCurve,
     LocalShare,
     ModelPairRow,
+    ProviderErrorCount,
+    ProviderRow,
     ReviewRun,
     TamperedRun,
     TrialHead,
@@ -124,7 +126,19 @@ def build(platform: Platform, trial_id: str) -> TrialReport:
                 failed_calls=platform.index.call_failures(r.assignment).failed,
             )
         )
-    return summarize(head, records, lambda usd: platform.in_currency(usd, currency))
+    providers = [
+        ProviderRow(
+            provider=p.provider,
+            calls=p.calls,
+            failed=p.failed,
+            errors=[
+                ProviderErrorCount(status=e.status, error=e.upstream_error, calls=e.calls)
+                for e in p.errors
+            ],
+        )
+        for p in platform.index.provider_calls(trial=trial_id)
+    ]
+    return summarize(head, records, lambda usd: platform.in_currency(usd, currency), providers)
 
 
 def _record(a: Assignment) -> RunRecord:
@@ -149,9 +163,13 @@ def _record(a: Assignment) -> RunRecord:
 
 
 def summarize(
-    head: TrialHead, records: Sequence[RunRecord], to_currency: Callable[[Decimal], Decimal]
+    head: TrialHead,
+    records: Sequence[RunRecord],
+    to_currency: Callable[[Decimal], Decimal],
+    providers: Sequence[ProviderRow] = (),
 ) -> TrialReport:
-    """Rows per agent × model pair, per agent and per model pair, and the pairwise tests."""
+    """Rows per agent × model pair, per agent and per model pair, and the pairwise tests;
+    `providers` (calls and errors per provider, from the traffic store) as they are."""
     rows = [
         ArmRow(agent=agent, model=model, **dict(_stats(group, to_currency)))
         for (agent, model), group in _grouped(records, lambda r: (r.agent, r.model))
@@ -215,6 +233,7 @@ def summarize(
             if r.accepted is False
         ],
         local_share=_local_share(records),
+        providers=list(providers),
         alpha=stats.ALPHA,
         total_cost=to_currency(total_usd),
         total_cost_usd=total_usd,
@@ -390,6 +409,20 @@ def tamper_note(report: TrialReport) -> list[str]:
     return lines
 
 
+def provider_note(report: TrialReport) -> list[str]:
+    """Lines under the table: each provider's calls and the errors among them, by status."""
+    lines = []
+    for p in report.providers:
+        errors = ", ".join(
+            f"{e.calls} × {'' if e.status is None else f'{e.status} '}{e.error}" for e in p.errors
+        )
+        lines.append(
+            f"Provider {p.provider}: {p.calls} calls, {p.failed} fell short"
+            + (f" ({errors})" if errors else "")
+        )
+    return lines
+
+
 def _gate(row: ArmStats) -> str:
     return f"{row.accepted} / {row.needs_review}"
 
@@ -458,6 +491,8 @@ def render(report: TrialReport, console: Console) -> None:
     )
     for line in [*infra_note(report), *tamper_note(report)]:
         console.print(line, style="bold red", markup=False, highlight=False)
+    for line in provider_note(report):
+        console.print(line, markup=False, highlight=False)
     for d in report.deferred:
         console.print(
             f"Deferred: {d.assignment} (its machine's daily allowance is spent) "
@@ -573,6 +608,8 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
             for i, line in enumerate(tamper_note(report))
         ),
         "",
+        *(f"- {_md_escape(line)}" for line in provider_note(report)),
+        *([""] if report.providers else []),
         "## Pairwise comparisons",
         "",
     ]

@@ -57,8 +57,13 @@ class UsageMeter:
         self.raw_bytes = 0
         """Bytes fed, as they travelled (still encoded)."""
         self.decoded_bytes = 0
-        self.data_events = 0
-        """Server-sent events with data seen (`[DONE]` aside): about one token each."""
+        self.output_events = 0
+        """Server-sent events that carried generated output: about one token each (Anthropic's
+        `content_block_delta`, a Responses `*.delta`, a chat or completions chunk with content)."""
+        self.upstream_error: str | None = None
+        """The error the provider named, in an error body or an error event of its stream: its
+        `code` (OpenAI's `rate_limit_exceeded`) or else its `type` (Anthropic's
+        `overloaded_error`)."""
         self.response_id: str | None = None
         self.usage: Usage | None = None
         """The usage the server reported; partial until `complete`."""
@@ -162,21 +167,26 @@ class UsageMeter:
             self._event = value.decode("utf-8", errors="replace")
 
     def _dispatch(self, event: str | None, data: bytes) -> None:
-        if data.strip() != b"[DONE]":
-            self.data_events += 1
+        chunks = self.api in ("openai_chat", "openai_completions")
+        if event == "content_block_delta" or (event is not None and event.endswith(".delta")):
+            self.output_events += 1
         if event in _SKIPPED_EVENTS or (event is not None and event.endswith(".delta")):
             return
         if data.strip() == b"[DONE]":
             return
         if (
-            self.api in ("openai_chat", "openai_completions")
+            chunks
             and self.response_id is not None
             and (b'"usage"' not in data or _USAGE_NULL.search(data))
         ):
+            self.output_events += 1  # a chunk past the first, unparsed: a delta
             return
         doc = self._json(data, "event")
-        if doc is not None:
-            self._take_event(event or _str(doc.get("type")), doc)
+        if doc is None:
+            return
+        if chunks and _has_output(doc):
+            self.output_events += 1
+        self._take_event(event or _str(doc.get("type")), doc)
 
     def _take_body(self, doc: dict[str, Any]) -> None:
         self.response_id = _str(doc.get("id"))
@@ -187,11 +197,13 @@ class UsageMeter:
         if usage is not None:
             self.usage, self.complete = usage, True
         if doc.get("error") is not None and self.usage is None:
-            self._note(f"upstream error: {_error_kind(doc.get('error'))}")
+            self.upstream_error = _error_kind(doc.get("error"))
+            self._note(f"upstream error: {self.upstream_error}")
 
     def _take_event(self, event: str | None, doc: dict[str, Any]) -> None:
         if event == "error":
-            self._note(f"upstream error event: {_error_kind(doc.get('error'))}")
+            self.upstream_error = _error_kind(doc.get("error"))
+            self._note(f"upstream error event: {self.upstream_error}")
             return
         if self.api is None:
             return
@@ -310,9 +322,29 @@ def _decoder(content_encoding: str) -> Callable[[bytes], bytes] | None:
 
 
 def _error_kind(error: Any) -> str:
+    """OpenAI's `code` is the finer name (`rate_limit_exceeded` under the type `requests`);
+    Anthropic's errors have only a `type`."""
     if isinstance(error, dict):
-        return _str(error.get("type")) or _str(error.get("code")) or "unknown"
+        return _str(error.get("code")) or _str(error.get("type")) or "unknown"
     return _str(error) or "unknown"
+
+
+def _has_output(chunk: dict[str, Any]) -> bool:
+    """Whether a chat or completions chunk carries generated text or a tool call (the first
+    chunk of a chat stream carries only the role, the last ones the finish reason or usage)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if choice.get("text") or (
+            isinstance(delta, dict)
+            and any(delta.get(k) for k in ("content", "tool_calls", "reasoning_content", "refusal"))
+        ):
+            return True
+    return False
 
 
 def _get_int(value: Any, key: str) -> int:

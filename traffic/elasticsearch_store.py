@@ -50,7 +50,14 @@ from contracts.records import FlowRecord
 from contracts.settings import Settings
 from traffic.spool import FILE_NAME
 from traffic.sqlite_store import DEFAULT_BODY_MAX, _complete_lines, index_copy
-from traffic.stores import CallFailures, ModelUsage, SpooledFlow, TrafficUnavailable
+from traffic.stores import (
+    CallFailures,
+    ModelUsage,
+    ProviderCalls,
+    SpooledFlow,
+    TrafficUnavailable,
+    count_provider_calls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +390,23 @@ class ElasticsearchTrafficStore:
         status, text = last.get("status"), last.get("error")
         error = str(text) if status is None else f"HTTP {status}" + (f": {text}" if text else "")
         return CallFailures(calls, failed, True, error)
+
+    def provider_calls(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[ProviderCalls]:
+        """Calls per provider and those whose answer fell short, by status and error."""
+        self._refresh()
+        scope = _scope(project=project, trial=trial, assignment=assignment)
+        scope.append({"exists": {"field": "provider"}})
+        fields = ["provider", "status", "upstream_error"]
+        return count_provider_calls(
+            (source["provider"], source.get("status"), source.get("upstream_error"))
+            for source in self._hits("usage", scope, ["id"], fields)
+        )
 
     def flows(
         self,

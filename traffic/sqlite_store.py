@@ -25,7 +25,13 @@ from pydantic import ValidationError
 from contracts.dataroot import DataRoot
 from contracts.records import Body, FlowRecord, WebSocket
 from traffic.spool import FILE_NAME
-from traffic.stores import CallFailures, ModelUsage, SpooledFlow
+from traffic.stores import (
+    CallFailures,
+    ModelUsage,
+    ProviderCalls,
+    SpooledFlow,
+    count_provider_calls,
+)
 
 READ_CHUNK = 4 * 1024 * 1024
 """Bytes of a spool file read per transaction, so one catch-up never holds the lock for long."""
@@ -357,6 +363,22 @@ class SqliteTrafficStore:
                 str(text) if status is None else f"HTTP {status}" + (f": {text}" if text else "")
             )
         return CallFailures(calls, count, last_failed, error)
+
+    def provider_calls(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[ProviderCalls]:
+        """Calls per provider and those whose answer fell short, by status and error."""
+        where, params = _scope(project=project, trial=trial, assignment=assignment)
+        rows = self._query(
+            "SELECT provider, status, json_extract(record, '$.upstream_error') FROM flows "
+            f"WHERE provider IS NOT NULL{where}",
+            params,
+        )
+        return count_provider_calls(rows)
 
     def flows(
         self,

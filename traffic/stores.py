@@ -11,6 +11,8 @@ elasticsearch-py.
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -51,6 +53,56 @@ class CallFailures:
     """The assignment's last call failed: the agent gave up on a broken model plane."""
     last_error: str | None
     """The last failure, `HTTP 502` or the proxy's error text."""
+
+
+@dataclass(frozen=True)
+class ErrorCount:
+    """Calls whose answer fell short the same way: the status and the record's
+    `upstream_error` (the error the provider named, `stream_cut`, `no_response`, …)."""
+
+    status: int | None
+    upstream_error: str
+    calls: int
+
+
+@dataclass(frozen=True)
+class ProviderCalls:
+    """Calls to one provider (the model plane is `local`) and how many fell short, by kind."""
+
+    provider: str
+    calls: int
+    """Every call to the provider the proxy saw, its own refusals included."""
+    errors: tuple[ErrorCount, ...]
+    """By status, then error; empty when every answer was whole."""
+
+    @property
+    def failed(self) -> int:
+        return sum(e.calls for e in self.errors)
+
+
+def count_provider_calls(
+    flows: Iterable[tuple[str, int | None, str | None]],
+) -> list[ProviderCalls]:
+    """(provider, status, upstream_error) of each flow to a provider → one row per provider,
+    by name; both stores count with this, so they agree."""
+    calls: Counter[str] = Counter()
+    errors: dict[str, Counter[tuple[int, str]]] = defaultdict(Counter)
+    for provider, status, upstream_error in flows:
+        calls[provider] += 1
+        if upstream_error is not None:
+            # -1 sorts an answer that never came before the statuses.
+            errors[provider][(-1 if status is None else status, upstream_error)] += 1
+    return [
+        ProviderCalls(
+            provider,
+            calls[provider],
+            tuple(
+                ErrorCount(None if status < 0 else status, kind, n)
+                for (status, kind), n in sorted(errors[provider].items())
+            ),
+        )
+        for provider in sorted(calls)
+    ]
 
 
 @dataclass(frozen=True)
@@ -105,6 +157,17 @@ class MeteredFlows(Protocol):
 
     def call_failures(self, assignment: str) -> CallFailures:
         """The assignment's failed calls (5xx or no response) and whether its last one failed."""
+        ...
+
+    def provider_calls(
+        self,
+        *,
+        project: str | None = None,
+        trial: str | None = None,
+        assignment: str | None = None,
+    ) -> list[ProviderCalls]:
+        """Calls per provider and those whose answer fell short (429, 529 overloaded, 5xx, an
+        error event, a cut stream, no answer), counted by status and the error named."""
         ...
 
     def flows(

@@ -330,6 +330,7 @@ def record_of(
         budget=None if decision is None else decision.text(),
         budget_decision=decision,
         error=_error_of(flow, facts.problem if facts else None, websocket),
+        upstream_error=facts.upstream_error if facts else None,
         request_headers=list(request.headers.items(multi=True)),
         response_headers=list(response.headers.items(multi=True)) if response else [],
         request_body=_whole_body(request, spool_body_max, redactor),

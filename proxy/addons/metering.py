@@ -9,7 +9,12 @@ request (`proxy.endpoints.quote`) and charged from the answer (`served`). Event 
 and bodies of unknown length pass through chunk by chunk as they arrive, read on the way by a
 `proxy.usage.UsageMeter`; other answers are read whole. A successful response without usage,
 or a stream cut short, is charged by an estimate from its bytes, marked `estimated`, never zero;
-so is one whose usage says it read 0 input tokens (an upstream that does not count).
+so is one whose usage says it read 0 input tokens (an upstream that does not count). A cut
+stream's output is the deltas that arrived, its input what the stream had reported or else the
+request's size. An error answer (429, 529 overloaded, 5xx) is passed to the agent as the
+provider sent it, `retry-after` included, and costs nothing; how an answer fell short (the
+error the provider named, `stream_cut`, `no_response`) is kept for the record
+(`upstream_error`), where the report counts it per provider.
 
 The contract other addons rely on: once a flow is over — in the `response` and `error` hooks,
 whichever addon runs first — `metered(flow)` holds its final usage and cost.
@@ -93,6 +98,9 @@ class Metered:
     """Response body bytes as they travelled; for a streamed response, all that was seen."""
     problem: str | None = None
     """What went wrong reading the usage (malformed body, cut stream, …), for the record."""
+    upstream_error: str | None = None
+    """How the provider's answer fell short of a whole one (`upstream_error_of`), for the
+    record and the report's count per provider."""
     final: bool = False
     """Usage and cost are settled: the flow is over."""
 
@@ -136,18 +144,19 @@ def estimate(
     request_bytes: int,
     response_bytes: int,
     known: Usage | None = None,
-    events: int = 0,
+    events: int | None = None,
     max_tokens: int | None = None,
 ) -> Usage:
     """Tokens guessed from sizes, at least one each way so a call is never free.
 
     `known` is what a cut stream had already reported (Anthropic's input and cache tokens
-    come first): those input counts are kept. The output is guessed from a stream's data
-    events (one token each: a server sends a delta per token; the envelope bytes would count
-    ten times too many), else from the bytes, and never above the request's `max_tokens`.
+    come first): those input counts are kept. The output of an event stream is its events
+    that carried output (`events`, one token each: a server sends a delta per token; the
+    envelope bytes would count ten times too many), that of a plain body its bytes; never
+    above the request's `max_tokens`.
     """
     prompt = max(1, math.ceil(request_bytes / BYTES_PER_TOKEN))
-    completion = events or math.ceil(response_bytes / BYTES_PER_TOKEN)
+    completion = events if events is not None else math.ceil(response_bytes / BYTES_PER_TOKEN)
     if max_tokens is not None and max_tokens > 0:
         completion = min(completion, max_tokens)
     completion = max(1, completion)
@@ -408,6 +417,23 @@ def _is_over(flow: http.HTTPFlow) -> bool:
     )
 
 
+def upstream_error_of(flow: http.HTTPFlow, meter: UsageMeter | None) -> str | None:
+    """How a provider's answer fell short of a whole one: the error it named (in an error
+    answer or an error event of its stream: `rate_limit_error`, `overloaded_error`,
+    `rate_limit_exceeded`, `server_error`, …), `http_<status>` for an error status that names
+    none, `stream_cut` for an answer whose connection broke before its end, `no_response` when
+    none came; None for a whole answer."""
+    response = flow.response
+    named = meter.upstream_error if meter is not None else None
+    if response is None:
+        return "no_response" if flow.error is not None else None
+    if response.status_code >= 400:
+        return named or f"http_{response.status_code}"
+    if named is not None:
+        return named
+    return "stream_cut" if flow.error is not None else None
+
+
 def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
     facts.final = True
     if facts.model is None or refused(flow):
@@ -420,6 +446,7 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
         facts.response_id = meter.response_id
         facts.response_bytes = meter.raw_bytes
         facts.problem = facts.problem or meter.problem
+    facts.upstream_error = upstream_error_of(flow, meter)
     request_bytes = len(flow.request.raw_content or b"")
     if facts.quote is not None:
         _charge_units(flow, facts, facts.quote, request_bytes)
@@ -431,17 +458,23 @@ def _settle(flow: http.HTTPFlow, facts: Metered) -> None:
         facts.problem = facts.problem or "upstream reported 0 input tokens; usage estimated"
         usage = None
     if usage is None:
+        # A 2xx is an answer, even one cut short: charged for what it had generated.
         answered = response is not None and 200 <= response.status_code < 300
         # The request may have reached the provider before a failure: charge an estimate.
-        reached = flow.error is not None and flow.server_conn.timestamp_tcp_setup is not None
-        # A provider charges for answers, not for refusals: a 4xx/5xx without usage is free.
+        reached = (
+            response is None
+            and flow.error is not None
+            and flow.server_conn.timestamp_tcp_setup is not None
+        )
+        # A provider charges for answers, not for refusals: a 4xx/5xx without usage (429, 529
+        # overloaded, 500), however it ended, is free.
         if answered or reached:
             seen = max(meter.raw_bytes, meter.decoded_bytes) if meter is not None else 0
             usage = estimate(
                 request_bytes,
                 seen,
                 known=meter.usage if meter else None,
-                events=meter.data_events if meter is not None and meter.events else 0,
+                events=meter.output_events if meter is not None and meter.events else None,
                 max_tokens=(output_cap(facts.api, facts.request_doc).asked if facts.api else None),
             )
     _charge(facts, usage)

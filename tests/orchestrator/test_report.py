@@ -515,3 +515,52 @@ def test_build_counts_local_tokens_by_provider(
     arm = row(report, "builtin", "tiny")
     assert (arm.tokens, arm.local_tokens, arm.local_share) == (200, 50, 0.25)
     assert report.local_share == LocalShare(local_tokens=50, local_share=0.25)
+
+
+def test_build_counts_provider_errors_per_provider_by_status(
+    platform: Platform, demo_trial: dict[str, Any]
+) -> None:
+    """The trial's calls per provider, and those whose answer fell short as the capture
+    record's `upstream_error` names them (429, 529 overloaded, a cut stream), in every output."""
+    trial_id = add_trial(
+        platform,
+        demo_trial,
+        "report-providers",
+        dt.datetime(2025, 3, 1, 10),
+        [("claude-code", "anthropic/claude-sonnet-4-5", "resolved", "finished", "0.001")],
+    )
+    aid = f"{trial_id}-000"
+    anthropic = llm_call(
+        trial_id, aid, "claude-sonnet-4-5", "0.001",
+        url="https://api.anthropic.com/v1/messages", provider="anthropic",
+    )  # fmt: skip
+    failed = {"usage": None, "cost_usd": Decimal(0)}
+    spool = Spool(DataRoot.at(platform.settings.data))
+    for update in (
+        {"status": 429, "upstream_error": "rate_limit_error", **failed},
+        {"status": 529, "upstream_error": "overloaded_error", **failed},
+        {"status": 529, "upstream_error": "overloaded_error", **failed},
+        {"status": 200, "upstream_error": "stream_cut", "error": "peer closed connection"},
+    ):
+        spool.append(anthropic.model_copy(update={"id": uuid.uuid4().hex, **update}))
+    spool.close()
+    report = build(platform, trial_id)
+    assert [p.model_dump() for p in report.providers] == [
+        {"provider": "anthropic", "calls": 4, "failed": 4, "errors": [
+            {"status": 200, "error": "stream_cut", "calls": 1},
+            {"status": 429, "error": "rate_limit_error", "calls": 1},
+            {"status": 529, "error": "overloaded_error", "calls": 2},
+        ]},
+        {"provider": "local", "calls": 1, "failed": 0, "errors": []},
+    ]  # fmt: skip
+    line = (
+        "Provider anthropic: 4 calls, 4 fell short "
+        "(1 × 200 stream_cut, 1 × 429 rate_limit_error, 2 × 529 overloaded_error)"
+    )
+    console = Console(record=True, width=220)
+    render(report, console)
+    assert line in console.export_text()
+    assert f"- {line}" in to_markdown(report)
+    assert report.to_json()["providers"][1] == {
+        "provider": "local", "calls": 1, "failed": 0, "errors": [],
+    }  # fmt: skip

@@ -218,7 +218,7 @@ def test_headers_are_kept_in_order_and_secrets_never_reach_spool_or_index(
         )
     assert response.status_code == 200
     record = captured(proxy, "/echo")
-    assert record.schema_version == SCHEMA_VERSION == 3
+    assert record.schema_version == SCHEMA_VERSION == 4
     request_headers = dict(record.request_headers)
     assert request_headers["Authorization"] == REDACTED
     assert request_headers["Cookie"] == REDACTED

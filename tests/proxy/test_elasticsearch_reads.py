@@ -26,8 +26,10 @@ from traffic.spool import FILE_NAME
 from traffic.sqlite_store import DEFAULT_BODY_MAX, SqliteTrafficStore, index_copy
 from traffic.stores import (
     CallFailures,
+    ErrorCount,
     MeteredFlows,
     ModelUsage,
+    ProviderCalls,
     SpooledFlow,
     TrafficUnavailable,
     metered_flows_for,
@@ -56,7 +58,8 @@ def traffic() -> list[FlowRecord]:
         flow(DAY1 + 11, assignment="a2", trial="t2", cost_usd=TINY, usage=Usage(
             prompt_tokens=100, total_tokens=100, estimated=True
         )),
-        flow(DAY1 + 12, status=502, usage=None, cost_usd=Decimal(0), error="bad gateway"),
+        flow(DAY1 + 12, status=502, usage=None, cost_usd=Decimal(0), error="bad gateway",
+             upstream_error="http_502"),
         flow(DAY1 + 13, status=None, usage=None, provider=None, model=None, error="reset"),
         flow(DAY1 + 14, status=407, usage=None, provider=None, model=None, project=None,
              trial=None, assignment=None, machine=None),
@@ -68,6 +71,10 @@ def traffic() -> list[FlowRecord]:
             response_body=Body(text="é" * (DEFAULT_BODY_MAX // 2 + 5), size=DEFAULT_BODY_MAX + 10),
             websocket=WebSocket(messages_from_client=1, bytes_from_client=2, messages=[message]),
         ),
+        flow(DAY1 + 16, provider="anthropic", model="claude-3-5-haiku", status=529, usage=None,
+             cost_usd=Decimal(0), upstream_error="overloaded_error"),
+        flow(DAY1 + 17, provider="anthropic", model="claude-3-5-haiku", cost_usd=Decimal("0.01"),
+             error="peer closed connection", upstream_error="stream_cut"),
         flow(DAY2, project="p2", assignment="b1", cost_usd=Decimal("1.1")),
         flow(DAY2 + 1, machine="m2", cost_usd=Decimal("0.1") + TINY),
     ]  # fmt: skip
@@ -162,9 +169,22 @@ def test_usage_is_summed_to_the_last_decimal(reader: MeteredFlows) -> None:
 
 def test_call_failures_are_the_assignments_5xx_and_dropped_calls(reader: MeteredFlows) -> None:
     calls = sum(r.assignment == "a1" for r in traffic())
-    assert reader.call_failures("a1") == CallFailures(calls, 2, False, None)
+    assert reader.call_failures("a1") == CallFailures(calls, 3, False, None)  # 502, reset, 529
     assert reader.call_failures("b1") == CallFailures(1, 0, False, None)
     assert reader.call_failures("none") == CallFailures(0, 0, False, None)
+
+
+def test_provider_calls_count_what_fell_short_by_status_and_error(reader: MeteredFlows) -> None:
+    records = traffic()
+    openai_t1 = sum(r.provider == "openai" and r.trial == "t1" for r in records)
+    assert reader.provider_calls(trial="t1") == [
+        ProviderCalls("anthropic", 3, (
+            ErrorCount(200, "stream_cut", 1), ErrorCount(529, "overloaded_error", 1),
+        )),
+        ProviderCalls("openai", openai_t1, (ErrorCount(502, "http_502", 1),)),
+    ]  # fmt: skip
+    assert reader.provider_calls(project="p2") == [ProviderCalls("openai", 1, ())]
+    assert reader.provider_calls(assignment="none") == []
 
 
 def test_flows_come_back_as_records(reader: MeteredFlows) -> None:

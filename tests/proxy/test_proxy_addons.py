@@ -149,8 +149,8 @@ def test_a_stream_without_usage_is_estimated_from_its_events_and_capped_by_max_t
     meter = UsageMeter("openai_chat", "text/event-stream")
     meter.feed(events + b"data: [DONE]\n\n")
     meter.finish()
-    assert not meter.complete and meter.data_events == 32
-    assert estimate(400, meter.raw_bytes, events=meter.data_events).completion_tokens == 32
+    assert not meter.complete and meter.output_events == 32
+    assert estimate(400, meter.raw_bytes, events=meter.output_events).completion_tokens == 32
     assert estimate(400, meter.raw_bytes).completion_tokens > 500
     assert estimate(400, meter.raw_bytes, max_tokens=16).completion_tokens == 16
     assert estimate(400, 0, max_tokens=16).completion_tokens == 1
