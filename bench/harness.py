@@ -348,9 +348,10 @@ def phase_rows(runs: dict[tuple[str, int], list[dict[str, Any]]]) -> list[dict[s
 
 def measure_overhead(
     work: Path, n: int, machines: tuple[int, ...], repeats: int, with_inspect: bool
-) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], str]:
+) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], str, list[float]]:
     """Every system at every machine count, `repeats` times, systems taking turns (their order
-    rotating) within each repeat; (runs by (system, machines), why Inspect is missing)."""
+    rotating) within each repeat; (runs by (system, machines), why Inspect is missing, the
+    load average before each cell)."""
     python, why_not = (None, "not asked for (--no-inspect)")
     if with_inspect:
         python, why_not = inspect_python()
@@ -367,6 +368,7 @@ def measure_overhead(
     make_repo(repo)
     systems = ["autovibe", "floor"] + (["inspect_ai"] if python is not None else [])
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    loads: list[float] = []
     stack.up(settings)
     try:
         for repeat in range(repeats):
@@ -374,6 +376,7 @@ def measure_overhead(
                 shift = (repeat + m) % len(systems)
                 for system in systems[shift:] + systems[:shift]:
                     print(f"repeat {repeat + 1}/{repeats}: {system}, {m} machines", file=sys.stderr)
+                    loads.append(round(os.getloadavg()[0], 2))
                     if system == "autovibe":
                         run = autovibe_run(settings, repo, n, m)
                     elif system == "floor":
@@ -384,35 +387,79 @@ def measure_overhead(
                     runs.setdefault((system, m), []).append(run)
     finally:
         stack.down(settings)
-    return runs, "" if python is not None else why_not
+    return runs, "" if python is not None else why_not, loads
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="4 tasks, 1 and 2 machines, once")
-    parser.add_argument("--no-inspect", action="store_true", help="leave out Inspect AI")
-    parser.add_argument("--no-fleet", action="store_true", help="leave out the fleet scale")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
-    n, machines = (4, (1, 2)) if args.quick else (20, (1, 2, 4))
-    repeats = args.repeats or (1 if args.quick else 3)
-    with tempfile.TemporaryDirectory(prefix="autovibe-bench-harness-") as tmp:
-        runs, inspect_missing = measure_overhead(
-            Path(tmp), n, machines, repeats, not args.no_inspect
+def goals(rows: list[dict[str, Any]], fleet_rows: list[dict[str, Any]]) -> str:
+    """The issue's goals, met or missed, from the figures of this run."""
+    lines = []
+    for row in (r for r in rows if r["system"] == "autovibe"):
+        floor, peer = row.get("vs_floor"), row.get("vs_inspect_ai")
+        verdicts = []
+        if floor is not None:
+            met = "met" if floor <= 1.5 else "missed"
+            verdicts.append(f"{floor}x the floor ({met}, goal 1.5x)")
+        if peer is not None:
+            met = "met" if peer < 1 else "missed"
+            verdicts.append(f"{peer}x Inspect AI's ({met}, goal < 1x)")
+        lines.append(f"- {row['machines']} machine(s): overhead " + "; ".join(verdicts))
+    for row in (r for r in fleet_rows if r["state_db"] == "sqlite"):
+        met = "met" if row["tick_p99_ms"] < 100 else "missed"
+        lines.append(
+            f"- fleet on SQLite, {row['assignments']} queued / {row['machines']} running: tick "
+            f"p99 {row['tick_p99_ms']} ms ({met}, goal < 100 ms)"
         )
-    rows = overhead_rows(runs, n, machines)
-    phases = phase_rows(runs)
-    fleet_rows: list[dict[str, Any]] = []
-    if not args.no_fleet:
-        fleet_rows = fleet.measure(quick=args.quick)
-    command = "python -m bench.harness" + (" --quick" if args.quick else "")
-    notes = f"""
+    return "\n".join(lines)
+
+
+WHERE_THE_TIME_GOES = """Where the time goes. Per assignment, over the floor (phase table): `launch`
+(the tick writes the spec, the credential and the routing policy, each with an fsync, starts a
+tmux session, and the runner's Python imports the workers plane), `sandbox` (bubblewrap, the
+bridge to the proxy, `python -m workers.sandbox_init` before the agent), the offline sandbox
+that `grading` adds to the test run (grading minus the floor's copy-and-test), the git baseline
+in `workspace`, and `collection` (on average half the scheduler's 0.5 s interval, plus posting
+usage and VM time to the ledger). What would close the gap: a runner that is already running
+(a pre-started worker per machine taking specs, instead of tmux + a fresh Python per
+assignment), starting the agent without a Python in front of it in the sandbox, waking the
+scheduler when a runner ends (inotify on result.json, or the runner's own notice) instead of
+polling, and posting the spend off the tick. Inspect AI runs everything in one process with
+no isolation: its `local` sandbox is a temporary folder, so its overhead is the copy, the test
+run and its own bookkeeping.
+
+The tick is serial and does all the work of every assignment that starts or ends in it, so
+its time grows with the wave, not with the queue: in a cProfile run of the ticks (1,000
+assignments on 200 machines, SQLite, this machine) the scheduler spent about 10.7 ms per
+assignment: `finish` 5.2 ms (three state-DB sessions; `post_usage` of the project's closed
+hours, 0.9 ms, called again for every ending; VM time to the ledger), `_spec` 1.3 ms (the
+routing policy written with an fsync), the spec.json of every running assignment read and
+validated again on every tick (1.0 ms, three times per assignment), the spec written with an
+fsync at launch (0.9 ms); fsync alone 0.8 s of the 10.7 s. A wave of 200 is then a tick of
+about 2 s (more under load). What would fix it: one state-DB session per tick for all the
+endings, the project's usage posted once per tick rather than once per ending, the specs of
+running assignments kept in memory instead of re-read, the launches' files written by a pool
+off the tick (or one directory fsync), and a bound on the work per tick (e.g. 20 starts and
+20 endings), which caps the tick's time at the cost of a slower ramp."""
+
+
+def notes_for(
+    n: int,
+    repeats: int,
+    load: list[float],
+    inspect_missing: str,
+    rows: list[dict[str, Any]],
+    phases: list[dict[str, Any]],
+    fleet_rows: list[dict[str, Any]],
+) -> str:
+    return f"""
 {n} tasks of one generated repo ({MODULES} modules and {MODULES // 6} data files, a pytest
 suite of ~1 s that imports every module), a scripted agent making one LLM call and a fixed
 edit; `machines` assignments at a time. Each cell ran {repeats} time(s), the systems taking
 turns within a repeat; figures are medians over repeats, `vs_*` the median of the per-repeat
 ratios of `overhead_p50_s`. Overhead = wall per assignment minus the agent's own time
-(`agent_p50_s`, the scripted agent's clock around its call and edit).
+(`agent_p50_s`, the scripted agent's clock around its call and edit). The test command is
+`{TEST_COMMAND}` in all three (plugin autoload off, so the suite is the repo's, not that of
+the plugins installed beside pytest). The machine is shared: its 1-minute load average,
+read before each cell, went from {load[0]} to {load[1]}.
 
 - `autovibe`: the stack as `autovibe up` starts it (deterministic model server, metering proxy,
   API with its scheduler ticking every 0.5 s, local driver in tmux); the `command` agent in
@@ -420,11 +467,17 @@ ratios of `overhead_p50_s`. Overhead = wall per assignment minus the agent's own
   Wall = the scheduler marking the assignment running to its ending collected and its spend
   posted. The confidence judge is off (an LLM call the peer does not make).
 - `inspect_ai`: Inspect AI {INSPECT_VERSION}, `local` sandbox (a temporary folder, no
-  isolation), `mockllm/model`, the same repo copied in the sample's setup, the same edit, the
-  same test command, environment and interpreter in the scorer; `max_samples` =
-  `max_sandboxes` = machines. Wall = the setup starting the copy to the sample's completion.
+  isolation), `mockllm/model` (its answer carries its usage: without one mockllm counts tokens
+  with tiktoken, whose table is downloaded, and there is no network here), the same repo copied
+  in the sample's setup, the same edit, the same test command, environment and interpreter in
+  the scorer; `max_samples` = `max_sandboxes` = machines. Wall = the setup starting the copy
+  to the sample's completion.
   {("Not measured in this run: " + inspect_missing) if inspect_missing else ""}
 - `floor`: copy the repo and run its tests once (its overhead is its wall).
+
+Goals (issue 22):
+
+{goals(rows, fleet_rows)}
 
 autovibe's overhead by phase (medians over every assignment, seconds): `launch` = the tick
 marking it running to the runner's first line (spec, credential, tmux, the runner's Python
@@ -437,8 +490,50 @@ runner's end to the ending recorded (the next tick, usage and VM time posted to 
 {table(phases)}
 
 {fleet.notes(fleet_rows)}
+
+{WHERE_THE_TIME_GOES}
 """
-    publish("harness", command, rows, notes, extra={"phases": phases, "fleet": fleet_rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="4 tasks, 1 and 2 machines, once")
+    parser.add_argument("--no-inspect", action="store_true", help="leave out Inspect AI")
+    parser.add_argument("--no-fleet", action="store_true", help="leave out the fleet scale")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--notes-only",
+        action="store_true",
+        help="measure nothing: write the section again from bench/results/harness.json",
+    )
+    args = parser.parse_args()
+    if args.notes_only:
+        saved = json.loads((ROOT / "bench" / "results" / "harness.json").read_text())
+        rows, phases, fleet_rows = saved["rows"], saved["phases"], saved["fleet"]
+        n, repeats, inspect_missing = saved["tasks"], saved["repeats"], saved["inspect_missing"]
+        command, load = saved["command"], saved["load_1min"]
+    else:
+        n, machines = (4, (1, 2)) if args.quick else (20, (1, 2, 4))
+        repeats = args.repeats or (1 if args.quick else 3)
+        with tempfile.TemporaryDirectory(prefix="autovibe-bench-harness-") as tmp:
+            runs, inspect_missing, loads = measure_overhead(
+                Path(tmp), n, machines, repeats, not args.no_inspect
+            )
+        load = [min(loads), max(loads)]
+        rows = overhead_rows(runs, n, machines)
+        phases = phase_rows(runs)
+        fleet_rows = [] if args.no_fleet else fleet.measure(quick=args.quick)
+        command = "python -m bench.harness" + (" --quick" if args.quick else "")
+    extra = {
+        "tasks": n,
+        "repeats": repeats,
+        "inspect_missing": inspect_missing,
+        "load_1min": load,
+        "phases": phases,
+        "fleet": fleet_rows,
+    }
+    notes = notes_for(n, repeats, load, inspect_missing, rows, phases, fleet_rows)
+    publish("harness", command, rows, notes, extra=extra)
     for row in rows + phases + fleet_rows:
         print(row)
 
