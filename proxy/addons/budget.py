@@ -408,7 +408,8 @@ class Budget:
             self._exhausted(flow, outcome)
             return
         flow.metadata[HOLD_KEY] = Hold(flow.id, outcome.amount, currency, fx, scopes, input_note)
-        flow.metadata[METADATA_KEY] = BudgetDecision(
+        # model_construct: built from our own typed values on every call, nothing to validate.
+        flow.metadata[METADATA_KEY] = BudgetDecision.model_construct(
             action="reserved",
             scopes=list(scopes),
             reserved=outcome.amount,
@@ -559,7 +560,7 @@ def _actual(flow: http.HTTPFlow, hold: Hold) -> Decimal:
 
 
 def _settled(hold: Hold, actual: Decimal, ending: str) -> BudgetDecision:
-    return BudgetDecision(
+    return BudgetDecision.model_construct(  # our own typed values, on every call
         action="settled",
         scopes=list(hold.scopes),
         reserved=hold.amount,

@@ -13,6 +13,7 @@ from mitmproxy import ctx, exceptions
 from contracts.config import ConfigError
 from contracts.providers import Provider, ProvidersCatalog, load_providers
 
+SEEN_MAX = 4096
 OPTIONS = frozenset({"autovibe_configs", "autovibe_provider_hosts"})
 """An addon reloads its `Providers` when one of these changes."""
 
@@ -35,11 +36,21 @@ def parse_provider_hosts(value: str) -> dict[tuple[str, int], str]:
 class Providers:
     catalog: ProvidersCatalog = field(default_factory=ProvidersCatalog)
     stand_ins: dict[tuple[str, int], str] = field(default_factory=dict)
+    _seen: dict[tuple[str, int], str | None] = field(default_factory=dict, compare=False)
+    """Answers of `at` so far: several addons ask it on every request, and the catalogue
+    (URLs parsed per provider) does not change while this object lives; bounded."""
 
     def at(self, host: str, port: int) -> str | None:
         """The provider a call to `host:port` goes to; None: no provider."""
-        host = host.lower()
-        return self.stand_ins.get((host, port)) or self.catalog.at(host, port)
+        key = (host.lower(), port)
+        try:
+            return self._seen[key]
+        except KeyError:
+            pass
+        found = self.stand_ins.get(key) or self.catalog.at(*key)
+        if len(self._seen) < SEEN_MAX:
+            self._seen[key] = found
+        return found
 
     def of(self, name: str) -> Provider | None:
         return self.catalog.providers.get(name)
