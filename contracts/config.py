@@ -283,6 +283,36 @@ class Task(_Strict):
         return self
 
 
+class TaskSetRef(_Strict):
+    """`tasks: {set: NAME, ids: [...]}` or `{set: NAME, sample: N}`: tasks of a set imported
+    with `autovibe tasks import` (under `$AUTOVIBE_DATA/tasks/NAME/`), resolved at submission;
+    the tasks its validation (`autovibe tasks validate`) found invalid are left out."""
+
+    set: Slug
+    """The task set's name."""
+    ids: Annotated[list[str], Field(min_length=1)] | None = None
+    """The set's tasks to run, by id; an invalid one is refused, naming why."""
+    sample: int | None = Field(default=None, ge=1)
+    """Run this many of the set's valid tasks, drawn with `assignment.seed`."""
+    agent_command: Annotated[list[str], Field(min_length=1)] | None = None
+    """argv the `command` agent runs for each of these tasks (see `Task.agent_command`)."""
+
+    @model_validator(mode="after")
+    def _one_way(self) -> TaskSetRef:
+        if self.ids is not None and self.sample is not None:
+            raise ValueError("name the tasks (`ids`) or draw them (`sample`), not both")
+        return self
+
+
+class TaskSets(Protocol):
+    """The server's imported task sets (`orchestrator.taskstore`; the validation context's
+    `task_sets`)."""
+
+    def select(self, ref: TaskSetRef, seed: int) -> list[Task]:
+        """The valid tasks `ref` names; ValueError naming the set, the task and why not."""
+        ...
+
+
 def _unsandboxed_allowed(value: str, info: ValidationInfo) -> str:
     if value == "none" and (info.context or {}).get("allow_unsandboxed") is False:
         raise ValueError(
@@ -481,6 +511,10 @@ class TrialConfig(_Strict):
     """Model pairs from configs/models.yaml, `<pair>` or `<pair>:thinking`."""
     assignment: Assignment = Field(default_factory=Assignment)
     tasks: list[Task] = Field(min_length=1)
+    """The tasks, or a task set by name (`{set: NAME, ids: [...]}`, `{set: NAME, sample: N}`),
+    which the server expands into its tasks at submission."""
+    task_set: TaskSetRef | None = None
+    """The task set `tasks` was drawn from, when the trial named one (kept as submitted)."""
     driver: Literal["local", "nomad"] = "local"
     """Worker driver: `local` (a detached subprocess per assignment) or `nomad` (a dispatch of
     a parameterized batch job per assignment; see nomad-jobs/README.md)."""
@@ -494,6 +528,37 @@ class TrialConfig(_Strict):
     """Where requests for the model `auto` go: the local pair first, the cloud if allowed."""
     egress: Egress = Field(default_factory=Egress)
     """Where the workers may go: the project's allowlists (configs/projects.yaml), or a part."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_task_set(cls, data: Any) -> Any:
+        # `tasks: {set: ...}` is expanded by the `tasks` validator; the reference is kept.
+        if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+            return {"task_set": data["tasks"], **data}
+        return data
+
+    @field_validator("tasks", mode="before", json_schema_input_type=list[Task] | TaskSetRef)
+    @classmethod
+    def _expand_task_set(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, dict):
+            return value
+        try:
+            ref = TaskSetRef.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(
+                f"a task set is {{set: NAME, ids: [...]}} or {{set: NAME, sample: N}}: "
+                f"{'; '.join(describe_errors(exc))}"
+            ) from None
+        sets: TaskSets | None = (info.context or {}).get("task_sets")
+        if sets is None:
+            raise ValueError(
+                f"task set {ref.set!r}: a task set is expanded by the server that holds it"
+            )
+        assignment = info.data.get("assignment")
+        seed = assignment.seed if isinstance(assignment, Assignment) else 0
+        extra = {} if ref.agent_command is None else {"agent_command": ref.agent_command}
+        # As plain data: checked again like any trial's tasks (task roots, the program).
+        return [t.model_dump(mode="json") | extra for t in sets.select(ref, seed)]
 
     @field_validator("egress")
     @classmethod

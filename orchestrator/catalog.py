@@ -17,10 +17,12 @@ from contracts.config import (
     load_prices,
     load_projects,
 )
+from contracts.dataroot import DataRoot
 from contracts.outbound import Allowlist
 from contracts.providers import ProvidersCatalog, load_providers, split_model
 from contracts.settings import Settings
 from orchestrator.model_choices import ModelChoices
+from orchestrator.taskstore import TaskStore
 from workers import swebench_logs
 from workers.agents import AGENTS
 
@@ -73,6 +75,7 @@ class Catalog:
             "models": self.choices(),
             "currencies": sorted(self.prices.fx),
             "parsers": swebench_logs.names(),
+            "task_sets": TaskStore(DataRoot.at(self.settings.data)),
             **self.policy,
         }
 

@@ -27,6 +27,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
 from orchestrator.models_cli import ls as models_ls
+from orchestrator.tasks_cli import app as tasks_app
 from orchestrator.tokens_cli import app as tokens_app
 from retention import backup_cli
 from retention.checkpoints_cli import app as checkpoints_app
@@ -61,6 +62,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(traffic_app, name="traffic")
 app.add_typer(payments_app, name="payments")
 app.add_typer(dashboards_app, name="dashboards")
+app.add_typer(tasks_app, name="tasks")
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table

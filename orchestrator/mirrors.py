@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,21 @@ class Mirrors:
                 if partial.is_dir():
                     shutil.rmtree(partial)
         return dest
+
+    def patch_problem(self, url: str, commit: str, patch: str) -> str | None:
+        """Why `patch` does not apply to `commit` of `url`'s mirror (git's words), or None.
+        Checked against the commit's tree in a private index: no files are written."""
+        mirror = self.mirror(url)
+        with tempfile.TemporaryDirectory(prefix="autovibe-apply-") as tmp:
+            index, diff = Path(tmp) / "index", Path(tmp) / "change.diff"
+            diff.write_bytes(patch.encode(errors="surrogateescape"))
+            env = {"GIT_INDEX_FILE": str(index)}
+            _git(mirror, "read-tree", commit, env=env)
+            try:
+                _git(mirror, "apply", "--cached", "--check", str(diff), env=env)
+            except WorkspaceError as exc:
+                return " ".join((exc.output or str(exc)).replace(str(diff), "patch").split())
+        return None
 
     @contextlib.contextmanager
     def _locked(self, url: str) -> Iterator[Path]:

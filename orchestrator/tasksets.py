@@ -35,8 +35,8 @@ from workers.workspace import WorkspaceError, checkout
 
 DEFAULT_TEST_COMMAND = "python -m pytest -q"
 REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "FAIL_TO_PASS")
-_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
-_COMMIT = re.compile(r"^[0-9a-fA-F]{7,64}$")
+REPO_NAME = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+COMMIT_ID = re.compile(r"^[0-9a-fA-F]{7,64}$")
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,16 @@ def load_swebench(
     seen: dict[str, int] = {}
     git = _Git()
     place = None if at_head else (checkouts or Settings().data / "task-repos").resolve()
-    for line, entry in _entries(path, problems):
+    for line, entry in read_entries(path, problems):
         try:
             instance = _instance(entry, repos_root, git, test_command, timeout_s, place)
-        except _Bad as exc:
-            problems.append(f"line {line}: {_label(entry)}{exc}")
+        except BadEntry as exc:
+            problems.append(f"line {line}: {entry_label(entry)}{exc}")
             continue
         first = seen.setdefault(instance.task.id, line)
         if first != line:
             problems.append(
-                f"line {line}: {_label(entry)}task id {instance.task.id!r} repeats the one of "
+                f"line {line}: {entry_label(entry)}task id {instance.task.id!r} repeats the one of "
                 f"line {first}"
             )
             continue
@@ -97,17 +97,17 @@ def load_swebench(
     return instances
 
 
-class _Bad(Exception):
+class BadEntry(Exception):
     """One entry is unusable; the message says why."""
 
 
-def _label(entry: Any) -> str:
+def entry_label(entry: Any) -> str:
     if isinstance(entry, dict) and isinstance(entry.get("instance_id"), str):
         return f"{entry['instance_id']}: "
     return ""
 
 
-def _entries(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
+def read_entries(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
     """(line, parsed object) for a JSON array or for JSON Lines; parse errors go to `problems`."""
     try:
         text = path.read_text()
@@ -163,32 +163,32 @@ def _instance(
     checkouts: Path | None,
 ) -> SweBenchInstance:
     if not isinstance(entry, dict):
-        raise _Bad(f"an entry is a JSON object, not {type(entry).__name__}")
+        raise BadEntry(f"an entry is a JSON object, not {type(entry).__name__}")
     missing = [k for k in REQUIRED if k not in entry]
     if missing:
-        raise _Bad(f"missing {', '.join(missing)}")
+        raise BadEntry(f"missing {', '.join(missing)}")
     instance_id, repo_name, commit = entry["instance_id"], entry["repo"], entry["base_commit"]
     if not isinstance(instance_id, str) or not slugify(instance_id):
-        raise _Bad(f"instance_id must be a non-empty string, got {instance_id!r}")
-    if not isinstance(repo_name, str) or not _REPO.match(repo_name):
-        raise _Bad(f"repo must be 'owner/name', got {repo_name!r}")
-    if not isinstance(commit, str) or not _COMMIT.match(commit):
-        raise _Bad(f"base_commit must be a hex commit id, got {commit!r}")
-    fail_to_pass = _test_list(entry, "FAIL_TO_PASS")
-    pass_to_pass = _test_list(entry, "PASS_TO_PASS") if "PASS_TO_PASS" in entry else []
+        raise BadEntry(f"instance_id must be a non-empty string, got {instance_id!r}")
+    if not isinstance(repo_name, str) or not REPO_NAME.match(repo_name):
+        raise BadEntry(f"repo must be 'owner/name', got {repo_name!r}")
+    if not isinstance(commit, str) or not COMMIT_ID.match(commit):
+        raise BadEntry(f"base_commit must be a hex commit id, got {commit!r}")
+    fail_to_pass = test_list(entry, "FAIL_TO_PASS")
+    pass_to_pass = test_list(entry, "PASS_TO_PASS") if "PASS_TO_PASS" in entry else []
     source = _find_repo(repo_name, repos_root)
     if not git.has_commit(source, commit):
-        raise _Bad(f"base_commit {commit} is not a commit of {source}")
+        raise BadEntry(f"base_commit {commit} is not a commit of {source}")
     repo = source
     if checkouts is not None:
         full = git.resolve(source, commit)
         try:
             repo = checkout(source, full, checkouts / repo_name.replace("/", "__") / full)
         except WorkspaceError as exc:
-            raise _Bad(f"cannot check out base_commit {commit}: {exc}") from exc
+            raise BadEntry(f"cannot check out base_commit {commit}: {exc}") from exc
     for key in ("test_patch", "test_cmd", "parser"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
-            raise _Bad(f"{key} must be a string")
+            raise BadEntry(f"{key} must be a string")
     try:
         task = Task(
             id=slugify(instance_id),
@@ -203,7 +203,7 @@ def _instance(
             parser=entry.get("parser") or repo_name,
         )
     except ValidationError as exc:
-        raise _Bad("; ".join(describe_errors(exc))) from exc
+        raise BadEntry("; ".join(describe_errors(exc))) from exc
     return SweBenchInstance(
         instance_id=instance_id,
         repo_name=repo_name,
@@ -214,15 +214,15 @@ def _instance(
     )
 
 
-def _test_list(entry: dict[str, Any], key: str) -> list[str]:
+def test_list(entry: dict[str, Any], key: str) -> list[str]:
     value = entry[key]
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise _Bad(f"{key} is a string but not a JSON-encoded list: {exc.msg}") from exc
+            raise BadEntry(f"{key} is a string but not a JSON-encoded list: {exc.msg}") from exc
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise _Bad(f"{key} must be a list of test ids (or that list JSON-encoded)")
+        raise BadEntry(f"{key} must be a list of test ids (or that list JSON-encoded)")
     return value
 
 
@@ -234,7 +234,7 @@ def _find_repo(repo_name: str, repos_root: Path) -> Path:
         if (candidate / ".git").exists():
             return candidate.resolve()
     tried = ", ".join(str(c) for c in candidates)
-    raise _Bad(f"no git repository for {repo_name} (looked for {tried}; nothing is downloaded)")
+    raise BadEntry(f"no git repository for {repo_name} (looked for {tried}; nothing is downloaded)")
 
 
 class _Git:

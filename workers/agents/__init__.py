@@ -19,6 +19,13 @@ AGENTS: dict[str, str] = {
     "command": "workers.agents.command:CommandAgent",
 }
 
+VALIDATION_AGENTS: dict[str, str] = {
+    "oracle": "workers.agents.oracle:OracleAgent",
+    "empty": "workers.agents.oracle:EmptyAgent",
+}
+"""Agents only `autovibe tasks validate` runs: not in `AGENTS`, so no trial can name them (the
+oracle applies the gold patch)."""
+
 SPEAKS: dict[str, frozenset[Wire]] = {
     "builtin": frozenset({"openai"}),  # completions (a base model's API)
     "mini-swe-agent": frozenset({"openai"}),  # litellm `openai/<model>` at the base URL
@@ -36,5 +43,6 @@ def get_agent(name: str, root: Path | None = None) -> Agent:
     """The adapter for `name` (a short name only: a trial names it); every adapter is built
     with the data root `root` its install lives under (default: `Settings().data`).
     `contracts.adapters.UnknownAdapter` lists the allowed names."""
-    agent: Agent = resolve("agent", name, AGENTS, dotted=False)(root=root)
+    registry = AGENTS | VALIDATION_AGENTS  # a trial's names were checked against AGENTS alone
+    agent: Agent = resolve("agent", name, registry, dotted=False)(root=root)
     return agent

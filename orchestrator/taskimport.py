@@ -1,0 +1,178 @@
+"""`autovibe tasks import swebench FILE`: a SWE-bench dataset file made into a stored task set.
+
+Each line (or array element) is an instance in SWE-bench's format: `instance_id`, `repo`
+(`owner/name`), `base_commit`, `patch` (the gold solution), `test_patch`, `FAIL_TO_PASS`,
+`PASS_TO_PASS`, `problem_statement` (the prompt), `version`, `environment_setup_commit`; an
+instance may add its own `test_cmd` and `parser`. Its repository is named by URL, as a trial
+task's may be: `https://github.com/owner/name`, or offline `file://` the folder
+`<owner>__<name>` (a clone or a bare repository) under `--repos DIR`. It is fetched into the
+data root's mirror (`orchestrator.mirrors`), `base_commit` must be there, and `patch` and
+`test_patch` must apply to it. Every problem is reported, naming the line, the instance and
+the field or the cause, and then nothing is written; a set that passes is written whole
+(`orchestrator.taskstore`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.config import ConfigError, Task, describe_errors
+from contracts.dataroot import DataRoot
+from contracts.tasksets import TaskSet, TaskSetEntry
+from orchestrator.mirrors import Mirrors, RepoError
+from orchestrator.tasksets import (
+    COMMIT_ID,
+    DEFAULT_TEST_COMMAND,
+    REPO_NAME,
+    BadEntry,
+    entry_label,
+    read_entries,
+    slugify,
+    test_list,
+)
+from orchestrator.taskstore import TaskStore
+from workers.workspace import WorkspaceError
+
+REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "patch", "FAIL_TO_PASS")
+
+
+def repo_url(repo_name: str, repos: Path | None) -> str:
+    """Where `owner/name` is fetched from: GitHub, or `<owner>__<name>` under `repos`."""
+    if repos is None:
+        return f"https://github.com/{repo_name}"
+    owner, name = repo_name.split("/")
+    for candidate in (repos / f"{owner}__{name}", repos / f"{owner}__{name}.git"):
+        if candidate.is_dir():
+            return "file://" + urllib.parse.quote(str(candidate.resolve()))
+    raise BadEntry(f"repo: no {owner}__{name} under {repos} (with --repos nothing is downloaded)")
+
+
+def import_swebench(
+    path: Path,
+    root: DataRoot,
+    *,
+    name: str | None = None,
+    repos: Path | None = None,
+    context: dict[str, Any] | None = None,
+    test_command: str = DEFAULT_TEST_COMMAND,
+    timeout_s: int = 600,
+    replace: bool = False,
+) -> TaskSet:
+    """Check every instance of `path`, fetch its repository, and store the set as `name`
+    (default: the file's stem); ConfigError naming each bad line, and then nothing is
+    written. `context`: the server's checks of a task (task roots, parsers)."""
+    set_name = name or slugify(path.stem)
+    problems: list[str] = []
+    entries: list[TaskSetEntry] = []
+    seen: dict[str, int] = {}
+    mirrors = Mirrors(root)
+    unreachable: dict[str, str] = {}
+    for line, raw in read_entries(path, problems):
+        try:
+            entry = _entry(raw, repos, mirrors, context, test_command, timeout_s, unreachable)
+        except BadEntry as exc:
+            problems.append(f"line {line}: {entry_label(raw)}{exc}")
+            continue
+        first = seen.setdefault(entry.task.id, line)
+        if first != line:
+            problems.append(
+                f"line {line}: {entry.instance_id}: task id {entry.task.id!r} repeats the one "
+                f"of line {first}"
+            )
+            continue
+        entries.append(entry)
+    if problems:
+        raise ConfigError(str(path), problems)
+    if not entries:
+        raise ConfigError(str(path), ["no task instances in the file"])
+    try:
+        taskset = TaskSet(
+            name=set_name,
+            kind="swebench",
+            source=str(path.resolve()),
+            imported_at=datetime.datetime.now(datetime.UTC),
+            entries=entries,
+        )
+    except ValidationError as exc:
+        raise ConfigError(str(path), [f"--name {set_name!r}: {describe_errors(exc)[0]}"]) from exc
+    TaskStore(root).write(taskset, replace=replace)
+    return taskset
+
+
+def _entry(
+    raw: Any,
+    repos: Path | None,
+    mirrors: Mirrors,
+    context: dict[str, Any] | None,
+    test_command: str,
+    timeout_s: int,
+    unreachable: dict[str, str],
+) -> TaskSetEntry:
+    if not isinstance(raw, dict):
+        raise BadEntry(f"an instance is a JSON object, not {type(raw).__name__}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise BadEntry(f"missing field {', '.join(missing)}")
+    instance_id, repo_name, commit = raw["instance_id"], raw["repo"], raw["base_commit"]
+    if not isinstance(instance_id, str) or not slugify(instance_id):
+        raise BadEntry(f"instance_id: a non-empty string, not {instance_id!r}")
+    if not isinstance(repo_name, str) or not REPO_NAME.match(repo_name):
+        raise BadEntry(f"repo: 'owner/name', not {repo_name!r}")
+    if not isinstance(commit, str) or not COMMIT_ID.match(commit):
+        raise BadEntry(f"base_commit: a hex commit id, not {commit!r}")
+    for key in ("patch", "test_patch", "test_cmd", "parser", "problem_statement", "version",
+                "environment_setup_commit"):  # fmt: skip
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise BadEntry(f"{key}: a string, not {type(raw[key]).__name__}")
+    fail_to_pass = test_list(raw, "FAIL_TO_PASS")  # BadEntry names the field
+    pass_to_pass = test_list(raw, "PASS_TO_PASS") if "PASS_TO_PASS" in raw else []
+    url = repo_url(repo_name, repos)
+    if url in unreachable:  # one try per repository, not one per instance
+        raise BadEntry(f"repo: {unreachable[url]}")
+    try:
+        full = mirrors.resolve(url, commit=commit.lower())
+    except RepoError as exc:
+        if not mirrors.mirror(url).is_dir():
+            unreachable[url] = str(exc)
+            raise BadEntry(f"repo: {exc}") from None
+        raise BadEntry(f"base_commit: {exc}") from None
+    for key in ("patch", "test_patch"):
+        if raw.get(key):
+            try:
+                why = mirrors.patch_problem(url, full, raw[key])
+            except WorkspaceError as exc:
+                why = str(exc)
+            if why is not None:
+                raise BadEntry(f"{key} does not apply to base_commit {commit}: {why}")
+    try:
+        task = Task.model_validate(
+            {
+                "id": slugify(instance_id),
+                "repo": url,
+                "commit": full,
+                "prompt": raw["problem_statement"],
+                "test_command": raw.get("test_cmd") or test_command,
+                "fail_to_pass": fail_to_pass,
+                "pass_to_pass": pass_to_pass,
+                "timeout_s": timeout_s,
+                "test_patch": raw.get("test_patch") or None,
+                # swebench's parser for the repository (pytest's when it has none), unless set.
+                "parser": raw.get("parser") or repo_name,
+            },
+            context=context,
+        )
+    except ValidationError as exc:
+        raise BadEntry("; ".join(describe_errors(exc))) from None
+    return TaskSetEntry(
+        task=task,
+        instance_id=instance_id,
+        repo_name=repo_name,
+        gold_patch=raw["patch"],
+        version=None if raw.get("version") is None else str(raw["version"]),
+        environment_setup_commit=raw.get("environment_setup_commit"),
+    )
