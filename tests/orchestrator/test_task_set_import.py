@@ -127,6 +127,8 @@ def test_import_and_validate_keep_the_valid_tasks(
         "acme__calc-3": (False, "resolved", "resolved"),
     }, out.output
     assert "doing nothing resolves it" in validation.invalid()["acme__calc-3"]
+    listed = runner.invoke(cli, ["tasks", "ls"], env=env)
+    assert listed.output.split() == ["calcset", "3", "tasks", "2", "valid"], listed.output
     # The empty run was graded with the test_patch applied: the new test ran and failed.
     empty = tmp_path / "data" / "worker-artifacts" / "_validation" / "calcset"
     report = json.loads((empty / "acme__calc-1.empty" / "report.json").read_text())
