@@ -184,6 +184,25 @@ def _repo_allowed(value: Path | str, info: ValidationInfo) -> Path | str:
     return value
 
 
+def _private_task_folder(resolved: Path, roots: list[Path], private: list[Path]) -> bool:
+    """Whether a folder under the task roots holds what no agent may see: the platform's git
+    mirrors and exported trees (a task's whole history, its fix included), or an imported task
+    set (its gold patches) — `set.json` in the folder or in one above it, up to its root."""
+    from contracts.tasksets import SET_FILE
+
+    if any(resolved.is_relative_to(folder) for folder in private):
+        return True
+    root = next((r for r in roots if resolved.is_relative_to(r)), None)
+    folder = resolved
+    while root is not None:
+        if (folder / SET_FILE).exists():
+            return True
+        if folder == root or folder.parent == folder:
+            return False
+        folder = folder.parent
+    return False
+
+
 def _under_task_roots(value: Path, info: ValidationInfo) -> Path:
     """With `task_roots` in the context: the folder, symlinks resolved, must lie under one of
     them. The answer is the same whether the path exists or not, so it reveals nothing."""
@@ -191,7 +210,9 @@ def _under_task_roots(value: Path, info: ValidationInfo) -> Path:
     if roots is None:
         return value
     resolved = value.resolve()
-    if not any(resolved.is_relative_to(root) for root in roots):
+    if not any(resolved.is_relative_to(root) for root in roots) or _private_task_folder(
+        resolved, roots, (info.context or {}).get("task_private") or []
+    ):
         raise ValueError(
             "must be a folder under the task roots (AUTOVIBE_TASK_ROOTS: "
             f"{', '.join(str(r) for r in roots)}) or a git URL (https://, ssh://, git://, "

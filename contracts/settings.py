@@ -144,6 +144,13 @@ class Settings(BaseSettings):
         return [Path(r).resolve() for r in roots]
 
     @property
+    def private_task_folders(self) -> list[Path]:
+        """Folders under the data root's `tasks/` no trial may name as its repo: the git
+        mirrors and the trees exported from them (`contracts.dataroot`)."""
+        tasks = self.data / "tasks"
+        return [(tasks / "mirrors").resolve(), (tasks / "trees").resolve()]
+
+    @property
     def rate_limits(self) -> dict[str, int]:
         """Requests per minute by token scope."""
         return {

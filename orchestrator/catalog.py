@@ -85,6 +85,7 @@ def server_policy(settings: Settings) -> dict[str, Any]:
     server's."""
     return {
         "task_roots": settings.allowed_task_roots,
+        "task_private": settings.private_task_folders,
         "allow_unsandboxed": settings.allow_unsandboxed,
         "nomad_node_pools": settings.nomad_node_pools,
         "nomad_datacenters": settings.nomad_datacenters,

@@ -83,6 +83,33 @@ def test_a_repo_outside_the_task_roots_is_refused_the_same_whether_it_exists(
     assert str(secrets) not in existing
 
 
+def test_the_platforms_mirrors_and_imported_sets_are_not_task_folders(
+    api: Api, demo_trial: dict[str, Any], tmp_path: Path
+) -> None:
+    # Under the default task root $AUTOVIBE_DATA/tasks: the git mirrors hold a task's whole
+    # history (its fix included) and an imported set's set.json its gold patches.
+    client = api()
+    tasks = tmp_path / "data0" / "tasks"
+    mirror = tasks / "mirrors" / "calc-1a2b3c.git"
+    tree = tasks / "trees" / "calc-1a2b3c" / ("0" * 40)
+    task_set = tasks / "lite"
+    for folder in (mirror, tree, task_set / "sub"):
+        folder.mkdir(parents=True)
+    (task_set / "set.json").write_text('{"tasks": []}')
+    plain = tasks / "plain-repo"
+    plain.mkdir()
+    (plain / "README.md").write_text("a task\n")
+    loc = ["tasks", 0, "repo"]
+    outside = refusal(client, with_repo(demo_trial, str(tmp_path / "elsewhere")), loc)
+    for folder in (mirror, tree, task_set, task_set / "sub"):
+        assert refusal(client, with_repo(demo_trial, str(folder)), loc) == outside, folder
+    body = with_repo(demo_trial, f"file://{mirror}")
+    body["tasks"][0]["ref"] = "main"
+    assert refusal(client, body, loc) == outside
+    # A plain folder beside them is still a task.
+    assert client.post("/v1/trials", json=with_repo(demo_trial, str(plain))).status_code == 201
+
+
 def test_a_symlink_in_a_task_root_that_points_out_is_refused(
     api: Api, demo_trial: dict[str, Any], tmp_path: Path
 ) -> None:
