@@ -105,10 +105,11 @@ class TimedScheduler(Scheduler):
 
     ticks: list[float]
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
         started = time.perf_counter()
-        super().tick()
+        more = super().tick()
         self.ticks.append(time.perf_counter() - started)
+        return more
 
 
 def _poll(api_url: str, token: str, trial_id: str, ready: Any, stop: Any, out: Any) -> None:

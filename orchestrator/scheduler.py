@@ -9,6 +9,11 @@ The confidence judge (an LLM call, seconds) runs off the tick, on the scheduler'
 thread: an ending is recorded at once with its confidence pending (`pending_confidence`), and
 a trial is finished only once every score is in. Pending scores are looked for on every tick,
 so those a stop or a crash left are scored again after the restart.
+
+A tick is bounded: it starts at most `STARTS_PER_TICK` and records at most `ENDINGS_PER_TICK`
+assignments per trial, and the loop ticks again at once while some were left for the next. The
+endings a tick collects are recorded together: the project's usage posted once, then one
+transaction for all of them.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from budget import iso
 from contracts.config import Confidence, Egress, Task, TrialConfig
@@ -56,6 +62,11 @@ CREDENTIAL_GRACE_S = 3600
 JUDGE_RETRY_S = 30.0
 """A judge job that failed unexpectedly (not a judge that is down: that scores tests-only) is
 submitted again by the tick after this long."""
+STARTS_PER_TICK = 8
+"""At most this many assignments of a trial start in one tick; the rest in the next, which the
+loop runs at once. Bounds the tick's time (each start writes a policy, a spec, a credential)."""
+ENDINGS_PER_TICK = 8
+"""At most this many endings of a trial are recorded in one tick; the rest in the next."""
 _ZERO = Decimal(0)
 
 
@@ -67,6 +78,18 @@ class InfraFailure:
     """`model_unreachable` (the model plane failed the agent's calls) or `infra` (the runner
     died, could not start or failed outside the agent)."""
     detail: str
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """An ending settled (spend posted), to be recorded."""
+
+    assignment_id: str
+    config: TrialConfig
+    result: AssignmentResult
+    failure: InfraFailure | None
+    unscored: bool
+    cost: Decimal
 
 
 def pending_confidence(gate: Confidence) -> ConfidenceGate:
@@ -148,6 +171,11 @@ class Scheduler:
         self.judges = Judges(self.score_confidence)
         self.supervisor = ModelSupervisor(platform.settings, self._announce)
         self._swept = False
+        self._specs: dict[str, AssignmentSpec] = {}
+        """Running assignment -> the spec its runner was given: written at launch, read from
+        spec.json once (after a restart), never read again on every tick."""
+        self._settled: set[str] = set()
+        """Ended assignments whose confidence is not pending: no longer looked at by the tick."""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,14 +190,18 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            more = False
             try:
-                self.tick()
+                more = self.tick()
             except Exception:  # keep scheduling; the error is in the log with its trace
                 log.exception("scheduler tick failed")
-            self._stop.wait(self.interval_s)
+            self._stop.wait(0 if more else self.interval_s)
 
     # -- one pass ----------------------------------------------------------------------------
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One pass over the active trials; True when starts or endings were left for the next
+        (`STARTS_PER_TICK`, `ENDINGS_PER_TICK`)."""
+        more = False
         with self._lock:
             with self.p.store.session() as s:
                 trial_ids = list(s.scalars(select(Trial.id).where(Trial.status.in_(TRIAL_ACTIVE))))
@@ -181,11 +213,12 @@ class Scheduler:
                 # restarted server, not on a dead one.
                 self.supervisor.check()
             for trial_id in trial_ids:
-                self._collect(trial_id)
-                self._launch(trial_id)
+                more |= self._collect(trial_id)
+                more |= self._launch(trial_id)
                 self._maybe_finish(trial_id)
             self.alerts.check(trial_ids)
             self.p.post_closed_hours()
+        return more
 
     def _announce(self, kind: str, data: dict[str, object]) -> None:
         """One event on the stream of every active trial."""
@@ -193,7 +226,9 @@ class Scheduler:
             for trial_id in s.scalars(select(Trial.id).where(Trial.status.in_(TRIAL_ACTIVE))):
                 self.p.store.add_event(s, trial_id, kind, **data)
 
-    def _collect(self, trial_id: str) -> None:
+    def _collect(self, trial_id: str) -> bool:
+        """Record the trial's ended assignments, at most `ENDINGS_PER_TICK`; True if the scan
+        stopped there."""
         with self.p.store.session() as s:
             running = list(
                 s.scalars(
@@ -203,43 +238,70 @@ class Scheduler:
                 )
             )
             config = stored_config(s.get_one(Trial, trial_id).config)
+        endings: list[tuple[str, AssignmentResult]] = []
         for a in running:
+            if len(endings) == ENDINGS_PER_TICK:
+                break
             result_path = self._artifacts(config, trial_id, a.id) / "result.json"
             # A malformed control file ends its own assignment, never the tick.
             try:
-                spec = self._spec_on_disk(config, a)
+                spec = self._specs.get(a.id) or self._spec_on_disk(config, a)
             except (OSError, ValueError) as exc:
-                self.finish(a.id, AssignmentResult.infra(a.id, _unreadable("spec", exc)))
+                endings.append((a.id, AssignmentResult.infra(a.id, _unreadable("spec", exc))))
                 continue
+            if spec is not None:
+                self._specs[a.id] = spec
             try:
                 result = read_result(result_path, a.id) if os.path.lexists(result_path) else None
             except (OSError, ValueError) as exc:
-                self.finish(a.id, AssignmentResult.infra(a.id, _unreadable("result", exc)))
+                endings.append((a.id, AssignmentResult.infra(a.id, _unreadable("result", exc))))
                 continue
             if result is not None:
-                self.finish(a.id, result.kept())
+                endings.append((a.id, result.kept()))
             elif spec is not None and self.p.driver(config.driver, config.nomad).alive(spec):
                 continue
             else:
-                self._lost(a)
+                endings.append((a.id, _lost(a)))
+        self.finish_all(endings)
+        return len(endings) == ENDINGS_PER_TICK
 
-    def _launch(self, trial_id: str) -> None:
+    def _launch(self, trial_id: str) -> bool:
+        """Start due assignments on the trial's free machines, at most `STARTS_PER_TICK`; True
+        if some that could start were left for the next tick."""
         with self.p.store.session() as s:
             trial = s.get_one(Trial, trial_id)
             config = stored_config(trial.config)
-            rows = list(s.scalars(select(Assignment).where(Assignment.trial_id == trial_id)))
-            busy = {a.machine for a in rows if a.state == "running"}
+            busy = set(
+                s.scalars(
+                    select(Assignment.machine).where(
+                        Assignment.trial_id == trial_id, Assignment.state == "running"
+                    )
+                )
+            )
             free = [f"m{i}" for i in range(1, config.machines.count + 1) if f"m{i}" not in busy]
             now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).replace(tzinfo=None)
-            due = [
-                a
-                for a in rows
-                if a.state == "queued"
-                or (a.state == "deferred" and (a.not_before is None or a.not_before <= now))
-            ]
-            starting = []
-            for a in sorted(due, key=lambda a: a.index):
-                if not free:
+            # One more than can start: whether any is left for the next tick.
+            wanted = min(len(free), STARTS_PER_TICK) + 1
+            due = list(
+                s.scalars(
+                    select(Assignment)
+                    .where(
+                        Assignment.trial_id == trial_id,
+                        or_(
+                            Assignment.state == "queued",
+                            and_(
+                                Assignment.state == "deferred",
+                                or_(Assignment.not_before.is_(None), Assignment.not_before <= now),
+                            ),
+                        ),
+                    )
+                    .order_by(Assignment.index)
+                    .limit(wanted)
+                )
+            )
+            starting: list[Assignment] = []
+            for a in due:
+                if not free or len(starting) == STARTS_PER_TICK:
                     break
                 a.state, a.machine, a.not_before = "running", free.pop(0), None
                 a.attempts += 1
@@ -260,24 +322,49 @@ class Scheduler:
                 )
                 starting.append(a)
         # Committed as running first: a crash from here on is found by _collect, never lost.
+        failed: list[tuple[str, AssignmentResult]] = []
+        # The budget preamble of every start in this tick: the trial's spend read once.
+        spent_usd = self._spent_usd(trial_id) if starting else _ZERO
         for a in starting:
+            self._specs.pop(a.id, None)
             try:
-                spec = self._spec(config, trial_id, a)
+                spec = self._spec(config, trial_id, a, spent_usd)
                 self.p.driver(config.driver, config.nomad).launch(spec)
             except (OSError, RepoError) as exc:
-                self.finish(a.id, AssignmentResult.infra(a.id, f"launch failed: {exc}"))
+                failed.append((a.id, AssignmentResult.infra(a.id, f"launch failed: {exc}")))
+                continue
+            self._specs[a.id] = spec
+        self.finish_all(failed)
+        return bool(free) and len(due) > len(starting)
 
     def _maybe_finish(self, trial_id: str) -> None:
         """Finish the trial once every assignment has ended and every score is in."""
         with self.p.store.session() as s:
             trial = s.get_one(Trial, trial_id)
-            states = [a.state for a in trial.assignments]
+            states = {
+                row.id: row.state
+                for row in s.execute(
+                    select(Assignment.id, Assignment.state).where(Assignment.trial_id == trial_id)
+                )
+            }
+            # Only endings not yet seen settled are read: a score once in stays in.
+            unsettled = [
+                i for i, st in states.items() if st in ASSIGNMENT_DONE and i not in self._settled
+            ]
+            unscored = []
+            for start in range(0, len(unsettled), 500):  # under any DB's limit of parameters
+                chunk = unsettled[start : start + 500]
+                for a in s.scalars(select(Assignment).where(Assignment.id.in_(chunk))):
+                    if a.ending.confidence_pending:
+                        unscored.append(a.id)
+                    else:
+                        self._settled.add(a.id)
             # Queued again on every tick (a no-op while queued): after a restart, too.
-            unscored = [a.id for a in trial.assignments if a.ending.confidence_pending]
             for assignment_id in unscored:
                 self.judges.submit(assignment_id)
-            ended = all(st in ASSIGNMENT_DONE for st in states)
+            ended = all(st in ASSIGNMENT_DONE for st in states.values())
             if trial.status in TRIAL_ACTIVE and ended and not unscored:
+                self._settled.difference_update(states)
                 trial.status = "finished"
                 trial.finished_at = utcnow()
                 self.p.store.add_event(s, trial_id, "trial_finished", **_tally(trial))
@@ -295,10 +382,6 @@ class Scheduler:
             self.judges.submit(assignment_id)
 
     # -- endings -------------------------------------------------------------------------------
-    def _lost(self, a: Assignment) -> None:
-        detail = f"runner died without a result (attempt {a.attempts})"
-        self.finish(a.id, AssignmentResult.infra(a.id, detail))
-
     def infra_failure(self, assignment_id: str, result: AssignmentResult) -> InfraFailure | None:
         """Why this ending is the platform's failure and not the agent's, or None.
 
@@ -357,10 +440,46 @@ class Scheduler:
         An agent stopped by its machine's daily allowance alone (the project can still pay) is
         deferred instead: queued again until the allowance resets, then run afresh.
         """
+        self.finish_all([(assignment_id, result)])
+
+    def finish_all(self, endings: Sequence[tuple[str, AssignmentResult]]) -> None:
+        """`finish` for several endings: every spend posted first (a project's usage once), then
+        every ending recorded in one transaction. A crash in between records none of them; the
+        next tick finishes them again, and the postings are made once (`post_spend`)."""
+        if not endings:
+            return
+        configs: dict[str, TrialConfig] = {}
         with self.p.store.session() as s:
-            a = s.get_one(Assignment, assignment_id)
-            trial = s.get_one(Trial, a.trial_id)
-            config = stored_config(trial.config)
+            rows = [s.get_one(Assignment, assignment_id) for assignment_id, _ in endings]
+            for a in rows:
+                if a.trial_id not in configs:
+                    configs[a.trial_id] = stored_config(s.get_one(Trial, a.trial_id).config)
+        posted: set[str] = set()
+        settled: list[_Ending] = []
+        for a, (_, result) in zip(rows, endings, strict=True):
+            self._specs.pop(a.id, None)
+            config = configs[a.trial_id]
+            ending = self._settle(a, config, result, usage_posted=config.project in posted)
+            if ending is not None:
+                posted.add(config.project)
+                settled.append(ending)
+        if not settled:
+            return
+        with self.p.store.session() as s:
+            # One query for the batch: a get per ending would flush the previous one's changes.
+            ids = [e.assignment_id for e in settled]
+            current = {a.id: a for a in s.scalars(select(Assignment).where(Assignment.id.in_(ids)))}
+            recorded = [e for e in settled if self._record(s, current[e.assignment_id], e)]
+        for e in recorded:
+            if e.unscored:
+                self.judges.submit(e.assignment_id)
+
+    def _settle(
+        self, a: Assignment, config: TrialConfig, result: AssignmentResult, *, usage_posted: bool
+    ) -> _Ending | None:
+        """Defer, retry or post the spend of an ending; what to record, or None when there is
+        nothing (more) to record."""
+        assignment_id = a.id
         exit_cause = result.agent.exit_cause if result.agent is not None else None
         if a.state == "running" and exit_cause == "budget_exhausted":
             deferral = machine_day_refusal(self.p, config, a)
@@ -373,7 +492,7 @@ class Scheduler:
                 with self.p.store.session() as s:
                     a = s.get_one(Assignment, assignment_id)
                     if a.state != "running":
-                        return
+                        return None
                     until = dt.datetime.fromtimestamp(deferral.until, dt.UTC)
                     a.state, a.machine = "deferred", None
                     a.not_before = until.replace(tzinfo=None)
@@ -387,15 +506,15 @@ class Scheduler:
                         not_before=iso(deferral.until),
                         attempt=a.attempts,
                     )
-                return
+                return None
         if a.state in ASSIGNMENT_DONE:
             revoke(self.p.root, assignment_id)
-            return
+            return None
         failure = self.infra_failure(assignment_id, result)
         if failure is not None and self._retry(assignment_id, config, failure):
-            return
+            return None
         revoke(self.p.root, assignment_id)
-        cost = self.post_spend(config, a)
+        cost = self.post_spend(config, a, usage_posted=usage_posted)
         unscored = (
             failure is None
             and config.confidence.enabled
@@ -408,36 +527,39 @@ class Scheduler:
             )
         if unscored:
             result = result.model_copy(update={"confidence": pending_confidence(config.confidence)})
-        with self.p.store.session() as s:
-            a = s.get_one(Assignment, assignment_id)
-            if a.state in ASSIGNMENT_DONE:
-                return
-            a.finished_at = utcnow()
-            a.ending = result.model_copy(update={"cost": cost, "currency": config.budget.currency})
-            if result.cancelled:
-                a.state, a.exit_cause = "cancelled", "cancelled"
-            elif failure is not None:
-                a.state, a.status, a.exit_cause = "failed", "infra_error", failure.cause
-            else:
-                # Not an infra_error, so the runner wrote both (`RunnerResult._one_shape`).
-                assert result.grade is not None and result.agent is not None
-                a.state = "finished"
-                a.status = result.grade.status
-                a.exit_cause = result.agent.exit_cause
-            self.p.store.add_event(
-                s,
-                a.trial_id,
-                f"assignment_{a.state}",
-                assignment=a.id,
-                status=a.status,
-                exit_cause=a.exit_cause,
-                cost=str(cost),
-                currency=config.budget.currency,
-                **({"confidence": "pending"} if unscored else {}),
-                **({"detail": failure.detail} if failure is not None else {}),
-            )
-        if unscored:
-            self.judges.submit(assignment_id)
+        return _Ending(assignment_id, config, result, failure, unscored, cost)
+
+    def _record(self, s: Session, a: Assignment, e: _Ending) -> bool:
+        """Mark the assignment done with its ending, in the caller's transaction; False when it
+        already was."""
+        config, result, failure = e.config, e.result, e.failure
+        if a.state in ASSIGNMENT_DONE:
+            return False
+        a.finished_at = utcnow()
+        a.ending = result.model_copy(update={"cost": e.cost, "currency": config.budget.currency})
+        if result.cancelled:
+            a.state, a.exit_cause = "cancelled", "cancelled"
+        elif failure is not None:
+            a.state, a.status, a.exit_cause = "failed", "infra_error", failure.cause
+        else:
+            # Not an infra_error, so the runner wrote both (`RunnerResult._one_shape`).
+            assert result.grade is not None and result.agent is not None
+            a.state = "finished"
+            a.status = result.grade.status
+            a.exit_cause = result.agent.exit_cause
+        self.p.store.add_event(
+            s,
+            a.trial_id,
+            f"assignment_{a.state}",
+            assignment=a.id,
+            status=a.status,
+            exit_cause=a.exit_cause,
+            cost=str(e.cost),
+            currency=config.budget.currency,
+            **({"confidence": "pending"} if e.unscored else {}),
+            **({"detail": failure.detail} if failure is not None else {}),
+        )
+        return True
 
     def score_confidence(self, assignment_id: str) -> None:
         """Score a pending confidence with the trial's judge and record it once; below the
@@ -479,11 +601,15 @@ class Scheduler:
                     reason=gate.reason,
                 )
 
-    def post_spend(self, config: TrialConfig, a: Assignment) -> Decimal:
-        """Post the project's metered usage (hourly, exactly once) and the assignment's VM time
-        to the ledger; return the assignment's metered cost in the budget currency."""
+    def post_spend(
+        self, config: TrialConfig, a: Assignment, *, usage_posted: bool = False
+    ) -> Decimal:
+        """Post the project's metered usage (hourly, exactly once; not again when `usage_posted`
+        by this batch of endings) and the assignment's VM time to the ledger; return the
+        assignment's metered cost in the budget currency."""
         usage = self.p.usage(assignment=a.id)
-        self.p.post_usage(config.project)
+        if not usage_posted:
+            self.p.post_usage(config.project)
         self.p.post_vm_time(config, a)
         cost_usd = sum((u.cost_usd for u in usage), start=_ZERO)
         return self.p.in_currency(cost_usd, config.budget.currency)
@@ -504,7 +630,13 @@ class Scheduler:
             raise ValueError(f"it is {spec.assignment!r}'s in {spec.artifacts}, not {a.id!r}'s")
         return spec
 
-    def _spec(self, config: TrialConfig, trial_id: str, a: Assignment) -> AssignmentSpec:
+    def _spec(
+        self, config: TrialConfig, trial_id: str, a: Assignment, spent_usd: Decimal | None = None
+    ) -> AssignmentSpec:
+        """The assignment's spec, its routing policy written; `spent_usd`: the trial's spend
+        when the caller read it already (for a batch of starts)."""
+        if spent_usd is None:
+            spent_usd = self._spent_usd(trial_id)
         task = next(t for t in config.tasks if t.id == a.task_id)
         machine = a.machine or "m1"
         # The credential carries the worker's egress lists: the proxy applies them per caller.
@@ -584,7 +716,7 @@ class Scheduler:
             machine=machine,
             task_id=task.id,
             repo=self._task_folder(task),
-            prompt=self.prompt(config, trial_id, task.prompt),
+            prompt=self.prompt(config, spent_usd, task.prompt),
             test_command=task.test_command,
             fail_to_pass=task.fail_to_pass,
             pass_to_pass=task.pass_to_pass,
@@ -610,10 +742,14 @@ class Scheduler:
         commit = task.commit or mirrors.resolve(task.repo, ref=task.ref)
         return mirrors.tree(task.repo, commit)
 
-    def prompt(self, config: TrialConfig, trial_id: str, task_prompt: str) -> str:
-        """The task prompt, preceded by the budget preamble every agent gets."""
+    def _spent_usd(self, trial_id: str) -> Decimal:
+        """What the trial's metered calls cost so far, in USD."""
+        return sum((u.cost_usd for u in self.p.usage(trial=trial_id)), start=_ZERO)
+
+    def prompt(self, config: TrialConfig, spent_usd: Decimal, task_prompt: str) -> str:
+        """The task prompt, preceded by the budget preamble every agent gets (`spent_usd`: the
+        trial's spend so far)."""
         b = config.budget
-        spent_usd = sum((u.cost_usd for u in self.p.usage(trial=trial_id)), start=_ZERO)
         left = max(b.amount - self.p.in_currency(spent_usd, b.currency), _ZERO)
         return (
             "## Budget\n"
@@ -625,6 +761,11 @@ class Scheduler:
             "## Task\n"
             f"{task_prompt.strip()}\n"
         )
+
+
+def _lost(a: Assignment) -> AssignmentResult:
+    """The ending of a running assignment with no runner alive and no result."""
+    return AssignmentResult.infra(a.id, f"runner died without a result (attempt {a.attempts})")
 
 
 def _unreadable(name: str, exc: Exception) -> str:

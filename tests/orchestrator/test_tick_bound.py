@@ -1,0 +1,113 @@
+"""A tick is bounded (issue 22): at most `STARTS_PER_TICK` starts and `ENDINGS_PER_TICK` endings
+per trial, the rest in the next tick, which `tick()` asks for by returning True. Real: Platform,
+SQLite state DB, Scheduler.tick, the ledger; the runners are `bench.fleet.SimulatedDriver`'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.fleet import SimulatedDriver
+from contracts.config import TrialConfig
+from contracts.dataroot import atomic_write
+from contracts.results import AgentResult, GradeResult, RunnerResult
+from contracts.settings import PROJECT_ROOT, Settings
+from orchestrator.platform import Platform
+from orchestrator.scheduler import ENDINGS_PER_TICK, STARTS_PER_TICK, Scheduler
+from orchestrator.state import Assignment, Trial
+
+COUNT = 2 * STARTS_PER_TICK + 3
+
+
+def _states(platform: Platform) -> dict[str, int]:
+    with platform.store.session() as s:
+        out: dict[str, int] = {}
+        for a in s.get_one(Trial, "tb").assignments:
+            out[a.state] = out.get(a.state, 0) + 1
+        return out
+
+
+def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
+    platform = Platform.from_settings(
+        Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
+    )
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "README.md").write_text("nothing to do\n")
+    config = TrialConfig.model_validate(
+        {
+            "name": "bound",
+            "project": "demo",
+            "budget": {"amount": "1"},
+            "machines": {"count": COUNT},
+            "agents": ["command"],
+            "model_pairs": ["tiny"],
+            "confidence": {"enabled": False},
+            "tasks": [
+                {
+                    "id": "t",
+                    "repo": str(tmp_path / "task"),
+                    "prompt": "nothing",
+                    "test_command": "true",
+                    "fail_to_pass": ["t"],
+                    "agent_command": ["true"],
+                }
+            ],
+        }
+    )
+    with platform.store.session() as s:
+        s.add(
+            Trial(
+                id="tb",
+                name="bound",
+                project="demo",
+                status="queued",
+                config=config.model_dump(mode="json"),
+            )
+        )
+        for i in range(COUNT):
+            s.add(
+                Assignment(
+                    id=f"tb-{i:03d}",
+                    trial_id="tb",
+                    index=i,
+                    task_id="t",
+                    agent="command",
+                    model="tiny",
+                )
+            )
+    platform.open_ledger(config, "tb")
+    driver = SimulatedDriver(run_s=3600)  # nobody ends until this test writes the results
+    platform.drivers["local"] = driver
+    scheduler = Scheduler(platform)
+
+    assert scheduler.tick() is True
+    assert _states(platform) == {"running": STARTS_PER_TICK, "queued": COUNT - STARTS_PER_TICK}
+    assert scheduler.tick() is True
+    assert scheduler.tick() is False  # the last 3 started; no machine is waiting
+    assert _states(platform) == {"running": COUNT}
+    started = [e for e in platform.store.events_after("tb", 0) if e.kind == "assignment_started"]
+    assert sorted(e.data["assignment"] for e in started) == [f"tb-{i:03d}" for i in range(COUNT)]
+
+    for i in range(COUNT):
+        aid = f"tb-{i:03d}"
+        result = RunnerResult(
+            assignment=aid,
+            started=1.0,
+            finished=2.0,
+            wall_s=1.0,
+            agent=AgentResult(exit_cause="finished", exit_code=0),
+            grade=GradeResult(status="resolved"),
+        )
+        atomic_write(
+            platform.root.assignment_dir("demo", "tb", aid) / "result.json",
+            result.model_dump_json(),
+        )
+    assert scheduler.tick() is True
+    assert _states(platform) == {"finished": ENDINGS_PER_TICK, "running": COUNT - ENDINGS_PER_TICK}
+    while scheduler.tick():
+        pass
+    assert _states(platform) == {"finished": COUNT}
+    with platform.store.session() as s:
+        assert s.get_one(Trial, "tb").status == "finished"
+    ended = [e for e in platform.store.events_after("tb", 0) if e.kind == "assignment_finished"]
+    assert len(ended) == COUNT
+    scheduler.stop()
