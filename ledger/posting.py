@@ -41,9 +41,8 @@ from ledger.book import (
     render_transaction,
     vm_account,
 )
-from traffic.stores import MeteredFlows, SpooledFlow
+from traffic.stores import HOUR_S, MeteredFlows, SpooledFlow
 
-HOUR_S = 3600
 AgentOf = Callable[[str | None, str | None], str | None]
 """(trial, assignment) → agent name, or None when unknown."""
 
