@@ -138,12 +138,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    """The tests fire 40 calls at once through two proxies: with the default listen backlog (5)
+    a loaded machine drops connections, which then wait out SYN retransmits (1, 3, 7, 15 s)."""
+
+
 def serve(**kwargs: Any) -> Iterator[Upstream]:
     class Handler(_Handler):
         pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), Handler)
     upstream = Upstream(server, **kwargs)
     Handler.upstream = upstream
     thread = threading.Thread(target=server.serve_forever, daemon=True)
