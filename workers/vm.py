@@ -13,7 +13,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 import jinja2
-from pydantic import BaseModel, Field, ValidationError, field_validator
+import jinja2.meta
+import jinja2.nodes
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from contracts.settings import PROJECT_ROOT
 
@@ -25,6 +27,23 @@ UBUNTU_LTS = (
     "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-24.04-server-cloudimg-amd64.img"
 )
 PCI_ADDRESS = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
+VARIABLES: dict[str, str] = {
+    "operators": "Operators who may log in, SSH keys only, with sudo: a list of "
+    "{name, ssh_keys: [public key, ...]}.",
+    "proxy_url": "The metering proxy with this VM's machine credential, "
+    "http://MACHINE:TOKEN@HOST:PORT; every process gets it from /etc/environment.",
+    "ca_cert": "The proxy's CA certificate (PEM), trusted system-wide. `autovibe vm` takes "
+    "$AUTOVIBE_DATA/proxy/mitmproxy-ca-cert.pem when it is not given.",
+    "nomad_servers": "Nomad servers the VM's client joins: a list of host:port (RPC, 4647).",
+    "autovibe_repo": "git URL of autovibe, cloned into install_dir at first boot.",
+    "autovibe_ref": "Branch or tag of autovibe_repo to check out.",
+}
+"""The template variables that are not `VmSpec` fields: no defaults, each template needs those
+its files use (`required`)."""
+EXAMPLE_VARS = PROJECT_ROOT / "configs" / "vm" / "example.vars.yaml"
+"""A vars file to start from: every template variable, with placeholder values."""
+CONTEXT = frozenset({"vm", "template", "worker_unit"})
+"""Names `render` gives every template itself."""
 
 
 class VmTemplateError(Exception):
@@ -34,11 +53,16 @@ class VmTemplateError(Exception):
 class VmSpec(BaseModel):
     """One worker VM; every field can be overridden per trial or with `--var field=value`."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     name: str = Field(default="autovibe-worker", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     """Libvirt domain name, hostname and Nomad node name."""
     vcpus: int = Field(default=64, ge=1)
+    """Virtual CPUs of the domain."""
     memory_mb: int = Field(default=8192, ge=512)
+    """Memory of the domain, MiB."""
     disk_gb: int = Field(default=128, ge=8)
+    """Size of the VM's disk, GB."""
     image: str = UBUNTU_LTS
     """Ubuntu LTS cloud image the qcow2 disk is backed by."""
     disk_path: PurePosixPath | None = None
@@ -50,6 +74,7 @@ class VmSpec(BaseModel):
     address: str | None = None
     """The VM's address once it has one (DHCP lease): where operators SSH and tunnel VNC."""
     ssh_port: int = 22
+    """Port of the VM's SSH server."""
     desktop: bool = False
     """Run an X desktop behind a VNC server (localhost-only, reached over SSH) for GUI agents."""
     vnc_display: int = Field(default=1, ge=1, le=99)
@@ -152,13 +177,51 @@ def split_vars(variables: dict[str, Any]) -> tuple[VmSpec, dict[str, Any]]:
         raise VmTemplateError(f"bad VM spec: {problems}") from exc
 
 
+def _check_template(template: str, folder: Path) -> None:
+    names = templates(folder)
+    if template not in names:
+        raise VmTemplateError(f"unknown VM template {template!r}; allowed: {', '.join(names)}")
+
+
+def required(template: str, folder: Path = TEMPLATES) -> list[str]:
+    """The variables the files of `template` use, read from the templates themselves (each
+    output and every file it extends), less those `render` provides."""
+    _check_template(template, folder)
+    env = environment(folder)
+    assert env.loader is not None
+    names: set[str] = set()
+    for output in OUTPUTS:
+        path: str | None = f"{template}/{output}.j2"
+        while path is not None:
+            source = env.loader.get_source(env, path)[0]
+            ast = env.parse(source)
+            names |= jinja2.meta.find_undeclared_variables(ast)
+            parent = next(ast.find_all(jinja2.nodes.Extends), None)
+            path = (
+                parent.template.value
+                if parent and isinstance(parent.template, jinja2.nodes.Const)
+                else None
+            )
+    return sorted(names - CONTEXT - set(env.globals))
+
+
+def missing(template: str, variables: dict[str, Any], folder: Path = TEMPLATES) -> list[str]:
+    """The variables `template` needs that `variables` lacks, all of them."""
+    return [name for name in required(template, folder) if name not in variables]
+
+
 def render(
     template: str, spec: VmSpec, variables: dict[str, Any], folder: Path = TEMPLATES
 ) -> dict[str, str]:
     """Every output of `template` for `spec`, by file name; `variables` fill the rest."""
-    names = templates(folder)
-    if template not in names:
-        raise VmTemplateError(f"unknown VM template {template!r}; allowed: {', '.join(names)}")
+    _check_template(template, folder)
+    if lacking := missing(template, variables, folder):
+        lines = "".join(f"\n  {name}: {VARIABLES.get(name, '')}" for name in lacking)
+        raise VmTemplateError(
+            f"{template}: {len(lacking)} variable{'s' * (len(lacking) > 1)} missing "
+            f"(give them in --vars FILE, e.g. {EXAMPLE_VARS.relative_to(PROJECT_ROOT)}, or --var "
+            f"NAME=VALUE; `autovibe vm vars {template}` lists them all):{lines}"
+        )
     env = environment(folder)
     context = {
         **variables,

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
@@ -85,3 +87,28 @@ def render(
         raise _fail(str(exc)) from exc
     for path in paths:
         console.print(str(path), highlight=False)
+
+
+@app.command("vars")
+def vars_(template: Annotated[str, typer.Argument(help="worker, gpu-worker or base.")]) -> None:
+    """Every variable of TEMPLATE: its meaning, and its default or `required`."""
+    try:
+        needed = vm.required(template)
+    except vm.VmTemplateError as exc:
+        raise _fail(str(exc)) from exc
+    table = Table("variable", "default", "meaning", title=f"{template}: template variables")
+    for name in needed:
+        table.add_row(name, "required", Text(vm.VARIABLES.get(name, "")))
+    console.print(table)
+    defaults = vm.VmSpec().model_dump(mode="json")
+    table = Table("variable", "default", "meaning", title="VmSpec fields (--var NAME=VALUE)")
+    for name, field in vm.VmSpec.model_fields.items():
+        default = defaults[name]
+        shown = default if isinstance(default, str) else json.dumps(default)
+        table.add_row(
+            name,
+            Text("-" if default is None else shown),
+            Text(" ".join((field.description or "").split())),
+        )
+    console.print(table)
+    console.print(f"example: {vm.EXAMPLE_VARS}", highlight=False, soft_wrap=True)

@@ -164,13 +164,34 @@ def test_default_spec_is_64_vcpu_8_gb_128_gb_ubuntu_lts() -> None:
     assert str(spec.disk) == "/var/lib/libvirt/images/autovibe-worker.qcow2"
 
 
-def test_a_missing_variable_fails_with_its_name() -> None:
-    partial = {k: v for k, v in VARS.items() if k != "proxy_url"}
-    with pytest.raises(vm.VmTemplateError, match=r"'proxy_url' is undefined"):
-        vm.render("worker", vm.VmSpec(), partial)
+def test_every_missing_variable_is_named_at_once() -> None:
+    with pytest.raises(vm.VmTemplateError) as caught:
+        vm.render("worker", vm.VmSpec(), {"proxy_url": "http://m:t@h:1"})
+    message = str(caught.value)
+    assert message.startswith("worker: 5 variables missing")
+    for name in ("operators", "ca_cert", "nomad_servers", "autovibe_repo", "autovibe_ref"):
+        assert f"\n  {name}: {vm.VARIABLES[name]}" in message
+    assert "proxy_url" not in message.split(":", 2)[2]
+    assert "configs/vm/example.vars.yaml" in message
     partial = {k: v for k, v in VARS.items() if k != "autovibe_repo"}
-    with pytest.raises(vm.VmTemplateError, match=r"worker/user-data.j2: 'autovibe_repo'"):
+    with pytest.raises(vm.VmTemplateError, match=r"1 variable missing.*\n  autovibe_repo: git"):
         vm.render("worker", vm.VmSpec(), partial)
+
+
+def test_required_variables_are_read_from_the_templates(tmp_path: Path) -> None:
+    """What a template needs comes from its files and every file they extend, so a variable
+    added to a template is required (and must be described) without another list to edit."""
+    assert vm.required("base") == ["ca_cert", "nomad_servers", "operators", "proxy_url"]
+    assert vm.required("worker") == sorted([*vm.required("base"), "autovibe_ref", "autovibe_repo"])
+    assert vm.required("gpu-worker") == vm.required("worker")
+    every = {name for t in vm.templates() for name in vm.required(t)}
+    assert every == set(vm.VARIABLES)  # each described, none described in vain
+    folder = tmp_path / "templates"
+    shutil.copytree(vm.TEMPLATES, folder)
+    page = folder / "worker" / "meta-data.j2"
+    page.write_text(page.read_text() + "owner: {{ owner_email | tojson }}\n")
+    assert "owner_email" in vm.required("worker", folder)
+    assert "owner_email" not in vm.required("base", folder)
 
 
 def test_gpu_worker_needs_gpus_and_unknown_templates_are_named() -> None:
@@ -216,21 +237,62 @@ def test_cli_render_writes_the_files(tmp_path: Path) -> None:
     assert vm.VmSpec.model_validate_json((out / "vm.json").read_text()).vcpus == 16
 
 
-def test_cli_names_the_missing_variable(tmp_path: Path) -> None:
+def test_cli_names_every_missing_variable(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
         ["render", "worker", "--out", str(tmp_path / "out"), "--var", "proxy_url=http://p:1"],
         env={"AUTOVIBE_DATA": str(tmp_path / "data")},
     )
     assert result.exit_code == 2
-    assert "'ca_cert' is undefined" in result.output or "'operators' is undefined" in (
-        result.output
-    )
+    for name in ("operators", "ca_cert", "nomad_servers", "autovibe_repo", "autovibe_ref"):
+        assert f"  {name}: " in result.output
     assert not (tmp_path / "out").exists()
     bad = CliRunner().invoke(
         app, ["render", "worker", "--out", str(tmp_path / "o"), "--var", "vcpus=lots"]
     )
     assert bad.exit_code == 2 and "vcpus" in bad.output
+
+
+def test_cli_vars_lists_every_variable_with_meaning_and_default() -> None:
+    result = CliRunner().invoke(app, ["vars", "gpu-worker"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    for name in vm.required("gpu-worker"):
+        assert "required" in rows[name] and vm.VARIABLES[name][:40] in rows[name]
+    for name, field in vm.VmSpec.model_fields.items():
+        assert field.description, f"VmSpec.{name} has no docstring"
+        assert " ".join(field.description.split())[:40] in rows[name]
+    assert rows["vcpus"].split("│")[2].strip() == "64"
+    assert rows["data_root"].split("│")[2].strip() == "/mnt/data/autovibe"
+    unknown = CliRunner().invoke(app, ["vars", "desktop"])
+    assert unknown.exit_code == 2 and "allowed: base, gpu-worker, worker" in unknown.output
+
+
+@pytest.mark.parametrize("template", ["base", "worker", "gpu-worker"])
+def test_the_example_vars_file_renders_every_template(tmp_path: Path, template: str) -> None:
+    """The shipped example, with the CA from the data root, is all a template needs."""
+    ca = tmp_path / "data" / "proxy" / "mitmproxy-ca-cert.pem"
+    ca.parent.mkdir(parents=True)
+    ca.write_text(VARS["ca_cert"])
+    extra = ["--var", "gpus=0000:41:00.0"] if template == "gpu-worker" else []
+    result = CliRunner().invoke(
+        app,
+        [
+            "render",
+            template,
+            "--out",
+            str(tmp_path / "out"),
+            "--vars",
+            str(vm.EXAMPLE_VARS),
+            *extra,
+        ],
+        env={"AUTOVIBE_DATA": str(tmp_path / "data")},
+    )
+    assert result.exit_code == 0, result.output
+    example = yaml.safe_load(vm.EXAMPLE_VARS.read_text())
+    assert set(vm.required(template)) - {"ca_cert"} <= set(example)
+    user_data = yaml.safe_load((tmp_path / "out" / "user-data").read_text())
+    assert user_data["hostname"] == example["name"]
 
 
 def test_worker_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
