@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     """Added to `python -m traffic.indexer`'s nice value: indexing is batch work behind the spool,
     so on a busy machine it takes the CPU the proxy and the agents leave (its lag grows under
     load and is caught up after); 0 keeps it at the proxy's priority."""
+    intake_config: Path | None = None
+    """YAML file of the intake channels (`contracts.intake.IntakeConfig`: GitHub issue queue, …);
+    none configured when unset."""
     cors_origins: list[str] = []
     """Origins a browser may call the control API from (exact origins; `*` is refused)."""
     rate_limit_machine: int = 10
@@ -146,7 +149,9 @@ class Settings(BaseSettings):
     @property
     def private_task_folders(self) -> list[Path]:
         """Folders under the data root's `tasks/` no trial may name as its repo: the git
-        mirrors and the trees exported from them (`contracts.dataroot`)."""
+        mirrors and the trees exported from them (`contracts.dataroot`). Not `tasks/sources/`:
+        its repositories hold an imported task's workspace files and nothing more, and its
+        trials name them."""
         tasks = self.data / "tasks"
         return [(tasks / "mirrors").resolve(), (tasks / "trees").resolve()]
 

@@ -80,6 +80,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/trials/{trial_id}/report"): Rule(_READ),
     ("POST", "/v1/trials/{trial_id}/cancel"): Rule(_WRITE),
     ("GET", "/v1/trials/{trial_id}/events"): Rule(_READ),
+    ("POST", "/v1/intake/github"): PUBLIC,  # signed by GitHub (X-Hub-Signature-256) instead
     ("POST", "/v1/payments"): Rule(_WRITE),
     ("POST", "/v1/revenue"): Rule(_WRITE),
     ("POST", "/v1/projects/{project}/payments"): Rule(
@@ -395,26 +396,24 @@ def check_cors_origins(origins: list[str]) -> list[str]:
 
 
 class AuditLog:
-    """Every mutating call as one JSONL line in `<data>/audit/api-YYYY-MM-DD.jsonl`."""
+    """Every mutating call as one JSONL line in `<data>/audit/<name>-YYYY-MM-DD.jsonl`: `api`
+    for the control API, `intake` for what the intake channels do."""
 
-    def __init__(self, root: DataRoot) -> None:
+    def __init__(self, root: DataRoot, name: str = "api") -> None:
         self.folder = root.root / "audit"
+        self.name = name
         self._lock = threading.Lock()
 
     def path(self, day: dt.date) -> Path:
-        return self.folder / f"api-{day.isoformat()}.jsonl"
+        return self.folder / f"{self.name}-{day.isoformat()}.jsonl"
 
     def write(self, who: str, method: str, path: str, status: int) -> None:
+        self.record(who=who, method=method, path=path, status=status)
+
+    def record(self, **fields: Any) -> None:
+        """One line: the time, then `fields` (JSON values) in the order given."""
         now = dt.datetime.now(dt.UTC)
-        line = json.dumps(
-            {
-                "ts": now.isoformat().replace("+00:00", "Z"),
-                "who": who,
-                "method": method,
-                "path": path,
-                "status": status,
-            }
-        )
+        line = json.dumps({"ts": now.isoformat().replace("+00:00", "Z"), **fields})
         with self._lock:
             DataRoot.ensure(self.folder, 0o700)
             with self.path(now.date()).open("a") as fh:

@@ -23,10 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from contracts.config import TrialConfig
+from contracts.intake import load_intake
 from contracts.reports import TrialReport
 from contracts.settings import Settings
 from orchestrator import access, auth, payments_api, report
 from orchestrator.bandit import history_from_state
+from orchestrator.intake import webhook as intake_webhook
 from orchestrator.metrics import Metrics
 from orchestrator.mirrors import Mirrors, RepoError, public_url
 from orchestrator.planning import plan
@@ -74,6 +76,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
 
     guarded = [Depends(guard)]  # the same guard; FastAPI runs it once per request
     app.include_router(payments_api.router(platform, guard))
+    intake = load_intake(settings.intake_config) if settings.intake_config else None
+    app.include_router(intake_webhook.router(platform, intake))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

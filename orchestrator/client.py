@@ -37,6 +37,13 @@ class Client:
             trust_env=False,
         )
 
+    @classmethod
+    def over(cls, http: httpx.Client) -> Client:
+        """A client speaking through `http`, already pointed at the API with its token."""
+        client = cls.__new__(cls)
+        client.http = http
+        return client
+
     def _json(self, resp: httpx.Response) -> Any:
         if resp.status_code >= 400:
             try:

@@ -146,6 +146,39 @@ class BudgetAlert(Base):
     delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class IntakeIssue(Base):
+    """An issue an intake channel took, once: the row, not the issue's labels, is the truth.
+    Title and body are kept as they were when queued, so later edits change nothing."""
+
+    __tablename__ = "intake_issues"
+    __table_args__ = (UniqueConstraint("repo", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    repo: Mapped[str] = mapped_column(String(200))
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    """queued → running → done | failed (failed also when the issue could not be run)."""
+    title: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text, default="")
+    trial_id: Mapped[str | None] = mapped_column(String(32))
+    label: Mapped[str | None] = mapped_column(String(64))
+    """The `autovibe:*` label this queue last put on the issue."""
+    detail: Mapped[str | None] = mapped_column(Text)
+    """Why it failed, or the pull request's URL."""
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class IntakeCursor(Base):
+    """Per polled resource: the ETag of its last full answer, for conditional requests."""
+
+    __tablename__ = "intake_cursors"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    etag: Mapped[str | None] = mapped_column(String(200))
+    polled_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 def state_url(settings: Settings) -> str:
     if settings.state_url:
         return settings.state_url
