@@ -41,6 +41,10 @@ PRICE_CURRENCY = "USD"
 QUANTUM = Decimal("0.000001")
 """Ledger amounts keep 6 decimals: a local model's request costs a fraction of a cent."""
 PURCHASES_ROOT = "Expenses:Purchases"
+FEES_ROOT = "Expenses:Fees"
+SANDBOX_ROOT = "Expenses:Sandbox"
+"""Sandbox charges: recorded, never spend (`Ledger.spent` and the P&L leave them out)."""
+SANDBOX_EQUITY = "Equity:Sandbox"
 REVENUE_ROOT = "Income:Revenue"
 RECEIPTS_ROOT = "Assets:Receipts"
 """Revenue lands here, not in the budget: granting it as budget is the operator's decision."""
@@ -112,6 +116,21 @@ def inference_account(provider: str, model: str) -> str:
 
 def purchase_account(item: str) -> str:
     return f"{PURCHASES_ROOT}:{account_component(item)}"
+
+
+def sandbox_account(item: str) -> str:
+    return f"{SANDBOX_ROOT}:{account_component(item)}"
+
+
+def fee_account_of(method: str) -> str:
+    return f"{FEES_ROOT}:{account_component(method)}"
+
+
+def is_spend(account: str) -> bool:
+    """Whether a posting to `account` is money spent: an expense, not a sandbox one."""
+    return account.startswith("Expenses:") and not (
+        account == SANDBOX_ROOT or account.startswith(SANDBOX_ROOT + ":")
+    )
 
 
 def revenue_account(source: str) -> str:
@@ -325,28 +344,70 @@ class Ledger:
         narration: str,
         meta: Mapping[str, str],
         posting_meta: Mapping[str, str],
+        fee: tuple[Decimal, tuple[Decimal, str], str] | None = None,
+        sandbox: bool = False,
     ) -> bool:
         """Post a purchase, `Expenses:Purchases:<Item>` against the budget; False if posted.
 
         `amount` is in the primary currency, `paid` is what the method charged (number,
         currency); `posting_meta` goes on the expense posting (machine, method, receipt).
+        `fee`: (primary amount, (number, coin) paid, method), posted as its own leg
+        `Expenses:Fees:<Method>`. A `sandbox` charge moved no money: it is posted to
+        `Expenses:Sandbox:<Item>` against `Equity:Sandbox`, outside spend and the budget.
         """
         if amount < 0:
             raise LedgerError(f"payment {payment!r}: amount must be ≥ 0, got {amount}")
-        _check_meta(payment, [*meta, *posting_meta])
+        account = sandbox_account(item) if sandbox else purchase_account(item)
+        legs = [(account, amount, paid)]
+        if fee is not None and fee[0] and not sandbox:
+            legs.append((fee_account_of(fee[2]), fee[0], fee[1]))
+        against = SANDBOX_EQUITY if sandbox else None
+        return self._post_legs(payment, on, narration, meta, posting_meta, legs, against)
 
+    def post_fee(
+        self,
+        *,
+        payment: str,
+        on: dt.date,
+        method: str,
+        amount: Decimal,
+        paid: tuple[Decimal, str],
+        narration: str,
+        posting_meta: Mapping[str, str],
+    ) -> bool:
+        """Post a fee alone (a failed attempt that still paid its gas), `Expenses:Fees:<Method>`
+        against the budget, marked `payment: <id>/<attempt>`; False if posted."""
+        if amount < 0:
+            raise LedgerError(f"fee of {payment!r}: amount must be ≥ 0, got {amount}")
+        legs = [(fee_account_of(method), amount, paid)]
+        return self._post_legs(payment, on, narration, {}, posting_meta, legs, None)
+
+    def _post_legs(
+        self,
+        payment: str,
+        on: dt.date,
+        narration: str,
+        meta: Mapping[str, str],
+        posting_meta: Mapping[str, str],
+        legs: list[tuple[str, Decimal, tuple[Decimal, str]]],
+        against: str | None,
+    ) -> bool:
+        """One transaction marked `payment`: each leg (account, primary amount, what was paid)
+        an expense, against `against` (the budget asset when None); False if posted."""
+        _check_meta(payment, [*meta, *posting_meta])
         with self.writing() as w:
             if w.has_meta(PAYMENT_META, payment):
                 return False
             budget, currency = w.opened()
-            account = purchase_account(item)
-            w.open_account(account, budget.date, currency)
-            number = amount.quantize(QUANTUM, rounding=ROUND_HALF_UP)
-            expense_meta = {**posting_meta, "paid": MetaAmount(paid[0], paid[1])}
-            postings: list[tuple[str, Decimal, Mapping[str, Any]]] = [
-                (account, number, expense_meta),
-                (budget.account, -number, {}),
-            ]
+            postings: list[tuple[str, Decimal, Mapping[str, Any]]] = []
+            for account, amount, paid in legs:
+                w.open_account(account, budget.date, currency)
+                number = amount.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+                postings.append((account, number, {**posting_meta, "paid": MetaAmount(*paid)}))
+            if against is not None:
+                w.open_account(against, budget.date, currency)
+            total = sum((number for _, number, _ in postings), Decimal(0))
+            postings.append((against or budget.account, -total, {}))
             w.add(
                 render_transaction(
                     on, narration, {PAYMENT_META: payment, **meta}, postings, currency
@@ -451,9 +512,12 @@ class Ledger:
         return str(options["operating_currency"][0])
 
     def spent(self) -> Decimal:
-        """Total expenses, in the primary currency."""
+        """Total expenses, in the primary currency; sandbox charges are not spend."""
         entries, options = self.load()
-        return _sum_postings(entries, "Expenses", options["operating_currency"][0])
+        currency = options["operating_currency"][0]
+        return _sum_postings(entries, "Expenses", currency) - _sum_postings(
+            entries, SANDBOX_ROOT, currency
+        )
 
     def remaining(self) -> Decimal:
         """Budget left: the balance of `Assets:Budget:<Project>`, in the primary currency."""

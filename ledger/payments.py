@@ -2,21 +2,32 @@
 
 Policy (configs/payments.yaml): a request must list the free alternatives it considered; it
 must fit the project budget and the machine's daily allowance (the budget counters the proxy
-charges); the method is the first configured one by kind (card, then the preferred crypto,
-then other crypto); above the approval threshold it waits for the operator.
+charges); above the approval threshold, counted on the sum of what the machine bought and asked
+for today (so a purchase split in parts waits too), it waits for the operator. The methods
+tried are those that can pay its destination (a wallet address: crypto; a checkout URL: card),
+in preference order (card, then the preferred crypto, then `crypto_order`), the next one when
+one fails; each try is an attempt of its own.
+
+A purchase is reserved on the budget counters before the attempt (its amount and the method's
+`max_fee`) and settled after it with what it cost, like a model call: the price and the fee
+when it was paid, the fee alone when a failed attempt still spent one (gas), nothing else.
+Sandbox charges move no money: they are settled at zero and booked apart.
 
 Every attempt (refused, pending, completed, failed) is appended to
 `financial/<project>/transactions.json`, a JSON array rewritten atomically under a lock (temp
 file, fsync, rename), so a crash leaves the previous array whole and no attempt is lost once
 `submit` returns. A payment's state is its latest entry; approving a pending payment appends
 the outcome under the same id. When money moves, one ledger transaction is posted:
-`Expenses:Purchases:<Item>` against the project's budget asset.
+`Expenses:Purchases:<Item>` and the fee as its own leg `Expenses:Fees:<Method>`, against the
+project's budget asset; a failed attempt that spent a fee posts the fee alone. A sandbox charge
+is posted to `Expenses:Sandbox:<Item>` against `Equity:Sandbox`, never counted as spend.
 
 The fields that lead to card or wallet data (`SENSITIVE_FIELDS`: where the money goes, the
-method's receipt) are kept encrypted at rest with the configured field cipher (Vault transit or
-the embedded key, `secretstore.fields`) and decrypted only to charge or for `--reveal`; item,
-amounts, currencies, status and justification stay readable for auditing. Files written before
-this are read as they are. The ledger names the payment id, never the receipt.
+method's receipt and its evidence: transaction hash, final URL, screenshot) are kept encrypted
+at rest with the configured field cipher (Vault transit or the embedded key,
+`secretstore.fields`) and decrypted only to charge or for `--reveal`; item, amounts, currencies,
+fees, the masked destination, status and justification stay readable for auditing. Files
+written before this are read as they are. The ledger names the payment id, never the receipt.
 """
 
 from __future__ import annotations
@@ -52,12 +63,14 @@ from budget import (
 from contracts.dataroot import DataRoot, atomic_write
 from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sealed, mask
 from ledger.book import QUANTUM, Ledger, LedgerError
-from ledger.methods import Charge, PaymentFailed, get_method
+from ledger.methods import Charge, Fee, PaymentFailed, get_method
 
 TRANSACTIONS_FILE = "transactions.json"
+RECEIPTS_DIR = "receipts"
+"""Under `financial/<project>/`: what card methods keep as receipts (masked screenshots)."""
 FIELD_CONTEXT = "payments"
 """Field-cipher context (Vault transit key `autovibe-payments`)."""
-SENSITIVE_FIELDS = ("pay_to", "receipt")
+SENSITIVE_FIELDS = ("pay_to", "receipt", "evidence")
 """Entry fields kept encrypted at rest."""
 PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SEALED = "[encrypted]"
@@ -75,7 +88,11 @@ Reason = Literal[
     "no_method",
     "method_failed",
     "fields_unavailable",
+    "no_machine",
 ]
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+COUNTED = ("completed", "pending_approval")
+"""Statuses whose amount counts toward the day's approval sum."""
 
 
 class PaymentError(Exception):
@@ -95,6 +112,18 @@ class MethodConfig(_Strict):
     """For crypto: the coin or token paid with (USDC, BTC, …)."""
     secret: str | None = None
     """Secret-store path the adapter reads when it charges; never read before."""
+    max_fee: Decimal = Field(default=Decimal(0), ge=0)
+    """The most a fee may cost, in the primary currency: reserved with the price."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """The adapter's own settings (crypto: rpc_url, token, decimals; card: merchants)."""
+
+    def pays(self, pay_to: str | None) -> bool:
+        """Whether this method can pay `pay_to`: a wallet for crypto, a URL for a card."""
+        if pay_to is None:
+            return True
+        if self.kind == "crypto":
+            return ADDRESS.fullmatch(pay_to) is not None
+        return pay_to.startswith(("https://", "http://"))
 
 
 class PaymentPolicy(_Strict):
@@ -102,6 +131,10 @@ class PaymentPolicy(_Strict):
     approval_threshold: Decimal = Field(ge=0)
     """In the project's primary currency; a payment above it waits for the operator."""
     preferred_crypto: str | None = None
+    crypto_order: list[str] = Field(default_factory=list)
+    """The crypto assets tried after the preferred one, in order; others come last."""
+    asset_rates: dict[str, Decimal] = Field(default_factory=dict)
+    """Units of each crypto asset (and gas coin) per USD, beside the prices' fx rates."""
     methods: list[MethodConfig] = Field(default_factory=list)
 
     @classmethod
@@ -114,12 +147,18 @@ class PaymentPolicy(_Strict):
     def preferred_methods(self) -> list[MethodConfig]:
         """Card first, then the preferred crypto, then other crypto; file order within each."""
 
+        order = [a for a in [self.preferred_crypto, *self.crypto_order] if a is not None]
+
         def rank(m: MethodConfig) -> int:
             if m.kind == "card":
                 return 0
-            return 1 if m.asset is not None and m.asset == self.preferred_crypto else 2
+            return 1 + (order.index(m.asset) if m.asset in order else len(order))
 
         return sorted(self.methods, key=rank)
+
+    def methods_for(self, pay_to: str | None) -> list[MethodConfig]:
+        """The methods that can pay `pay_to`, in preference order."""
+        return [m for m in self.preferred_methods() if m.pays(pay_to)]
 
 
 class PaymentRequest(_Strict):
@@ -130,6 +169,7 @@ class PaymentRequest(_Strict):
     currency: str = Field(pattern=r"^[A-Z]{3,5}$")
     justification: str = Field(min_length=1)
     free_alternatives_considered: list[str]
+    """The free alternatives tried, or why there is none; the policy can require one."""
     pay_to: str | None = Field(default=None, min_length=1, max_length=2000)
     """Where the money goes (wallet address, merchant account, checkout URL); encrypted at rest."""
 
@@ -255,6 +295,8 @@ class Broker:
     ):
         """`fields` makes the field cipher; by default the one of `$AUTOVIBE_SECRET_STORE`."""
         self.root, self.policy, self.fx = root, policy, fx
+        self.rates: Mapping[str, Decimal] = {**fx, **policy.asset_rates}
+        """fx rates and the policy's crypto asset rates, all per USD."""
         self._counters, self._secrets, self._clock = counters, secrets, clock
         self._fields = fields or (lambda: _cipher_from_env(root))
         self._cipher: FieldCipher | None = None
@@ -287,7 +329,10 @@ class Broker:
             a for a in request.free_alternatives_considered if a.strip()
         ]:
             return self._record(
-                entry, "refused", "no_free_alternative", "list the free alternatives considered"
+                entry,
+                "refused",
+                "no_free_alternative",
+                "say which free alternative you tried, or why there is none",
             )
         ledger = Ledger.of(self.root, who.project)
         try:
@@ -295,23 +340,29 @@ class Broker:
         except LedgerError as exc:
             return self._record(entry, "refused", "no_ledger", str(exc))
         try:
-            amount = convert(request.amount, request.currency, primary, self.fx)
+            amount = convert(request.amount, request.currency, primary, self.rates)
         except KeyError as exc:
             return self._record(entry, "refused", "unknown_currency", str(exc.args[0]))
         entry.update(amount_primary=f"{amount:f}", primary_currency=primary)
-        methods = self.policy.preferred_methods()
+        methods = self.policy.methods_for(request.pay_to)
         if not methods:
-            return self._record(entry, "refused", "no_method", "no payment method is configured")
+            kinds = "no payment method is configured"
+            if self.policy.methods:
+                kinds = f"no configured method pays {_destination_kind(request.pay_to)}"
+            return self._record(entry, "refused", "no_method", kinds)
         entry["method"] = methods[0].name
-        refusal = self._check_budget(who, amount, primary)
+        refusal = self._check_budget(who, amount + methods[0].max_fee, primary)
         if refusal is not None:
             return self._record(entry, "refused", *refusal)
-        if amount > self.policy.approval_threshold:
+        today = self._today_sum(who, dt.datetime.fromtimestamp(self._clock(), dt.UTC).date())
+        if today + amount > self.policy.approval_threshold:
+            already = f" ({today:f} already today)" if today else ""
             return self._record(
                 entry,
                 "pending_approval",
                 None,
-                f"{amount:f} {primary} is above the approval threshold "
+                f"{today + amount:f} {primary} for {who.machine or 'the operator'} today"
+                f"{already} is above the approval threshold "
                 f"{self.policy.approval_threshold:f}",
             )
         return self._execute(entry)
@@ -381,24 +432,72 @@ class Broker:
             store.close()
         return None
 
+    def _today_sum(self, who: Requester, day: dt.date) -> Decimal:
+        """What `who`'s machine (the operator's requests, without one) bought or asked to buy
+        on `day`, in the primary currency: each payment's latest state, completed or pending."""
+        latest: dict[str, dict[str, Any]] = {}
+        for e in self.log(who.project).entries():
+            latest[e["id"]] = e
+        total = Decimal(0)
+        for e in latest.values():
+            if e.get("machine") != who.machine or e["status"] not in COUNTED:
+                continue
+            if dt.datetime.fromisoformat(e["at"]).date() == day and e.get("amount_primary"):
+                total += Decimal(e["amount_primary"])
+        return total
+
     def _execute(self, entry: dict[str, Any]) -> dict[str, Any]:
-        project, amount = entry["project"], Decimal(entry["amount_primary"])
-        who = Requester(project, entry.get("machine"), entry.get("agent"))
-        method = next((m for m in self.policy.methods if m.name == entry["method"]), None)
-        if method is None:
-            return self._record(entry, "refused", "no_method", f"{entry['method']} is gone")
+        """Try each method that can pay the destination, the first named in `entry` first;
+        every try is recorded, the first success ends it."""
+        project = entry["project"]
         try:
             pay_to = self.log(project).reveal({"pay_to": entry.get("pay_to")})["pay_to"]
         except SecretStoreError as exc:
             return self._record(entry, "refused", "fields_unavailable", str(exc))
-        reservation = f"payment:{entry['id']}"
+        methods = self.policy.methods_for(pay_to)
+        methods.sort(key=lambda m: m.name != entry["method"])
+        if not methods:
+            return self._record(entry, "refused", "no_method", f"{entry['method']} is gone")
+        recorded: dict[str, Any] = {}
+        for attempt, method in enumerate(methods, start=1):
+            recorded = self._attempt({**entry, "method": method.name}, method, pay_to, attempt)
+            if recorded["status"] != "failed":
+                break
+        return recorded
+
+    def _attempt(
+        self, entry: dict[str, Any], method: MethodConfig, pay_to: str | None, attempt: int
+    ) -> dict[str, Any]:
+        """One try with one method: reserve, charge, settle, record, post."""
+        project, amount = entry["project"], Decimal(entry["amount_primary"])
+        primary = entry["primary_currency"]
+        who = Requester(project, entry.get("machine"), entry.get("agent"))
+        entry = {**entry, "attempt": attempt}
+        try:
+            paid_in = method.asset if method.kind == "crypto" and method.asset else None
+            price = Decimal(entry["amount"])
+            if paid_in is not None and paid_in != entry["currency"]:
+                price = convert(price, entry["currency"], paid_in, self.rates)
+        except KeyError as exc:
+            return self._record(entry, "failed", "unknown_currency", str(exc.args[0]))
+        charge = Charge(
+            entry["id"],
+            entry["item"],
+            price,
+            paid_in or entry["currency"],
+            pay_to,
+            self.root.financial(project) / RECEIPTS_DIR,
+        )
+        reservation = f"payment:{entry['id']}:{attempt}"
         try:
             store = self._counters()
         except CounterError as exc:
             return self._record(entry, "refused", "counters_unavailable", str(exc))
         try:
             try:
-                held = store.reserve(reservation, self._scopes(who), amount, self._clock())
+                held = store.reserve(
+                    reservation, self._scopes(who), amount + method.max_fee, self._clock()
+                )
             except UnknownScope as exc:
                 return self._record(entry, "refused", "no_budget_scope", str(exc))
             except CounterStoreUnavailable as exc:
@@ -410,38 +509,81 @@ class Broker:
                     _scope_reason(held.scope),
                     f"{held.scope} has {held.left:f} {held.currency} left",
                 )
-            charge = Charge(
-                entry["id"],
-                entry["item"],
-                Decimal(entry["amount"]),
-                entry["currency"],
-                pay_to,
-            )
             try:
                 secrets = self._secrets() if method.secret and self._secrets else None
-                receipt = get_method(method.adapter).charge(charge, secrets, method.secret)
-            except PaymentFailed as exc:
-                store.settle(reservation, Decimal(0), "payment failed", self._clock())
-                return self._record(entry, "failed", "method_failed", str(exc))
-            store.settle(reservation, amount, "payment", self._clock())
+                receipt = get_method(method.adapter, method.settings).charge(
+                    charge, secrets, method.secret
+                )
+            except (PaymentFailed, ValueError) as exc:
+                fee = exc.fee if isinstance(exc, PaymentFailed) else None
+                fee_primary = self._fee_primary(fee, primary)
+                store.settle(reservation, fee_primary, "payment failed", self._clock())
+                if isinstance(exc, PaymentFailed) and exc.evidence:
+                    entry["evidence"] = json.dumps(exc.evidence)
+                failed = self._record(
+                    {**entry, **_fee_fields(fee, fee_primary)}, "failed", "method_failed", str(exc)
+                )
+                if fee_primary:
+                    self._post_fee(entry, method, fee, fee_primary)
+                return failed
+            fee_primary = self._fee_primary(receipt.fee, primary)
+            cost = amount + fee_primary if receipt.charged else Decimal(0)
+            store.settle(reservation, cost, "payment", self._clock())
         finally:
             store.close()
-        entry.update(receipt=receipt.receipt_id, charged=receipt.charged)
+        entry.update(
+            receipt=receipt.receipt_id,
+            charged=receipt.charged,
+            destination=receipt.destination,
+            **_fee_fields(receipt.fee, fee_primary),
+        )
+        if receipt.evidence:
+            entry["evidence"] = json.dumps(dict(receipt.evidence))
         recorded = self._record(entry, "completed", None, None)
         posting_meta = {"method": method.name}  # the receipt stays encrypted in the log
         if who.machine:
             posting_meta["machine"] = who.machine
+        fee = receipt.fee
         Ledger.of(self.root, project).post_payment(
             payment=entry["id"],
             on=dt.date.fromtimestamp(self._clock()),
             item=entry["item"],
             amount=amount,
-            paid=(Decimal(entry["amount"]), entry["currency"]),
+            paid=(charge.amount, charge.currency),
             narration=f"Purchase: {entry['item']}",
             meta={"agent": who.agent} if who.agent else {},
             posting_meta=posting_meta,
+            fee=(fee_primary, (fee.amount, fee.currency), method.name) if fee else None,
+            sandbox=not receipt.charged,
         )
         return recorded
+
+    def _fee_primary(self, fee: Fee | None, primary: str) -> Decimal:
+        """A fee in the primary currency; a coin without a rate is an error in the policy."""
+        if fee is None or not fee.amount:
+            return Decimal(0)
+        try:
+            return convert(fee.amount, fee.currency, primary, self.rates)
+        except KeyError as exc:
+            raise PaymentError(f"payments.yaml asset_rates: {exc.args[0]}") from exc
+
+    def _post_fee(
+        self, entry: dict[str, Any], method: MethodConfig, fee: Fee | None, primary: Decimal
+    ) -> None:
+        """A failed attempt's fee, posted alone (gas of a reverted transfer)."""
+        assert fee is not None
+        posting_meta = {"method": method.name}
+        if entry.get("machine"):
+            posting_meta["machine"] = entry["machine"]
+        Ledger.of(self.root, entry["project"]).post_fee(
+            payment=f"{entry['id']}/{entry['attempt']}",
+            on=dt.date.fromtimestamp(self._clock()),
+            method=method.name,
+            amount=primary,
+            paid=(fee.amount, fee.currency),
+            narration=f"Fee of a failed payment: {entry['item']}",
+            posting_meta=posting_meta,
+        )
 
     def _record(
         self, entry: dict[str, Any], status: Status, reason: Reason | None, detail: str | None
@@ -473,6 +615,18 @@ def _cipher_from_env(root: DataRoot) -> FieldCipher:
     from secretstore import cipher_from_env  # the adapters load only when a field needs one
 
     return cipher_from_env(root)
+
+
+def _destination_kind(pay_to: str | None) -> str:
+    if pay_to is not None and ADDRESS.fullmatch(pay_to):
+        return "a wallet address"
+    return "a URL" if pay_to and pay_to.startswith(("https://", "http://")) else "this destination"
+
+
+def _fee_fields(fee: Fee | None, primary: Decimal) -> dict[str, str]:
+    if fee is None:
+        return {}
+    return {"fee": f"{fee.amount:f}", "fee_currency": fee.currency, "fee_primary": f"{primary:f}"}
 
 
 def _scope_reason(scope: str) -> Reason:

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from beancount.core import data
 
-from ledger.book import REVENUE_ROOT, Ledger
+from ledger.book import REVENUE_ROOT, Ledger, is_spend
 
 NONE = "-"
 """Where a posting names no machine or agent (revenue, budget grants)."""
@@ -64,7 +64,7 @@ def profit_and_loss(ledgers: Iterable[tuple[str, Ledger]]) -> ProfitAndLoss:
                 machine = str((p.meta or {}).get("machine", t.meta.get("machine", NONE)))
                 agent = str((p.meta or {}).get("agent", t.meta.get("agent", NONE)))
                 number = Decimal(p.units.number)
-                if p.account.startswith("Expenses:"):
+                if is_spend(p.account):
                     slot, amount = 1, number
                     expenses += number
                 elif p.account.startswith(REVENUE_ROOT + ":"):

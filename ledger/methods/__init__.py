@@ -1,24 +1,48 @@
 """Payment methods: one adapter per way of paying, picked by short name from configs/payments.yaml.
 
-An adapter charges one approved payment and returns a receipt. Methods that need a secret
-(card details, a wallet key) receive the secret store and read their secret while charging,
-never earlier; the agent that asked never sees it.
+An adapter is built once per charge from its method's `settings` (`from_settings`, which
+validates them into the adapter's own model) and charges one approved payment. Methods that
+need a secret (card details, a wallet key) receive the secret store and read their secret while
+charging, never earlier; the agent that asked never sees it. What comes back is a `Receipt`
+(what was paid, the fee as its own amount, where it went masked, the evidence); a charge that
+did not go through raises `PaymentFailed`, which carries the fee when one was spent anyway (a
+reverted transaction still pays for its gas).
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+from contracts.adapters import resolve
 from contracts.secrets import SecretStore
 
-ADAPTERS = {"sandbox": "ledger.methods.sandbox:SandboxMethod"}
+ADAPTERS = {
+    "sandbox": "ledger.methods.sandbox:SandboxMethod",
+    "crypto": "ledger.methods.crypto:CryptoMethod",
+    "card": "ledger.methods.card:CardMethod",
+}
+
+
+@dataclass(frozen=True)
+class Fee:
+    amount: Decimal
+    currency: str
+    """The currency or coin the fee was paid in (ETH for gas)."""
 
 
 class PaymentFailed(Exception):
-    """The method did not charge; the message says why (declined, unreachable, …)."""
+    """The method did not charge; the message says why (declined, unreachable, reverted…)."""
+
+    def __init__(
+        self, message: str, *, fee: Fee | None = None, evidence: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.fee = fee
+        self.evidence = dict(evidence or {})
 
 
 @dataclass(frozen=True)
@@ -27,9 +51,11 @@ class Charge:
     item: str
     amount: Decimal
     currency: str
-    """What the seller is paid, in the currency the agent asked for."""
+    """What the seller is paid: the agent's currency for a card, the method's asset for crypto."""
     pay_to: str | None = None
     """Where the money goes, as the agent gave it (wallet address, merchant, checkout URL)."""
+    receipts: Path | None = None
+    """The folder a method keeps its receipt files in (`financial/<project>/receipts/`)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +63,12 @@ class Receipt:
     receipt_id: str
     charged: bool
     """False when no money moved for real (the sandbox)."""
+    fee: Fee | None = None
+    """What paying cost on top of the price (gas), posted as its own leg."""
+    destination: str | None = None
+    """Where the money went, masked (a wallet's ends, a merchant's host)."""
+    evidence: Mapping[str, str] = field(default_factory=dict)
+    """What proves it: a transaction hash and block, a final URL and a masked screenshot."""
 
 
 class PaymentMethod(Protocol):
@@ -47,9 +79,13 @@ class PaymentMethod(Protocol):
         ...
 
 
-def get_method(adapter: str) -> PaymentMethod:
-    if adapter not in ADAPTERS:
-        raise KeyError(f"unknown payment adapter {adapter!r}; allowed: {', '.join(ADAPTERS)}")
-    module, _, cls = ADAPTERS[adapter].partition(":")
-    method: PaymentMethod = getattr(importlib.import_module(module), cls)()
+def get_method(adapter: str, settings: Mapping[str, Any] | None = None) -> PaymentMethod:
+    """The adapter called `adapter`, built from its method's `settings`."""
+    cls = resolve("payment adapter", adapter, ADAPTERS, dotted=False)
+    method: PaymentMethod = cls.from_settings(dict(settings or {}))
     return method
+
+
+def mask_address(value: str) -> str:
+    """A wallet address or account shown to a person: its first 6 and last 4 characters."""
+    return f"{value[:6]}…{value[-4:]}" if len(value) > 12 else "****"

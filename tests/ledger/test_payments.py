@@ -37,17 +37,26 @@ from ledger.payments import (
 )
 from orchestrator.payments_api import router
 from orchestrator.platform import Platform
+from secretstore import store_from_env
+from tests.ledger.chain_harness import DevChain, new_wallet
 
 POLICY: dict[str, Any] = {
     "require_free_alternatives": True,
     "approval_threshold": "25.00",
     "preferred_crypto": "USDC",
+    "asset_rates": {"USDC": "1", "ETH": "0.0005"},
     "methods": [
         {"name": "btc", "kind": "crypto", "adapter": "sandbox", "asset": "BTC"},
         {"name": "usdc", "kind": "crypto", "adapter": "sandbox", "asset": "USDC"},
         {"name": "card", "kind": "card", "adapter": "sandbox"},
     ],
 }
+
+
+def paying_policy(chain: DevChain) -> dict[str, Any]:
+    """POLICY whose USDC method pays on `chain`, from the wallet at `wallets/eth`."""
+    usdc = chain.method("usdc", "USDC", token=True)
+    return {**POLICY, "methods": [POLICY["methods"][0], usdc, POLICY["methods"][2]]}
 
 
 def principal(x_principal: str = Header("operator")) -> Any:
@@ -59,16 +68,24 @@ def principal(x_principal: str = Header("operator")) -> Any:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, Platform]:
+def chain() -> DevChain:
+    return DevChain()
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chain: DevChain
+) -> tuple[TestClient, Platform]:
     configs = tmp_path / "configs"
     configs.mkdir()
     for name in ("models.yaml", "prices.yaml"):
         shutil.copy(PROJECT_ROOT / "configs" / name, configs / name)
-    (configs / "payments.yaml").write_text(yaml.safe_dump(POLICY))
+    (configs / "payments.yaml").write_text(yaml.safe_dump(paying_policy(chain)))
     settings = Settings(data=tmp_path / "data", configs=configs)
     monkeypatch.setenv("AUTOVIBE_DATA", str(settings.data))
     monkeypatch.setenv("AUTOVIBE_CONFIGS", str(configs))
     platform = Platform.from_settings(settings)
+    store_from_env(settings=settings).put("wallets/eth", chain.payer_key)
     platform.ledger("demo").open(
         "demo", Decimal("100"), "CAD", platform.catalog.prices.fx, dt.date.today(), funding="t1"
     )
@@ -151,9 +168,9 @@ def test_each_refusal_reason(setup: tuple[TestClient, Platform]) -> None:
     assert Ledger.of(platform.root, "demo").spent() == 0
 
 
-def test_payment_moves_money_once_and_picks_the_card(setup: tuple[TestClient, Platform]) -> None:
+def test_sandbox_charges_are_booked_apart(setup: tuple[TestClient, Platform]) -> None:
     client, platform = setup
-    r = ask(client, agent="aider")
+    r = ask(client, agent="aider")  # no destination: the card first, here the sandbox's
     assert r.status_code == 201, r.text
     entry = r.json()
     assert entry["status"] == "completed"
@@ -162,19 +179,53 @@ def test_payment_moves_money_once_and_picks_the_card(setup: tuple[TestClient, Pl
 
     ledger = Ledger.of(platform.root, "demo")
     assert bean_check(ledger.path) == []
-    assert ledger.spent() == Decimal("10")
-    assert ledger.remaining() == Decimal("90")
+    assert ledger.spent() == 0 and ledger.remaining() == Decimal("100")
     text = ledger.text()
-    assert "Expenses:Purchases:Dataset-license  10.000000 CAD" in text
+    assert "Expenses:Sandbox:Dataset-license  10.000000 CAD" in text
+    assert "Equity:Sandbox  -10.000000 CAD" in text
     assert f'payment: "{entry["id"]}"' in text
     store = platform.counters()
-    try:
-        assert store.remaining(project_scope("demo")) == Decimal("90")
-        assert store.remaining(machine_scope("demo", "m1")) == Decimal("20")
+    try:  # nothing moved: settled at zero
+        assert store.remaining(project_scope("demo")) == Decimal("100")
+        assert store.remaining(machine_scope("demo", "m1")) == Decimal("30")
     finally:
         store.close()
-    # The allowance now left is 20: a second 25 CAD request is refused for it.
-    assert ask(client, amount="25").json()["reason"] == "machine_allowance"
+    out = CliRunner().invoke(ledger_app, ["pnl", "demo"])
+    assert out.exit_code == 0 and "10.00" not in out.output, out.output
+
+
+def test_crypto_payment_moves_money_once_with_its_fee(
+    setup: tuple[TestClient, Platform], chain: DevChain
+) -> None:
+    client, platform = setup
+    shop = new_wallet()
+    r = ask(client, agent="aider", pay_to=shop)
+    assert r.status_code == 201, r.text
+    entry = r.json()
+    assert (entry["status"], entry["method"], entry["charged"]) == ("completed", "usdc", True)
+    assert chain.tokens_of(shop) == Decimal("7.246377")  # 10 CAD / 1.38 per USD, 1 USDC per USD
+    mined = chain.receipt(entry["receipt"])
+    assert mined["status"] == 1 and mined["to"] == chain.token_address
+    fee_eth = Decimal(mined["gasUsed"] * mined["effectiveGasPrice"]).scaleb(-18)
+    assert Decimal(entry["fee"]) == fee_eth and entry["fee_currency"] == "ETH"
+    fee = Decimal(entry["fee_primary"])  # ETH at 0.0005 per USD, USD at 1.38 CAD
+    assert fee == (fee_eth / Decimal("0.0005") * Decimal("1.38")).quantize(Decimal("0.000001"))
+    assert entry["destination"] == f"{shop[:6]}…{shop[-4:]}"
+
+    ledger = Ledger.of(platform.root, "demo")
+    assert bean_check(ledger.path) == []
+    assert ledger.spent() == Decimal("10") + fee
+    text = ledger.text()
+    assert "Expenses:Purchases:Dataset-license  10.000000 CAD" in text
+    assert f"Expenses:Fees:Usdc  {fee:f} CAD" in text
+    store = platform.counters()
+    try:  # reserved with its max fee, settled at price + fee
+        assert store.remaining(project_scope("demo")) == Decimal("90") - fee
+        assert store.remaining(machine_scope("demo", "m1")) == Decimal("20") - fee
+    finally:
+        store.close()
+    # The allowance now left is under 20: a 20 CAD request is refused for it.
+    assert ask(client, amount="20", pay_to=shop).json()["reason"] == "machine_allowance"
 
 
 def test_method_preference_without_card() -> None:
@@ -182,9 +233,10 @@ def test_method_preference_without_card() -> None:
     assert [m.name for m in policy.preferred_methods()] == ["usdc", "btc"]
 
 
-def test_approval_flow(setup: tuple[TestClient, Platform]) -> None:
+def test_approval_flow(setup: tuple[TestClient, Platform], chain: DevChain) -> None:
     client, platform = setup
-    r = ask(client, amount="20", currency="USD")  # 27.60 CAD, above the 25 CAD threshold
+    shop = new_wallet()
+    r = ask(client, amount="20", currency="USD", pay_to=shop)  # 27.60 CAD: above 25 CAD
     assert r.status_code == 202, r.text
     pending = r.json()
     assert pending["status"] == "pending_approval"
@@ -195,15 +247,19 @@ def test_approval_flow(setup: tuple[TestClient, Platform]) -> None:
     # Approved by the operator, it is paid then: the allowance (30 CAD) covers it.
     out = CliRunner().invoke(payments_app, approve_args(pending["id"]))
     assert out.exit_code == 0, out.output
-    assert ledger.spent() == Decimal("27.6")
+    paid = TransactionLog(log_of(platform)).latest(pending["id"])
+    assert paid is not None and paid["status"] == "completed"
+    assert ledger.spent() == Decimal("27.6") + Decimal(paid["fee_primary"])
+    assert chain.tokens_of(shop) == Decimal("20")
     assert bean_check(ledger.path) == []
 
 
 def test_approve_executes_a_pending_payment(setup: tuple[TestClient, Platform]) -> None:
     client, platform = setup
-    paid = ask(client, amount="18", currency="USD").json()  # 24.84 CAD: below the threshold
+    shop = new_wallet()
+    paid = ask(client, amount="18", currency="USD", pay_to=shop).json()  # 24.84 CAD: below 25
     assert paid["status"] == "completed"
-    pending = ask(client, who="operator", amount="26").json()
+    pending = ask(client, who="operator", amount="26", pay_to=shop).json()
     assert pending["status"] == "pending_approval"
 
     out = CliRunner().invoke(payments_app, approve_args(pending["id"]))
@@ -215,8 +271,9 @@ def test_approve_executes_a_pending_payment(setup: tuple[TestClient, Platform]) 
 
     ledger = Ledger.of(platform.root, "demo")
     assert bean_check(ledger.path) == []
-    assert ledger.spent() == Decimal("50.84")
     attempts = TransactionLog(platform.root.financial("demo") / "transactions.json").entries()
+    fees = sum(Decimal(a["fee_primary"]) for a in attempts if a["status"] == "completed")
+    assert fees > 0 and ledger.spent() == Decimal("50.84") + fees
     assert [(a["status"], a.get("approved_by")) for a in attempts] == [
         ("completed", None),
         ("pending_approval", None),
@@ -302,13 +359,15 @@ def test_destination_and_receipt_are_encrypted_at_rest(setup: tuple[TestClient, 
     r = ask(client, pay_to=WALLET)
     assert r.status_code == 201, r.text
     paid = r.json()
-    assert paid["receipt"].startswith("sandbox-")  # the requester sees its own receipt
+    assert paid["receipt"].startswith("0x")  # the requester sees its own receipt (a tx hash)
+    assert json.loads(paid["evidence"])["tx_hash"] == paid["receipt"]
     assert paid["pay_to"].startswith("avf:v1:")  # and its destination as it is kept
 
     raw = log_of(platform).read_text()
     assert WALLET not in raw and paid["receipt"] not in raw
     stored = TransactionLog(log_of(platform)).entries()[-1]
     assert stored["pay_to"].startswith("avf:v1:") and stored["receipt"].startswith("avf:v1:")
+    assert stored["evidence"].startswith("avf:v1:")
     # What an auditor needs stays readable.
     assert (stored["item"], stored["amount"], stored["currency"], stored["status"]) == (
         "Dataset license", "10.00", "CAD", "completed",
@@ -328,6 +387,10 @@ class Recording:
 
     charges: ClassVar[list[Charge]] = []
 
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Recording:
+        return cls()
+
     def charge(self, charge: Charge, secrets: Any, secret_path: str | None) -> Receipt:
         self.charges.append(charge)
         return Receipt(receipt_id=f"rec-{len(self.charges)}", charged=True)
@@ -339,7 +402,7 @@ def test_only_the_charge_sees_the_decrypted_destination(
     client, platform = setup
     monkeypatch.setitem(methods.ADAPTERS, "recording", f"{__name__}:Recording")
     monkeypatch.setattr(Recording, "charges", [])
-    policy = {**POLICY, "methods": [{"name": "card", "kind": "card", "adapter": "recording"}]}
+    policy = {**POLICY, "methods": [{"name": "w", "kind": "crypto", "adapter": "recording"}]}
     (platform.settings.configs / "payments.yaml").write_text(yaml.safe_dump(policy))
     pending = ask(client, amount="26", pay_to=WALLET).json()
     assert pending["status"] == "pending_approval"
