@@ -26,6 +26,7 @@ from orchestrator import top as top_cmd
 from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
+from orchestrator.intake.cli import app as intake_app
 from orchestrator.models_cli import ls as models_ls
 from orchestrator.tasks_cli import app as tasks_app
 from orchestrator.tokens_cli import app as tokens_app
@@ -63,6 +64,7 @@ app.add_typer(traffic_app, name="traffic")
 app.add_typer(payments_app, name="payments")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(intake_app, name="intake")
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table
@@ -150,11 +152,7 @@ def submit(
 
 
 def _api_problem(exc: ApiError) -> str:
-    if isinstance(exc.detail, list):
-        return "\n".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.detail
-        )
-    return f"HTTP {exc.status}: {exc.detail}"
+    return "\n".join(exc.problems())
 
 
 @trial_app.command("list")

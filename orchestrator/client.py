@@ -21,6 +21,17 @@ class ApiError(Exception):
         self.detail = detail
         super().__init__(f"HTTP {status}: {detail}")
 
+    def problems(self) -> list[str]:
+        """One line per problem: a 422's `field.path: message`, else `HTTP status: detail`."""
+        if isinstance(self.detail, list):
+            return [
+                f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
+                if isinstance(e, dict) and "loc" in e
+                else str(e)
+                for e in self.detail
+            ]
+        return [f"HTTP {self.status}: {self.detail}"]
+
 
 class Client:
     def __init__(self, settings: Settings, token: str | None = None):

@@ -123,7 +123,15 @@ def services(settings: Settings) -> list[Service]:
             _port_open(settings.host, settings.proxy_port),
         ),
         Service("api", api, _http_ok(f"{settings.api_url}/healthz")),
+        # The intake channels, when configured: after the API, which they submit to.
+        *([_intake_service(settings)] if settings.intake_config is not None else []),
     ]
+
+
+def _intake_service(settings: Settings) -> Service:
+    root = DataRoot.at(settings.data)
+    argv = [sys.executable, "-m", "orchestrator.intake.service"]
+    return Service("intake", argv, lambda: running_pid(root, "intake") is not None)
 
 
 def _pidfile(root: DataRoot, name: str) -> Path:
@@ -246,7 +254,7 @@ def down(settings: Settings, names: list[str] | None = None) -> list[str]:
 
 
 def services_names() -> list[str]:
-    return ["model", "indexer", "proxy", "api"]
+    return ["model", "indexer", "proxy", "api", "intake"]
 
 
 def status(settings: Settings) -> dict[str, int | None]:

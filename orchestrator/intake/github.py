@@ -348,7 +348,7 @@ class IssueQueue:
             return
         except ApiError as exc:
             if exc.status in (400, 403, 404, 422):
-                self._refuse(row, _problems(exc.detail))
+                self._refuse(row, "; ".join(exc.problems()))
                 return
             raise  # the API is down or busy: left queued, tried again next round
         self._update(row, state="running", trial_id=trial_id)
@@ -534,15 +534,3 @@ class IssueQueue:
             self.api.remove_label(row.repo, row.number, row.label)
         self._update(row, label=label)
         self.audit.record(who=WHO, action="label", repo=row.repo, issue=row.number, label=label)
-
-
-def _problems(detail: Any) -> str:
-    """An API error's detail as one line: a 422's field paths and messages, or the text."""
-    if isinstance(detail, list):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', ())[1:])}: {d.get('msg', d)}"
-            if isinstance(d, dict)
-            else str(d)
-            for d in detail
-        )
-    return str(detail)
