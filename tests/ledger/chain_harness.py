@@ -16,8 +16,8 @@ from typing import Any
 
 from eth_account import Account
 from web3 import Web3
-from web3.types import Wei
 from web3.providers.eth_tester import EthereumTesterProvider
+from web3.types import Wei
 
 from ledger.methods.crypto import register_chain
 
