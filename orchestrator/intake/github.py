@@ -287,7 +287,7 @@ class IssueQueue:
             except GithubRateLimited as exc:
                 log.warning("%s", exc)
                 wait = max(wait, exc.retry_after_s)
-            except (RequestFailed, ApiError, OSError) as exc:
+            except (RequestFailed, ApiError, WorkspaceError, OSError) as exc:
                 log.error("intake round failed, retried in %.0f s: %s", wait, exc)
             stop.wait(wait)
 
@@ -442,8 +442,13 @@ class IssueQueue:
         best = max(exported, key=lambda e: e.confidence or 0.0)
         pr = None
         if self.config.pull_requests:
-            pr = self._pull_request(row, best)
-            lines += ["", f"Accepted patch ({best.assignment}): {pr}"]
+            try:
+                pr = self._pull_request(row, best)
+                lines += ["", f"Accepted patch ({best.assignment}): {pr}"]
+            except (WorkspaceError, RequestFailed) as exc:
+                # The result still goes back; the patch stays in the data root to export.
+                why = str(exc).replace(self.token, "[REDACTED]")
+                lines += ["", f"Accepted patch ({best.assignment}); no pull request: {why}"]
         else:
             lines += ["", f"Accepted patch: assignment {best.assignment}."]
         return _Outcome("done", "\n".join(lines), pr)
