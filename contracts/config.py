@@ -241,17 +241,41 @@ def _agent_program(value: list[str] | None, info: ValidationInfo) -> list[str] |
     return [str(resolved), *value[1:]]
 
 
+HARBOR_PARSER = "harbor"
+"""A Harbor task's grading: its `tests/test.sh` run from /tests, the reward it writes to
+/logs/verifier (`reward.txt` or `reward.json`), else its exit status (`workers.grading`)."""
+HARBOR_TEST = "tests/test.sh"
+"""The one FAIL_TO_PASS id of a Harbor task: its verifier script."""
+_RESERVED_TOP = frozenset({
+    "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "media", "mnt",
+    "opt", "proc", "root", "run", "sbin", "srv", "sys", "tmp", "usr", "var", "tests", "logs",
+    "solution", "nix", "snap",
+})  # fmt: skip
+
+
+def _workdir(value: str) -> str:
+    if not re.fullmatch(r"/[a-z][a-z0-9_-]{0,31}", value) or value[1:] in _RESERVED_TOP:
+        raise ValueError(
+            f"a folder at the sandbox's root that the system does not use (/app, /workspace), "
+            f"not {value!r} (not one of /{', /'.join(sorted(_RESERVED_TOP))})"
+        )
+    return value
+
+
 def _parser(value: str, info: ValidationInfo) -> str:
-    """With `parsers` in the context (swebench's parser names): `pytest`, a repository
-    `owner/name`, or a parser swebench has."""
+    """With `parsers` in the context (swebench's parser names): `pytest`, `harbor`, a
+    repository `owner/name`, or a parser swebench has."""
     known: list[str] | None = (info.context or {}).get("parsers")
+    if value == HARBOR_PARSER:
+        return value
     if "/" in value:
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
             raise ValueError(f"a repository is `owner/name`, not {value!r}")
     elif known is not None and value != "pytest" and value not in known:
         raise ValueError(
-            f"unknown test log parser {value!r}; allowed: pytest, a repository `owner/name` "
-            f"(swebench's parser for it, else pytest's) or one of {', '.join(known)}"
+            f"unknown test log parser {value!r}; allowed: pytest, harbor, a repository "
+            f"`owner/name` (swebench's parser for it, else pytest's) or one of "
+            f"{', '.join(known)}"
         )
     return value
 
@@ -289,11 +313,17 @@ class Task(_Strict):
     name on the server's PATH, then its arguments."""
     test_patch: str | None = None
     """A diff applied to the workspace after the agent and before the tests (SWE-bench's
-    `test_patch`): the tests that judge the task, which the agent never sees."""
+    `test_patch`): the tests that judge the task, which the agent never sees. With the
+    `harbor` parser: the diff creating the task's `tests/` folder, applied to a folder of its
+    own, never the workspace, shown to the tests' sandbox as /tests."""
     parser: Annotated[str, AfterValidator(_parser)] | None = None
     """How the test output is read: `pytest` (its `-rA` summary; the default), a repository the
-    `swebench` package knows (`django/django`, `sympy/sympy`: its parser for that repository)
-    or a `swebench` parser by name (`parse_log_django`)."""
+    `swebench` package knows (`django/django`, `sympy/sympy`: its parser for that repository),
+    a `swebench` parser by name (`parse_log_django`), or `harbor` (the reward the verifier
+    writes, else its exit status: `HARBOR_TEST` is the task's one FAIL_TO_PASS id)."""
+    workdir: Annotated[str, AfterValidator(_workdir)] | None = None
+    """Where the workspace also appears inside the sandboxes, and where the agent and the tests
+    start (a Harbor task's `/app`); None: at its own path only."""
 
     @model_validator(mode="after")
     def _pinned(self) -> Task:
@@ -301,6 +331,13 @@ class Task(_Strict):
             raise ValueError("a git URL repo needs `commit` (or `ref`): the workspace is pinned")
         if isinstance(self.repo, Path) and (self.commit or self.ref):
             raise ValueError("`commit` and `ref` go with a git URL repo; a folder is copied as is")
+        if self.parser == HARBOR_PARSER and (
+            self.fail_to_pass != [HARBOR_TEST] or self.pass_to_pass
+        ):
+            raise ValueError(
+                f"a `harbor` task is graded by its verifier alone: fail_to_pass [{HARBOR_TEST}], "
+                "no pass_to_pass"
+            )
         return self
 
 

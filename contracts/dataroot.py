@@ -76,6 +76,12 @@ class DataRoot:
         """Trees exported from the mirrors, `<mirror>/<commit>/`, with no git history."""
         return self.root / "tasks" / "trees"
 
+    @property
+    def task_sources(self) -> Path:
+        """Git repositories the platform made of imported task folders (a Harbor task's
+        environment), `<task>-<commit>.git`, which the mirrors fetch from."""
+        return self.root / "tasks" / "sources"
+
     # -- services ---------------------------------------------------------------------------
     @property
     def state_db(self) -> Path:

@@ -1,7 +1,8 @@
 """An imported task set as stored under `$AUTOVIBE_DATA/tasks/<name>/`, and its validation.
 
 `set.json` holds the tasks as trials run them (`contracts.config.Task`, the repository named
-by URL and pinned to its base commit) with what only validation may see: the gold patch.
+by URL and pinned to its base commit) with what only validation may see: the gold patch, or a
+Harbor task's `solution/` files.
 `validation.json` holds the verdict of `autovibe tasks validate` for every task.
 """
 
@@ -30,11 +31,14 @@ class TaskSetEntry(BaseModel):
     only, never shown to a trial's agent (the data root is hidden from the sandbox)."""
     version: str | None = None
     environment_setup_commit: str | None = None
+    solution: dict[str, str] = Field(default_factory=dict)
+    """A Harbor task's reference solution: its `solution/` files by relative path
+    (`solve.sh` first of all), which the oracle runs in validation only."""
 
 
 class TaskSet(BaseModel):
     name: Slug
-    kind: Literal["swebench"]
+    kind: Literal["swebench", "harbor"]
     source: str
     """The file it was imported from."""
     imported_at: datetime.datetime

@@ -722,6 +722,7 @@ class Scheduler:
             pass_to_pass=task.pass_to_pass,
             test_patch=task.test_patch,
             parser=task.parser,
+            workdir=task.workdir,
             timeout_s=task.timeout_s,
             agent=a.agent,
             agent_command=task.agent_command or [] if a.agent == "command" else [],

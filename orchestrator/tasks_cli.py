@@ -14,7 +14,7 @@ from contracts.config import ConfigError
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from contracts.tasksets import TaskVerdict
-from orchestrator import taskimport, taskvalidate
+from orchestrator import harborimport, taskimport, taskvalidate
 from orchestrator.tasksets import DEFAULT_TEST_COMMAND
 from orchestrator.taskstore import TaskSetError, TaskStore
 from workers import swebench_logs
@@ -66,6 +66,34 @@ def import_swebench(
     )
 
 
+@import_app.command("harbor")
+def import_harbor(
+    folder: Path,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Set name (default: the folder's name).")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Replace a set of that name.")] = False,
+) -> None:
+    """Import a Harbor (Terminal-Bench) task folder, or a folder of them, as a task set."""
+    settings = Settings()
+    started = time.monotonic()
+    try:
+        imported = harborimport.import_harbor(
+            folder, DataRoot.at(settings.data), name=name, replace=replace
+        )
+    except ConfigError as exc:
+        raise _fail(f"{folder} was not imported:\n{exc}", 2) from exc
+    except TaskSetError as exc:
+        raise _fail(str(exc), 2) from exc
+    for note in imported.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    taskset = imported.taskset
+    console.print(
+        f"imported {len(taskset.entries)} tasks as set {taskset.name} in "
+        f"{time.monotonic() - started:.1f} s; next: autovibe tasks validate {taskset.name}"
+    )
+
+
 @app.command("validate")
 def validate(
     name: str,
@@ -74,8 +102,9 @@ def validate(
         bool, typer.Option(help="Run without bubblewrap (needs AUTOVIBE_ALLOW_UNSANDBOXED=1).")
     ] = False,
 ) -> None:
-    """Run the oracle (gold patch) and the empty agent on every task of a set; a task is valid
-    when the oracle resolves it and the empty agent does not. Exit 1 when any is invalid."""
+    """Run the oracle (gold patch, or solution/solve.sh) and the empty agent on every task of
+    a set; a task is valid when the oracle resolves it and the empty agent does not. Exit 1
+    when any is invalid."""
     settings = Settings()
     if unsandboxed and not settings.allow_unsandboxed:
         raise _fail("--unsandboxed needs AUTOVIBE_ALLOW_UNSANDBOXED=1 on this machine", 2)

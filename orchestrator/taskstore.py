@@ -22,8 +22,8 @@ from contracts.config import Task, TaskSetRef
 from contracts.dataroot import DataRoot, atomic_write
 from contracts.tasksets import SET_FILE, VALIDATION_FILE, SetValidation, TaskSet
 
-RESERVED = ("mirrors", "trees")
-"""Folders of `tasks/` that are not sets (`orchestrator.mirrors`)."""
+RESERVED = ("mirrors", "trees", "sources")
+"""Folders of `tasks/` that are not sets (`orchestrator.mirrors`, `orchestrator.harborimport`)."""
 
 
 class TaskSetError(ValueError):

@@ -28,7 +28,7 @@ from contracts.settings import PROJECT_ROOT, Settings
 from contracts.tasksets import AgentVerdict, SetValidation, TaskSetEntry, TaskVerdict
 from orchestrator.mirrors import Mirrors
 from orchestrator.taskstore import TaskStore
-from workers.agents.oracle import GOLD_PATCH
+from workers.agents.oracle import GOLD_PATCH, SOLUTION
 from workers.spec import AssignmentSpec, SandboxSpec
 
 RUNS = "_validation"
@@ -53,7 +53,8 @@ def validate(
         started = time.monotonic()
         oracle = _run(entry, "oracle", name, root, settings, sandboxed)
         empty = _run(entry, "empty", name, root, settings, sandboxed)
-        verdict = _verdict(entry.task.id, oracle, empty)
+        solution = "solution/solve.sh" if entry.solution else "the gold patch"
+        verdict = _verdict(entry.task.id, oracle, empty, solution)
         verdict.wall_s = round(time.monotonic() - started, 3)
         if progress is not None:
             progress(verdict)
@@ -66,7 +67,9 @@ def validate(
     return validation
 
 
-def _verdict(task_id: str, oracle: RunnerResult, empty: RunnerResult) -> TaskVerdict:
+def _verdict(
+    task_id: str, oracle: RunnerResult, empty: RunnerResult, solution: str = "the gold patch"
+) -> TaskVerdict:
     grades: dict[str, str] = {}
     for agent, result in (("oracle", oracle), ("empty", empty)):
         grades[agent] = result.grade.status if result.grade is not None else "error"
@@ -77,9 +80,9 @@ def _verdict(task_id: str, oracle: RunnerResult, empty: RunnerResult) -> TaskVer
     elif not applied:
         how = "no outcome" if oracle.agent is None else oracle.agent.exit_cause
         code = "" if oracle.agent is None else f", exit {oracle.agent.exit_code}"
-        reason = f"the oracle could not apply the gold patch ({how}{code}; see its agent.log)"
+        reason = f"the oracle could not apply {solution} ({how}{code}; see its agent.log)"
     elif grades["oracle"] != "resolved":
-        reason = f"the gold patch does not resolve it ({grades['oracle']}{_failing(oracle)})"
+        reason = f"{solution} does not resolve it ({grades['oracle']}{_failing(oracle)})"
     elif grades["empty"] == "resolved":
         reason = "doing nothing resolves it: FAIL_TO_PASS already pass at base_commit"
     return TaskVerdict(
@@ -138,6 +141,7 @@ def _run(
         pass_to_pass=task.pass_to_pass,
         test_patch=task.test_patch,
         parser=task.parser,
+        workdir=task.workdir,
         timeout_s=task.timeout_s,
         agent=agent,
         model="none",
@@ -150,6 +154,10 @@ def _run(
     if agent == "oracle":
         DataRoot.ensure(spec.output)
         atomic_write(spec.output / GOLD_PATCH, entry.gold_patch.encode(errors="surrogateescape"))
+        for relative, text in entry.solution.items():  # a Harbor task's solution/ files
+            path = spec.output / SOLUTION / relative
+            DataRoot.ensure(path.parent)
+            atomic_write(path, text.encode(errors="surrogateescape"))
     spec_path = artifacts / "spec.json"
     atomic_write(spec_path, spec.model_dump_json(indent=2))
     with open(artifacts / "runner.out", "wb") as out, contextlib.suppress(TimeoutExpired):

@@ -10,6 +10,12 @@ not know. A FAIL_TO_PASS or PASS_TO_PASS test that never shows up in the output 
 A SWE-bench task's `test_patch` (the tests that judge it, which the agent never saw) is applied
 after the agent and the restore of the task's tests, before they run (`apply_test_patch`).
 
+A Harbor task (parser `harbor`) is judged by its verifier, `bash /tests/test.sh`, as Harbor
+runs it: its `tests/` folder (made by the runner from the task's `test_patch`, never in the
+workspace) shown read-only at /tests, an empty /logs/verifier for the reward, the workspace at
+the task's workdir. The reward (`reward.txt`, or `reward.json`'s `reward`) of 1 or more passes
+`HARBOR_TEST`, less fails it; with no reward written, exit status 0 passes (`harbor_statuses`).
+
 The command gets an environment of its own, spelled out whole (`test_env`): none of the
 runner's variables (no AUTOVIBE_*, no credentials), no user site, no bytecode written. The
 caller restores the task's tests first (`workers.pristine`) and, for a sandboxed assignment,
@@ -20,10 +26,13 @@ with no network, as an unprivileged user, with the agent's limits.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -32,10 +41,12 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from contracts.config import HARBOR_PARSER, HARBOR_TEST
 from contracts.dataroot import open_log
 from contracts.results import GradeStatus as GradeStatus
 from contracts.results import SwebenchReport, TestLists, TestsStatus
 from workers import swebench_logs
+from workers.sandbox import Bind
 from workers.workspace import WorkspaceError, baseline_git, isolated_git
 
 PASSING = ("PASSED", "XFAIL")
@@ -161,6 +172,37 @@ def apply_test_patch(workspace: Path, baseline: Path, patch: Path, task_id: str)
         ) from None
 
 
+@dataclass(frozen=True)
+class Verifier:
+    """A Harbor task's verifier folders on the host (in the runner's artifacts, never the
+    workspace): `tests` (its tests/ folder, shown read-only at /tests) and `logs` (empty,
+    writable at /logs/verifier, where it writes the reward)."""
+
+    tests: Path
+    logs: Path
+
+    def binds(self) -> list[Bind]:
+        return [Bind(self.tests, "/tests"), Bind(self.logs, "/logs/verifier", writable=True)]
+
+
+def harbor_verifier(folder: Path, baseline: Path, patch: Path) -> Verifier:
+    """Make a Harbor task's verifier folders afresh under `folder`: `tests/` from its
+    `test_patch` (which creates `tests/...`), applied by git there, never in the workspace."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    logs = folder / "logs"
+    logs.mkdir(parents=True)
+    try:
+        isolated_git(baseline, "apply", "--whitespace=nowarn", str(patch), work_tree=folder,
+                     cwd=folder, what=str(folder))  # fmt: skip
+    except WorkspaceError as exc:
+        raise TestPatchError(f"its tests/ folder cannot be made: {exc}") from None
+    tests = folder / "tests"
+    if not (tests / "test.sh").is_file():
+        raise TestPatchError("its test_patch makes no tests/test.sh")
+    return Verifier(tests, logs)
+
+
 def test_env(home: str) -> dict[str, str]:
     """The test command's whole environment. The running interpreter's folder goes first on
     PATH, so `python` in the command is the platform's own Python (which has pytest)."""
@@ -185,9 +227,11 @@ def grade(
     confine: Confine | None = None,
     parser: str | None = None,
     task_id: str = "",
+    reward_dir: Path | None = None,
 ) -> GradeReport:
     """Run `test_command` in `workspace` with `test_env` (confined by `confine` when given) and
-    grade it, reading its output with `parser` (`read_statuses`). The environment is set with
+    grade it, reading its output with `parser` (`read_statuses`; a Harbor task's reward from
+    `reward_dir`, its /logs/verifier, with `harbor_statuses`). The environment is set with
     `env -i` on the command line, so whatever runs the command can neither add a variable nor
     drop one; it holds no secret."""
     home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
@@ -224,9 +268,12 @@ def grade(
     if timed_out:
         with open_log(log, append=True) as out:
             out.write(f"\n[autovibe] test command killed after {timeout_s}s\n".encode())
-    statuses = read_statuses(
-        output, parser, task_id=task_id, fail_to_pass=fail_to_pass, pass_to_pass=pass_to_pass
-    )
+    if parser == HARBOR_PARSER:
+        statuses = harbor_statuses(reward_dir, exit_code, log)
+    else:
+        statuses = read_statuses(
+            output, parser, task_id=task_id, fail_to_pass=fail_to_pass, pass_to_pass=pass_to_pass
+        )
     f2p = {test: statuses.get(test, "MISSING") for test in fail_to_pass}
     p2p = {test: statuses.get(test, "MISSING") for test in pass_to_pass}
     return GradeReport(
@@ -237,6 +284,60 @@ def grade(
         timed_out=timed_out,
         log=log,
     )
+
+
+REWARD_MAX_BYTES = 4096
+
+
+def read_reward(folder: Path) -> float | None:
+    """The reward a Harbor verifier wrote in `folder` (its /logs/verifier): `reward.txt` (a
+    number), else `reward.json` (an object with a number `reward`); None when it wrote none.
+    What the tests wrote is hostile: a symlink is not followed, a file read no further than
+    REWARD_MAX_BYTES; ValueError naming the file when it is not a finite number."""
+    for name in ("reward.txt", "reward.json"):
+        try:
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ValueError(f"{name}: not a regular file ({exc.strerror})") from None
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise ValueError(f"{name}: not a regular file")
+            text = file.read(REWARD_MAX_BYTES + 1).decode(errors="replace")
+        if len(text) > REWARD_MAX_BYTES:
+            raise ValueError(f"{name}: longer than {REWARD_MAX_BYTES} bytes")
+        try:
+            value: object = text.strip()
+            if name == "reward.json":
+                doc = json.loads(text)
+                value = doc.get("reward") if isinstance(doc, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError
+            reward = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: not a number: {text[:80]!r}") from None
+        if not math.isfinite(reward):
+            raise ValueError(f"{name}: not a finite number: {text[:80]!r}")
+        return reward
+    return None
+
+
+def harbor_statuses(reward_dir: Path | None, exit_code: int | None, log: Path) -> dict[str, str]:
+    """`HARBOR_TEST` -> PASSED when the reward is at least 1 (or, with none written, the
+    verifier exited 0), else FAILED; an unreadable reward fails it, said in the log."""
+    try:
+        reward = read_reward(reward_dir) if reward_dir is not None else None
+    except ValueError as exc:
+        with open_log(log, append=True) as out:
+            out.write(f"\n[autovibe] the verifier's reward is unreadable: {exc}\n".encode())
+        return {HARBOR_TEST: "FAILED"}
+    with open_log(log, append=True) as out:
+        said = f"reward {reward:g}" if reward is not None else f"no reward, exit {exit_code}"
+        out.write(f"\n[autovibe] verifier: {said}\n".encode())
+    if reward is not None:
+        return {HARBOR_TEST: "PASSED" if reward >= 1 else "FAILED"}
+    return {HARBOR_TEST: "PASSED" if exit_code == 0 else "FAILED"}
 
 
 def _status(f2p: dict[str, str], p2p: dict[str, str]) -> GradeStatus:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts.config import HARBOR_PARSER
 from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
 from contracts.results import AgentResult, GradeResult, RunnerResult
 from workers import grading, pristine, redact, sandbox, workspace
@@ -157,20 +158,32 @@ def run(spec: AssignmentSpec) -> RunnerResult:
         # As SWE-bench: the files the test_patch touches are put back too, then it is applied.
         test_patch = spec.artifacts / "test.patch"
         touched: list[str] = []
+        harbor = spec.parser == HARBOR_PARSER
         if spec.test_patch:
             atomic_write(test_patch, spec.test_patch.encode(errors="surrogateescape"))
-            touched = grading.patched_paths(spec.workspace, baseline, test_patch)
-        tampering = pristine.restore(
-            spec.workspace, baseline, [*spec.fail_to_pass, *spec.pass_to_pass, *touched]
-        )
-        if spec.test_patch:
+            if not harbor:
+                touched = grading.patched_paths(spec.workspace, baseline, test_patch)
+        tests = [] if harbor else [*spec.fail_to_pass, *spec.pass_to_pass]
+        tampering = pristine.restore(spec.workspace, baseline, [*tests, *touched])
+        verifier: grading.Verifier | None = None
+        if harbor:
+            verifier = grading.harbor_verifier(spec.artifacts / "verifier", baseline, test_patch)
+        elif spec.test_patch:
             grading.apply_test_patch(spec.workspace, baseline, test_patch, spec.task_id)
         tampered_path = spec.artifacts / "tests-tampered.diff"
         tampered_path.unlink(missing_ok=True)
         if tampering.files:
             atomic_write(tampered_path, tampering.diff)
         phases["patch"] = time.time()
-        confine = functools.partial(sandbox.confine_offline, spec) if spec.sandbox else None
+        confine = None
+        if spec.sandbox:
+            binds = verifier.binds() if verifier is not None else []
+            confine = functools.partial(sandbox.confine_offline, spec, binds=binds)
+        elif verifier is not None:
+            raise grading.TestPatchError(
+                f"task {spec.task_id}: a Harbor task is graded in a sandbox only (its verifier "
+                "runs from /tests and writes /logs/verifier)"
+            )
         report = grading.grade(
             spec.workspace,
             spec.test_command,
@@ -181,6 +194,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
             confine=confine,
             parser=spec.parser,
             task_id=spec.task_id,
+            reward_dir=verifier.logs if verifier is not None else None,
         )
         report.tampered_files = tampering.files
         phases["graded"] = time.time()

@@ -43,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -58,6 +59,20 @@ TOOLS = {"bwrap": "bubblewrap", "socat": "socat"}
 """Programs the sandbox needs -> the Debian package that has each."""
 BRIDGE_READY_S = 5.0
 STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host folder shown at another path inside the sandbox."""
+
+    source: Path
+    inside: str
+    writable: bool = False
+
+
+def workdir_binds(spec: AssignmentSpec) -> list[Bind]:
+    """The workspace shown again at the task's `workdir` (a Harbor task's /app), writable."""
+    return [Bind(spec.workspace, spec.workdir, writable=True)] if spec.workdir else []
 
 
 class SandboxUnavailable(RuntimeError):
@@ -244,13 +259,19 @@ def bwrap_argv(
     timeout_s: int,
     lease: netns.Lease | None = None,
     offline: bool = False,
+    binds: Sequence[Bind] = (),
+    chdir: str | None = None,
 ) -> list[str]:
     """argv that runs `command` in `workspace` inside the sandbox, with only `writable` (the
     workspace, the output folder) writable: the proxy bridged in over `socket`, or, with a
-    transparent `lease`, in that network namespace (no bridge), or `offline`: no network."""
+    transparent `lease`, in that network namespace (no bridge), or `offline`: no network.
+    `binds`: host folders shown again at other paths (a Harbor task's /app, /tests); `chdir`:
+    where the command starts instead of the workspace."""
     argv = ["bwrap", *_root_argv(sandbox)]
     for path in writable:
         argv += ["--bind", str(path), str(path)]
+    for bind in binds:
+        argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.inside]
     bridge = []
     if lease is not None and lease.resolv_conf is not None:
         argv += ["--ro-bind", str(lease.resolv_conf), "/etc/resolv.conf"]
@@ -264,7 +285,7 @@ def bwrap_argv(
     # folders made for the binds, the artifacts folder's shape among them, take no files.
     argv += ["--remount-ro", "/"]
     argv += [
-        "--chdir", str(workspace),
+        "--chdir", chdir or str(workspace),
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try",
         "--disable-userns",
@@ -284,9 +305,11 @@ def bwrap_argv(
     ]  # fmt: skip
     if os.geteuid() == 0:
         shown = [*_platform_paths(), *sandbox.read_only]
+        shown += [b.source for b in binds if not b.writable and b.source not in writable]
         if lease is not None and lease.resolv_conf is not None:
             shown.append(lease.resolv_conf)
         given = [*writable, *([socket] if socket is not None and bridge else [])]
+        given += [b.source for b in binds if b.writable and b.source not in writable]
         argv = as_sandbox_user(sandbox.host_uid, given, shown, argv)
     return [*(lease.exec_prefix() if lease else []), *argv]
 
@@ -347,12 +370,16 @@ def _checked(spec: AssignmentSpec) -> SandboxSpec:
 
 @contextlib.contextmanager
 def confine_offline(
-    spec: AssignmentSpec, command: list[str], env: dict[str, str]
+    spec: AssignmentSpec,
+    command: list[str],
+    env: dict[str, str],
+    binds: Sequence[Bind] = (),
 ) -> Iterator[tuple[list[str], dict[str, str]]]:
     """(argv, env) that run `command` in a fresh sandbox with no network at all: the workspace
-    is the only writable path besides a private /tmp; same root, user and limits as the
-    agent's sandbox; env reduced to the allowlist. Raises `SandboxUnavailable` when the spec
-    has no sandbox (the caller decides whether to run unconfined)."""
+    (also at the task's `workdir`, where the command starts) and the writable `binds` are the
+    only writable paths besides a private /tmp; same root, user and limits as the agent's
+    sandbox; env reduced to the allowlist. Raises `SandboxUnavailable` when the spec has no
+    sandbox (the caller decides whether to run unconfined)."""
     box = _checked(spec)
     with process_limit(spec.assignment, box.processes) as prefix:
         argv = bwrap_argv(
@@ -363,6 +390,8 @@ def confine_offline(
             socket=None,
             timeout_s=spec.timeout_s,
             offline=True,
+            binds=[*workdir_binds(spec), *binds],
+            chdir=spec.workdir,
         )
         yield [*prefix, *argv], allowed_env(env)
 
@@ -393,6 +422,8 @@ def confine(
                 workspace=spec.workspace,
                 socket=bridge.socket,
                 timeout_s=spec.timeout_s,
+                binds=workdir_binds(spec),
+                chdir=spec.workdir,
             )
             yield [*prefix, *argv], env
             return
@@ -418,5 +449,7 @@ def confine(
             socket=None,
             timeout_s=spec.timeout_s,
             lease=lease,
+            binds=workdir_binds(spec),
+            chdir=spec.workdir,
         )
         yield [*prefix, *argv], netns.worker_env(env, lease, box.proxy_host)

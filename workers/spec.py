@@ -59,7 +59,11 @@ class AssignmentSpec(BaseModel):
     test_patch: str | None = None
     """Applied after the agent, before the tests (SWE-bench's `test_patch`); never shown to it."""
     parser: str | None = None
-    """How the test output is read (`workers.grading.read_statuses`); None: pytest's summary."""
+    """How the test output is read (`workers.grading.read_statuses`); None: pytest's summary;
+    `harbor`: the verifier's reward, `test_patch` then creating its /tests folder."""
+    workdir: str | None = None
+    """Where the workspace also appears inside the sandboxes, and where the agent and the tests
+    start (a Harbor task's `/app`); None: at its own path only."""
     timeout_s: int
     agent: str
     agent_command: list[str] = Field(default_factory=list)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from git_servers import CALC_BUG, BugAndFix, bug_and_fix, git, git_daemon, git_http
+from trial_runs import run_to_the_end
 
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator.api import create_app
 from orchestrator.mirrors import Mirrors, mirror_name
 from orchestrator.platform import Platform
-from orchestrator.scheduler import Scheduler
-from orchestrator.state import Assignment, Trial
+from orchestrator.state import Trial
 
 FIX_AGENT = "import pathlib; p = pathlib.Path('calc.py'); p.write_text(p.read_text().replace('a - b', 'a + b'))"  # noqa: E501
 
@@ -73,19 +72,6 @@ def trial(name: str, **task: Any) -> dict[str, Any]:
             }
         ],
     }
-
-
-def run_to_the_end(platform: Platform, trial_id: str) -> Assignment:
-    scheduler = Scheduler(platform)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        scheduler.tick()
-        with platform.store.session() as s:
-            a = s.get_one(Trial, trial_id).assignments[0]
-        if a.state not in ("queued", "running"):
-            return a
-        time.sleep(0.2)
-    raise AssertionError(f"assignment still {a.state}: {a.result}")
 
 
 def test_a_trial_on_a_git_daemon_url_sees_the_bug_and_no_history(

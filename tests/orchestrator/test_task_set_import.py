@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from git_servers import git
+from trial_runs import run_to_the_end
 from typer.testing import CliRunner
 
 from contracts.config import ConfigError, TaskSetRef
@@ -23,8 +24,7 @@ from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator.api import create_app
 from orchestrator.cli import app as cli
 from orchestrator.platform import Platform
-from orchestrator.scheduler import Scheduler
-from orchestrator.state import Assignment, Trial
+from orchestrator.state import Trial
 from orchestrator.taskimport import import_swebench
 from orchestrator.taskstore import TaskStore
 
@@ -200,19 +200,6 @@ def _trial(name: str, tasks: dict[str, Any], agents: list[str] | None = None) ->
     }
 
 
-def _run_to_the_end(platform: Platform, trial_id: str) -> Assignment:
-    scheduler = Scheduler(platform)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        scheduler.tick()
-        with platform.store.session() as s:
-            a = s.get_one(Trial, trial_id).assignments[0]
-        if a.state not in ("queued", "running"):
-            return a
-        time.sleep(0.2)
-    raise AssertionError(f"assignment still {a.state}: {a.result}")
-
-
 def test_a_trial_names_the_set_and_runs_its_task(
     api: tuple[TestClient, Platform], dataset: tuple[Path, Path, str], tmp_path: Path
 ) -> None:
@@ -227,7 +214,7 @@ def test_a_trial_names_the_set_and_runs_its_task(
         config = s.get_one(Trial, trial_id).config
     assert config["task_set"]["set"] == "calcset"
     assert [(t["id"], t["commit"]) for t in config["tasks"]] == [("acme__calc-1", base)]
-    a = _run_to_the_end(platform, trial_id)
+    a = run_to_the_end(platform, trial_id)
     assert (a.state, a.status) == ("finished", "resolved"), a.result
     # The oracle is validation's alone; an unknown set or task is named.
     resp = client.post("/v1/trials", json=_trial("cheat", ref, agents=["oracle"]))
