@@ -6,7 +6,8 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 APT_PACKAGES := git:git bwrap:bubblewrap socat:socat redis-server:redis-server tmux:tmux \
   cloud-init:cloud-init virt-xml-validate:libvirt-clients xmllint:libxml2-utils \
   systemd-analyze:systemd qemu-img:qemu-utils iptables:iptables chromium:chromium \
-  c++:g++ objdump:binutils
+  c++:g++ objdump:binutils mmdebstrap:mmdebstrap mkfs.ext4:e2fsprogs genisoimage:genisoimage \
+  qemu-system-x86_64:qemu-system-x86 libvirtd:libvirt-daemon-system vncsnapshot:vncsnapshot
 
 .PHONY: setup system-deps demo test test-fast lint typecheck bench bench-deps down clean schema
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import jinja2
 import jinja2.meta
@@ -69,8 +69,24 @@ class VmSpec(BaseModel):
     """The VM's qcow2 disk on the host [default: /var/lib/libvirt/images/<name>.qcow2]."""
     seed_path: PurePosixPath | None = None
     """cloud-init NoCloud seed ISO on the host [default: …/images/<name>-seed.iso]."""
-    network: str = "default"
-    """Libvirt network the VM's virtio NIC joins."""
+    network: str = "autovibe"
+    """Libvirt network the VM's virtio NIC joins; `autovibe vm up` makes it isolated (no
+    forwarding) when libvirt lacks it, so the VM reaches its host (the proxy) and nothing else."""
+    host_cidr: str = "192.168.150.1/24"
+    """The host's address on that network when `vm up` creates it: where the VM finds the proxy."""
+    accel: Literal["kvm", "tcg"] = "kvm"
+    """KVM, or TCG (emulation, several times slower) when the host's KVM is not usable;
+    `autovibe vm up` detects which."""
+    kernel: PurePosixPath | None = None
+    """Kernel booted directly (images from `autovibe vm image build`: no boot loader); None
+    boots the disk's own."""
+    initrd: PurePosixPath | None = None
+    """Initrd booted with `kernel`."""
+    cmdline: str = ""
+    """Kernel command line with `kernel`."""
+    provisioned: bool = False
+    """The image already holds the packages and tools (`autovibe vm image build`): cloud-init
+    installs nothing from apt and clones nothing; False for a plain cloud image."""
     address: str | None = None
     """The VM's address once it has one (DHCP lease): where operators SSH and tunnel VNC."""
     ssh_port: int = 22

@@ -112,3 +112,36 @@ def vars_(template: Annotated[str, typer.Argument(help="worker, gpu-worker or ba
         )
     console.print(table)
     console.print(f"example: {vm.EXAMPLE_VARS}", highlight=False, soft_wrap=True)
+
+
+image_app = typer.Typer(help="Worker VM images (mmdebstrap → qcow2).", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+@image_app.command("build")
+def image_build(
+    mirror: Annotated[
+        str | None, typer.Option(help="Debian mirror [default: deb.debian.org].")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Build again even when cached.")] = False,
+) -> None:
+    """Build the worker image (Debian, cloud-init, SSH, VNC desktop, Python, Node.js,
+    bubblewrap) unless the cache holds it; print its folder."""
+    from workers import vm_image
+
+    recipe = vm_image.ImageRecipe() if mirror is None else vm_image.ImageRecipe(mirror=mirror)
+    root = DataRoot.at(Settings().data)
+    target = vm_image.image_for(root, recipe)
+    if not target.complete() or force:
+        err.print(f"building {target.folder} (mmdebstrap {recipe.suite}, a minute or more)")
+    try:
+        image, built = vm_image.build(recipe, root, force=force)
+    except vm_image.ImageError as exc:
+        raise _fail(str(exc), code=1) from exc
+    manifest = image.manifest()
+    timings = manifest.get("timings", {})
+    assert isinstance(timings, dict)
+    how = "built" if built else "cached"
+    spent = ", ".join(f"{k} {v}" for k, v in timings.items())
+    err.print(f"{how}: {manifest['disk_bytes']} bytes of qcow2 ({spent})", highlight=False)
+    console.print(str(image.folder), highlight=False, soft_wrap=True)

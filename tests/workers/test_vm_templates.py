@@ -54,6 +54,18 @@ CASES = [
     ("worker", {}),
     ("worker", {"desktop": True, "host_data_root": "/srv/autovibe"}),
     ("gpu-worker", GPU),
+    # As `autovibe vm up` renders it for a built image on a host without KVM.
+    (
+        "worker",
+        {
+            "accel": "tcg",
+            "kernel": "/var/lib/libvirt/images/autovibe-k/vmlinuz",
+            "initrd": "/var/lib/libvirt/images/autovibe-k/initrd.img",
+            "cmdline": "root=/dev/vda rw console=ttyS0",
+            "provisioned": True,
+            "desktop": True,
+        },
+    ),
 ]
 
 
