@@ -111,6 +111,9 @@ class ApiToken:
     created: str
     project: str | None = None
     revoked: str | None = None
+    machine: str | None = None
+    """The machine a machine token speaks for: its purchases are charged to that machine's
+    daily allowance. A worker's own machine credential (`av1.…`) carries it too."""
 
 
 class TokenError(Exception):
@@ -133,10 +136,17 @@ class TokenStore:
         with self._lock:
             return sorted(self._load().values(), key=lambda t: t.created)
 
-    def create(self, scope: TokenScope, project: str | None = None) -> tuple[ApiToken, str]:
+    def create(
+        self, scope: TokenScope, project: str | None = None, machine: str | None = None
+    ) -> tuple[ApiToken, str]:
         """A new token and its one-time plain value."""
-        if scope is TokenScope.machine and not project:
-            raise TokenError("a machine token needs --project: it may only touch its project")
+        if scope is TokenScope.machine and not (project and machine):
+            raise TokenError(
+                "a machine token needs --project and --machine: it may only touch its project, "
+                "and its purchases are charged to its machine's daily allowance"
+            )
+        if scope is not TokenScope.machine and machine:
+            raise TokenError("--machine is for machine tokens only")
         token = "avt_" + secrets.token_urlsafe(32)
         record = ApiToken(
             id="tok_" + secrets.token_hex(6),
@@ -144,6 +154,7 @@ class TokenStore:
             sha256=hash_token(token),
             created=_now(),
             project=project,
+            machine=machine,
         )
         self._update(lambda tokens: tokens.__setitem__(record.id, record))
         return record, token

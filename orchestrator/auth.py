@@ -13,6 +13,12 @@ from typing import Annotated
 
 from fastapi import Header, HTTPException, Request
 
+from contracts.credentials import (
+    CredentialError,
+    VerifiedTokens,
+    is_revoked,
+    load_or_create_key,
+)
 from contracts.dataroot import DataRoot, write_secret_file
 from orchestrator.access import (
     AUTH_KEY,
@@ -28,6 +34,8 @@ from orchestrator.access import (
 )
 
 TOKEN_FILE = "operator-token"
+CREDENTIAL_PREFIX = "av1."
+"""How a machine credential (`contracts.credentials.mint`) begins; API tokens begin `avt_`."""
 
 
 def token_path(root: DataRoot) -> Path:
@@ -52,9 +60,18 @@ class Guard:
     the shared rate-limit store cannot be reached.
     """
 
-    def __init__(self, tokens: TokenStore, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        tokens: TokenStore,
+        limiter: RateLimiter,
+        root: DataRoot | None = None,
+    ) -> None:
+        """`root`: where the machine-credential key and revocations are; with it, a worker's
+        own credential (`av1.…`) is a machine token for its project and machine."""
         self.tokens = tokens
         self.limiter = limiter
+        self.root = root
+        self._credentials = VerifiedTokens(load_or_create_key(root)) if root else None
 
     def __call__(
         self, request: Request, authorization: Annotated[str | None, Header()] = None
@@ -82,11 +99,37 @@ class Guard:
 
     def _token(self, authorization: str | None) -> ApiToken:
         if authorization and authorization.startswith("Bearer "):
-            token = self.tokens.authenticate(authorization.removeprefix("Bearer ").strip())
+            value = authorization.removeprefix("Bearer ").strip()
+            if value.startswith(CREDENTIAL_PREFIX) and self._credentials is not None:
+                return self._machine(value)
+            token = self.tokens.authenticate(value)
             if token is not None:
                 return token
         raise HTTPException(
             401, "missing, wrong or revoked bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    def _machine(self, credential: str) -> ApiToken:
+        """A worker's machine credential as a machine token: 401 when forged, expired or
+        revoked (its assignment ended)."""
+        assert self._credentials is not None and self.root is not None
+        try:
+            identity = self._credentials.verify(credential)
+        except CredentialError as exc:
+            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+        if is_revoked(self.root, identity.assignment):
+            raise HTTPException(
+                401,
+                f"the credential of assignment {identity.assignment!r} was revoked",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return ApiToken(
+            id=f"assignment:{identity.assignment}",
+            scope=TokenScope.machine,
+            sha256="",
+            created="",
+            project=identity.project,
+            machine=identity.machine,
         )
 
     @staticmethod
@@ -108,4 +151,4 @@ def guard_for(root: DataRoot, limiter: RateLimiter) -> Guard:
     if created:
         print(f"autovibe: operator token created in {token_path(root)} (mode 0600)", flush=True)
     tokens.adopt(token, OPERATOR_TOKEN_ID, TokenScope.admin)
-    return Guard(tokens, limiter)
+    return Guard(tokens, limiter, root)

@@ -2,9 +2,10 @@
 
 Mounted by `create_app` with the API's own guard dependency. The guard returns who calls:
 None (or an object whose `project` is None) for the operator, who may act for any project;
-or a machine principal with `project` and `machine` attributes, which may act only for its
-own project and as its own machine — the project in the body must be its own (else 403), and
-its machine (from the token, not the body) is charged the purchase.
+or a machine principal with `project` and `machine` attributes (a machine token, or a worker's
+own machine credential), which may act only for its own project and as its own machine — the
+project in the body must be its own (else 403), and its machine (from the token, not the body)
+is charged the purchase; a machine principal without a machine may not pay (403).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def _acting(principal: Any, project: str, machine: str | None) -> tuple[str, str
     if own_project != project:
         raise HTTPException(403, f"a machine of project {own_project!r} cannot act for {project!r}")
     own_machine = getattr(principal, "machine", None)
+    if own_machine is None:
+        raise HTTPException(
+            403, "this machine token names no machine; create one with --machine to pay"
+        )
     if machine is not None and own_machine is not None and machine != own_machine:
         raise HTTPException(403, f"machine {own_machine!r} cannot pay as {machine!r}")
     return project, own_machine

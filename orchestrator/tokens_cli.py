@@ -25,10 +25,14 @@ def create(
     project: Annotated[
         str | None, typer.Option(help="The only project a machine token may touch.")
     ] = None,
+    machine: Annotated[
+        str | None,
+        typer.Option(help="The machine a machine token pays as (its daily allowance)."),
+    ] = None,
 ) -> None:
     """Create a token and print it once; only its sha256 is stored."""
     try:
-        record, token = _store().create(scope, project)
+        record, token = _store().create(scope, project, machine)
     except TokenError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(f"{record.id} ({record.scope}) — shown once, keep it now:")
@@ -37,10 +41,12 @@ def create(
 
 @app.command("ls")
 def list_tokens() -> None:
-    """Every token: id, scope, project, created, revoked (never the token)."""
-    table = Table("id", "scope", "project", "created", "revoked")
+    """Every token: id, scope, project, machine, created, revoked (never the token)."""
+    table = Table("id", "scope", "project", "machine", "created", "revoked")
     for t in _store().tokens():
-        table.add_row(t.id, str(t.scope), t.project or "", t.created, t.revoked or "")
+        table.add_row(
+            t.id, str(t.scope), t.project or "", t.machine or "", t.created, t.revoked or ""
+        )
     Console().print(table)
 
 

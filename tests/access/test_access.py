@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Route
 from typer.testing import CliRunner
 
+from contracts.credentials import MachineIdentity, load_or_create_key, mint, revoke
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from orchestrator import access
@@ -33,7 +35,10 @@ def make_app(tmp_path: Path, **overrides: object) -> tuple[FastAPI, DataRoot]:
 def matrix_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, dict]]:
     app, root = make_app(tmp_path_factory.mktemp("matrix"))
     store = TokenStore(root)
-    tokens = {str(s): store.create(s, "p1")[1] for s in ALL_SCOPES}
+    tokens = {
+        str(s): store.create(s, "p1", "m1" if s is TokenScope.machine else None)[1]
+        for s in ALL_SCOPES
+    }
     with TestClient(app) as client:
         yield client, tokens
 
@@ -97,7 +102,7 @@ def test_tokens_are_stored_hashed_and_operator_file_is_admin(tmp_path: Path) -> 
 
 def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
     app, root = make_app(tmp_path, rate_limit_machine=3)
-    _, token = TokenStore(root).create(TokenScope.machine, "p1")
+    _, token = TokenStore(root).create(TokenScope.machine, "p1", "m1")
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         assert [client.get("/v1/trials").status_code for _ in range(3)] == [403] * 3
         resp = client.get("/v1/trials")
@@ -140,7 +145,9 @@ def test_audit_logs_mutating_calls_without_tokens(tmp_path: Path) -> None:
 def test_tokens_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOVIBE_DATA", str(tmp_path))
     runner = CliRunner()
-    made = runner.invoke(tokens_app, ["create", "--scope", "machine", "--project", "p1"])
+    made = runner.invoke(
+        tokens_app, ["create", "--scope", "machine", "--project", "p1", "--machine", "m1"]
+    )
     assert made.exit_code == 0, made.output
     token_id, token = made.output.split()[0], made.output.splitlines()[-1]
     listed = runner.invoke(tokens_app, ["ls"])
@@ -149,3 +156,35 @@ def test_tokens_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert runner.invoke(tokens_app, ["revoke", token_id]).exit_code == 0
     assert TokenStore(DataRoot.at(tmp_path)).authenticate(token) is None
     assert runner.invoke(tokens_app, ["revoke", "tok_none"]).exit_code != 0
+
+
+def test_a_workers_machine_credential_pays_as_its_machine(tmp_path: Path) -> None:
+    """The credential a worker holds for the proxy is also its machine token on the API: its
+    project and machine come from the signed credential, and it dies with its assignment."""
+    app, root = make_app(tmp_path)
+    identity = MachineIdentity(
+        project="p1", trial="t1", assignment="a1", machine="m2", expires=time.time() + 600
+    )
+    credential = mint(load_or_create_key(root), identity)
+    body = {"item": "x", "amount": "1", "currency": "USD", "justification": "j",
+            "free_alternatives_considered": ["none free"]}  # fmt: skip
+    with TestClient(app, headers={"Authorization": f"Bearer {credential}"}) as client:
+        # No ledger for p1 here: refused by the broker (403 no_ledger), past the guard.
+        paid = client.post("/v1/projects/p1/payments", json=body)
+        assert (paid.status_code, paid.json()["reason"]) == (403, "no_ledger")
+        assert paid.json()["machine"] == "m2"
+        assert client.post("/v1/projects/p2/payments", json=body).status_code == 403
+        assert client.post("/v1/projects/p1/payments", json={**body, "machine": "m1"}).json() == {
+            "detail": "machine 'm2' cannot pay as 'm1'"
+        }
+        assert client.get("/v1/trials").status_code == 403
+        forged = credential[:-2] + ("AA" if not credential.endswith("AA") else "BB")
+        bad = client.post(
+            "/v1/projects/p1/payments", json=body, headers={"Authorization": f"Bearer {forged}"}
+        )
+        assert bad.status_code == 401
+        revoke(root, "a1")
+        assert client.post("/v1/projects/p1/payments", json=body).status_code == 401
+    store = TokenStore(root)
+    with pytest.raises(access.TokenError, match="--machine"):
+        store.create(TokenScope.machine, "p1")

@@ -129,7 +129,7 @@ def test_guards_of_two_apps_answer_429_with_retry_after(tmp_path: Path) -> None:
     settings = Settings(data=tmp_path / "data", rate_limit_machine=2)
     root = DataRoot.at(settings.data)
     tokens = TokenStore(root)
-    record, secret = tokens.create(TokenScope.machine, project="p1")
+    record, secret = tokens.create(TokenScope.machine, project="p1", machine="m1")
     clients = []
     for _ in range(2):  # two API processes: own guard, own limiter, one shared store
         guard = Guard(TokenStore(root), rate_limiter(settings, root))

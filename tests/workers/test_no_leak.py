@@ -168,7 +168,7 @@ def test_a_secret_in_a_query_string_is_in_no_file_the_api_wrote(tmp_path: Path) 
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.root)
     secret = "sk-querytest-" + secrets.token_hex(16)
-    record, machine_token = TokenStore(root).create(TokenScope.machine, project="p1")
+    record, machine_token = TokenStore(root).create(TokenScope.machine, project="p1", machine="m1")
     operator, _ = ensure_token(root)  # made now: the API prints a token it makes (auth.py)
     log_path = root.root / "api.log"
     argv = [
