@@ -26,6 +26,7 @@ from github_standin import StandIn, github_standin
 from contracts.dataroot import DataRoot
 from contracts.intake import IssueSpecError, load_intake
 from contracts.settings import PROJECT_ROOT, Settings, free_port
+from orchestrator import stack
 from orchestrator.api import create_app
 from orchestrator.client import Client
 from orchestrator.intake.github import (
@@ -329,3 +330,50 @@ def test_live_github_lists_labelled_issues_conditionally() -> None:
     again, _ = api.labelled_issues(repo, "autovibe", etag)
     assert again is None  # 304: unchanged
     assert api.remaining is not None and api.reset_at > time.time()
+
+
+@pytest.mark.slow  # the API and the intake service as `autovibe up` starts them (~15 s)
+def test_autovibe_up_starts_the_intake_service_which_runs_an_issue_to_its_pull_request(
+    tmp_path: Path,
+) -> None:
+    served, _ = buggy_repo(tmp_path / "git")
+    intake_file = tmp_path / "intake.yaml"
+    settings = Settings(
+        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
+        api_port=free_port(), proxy_port=free_port(), model_port=free_port(),
+        allow_unsandboxed=True, task_roots=[tmp_path], intake_config=intake_file,
+    )  # fmt: skip
+    DataRoot.ensure(DataRoot.at(settings.data).root)
+    store_from_env({}, settings).put("intake/github/token", TOKEN)
+    with github_standin(TOKEN, {REPO: served}) as gh:
+        intake_file.write_text(
+            yaml.safe_dump(
+                {
+                    "github": {
+                        "api_url": gh.url,
+                        "repos": [{"name": REPO, "clone_url": f"file://{served}"}],
+                        "agent_command": ["python3", "-c", FIX_AGENT],
+                        "poll_interval_s": 0.5,
+                        "trial": {
+                            "project": "intake",
+                            "budget": {"amount": "2", "currency": "CAD", "period": "monthly"},
+                            "agents": ["command"],
+                            "model_pairs": ["tiny"],
+                            "sandbox": {"kind": "none"},
+                        },
+                    }
+                }
+            )
+        )
+        gh.add_issue(REPO, 1, "add() subtracts", BLOCK, ["autovibe"])
+        try:
+            stack.up(settings, ["api", "intake"], timeout_s=60)
+            deadline = time.monotonic() + 90
+            while not gh.pulls and time.monotonic() < deadline:
+                time.sleep(0.3)
+        finally:
+            stack.down(settings, ["api", "intake"])
+        assert gh.pulls, (DataRoot.at(settings.data).run / "intake.log").read_text()[-2000:]
+        assert gh.labels_of(REPO, 1) == ["autovibe", "autovibe:done"]
+        started, ended = gh.comments_on(REPO, 1)
+        assert "autovibe started trial" in started and gh.pulls[0]["html_url"] in ended
