@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
+import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from worker_harness import MeteringProxy, ModelServer, direct_env
@@ -174,3 +177,77 @@ def test_an_unreachable_endpoint_is_recorded_and_exits_2(
     summary = json.loads((run.artifacts / "agent-summary.json").read_text())
     assert (summary["state"], summary["calls"]) == ("unreachable", 0)
     assert agent.collect(run, exit_code, timed_out=False).exit_cause == "model_unreachable"
+
+
+class _ChatOnlyModel(BaseHTTPRequestHandler):
+    """OpenAI's API for a chat model, as documented: `/v1/completions` answers 404 with its
+    `invalid_request_error`, `/v1/chat/completions` a `chat.completion` whose content is the
+    body of the function the prompt ends in, fenced as chat models write code."""
+
+    BODIES: ClassVar[dict[str, str]] = {
+        "add": "    return a + b",
+        "is_even": "    return n % 2 == 0",
+    }
+    seen: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, doc))
+        if self.path != "/v1/chat/completions":
+            message = (
+                "This is a chat model and not supported in the v1/completions endpoint. "
+                "Did you mean to use v1/chat/completions?"
+            )
+            error = {"message": message, "type": "invalid_request_error", "param": "model",
+                     "code": None}  # fmt: skip
+            return self._json(404, {"error": error})
+        prompt = doc["messages"][-1]["content"]
+        name = re.findall(r"^def (\w+)\(", prompt, re.MULTILINE)[-1]
+        content = f"```python\n{self.BODIES[name]}\n```"
+        self._json(200, {
+            "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT", "object": "chat.completion",
+            "created": 1741569952, "model": doc["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+                                                  "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 80, "completion_tokens": 9, "total_tokens": 89},
+        })  # fmt: skip
+
+    def _json(self, status: int, doc: dict[str, Any]) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_chat_model_is_asked_in_chat_once_it_has_no_completions(
+    prepared: Callable[[str], Path],
+) -> None:
+    """A cloud chat model (OpenAI's `gpt-4.1-mini`) has no `/completions`: after its 404 the
+    agent asks `/chat/completions`, drops the fences, and the stubs' tests pass."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatOnlyModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ws = prepared("mathkit")
+        run = start_run(ws, f"http://127.0.0.1:{server.server_address[1]}/v1", "gpt-4.1-mini")
+        exit_code = execute(BuiltinAgent(), run, direct_env())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert exit_code == 0
+    paths = [path for path, _ in _ChatOnlyModel.seen]
+    assert paths == ["/v1/completions", "/v1/chat/completions", "/v1/chat/completions"], paths
+    chat = _ChatOnlyModel.seen[1][1]
+    assert chat["model"] == "gpt-4.1-mini" and chat["messages"][0]["role"] == "system"
+    summary = json.loads((run.artifacts / "agent-summary.json").read_text())
+    assert summary["functions"] == {"mathkit/basic.py::add": "passed",
+                                    "mathkit/basic.py::is_even": "passed"}, summary  # fmt: skip
+    assert summary["calls"] == 3 and summary["completion_tokens"] == 18
+    bodies = function_bodies(ws / "mathkit" / "basic.py")
+    assert ast.unparse(bodies["add"][-1]) == "return a + b"

@@ -27,7 +27,7 @@ VALIDATION_AGENTS: dict[str, str] = {
 oracle applies the gold patch)."""
 
 SPEAKS: dict[str, frozenset[Wire]] = {
-    "builtin": frozenset({"openai"}),  # completions (a base model's API)
+    "builtin": frozenset({"openai"}),  # completions, or chat for a chat model
     "mini-swe-agent": frozenset({"openai"}),  # litellm `openai/<model>` at the base URL
     "aider": frozenset({"openai"}),
     "claude-code": frozenset({"anthropic"}),

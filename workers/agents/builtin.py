@@ -1,9 +1,12 @@
-"""The built-in agent for base (completion) models: fill in stub functions, one at a time.
+"""The built-in agent: fill in stub functions, one at a time, with a base or a chat model.
 
 It finds every function whose body is `raise NotImplementedError` (after an optional
 docstring), asks the model to complete the module's source from that function's docstring
 on, writes the completion in as the body, and keeps it when the function's tests pass
-(`pytest -k <name>`), retrying a few times with a hotter temperature and another seed.
+(`pytest -k <name>`), retrying a few times with a hotter temperature and another seed. It asks
+`/completions` (a base model's API: the local pairs); an endpoint that answers it has no
+completions for the model (OpenAI's 404 for a chat model) is asked `/chat/completions` from
+then on, with instructions to answer with the body alone (code fences are dropped).
 
 Run as `python -m workers.agents.builtin`; it leaves `transcript.jsonl` (one JSON line per
 model call, edit and test run) and `agent-summary.json` in the artifacts folder. Exit codes:
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -342,6 +346,8 @@ class Session:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     functions: dict[str, str] = field(default_factory=dict)
+    api: str = "auto"
+    """`auto`: `/completions` until the endpoint says it has none for the model, then `chat`."""
 
     def record(self, entry: dict[str, Any]) -> None:
         entry = {"ts": round(time.time(), 3), **entry}
@@ -363,16 +369,39 @@ class Session:
         atomic_write(self.artifacts / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     def complete(self, client: httpx.Client, prompt: str, temperature: float, seed: int) -> str:
-        """One completion call; every call, failed or not, gets a transcript line."""
-        url = f"{self.endpoint.rstrip('/')}/completions"
-        request = {
+        """One completion: `/completions` (a base model's API), or, once the endpoint has
+        answered that it has none for this model (404, or 400 naming chat: a cloud chat model),
+        `/chat/completions` for this and every later call. Every call, failed or not, gets a
+        transcript line."""
+        if self.api != "chat":
+            answered = self._call(client, "completions", prompt, temperature, seed)
+            if answered is not None:
+                return answered
+            self.api = "chat"
+            self.record({"type": "api", "api": "chat", "reason": "no /completions for the model"})
+        completion = self._call(client, "chat", prompt, temperature, seed)
+        return completion or ""
+
+    def _call(
+        self, client: httpx.Client, api: str, prompt: str, temperature: float, seed: int
+    ) -> str | None:
+        """The completion text; None when `/completions` is not offered for the model."""
+        path = "chat/completions" if api == "chat" else "completions"
+        url = f"{self.endpoint.rstrip('/')}/{path}"
+        request: dict[str, Any] = {
             "model": self.model,
-            "prompt": prompt,
             "max_tokens": self.config.max_tokens,
             "temperature": temperature,
             "stop": list(self.config.stop),
             "seed": seed,
         }
+        if api == "chat":
+            request["messages"] = [
+                {"role": "system", "content": CHAT_INSTRUCTION},
+                {"role": "user", "content": prompt},
+            ]
+        else:
+            request["prompt"] = prompt
         entry: dict[str, Any] = {
             "type": "llm_call",
             "url": url,
@@ -394,7 +423,7 @@ class Session:
         choices = body.get("choices") if isinstance(body, dict) else None
         completion = ""
         if response.is_success and isinstance(choices, list) and choices:
-            completion = str(choices[0].get("text") or "")
+            completion = _choice_text(choices[0], api)
         entry.update(
             response_id=body.get("id") if isinstance(body, dict) else None,
             usage=usage,
@@ -407,6 +436,8 @@ class Session:
         if isinstance(usage, dict):
             self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             self.completion_tokens += int(usage.get("completion_tokens") or 0)
+        if api == "completions" and self.api == "auto" and _no_completions(response):
+            return None
         if response.status_code == 402:
             raise BudgetExhausted(response.text[:500])
         if response.status_code in (401, 403, 407):
@@ -501,6 +532,37 @@ class Session:
             if self.run_tests(stub, attempt):
                 return True
         return False
+
+
+CHAT_INSTRUCTION = (
+    "You complete Python source code. The user sends a module that ends inside a function "
+    "whose body is missing. Reply with that function's body only, indented as it must be in "
+    "the module, with no explanation and no code fences."
+)
+"""A chat model's instructions: answer what a base model would continue the prompt with."""
+_FENCE = re.compile(r"^\s*```[\w+-]*\s*$")
+
+
+def _choice_text(choice: Any, api: str) -> str:
+    """The text of a choice: `text` (completions) or `message.content` (chat), code fences
+    a chat model put around its answer dropped."""
+    if not isinstance(choice, dict):
+        return ""
+    if api != "chat":
+        return str(choice.get("text") or "")
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        return ""
+    return "\n".join(line for line in content.splitlines() if not _FENCE.match(line))
+
+
+def _no_completions(response: httpx.Response) -> bool:
+    """Whether the endpoint says it has no `/completions` for the model: 404 (OpenAI's answer
+    for a chat model, or a server without the route), or a 400 that names chat."""
+    if response.status_code == 404:
+        return True
+    return response.status_code == 400 and "chat" in response.text.lower()
 
 
 def _json_or_none(response: httpx.Response) -> Any:
