@@ -13,6 +13,15 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+BROKER_HOST = "broker.autovibe"
+"""The name a worker sends purchase requests to; the proxy alone knows where it leads (the
+control API) and lets only a worker's `POST /v1/projects/<its project>/payments` through."""
+
+
+def payments_url(project: str) -> str:
+    """Where a worker of `project` asks to buy, through its proxy."""
+    return f"http://{BROKER_HOST}/v1/projects/{project}/payments"
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -21,6 +21,7 @@ from contracts.secrets import SecretStoreError
 from contracts.settings import Settings
 from ledger.book import Ledger, LedgerError, ledger_projects
 from ledger.payments import (
+    PAYMENTS_FILE,
     Broker,
     PaymentError,
     PaymentPolicy,
@@ -40,7 +41,6 @@ revenue_app = typer.Typer(help="Record income.", no_args_is_help=True)
 app.add_typer(revenue_app, name="revenue")
 payments_app = typer.Typer(help="Payments agents asked for.", no_args_is_help=True)
 
-POLICY_FILE = "payments.yaml"
 
 console = Console()
 err = Console(stderr=True)
@@ -201,7 +201,7 @@ def broker(settings: Settings) -> Broker:
 
     return Broker(
         root,
-        PaymentPolicy.load(settings.configs / POLICY_FILE),
+        PaymentPolicy.load(settings.configs / PAYMENTS_FILE),
         counters=counters,
         fx=load_prices(settings.configs).fx,
         secrets=lambda: store_from_env(settings=settings),

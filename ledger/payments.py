@@ -65,6 +65,8 @@ from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sea
 from ledger.book import QUANTUM, Ledger, LedgerError
 from ledger.methods import Charge, Fee, PaymentFailed, get_method
 
+PAYMENTS_FILE = "payments.yaml"
+"""The broker's policy, in the configs folder."""
 TRANSACTIONS_FILE = "transactions.json"
 RECEIPTS_DIR = "receipts"
 """Under `financial/<project>/`: what card methods keep as receipts (masked screenshots)."""
@@ -609,6 +611,39 @@ class Broker:
                 }
             )
         return stamped
+
+
+def purchases_preamble(policy: PaymentPolicy | None) -> str:
+    """What an agent is told about buying: where to ask, what to state, which currency first.
+
+    The URL and the bearer token are in its environment (`AUTOVIBE_PAYMENTS_URL`,
+    `AUTOVIBE_MACHINE_TOKEN`); empty when no method is configured."""
+    if policy is None or not policy.methods:
+        return ""
+    assets = [a for a in [policy.preferred_crypto, *policy.crypto_order] if a]
+    crypto = (
+        f" Crypto is paid in {', then '.join(assets)}: give a wallet address as pay_to."
+        if assets
+        else ""
+    )
+    cards = [m for m in policy.methods if m.kind == "card"]
+    card = " A card pays a checkout page: give its URL as pay_to." if cards else ""
+    free = (
+        " A request that names no free alternative is refused."
+        if policy.require_free_alternatives
+        else ""
+    )
+    return (
+        "## Purchases\n"
+        "Look for a free alternative first. If you must buy, POST JSON to "
+        "$AUTOVIBE_PAYMENTS_URL with the header `Authorization: Bearer "
+        "$AUTOVIBE_MACHINE_TOKEN`: item, amount, currency, justification, "
+        "free_alternatives_considered (what free option you tried, or why there is none) and "
+        f"pay_to.{free}{crypto}{card} Purchases count against this machine's daily "
+        "allowance and the project budget; above "
+        f"{policy.approval_threshold:f} (primary currency) in a day, counting what this machine "
+        "already bought, a purchase waits for the operator's approval (HTTP 202).\n\n"
+    )
 
 
 def _cipher_from_env(root: DataRoot) -> FieldCipher:

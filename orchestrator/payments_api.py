@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from budget import CounterStore
 from ledger.book import LedgerError
 from ledger.payments import (
+    PAYMENTS_FILE,
     Broker,
     PaymentPolicy,
     PaymentRequest,
@@ -28,8 +29,6 @@ from ledger.payments import (
 )
 from orchestrator.platform import Platform
 from secretstore import store_from_env
-
-POLICY_FILE = "payments.yaml"
 
 _STATUS_CODES = {"completed": 201, "pending_approval": 202, "failed": 502}
 _BUDGET_REASONS = {"project_budget", "machine_allowance", "no_budget_scope"}
@@ -52,7 +51,7 @@ def broker(platform: Platform) -> Broker:
     counters: Callable[[], CounterStore] = platform.counters
     return Broker(
         platform.root,
-        PaymentPolicy.load(platform.settings.configs / POLICY_FILE),
+        PaymentPolicy.load(platform.settings.configs / PAYMENTS_FILE),
         counters=counters,
         fx=platform.catalog.prices.fx,
         secrets=lambda: store_from_env(settings=platform.settings),

@@ -16,6 +16,7 @@ from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from ledger.book import Ledger, LedgerError, ledger_projects
+from ledger.payments import PAYMENTS_FILE, PaymentError, PaymentPolicy
 from ledger.posting import Posted, agents_from_artifacts, post_usage, post_vm_hours
 from orchestrator.catalog import Catalog
 from orchestrator.state import Assignment, Store, state_url, utcnow
@@ -96,6 +97,18 @@ class Platform:
             funding=trial_id,
         )
         self.open_budgets(config, trial_id)
+
+    def payment_policy(self) -> PaymentPolicy | None:
+        """The payment broker's policy (configs/payments.yaml); None when there is none or it
+        is unreadable (logged: the broker refuses payments then, the trials go on)."""
+        path = self.settings.configs / PAYMENTS_FILE
+        if not path.exists():
+            return None
+        try:
+            return PaymentPolicy.load(path)
+        except PaymentError as exc:
+            log.error("%s", exc)
+            return None
 
     def counters(self) -> CounterStore:
         """The budget counter store the proxy reserves in (`AUTOVIBE_BUDGET_STORE`)."""

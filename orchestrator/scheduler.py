@@ -36,9 +36,11 @@ from budget import iso
 from contracts.config import Confidence, Egress, Task, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
+from contracts.egress import payments_url
 from contracts.providers import PLACEHOLDER_KEY
 from contracts.results import AssignmentResult, ConfidenceGate
 from contracts.routing import write_policy
+from ledger.payments import purchases_preamble
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.mirrors import Mirrors, RepoError
 from orchestrator.platform import Platform
@@ -687,7 +689,8 @@ class Scheduler:
             )
         # In the sandbox the proxy is bridged onto its loopback, whatever host it listens on.
         host = "127.0.0.1" if sandbox else st.host
-        proxy = proxy_url(host, st.proxy_port, machine, mint(self.p.credential_key, identity))
+        credential = mint(self.p.credential_key, identity)
+        proxy = proxy_url(host, st.proxy_port, machine, credential)
         ca = str(self.p.root.ca_cert)
         # A provider's model is called at its real host through the proxy, which puts the key in.
         endpoint, model = self.p.catalog.endpoint(a.model)
@@ -708,6 +711,10 @@ class Scheduler:
             "AUTOVIBE_MODEL": model,
             "AUTOVIBE_MACHINE": machine,
             "AUTOVIBE_ASSIGNMENT": a.id,
+            # The payment broker, reached by name through the proxy (proxy.addons.egress), and
+            # the credential the agent already holds in its proxy URL, as its bearer token.
+            "AUTOVIBE_PAYMENTS_URL": payments_url(config.project),
+            "AUTOVIBE_MACHINE_TOKEN": credential,
         }
         return AssignmentSpec(
             assignment=a.id,
@@ -759,6 +766,7 @@ class Scheduler:
             f"{config.machines.daily_allowance:.2f} {b.currency} per day. Every model call is "
             "metered and priced, and refused once a budget is spent: spend as if it were "
             "your own money.\n\n"
+            f"{purchases_preamble(self.p.payment_policy())}"
             "## Task\n"
             f"{task_prompt.strip()}\n"
         )

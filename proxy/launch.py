@@ -143,8 +143,10 @@ def own_ports(settings: Settings) -> list[int]:
 
 
 def _egress_options(settings: Settings) -> list[str]:
-    """The egress policy: the operator's allowlists and this host's own service ports."""
+    """The egress policy: the operator's allowlists, this host's own service ports, and the
+    control API as the payment broker workers reach by name."""
     options = ["--set", f"autovibe_own_ports={','.join(map(str, own_ports(settings)))}"]
+    options += ["--set", f"autovibe_broker={settings.host}:{settings.api_port}"]
     if settings.egress_allow:
         options += ["--set", f"autovibe_egress_allow={','.join(settings.egress_allow)}"]
     if settings.egress_tcp_allow:

@@ -13,6 +13,13 @@ state stores) are refused whatever the allowlist says; the model plane is the on
 this host a worker may reach. Deciding is a dict lookup for the credential's policy, then
 pure matching: no I/O per request.
 
+One service of this host is reached by name instead: the payment broker. A worker's
+`POST http://broker.autovibe/v1/projects/<its project>/payments` (plain HTTP through the proxy,
+`BROKER_HOST`) is sent to the control API at `autovibe_broker` (`host:port`); any other method,
+path or project on that name is refused, as is the name when no broker is configured. The
+worker authenticates to the API with its own machine credential (`Authorization: Bearer`), which
+the API verifies again: the proxy only opens the one door.
+
 Inside an allowed tunnel only HTTP and TLS pass: a raw TCP stream (SSH, a database protocol,
 DNS over TCP, anything mitmproxy cannot read as HTTP) is closed unrelayed, and captured as a
 TCP flow with the refusal as its error, unless its `host:port` is one of the worker's raw-TCP
@@ -37,7 +44,7 @@ from mitmproxy.proxy.layers.tcp import TcpErrorHook, TcpStartHook
 from mitmproxy.proxy.utils import expect
 
 from contracts.credentials import MachineIdentity
-from contracts.egress import Rule, parse_rules
+from contracts.egress import BROKER_HOST, Rule, parse_rules
 from proxy.addons import providers
 from proxy.addons.identity import identity_of, identity_of_client
 from proxy.addons.metering import parse_model_hosts
@@ -62,6 +69,16 @@ def parse_ports(value: str) -> frozenset[int]:
             raise ValueError(f"{entry!r} is not a port")
         ports.add(int(entry))
     return frozenset(ports)
+
+
+def parse_broker(value: str) -> tuple[str, int] | None:
+    """`host:port` of the control API, or None when empty."""
+    if not value.strip():
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise exceptions.OptionsError(f"autovibe_broker: {value!r} is not host:port")
+    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,8 @@ class Egress:
         self.granted: dict[tuple[tuple[str, ...] | None, tuple[str, ...] | None], EgressPolicy] = {}
         """Credentials' lists -> their policy, parsed once (the proxy's model plane, providers
         and own ports with the credential's allowlists)."""
+        self.broker: tuple[str, int] | None = None
+        """The control API's address, where `BROKER_HOST` leads."""
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -168,6 +187,13 @@ class Egress:
             "when its credential carries no list of its own.",
         )
         loader.add_option(
+            name="autovibe_broker",
+            typespec=str,
+            default="",
+            help=f"host:port of the control API that http://{BROKER_HOST}/ reaches (only a "
+            "worker's POST /v1/projects/<its project>/payments); empty: none.",
+        )
+        loader.add_option(
             name="autovibe_own_ports",
             typespec=str,
             default="",
@@ -176,6 +202,8 @@ class Egress:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "autovibe_broker" in updated:
+            self.broker = parse_broker(ctx.options.autovibe_broker)
         names = {
             "autovibe_egress_allow",
             "autovibe_egress_tcp_allow",
@@ -240,6 +268,9 @@ class Egress:
     def _check(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
         identity = identity_of(flow)
+        if host.lower().rstrip(".") == BROKER_HOST:
+            self._to_broker(flow, identity)
+            return
         verdict = self.policy_of(identity).decide(host, port)
         if verdict.allowed:
             return
@@ -261,6 +292,29 @@ class Egress:
                 "detail": f"{host}:{port} is not reachable from a worker: {verdict.rule}",
             },
         )
+
+    def _to_broker(self, flow: http.HTTPFlow, identity: MachineIdentity | None) -> None:
+        """Send a worker's purchase request to the control API, or refuse it (403)."""
+        request = flow.request
+        expected = f"/v1/projects/{identity.project}/payments" if identity else None
+        why = None
+        if self.broker is None:
+            why = "no payment broker is configured on this proxy"
+        elif identity is None:
+            why = "only a worker with its machine credential may ask the broker"
+        elif request.method == "CONNECT" or request.scheme != "http":
+            why = f"use plain http://{BROKER_HOST}/ through the proxy"
+        elif request.method != "POST" or request.path.split("?")[0] != expected:
+            why = f"only POST {expected} is served here"
+        if why is not None or self.broker is None:
+            refuse(
+                flow,
+                403,
+                {"error": "broker_refused", "host": BROKER_HOST, "detail": why},
+            )
+            return
+        request.host, request.port = self.broker
+        request.headers["Host"] = f"{self.broker[0]}:{self.broker[1]}"
 
     def running(self) -> None:
         # mitmproxy relays what it cannot read as HTTP or TLS as raw TCP; off here, and every

@@ -1,0 +1,185 @@
+"""An agent buys through the real proxy: a scripted worker client, the real mitmdump with our
+addons, the real control API under uvicorn, the real broker paying USDC on a py-evm chain.
+
+The worker reaches the broker by name (`http://broker.autovibe/…`, as its environment names it)
+with the credential it holds for the proxy as its bearer token. Machine m1 (25 USD a day) buys
+twice and is refused the third time for its daily allowance; machine m2 splits a purchase into
+two under the approval threshold, and the second part waits for the operator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+
+from budget import machine_scope, open_counters, project_scope
+from contracts.credentials import MachineIdentity, mint
+from contracts.dataroot import DataRoot
+from contracts.egress import payments_url
+from contracts.settings import PROJECT_ROOT, Settings, free_port
+from ledger.book import Ledger
+from ledger.check import bean_check
+from ledger.payments import PaymentPolicy, TransactionLog, purchases_preamble
+from orchestrator.api import create_app
+from proxy.launch import wait_ready
+from secretstore import store_from_env
+from tests.budget.budget_harness import Proxy, serve, start_proxy
+from tests.ledger.chain_harness import DevChain, new_wallet
+
+THRESHOLD = "25"
+
+
+@pytest.fixture
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    chain = DevChain(coin="1", tokens="500")
+    configs = tmp_path / "configs"
+    shutil.copytree(PROJECT_ROOT / "configs", configs)
+    policy = {
+        "require_free_alternatives": True,
+        "approval_threshold": THRESHOLD,
+        "preferred_crypto": "USDC",
+        "asset_rates": {"USDC": "1", "ETH": "0.0005"},
+        "methods": [chain.method("usdc", "USDC", token=True)],
+    }
+    (configs / "payments.yaml").write_text(yaml.safe_dump(policy))
+    data = tmp_path / "data"
+    settings = Settings(data=data, configs=configs, host="127.0.0.1", api_port=free_port())
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    root = DataRoot.at(data)
+    store_from_env(settings=settings).put("wallets/eth", chain.payer_key)
+    Ledger.of(root, "demo").open(
+        "demo", Decimal(500), "USD", {"USD": Decimal(1)}, dt.date.today(), funding="t1"
+    )
+    counters = open_counters("sqlite", path=root.budget_counters)
+    now = time.time()
+    counters.ensure_scope(project_scope("demo"), Decimal(500), "USD", "once", now)
+    counters.ensure_scope(machine_scope("demo", "m1"), Decimal(25), "USD", "daily", now)
+    counters.ensure_scope(machine_scope("demo", "m2"), Decimal(100), "USD", "daily", now)
+    counters.close()
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, run_scheduler=False),
+            host=settings.host,
+            port=settings.api_port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_ready(settings.host, settings.api_port, timeout=30)
+    model = serve()
+    upstream = next(model)
+    proxy = start_proxy(
+        data, configs, upstream, autovibe_broker=f"{settings.host}:{settings.api_port}"
+    )
+    try:
+        yield {"chain": chain, "proxy": proxy, "root": root, "policy": policy}
+    finally:
+        proxy.stop()
+        server.should_exit = True
+        thread.join(timeout=10)
+        next(model, None)
+
+
+def agent(proxy: Proxy, machine: str) -> tuple[httpx.Client, str]:
+    """A worker's HTTP client (its HTTP_PROXY) and its credential, for assignment a-<machine>."""
+    identity = MachineIdentity(
+        project="demo", trial="t1", assignment=f"a-{machine}", machine=machine,
+        expires=time.time() + 3600,
+    )  # fmt: skip
+    credential = mint(proxy.key, identity)
+    client = httpx.Client(proxy=proxy.url(identity), trust_env=False, timeout=60)
+    return client, credential
+
+
+def buy(client: httpx.Client, credential: str, amount: str, pay_to: str, **extra: Any) -> Any:
+    body = {
+        "item": "Weather API",
+        "amount": amount,
+        "currency": "USDC",
+        "justification": "historical data the task needs",
+        "free_alternatives_considered": ["the free tier stops at 2020"],
+        "pay_to": pay_to,
+        **extra,
+    }
+    return client.post(
+        payments_url("demo"), json=body, headers={"Authorization": f"Bearer {credential}"}
+    )
+
+
+def test_an_agent_buys_through_the_proxy(stack: dict[str, Any]) -> None:
+    chain, proxy, root = stack["chain"], stack["proxy"], stack["root"]
+    shop = new_wallet()
+    m1, token1 = agent(proxy, "m1")
+    with m1:
+        first = buy(m1, token1, "10", shop)
+        assert first.status_code == 201, first.text
+        second = buy(m1, token1, "10", shop)
+        assert second.status_code == 201, second.text
+        third = buy(m1, token1, "10", shop)
+        assert third.status_code == 402, third.text
+        assert third.json()["reason"] == "machine_allowance"
+        # The body's machine is not believed: the credential's is charged.
+        assert buy(m1, token1, "1", shop, machine="m2").status_code == 403
+        # The proxy opens one door: no other path, and not without the credential.
+        other = m1.get("http://broker.autovibe/v1/trials")
+        assert (other.status_code, other.json()["error"]) == (403, "broker_refused")
+        assert buy(m1, "not-a-credential", "1", shop).status_code == 401
+    assert chain.tokens_of(shop) == Decimal(20)
+    for paid in (first.json(), second.json()):
+        assert chain.receipt(paid["receipt"])["status"] == 1
+        assert paid["machine"] == "m1" and paid["method"] == "usdc"
+
+    m2, token2 = agent(proxy, "m2")
+    with m2:
+        part1 = buy(m2, token2, "15", shop)
+        assert part1.status_code == 201, part1.text
+        part2 = buy(m2, token2, "15", shop)  # 30 today: above the 25 threshold
+        assert part2.status_code == 202, part2.text
+        assert part2.json()["status"] == "pending_approval"
+        assert "(15.000000 already today)" in part2.json()["detail"]
+    assert chain.tokens_of(shop) == Decimal(35)
+
+    log = TransactionLog(root.financial("demo") / "transactions.json").entries()
+    assert [(e["machine"], e["status"], e["reason"]) for e in log] == [
+        ("m1", "completed", None),
+        ("m1", "completed", None),
+        ("m1", "refused", "machine_allowance"),
+        ("m2", "completed", None),
+        ("m2", "pending_approval", None),
+    ]
+    fees_m1 = sum(Decimal(e["fee_primary"]) for e in log[:2])
+    left = Decimal(25) - Decimal(20) - fees_m1
+    assert third.json()["detail"] == f"machine:demo:m1 has {left:f} USD left"
+    ledger = Ledger.of(root, "demo")
+    assert bean_check(ledger.path) == []
+    fees = sum(Decimal(e["fee_primary"]) for e in log if e["status"] == "completed")
+    assert ledger.spent() == Decimal(35) + fees
+    store = open_counters("sqlite", path=root.budget_counters)
+    try:  # reserved and settled like model calls: what was paid, fees included
+        assert store.spent(machine_scope("demo", "m1")) == Decimal(20) + fees_m1
+        assert store.describe(project_scope("demo")).reserved == 0  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_the_preamble_tells_how_to_buy() -> None:
+    policy = PaymentPolicy.load(PROJECT_ROOT / "configs" / "payments.yaml")
+    text = purchases_preamble(policy)
+    assert "$AUTOVIBE_PAYMENTS_URL" in text and "$AUTOVIBE_MACHINE_TOKEN" in text
+    assert "free_alternatives_considered" in text
+    assert f"above {policy.approval_threshold:f}" in text
+    assert purchases_preamble(PaymentPolicy(approval_threshold=Decimal(1))) == ""
