@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from contracts.egress import parse_rules, uncovered
-from contracts.outbound import AddressRefused, Allowlist, check_url
+from contracts.outbound import REPO_ALLOW_SETTING, AddressRefused, Allowlist, check_url
 
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
@@ -181,6 +181,16 @@ def _repo_allowed(value: Path | str, info: ValidationInfo) -> Path | str:
         if not local.is_absolute():
             raise ValueError("a file:// URL names an absolute path (file:///srv/repos/x.git)")
         _under_task_roots(local, info)
+        return value
+    # A trial names the URL: the orchestrator fetches it, so its host must be public unless
+    # the server allows it (`AUTOVIBE_REPO_ALLOW`), as a webhook's. Checked again at each fetch
+    # only by git's own resolution: a DNS answer that changes in between is not caught.
+    allow: Allowlist | None = (info.context or {}).get("repo_allow")
+    if allow is not None:
+        try:
+            check_url(value, allow, REPO_ALLOW_SETTING)
+        except AddressRefused as exc:
+            raise ValueError(f"repo: {exc}") from None
     return value
 
 

@@ -1,16 +1,19 @@
-"""Which addresses the orchestrator may call on a trial's behalf (budget webhooks).
+"""Which addresses the orchestrator may call on a trial's behalf (budget webhooks, the git
+URLs of task repositories).
 
 A trial names the URL, so the URL is hostile: left alone it reaches the proxy host's own
 services, the cloud metadata endpoint or the private network, and its failures tell a viewer
 which ports are open. A host is called only when every address it resolves to is public and
 not this machine's own, unless the server allows it by name or network
-(`AUTOVIBE_WEBHOOK_ALLOW`). The caller then connects to an address checked here, not to the
-name again, so a second DNS answer cannot swap in a private address (DNS rebinding).
+(`AUTOVIBE_WEBHOOK_ALLOW`, `AUTOVIBE_REPO_ALLOW`). A webhook's caller then connects to an
+address checked here, not to the name again, so a second DNS answer cannot swap in a private
+address (DNS rebinding); git resolves a repository's name again itself.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +22,8 @@ from urllib.parse import urlsplit
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOW_SETTING = "AUTOVIBE_WEBHOOK_ALLOW"
+REPO_ALLOW_SETTING = "AUTOVIBE_REPO_ALLOW"
+SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")
 
 
 class AddressRefused(ValueError):
@@ -33,7 +38,7 @@ class Allowlist:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
-    def parse(cls, entries: Iterable[str]) -> Allowlist:
+    def parse(cls, entries: Iterable[str], setting: str = ALLOW_SETTING) -> Allowlist:
         """`example.internal`, `10.1.0.0/16`, `127.0.0.1`; ValueError naming a bad entry."""
         hosts: set[str] = set()
         networks = []
@@ -45,7 +50,7 @@ class Allowlist:
             except ValueError:
                 if "/" in entry or not entry.replace("-", "").replace(".", "").isalnum():
                     raise ValueError(
-                        f"{ALLOW_SETTING}: {entry!r} is neither a host name nor a CIDR"
+                        f"{setting}: {entry!r} is neither a host name nor a CIDR"
                     ) from None
                 hosts.add(entry.lower().rstrip("."))
         return cls(frozenset(hosts), tuple(networks))
@@ -87,10 +92,12 @@ def is_own_address(address: IPAddress) -> bool:
     return True
 
 
-def checked_addresses(url: str, allow: Allowlist) -> list[IPAddress]:
+def checked_addresses(url: str, allow: Allowlist, setting: str = ALLOW_SETTING) -> list[IPAddress]:
     """The addresses the URL's host resolves to, every one of them checked; AddressRefused
     when any is not allowed (one bad answer among good ones is enough), OSError when the
-    name does not resolve."""
+    name does not resolve. `setting`: where the server lists exceptions, for the message."""
+    if SCP_LIKE.match(url):  # git's `user@host:path` is ssh://user@host/path
+        url = "ssh://" + url.replace(":", "/", 1)
     parts = urlsplit(url)
     host = parts.hostname
     if not host:
@@ -107,15 +114,15 @@ def checked_addresses(url: str, allow: Allowlist) -> list[IPAddress]:
         if why is not None and not allow.allows(host, address):
             raise AddressRefused(
                 f"host {host!r} is or resolves to a {why} address; only public addresses are "
-                f"called unless the server lists the host or its network in {ALLOW_SETTING}"
+                f"called unless the server lists the host or its network in {setting}"
             )
     return addresses
 
 
-def check_url(url: str, allow: Allowlist) -> None:
+def check_url(url: str, allow: Allowlist, setting: str = ALLOW_SETTING) -> None:
     """At submission: AddressRefused for a host that is, or now resolves to, a forbidden
     address. A name that does not resolve yet passes; each call checks again."""
     try:
-        checked_addresses(url, allow)
+        checked_addresses(url, allow, setting)
     except (OSError, UnicodeError):  # not resolvable now; AddressRefused is not an OSError
         return

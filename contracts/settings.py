@@ -18,6 +18,7 @@ SEPARATED = {
     "egress_allow": ",",
     "egress_tcp_allow": ",",
     "webhook_allow": ",",
+    "repo_allow": ",",
     "nomad_node_pools": ",",
     "nomad_datacenters": ",",
 }
@@ -113,6 +114,10 @@ class Settings(BaseSettings):
     webhook_allow: Annotated[list[str], NoDecode] = []
     """Host names or CIDRs (comma-separated) a budget webhook may reach although they are
     loopback, link-local, private or this host's own; every other such address is refused."""
+    repo_allow: Annotated[list[str], NoDecode] = []
+    """Host names or CIDRs (comma-separated) a task's git URL may name although they are
+    loopback, link-local, private or this host's own (a company's git server); every other
+    such address is refused at submission."""
     nomad_address: str | None = None
     """Nomad HTTP API of the `nomad` driver (`NOMAD_ADDR` when unset)."""
     nomad_namespace: str | None = None

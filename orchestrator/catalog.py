@@ -18,7 +18,7 @@ from contracts.config import (
     load_projects,
 )
 from contracts.dataroot import DataRoot
-from contracts.outbound import Allowlist
+from contracts.outbound import REPO_ALLOW_SETTING, Allowlist
 from contracts.providers import ProvidersCatalog, load_providers, split_model
 from contracts.settings import Settings
 from orchestrator.model_choices import ModelChoices
@@ -90,6 +90,7 @@ def server_policy(settings: Settings) -> dict[str, Any]:
         "nomad_node_pools": settings.nomad_node_pools,
         "nomad_datacenters": settings.nomad_datacenters,
         "webhook_allow": Allowlist.parse(settings.webhook_allow),
+        "repo_allow": Allowlist.parse(settings.repo_allow, REPO_ALLOW_SETTING),
         "egress": EgressPolicies(
             Egress(allow=settings.egress_allow, tcp_allow=settings.egress_tcp_allow),
             load_projects(settings.configs),

@@ -39,11 +39,11 @@ def repo(tmp_path: Path) -> BugAndFix:
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Platform]]:
     """The control API without its scheduler thread; trials run unsandboxed, task roots are
-    pytest's folder."""
+    pytest's folder, and git servers on loopback are allowed (AUTOVIBE_REPO_ALLOW)."""
     settings = Settings(
         data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
         proxy_port=free_port(), model_port=free_port(), allow_unsandboxed=True,
-        task_roots=[tmp_path],
+        task_roots=[tmp_path], repo_allow=["127.0.0.1"],  # the test's git servers
     )  # fmt: skip
     DataRoot.ensure(DataRoot.at(settings.data).root)
     app = create_app(settings, run_scheduler=False)
