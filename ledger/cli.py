@@ -22,15 +22,17 @@ from contracts.settings import Settings
 from ledger.book import Ledger, LedgerError, ledger_projects
 from ledger.payments import (
     PAYMENTS_FILE,
+    TRANSACTIONS_FILE,
     Broker,
     PaymentError,
     PaymentPolicy,
+    TransactionLog,
     read_revenue_csv,
     record_revenue,
 )
 from ledger.pnl import Row, profit_and_loss
 from ledger.posting import agents_from_artifacts, post_usage
-from ledger.reconcile import reconcile
+from ledger.reconcile import Line, PaymentLine, reconcile
 from secretstore import store_from_env
 from traffic.stores import metered_flows_for
 
@@ -64,23 +66,29 @@ def _ledger(root: DataRoot, project: str) -> Ledger:
 
 @app.command("reconcile")
 def reconcile_cmd(project: str) -> None:
-    """Prove the ledger equals metered usage to the cent; exit 1 on any difference."""
+    """Prove the ledger equals metered usage to the cent, and its payments the attempt log;
+    exit 1 on any difference."""
     settings = Settings()
     root = _root(settings)
     ledger = _ledger(root, project)
     DataRoot.ensure(root.traffic_logs)
+    attempts = TransactionLog(root.financial(project) / TRANSACTIONS_FILE).entries()
     with contextlib.closing(metered_flows_for(settings)) as index:
         index.catch_up(root.traffic_logs)
         try:
-            result = reconcile(ledger, index, project)
+            result = reconcile(ledger, index, project, attempts)
         except LedgerError as exc:
             raise _fail(str(exc)) from exc
-    for line in result.lines:
+    lines: list[Line | PaymentLine] = [*result.lines, *result.payments]
+    for line in lines:
         mark = "[green]ok[/green]  " if line.kind == "match" else "[red]DIFF[/red]"
         console.print(f"{mark} {line.describe(result.currency)}", highlight=False)
     if not result.ok:
         raise _fail(f"{len(result.mismatches)} difference(s) in {project}'s ledger")
-    console.print(f"{project}: {len(result.lines)} assignment(s), ledger = metered usage")
+    console.print(
+        f"{project}: {len(result.lines)} assignment(s), ledger = metered usage; "
+        f"{len(result.payments)} payment(s), ledger = attempt log"
+    )
 
 
 @app.command()

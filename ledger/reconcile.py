@@ -7,21 +7,29 @@ primary currency within half a cent of each leg's USD at the rate in force on it
 past their spool file's watermark are not posted yet (their hour is still open): they are
 reported as pending, not as a difference. Transactions keyed by assignment (`key` metadata,
 `Ledger.post_inference`) count for that assignment.
+
+Payments are reconciled with the attempt log (`financial/<project>/transactions.json`): every
+completed payment must be one transaction marked with its id, booking its price and fee
+(`amount_primary` + `fee_primary`; a sandbox charge its price alone, under Expenses:Sandbox),
+every failed attempt that spent a fee one transaction `<id>/<attempt>` of that fee, and the
+ledger may hold no payment the log does not know.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from beancount.core import data
 
 from ledger.book import (
     INFERENCE_ROOT,
     KEY_META,
+    PAYMENT_META,
     QUANTUM,
     SPOOL_META,
     SPOOL_TO_META,
@@ -77,18 +85,81 @@ class Line:
 
 
 @dataclass(frozen=True)
+class PaymentLine:
+    """One payment (or a failed attempt's fee) of the attempt log compared with the ledger."""
+
+    key: str
+    kind: Literal["match", "missing", "extra", "amount"]
+    logged: Decimal
+    """What the attempt log says was paid, fee included, in the primary currency."""
+    posted: Decimal
+
+    def describe(self, currency: str) -> str:
+        what = {
+            "match": "matches",
+            "missing": "in the attempt log but not posted",
+            "extra": "posted but not in the attempt log",
+            "amount": "amount differs",
+        }[self.kind]
+        return (
+            f"{self.key}: {what}: ledger {self.posted:f} {currency}, "
+            f"attempt log {self.logged:f} {currency}"
+        )
+
+
+@dataclass(frozen=True)
 class Reconciliation:
     project: str
     currency: str
     lines: list[Line]
+    payments: list[PaymentLine] = field(default_factory=list)
 
     @property
-    def mismatches(self) -> list[Line]:
-        return [line for line in self.lines if line.kind not in ("match", "pending")]
+    def mismatches(self) -> list[Line | PaymentLine]:
+        usage = [line for line in self.lines if line.kind not in ("match", "pending")]
+        return [*usage, *(p for p in self.payments if p.kind != "match")]
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
+
+
+def reconcile_payments(
+    entries: Iterable[data.Directive], attempts: Sequence[Mapping[str, Any]]
+) -> list[PaymentLine]:
+    """The ledger's payment transactions against the attempt log's completed payments and
+    the fees of its failed attempts."""
+    logged: dict[str, Decimal] = {}
+    for a in attempts:
+        fee = Decimal(a.get("fee_primary") or 0)
+        if a["status"] == "completed":
+            price = Decimal(a["amount_primary"])
+            logged[a["id"]] = price + fee if a.get("charged", True) else price
+        elif a["status"] == "failed" and fee:
+            logged[f"{a['id']}/{a.get('attempt', 1)}"] = fee
+    posted: dict[str, Decimal] = {}
+    for t in entries:
+        if isinstance(t, data.Transaction) and PAYMENT_META in t.meta:
+            posted[str(t.meta[PAYMENT_META])] = sum(
+                (
+                    Decimal(p.units.number or 0)
+                    for p in t.postings
+                    if p.account.startswith("Expenses:") and p.units is not None
+                ),
+                Decimal(0),
+            )
+    lines = []
+    for key in sorted(set(logged) | set(posted)):
+        kind: Literal["match", "missing", "extra", "amount"]
+        if key not in posted:
+            kind = "missing"
+        elif key not in logged:
+            kind = "extra"
+        else:
+            kind = "match" if abs(posted[key] - logged[key]) <= TOLERANCE else "amount"
+        zero = Decimal(0)
+        lines.append(PaymentLine(key, kind, logged.get(key, zero), posted.get(key, zero)))
+    return lines
 
 
 UNATTRIBUTED = "(no assignment)"
@@ -102,8 +173,14 @@ class _Side:
     """Each leg's USD at the rate of its date, rounded as the leg was."""
 
 
-def reconcile(ledger: Ledger, index: MeteredFlows, project: str) -> Reconciliation:
-    """Compare the index's spend per assignment of `project` with the ledger's inference legs."""
+def reconcile(
+    ledger: Ledger,
+    index: MeteredFlows,
+    project: str,
+    attempts: Sequence[Mapping[str, Any]] = (),
+) -> Reconciliation:
+    """Compare the index's spend per assignment of `project` with the ledger's inference legs,
+    and the ledger's payments with the attempt log's `attempts`."""
     entries, options = ledger.load()
     currency = str(options["operating_currency"][0])
     book = _Book(entries, options)
@@ -161,4 +238,4 @@ def reconcile(ledger: Ledger, index: MeteredFlows, project: str) -> Reconciliati
         else:
             kind = "pending" if waiting else "match"
         lines.append(Line(key, kind, amount, side.amount, usd, waiting))
-    return Reconciliation(project, currency, lines)
+    return Reconciliation(project, currency, lines, reconcile_payments(entries, attempts))

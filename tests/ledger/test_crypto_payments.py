@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from budget import machine_scope, open_counters, open_project
 from contracts.dataroot import DataRoot
 from ledger.book import Ledger
 from ledger.check import bean_check
+from ledger.cli import app as ledger_app
 from ledger.payments import Broker, PaymentPolicy, PaymentRequest, Requester, TransactionLog
+from ledger.reconcile import reconcile_payments
 from secretstore.fields import EmbeddedFieldCipher
 from secretstore.file import FileSecretStore
 from tests.ledger.chain_harness import DevChain, new_wallet
@@ -148,3 +151,41 @@ def test_the_fallback_order_pays_with_the_next_asset(tmp_path: Path, chain: DevC
         ("usdc", "failed"),
         ("eth", "completed"),
     ]
+
+
+def test_reconcile_checks_payments_against_the_attempt_log(
+    tmp_path: Path, chain: DevChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    methods = [
+        chain.method("usdc", "USDC", token=True),
+        {"name": "sandbox", "kind": "card", "adapter": "sandbox"},
+    ]
+    broker = make_broker(tmp_path, chain, methods=methods)
+    who = Requester("demo", "m1")
+    assert broker.submit(request("5", "USDC", new_wallet()), who)["status"] == "completed"
+    assert broker.submit(request("1", "USDC", ZERO_ADDRESS), who)["status"] == "failed"
+    sandbox = broker.submit(request("3", "USD", "https://shop.example/checkout"), who)
+    assert (sandbox["status"], sandbox["charged"]) == ("completed", False)
+    attempts = TransactionLog(broker.log("demo").path).entries()
+    ledger = Ledger.of(broker.root, "demo")
+    lines = reconcile_payments(ledger.load()[0], attempts)
+    assert [(line.key, line.kind) for line in lines] == sorted(
+        [(attempts[0]["id"], "match"), (f"{attempts[1]['id']}/1", "match"),
+         (sandbox["id"], "match")]
+    )  # fmt: skip
+
+    monkeypatch.setenv("AUTOVIBE_DATA", str(broker.root.root))
+    out = CliRunner().invoke(ledger_app, ["reconcile", "demo"])
+    assert out.exit_code == 0, out.output
+    assert "3 payment(s), ledger = attempt" in out.output
+    # An attempt log that says more was paid than the ledger shows, and a payment it never made.
+    forged = [{**attempts[0], "amount_primary": "6"}, *attempts[1:]]
+    (broker.log("demo").path).write_text(json.dumps(forged))
+    ledger.post_payment(
+        payment="pay_ghost", on=dt.date.today(), item="ghost", amount=Decimal(1),
+        paid=(Decimal(1), "USD"), narration="x", meta={}, posting_meta={},
+    )  # fmt: skip
+    out = CliRunner().invoke(ledger_app, ["reconcile", "demo"])
+    assert out.exit_code == 1
+    assert f"{attempts[0]['id']}: amount differs" in out.output
+    assert "pay_ghost: posted but not in the attempt log" in out.output
