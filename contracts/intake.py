@@ -8,13 +8,14 @@ project, budget, agents and model pairs come from here, never from the person as
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from contracts.config import ConfigError, describe_errors, read_yaml
+from contracts.config import ConfigError, Currency, Slug, describe_errors, read_yaml
 
 REPO_NAME = r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"
 TEMPLATE_OWNED = ("name", "tasks", "task_set")
@@ -67,8 +68,29 @@ class GithubIntake(_Strict):
     """Requests of the hourly allowance kept in hand: below it, calls wait for the reset."""
 
 
+class ConciergeIntake(_Strict):
+    """The concierge: a request in plain language becomes a draft trial, never submitted
+    without the operator's confirmation."""
+
+    pair: str = "tiny"
+    """The model pair whose normal model writes the drafts (through the metering proxy)."""
+    project: Slug = "concierge"
+    """The project the concierge's own calls are charged to."""
+    budget: Decimal = Field(default=Decimal("1"), ge=0)
+    """What the concierge may spend per `period`, in `currency`."""
+    currency: Currency = "CAD"
+    period: Literal["daily", "weekly", "biweekly", "monthly", "once"] = "monthly"
+    max_tokens: int = Field(default=700, ge=64, le=8192)
+    """Output cap of one draft."""
+    timeout_s: float = Field(default=180, gt=0)
+    min_assignment_cost: Decimal = Field(default=Decimal("0.01"), ge=0)
+    """Least a draft's budget must give each assignment (task × agent × model pair × runs),
+    in the draft's currency; less is stated as an impossible budget."""
+
+
 class IntakeConfig(_Strict):
     github: GithubIntake | None = None
+    concierge: ConciergeIntake | None = None
 
 
 def load_intake(path: Path) -> IntakeConfig:
@@ -128,6 +150,7 @@ def parse_issue_task(text: str, where: str) -> IssueTask:
 
 
 __all__ = [
+    "ConciergeIntake",
     "ConfigError",
     "GithubIntake",
     "GithubRepo",

@@ -80,6 +80,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/trials/{trial_id}/report"): Rule(_READ),
     ("POST", "/v1/trials/{trial_id}/cancel"): Rule(_WRITE),
     ("GET", "/v1/trials/{trial_id}/events"): Rule(_READ),
+    ("POST", "/v1/concierge"): Rule(_WRITE),  # a draft only, but the model's calls cost
     ("POST", "/v1/intake/github"): PUBLIC,  # signed by GitHub (X-Hub-Signature-256) instead
     ("POST", "/v1/payments"): Rule(_WRITE),
     ("POST", "/v1/revenue"): Rule(_WRITE),

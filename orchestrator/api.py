@@ -28,6 +28,7 @@ from contracts.reports import TrialReport
 from contracts.settings import Settings
 from orchestrator import access, auth, payments_api, report
 from orchestrator.bandit import history_from_state
+from orchestrator.intake import concierge
 from orchestrator.intake import webhook as intake_webhook
 from orchestrator.metrics import Metrics
 from orchestrator.mirrors import Mirrors, RepoError, public_url
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = True) 
     app.include_router(payments_api.router(platform, guard))
     intake = load_intake(settings.intake_config) if settings.intake_config else None
     app.include_router(intake_webhook.router(platform, intake))
+    app.include_router(concierge.router(platform, intake.concierge if intake else None))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

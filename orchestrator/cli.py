@@ -27,6 +27,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.client import ApiError, Client
 from orchestrator.dashboards_cli import app as dashboards_app
 from orchestrator.intake.cli import app as intake_app
+from orchestrator.intake.cli import ask
 from orchestrator.models_cli import ls as models_ls
 from orchestrator.tasks_cli import app as tasks_app
 from orchestrator.tokens_cli import app as tokens_app
@@ -65,6 +66,7 @@ app.add_typer(payments_app, name="payments")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(intake_app, name="intake")
+app.command("ask")(ask)
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the report table

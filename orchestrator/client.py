@@ -67,6 +67,10 @@ class Client:
     def submit(self, config: dict[str, Any]) -> dict[str, Any]:
         return self._json(self.http.post("/v1/trials", json=config))
 
+    def concierge(self, request: str) -> dict[str, Any]:
+        """A draft trial for `request` in plain language, with its problems; not submitted."""
+        return self._json(self.http.post("/v1/concierge", json={"request": request}))
+
     def trials(self) -> list[dict[str, Any]]:
         return self._json(self.http.get("/v1/trials"))
 

@@ -14,6 +14,10 @@ they speak to llama.cpp, only nothing is loaded and every answer is known in adv
   and the answer that way, `max_tokens` cuts the answer (finish `length`), a `stop` string
   cuts it before the stop (finish `stop`). A model the server does not serve is a 404, as
   llama.cpp answers it.
+- A request that asks for JSON of a schema (`response_format` `{"type": "json_object",
+  "schema": …}` as llama.cpp takes it, or OpenAI's `{"type": "json_schema", "json_schema":
+  {"schema": …}}`) gets its scripted answer only when the answer is such JSON; else a 500 that
+  says why: a constrained model cannot answer otherwise, so a test scripting it cannot either.
 
 Run as `python -m serving.deterministic --host H --port P --model NAME … [--output TEXT …]`;
 `autovibe up` starts it instead of llama.cpp when `model_server` is `deterministic`.
@@ -31,6 +35,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import jsonschema
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -120,6 +125,9 @@ def create_app(models: Sequence[str], outputs: Sequence[str]) -> Starlette:
         if max_tokens is None and not chat:
             max_tokens = DEFAULT_MAX_TOKENS
         n, output = script.next()
+        unmet = schema_problem(body.get("response_format"), output)
+        if unmet is not None:
+            return _error(500, f"scripted answer {n} breaks the requested schema: {unmet}")
         pieces, finish = answer(output, max_tokens, [stop] if isinstance(stop, str) else stop)
         prompt_tokens = max(1, len(tokens(prompt_text(body, chat))))
         usage = {
@@ -182,6 +190,28 @@ async def _chunks(
     if usage is not None:
         yield event([], usage=usage)
     yield b"data: [DONE]\n\n"
+
+
+def schema_problem(response_format: Any, output: str) -> str | None:
+    """Why `output` is not JSON of the schema `response_format` asks for; None when it is, or
+    when no schema is asked for."""
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_object":
+        schema = response_format.get("schema", {})
+    elif response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema", {})
+    else:
+        return None
+    try:
+        answer = json.loads(output)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    try:
+        jsonschema.validate(answer, schema)
+    except jsonschema.ValidationError as exc:
+        return f"{'/'.join(map(str, exc.absolute_path)) or '(top)'}: {exc.message}"
+    return None
 
 
 def _error(status: int, message: str) -> JSONResponse:

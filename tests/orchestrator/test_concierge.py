@@ -1,0 +1,179 @@
+"""The concierge: a request in plain language → a draft trial, its problems stated, never
+submitted by itself.
+
+Real: the control API (TestClient), the metering proxy (mitmdump with the platform's addons),
+the deterministic model server (scripted drafts; it refuses to answer with one that breaks the
+JSON schema the request carries, as a grammar-constrained model cannot), the budget counters,
+the spool and the ledger. The model's words are scripted here; the `model` test at the end
+lets the tiny llama.cpp model write a draft under the schema's grammar.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from contracts.config import TrialConfig
+from contracts.dataroot import DataRoot
+from contracts.settings import PROJECT_ROOT, Settings, free_port
+from orchestrator.api import create_app
+from orchestrator.intake.concierge import choices_for, draft_schema
+from orchestrator.platform import Platform
+from proxy.launch import mitmdump_argv, wait_ready
+from tests.serving.model_harness import deterministic_server
+from tests.workers.worker_harness import direct_env, stop
+
+EXAMPLES = PROJECT_ROOT / "examples"
+
+
+def draft(name: str, agents: list[str], repos: list[str], amount: float, **extra: Any) -> str:
+    tasks = [
+        {
+            "id": f"{repo}-tests",
+            "repo": str(EXAMPLES / repo),
+            "prompt": f"Make the failing tests of {repo} pass.",
+            "test_command": "python -m pytest -q",
+            "fail_to_pass": ["tests/test_basic.py::test_add"],
+        }
+        for repo in repos
+    ]
+    return json.dumps(
+        {
+            "name": name,
+            "project": "requests",
+            "budget": {"amount": amount, "currency": "CAD"},
+            "agents": agents,
+            "unknown_agents": extra.pop("unknown_agents", []),
+            "model_pairs": ["tiny"],
+            "tasks": tasks,
+            **extra,
+        }
+    )
+
+
+SCRIPT = [
+    draft("fix-mathkit", ["builtin"], ["mathkit"], 5),
+    draft("text-and-seq", ["builtin"], ["textkit", "seqkit"], 2),
+    draft("all-three", ["builtin"], ["mathkit", "textkit", "seqkit"], 1.5),
+    draft("with-foobot", ["builtin"], ["mathkit"], 5, unknown_agents=["foobot"]),
+    draft("on-a-shoestring", ["builtin"], ["mathkit", "textkit", "seqkit"], 0.01),
+    draft("off-schema", ["builtin", "gpt-engineer"], ["mathkit"], 5),
+]
+REQUESTS = [
+    "Run the builtin agent on mathkit's failing tests, 5 CAD max.",
+    "Try builtin on textkit and seqkit with the tiny pair, no more than 2 CAD.",
+    "All three example repos with builtin, 1.50 CAD.",
+    "Compare foobot and builtin on mathkit, 5 CAD max.",
+    "All three example repos with builtin for one cent.",
+    "Anything at all.",
+]
+
+
+@dataclass
+class Stack:
+    api: TestClient
+    platform: Platform
+
+
+def _settings(tmp: Path) -> Settings:
+    intake = tmp / "intake.yaml"
+    intake.write_text(yaml.safe_dump({"concierge": {"project": "concierge", "budget": "1"}}))
+    return Settings(
+        data=tmp / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
+        proxy_port=free_port(), model_port=free_port(), intake_config=intake,
+    )  # fmt: skip
+
+
+@contextmanager
+def _proxy_and_api(settings: Settings) -> Iterator[Stack]:
+    """The metering proxy in front of the model server already on `settings.model_port`, and
+    the control API sending the concierge's calls through it."""
+    root = DataRoot.at(settings.data)
+    DataRoot.ensure(root.root)
+    with (root.root / "mitmdump.log").open("wb") as log:
+        proxy = subprocess.Popen(
+            mitmdump_argv(settings), stdout=log, stderr=subprocess.STDOUT,
+            env=direct_env(**settings.as_env()),
+        )  # fmt: skip
+    try:
+        wait_ready(settings.host, settings.proxy_port, timeout=60, process=proxy)
+        app = create_app(settings, run_scheduler=False)
+        token = (root.secrets / "operator-token").read_text().strip()
+        with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+            yield Stack(client, app.state.platform)
+    finally:
+        stop(proxy)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = _settings(tmp_path_factory.mktemp("concierge"))
+    with deterministic_server(settings, SCRIPT), _proxy_and_api(settings) as running:
+        yield running
+
+
+def test_requests_become_drafts_with_their_problems_stated_and_metered(stack: Stack) -> None:
+    answers = []
+    for request in REQUESTS[:5]:
+        resp = stack.api.post("/v1/concierge", json={"request": request})
+        assert resp.status_code == 200, resp.text
+        answers.append(resp.json())
+    context = stack.platform.catalog.validation_context()
+    # Three plain requests: drafts that validate as trials, with no problem.
+    for answer in answers[:3]:
+        assert answer["valid"] and answer["problems"] == [], answer["problems"]
+        TrialConfig.model_validate(answer["draft"], context=context)
+    # An unknown agent and an impossible budget: stated, not a crash.
+    foobot, shoestring = answers[3], answers[4]
+    assert not foobot["valid"]
+    assert foobot["problems"] == [
+        "agents: unknown agent 'foobot'; known: aider, builtin, claude-code, command, "
+        "cursor-cli, mini-swe-agent, qwen-code"
+    ]
+    assert not shoestring["valid"]
+    (budget,) = shoestring["problems"]
+    assert budget.startswith("budget.amount: impossible budget: 0.01 CAD for 3 assignments")
+    # Nothing was submitted; a valid draft is submitted only when asked.
+    assert stack.api.get("/v1/trials").json() == []
+    created = stack.api.post("/v1/trials", json=answers[0]["draft"])
+    assert created.status_code == 201, created.text
+    # Each call went through the proxy as the concierge's project and was metered.
+    usage = stack.platform.usage(trial="concierge")
+    assert sum(u.calls for u in usage) == 5
+    assert sum(u.total_tokens for u in usage) == sum(a["tokens"] for a in answers) > 0
+    assert sum(u.cost_usd for u in usage) > 0
+    # The sixth scripted answer names an agent outside the schema's enum: the deterministic
+    # server, like a grammar, cannot give it, so the concierge says it is unavailable.
+    refused = stack.api.post("/v1/concierge", json={"request": REQUESTS[5]})
+    assert refused.status_code == 503
+    assert "breaks the requested schema" in refused.json()["detail"]
+    assert "gpt-engineer" in refused.json()["detail"]
+
+
+def test_the_draft_schema_compiles_to_a_llama_cpp_grammar(stack: Stack) -> None:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    schema = draft_schema(choices_for(stack.platform))
+    grammar = json_schema_to_gbnf(json.dumps(schema))
+    # Every choice is a literal of the grammar: the model can write nothing else there.
+    for name in ("builtin", "claude-code", "tiny", str(EXAMPLES / "mathkit")):
+        assert json.dumps(name) in grammar or name in grammar
+    assert "unknown_agents" in grammar
+
+
+def test_the_concierge_is_off_unless_configured(tmp_path: Path) -> None:
+    settings = Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
+    app = create_app(settings, run_scheduler=False)
+    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        resp = client.post("/v1/concierge", json={"request": "anything"})
+    assert resp.status_code == 404 and "not configured" in resp.json()["detail"]
