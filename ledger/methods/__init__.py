@@ -15,10 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from contracts.adapters import resolve
 from contracts.secrets import SecretStore
+
+S = TypeVar("S", bound=BaseModel)
 
 ADAPTERS = {
     "sandbox": "ledger.methods.sandbox:SandboxMethod",
@@ -84,6 +88,14 @@ def get_method(adapter: str, settings: Mapping[str, Any] | None = None) -> Payme
     cls = resolve("payment adapter", adapter, ADAPTERS, dotted=False)
     method: PaymentMethod = cls.from_settings(dict(settings or {}))
     return method
+
+
+def validated(model: type[S], settings: Mapping[str, Any], adapter: str) -> S:
+    """`settings` as the adapter's own model; ValueError naming the adapter and the field."""
+    try:
+        return model.model_validate(settings)
+    except ValidationError as exc:
+        raise ValueError(f"{adapter} method settings: {exc}") from exc
 
 
 def mask_address(value: str) -> str:

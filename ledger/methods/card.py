@@ -28,7 +28,7 @@ from playwright.sync_api import Page, sync_playwright
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contracts.secrets import SecretStore, SecretStoreError
-from ledger.methods import Charge, PaymentFailed, Receipt
+from ledger.methods import Charge, PaymentFailed, Receipt, validated
 
 CardPart = Literal["number", "expiry", "cvc", "name"]
 ALWAYS_MASKED = ("input", "textarea", "select")
@@ -94,10 +94,7 @@ class CardMethod:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> CardMethod:
-        try:
-            return cls(CardSettings.model_validate(settings))
-        except ValidationError as exc:
-            raise ValueError(f"card method settings: {exc}") from exc
+        return cls(validated(CardSettings, settings, "card"))
 
     def charge(
         self, charge: Charge, secrets: SecretStore | None, secret_path: str | None

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from eth_account import Account
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from web3 import Web3
 from web3.exceptions import TimeExhausted, Web3Exception
 from web3.providers import BaseProvider
 
 from contracts.secrets import SecretStore, SecretStoreError
-from ledger.methods import Charge, Fee, PaymentFailed, Receipt, mask_address
+from ledger.methods import Charge, Fee, PaymentFailed, Receipt, mask_address, validated
 
 TESTER_SCHEME = "eth-tester://"
 NATIVE_GAS = 21_000
@@ -65,10 +65,7 @@ class CryptoMethod:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> CryptoMethod:
-        try:
-            return cls(CryptoSettings.model_validate(settings))
-        except ValidationError as exc:
-            raise ValueError(f"crypto method settings: {exc}") from exc
+        return cls(validated(CryptoSettings, settings, "crypto"))
 
     def web3(self) -> Web3:
         url = self.settings.rpc_url
