@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +23,10 @@ from workers import operator
 from workers.spec import AssignmentSpec
 from workers.vm import VmSpec
 
-app = typer.Typer(help="Operator access to workers: ls, logs, attach.", no_args_is_help=True)
+app = typer.Typer(
+    help="Operator access to workers: ls, logs, attach; ssh and vnc to worker VMs.",
+    no_args_is_help=True,
+)
 console = Console()
 if not console.is_terminal:  # pipes: wide enough for ids and paths
     console = Console(width=160)
@@ -134,3 +141,67 @@ def _nomad(worker: operator.Worker, vm: Path | None) -> None:
     vm_spec = VmSpec.model_validate_json(vm.read_text()) if vm else None
     for line in operator.nomad_access(allocation, vm_spec, job):
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def _vm(name: str) -> tuple[VmSpec, str, Path | None, Path]:
+    """A VM made by `autovibe vm up`: its spec, operator user, key and known_hosts."""
+    from workers.vm_host import VmFiles
+
+    files = VmFiles.of(_root(), name)
+    try:
+        spec = files.spec()
+        access = json.loads(files.access_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _fail(f"no VM {name!r} made by `autovibe vm up` ({files.folder}): {exc}") from exc
+    identity = Path(access["identity"]) if access.get("identity") else None
+    return spec, str(access["user"]), identity, files.known_hosts
+
+
+@app.command("ssh")
+def ssh(
+    vm_name: Annotated[str, typer.Argument(metavar="VM", help="The VM's name (`vm ls`).")],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="A command to run instead of a shell.")
+    ] = None,
+) -> None:
+    """SSH into a worker VM as its first operator, with the key `vm up` was given."""
+    from workers.vm_host import VmHostError, ssh_argv
+
+    spec, user, identity, known_hosts = _vm(vm_name)
+    try:
+        argv = ssh_argv(spec, user, identity, known_hosts, *(["-t"] if not command else []))
+    except VmHostError as exc:
+        raise _fail(str(exc)) from exc
+    os.execvp("ssh", [*argv, *(command or [])])
+
+
+@app.command("vnc")
+def vnc(
+    vm_name: Annotated[str, typer.Argument(metavar="VM", help="The VM's name (`vm ls`).")],
+    snapshot: Annotated[
+        Path | None, typer.Option(help="Save a screenshot of the desktop (PNG) and exit.")
+    ] = None,
+) -> None:
+    """The VM's desktop over an SSH tunnel (its VNC server listens on the VM's loopback only):
+    a viewer if one is installed, else the tunnel until Ctrl-C; --snapshot saves a PNG."""
+    from workers.vm_host import VmHostError, tunnel, vnc_snapshot
+
+    spec, user, identity, known_hosts = _vm(vm_name)
+    if not spec.desktop:
+        raise _fail(f"{vm_name} has no desktop (render it with --var desktop=true)")
+    try:
+        with tunnel(spec, user, identity, known_hosts, spec.vnc_port) as port:
+            if snapshot is not None:
+                vnc_snapshot(port, snapshot)
+                console.print(str(snapshot), highlight=False)
+                return
+            viewer = shutil.which("vncviewer") or shutil.which("xtigervncviewer")
+            if viewer is not None:
+                subprocess.run([viewer, f"127.0.0.1::{port}"], check=False)
+                return
+            console.print(f"VNC of {vm_name} on 127.0.0.1::{port} (Ctrl-C closes the tunnel)")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+    except VmHostError as exc:
+        raise _fail(str(exc)) from exc

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,23 +51,9 @@ def parse_var(item: str) -> tuple[str, Any]:
     return key, value
 
 
-@app.command("render")
-def render(
-    template: Annotated[str, typer.Argument(help="worker, gpu-worker or base.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder the files are written to.")],
-    var: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--var",
-            help="NAME=VALUE; a VmSpec field (vcpus, memory_mb, disk_gb, gpus, …) or a template "
-            "variable. VALUE @FILE reads a file, [..] / {..} is JSON.",
-        ),
-    ] = None,
-    vars_file: Annotated[
-        Path | None, typer.Option("--vars", help="YAML mapping of variables; --var wins.")
-    ] = None,
-) -> None:
-    """Write user-data, meta-data, domain.xml, nomad-client.hcl and vm.json for one VM."""
+def _variables(vars_file: Path | None, var: list[str] | None) -> dict[str, Any]:
+    """--vars FILE, then --var NAME=VALUE on top; the proxy's CA from the data root when the
+    variables give none."""
     variables: dict[str, Any] = {}
     try:
         if vars_file is not None:
@@ -78,6 +67,31 @@ def render(
     ca = DataRoot.at(Settings().data).ca_cert
     if "ca_cert" not in variables and ca.exists():  # the proxy's CA, as workers get it locally
         variables["ca_cert"] = ca.read_text()
+    return variables
+
+
+VarOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--var",
+        help="NAME=VALUE; a VmSpec field (vcpus, memory_mb, disk_gb, gpus, …) or a template "
+        "variable. VALUE @FILE reads a file, [..] / {..} is JSON.",
+    ),
+]
+VarsFileOption = Annotated[
+    Path | None, typer.Option("--vars", help="YAML mapping of variables; --var wins.")
+]
+
+
+@app.command("render")
+def render(
+    template: Annotated[str, typer.Argument(help="worker, gpu-worker or base.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder the files are written to.")],
+    var: VarOption = None,
+    vars_file: VarsFileOption = None,
+) -> None:
+    """Write user-data, meta-data, domain.xml, nomad-client.hcl and vm.json for one VM."""
+    variables = _variables(vars_file, var)
     try:
         spec, rest = vm.split_vars(variables)
         paths = vm.write(vm.render(template, spec, rest), out)
@@ -145,3 +159,108 @@ def image_build(
     spent = ", ".join(f"{k} {v}" for k, v in timings.items())
     err.print(f"{how}: {manifest['disk_bytes']} bytes of qcow2 ({spent})", highlight=False)
     console.print(str(image.folder), highlight=False, soft_wrap=True)
+
+
+def _root() -> DataRoot:
+    return DataRoot.at(Settings().data)
+
+
+@app.command("up")
+def up(
+    name: Annotated[str, typer.Argument(help="The VM's name (libvirt domain, hostname).")],
+    template: Annotated[str, typer.Option(help="worker, gpu-worker or base.")] = "worker",
+    var: VarOption = None,
+    vars_file: VarsFileOption = None,
+    identity: Annotated[
+        Path | None, typer.Option(help="The operator's private SSH key [ssh's default].")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for SSH and cloud-init.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for cloud-init.")] = 900,
+) -> None:
+    """Build (or take from the cache) the image, render the VM's files, define the domain in
+    libvirt and start it; wait until cloud-init is done and the first operator can SSH in."""
+    from workers import vm_host, vm_image
+
+    root = _root()
+    variables = {**_variables(vars_file, var), "name": name}
+    files = vm_host.VmFiles.of(root, name)
+    if vm_host.state(name) is not None:
+        raise _fail(f"libvirt already has a domain {name!r}: `autovibe vm down {name}` first")
+    if "accel" not in variables:
+        variables["accel"], why = vm_host.accelerator()
+        err.print(f"accelerator: {variables['accel']} ({why})", highlight=False)
+    try:
+        image, built = vm_image.build(vm_image.ImageRecipe(), root)
+        installed = vm_host.install_image(image)
+        variables.setdefault("disk_path", str(vm_host.LIBVIRT_IMAGES / f"{name}.qcow2"))
+        variables.setdefault("seed_path", str(vm_host.LIBVIRT_IMAGES / f"{name}-seed.iso"))
+        variables.update(
+            kernel=str(installed.kernel),
+            initrd=str(installed.initrd),
+            cmdline=installed.cmdline,
+            image=str(installed.disk),
+            provisioned=True,
+        )
+        spec, rest = vm.split_vars(variables)
+        vm.write(vm.render(template, spec, rest), files.folder)
+        files.spec_path.write_text(spec.model_dump_json(indent=2))
+        operators = rest.get("operators") or []
+        user = operators[0]["name"] if operators else "root"
+        files.access_path.write_text(
+            json.dumps({"user": user, "identity": str(identity) if identity else None})
+        )
+        vm_host.ensure_network(spec.network, spec.host_cidr, files.folder)
+        vm_host.make_disk(spec, installed)
+        vm_host.make_seed(spec, files.folder / "user-data", files.folder / "meta-data")
+        started = time.monotonic()
+        vm_host.define_and_start(files.folder / "domain.xml", name)
+        err.print(f"{name}: started ({spec.accel}, image {'built' if built else 'cached'})")
+        if not wait:
+            return
+        address, _ = vm_host.wait_ready(spec, user, identity, files.known_hosts, timeout)
+    except (vm.VmTemplateError, vm_image.ImageError, vm_host.VmHostError) as exc:
+        raise _fail(str(exc), code=1) from exc
+    files.spec_path.write_text(spec.model_copy(update={"address": address}).model_dump_json())
+    err.print(f"{name}: cloud-init done {time.monotonic() - started:.0f} s after start")
+    console.print(f"{name} {address}", highlight=False)
+
+
+@app.command("ls")
+def ls() -> None:
+    """VMs made with `vm up`: name, libvirt state, address, accelerator, vCPUs, memory."""
+    from workers import vm_host
+
+    table = Table("name", "state", "address", "accel", "vcpus", "memory_mb")
+    for path in sorted((_root().root / "vms").glob("*/vm.json")):
+        spec = vm.VmSpec.model_validate_json(path.read_text())
+        state = vm_host.state(spec.name) or "undefined"
+        table.add_row(spec.name, state, spec.address or "-", spec.accel, str(spec.vcpus),
+                      str(spec.memory_mb))  # fmt: skip
+    console.print(table)
+
+
+@app.command("down")
+def down(name: Annotated[str, typer.Argument(help="The VM's name.")]) -> None:
+    """Stop the VM, undefine it, delete its disk, seed and files."""
+    from workers import vm_host
+
+    files = vm_host.VmFiles.of(_root(), name)
+    if not files.spec_path.exists():
+        raise _fail(f"no VM {name!r} under {files.folder.parent}")
+    try:
+        vm_host.destroy(files.spec())
+    except vm_host.VmHostError as exc:
+        raise _fail(str(exc), code=1) from exc
+    shutil.rmtree(files.folder)
+    console.print(f"{name} removed", highlight=False)
+
+
+@app.command("console")
+def console_(name: Annotated[str, typer.Argument(help="The VM's name.")]) -> None:
+    """The VM's serial console (`virsh console`; Ctrl-] leaves)."""
+    from workers import vm_host
+
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        raise _fail("virsh not found: install libvirt-clients")
+    os.execv(virsh, ["virsh", "-c", vm_host.URI, "console", name])
