@@ -238,15 +238,20 @@ def ls_payments(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
     reveal: Annotated[bool, typer.Option("--reveal", help=REVEAL_HELP)] = False,
 ) -> None:
-    """Every payment in its latest state; receipts and destinations masked unless --reveal."""
+    """Every payment in its latest state, with the reason given and the free alternatives
+    considered; receipts and destinations masked unless --reveal."""
     try:
         entries = broker(Settings()).history(project=project, reveal=reveal)
     except (PaymentError, SecretStoreError) as exc:
         raise _fail(str(exc)) from exc
     for e in {e["id"]: e for e in entries}.values():  # the latest entry of each payment
+        fee = f"  fee {e['fee']} {e['fee_currency']}" if e.get("fee") else ""
+        free = "; ".join(e.get("free_alternatives_considered") or []) or "none stated"
         console.print(
-            f"{e['id']}  {e['project']}  {e['status']}  {e['amount']} {e['currency']}  "
-            f"{e['item']}  pay_to={e.get('pay_to')}  receipt={e.get('receipt')}",
+            f"{e['id']}  {e['project']}  {e.get('machine') or '-'}  {e['status']}  "
+            f"{e['amount']} {e['currency']}  {e['item']}  method={e.get('method')}{fee}  "
+            f"pay_to={e.get('pay_to')}  receipt={e.get('receipt')}\n"
+            f"    why: {e['justification']}  free alternatives: {free}",
             markup=False,  # "[encrypted]" is text, not a style
             highlight=False,
             soft_wrap=True,

@@ -485,6 +485,8 @@ def test_payments_cli_masks_unless_reveal(setup: tuple[TestClient, Platform]) ->
     out = CliRunner().invoke(payments_app, ["ls"])
     assert out.exit_code == 0, out.output
     assert paid["id"] in out.output and "pay_to=[encrypted]" in out.output
+    assert "why: needed to run the benchmark" in out.output
+    assert "free alternatives: public mirror (outdated)" in out.output
     assert WALLET not in out.output and paid["receipt"] not in out.output
     out = CliRunner().invoke(payments_app, ["show", paid["id"]])
     assert out.exit_code == 0, out.output
