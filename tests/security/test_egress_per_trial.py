@@ -24,6 +24,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from contracts.config import TrialConfig
+from contracts.egress import payments_url
 from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
@@ -123,6 +124,9 @@ def submitted(stack: Stack, name: str, egress: dict[str, Any] | None) -> tuple[s
         spec = stack.scheduler._spec(config, trial_id, assignment)
     token = urlsplit(spec.env["HTTP_PROXY"]).password
     assert token is not None
+    # The same credential is the worker's bearer token for the payment broker, by name.
+    assert spec.env["AUTOVIBE_MACHINE_TOKEN"] == token
+    assert spec.env["AUTOVIBE_PAYMENTS_URL"] == payments_url(config.project)
     return assignment.id, token
 
 
