@@ -8,12 +8,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from mitmproxy import exceptions, http
 from mitmproxy.net.dns import response_codes
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
 from contracts.credentials import MachineIdentity
-from contracts.egress import parse_rules, uncovered
+from contracts.egress import BROKER_HOST, parse_rules, uncovered
 from proxy.addons.egress import Egress
 from proxy.addons.identity import METADATA_KEY
 
@@ -107,3 +108,40 @@ def test_dns_for_the_proxys_listener_follows_the_callers_policy() -> None:
             flow.response = None
             egress.dns_request(flow)
             assert (flow.response is not None) == refused
+
+
+def broker_flow(method: str, path: str, *, who: MachineIdentity | None) -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.request.method = method
+    flow.request.host, flow.request.port, flow.request.path = BROKER_HOST, 80, path
+    if who is not None:
+        flow.metadata[METADATA_KEY] = who
+    return flow
+
+
+def test_the_broker_door_opens_for_a_workers_own_purchases_only() -> None:
+    egress = Egress()
+    mine = "/v1/projects/p1/payments"
+    with taddons.context(egress) as ctx:
+        configured(ctx, egress, autovibe_own_ports="8400")
+        closed = broker_flow("POST", mine, who=identity(None))
+        egress.request(closed)  # no broker configured
+        assert closed.response is not None and closed.response.status_code == 403
+        ctx.configure(egress, autovibe_broker="127.0.0.1:8400")
+        sent = broker_flow("POST", mine, who=identity(None))
+        egress.request(sent)
+        assert sent.response is None  # forwarded, to the API's address (an own port otherwise)
+        assert (sent.request.host, sent.request.port) == ("127.0.0.1", 8400)
+        for method, path, who in [
+            ("GET", mine, identity(None)),
+            ("POST", "/v1/projects/p2/payments", identity(None)),
+            ("POST", "/v1/trials", identity(None)),
+            ("POST", mine, None),
+        ]:
+            refused = broker_flow(method, path, who=who)
+            egress.request(refused)
+            assert refused.response is not None, (method, path, who)
+            assert refused.response.status_code == 403
+            assert refused.response.json()["error"] == "broker_refused"
+        with pytest.raises(exceptions.OptionsError, match="not host:port"):
+            ctx.configure(egress, autovibe_broker="nowhere")
