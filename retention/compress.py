@@ -5,7 +5,8 @@ same mode and mtime); the original is removed only after the frame has been read
 matched byte for byte. Left alone: files already ending in `.lz4`, protected files (`*.lock`),
 half-written `*.tmp` files, links and anything that is not a regular file, the JSON records
 the checkpoint tree reads by name (`<project>/{metadata,file-manifests,vm-snapshots}/*.json`),
-and a VM disk image a `vm-snapshots/` record names (its internal snapshots live inside it).
+a VM disk image a `vm-snapshots/` record names (its internal snapshots live inside it), and
+the worker VM images under `<project>/vm-images/` (every VM's disk is an overlay backed by one).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def _skipped(path: Path, base: Path, policy: RetentionPolicy, images: set[Path])
     if path.name.endswith((SUFFIX, ".tmp")) or path in images:
         return True
     if any(fnmatchcase(path.name, p) for p in policy.protected_patterns):
+        return True
+    if len(rel.parts) > 2 and rel.parts[1] == "vm-images":
         return True
     return len(rel.parts) == 3 and rel.parts[1] in RECORD_FOLDERS and path.suffix == ".json"
 

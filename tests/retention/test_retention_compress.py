@@ -65,6 +65,13 @@ def ck(tmp_path: Path) -> Checkpoints:
         _put(base / "run.lock", b"", 90, now),
         _put(base / "archives" / "c2.tar.lz4.tmp", b"half", 90, now),
         _put(base / "young.txt", b"new", 7, now),  # exactly 7 days: still kept as it is
+        # A worker VM image (`autovibe vm image build`): VM disks are overlays backed by it.
+        _put(
+            root.root / "checkpoints" / "_platform" / "vm-images" / "k1" / "root.qcow2",
+            b"qcow2 base",
+            60,
+            now,
+        ),
     }
     outside = _put(tmp_path / "outside.bin", b"o" * 1000, 90, now)
     (base / "link.bin").symlink_to(outside)
