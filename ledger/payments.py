@@ -32,6 +32,7 @@ written before this are read as they are. The ledger names the payment id, never
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import fcntl
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,7 +65,7 @@ from budget import (
 from contracts.dataroot import DataRoot, atomic_write
 from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sealed, mask
 from ledger.book import QUANTUM, Ledger, LedgerError
-from ledger.methods import Charge, Fee, PaymentFailed, get_method
+from ledger.methods import Charge, Fee, PaymentFailed, get_method, mask_address
 
 PAYMENTS_FILE = "payments.yaml"
 """The broker's policy, in the configs folder."""
@@ -232,14 +234,19 @@ class TransactionLog:
         self._fields = fields
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, path: Path | None = None) -> Iterator[None]:
         DataRoot.ensure(self.path.parent)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path or self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    def deciding(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a purchase is decided and paid (threads and processes alike); apart
+        from the append lock, which recording an attempt takes inside it."""
+        return self._locked(self.path.with_name(self.path.name + ".decide.lock"))
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -321,6 +328,8 @@ class Broker:
             "agent": who.agent,
             **request.model_dump(mode="json"),
         }
+        if request.pay_to is not None:
+            entry["destination"] = masked_destination(request.pay_to)
         if request.pay_to is not None:  # encrypted from the start; decrypted only to charge
             try:
                 entry["pay_to"] = self.cipher().encrypt(FIELD_CONTEXT, request.pay_to)
@@ -356,18 +365,22 @@ class Broker:
         refusal = self._check_budget(who, amount + methods[0].max_fee, primary)
         if refusal is not None:
             return self._record(entry, "refused", *refusal)
-        today = self._today_sum(who, dt.datetime.fromtimestamp(self._clock(), dt.UTC).date())
-        if today + amount > self.policy.approval_threshold:
-            already = f" ({today:f} already today)" if today else ""
-            return self._record(
-                entry,
-                "pending_approval",
-                None,
-                f"{today + amount:f} {primary} for {who.machine or 'the operator'} today"
-                f"{already} is above the approval threshold "
-                f"{self.policy.approval_threshold:f}",
-            )
-        return self._execute(entry)
+        # One purchase of a project decided and paid at a time: two parts of a split purchase
+        # sent at once must not both see the day's sum without the other.
+        with self.log(who.project).deciding():
+            day = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
+            today = self._today_sum(who, day)
+            if today + amount > self.policy.approval_threshold:
+                already = f" ({today:f} already today)" if today else ""
+                return self._record(
+                    entry,
+                    "pending_approval",
+                    None,
+                    f"{today + amount:f} {primary} for {who.machine or 'the operator'} today"
+                    f"{already} is above the approval threshold "
+                    f"{self.policy.approval_threshold:f}",
+                )
+            return self._execute(entry)
 
     def approve(self, project: str, payment_id: str, by: str = "operator") -> dict[str, Any]:
         """Execute a payment that waits for approval; PaymentError when it does not wait."""
@@ -536,7 +549,7 @@ class Broker:
         entry.update(
             receipt=receipt.receipt_id,
             charged=receipt.charged,
-            destination=receipt.destination,
+            destination=receipt.destination or entry.get("destination"),
             **_fee_fields(receipt.fee, fee_primary),
         )
         if receipt.evidence:
@@ -650,6 +663,15 @@ def _cipher_from_env(root: DataRoot) -> FieldCipher:
     from secretstore import cipher_from_env  # the adapters load only when a field needs one
 
     return cipher_from_env(root)
+
+
+def masked_destination(pay_to: str) -> str:
+    """Where a payment goes, as the attempt log shows it in plain: a wallet's ends, a URL's
+    host, anything else masked."""
+    if ADDRESS.fullmatch(pay_to):
+        return mask_address(pay_to)
+    host = urlsplit(pay_to).netloc if pay_to.startswith(("https://", "http://")) else ""
+    return host.rpartition("@")[2] or mask(pay_to)
 
 
 def _destination_kind(pay_to: str | None) -> str:

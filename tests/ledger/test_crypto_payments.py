@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,21 @@ def test_reconcile_checks_payments_against_the_attempt_log(
     assert out.exit_code == 1
     assert f"{attempts[0]['id']}: amount differs" in out.output
     assert "pay_ghost: posted but not in the attempt log" in out.output
+
+
+def test_two_parts_sent_at_once_cannot_both_pass_the_threshold(
+    tmp_path: Path, chain: DevChain
+) -> None:
+    broker = make_broker(tmp_path, chain, approval_threshold="25")
+    shop = new_wallet()
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(
+            pool.map(
+                lambda _: broker.submit(request("15", "USDC", shop), Requester("demo", "m1")),
+                range(2),
+            )
+        )
+    assert sorted(p["status"] for p in parts) == ["completed", "pending_approval"]
+    assert chain.tokens_of(shop) == Decimal(15)
+    # Every attempt shows where the money was to go, masked, whatever its outcome.
+    assert {p["destination"] for p in parts} == {f"{shop[:6]}…{shop[-4:]}"}
