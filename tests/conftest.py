@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +20,16 @@ def demo_trial() -> dict[str, Any]:
     for task in data["tasks"]:
         task["repo"] = str((ROOT / "configs/trials" / task["repo"]).resolve())
     return data
+
+
+RECURSION_LIMIT = sys.getrecursionlimit()
+
+
+@pytest.fixture(autouse=True)
+def _recursion_limit() -> Iterator[None]:
+    """Each test starts at the interpreter's recursion limit: a library imported by an earlier
+    test in the same worker may have raised it (py_ecc, under web3, sets 100000), and then a
+    test of deeply nested input overflows the C stack (a segfault) instead of raising
+    RecursionError."""
+    sys.setrecursionlimit(RECURSION_LIMIT)
+    yield

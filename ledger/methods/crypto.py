@@ -13,18 +13,27 @@ still paid its fee.
 from __future__ import annotations
 
 import json
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from eth_account import Account
 from pydantic import BaseModel, ConfigDict, Field
-from web3 import Web3
-from web3.exceptions import TimeExhausted, Web3Exception
-from web3.providers import BaseProvider
 
 from contracts.secrets import SecretStore, SecretStoreError
 from ledger.methods import Charge, Fee, PaymentFailed, Receipt, mask_address, validated
+
+# py_ecc (under eth_account and web3) raises the whole process's recursion limit to 100000 when
+# imported. In the control API that serves purchases, json.loads of a deeply nested request
+# would then overflow the C stack and kill the process (a segfault) instead of raising
+# RecursionError, which the API answers as a bad request: the limit is put back.
+_RECURSION_LIMIT = sys.getrecursionlimit()
+from eth_account import Account  # noqa: E402
+from web3 import Web3  # noqa: E402
+from web3.exceptions import TimeExhausted, Web3Exception  # noqa: E402
+from web3.providers import BaseProvider  # noqa: E402
+
+sys.setrecursionlimit(_RECURSION_LIMIT)
 
 TESTER_SCHEME = "eth-tester://"
 NATIVE_GAS = 21_000
