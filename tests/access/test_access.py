@@ -33,7 +33,8 @@ def make_app(tmp_path: Path, **overrides: object) -> tuple[FastAPI, DataRoot]:
 
 @pytest.fixture(scope="module")
 def matrix_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, dict]]:
-    app, root = make_app(tmp_path_factory.mktemp("matrix"))
+    # Every route once per scope: more calls than a machine token's 10 a minute.
+    app, root = make_app(tmp_path_factory.mktemp("matrix"), rate_limit_machine=1000)
     store = TokenStore(root)
     tokens = {
         str(s): store.create(s, "p1", "m1" if s is TokenScope.machine else None)[1]
