@@ -192,6 +192,23 @@ class ProviderRow(BaseModel):
     errors: list[ProviderErrorCount] = []
 
 
+class PurchaseRow(BaseModel):
+    """A purchase an assignment of the trial asked for, in its latest state, with the reason it
+    gave and the free alternatives it said it considered."""
+
+    id: str
+    assignment: str | None
+    machine: str | None
+    item: str
+    amount: Decimal
+    currency: str
+    status: str
+    """completed, failed, refused or pending_approval."""
+    method: str | None = None
+    justification: str
+    free_alternatives: list[str] = []
+
+
 class TrialHead(_Json):
     """The trial the report is about."""
 
@@ -219,6 +236,8 @@ class TrialReport(TrialHead):
     local_share: LocalShare | None = None
     providers: list[ProviderRow] = []
     """Calls per provider with its errors counted by status and kind (429, 529, 5xx, cut)."""
+    purchases: list[PurchaseRow] = []
+    """What the trial's agents asked to buy (ledger.payments' attempt log), with their reasons."""
     alpha: float
     """Significance level of every comparison."""
     total_cost: Decimal

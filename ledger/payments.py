@@ -196,6 +196,9 @@ class Requester:
     project: str
     machine: str | None = None
     agent: str | None = None
+    trial: str | None = None
+    assignment: str | None = None
+    """Known when a worker asks with its machine credential; the trial report lists these."""
 
 
 def masked(entry: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +329,8 @@ class Broker:
             "project": who.project,
             "machine": who.machine,
             "agent": who.agent,
+            "trial": who.trial,
+            "assignment": who.assignment,
             **request.model_dump(mode="json"),
         }
         if request.pay_to is not None:

@@ -115,6 +115,9 @@ class ApiToken:
     machine: str | None = None
     """The machine a machine token speaks for: its purchases are charged to that machine's
     daily allowance. A worker's own machine credential (`av1.…`) carries it too."""
+    trial: str | None = None
+    assignment: str | None = None
+    """Of a worker's own machine credential: whose purchases these are (never stored)."""
 
 
 class TokenError(Exception):

@@ -130,6 +130,8 @@ class Guard:
             created="",
             project=identity.project,
             machine=identity.machine,
+            trial=identity.trial,
+            assignment=identity.assignment,
         )
 
     @staticmethod

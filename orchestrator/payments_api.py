@@ -103,7 +103,14 @@ def router(platform: Platform, guard: Callable[..., Any]) -> APIRouter:
         request = PaymentRequest.model_validate(
             body.model_dump(exclude={"project", "machine", "agent"})
         )
-        entry = broker(platform).submit(request, Requester(project, machine, body.agent))
+        who = Requester(
+            project,
+            machine,
+            body.agent,
+            trial=getattr(principal, "trial", None),
+            assignment=getattr(principal, "assignment", None),
+        )
+        entry = broker(platform).submit(request, who)
         if entry["status"] == "refused":
             code = 402 if entry["reason"] in _BUDGET_REASONS else 403
         else:

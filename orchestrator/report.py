@@ -40,11 +40,13 @@ from contracts.reports import (
     ModelPairRow,
     ProviderErrorCount,
     ProviderRow,
+    PurchaseRow,
     ReviewRun,
     TamperedRun,
     TrialHead,
     TrialReport,
 )
+from ledger.payments import TRANSACTIONS_FILE, TransactionLog
 from orchestrator import stats
 from orchestrator.platform import Platform
 from orchestrator.state import Assignment, Trial, stored_config
@@ -138,7 +140,34 @@ def build(platform: Platform, trial_id: str) -> TrialReport:
         )
         for p in platform.index.provider_calls(trial=trial_id)
     ]
-    return summarize(head, records, lambda usd: platform.in_currency(usd, currency), providers)
+    return summarize(
+        head,
+        records,
+        lambda usd: platform.in_currency(usd, currency),
+        providers,
+        purchases_of(platform, trial.project, trial_id),
+    )
+
+
+def purchases_of(platform: Platform, project: str, trial_id: str) -> list[PurchaseRow]:
+    """The trial's purchases, each in its latest state, from the project's attempt log."""
+    log = TransactionLog(platform.root.financial(project) / TRANSACTIONS_FILE)
+    latest = {e["id"]: e for e in log.entries() if e.get("trial") == trial_id}
+    return [
+        PurchaseRow(
+            id=e["id"],
+            assignment=e.get("assignment"),
+            machine=e.get("machine"),
+            item=e["item"],
+            amount=Decimal(e["amount"]),
+            currency=e["currency"],
+            status=e["status"],
+            method=e.get("method"),
+            justification=e["justification"],
+            free_alternatives=list(e.get("free_alternatives_considered") or []),
+        )
+        for e in latest.values()
+    ]
 
 
 def _record(a: Assignment) -> RunRecord:
@@ -167,9 +196,11 @@ def summarize(
     records: Sequence[RunRecord],
     to_currency: Callable[[Decimal], Decimal],
     providers: Sequence[ProviderRow] = (),
+    purchases: Sequence[PurchaseRow] = (),
 ) -> TrialReport:
     """Rows per agent × model pair, per agent and per model pair, and the pairwise tests;
-    `providers` (calls and errors per provider, from the traffic store) as they are."""
+    `providers` (calls and errors per provider, from the traffic store) and `purchases` (from
+    the attempt log) as they are."""
     rows = [
         ArmRow(agent=agent, model=model, **dict(_stats(group, to_currency)))
         for (agent, model), group in _grouped(records, lambda r: (r.agent, r.model))
@@ -234,6 +265,7 @@ def summarize(
         ],
         local_share=_local_share(records),
         providers=list(providers),
+        purchases=list(purchases),
         alpha=stats.ALPHA,
         total_cost=to_currency(total_usd),
         total_cost_usd=total_usd,
@@ -423,6 +455,17 @@ def provider_note(report: TrialReport) -> list[str]:
     return lines
 
 
+def purchase_note(report: TrialReport) -> list[str]:
+    """Lines under the table: each purchase asked for, its outcome, why, and what free
+    alternative its agent said it tried."""
+    return [
+        f"Purchase {p.id} ({p.machine or '-'}): {p.item}, {p.amount} {p.currency}, {p.status}"
+        f"{f' by {p.method}' if p.method else ''}; why: {p.justification}; free alternatives: "
+        f"{'; '.join(p.free_alternatives) or 'none stated'}"
+        for p in report.purchases
+    ]
+
+
 def _gate(row: ArmStats) -> str:
     return f"{row.accepted} / {row.needs_review}"
 
@@ -491,7 +534,7 @@ def render(report: TrialReport, console: Console) -> None:
     )
     for line in [*infra_note(report), *tamper_note(report)]:
         console.print(line, style="bold red", markup=False, highlight=False)
-    for line in provider_note(report):
+    for line in [*provider_note(report), *purchase_note(report)]:
         console.print(line, markup=False, highlight=False)
     for d in report.deferred:
         console.print(
@@ -610,6 +653,8 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
         "",
         *(f"- {_md_escape(line)}" for line in provider_note(report)),
         *([""] if report.providers else []),
+        *(f"- {_md_escape(line)}" for line in purchase_note(report)),
+        *([""] if report.purchases else []),
         "## Pairwise comparisons",
         "",
     ]

@@ -27,11 +27,14 @@ from budget import machine_scope, open_counters, project_scope
 from contracts.credentials import MachineIdentity, mint
 from contracts.dataroot import DataRoot
 from contracts.egress import payments_url
+from contracts.reports import TrialHead
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from ledger.book import Ledger
 from ledger.check import bean_check
 from ledger.payments import PaymentPolicy, TransactionLog, purchases_preamble
 from orchestrator.api import create_app
+from orchestrator.platform import Platform
+from orchestrator.report import purchase_note, purchases_of, summarize
 from proxy.launch import wait_ready
 from secretstore import store_from_env
 from tests.budget.budget_harness import Proxy, serve, start_proxy
@@ -86,7 +89,7 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
         data, configs, upstream, autovibe_broker=f"{settings.host}:{settings.api_port}"
     )
     try:
-        yield {"chain": chain, "proxy": proxy, "root": root, "policy": policy}
+        yield {"chain": chain, "proxy": proxy, "root": root, "settings": settings}
     finally:
         proxy.stop()
         server.should_exit = True
@@ -120,6 +123,7 @@ def buy(client: httpx.Client, credential: str, amount: str, pay_to: str, **extra
     )
 
 
+@pytest.mark.slow  # a mitmdump, an API and a chain: ~6 s on 2 loaded cores
 def test_an_agent_buys_through_the_proxy(stack: dict[str, Any]) -> None:
     chain, proxy, root = stack["chain"], stack["proxy"], stack["root"]
     shop = new_wallet()
@@ -174,6 +178,27 @@ def test_an_agent_buys_through_the_proxy(stack: dict[str, Any]) -> None:
         assert store.describe(project_scope("demo")).reserved == 0  # type: ignore[union-attr]
     finally:
         store.close()
+
+    # The trial report lists them, each in its latest state, with the reason and the free
+    # alternative its agent gave (the credential said which trial and assignment asked).
+    assert {(e["trial"], e["assignment"]) for e in log} == {("t1", "a-m1"), ("t1", "a-m2")}
+    platform = Platform.from_settings(stack["settings"])
+    purchases = purchases_of(platform, "demo", "t1")
+    assert [(p.assignment, p.status, str(p.amount)) for p in purchases] == [
+        ("a-m1", "completed", "10"),
+        ("a-m1", "completed", "10"),
+        ("a-m1", "refused", "10"),
+        ("a-m2", "completed", "15"),
+        ("a-m2", "pending_approval", "15"),
+    ]
+    assert purchases_of(platform, "demo", "another-trial") == []
+    head = TrialHead(id="t1", name="t", project="demo", status="running", currency="USD",
+                     created_at="2026-01-01T00:00:00Z", finished_at=None)  # fmt: skip
+    lines = purchase_note(summarize(head, [], lambda usd: usd, purchases=purchases))
+    assert lines[0] == (
+        f"Purchase {log[0]['id']} (m1): Weather API, 10 USDC, completed by usdc; "
+        "why: historical data the task needs; free alternatives: the free tier stops at 2020"
+    )
 
 
 def test_the_preamble_tells_how_to_buy() -> None:
