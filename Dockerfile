@@ -51,11 +51,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 # checkpoints; tmux: `autovibe worker attach`; qemu-utils: VM-disk checkpoints; libgomp1:
 # llama.cpp's OpenMP threads; postgresql-client: `autovibe backup` with a PostgreSQL state DB
 # (Debian 12 ships 15, the major version of the compose file's server: pg_dump must not be
-# older than the server); iproute2 + iptables: `sandbox.network: transparent` (needs NET_ADMIN).
+# older than the server); iproute2 + iptables: `sandbox.network: transparent` (needs NET_ADMIN);
+# chromium: the `card` payment method drives it with Playwright (no browser download).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       bubblewrap socat git tmux qemu-utils libgomp1 postgresql-client ca-certificates \
-      iproute2 iptables \
+      iproute2 iptables chromium \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 autovibe \
  && useradd --uid 10001 --gid autovibe --home-dir /home/autovibe --create-home autovibe \

@@ -24,7 +24,6 @@ TEST_ONLY = {
     "virt-xml-validate": "validates rendered libvirt domains in tests",
     "xmllint": "validates rendered XML in tests",
     "systemd-analyze": "validates rendered retention units in tests",
-    "chromium": "screenshots the Superset dashboard in tests",
     "c++": "compiles llama.cpp in `make setup`; the image's builder stage brings its own",
     "objdump": "reads the built llama.cpp's machine code in tests (test_portable_build)",
 }
