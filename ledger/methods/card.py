@@ -75,6 +75,9 @@ class MerchantFlow(_Strict):
 class CardSettings(_Strict):
     browser: str = "/usr/bin/chromium"
     """The Chromium to drive; Playwright's own browser downloads are not used."""
+    chromium_sandbox: bool = True
+    """Chromium's own sandbox; off where it cannot start (a container without user
+    namespaces). Always off as root, where Chromium refuses it."""
     timeout_s: float = Field(default=60, gt=0)
     """For each step, and for the outcome after the last one."""
     merchants: dict[str, MerchantFlow]
@@ -140,8 +143,7 @@ class Checkout:
             browser = pw.chromium.launch(
                 executable_path=self.settings.browser,
                 headless=True,
-                # As root Chromium's own sandbox cannot start; the broker's host is trusted.
-                chromium_sandbox=os.geteuid() != 0,
+                chromium_sandbox=self.settings.chromium_sandbox and os.geteuid() != 0,
             )
             try:
                 page = browser.new_page()
