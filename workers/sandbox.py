@@ -177,11 +177,13 @@ ENV_ALLOWED = frozenset({
     "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
     "OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL",
     "AUTOVIBE_MODEL", "AUTOVIBE_MODEL_ENDPOINT", "AUTOVIBE_MACHINE", "AUTOVIBE_ASSIGNMENT",
+    "AUTOVIBE_PAYMENTS_URL", "AUTOVIBE_MACHINE_TOKEN",
     "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM",
 })  # fmt: skip
 """Every variable an agent may be given, whatever its caller's environment holds (locale
 `LC_*` too). OPENAI_API_KEY is the placeholder the scheduler sets; the real keys never leave
-the proxy."""
+the proxy. AUTOVIBE_MACHINE_TOKEN is the credential already in the proxy URL, for the payment
+broker at AUTOVIBE_PAYMENTS_URL."""
 HOME_INSIDE = "/tmp"
 """HOME when the agent's adapter sets none: the sandbox's private /tmp."""
 PIDS_CGROUPS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))

@@ -29,6 +29,7 @@ from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Trial
+from workers.sandbox import allowed_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
 from proxy_harness import (
@@ -124,9 +125,11 @@ def submitted(stack: Stack, name: str, egress: dict[str, Any] | None) -> tuple[s
         spec = stack.scheduler._spec(config, trial_id, assignment)
     token = urlsplit(spec.env["HTTP_PROXY"]).password
     assert token is not None
-    # The same credential is the worker's bearer token for the payment broker, by name.
-    assert spec.env["AUTOVIBE_MACHINE_TOKEN"] == token
-    assert spec.env["AUTOVIBE_PAYMENTS_URL"] == payments_url(config.project)
+    # The same credential is the worker's bearer token for the payment broker, by name; the
+    # sandbox passes both to the agent.
+    agent_env = allowed_env(spec.env)
+    assert agent_env["AUTOVIBE_MACHINE_TOKEN"] == token
+    assert agent_env["AUTOVIBE_PAYMENTS_URL"] == payments_url(config.project)
     return assignment.id, token
 
 
