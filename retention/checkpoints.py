@@ -414,3 +414,43 @@ def vm_revert(image: Path, name: str) -> None:
     if name not in vm_snapshots(image):
         raise CheckpointError(f"{image} has no snapshot {name!r}")
     _qemu_img("snapshot", "-a", name, str(image))
+
+
+LIBVIRT_URI = "qemu:///system"
+
+
+def _virsh(*args: str) -> str:
+    if shutil.which("virsh") is None:
+        raise CheckpointError("virsh not found: install Debian package libvirt-clients")
+    proc = subprocess.run(
+        ["virsh", "-q", "-c", LIBVIRT_URI, *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise CheckpointError(f"virsh {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def vm_save(root: DataRoot, project: str, domain: str, name: str) -> dict[str, Any]:
+    """Snapshot `name` of the libvirt `domain` as it runs, its disk and its memory, kept inside
+    its qcow2 disk (internal snapshot; a read-only disk such as the cloud-init seed is left
+    out by libvirt), and record it as `vm_snapshot` does."""
+    disks = [line.split() for line in _virsh("domblklist", domain, "--details").splitlines()]
+    image = next((d[3] for d in disks if d[:3] == ["file", "disk", "vda"]), None)
+    if image is None:
+        raise CheckpointError(f"{domain} has no file disk vda to snapshot")
+    _virsh("snapshot-create-as", domain, name, "--atomic")
+    record = {
+        "name": name,
+        "image": image,
+        "domain": domain,
+        "created": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    path = _dirs(root, project)["vm-snapshots"] / f"{name}.json"
+    _write_atomic(path, json.dumps(record, indent=1).encode())
+    return record
+
+
+def vm_restore(domain: str, name: str) -> None:
+    """Return the libvirt `domain` to snapshot `name`: disk and memory as they were, running
+    if it ran then."""
+    _virsh("snapshot-revert", domain, name)

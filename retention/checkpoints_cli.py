@@ -116,3 +116,27 @@ def vm_revert(image: Path, name: str) -> None:
     except ck.CheckpointError as exc:
         raise _fail(str(exc)) from exc
     console.print(f"{image} reverted to {name}")
+
+
+@app.command("vm-save")
+def vm_save(
+    domain: str,
+    name: str,
+    project: Annotated[str, typer.Option(help="Project the VM worker belongs to.")],
+) -> None:
+    """Snapshot NAME of a running VM worker (libvirt DOMAIN): disk and memory, in its qcow2."""
+    try:
+        record = ck.vm_save(_root(), project, domain, name)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"snapshot {name} of {domain} ({record['image']})")
+
+
+@app.command("vm-restore")
+def vm_restore(domain: str, name: str) -> None:
+    """Return VM worker DOMAIN to snapshot NAME (disk and memory), running as it was."""
+    try:
+        ck.vm_restore(domain, name)
+    except ck.CheckpointError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"{domain} restored to {name}")

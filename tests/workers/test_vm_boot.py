@@ -198,3 +198,21 @@ def test_vnc_snapshot_is_a_png_of_the_desktop(booted: object, tmp_path: Path) ->
         assert picture.size == (1920, 1080)
     # VNC listens on the VM's loopback only: not on its network address.
     assert ssh("ss -Hltn 'sport = :5901'").stdout.split()[3].startswith(("127.0.0.1", "[::1]"))
+
+
+def test_a_running_vm_is_snapshotted_and_restored(booted: object) -> None:
+    """`autovibe checkpoints vm-save` keeps disk and memory inside the qcow2; `vm-restore`
+    brings both back, the VM running (last: it rewinds the VM)."""
+    mark = "echo {0} | sudo tee /root/mark >/dev/null && echo {0} > /dev/shm/mark && sync"
+    assert ssh(mark.format("before")).returncode == 0
+    save = _cli("checkpoints", "vm-save", NAME, "t1-000-vm", "--project", "p1", timeout=120)
+    assert save.returncode == 0, save.stderr
+    record = json.loads((CACHE / "checkpoints/p1/vm-snapshots/t1-000-vm.json").read_text())
+    assert record["image"] == f"/var/lib/libvirt/images/{NAME}.qcow2"
+    assert record["domain"] == NAME
+    assert ssh(mark.format("after")).returncode == 0
+    restore = _cli("checkpoints", "vm-restore", NAME, "t1-000-vm", timeout=120)
+    assert restore.returncode == 0, restore.stderr
+    assert vm_host.state(NAME) == "running"
+    back = ssh("sudo cat /root/mark /dev/shm/mark")  # disk, then memory (tmpfs)
+    assert back.stdout == "before\nbefore\n", back.stderr
