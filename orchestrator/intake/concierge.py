@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -34,10 +35,13 @@ from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.intake import ConciergeIntake
 from orchestrator.platform import Platform
 from orchestrator.taskstore import TaskStore
-from workers.agents import AGENTS
+from workers.agents import AGENTS, SPEAKS
 from workers.agents import install as agent_install
 
 MACHINE = "concierge"
+HARNESS_AGENTS = frozenset({"command"})
+"""Agents a draft never names: `command` runs a program the trial gives, not a coding agent."""
+_MONEY = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([A-Z]{3})\b")
 SLUG = "^[a-z][a-z0-9-]{2,30}$"
 REQUIRED = ("name", "project", "budget", "agents", "unknown_agents", "model_pairs", "tasks")
 """Every field of a draft is written, so the grammar leaves the model no way to stop early."""
@@ -56,6 +60,8 @@ class ConciergeDraft(BaseModel):
     """The trial as drafted (TrialConfig fields; submit it as it is once `valid`)."""
     problems: list[str]
     """What would stop the trial, each naming the field: empty when `valid`."""
+    notes: list[str] = []
+    """What was changed in the model's draft, and why (the request's own budget, repeats)."""
     valid: bool
     tokens: int = 0
     """Prompt and answer tokens the model plane reported for this draft (metered)."""
@@ -85,8 +91,15 @@ def choices_for(platform: Platform) -> Choices:
     )
     reserved = {"mirrors", "trees", "sources"}
     cpu_pairs = [n for n, p in platform.catalog.models.pairs.items() if p.device == "cpu"]
+    runnable = [
+        name
+        for name in sorted(AGENTS)
+        if name not in HARNESS_AGENTS
+        and SPEAKS.get(name)
+        and agent_install.is_installed(name, platform.root.root)
+    ]
     return Choices(
-        agents=sorted(AGENTS),
+        agents=runnable,
         pairs=sorted(cpu_pairs),
         currencies=sorted(platform.catalog.prices.fx),
         repos=[r for r in repos if r.rsplit("/", 1)[-1] not in reserved],
@@ -97,7 +110,7 @@ def choices_for(platform: Platform) -> Choices:
 def draft_schema(choices: Choices) -> dict[str, Any]:
     """The JSON Schema the model's answer must satisfy: TrialConfig's required fields, with
     what exists here as enums and every free text bounded, so the answer always ends."""
-    text = {"type": "string", "minLength": 1, "maxLength": 200}
+    text = {"type": "string", "minLength": 1, "maxLength": 100}
     task = {
         "type": "object",
         "properties": {
@@ -166,7 +179,7 @@ def instructions(choices: Choices) -> str:
         "You turn an operator's request into a draft trial for autovibe, which runs coding "
         "agents on tasks and compares them. Answer with one JSON object only.\n"
         f"Agents: {', '.join(choices.agents)}. Any agent the request names that is not in "
-        "this list goes into unknown_agents, spelled as in the request.\n"
+        "this list goes into unknown_agents, spelled as in the request; name each once.\n"
         f"Model pairs: {', '.join(choices.pairs)}.\n"
         f"Currencies: {', '.join(choices.currencies)}; the budget is the most the request "
         "allows to spend (amount and currency as it says them).\n"
@@ -193,10 +206,26 @@ def review(
         )  # fmt: skip
     if not isinstance(draft, dict):
         draft = {}
-    problems = [
-        f"agents: unknown agent {name!r}; known: {', '.join(sorted(AGENTS))}"
-        for name in draft.pop("unknown_agents", None) or []
-    ]
+    notes = _tidy(request, draft)
+    problems = []
+    choices = choices_for(platform)
+    other_names = {
+        *(r.rsplit("/", 1)[-1] for r in choices.repos),
+        *choices.task_sets,
+        *choices.pairs,
+    }
+    for name in draft.pop("unknown_agents", None) or []:
+        if name in draft.get("agents", []):
+            continue  # the model listed it twice
+        if name in other_names or name.lower() not in request.lower():
+            # A small model's slip: a task folder, set or pair, or a name never asked for.
+            notes.append(f"unknown_agents: {name!r} dropped: not an agent the request names")
+            continue
+        if name in AGENTS:
+            problems.append(f"agents: {agent_install.install_hint(name)}")
+        else:
+            known = ", ".join(sorted(set(AGENTS) - HARNESS_AGENTS))
+            problems.append(f"agents: unknown agent {name!r}; known: {known}")
     try:
         trial = TrialConfig.model_validate(draft, context=platform.catalog.validation_context())
     except ValidationError as exc:
@@ -210,8 +239,37 @@ def review(
             if not agent_install.is_installed(name, platform.root.root)
         ]
     return ConciergeDraft(
-        request=request, draft=draft, problems=problems, valid=not problems, tokens=tokens
-    )
+        request=request, draft=draft, problems=problems, notes=notes, valid=not problems,
+        tokens=tokens,
+    )  # fmt: skip
+
+
+def _tidy(request: str, draft: dict[str, Any]) -> list[str]:
+    """Naive fixes a small model needs, each noted: a list's repeats dropped (a grammar cannot
+    forbid them), and the budget the request states in so many words (`5 CAD`) kept over the
+    model's figure."""
+    notes = []
+    for key in ("agents", "model_pairs", "unknown_agents"):
+        items = draft.get(key)
+        if isinstance(items, list) and len(set(map(str, items))) < len(items):
+            draft[key] = list(dict.fromkeys(items))
+            notes.append(f"{key}: repeats dropped")
+    stated = {(Decimal(n), c) for n, c in _MONEY.findall(request)}
+    budget = draft.get("budget")
+    if len(stated) == 1 and isinstance(budget, dict):
+        ((amount, currency),) = stated
+        written = (budget.get("amount"), budget.get("currency"))
+        try:
+            same = Decimal(str(written[0])) == amount and written[1] == currency
+        except InvalidOperation:
+            same = False
+        if not same:
+            draft["budget"] = {**budget, "amount": str(amount), "currency": currency}
+            notes.append(
+                f"budget: {amount} {currency} as the request says (the model wrote "
+                f"{written[0]} {written[1]})"
+            )
+    return notes
 
 
 def _budget_problems(

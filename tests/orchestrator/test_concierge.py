@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import jsonschema
 import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from contracts.config import TrialConfig
+from contracts.config import TrialConfig, load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator.api import create_app
 from orchestrator.intake.concierge import choices_for, draft_schema
 from orchestrator.platform import Platform
 from proxy.launch import mitmdump_argv, wait_ready
+from serving.llamacpp import server_argv
 from tests.serving.model_harness import deterministic_server
 from tests.workers.worker_harness import direct_env, stop
 
@@ -62,9 +66,10 @@ def draft(name: str, agents: list[str], repos: list[str], amount: float, **extra
 
 SCRIPT = [
     draft("fix-mathkit", ["builtin"], ["mathkit"], 5),
-    draft("text-and-seq", ["builtin"], ["textkit", "seqkit"], 2),
+    # A small model's figures: the budget the request states wins, repeats are dropped.
+    draft("text-and-seq", ["builtin", "builtin"], ["textkit", "seqkit"], 100),
     draft("all-three", ["builtin"], ["mathkit", "textkit", "seqkit"], 1.5),
-    draft("with-foobot", ["builtin"], ["mathkit"], 5, unknown_agents=["foobot"]),
+    draft("with-foobot", ["builtin"], ["mathkit"], 5, unknown_agents=["aider", "foobot"]),
     draft("on-a-shoestring", ["builtin"], ["mathkit", "textkit", "seqkit"], 0.01),
     draft("off-schema", ["builtin", "gpt-engineer"], ["mathkit"], 5),
 ]
@@ -72,7 +77,7 @@ REQUESTS = [
     "Run the builtin agent on mathkit's failing tests, 5 CAD max.",
     "Try builtin on textkit and seqkit with the tiny pair, no more than 2 CAD.",
     "All three example repos with builtin, 1.50 CAD.",
-    "Compare foobot and builtin on mathkit, 5 CAD max.",
+    "Compare aider, foobot and builtin on mathkit, 5 CAD max.",
     "All three example repos with builtin for one cent.",
     "Anything at all.",
 ]
@@ -84,9 +89,10 @@ class Stack:
     platform: Platform
 
 
-def _settings(tmp: Path) -> Settings:
+def _settings(tmp: Path, timeout_s: float = 60) -> Settings:
     intake = tmp / "intake.yaml"
-    intake.write_text(yaml.safe_dump({"concierge": {"project": "concierge", "budget": "1"}}))
+    concierge = {"project": "concierge", "budget": "1", "timeout_s": timeout_s}
+    intake.write_text(yaml.safe_dump({"concierge": concierge}))
     return Settings(
         data=tmp / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
         proxy_port=free_port(), model_port=free_port(), intake_config=intake,
@@ -136,8 +142,16 @@ def test_requests_become_drafts_with_their_problems_stated_and_metered(stack: St
     foobot, shoestring = answers[3], answers[4]
     assert not foobot["valid"]
     assert foobot["problems"] == [
-        "agents: unknown agent 'foobot'; known: aider, builtin, claude-code, command, "
-        "cursor-cli, mini-swe-agent, qwen-code"
+        "agents: agent 'aider' is not installed: run `autovibe agents install aider`",
+        "agents: unknown agent 'foobot'; known: aider, builtin, claude-code, cursor-cli, "
+        "mini-swe-agent, qwen-code",
+    ]
+    second = answers[1]
+    assert second["draft"]["budget"] == {"amount": "2", "currency": "CAD"}
+    assert second["draft"]["agents"] == ["builtin"]
+    assert second["notes"] == [
+        "agents: repeats dropped",
+        "budget: 2 CAD as the request says (the model wrote 100 CAD)",
     ]
     assert not shoestring["valid"]
     (budget,) = shoestring["problems"]
@@ -165,8 +179,15 @@ def test_the_draft_schema_compiles_to_a_llama_cpp_grammar(stack: Stack) -> None:
     schema = draft_schema(choices_for(stack.platform))
     grammar = json_schema_to_gbnf(json.dumps(schema))
     # Every choice is a literal of the grammar: the model can write nothing else there.
-    for name in ("builtin", "claude-code", "tiny", str(EXAMPLES / "mathkit")):
-        assert json.dumps(name) in grammar or name in grammar
+    choices = choices_for(stack.platform)
+    assert choices.agents == ["builtin"]  # what is installed here and speaks to a pair
+
+    def literal(name: str) -> str:  # a JSON string as GBNF writes it: "\"name\""
+        return '\\"' + name + '\\"'
+
+    for name in (*choices.agents, *choices.pairs, str(EXAMPLES / "mathkit")):
+        assert literal(name) in grammar
+    assert literal("claude-code") not in grammar and literal("command") not in grammar
     assert "unknown_agents" in grammar
 
 
@@ -177,3 +198,48 @@ def test_the_concierge_is_off_unless_configured(tmp_path: Path) -> None:
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         resp = client.post("/v1/concierge", json={"request": "anything"})
     assert resp.status_code == 404 and "not configured" in resp.json()["detail"]
+
+
+# On demand (`pytest -m live -k tiny_model`): the tiny model writes ~390 tokens under the
+# grammar, 40 s on an idle 2-core machine and 160 s on a loaded one, beyond the suite's budget.
+@pytest.mark.live
+@pytest.mark.model
+@pytest.mark.slow
+def test_the_tiny_model_writes_a_draft_within_the_schema(tmp_path: Path) -> None:
+    """The real model plane: llama.cpp's grammar from the schema keeps the tiny model to known
+    agents, pairs and folders; the naive draft that comes back validates as a trial."""
+    settings = _settings(tmp_path, timeout_s=600)  # ~8 tokens/s under the grammar, 2 cores
+    DataRoot.ensure(settings.data)
+    log_path = settings.data / "llamacpp.log"
+    with log_path.open("wb") as log:
+        model = subprocess.Popen(
+            server_argv(settings, load_models(settings.configs)), stdout=log,
+            stderr=subprocess.STDOUT, env=direct_env(), cwd=settings.data,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not _serving(settings):
+            assert model.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        with _proxy_and_api(settings) as running:
+            resp = running.api.post("/v1/concierge", json={"request": REQUESTS[1]})
+            assert resp.status_code == 200, resp.text
+            answer = resp.json()
+            schema = draft_schema(choices_for(running.platform))
+    finally:
+        stop(model)
+    # Naive perhaps, but JSON of the schema (known agents, pairs, folders only) and a trial.
+    print(json.dumps(answer, indent=1))
+    written = answer["draft"]  # the budget as the request states it is a decimal string
+    budget = {**written["budget"], "amount": float(written["budget"]["amount"])}
+    jsonschema.validate({**written, "budget": budget, "unknown_agents": []}, schema)
+    assert answer["valid"], answer["problems"]
+    assert answer["draft"]["budget"] == {"amount": "2", "currency": "CAD"}
+    assert answer["tokens"] > 0
+
+
+def _serving(settings: Settings) -> bool:
+    try:
+        return httpx.get(f"{settings.model_url}/models", trust_env=False, timeout=2).is_success
+    except httpx.TransportError:
+        return False
