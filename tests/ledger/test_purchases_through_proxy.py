@@ -10,7 +10,10 @@ two under the approval threshold, and the second part waits for the operator.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ import uvicorn
 import yaml
 
 from budget import machine_scope, open_counters, project_scope
-from contracts.credentials import MachineIdentity, mint
+from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.egress import payments_url
 from contracts.reports import TrialHead
@@ -39,6 +42,8 @@ from proxy.launch import wait_ready
 from secretstore import store_from_env
 from tests.budget.budget_harness import Proxy, serve, start_proxy
 from tests.ledger.chain_harness import DevChain, new_wallet
+from workers import sandbox
+from workers.spec import AssignmentSpec, SandboxSpec
 
 THRESHOLD = "25"
 
@@ -208,3 +213,74 @@ def test_the_preamble_tells_how_to_buy() -> None:
     assert "free_alternatives_considered" in text
     assert f"above {policy.approval_threshold:f}" in text
     assert purchases_preamble(PaymentPolicy(approval_threshold=Decimal(1))) == ""
+
+
+BUYER = """
+import json, os, urllib.request
+request = urllib.request.Request(
+    os.environ["AUTOVIBE_PAYMENTS_URL"],
+    data=json.dumps({
+        "item": "Weather API", "amount": "5", "currency": "USDC",
+        "justification": "historical data the task needs",
+        "free_alternatives_considered": ["the free tier stops at 2020"],
+        "pay_to": os.environ["SHOP"],
+    }).encode(),
+    headers={"Authorization": "Bearer " + os.environ["AUTOVIBE_MACHINE_TOKEN"],
+             "Content-Type": "application/json"},
+)
+try:
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        print(json.dumps({"code": reply.status, **json.load(reply)}))
+except urllib.error.HTTPError as exc:
+    print(json.dumps({"code": exc.code, "body": exc.read().decode()}))
+"""
+
+
+@pytest.mark.slow  # the stack, then the runner with bubblewrap and the proxy bridge: ~10 s
+def test_a_sandboxed_agent_buys_with_what_the_scheduler_gives_it(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """The `command` agent in bubblewrap, with only the variables the sandbox lets through,
+    asks the broker by name through its bridged proxy and is paid for."""
+    sandbox.require_tools()
+    proxy, root, chain = stack["proxy"], stack["root"], stack["chain"]
+    identity = MachineIdentity(
+        project="demo", trial="t2", assignment="a-sandboxed", machine="m2",
+        expires=time.time() + 600,
+    )  # fmt: skip
+    credential = mint(proxy.key, identity)
+    through = proxy_url("127.0.0.1", proxy.settings.proxy_port, "m2", credential)
+    shop = new_wallet()
+    buyer = tmp_path / "buyer.py"
+    buyer.write_text(BUYER.replace('os.environ["SHOP"]', repr(shop)))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("a task\n")
+    artifacts = DataRoot.ensure(root.assignment_dir("demo", "t2", "a-sandboxed"))
+    spec = AssignmentSpec(
+        assignment="a-sandboxed", project="demo", trial="t2", machine="m2", task_id="buy",
+        repo=repo, prompt="buy", test_command="true", fail_to_pass=["x"], pass_to_pass=[],
+        timeout_s=60, agent="command", agent_command=[sys.executable, str(buyer)],
+        model="tiny", endpoint="http://127.0.0.1:9/v1",
+        env={
+            "HTTP_PROXY": through, "http_proxy": through,
+            "AUTOVIBE_PAYMENTS_URL": payments_url("demo"),
+            "AUTOVIBE_MACHINE_TOKEN": credential,
+            "AUTOVIBE_ASSIGNMENT": "a-sandboxed",
+        },
+        artifacts=artifacts, data_root=root.root,
+        sandbox=SandboxSpec(
+            proxy_host="127.0.0.1", proxy_port=proxy.settings.proxy_port, memory_mb=1024,
+            cpus=1.0, hidden=[root.root], read_only=[buyer],
+        ),
+    )  # fmt: skip
+    (artifacts / "spec.json").write_text(spec.model_dump_json())
+    subprocess.run(
+        [sys.executable, "-m", "workers.runner", str(artifacts / "spec.json")],
+        capture_output=True, timeout=180, check=False,
+    )  # fmt: skip
+    log = (artifacts / "agent.log").read_text(errors="replace")
+    replies = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert replies and replies[-1]["code"] == 201, log
+    assert (replies[-1]["status"], replies[-1]["assignment"]) == ("completed", "a-sandboxed")
+    assert chain.tokens_of(shop) == Decimal(5)
