@@ -10,8 +10,11 @@ full chart, file layout and posting rules are in docs/ledger.md):
   of their machine, apportioned by tokens), posted hourly per machine × model with a leg per
   assignment (`ledger.posting`).
 - `Expenses:Compute:VM:<Machine>`: worker VM time per assignment, priced per driver.
-- `Expenses:Purchases:<Item>`: payments; `Income:Revenue:<Source>` into
+- `Expenses:Purchases:<Item>`: payments, with their fee as its own leg `Expenses:Fees:<Method>`
+  (a failed attempt's fee alone, marked `<payment>/<attempt>`); `Income:Revenue:<Source>` into
   `Assets:Receipts:<Project>`: revenue; one transaction each.
+- `Expenses:Sandbox:<Item>` against `Equity:Sandbox`: sandbox charges, which moved no money;
+  never spend, never drawn from the budget.
 
 Writes go through `ledger.book.Ledger`, which validates each change against the ledger's head
 before atomic replaces, so the files on disk always pass `bean-check`.
