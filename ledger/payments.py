@@ -38,6 +38,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets as random
@@ -67,6 +68,8 @@ from contracts.secrets import FieldCipher, SecretStore, SecretStoreError, is_sea
 from ledger.book import QUANTUM, Ledger, LedgerError
 from ledger.methods import Charge, Fee, PaymentFailed, get_method, mask_address
 
+log = logging.getLogger(__name__)
+
 PAYMENTS_FILE = "payments.yaml"
 """The broker's policy, in the configs folder."""
 TRANSACTIONS_FILE = "transactions.json"
@@ -92,7 +95,7 @@ Reason = Literal[
     "no_method",
     "method_failed",
     "fields_unavailable",
-    "no_machine",
+    "outcome_unknown",
 ]
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 COUNTED = ("completed", "pending_approval")
@@ -481,7 +484,7 @@ class Broker:
         recorded: dict[str, Any] = {}
         for attempt, method in enumerate(methods, start=1):
             recorded = self._attempt({**entry, "method": method.name}, method, pay_to, attempt)
-            if recorded["status"] != "failed":
+            if recorded["status"] != "failed" or recorded["reason"] == "outcome_unknown":
                 break
         return recorded
 
@@ -534,7 +537,7 @@ class Broker:
                 receipt = get_method(method.adapter, method.settings).charge(
                     charge, secrets, method.secret
                 )
-            except (PaymentFailed, ValueError) as exc:
+            except (PaymentFailed, ValueError, SecretStoreError) as exc:
                 fee = exc.fee if isinstance(exc, PaymentFailed) else None
                 fee_primary = self._fee_primary(fee, primary)
                 store.settle(reservation, fee_primary, "payment failed", self._clock())
@@ -546,6 +549,20 @@ class Broker:
                 if fee_primary:
                     self._post_fee(entry, method, fee, fee_primary)
                 return failed
+            except Exception as exc:
+                # A method that broke in a way it did not report: whether money moved is not
+                # known. The attempt is recorded, the reservation kept whole (settled at what
+                # was reserved) and no other method is tried: the operator looks first.
+                log.exception("payment %s: %s failed unexpectedly", entry["id"], method.name)
+                held_amount = amount + method.max_fee
+                store.settle(reservation, held_amount, "payment outcome unknown", self._clock())
+                return self._record(
+                    entry,
+                    "failed",
+                    "outcome_unknown",
+                    f"{type(exc).__name__}: {exc}; whether money moved is not known: "
+                    f"{held_amount:f} {primary} kept on the budget, nothing posted",
+                )
             fee_primary = self._fee_primary(receipt.fee, primary)
             cost = amount + fee_primary if receipt.charged else Decimal(0)
             store.settle(reservation, cost, "payment", self._clock())
@@ -579,13 +596,17 @@ class Broker:
         return recorded
 
     def _fee_primary(self, fee: Fee | None, primary: str) -> Decimal:
-        """A fee in the primary currency; a coin without a rate is an error in the policy."""
+        """A fee in the primary currency. A coin without a rate is an error in the policy, but
+        the money has moved by now: the attempt is recorded with the fee in its coin only, the
+        fee left out of the books, and the error logged."""
         if fee is None or not fee.amount:
             return Decimal(0)
         try:
             return convert(fee.amount, fee.currency, primary, self.rates)
         except KeyError as exc:
-            raise PaymentError(f"payments.yaml asset_rates: {exc.args[0]}") from exc
+            log.error("payments.yaml asset_rates: %s; fee of %s %s not posted",
+                      exc.args[0], fee.amount, fee.currency)  # fmt: skip
+            return Decimal(0)
 
     def _post_fee(
         self, entry: dict[str, Any], method: MethodConfig, fee: Fee | None, primary: Decimal
