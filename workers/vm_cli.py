@@ -182,33 +182,39 @@ def up(
     from workers import vm_host, vm_image
 
     root = _root()
-    variables = {**_variables(vars_file, var), "name": name}
-    files = vm_host.VmFiles.of(root, name)
-    if vm_host.state(name) is not None:
-        raise _fail(f"libvirt already has a domain {name!r}: `autovibe vm down {name}` first")
+    recipe = vm_image.ImageRecipe()
+    installed = vm_host.installed(recipe.key())
+    variables = {
+        "disk_path": str(vm_host.LIBVIRT_IMAGES / f"{name}.qcow2"),
+        "seed_path": str(vm_host.LIBVIRT_IMAGES / f"{name}-seed.iso"),
+        **_variables(vars_file, var),
+        "name": name,
+        "image": str(installed.disk),
+        "kernel": str(installed.kernel),
+        "initrd": str(installed.initrd),
+        "cmdline": recipe.cmdline,
+        "provisioned": True,
+    }
     if "accel" not in variables:
         variables["accel"], why = vm_host.accelerator()
         err.print(f"accelerator: {variables['accel']} ({why})", highlight=False)
-    try:
-        image, built = vm_image.build(vm_image.ImageRecipe(), root)
-        installed = vm_host.install_image(image)
-        variables.setdefault("disk_path", str(vm_host.LIBVIRT_IMAGES / f"{name}.qcow2"))
-        variables.setdefault("seed_path", str(vm_host.LIBVIRT_IMAGES / f"{name}-seed.iso"))
-        variables.update(
-            kernel=str(installed.kernel),
-            initrd=str(installed.initrd),
-            cmdline=installed.cmdline,
-            image=str(installed.disk),
-            provisioned=True,
-        )
+    try:  # rendered first: a missing variable is reported before any build or libvirt call
         spec, rest = vm.split_vars(variables)
-        vm.write(vm.render(template, spec, rest), files.folder)
+        rendered = vm.render(template, spec, rest)
+    except vm.VmTemplateError as exc:
+        raise _fail(str(exc)) from exc
+    operators = rest.get("operators") or []
+    user = str(operators[0]["name"]) if operators else "root"
+    files = vm_host.VmFiles.of(root, name)
+    try:
+        if vm_host.state(name) is not None:
+            raise _fail(f"libvirt already has a domain {name!r}: `autovibe vm down {name}` first")
+        vm.write(rendered, files.folder)
         files.spec_path.write_text(spec.model_dump_json(indent=2))
-        operators = rest.get("operators") or []
-        user = operators[0]["name"] if operators else "root"
-        files.access_path.write_text(
-            json.dumps({"user": user, "identity": str(identity) if identity else None})
-        )
+        access = {"user": user, "identity": str(identity.resolve()) if identity else None}
+        files.access_path.write_text(json.dumps(access))
+        image, built = vm_image.build(recipe, root)
+        vm_host.install_image(image)
         vm_host.ensure_network(spec.network, spec.host_cidr, files.folder)
         vm_host.make_disk(spec, installed)
         vm_host.make_seed(spec, files.folder / "user-data", files.folder / "meta-data")
@@ -218,7 +224,7 @@ def up(
         if not wait:
             return
         address, _ = vm_host.wait_ready(spec, user, identity, files.known_hosts, timeout)
-    except (vm.VmTemplateError, vm_image.ImageError, vm_host.VmHostError) as exc:
+    except (vm_image.ImageError, vm_host.VmHostError) as exc:
         raise _fail(str(exc), code=1) from exc
     files.spec_path.write_text(spec.model_copy(update={"address": address}).model_dump_json())
     err.print(f"{name}: cloud-init done {time.monotonic() - started:.0f} s after start")

@@ -153,10 +153,15 @@ class VmFiles:
         return VmSpec.model_validate_json(self.spec_path.read_text())
 
 
+def installed(key: str) -> VmImage:
+    """Where `install_image` puts the image of this key."""
+    return VmImage(LIBVIRT_IMAGES / f"autovibe-{key}")
+
+
 def install_image(image: VmImage) -> VmImage:
     """The image copied into libvirt's image folder (once per key), where the unprivileged
     qemu process may read it; the data root stays private to its owner."""
-    target = VmImage(LIBVIRT_IMAGES / f"autovibe-{image.folder.name}")
+    target = installed(image.folder.name)
     if target.complete():
         return target
     part = target.folder.with_name(target.folder.name + f".part-{os.getpid()}")
