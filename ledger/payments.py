@@ -681,7 +681,8 @@ def purchases_preamble(policy: PaymentPolicy | None) -> str:
         f"pay_to.{free}{crypto}{card} Purchases count against this machine's daily "
         "allowance and the project budget; above "
         f"{policy.approval_threshold:f} (primary currency) in a day, counting what this machine "
-        "already bought, a purchase waits for the operator's approval (HTTP 202).\n\n"
+        "already bought, a purchase waits for the operator's approval (HTTP 202); "
+        "GET $AUTOVIBE_PAYMENTS_URL/<id> with the same header says when it was paid.\n\n"
     )
 
 

@@ -87,6 +87,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/projects/{project}/payments"): Rule(
         _WRITE | {TokenScope.machine}, machine_project_param="project"
     ),
+    ("GET", "/v1/projects/{project}/payments/{payment_id}"): Rule(
+        _READ | {TokenScope.machine}, machine_project_param="project"
+    ),
     ("POST", "/v1/projects/{project}/revenue"): Rule(
         _WRITE | {TokenScope.machine}, machine_project_param="project"
     ),

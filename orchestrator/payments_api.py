@@ -1,4 +1,5 @@
-"""Control API for money coming in and going out: `POST /v1/payments`, `POST /v1/revenue`.
+"""Control API for money coming in and going out: `POST /v1/payments`, `POST /v1/revenue`, and
+`GET /v1/projects/{project}/payments/{id}` (a payment's latest state).
 
 Mounted by `create_app` with the API's own guard dependency. The guard returns who calls:
 None (or an object whose `project` is None) for the operator, who may act for any project;
@@ -21,6 +22,7 @@ from ledger.book import LedgerError
 from ledger.payments import (
     PAYMENTS_FILE,
     Broker,
+    PaymentError,
     PaymentPolicy,
     PaymentRequest,
     Requester,
@@ -61,7 +63,8 @@ def broker(platform: Platform) -> Broker:
 def _acting(principal: Any, project: str, machine: str | None) -> tuple[str, str | None]:
     """(project, machine) the caller may act as; 403 when a machine reaches past its project."""
     own_project = getattr(principal, "project", None)
-    if own_project is None:
+    # Only a machine is held to its project: another token's project is a label.
+    if own_project is None or str(getattr(principal, "scope", "machine")) != "machine":
         return project, machine
     if own_project != project:
         raise HTTPException(403, f"a machine of project {own_project!r} cannot act for {project!r}")
@@ -116,6 +119,20 @@ def router(platform: Platform, guard: Callable[..., Any]) -> APIRouter:
         else:
             code = _STATUS_CODES[entry["status"]]
         return JSONResponse(entry, status_code=code)
+
+    @api.get("/v1/projects/{project}/payments/{payment_id}")
+    def payment_state(project: str, payment_id: str, principal: Any = caller) -> JSONResponse:
+        """A payment's latest state (a held one once the operator approved it); a machine
+        sees only its own machine's payments."""
+        project, machine = _acting(principal, project, None)
+        try:
+            history = broker(platform).history(payment_id, project=project)
+        except PaymentError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        latest = history[-1] if history else None
+        if latest is None or (machine is not None and latest.get("machine") != machine):
+            raise HTTPException(404, f"no payment {payment_id!r} of yours in {project!r}")
+        return JSONResponse(latest)
 
     @api.post("/v1/revenue", status_code=201)
     def revenue(body: RevenueBody, principal: Any = caller) -> dict[str, Any]:

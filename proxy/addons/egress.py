@@ -15,8 +15,9 @@ pure matching: no I/O per request.
 
 One service of this host is reached by name instead: the payment broker. A worker's
 `POST http://broker.autovibe/v1/projects/<its project>/payments` (plain HTTP through the proxy,
-`BROKER_HOST`) is sent to the control API at `autovibe_broker` (`host:port`); any other method,
-path or project on that name is refused, as is the name when no broker is configured. The
+`BROKER_HOST`), or `GET …/payments/<id>` to see whether a held one was approved, is sent to the
+control API at `autovibe_broker` (`host:port`); any other method, path or project on that name
+is refused, as is the name when no broker is configured. The
 worker authenticates to the API with its own machine credential (`Authorization: Bearer`), which
 the API verifies again: the proxy only opens the one door.
 
@@ -33,6 +34,7 @@ answered REFUSED, never forwarded.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 
 from mitmproxy import ctx, dns, exceptions, flow, http, tcp
@@ -58,6 +60,7 @@ POLICIES_KEPT = 1024
 """Policies of credentials kept parsed (one per distinct allowlist); dropped when full."""
 PROXY_LISTS = ("AUTOVIBE_EGRESS_ALLOW", "AUTOVIBE_EGRESS_TCP_ALLOW")
 CREDENTIAL_LISTS = ("the trial's egress.allow", "the trial's egress.tcp_allow")
+PAYMENT_ID = re.compile(r"pay_[0-9a-f]{1,32}")
 
 
 def parse_ports(value: str) -> frozenset[int]:
@@ -79,6 +82,14 @@ def parse_broker(value: str) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise exceptions.OptionsError(f"autovibe_broker: {value!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+def _broker_route(method: str, path: str, payments: str) -> bool:
+    """A purchase request (`POST payments`) or a look at one (`GET payments/<id>`)."""
+    if method == "POST":
+        return path == payments
+    tail = path.removeprefix(payments + "/")
+    return method == "GET" and tail != path and PAYMENT_ID.fullmatch(tail) is not None
 
 
 @dataclass(frozen=True)
@@ -304,8 +315,8 @@ class Egress:
             why = "only a worker with its machine credential may ask the broker"
         elif request.method == "CONNECT" or request.scheme != "http":
             why = f"use plain http://{BROKER_HOST}/ through the proxy"
-        elif request.method != "POST" or request.path.split("?")[0] != expected:
-            why = f"only POST {expected} is served here"
+        elif not _broker_route(request.method, request.path.split("?")[0], expected or ""):
+            why = f"only POST {expected} and GET {expected}/<id> are served here"
         if why is not None or self.broker is None:
             refuse(
                 flow,

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import uvicorn
 import yaml
+from typer.testing import CliRunner
 
 from budget import machine_scope, open_counters, project_scope
 from contracts.credentials import MachineIdentity, mint, proxy_url
@@ -34,6 +35,7 @@ from contracts.reports import TrialHead
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from ledger.book import Ledger
 from ledger.check import bean_check
+from ledger.cli import payments_app
 from ledger.payments import PaymentPolicy, TransactionLog, purchases_preamble
 from orchestrator.api import create_app
 from orchestrator.platform import Platform
@@ -204,6 +206,22 @@ def test_an_agent_buys_through_the_proxy(stack: dict[str, Any]) -> None:
         f"Purchase {log[0]['id']} (m1): Weather API, 10 USDC, completed by usdc; "
         "why: historical data the task needs; free alternatives: the free tier stops at 2020"
     )
+
+    # The agent looks at its held purchase, the operator approves it, the agent sees it paid.
+    held = part2.json()["id"]
+    m2, token2 = agent(proxy, "m2")
+    m1, token1 = agent(proxy, "m1")
+    url = f"{payments_url('demo')}/{held}"
+    with m1, m2:
+        look = m2.get(url, headers={"Authorization": f"Bearer {token2}"})
+        assert (look.status_code, look.json()["status"]) == (200, "pending_approval")
+        approved = CliRunner().invoke(payments_app, ["approve", held])
+        assert approved.exit_code == 0, approved.output
+        look = m2.get(url, headers={"Authorization": f"Bearer {token2}"})
+        assert (look.status_code, look.json()["status"]) == (200, "completed")
+        # Another machine's purchase is not its business.
+        assert m1.get(url, headers={"Authorization": f"Bearer {token1}"}).status_code == 404
+    assert chain.tokens_of(shop) == Decimal(50)
 
 
 def test_the_preamble_tells_how_to_buy() -> None:

@@ -128,12 +128,15 @@ def test_the_broker_door_opens_for_a_workers_own_purchases_only() -> None:
         egress.request(closed)  # no broker configured
         assert closed.response is not None and closed.response.status_code == 403
         ctx.configure(egress, autovibe_broker="127.0.0.1:8400")
-        sent = broker_flow("POST", mine, who=identity(None))
-        egress.request(sent)
-        assert sent.response is None  # forwarded, to the API's address (an own port otherwise)
-        assert (sent.request.host, sent.request.port) == ("127.0.0.1", 8400)
+        for method, path in [("POST", mine), ("GET", mine + "/pay_0123456789ab")]:
+            sent = broker_flow(method, path, who=identity(None))
+            egress.request(sent)
+            assert sent.response is None  # forwarded, to the API's address (an own port else)
+            assert (sent.request.host, sent.request.port) == ("127.0.0.1", 8400)
         for method, path, who in [
             ("GET", mine, identity(None)),
+            ("GET", mine + "/../../trials", identity(None)),
+            ("POST", mine + "/pay_0123456789ab", identity(None)),
             ("POST", "/v1/projects/p2/payments", identity(None)),
             ("POST", "/v1/trials", identity(None)),
             ("POST", mine, None),
