@@ -91,10 +91,17 @@ def chat_events(request: dict[str, Any]) -> tuple[bytes, bytes]:
     return first, rest + sse("[DONE]")
 
 
+SLOW_REST = threading.Event()
+"""Set by the test once the first event of `slow_chat` reached it through the proxy."""
+SLOW_HELD_S = 20
+
+
 def slow_chat(sock: socket.socket, request: dict[str, Any]) -> None:
+    """The first event, then the rest only when the test has received the first (at most
+    SLOW_HELD_S later): a proxy that buffers delivers nothing until then."""
     first, rest = chat_events(request)
     sock.sendall(head("text/event-stream") + chunk(first))
-    time.sleep(1.0)
+    SLOW_REST.wait(SLOW_HELD_S)
     sock.sendall(chunk(rest) + LAST_CHUNK)
 
 
@@ -437,25 +444,33 @@ def test_events_pass_through_before_the_upstream_finishes(
     proxy: StreamingProxy, upstream: ScriptedUpstream, prices: PriceCatalog
 ) -> None:
     request = {"model": "tiny", "messages": [], "stream": True}
+    SLOW_REST.clear()
     t0 = time.perf_counter()
-    with (
-        proxy.client(proxy.identity("a-slow-chat")) as client,
-        client.stream(
-            "POST", upstream.url("/v1/chat/completions", "slow-chat"), json=request
-        ) as response,
-    ):
-        chunks = response.iter_raw()
-        first = next(chunks)
-        first_at = time.perf_counter() - t0
-        rest = b"".join(chunks)
-        done_at = time.perf_counter() - t0
-    assert first.startswith(b"data: ") and b"Hel" in first
-    assert first_at < 0.5, f"first event after {first_at:.3f}s: the proxy buffered the stream"
+    try:
+        with (
+            proxy.client(proxy.identity("a-slow-chat")) as client,
+            client.stream(
+                "POST", upstream.url("/v1/chat/completions", "slow-chat"), json=request
+            ) as response,
+        ):
+            chunks = response.iter_raw()
+            first = next(chunks)
+            first_at = time.perf_counter() - t0
+            # The upstream still holds the rest: the first event came through unbuffered.
+            assert first_at < SLOW_HELD_S / 2, f"first event after {first_at:.3f}s: buffered"
+            time.sleep(1.0)
+            SLOW_REST.set()
+            rest = b"".join(chunks)
+            done_at = time.perf_counter() - t0
+    finally:
+        SLOW_REST.set()
+    assert first.startswith(b"data: ") and b"Hel" in first and b"[DONE]" not in first
     assert done_at >= 1.0 and b"[DONE]" in rest
 
     flow = record(proxy, "slow-chat")
     assert flow.streamed and flow.error is None
-    assert flow.first_chunk_ms is not None and flow.first_chunk_ms < 500
+    # The proxy saw the first event before the test's one-second wait, not with the rest.
+    assert flow.first_chunk_ms is not None and flow.first_chunk_ms < flow.duration_ms - 900
     assert flow.duration_ms >= 1000
     assert flow.response_bytes == len(first + rest)
     assert flow.usage is not None and not flow.usage.estimated
