@@ -88,9 +88,27 @@ class ConciergeIntake(_Strict):
     in the draft's currency; less is stated as an impossible budget."""
 
 
+class TelegramIntake(_Strict):
+    """The Telegram bot: operators on the allowlist run, follow, report and cancel trials."""
+
+    allowed_users: list[int] = Field(min_length=1)
+    """Telegram user ids that may use the bot; anyone else gets one refusal, audited."""
+    token_secret: str = "intake/telegram/token"
+    """Secret-store path of the bot token (from @BotFather)."""
+    api_url: str = "https://api.telegram.org"
+    """Bot API server (a local `telegram-bot-api` server, or a stand-in in tests)."""
+    trials_dir: Path = Path("configs/trials")
+    """`/run NAME` submits `<trials_dir>/NAME.yaml` (relative to the working directory)."""
+    per_user_per_minute: int = Field(default=10, ge=1)
+    overall_per_minute: int = Field(default=100, ge=1)
+    poll_timeout_s: int = Field(default=25, ge=0, le=50)
+    """getUpdates long-polling timeout."""
+
+
 class IntakeConfig(_Strict):
     github: GithubIntake | None = None
     concierge: ConciergeIntake | None = None
+    telegram: TelegramIntake | None = None
 
 
 def load_intake(path: Path) -> IntakeConfig:
@@ -157,6 +175,7 @@ __all__ = [
     "IntakeConfig",
     "IssueSpecError",
     "IssueTask",
+    "TelegramIntake",
     "load_intake",
     "parse_issue_task",
     "task_block",

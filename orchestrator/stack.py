@@ -18,6 +18,7 @@ import httpx
 from common.processes import group_members, runs
 from contracts.config import load_models
 from contracts.dataroot import DataRoot
+from contracts.intake import load_intake
 from contracts.settings import Settings
 from proxy.launch import mitmdump_argv
 from serving.launch import server_argv
@@ -124,8 +125,16 @@ def services(settings: Settings) -> list[Service]:
         ),
         Service("api", api, _http_ok(f"{settings.api_url}/healthz")),
         # The intake channels, when configured: after the API, which they submit to.
-        *([_intake_service(settings)] if settings.intake_config is not None else []),
+        *([_intake_service(settings)] if _runs_intake(settings) else []),
     ]
+
+
+def _runs_intake(settings: Settings) -> bool:
+    """Whether the intake file configures a channel of its own process (GitHub, Telegram)."""
+    if settings.intake_config is None:
+        return False
+    config = load_intake(settings.intake_config)
+    return config.github is not None or config.telegram is not None
 
 
 def _intake_service(settings: Settings) -> Service:

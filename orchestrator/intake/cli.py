@@ -14,7 +14,9 @@ from orchestrator.client import ApiError, Client
 from orchestrator.intake import service
 from orchestrator.intake.concierge import ConciergeDraft
 
-app = typer.Typer(help="Intake channels: the GitHub issue queue.", no_args_is_help=True)
+app = typer.Typer(
+    help="Intake channels: the GitHub issue queue, the Telegram bot.", no_args_is_help=True
+)
 
 
 @app.command("github")
@@ -23,7 +25,19 @@ def github(
 ) -> None:
     """Watch the configured repositories' labelled issues and run each once as a trial."""
     try:
-        service.run(Settings(), once=once)
+        service.run(Settings(), "github", once=once)
+    except (service.IntakeNotConfigured, ConfigError, SecretStoreError, ApiError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command("telegram")
+def telegram(
+    once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
+) -> None:
+    """Answer the allowlisted operators' commands in Telegram and push budget alerts."""
+    try:
+        service.run(Settings(), "telegram", once=once)
     except (service.IntakeNotConfigured, ConfigError, SecretStoreError, ApiError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
