@@ -1,7 +1,8 @@
 """The budget plane's scope rules: which counter scopes a trial opens and charges, by name.
 
 A trial charges its project's scope (`project:<p>`, the trial's budget per period), each of
-its machines' daily allowance (`machine:<p>:<m>`) and each capped task once (`task:<t>:<id>`);
+its machines' daily allowance (`machine:<p>:<m>`, the confidence judge's machine `judge`
+among them) and each capped task once (`task:<t>:<id>`);
 the daily-spend alert watches `daily:<p>`. The proxy reserves in these scopes, the
 orchestrator opens them when a trial starts and reports and alerts on them.
 """
@@ -34,6 +35,11 @@ def daily_scope(project: str) -> str:
     return f"daily:{project}"
 
 
+JUDGE_MACHINE = "judge"
+"""The machine name the confidence judge calls the model plane as, through the proxy: its
+calls are charged to the trial's project and to this machine's daily allowance."""
+
+
 def machines_of(config: TrialConfig) -> list[str]:
     """The names of a trial's machines: m1 … mN."""
     return [f"m{i}" for i in range(1, config.machines.count + 1)]
@@ -45,6 +51,7 @@ def trial_scopes(trial_id: str, config: TrialConfig) -> list[str]:
     return [
         project_scope(p),
         *(machine_scope(p, m) for m in machines_of(config)),
+        machine_scope(p, JUDGE_MACHINE),
         *(task_scope(trial_id, t.id) for t in config.tasks if t.budget is not None),
     ]
 
@@ -67,13 +74,14 @@ def open_project(
 
 
 def open_trial(store: CounterStore, config: TrialConfig, trial_id: str, now: float) -> None:
-    """Open the scopes the proxy charges for a trial: project, each machine's day, each capped
-    task. Reopening keeps what was spent; limits and periods become this trial's."""
+    """Open the scopes the proxy charges for a trial: project, each machine's day (the judge's
+    too), each capped task. Reopening keeps what was spent; limits and periods become this
+    trial's."""
     b = config.budget
     open_project(
         store,
         config.project,
-        machines_of(config),
+        [*machines_of(config), JUDGE_MACHINE],
         amount=b.amount,
         daily_allowance=config.machines.daily_allowance,
         currency=b.currency,

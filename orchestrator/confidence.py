@@ -3,7 +3,9 @@
 Two `BaseMetric`s score an assignment: `TestScoreMetric` from its SWE-bench grade, and
 `SolvesTaskMetric`, a GEval-style judge (criteria, evaluation steps, a 0-10 score with its
 reason) run by our own model plane through `JudgeLLM`, a `DeepEvalBaseLLM` on the
-OpenAI-compatible completions endpoint. The judge's answer is constrained by a GBNF grammar
+OpenAI-compatible completions endpoint, called through the metering proxy with a machine
+credential of the platform (machine `judge`), so its calls are metered and budgeted like an
+agent's. The judge's answer is constrained by a GBNF grammar
 (llama.cpp's `grammar` field), so even a small base model always answers with a parseable
 score. Their weighted mean is the confidence; below the trial's threshold a result is not
 accepted and is flagged for review. When the judge cannot be reached the tests decide alone.
@@ -74,9 +76,18 @@ class JudgeLLM(DeepEvalBaseLLM):
     grammar; `tokens` counts what every call used."""
 
     def __init__(
-        self, base_url: str, model: str, *, timeout_s: float = 60, max_tokens: int = 48
+        self,
+        base_url: str,
+        model: str,
+        *,
+        timeout_s: float = 60,
+        max_tokens: int = 48,
+        proxy: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.proxy = proxy
+        """The metering proxy's URL with the judge's credential; None: the model is called
+        directly (only a test of the judge itself does so)."""
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
         self.tokens = 0
@@ -100,8 +111,10 @@ class JudgeLLM(DeepEvalBaseLLM):
             body["grammar"] = grammar
         url = f"{self.base_url}/completions"
         try:
-            # The model plane is reached directly, never through a proxy from the environment.
-            resp = httpx.post(url, json=body, timeout=self.timeout_s, trust_env=False)
+            # Through the metering proxy named, never one from the environment.
+            resp = httpx.post(
+                url, json=body, timeout=self.timeout_s, trust_env=False, proxy=self.proxy
+            )
         except httpx.HTTPError as exc:
             raise JudgeUnavailable(f"{url}: {type(exc).__name__}: {exc}") from exc
         if not resp.is_success:
@@ -300,12 +313,19 @@ def assess(
 
 
 def assess_result(
-    config: TrialConfig, task_id: str, result: AssignmentResult, patch: str, endpoint: str
+    config: TrialConfig,
+    task_id: str,
+    result: AssignmentResult,
+    patch: str,
+    endpoint: str,
+    proxy: str | None = None,
 ) -> ConfidenceGate:
     """`assess` for an assignment's ending and its `patch` (`workers.result.read_patch`),
-    judged by the trial's judge at `endpoint`."""
+    judged by the trial's judge at `endpoint`, called through `proxy`."""
     task = next(t for t in config.tasks if t.id == task_id)
-    judge = JudgeLLM(endpoint, judge_model(config), timeout_s=config.confidence.timeout_s)
+    judge = JudgeLLM(
+        endpoint, judge_model(config), timeout_s=config.confidence.timeout_s, proxy=proxy
+    )
     grade = result.grade.to_json() if result.grade is not None else None
     return ConfidenceGate.model_validate(
         assess(task.prompt, patch, grade, config.confidence, judge)

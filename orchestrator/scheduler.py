@@ -33,6 +33,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from budget import iso
+from budget.scopes import JUDGE_MACHINE
 from contracts.config import Confidence, Egress, Task, TrialConfig
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.dataroot import read_untrusted
@@ -563,6 +564,21 @@ class Scheduler:
         )
         return True
 
+    def judge_proxy(self, config: TrialConfig, trial_id: str, assignment_id: str) -> str:
+        """The proxy URL the confidence judge calls through: a credential of machine
+        `judge` of the trial's project, for `<assignment>-judge` (its cost is the project's,
+        not the judged agent's), valid for the judge's timeout."""
+        identity = MachineIdentity(
+            project=config.project,
+            trial=trial_id,
+            assignment=f"{assignment_id}-judge",
+            machine=JUDGE_MACHINE,
+            expires=time.time() + config.confidence.timeout_s * 4 + CREDENTIAL_GRACE_S,
+        )
+        st = self.p.settings
+        credential = mint(self.p.credential_key, identity)
+        return proxy_url(st.host, st.proxy_port, JUDGE_MACHINE, credential)
+
     def score_confidence(self, assignment_id: str) -> None:
         """Score a pending confidence with the trial's judge and record it once; below the
         threshold the assignment is flagged `needs_review`. Runs on the `Judges` thread."""
@@ -576,7 +592,11 @@ class Scheduler:
         from orchestrator import confidence
 
         patch = read_patch(self._artifacts(config, a.trial_id, assignment_id))
-        gate = confidence.assess_result(config, task_id, result, patch, self.p.settings.model_url)
+        st = self.p.settings
+        gate = confidence.assess_result(
+            config, task_id, result, patch, st.model_url,
+            proxy=self.judge_proxy(config, a.trial_id, assignment_id),
+        )  # fmt: skip
         with self.p.store.session() as s:
             # Locked (PostgreSQL): a scheduler of another process may score it at the same time.
             a = s.get_one(Assignment, assignment_id, with_for_update=True)

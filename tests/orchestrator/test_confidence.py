@@ -3,6 +3,7 @@ scheduler's judge thread against a stand-in judge that answers when the test let
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import threading
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from budget import ScopeState
+from budget.scopes import JUDGE_MACHINE, machine_scope
 from contracts.config import Confidence, TrialConfig
 from contracts.reports import TrialHead
 from contracts.results import RunnerResult
@@ -207,13 +210,39 @@ def _result(platform: Platform, aid: str, grade: dict[str, Any], diff: str) -> R
     )
 
 
+@contextlib.contextmanager
+def proxied(settings: Settings) -> Iterator[Platform]:
+    """A platform on `settings` with its metering proxy running (`autovibe up --only proxy`):
+    the scheduler's judge calls the model plane through it, as machine `judge`."""
+    stack.up(settings, ["proxy"])
+    try:
+        yield Platform.from_settings(settings)
+    finally:
+        stack.down(settings, ["proxy"])
+
+
+def judge_spend(platform: Platform, project: str) -> ScopeState:
+    """The judge machine's budget scope: what its calls through the proxy were charged."""
+    store = platform.counters()
+    try:
+        state = store.describe(machine_scope(project, JUDGE_MACHINE))
+    finally:
+        store.close()
+    assert state is not None
+    return state
+
+
 @pytest.mark.model
 def test_finish_scores_stores_and_flags(model: Settings, tmp_path: Path) -> None:
-    platform = Platform.from_settings(
-        Settings(
-            data=tmp_path / "data", configs=PROJECT_ROOT / "configs", model_port=model.model_port
-        )
-    )
+    settings = Settings(
+        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", model_port=model.model_port,
+        proxy_port=free_port(),
+    )  # fmt: skip
+    with proxied(settings) as platform:
+        _finish_scores_stores_and_flags(platform)
+
+
+def _finish_scores_stores_and_flags(platform: Platform) -> None:
     trial_id, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
     platform.open_ledger(config, trial_id)  # as submission does
     assert judge_model(config) == "tiny"  # the normal model of the first pair
@@ -356,9 +385,15 @@ def held_judge() -> Iterator[HeldJudge]:
         judge.close()
 
 
-def _platform(data: Path, judge: HeldJudge) -> Platform:
-    settings = Settings(data=data, configs=PROJECT_ROOT / "configs", model_port=judge.port)
-    return Platform.from_settings(settings)
+@pytest.fixture
+def judged(held_judge: HeldJudge, tmp_path: Path) -> Iterator[Platform]:
+    """A platform whose judge is `held_judge`, reached through the platform's proxy."""
+    settings = Settings(
+        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", model_port=held_judge.port,
+        proxy_port=free_port(),
+    )  # fmt: skip
+    with proxied(settings) as platform:
+        yield platform
 
 
 def _runner_wrote(platform: Platform, config: TrialConfig, aid: str) -> AssignmentSpec:
@@ -399,8 +434,8 @@ def _kinds(platform: Platform) -> list[tuple[str, dict[str, Any]]]:
     return [(e.kind, e.data) for e in platform.store.events_after("tg", 0)]
 
 
-def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Path) -> None:
-    platform = _platform(tmp_path / "data", held_judge)
+def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, judged: Platform) -> None:
+    platform = judged
     _, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
     platform.open_ledger(config, "tg")
     first, second = (_runner_wrote(platform, config, f"tg-00{i}") for i in range(2))
@@ -455,9 +490,9 @@ def test_a_slow_judge_holds_up_no_collection(held_judge: HeldJudge, tmp_path: Pa
 
 @pytest.mark.parametrize("status", ["running", "cancelled"])
 def test_scores_left_pending_are_scored_after_a_restart(
-    held_judge: HeldJudge, tmp_path: Path, status: str
+    held_judge: HeldJudge, judged: Platform, status: str
 ) -> None:
-    platform = _platform(tmp_path / "data", held_judge)
+    platform = judged
     _, config = _trial(platform, PROJECT_ROOT / "examples" / "mathkit")
     platform.open_ledger(config, "tg")
     held_judge.release.set()
@@ -470,7 +505,7 @@ def test_scores_left_pending_are_scored_after_a_restart(
     assert {gate["pending"] for _, gate in _state(platform)[1].values()} == {True}
     assert held_judge.requests == []
 
-    after = Scheduler(_platform(tmp_path / "data", held_judge))
+    after = Scheduler(Platform.from_settings(platform.settings))
     after.tick()
     assert after.judges.wait(60)
     after.tick()
@@ -481,3 +516,6 @@ def test_scores_left_pending_are_scored_after_a_restart(
     assert len(held_judge.requests) == 1
     scored = [d["assignment"] for k, d in _kinds(platform) if k == "confidence_scored"]
     assert sorted(scored) == ["tg-000", "tg-001"]
+    # The judge called through the proxy: its 200 + 9 tokens of `tiny` charged to its machine.
+    spent = judge_spend(platform, "demo").spent
+    assert spent > 0, spent
