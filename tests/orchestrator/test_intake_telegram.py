@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -220,3 +221,19 @@ def _alert(threshold: str) -> BudgetAlert:
         trial_id="t1", project="tg", scope="project:tg", period="once", threshold=threshold,
         used=used, limit="1.00", currency="CAD",
     )  # fmt: skip
+
+
+@pytest.mark.live
+@pytest.mark.skipif(
+    not os.environ.get("TELEGRAM_BOT_TOKEN"), reason="needs TELEGRAM_BOT_TOKEN (a test bot's)"
+)
+def test_live_bot_api_answers_get_me_and_get_updates() -> None:
+    config = TelegramIntake(allowed_users=[1])
+
+    async def go() -> None:
+        async with bot_for(config, os.environ["TELEGRAM_BOT_TOKEN"]) as bot:
+            me = await bot.get_me()
+            assert me.is_bot
+            await bot.get_updates(timeout=0)
+
+    asyncio.run(go())
