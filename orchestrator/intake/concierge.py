@@ -34,7 +34,7 @@ from contracts.config import TrialConfig, describe_errors
 from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
 from contracts.intake import ConciergeIntake
 from orchestrator.platform import Platform
-from orchestrator.taskstore import TaskStore
+from orchestrator.taskstore import RESERVED, TaskStore
 from workers.agents import AGENTS, SPEAKS
 from workers.agents import install as agent_install
 
@@ -89,7 +89,9 @@ def choices_for(platform: Platform) -> Choices:
         for folder in root.iterdir()
         if folder.is_dir() and not folder.name.startswith(".") and folder.resolve() not in private
     )
-    reserved = {"mirrors", "trees", "sources"}
+    sets = TaskStore(platform.root)
+    # The data root's tasks/ holds imported sets and the mirrors' own folders: not repositories.
+    not_repos = {str((sets.folder / name).resolve()) for name in (*RESERVED, *sets.names())}
     cpu_pairs = [n for n, p in platform.catalog.models.pairs.items() if p.device == "cpu"]
     runnable = [
         name
@@ -102,8 +104,8 @@ def choices_for(platform: Platform) -> Choices:
         agents=runnable,
         pairs=sorted(cpu_pairs),
         currencies=sorted(platform.catalog.prices.fx),
-        repos=[r for r in repos if r.rsplit("/", 1)[-1] not in reserved],
-        task_sets=TaskStore(platform.root).names(),
+        repos=[r for r in repos if r not in not_repos],
+        task_sets=sets.names(),
     )
 
 

@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from contracts.config import TrialConfig, load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
+from contracts.tasksets import SET_FILE
 from orchestrator.api import create_app
 from orchestrator.intake.concierge import choices_for, draft_schema
 from orchestrator.platform import Platform
@@ -179,8 +180,15 @@ def test_the_draft_schema_compiles_to_a_llama_cpp_grammar(stack: Stack) -> None:
     schema = draft_schema(choices_for(stack.platform))
     grammar = json_schema_to_gbnf(json.dumps(schema))
     # Every choice is a literal of the grammar: the model can write nothing else there.
+    tasks = stack.platform.root.root / "tasks"  # a task root by default
+    for folder in ("mirrors", "trees", "a-set", "my-repo"):
+        (tasks / folder).mkdir(parents=True, exist_ok=True)
+    (tasks / "a-set" / SET_FILE).write_text("{}")
     choices = choices_for(stack.platform)
     assert choices.agents == ["builtin"]  # what is installed here and speaks to a pair
+    assert choices.task_sets == ["a-set"]
+    mine = [r for r in choices.repos if r.startswith(str(tasks.resolve()))]
+    assert mine == [str((tasks / "my-repo").resolve())]  # no mirror, tree or set
 
     def literal(name: str) -> str:  # a JSON string as GBNF writes it: "\"name\""
         return '\\"' + name + '\\"'
