@@ -1,7 +1,7 @@
 """The concierge: a request in plain language → a draft trial, its problems stated, never
 submitted by itself.
 
-Real: the control API (TestClient), the metering proxy (mitmdump with the platform's addons),
+Real: the control API (uvicorn), the metering proxy (mitmdump with the platform's addons),
 the deterministic model server (scripted drafts; it refuses to answer with one that breaks the
 JSON schema the request carries, as a grammar-constrained model cannot), the budget counters,
 the spool and the ledger. The model's words are scripted here; the `model` test at the end
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,13 +23,16 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+import uvicorn
 import yaml
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from contracts.config import TrialConfig, load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from contracts.tasksets import SET_FILE
+from orchestrator import cli
 from orchestrator.api import create_app
 from orchestrator.intake.concierge import choices_for, draft_schema
 from orchestrator.platform import Platform
@@ -73,6 +77,9 @@ SCRIPT = [
     draft("with-foobot", ["builtin"], ["mathkit"], 5, unknown_agents=["aider", "foobot"]),
     draft("on-a-shoestring", ["builtin"], ["mathkit", "textkit", "seqkit"], 0.01),
     draft("off-schema", ["builtin", "gpt-engineer"], ["mathkit"], 5),
+    draft("asked-from-the-shell", ["builtin"], ["textkit"], 3),
+    draft("shell-with-foobot", ["builtin"], ["textkit"], 3, unknown_agents=["foobot"]),
+    draft("shell-submitted", ["builtin"], ["seqkit"], 3),
 ]
 REQUESTS = [
     "Run the builtin agent on mathkit's failing tests, 5 CAD max.",
@@ -86,8 +93,9 @@ REQUESTS = [
 
 @dataclass
 class Stack:
-    api: TestClient
+    api: httpx.Client
     platform: Platform
+    settings: Settings
 
 
 def _settings(tmp: Path, timeout_s: float = 60) -> Settings:
@@ -96,7 +104,8 @@ def _settings(tmp: Path, timeout_s: float = 60) -> Settings:
     intake.write_text(yaml.safe_dump({"concierge": concierge}))
     return Settings(
         data=tmp / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), intake_config=intake,
+        proxy_port=free_port(), model_port=free_port(), api_port=free_port(),
+        intake_config=intake,
     )  # fmt: skip
 
 
@@ -115,8 +124,25 @@ def _proxy_and_api(settings: Settings) -> Iterator[Stack]:
         wait_ready(settings.host, settings.proxy_port, timeout=60, process=proxy)
         app = create_app(settings, run_scheduler=False)
         token = (root.secrets / "operator-token").read_text().strip()
-        with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-            yield Stack(client, app.state.platform)
+        # Served for real, so that `autovibe ask` can reach it as an operator does.
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.host, port=settings.api_port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not server.started:
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.05)
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            with httpx.Client(
+                base_url=settings.api_url, headers=headers, trust_env=False, timeout=120
+            ) as client:
+                yield Stack(client, app.state.platform, settings)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
     finally:
         stop(proxy)
 
@@ -172,6 +198,27 @@ def test_requests_become_drafts_with_their_problems_stated_and_metered(stack: St
     assert refused.status_code == 503
     assert "breaks the requested schema" in refused.json()["detail"]
     assert "gpt-engineer" in refused.json()["detail"]
+
+
+def test_autovibe_ask_shows_the_draft_and_submits_only_when_told(stack: Stack) -> None:
+    # Runs after the test above: the scripted answers are taken in order.
+    env = {
+        "AUTOVIBE_DATA": str(stack.settings.data),
+        "AUTOVIBE_API_PORT": str(stack.settings.api_port),
+    }
+    runner = CliRunner()
+    shown = runner.invoke(cli.app, ["ask", "builtin on textkit, 3 CAD"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert yaml.safe_load(shown.stdout)["name"] == "asked-from-the-shell"
+    assert "run again with --submit" in shown.stderr
+    refused = runner.invoke(cli.app, ["ask", "--submit", "foobot on textkit, 3 CAD"], env=env)
+    assert refused.exit_code == 2
+    assert "problem: agents: unknown agent 'foobot'" in refused.stderr
+    submitted = runner.invoke(cli.app, ["ask", "--submit", "builtin on seqkit, 3 CAD"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    assert "submitted trial shell-submitted: id t" in submitted.stdout
+    names = [t["name"] for t in stack.api.get("/v1/trials").json()]
+    assert "shell-submitted" in names and "asked-from-the-shell" not in names
 
 
 def test_the_draft_schema_compiles_to_a_llama_cpp_grammar(stack: Stack) -> None:
