@@ -42,7 +42,7 @@ test-fast:
 	$(UV) run --frozen pytest -q -n 2 --dist loadfile -m "$(FAST)"
 
 ## test-vm: boot a worker VM under libvirt and check it (root; image built once, cached in
-## ~/.cache/autovibe/vm-data): ~3.5 min under TCG on 2 cores with the image cached, ~5 min without
+## ~/.cache/autovibe/vm-data): 3.5-6 min under TCG on 2 cores with the image cached, +90 s without
 test-vm: setup
 	$(UV) run --frozen pytest -q -m vm tests/workers/test_vm_boot.py
 
