@@ -2,11 +2,12 @@
 
 Commands: `/run NAME` (the trial file `<trials_dir>/NAME.yaml`, submitted under a fresh name),
 `/status [ID]` (one message, edited as the trial moves on, never a flood), `/report ID` (the
-table, and the cost chart as an image), `/cancel ID`, `/budget [PROJECT]`. Budget alerts the
-orchestrator raises are pushed to every allowed user. A user not on the allowlist gets one
-refusal; each of their messages is audited. Each user may send `per_user_per_minute` commands
-and all together `overall_per_minute`; past that the answer is a 429-style refusal, given once
-per window. Every command is a line of `audit/intake-<day>.jsonl`.
+table; the cost chart and the project's learning curve as images), `/cancel ID`,
+`/budget [PROJECT]`. Budget alerts the orchestrator raises are pushed to every allowed user.
+A user not on the allowlist gets one refusal; each of their messages is audited. Each user may
+send `per_user_per_minute` commands and all together `overall_per_minute`; past that the
+answer is a 429-style refusal, given once per window. Every command is a line of
+`audit/intake-<day>.jsonl`.
 
 The Bot API is spoken through python-telegram-bot's `Bot` (getUpdates long polling,
 sendMessage, editMessageText, sendPhoto); trials through the control API as the operator.
@@ -36,10 +37,10 @@ from contracts.intake import TelegramIntake
 from contracts.reports import TrialReport
 from orchestrator.access import AuditLog, MemoryRateWindow
 from orchestrator.catalog import Catalog
-from orchestrator.charts import cost_chart
+from orchestrator.charts import cost_chart, learning_curve_chart
 from orchestrator.client import ApiError, Client
 from orchestrator.platform import Platform
-from orchestrator.report import to_markdown
+from orchestrator.report import learning_curve, to_markdown
 from orchestrator.state import BudgetAlert, IntakeCursor
 
 log = logging.getLogger("autovibe.intake.telegram")
@@ -187,9 +188,13 @@ class TelegramBot:
             return
         report = TrialReport.model_validate(self.client.report(args[0]))
         await self.bot.send_message(chat, _cut(to_markdown(report)))
+        curve = learning_curve(self.platform, report.project)
         with tempfile.TemporaryDirectory(prefix="av-telegram-") as tmp:
             chart = cost_chart(report, Path(tmp) / "cost.png")
             await self.bot.send_photo(chat, chart.read_bytes(), caption=f"{args[0]}: cost")
+            learnt = learning_curve_chart(curve, Path(tmp) / "curve.png")
+            caption = f"{report.project}: learning curve over {len(curve.points)} trials"
+            await self.bot.send_photo(chat, learnt.read_bytes(), caption=caption)
 
     async def cmd_cancel(self, chat: int, args: list[str]) -> None:
         if len(args) != 1:

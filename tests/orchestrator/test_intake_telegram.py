@@ -151,9 +151,10 @@ def test_run_status_report_cancel_budget_from_a_chat(world: World) -> None:
         return go
 
     world.run(say(f"/report {trial.id}", f"/cancel {trial.id}", "/budget", "/status", "/help"))
-    report, chart, cancel, budget, active, helptext = api.chat(ALICE)[1:]
+    report, chart, curve, cancel, budget, active, helptext = api.chat(ALICE)[1:]
     assert "command" in (report.text or "") and "tiny" in (report.text or "")
-    assert chart.photo is not None and chart.photo.startswith(b"\x89PNG")
+    for image in (chart, curve):
+        assert image.photo is not None and image.photo.startswith(b"\x89PNG")
     assert cancel.text == f"{trial.id} {trial.name}: finished"  # nothing left to cancel
     assert budget.text is not None and budget.text.startswith("tg: spent")
     assert "of 1.000000 CAD (monthly)" in budget.text or "of 1 CAD (monthly)" in budget.text
