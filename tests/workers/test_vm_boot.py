@@ -5,8 +5,8 @@ captured under the VM's machine identity, the desktop's VNC screenshot a PNG.
 
 Marker `vm` (with `slow`), left out of `make test` (`make test-vm` runs it): 3 min 41 s with the
 image cached under TCG on 2 shared cores (vm up 124 s, of which cloud-init 118 s), 5 min 40 s
-at load 5 (cloud-init 226 s), about 90 s more when the image is built first. Needs root (libvirt's qemu:///system, mmdebstrap) and a
-Debian mirror for the first build.
+at load 5 (cloud-init 226 s), about 90 s more when the image is built first. Needs root
+(libvirt's qemu:///system, mmdebstrap) and a Debian mirror for the first build.
 """
 
 from __future__ import annotations
