@@ -324,7 +324,14 @@ class IssueQueue:
         for row in self._rows("running"):
             if row.trial_id is None:
                 continue
-            view = self.client.trial(row.trial_id)
+            try:
+                view = self.client.trial(row.trial_id)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                # Gone from the state DB (removed by hand): said once, never run again.
+                self._refuse(row, f"trial {row.trial_id} no longer exists")
+                continue
             if view["status"] in ENDED:
                 self._finish(row, view)
 

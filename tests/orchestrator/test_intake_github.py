@@ -377,3 +377,17 @@ def test_autovibe_up_starts_the_intake_service_which_runs_an_issue_to_its_pull_r
         assert gh.labels_of(REPO, 1) == ["autovibe", "autovibe:done"]
         started, ended = gh.comments_on(REPO, 1)
         assert "autovibe started trial" in started and gh.pulls[0]["html_url"] in ended
+
+
+def test_a_running_issue_whose_trial_is_gone_fails_once_and_the_rest_go_on(world: World) -> None:
+    world.standin.add_issue(REPO, 11, "lost", BLOCK, ["autovibe"])
+    with world.platform.store.session() as s:
+        s.add(IntakeIssue(repo=REPO, number=11, title="lost", state="running", trial_id="tgone"))
+    world.queue.follow_running()
+    assert world.row(11).state == "failed"
+    assert world.standin.comments_on(REPO, 11) == [
+        "autovibe cannot run this issue: trial tgone no longer exists"
+    ]
+    assert world.standin.labels_of(REPO, 11) == ["autovibe", "autovibe:failed"]
+    world.queue.follow_running()  # nothing more is said
+    assert len(world.standin.comments_on(REPO, 11)) == 1
