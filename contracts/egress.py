@@ -18,9 +18,10 @@ BROKER_HOST = "broker.autovibe"
 control API) and lets only a worker's `POST /v1/projects/<its project>/payments` through."""
 
 
-def payments_url(project: str) -> str:
-    """Where a worker of `project` asks to buy, through its proxy."""
-    return f"http://{BROKER_HOST}/v1/projects/{project}/payments"
+def payments_url(project: str, address: str | None = None) -> str:
+    """Where a worker of `project` asks to buy, through its proxy: by name, or at the broker's
+    `host:port` for a worker in transparent mode (its gateway stands for that host)."""
+    return f"http://{address or BROKER_HOST}/v1/projects/{project}/payments"
 
 
 @dataclass(frozen=True)

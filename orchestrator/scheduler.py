@@ -733,7 +733,14 @@ class Scheduler:
             "AUTOVIBE_ASSIGNMENT": a.id,
             # The payment broker, reached by name through the proxy (proxy.addons.egress), and
             # the credential the agent already holds in its proxy URL, as its bearer token.
-            "AUTOVIBE_PAYMENTS_URL": payments_url(config.project),
+            "AUTOVIBE_PAYMENTS_URL": payments_url(
+                config.project,
+                # A transparent worker has no proxy to name the broker: the API's address,
+                # which its environment's gateway rewrite turns into the gateway's.
+                f"{_bracketed(st.host)}:{st.api_port}"
+                if sandbox is not None and sandbox.network == "transparent"
+                else None,
+            ),
             "AUTOVIBE_MACHINE_TOKEN": credential,
         }
         return AssignmentSpec(
@@ -790,6 +797,11 @@ class Scheduler:
             "## Task\n"
             f"{task_prompt.strip()}\n"
         )
+
+
+def _bracketed(host: str) -> str:
+    """`host` as the host of a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _lost(a: Assignment) -> AssignmentResult:

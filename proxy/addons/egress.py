@@ -17,7 +17,9 @@ One service of this host is reached by name instead: the payment broker. A worke
 `POST http://broker.autovibe/v1/projects/<its project>/payments` (plain HTTP through the proxy,
 `BROKER_HOST`), or `GET …/payments/<id>` to see whether a held one was approved, is sent to the
 control API at `autovibe_broker` (`host:port`); any other method, path or project on that name
-is refused, as is the name when no broker is configured. The
+is refused, as is the name when no broker is configured. A worker in transparent mode, which
+has no proxy to name things for it, uses the broker's address instead (through its gateway):
+the same door, the same checks; nothing else of the control API is reachable. The
 worker authenticates to the API with its own machine credential (`Authorization: Bearer`), which
 the API verifies again: the proxy only opens the one door.
 
@@ -282,6 +284,14 @@ class Egress:
         if host.lower().rstrip(".") == BROKER_HOST:
             self._to_broker(flow, identity)
             return
+        if identity is not None and self._is_broker(host, port):
+            request = flow.request
+            mine = f"/v1/projects/{identity.project}/payments"
+            if request.scheme == "http" and _broker_route(
+                request.method, request.path.split("?")[0], mine
+            ):
+                self._to_broker(flow, identity)
+                return  # anything else of the API is one of this host's own services
         verdict = self.policy_of(identity).decide(host, port)
         if verdict.allowed:
             return
@@ -304,6 +314,17 @@ class Egress:
             },
         )
 
+    def _is_broker(self, host: str, port: int) -> bool:
+        """Whether `host:port` is the broker's own address, as a worker in transparent mode
+        (no proxy variables, no name the proxy could answer) reaches it: by the gateway, which
+        the identity addon turns into this host."""
+        if self.broker is None or port != self.broker[1]:
+            return False
+        name = host.strip("[]").lower().rstrip(".")
+        return name == self.broker[0] or (
+            THIS_HOST in keys(name) and THIS_HOST in keys(self.broker[0])
+        )
+
     def _to_broker(self, flow: http.HTTPFlow, identity: MachineIdentity | None) -> None:
         """Send a worker's purchase request to the control API, or refuse it (403)."""
         request = flow.request
@@ -321,7 +342,7 @@ class Egress:
             refuse(
                 flow,
                 403,
-                {"error": "broker_refused", "host": BROKER_HOST, "detail": why},
+                {"error": "broker_refused", "host": BROKER_HOST, "rule": why, "detail": why},
             )
             return
         request.host, request.port = self.broker

@@ -190,10 +190,12 @@ class Proxy:
         processes.stop(self.process)
 
 
-def start_proxy(data: Path, configs: Path, upstream: Upstream, **options: object) -> Proxy:
+def start_proxy(
+    data: Path, configs: Path, upstream: Upstream, *, transparent_port: int = 0, **options: object
+) -> Proxy:
     """mitmdump with our addons, as the platform starts it, plus `--set` options; each replaces
     the platform's option of the same name (given twice, an addon's option is refused by
-    mitmproxy and left at its default)."""
+    mitmproxy and left at its default). `transparent_port`: also a transparent listener."""
     if not (configs / "prices.yaml").exists():
         configs.mkdir(parents=True, exist_ok=True)
         (configs / "prices.yaml").write_text(PRICES_YAML)
@@ -203,7 +205,7 @@ def start_proxy(data: Path, configs: Path, upstream: Upstream, **options: object
     )  # fmt: skip
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)
-    argv = mitmdump_argv(settings)
+    argv = mitmdump_argv(settings, transparent_port=transparent_port)
     for name, value in options.items():
         given = [i for i, arg in enumerate(argv) if arg.startswith(f"{name}=")]
         for i in reversed(given):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from proxy.launch import wait_ready
 from secretstore import store_from_env
 from tests.budget.budget_harness import Proxy, serve, start_proxy
 from tests.ledger.chain_harness import DevChain, new_wallet
-from workers import sandbox
+from workers import netns, sandbox
 from workers.spec import AssignmentSpec, SandboxSpec
 
 THRESHOLD = "25"
@@ -92,11 +93,23 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     wait_ready(settings.host, settings.api_port, timeout=30)
     model = serve()
     upstream = next(model)
+    # Also a transparent listener, for workers in network namespaces (one test uses it).
+    transparent_port = free_port()
     proxy = start_proxy(
-        data, configs, upstream, autovibe_broker=f"{settings.host}:{settings.api_port}"
+        data,
+        configs,
+        upstream,
+        autovibe_broker=f"{settings.host}:{settings.api_port}",
+        transparent_port=transparent_port,
     )
     try:
-        yield {"chain": chain, "proxy": proxy, "root": root, "settings": settings}
+        yield {
+            "chain": chain,
+            "proxy": proxy,
+            "root": root,
+            "settings": settings,
+            "transparent_port": transparent_port,
+        }
     finally:
         proxy.stop()
         server.should_exit = True
@@ -302,3 +315,62 @@ def test_a_sandboxed_agent_buys_with_what_the_scheduler_gives_it(
     assert replies and replies[-1]["code"] == 201, log
     assert (replies[-1]["status"], replies[-1]["assignment"]) == ("completed", "a-sandboxed")
     assert chain.tokens_of(shop) == Decimal(5)
+
+
+def _no_namespaces() -> str | None:
+    try:
+        netns.require()
+    except netns.NetnsUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.slow  # the stack and a network namespace: ~8 s
+@pytest.mark.skipif(_no_namespaces() is not None, reason=f"no transparent mode: {_no_namespaces()}")
+def test_a_transparent_worker_buys_at_the_brokers_address(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """A worker in its own network namespace (no proxy variables, every connection taken by
+    the transparent listener) asks at the broker's address through its gateway, as the
+    scheduler gives it, and is paid; the rest of the control API stays out of reach."""
+    proxy, root, chain, settings = stack["proxy"], stack["root"], stack["chain"], stack["settings"]
+    identity = MachineIdentity(
+        project="demo", trial="t3", assignment="a-transparent-buyer", machine="m2",
+        expires=time.time() + 600,
+    )  # fmt: skip
+    credential = mint(proxy.key, identity)
+    shop = new_wallet()
+    code = BUYER.replace('os.environ["SHOP"]', repr(shop)) + (
+        "\ntry:\n"
+        "    urllib.request.urlopen(os.environ['AUTOVIBE_PAYMENTS_URL'].split('/v1/')[0]"
+        " + '/v1/trials', timeout=30)\n"
+        "except urllib.error.HTTPError as exc:\n"
+        "    print(json.dumps({'code': exc.code, 'body': exc.read().decode()}))\n"
+    )
+    broker = f"{settings.host}:{settings.api_port}"
+    with netns.transparent(
+        root, identity.assignment, credential, settings.host, stack["transparent_port"]
+    ) as lease:
+        env = netns.worker_env(
+            {
+                "PATH": os.environ["PATH"],
+                "AUTOVIBE_PAYMENTS_URL": payments_url("demo", broker),
+                "AUTOVIBE_MACHINE_TOKEN": credential,
+            },
+            lease,
+            settings.host,
+        )
+        assert env["AUTOVIBE_PAYMENTS_URL"].startswith(f"http://{lease.gateway}:")
+        done = subprocess.run(
+            [*lease.exec_prefix(), sys.executable, "-c", code],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    replies = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(replies) == 2, (done.stdout, done.stderr)
+    paid, elsewhere = replies
+    assert (paid["code"], paid["status"]) == (201, "completed")
+    assert paid["assignment"] == identity.assignment
+    assert chain.tokens_of(shop) == Decimal(5)
+    refusal = json.loads(elsewhere["body"])  # the rest of the API: one of this host's services
+    assert elsewhere["code"] == 403 and refusal["error"] == "egress_refused"
+    assert "own services" in refusal["rule"]

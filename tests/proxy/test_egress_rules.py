@@ -146,5 +146,15 @@ def test_the_broker_door_opens_for_a_workers_own_purchases_only() -> None:
             assert refused.response is not None, (method, path, who)
             assert refused.response.status_code == 403
             assert refused.response.json()["error"] == "broker_refused"
+        # By address, as a transparent worker asks: the same door; the rest is an own service.
+        at = broker_flow("POST", mine, who=identity(None))
+        at.request.host, at.request.port = "127.0.0.1", 8400
+        egress.request(at)
+        assert at.response is None
+        trials = broker_flow("GET", "/v1/trials", who=identity(None))
+        trials.request.host, trials.request.port = "localhost", 8400
+        egress.request(trials)
+        assert trials.response is not None and trials.response.status_code == 403
+        assert "own services" in trials.response.json()["rule"]
         with pytest.raises(exceptions.OptionsError, match="not host:port"):
             ctx.configure(egress, autovibe_broker="nowhere")
