@@ -336,9 +336,8 @@ class Broker:
             "assignment": who.assignment,
             **request.model_dump(mode="json"),
         }
-        if request.pay_to is not None:
-            entry["destination"] = masked_destination(request.pay_to)
         if request.pay_to is not None:  # encrypted from the start; decrypted only to charge
+            entry["destination"] = masked_destination(request.pay_to)
             try:
                 entry["pay_to"] = self.cipher().encrypt(FIELD_CONTEXT, request.pay_to)
             except SecretStoreError as exc:
@@ -392,16 +391,19 @@ class Broker:
 
     def approve(self, project: str, payment_id: str, by: str = "operator") -> dict[str, Any]:
         """Execute a payment that waits for approval; PaymentError when it does not wait."""
-        latest = self.log(project).latest(payment_id)
-        if latest is None:
-            raise PaymentError(f"no payment {payment_id!r} in project {project!r}")
-        if latest["status"] != "pending_approval":
-            raise PaymentError(
-                f"payment {payment_id!r} is {latest['status']}, not pending_approval"
-            )
-        entry = {k: v for k, v in latest.items() if k not in {"at", "status", "reason", "detail"}}
-        entry["approved_by"] = by
-        return self._execute(entry)
+        log = self.log(project)
+        with log.deciding():  # two approvals of one payment at once: the second finds it paid
+            latest = log.latest(payment_id)
+            if latest is None:
+                raise PaymentError(f"no payment {payment_id!r} in project {project!r}")
+            if latest["status"] != "pending_approval":
+                raise PaymentError(
+                    f"payment {payment_id!r} is {latest['status']}, not pending_approval"
+                )
+            skip = {"at", "status", "reason", "detail"}
+            entry = {k: v for k, v in latest.items() if k not in skip}
+            entry["approved_by"] = by
+            return self._execute(entry)
 
     def find(self, payment_id: str) -> tuple[str, dict[str, Any]]:
         """The project and latest entry of `payment_id`, searched in every project."""

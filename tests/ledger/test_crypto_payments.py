@@ -21,7 +21,14 @@ from contracts.dataroot import DataRoot
 from ledger.book import Ledger
 from ledger.check import bean_check
 from ledger.cli import app as ledger_app
-from ledger.payments import Broker, PaymentPolicy, PaymentRequest, Requester, TransactionLog
+from ledger.payments import (
+    Broker,
+    PaymentError,
+    PaymentPolicy,
+    PaymentRequest,
+    Requester,
+    TransactionLog,
+)
 from ledger.reconcile import reconcile_payments
 from secretstore.fields import EmbeddedFieldCipher
 from secretstore.file import FileSecretStore
@@ -208,3 +215,21 @@ def test_two_parts_sent_at_once_cannot_both_pass_the_threshold(
     assert chain.tokens_of(shop) == Decimal(15)
     # Every attempt shows where the money was to go, masked, whatever its outcome.
     assert {p["destination"] for p in parts} == {f"{shop[:6]}…{shop[-4:]}"}
+
+
+def test_two_approvals_at_once_pay_once(tmp_path: Path, chain: DevChain) -> None:
+    broker = make_broker(tmp_path, chain, approval_threshold="25")
+    shop = new_wallet()
+    held = broker.submit(request("30", "USDC", shop), Requester("demo", "m1"))
+    assert held["status"] == "pending_approval"
+
+    def approve(_: int) -> str:
+        try:
+            return str(broker.approve("demo", held["id"])["status"])
+        except PaymentError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(approve, range(2)))
+    assert outcomes == ["completed", f"payment {held['id']!r} is completed, not pending_approval"]
+    assert chain.tokens_of(shop) == Decimal(30)
