@@ -156,12 +156,17 @@ class GithubApi:
     def labelled_issues(
         self, repo: str, label: str, etag: str | None
     ) -> tuple[list[GithubIssue] | None, str | None]:
-        """Open issues carrying `label` and the answer's ETag; None when unchanged (304)."""
+        """Open issues carrying `label` and the answer's ETag; None when unchanged (304).
+
+        One page of the 100 most recently updated: labelling an issue updates it, so a newly
+        labelled one is always on it (at the first poll of a repository with more than 100
+        open labelled issues, the older ones wait until they change)."""
         owner, name = repo.split("/")
         headers = {"If-None-Match": etag} if etag else None
         resp = self._call(
             self.rest.issues.list_for_repo,
-            owner, name, labels=label, state="open", per_page=100, headers=headers,
+            owner, name, labels=label, state="open", sort="updated", direction="desc",
+            per_page=100, headers=headers,
         )  # fmt: skip
         if resp.status_code == 304:
             return None, etag

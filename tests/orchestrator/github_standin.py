@@ -8,7 +8,8 @@ git repository: contents are read from it, and a pull request's head must be a b
 Documented behaviour kept here:
 - `Authorization: token T` (or `Bearer T`), `Accept: application/vnd.github+json` and
   `X-GitHub-Api-Version: 2022-11-28` on every request; a wrong token is 401.
-- `GET /repos/{o}/{r}/issues?labels=&state=&per_page=`: issues and pull requests, with an
+- `GET /repos/{o}/{r}/issues?labels=&state=&sort=&direction=&per_page=`: issues and pull
+  requests (newest first, by creation or by update; a label change updates the issue), with an
   `ETag`; `If-None-Match` equal to it gives 304 with no body, which does not count against the
   rate limit (docs: "Use conditional requests if appropriate").
 - Rate-limit headers on every counted answer: x-ratelimit-limit, -remaining, -used, -reset,
@@ -214,10 +215,12 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
                 raise _Refused(422, f"unknown parameters {sorted(set(query) - allowed)}")
             state = query.get("state", ["open"])[0]
             wanted = [x for x in query.get("labels", [""])[0].split(",") if x]
+            # Newest first by creation (the default) or by the last update (`sort=updated`).
+            key = "updated_at" if query.get("sort", ["created"])[0] == "updated" else "number"
             with standin.lock:
                 issues = [
                     i for i in sorted(standin.issues.get(repo, {}).values(),
-                                      key=lambda i: -i["number"])
+                                      key=lambda i: (i[key], i["number"]), reverse=True)
                     if (state == "all" or i["state"] == state)
                     and all(w in [x["name"] for x in i["labels"]] for w in wanted)
                 ]  # fmt: skip
@@ -270,6 +273,7 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
                 issue = standin.issues[repo][number]
                 have = [x["name"] for x in issue["labels"]]
                 issue["labels"] += [_label(x) for x in labels if x not in have]
+                issue["updated_at"] = _now()
                 return list(issue["labels"])
 
         def _remove_label(self, repo: str, number: int, name: str) -> Any:
@@ -278,6 +282,7 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
                 if name not in [x["name"] for x in issue["labels"]]:
                     raise _Refused(404, "Label does not exist")
                 issue["labels"] = [x for x in issue["labels"] if x["name"] != name]
+                issue["updated_at"] = _now()
                 return list(issue["labels"])
 
         def _pull(self, repo: str, body: Any) -> Any:
@@ -306,6 +311,10 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
             return pull
 
     return Handler
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _git(repo: Path, *args: str, strip: bool = True) -> str:

@@ -233,7 +233,10 @@ def test_polls_are_conditional_and_stop_at_the_rate_limit_floor(world: World) ->
     first, second = gh.counted("GET", "/issues")
     assert first.status == 200 and "If-None-Match" not in first.headers
     assert second.status == 304 and second.headers["If-None-Match"]
-    assert first.query == {"labels": ["autovibe"], "state": ["open"], "per_page": ["100"]}
+    assert first.query == {
+        "labels": ["autovibe"], "state": ["open"], "sort": ["updated"], "direction": ["desc"],
+        "per_page": ["100"],
+    }  # fmt: skip
     assert gh.remaining == before  # a 304 costs nothing
     # A change answers 200 with a new ETag, and the new issue is queued.
     gh.add_issue(REPO, 8, "new", BLOCK, ["autovibe"])
