@@ -28,6 +28,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from budget import Reserved
+from budget.scopes import project_scope
 from contracts.config import TrialConfig, load_models
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
@@ -244,6 +246,22 @@ def test_the_draft_schema_compiles_to_a_llama_cpp_grammar(stack: Stack) -> None:
         assert literal(name) in grammar
     assert literal("claude-code") not in grammar and literal("command") not in grammar
     assert "unknown_agents" in grammar
+
+
+def test_a_spent_concierge_budget_refuses_the_next_draft(stack: Stack) -> None:
+    # Last of the module's tests on the shared stack: it spends the concierge's whole budget.
+    counters = stack.platform.counters()
+    try:
+        scope = project_scope("concierge")
+        left = counters.remaining(scope)
+        assert isinstance(counters.reserve("spend-it-all", [scope], left), Reserved)
+        assert counters.settle("spend-it-all", left, "response")
+    finally:
+        counters.close()
+    resp = stack.api.post("/v1/concierge", json={"request": "builtin on mathkit, 1 CAD"})
+    assert resp.status_code == 503
+    assert "the concierge's budget refused the call" in resp.json()["detail"]
+    assert "project:concierge" in resp.json()["detail"]
 
 
 def test_the_concierge_is_off_unless_configured(tmp_path: Path) -> None:
