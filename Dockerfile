@@ -56,7 +56,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       bubblewrap socat git tmux qemu-utils libgomp1 postgresql-client ca-certificates \
-      iproute2 iptables chromium \
+      iproute2 iptables chromium mmdebstrap \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 autovibe \
  && useradd --uid 10001 --gid autovibe --home-dir /home/autovibe --create-home autovibe \
