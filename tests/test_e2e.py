@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from budget.scopes import JUDGE_MACHINE
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from ledger.book import Ledger
@@ -95,7 +96,9 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
     # server reported to the agent, request by request.
     index = SqliteTrafficStore(root.traffic_index)
     index.catch_up(root.traffic_logs)
-    metered = {f.response_id: f for f in index.flows(trial=trial_id) if f.response_id}
+    flows = index.flows(trial=trial_id)
+    judged = [f for f in flows if f.machine == JUDGE_MACHINE]
+    metered = {f.response_id: f for f in flows if f.response_id and f.machine != JUDGE_MACHINE}
     calls = [
         line
         for lines in transcripts(root, "demo", trial_id).values()
@@ -112,6 +115,11 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
         )
         assert (flow.trial, flow.machine, flow.provider) == (trial_id, flow.machine, "local")
         assert flow.machine in ("m1", "m2")
+    # The confidence judge called through the proxy too: as machine `judge`, for
+    # `<assignment>-judge`, metered and priced, apart from the agents' calls.
+    ids = {a["id"] for a in view["assignments"]}
+    assert judged and {f.assignment for f in judged} == {f"{i}-judge" for i in ids}
+    assert all(f.usage is not None and f.cost_usd > 0 for f in judged)
 
     # The ledger passes bean-check and holds exactly the metered spend: hourly transactions
     # per machine × model, one leg per assignment, reconciled with the index to the cent.
@@ -124,6 +132,10 @@ def test_trial_end_to_end(settings: Settings, demo_trial: dict[str, Any]) -> Non
         assert lines[a["id"]].kind == "match"
         # Each leg is rounded to 6 decimals, the assignment's cost once: rounding only.
         assert abs(lines[a["id"]].posted - Decimal(a["cost"])) <= Decimal("0.000003")
+    for judge in {f.assignment for f in judged}:
+        # The judge's spend: posted with the project's next posting (an ending, or the hour's
+        # close), so the last ones may still wait; never a mismatch.
+        assert lines[judge].kind in ("match", "pending"), lines[judge]
     posted = sum(lines[a["id"]].posted for a in view["assignments"])
     assert abs(posted - Decimal(report["total_cost"])) <= Decimal("0.000003")
 
