@@ -290,6 +290,17 @@ def _parser(value: str, info: ValidationInfo) -> str:
     return value
 
 
+class TaskEnvironment(_Strict):
+    """Debian packages the task's agent and tests need beyond the host's tools: a root
+    filesystem built from them once (mmdebstrap, the host's release), shared by every task
+    that names the same packages, and mounted read-only as the sandbox's system folders."""
+
+    packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]{1,62}$")]] = Field(
+        min_length=1, max_length=200
+    )
+    """Debian package names (`jq`, `dc`, `nodejs`)."""
+
+
 class Task(_Strict):
     id: Slug
     repo: Annotated[
@@ -331,6 +342,9 @@ class Task(_Strict):
     `swebench` package knows (`django/django`, `sympy/sympy`: its parser for that repository),
     a `swebench` parser by name (`parse_log_django`), or `harbor` (the reward the verifier
     writes, else its exit status: `HARBOR_TEST` is the task's one FAIL_TO_PASS id)."""
+    environment: TaskEnvironment | None = None
+    """A root filesystem of Debian packages the task runs in (sandboxed trials only); None:
+    the host's system folders."""
     workdir: Annotated[str, AfterValidator(_workdir)] | None = None
     """Where the workspace also appears inside the sandboxes, and where the agent and the tests
     start (a Harbor task's `/app`); None: at its own path only."""

@@ -757,6 +757,7 @@ class Scheduler:
             test_patch=task.test_patch,
             parser=task.parser,
             workdir=task.workdir,
+            environment=task.environment.packages if task.environment else None,
             timeout_s=task.timeout_s,
             agent=a.agent,
             agent_command=task.agent_command or [] if a.agent == "command" else [],

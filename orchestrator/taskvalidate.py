@@ -142,6 +142,7 @@ def _run(
         test_patch=task.test_patch,
         parser=task.parser,
         workdir=task.workdir,
+        environment=task.environment.packages if task.environment else None,
         timeout_s=task.timeout_s,
         agent=agent,
         model="none",

@@ -23,7 +23,8 @@ from typing import Any
 from contracts.config import HARBOR_PARSER
 from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
 from contracts.results import AgentResult, GradeResult, RunnerResult
-from workers import grading, pristine, redact, sandbox, workspace
+from contracts.settings import Settings
+from workers import environments, grading, pristine, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
@@ -136,6 +137,18 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
     return outcome
 
 
+def use_environment(spec: AssignmentSpec) -> None:
+    """Build (or find) the task's environment and have the sandboxes use it as their root."""
+    if spec.sandbox is None:
+        raise environments.BuildFailed(
+            f"task {spec.task_id}: a task environment is a sandbox's root; this assignment "
+            "runs unsandboxed (sandbox.kind: none)"
+        )
+    data_root = spec.data_root or DataRoot.at(Settings().data).root
+    rootfs = environments.ensure(data_root, spec.environment or [])
+    spec.sandbox = spec.sandbox.model_copy(update={"rootfs": rootfs})
+
+
 def run(spec: AssignmentSpec) -> RunnerResult:
     """Workspace, agent, tests; `report.json` (SWE-bench style) is written on every ending but
     a cancel, before the caller writes `result.json`."""
@@ -148,6 +161,9 @@ def run(spec: AssignmentSpec) -> RunnerResult:
     # Host-only: the baseline the patch is taken against and the tests are restored from.
     baseline = spec.artifacts / "baseline.git"
     try:
+        if spec.environment:
+            use_environment(spec)
+            phases["environment"] = time.time()
         workspace.prepare(spec.repo, spec.workspace, baseline)
         phases["workspace"] = time.time()
         outcome = run_agent(spec, phases)

@@ -217,22 +217,33 @@ def _platform_paths() -> list[Path]:
     return sorted(p for p in candidates if p.exists() and p != Path("/"))
 
 
+def system_source(sandbox: SandboxSpec, path: Path) -> Path:
+    """Where system folder `path` comes from: the task environment's root, else the host."""
+    return sandbox.rootfs / path.relative_to("/") if sandbox.rootfs is not None else path
+
+
+def system_sources(sandbox: SandboxSpec) -> list[tuple[Path, Path]]:
+    """(path inside, source on the host) of each system folder the sandbox shows."""
+    return [(path, system_source(sandbox, path)) for path in SYSTEM_PATHS]
+
+
 def _root_argv(sandbox: SandboxSpec) -> list[str]:
-    """The sandbox's root: listed system folders, /etc without its secrets, our code, the
-    interpreter, all read-only; private /dev, /proc, /run and a size-limited /tmp."""
+    """The sandbox's root: listed system folders (the host's, or a task environment's),
+    /etc without its secrets, our code, the interpreter, all read-only; private /dev, /proc,
+    /run and a size-limited /tmp."""
     argv = ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
-    for path in SYSTEM_PATHS:
-        if path.is_symlink():
-            argv += ["--symlink", os.readlink(path), str(path)]
-        elif path.is_dir():
-            argv += ["--ro-bind", str(path), str(path)]
+    for path, source in system_sources(sandbox):
+        if source.is_symlink():
+            argv += ["--symlink", os.readlink(source), str(path)]
+        elif source.is_dir():
+            argv += ["--ro-bind", str(source), str(path)]
+    etc = system_source(sandbox, Path("/etc"))
     for name in ETC_SECRETS:
-        secret = Path("/etc") / name
+        secret = etc / name
         if secret.is_symlink() or not secret.exists():
             continue
-        argv += (
-            ["--tmpfs", str(secret)] if secret.is_dir() else ["--ro-bind", "/dev/null", str(secret)]
-        )
+        inside = str(Path("/etc") / name)
+        argv += ["--tmpfs", inside] if secret.is_dir() else ["--ro-bind", "/dev/null", inside]
     argv += [
         "--dev", "/dev",
         "--proc", "/proc",
@@ -307,6 +318,8 @@ def bwrap_argv(
     ]  # fmt: skip
     if os.geteuid() == 0:
         shown = [*_platform_paths(), *sandbox.read_only]
+        if sandbox.rootfs is not None:  # under the data root, which that user cannot search
+            shown += [src for _, src in system_sources(sandbox) if src.is_dir()]
         shown += [b.source for b in binds if not b.writable and b.source not in writable]
         if lease is not None and lease.resolv_conf is not None:
             shown.append(lease.resolv_conf)

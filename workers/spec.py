@@ -39,6 +39,9 @@ class SandboxSpec(BaseModel):
     """The proxy's transparent listener (`--mode transparent@PORT`); needed for `transparent`."""
     dns_port: int | None = None
     """The proxy's DNS listener (`--mode dns@PORT`) for `transparent` workers; None: no names."""
+    rootfs: Path | None = None
+    """A task environment's root (`workers.environments`), shown read-only in place of the
+    host's system folders; set by the runner once it is built. None: the host's."""
     host_uid: int = Field(default=SANDBOX_HOST_UID, gt=0)
     """Host uid and gid bubblewrap runs as when the runner is root (`workers.sandbox_user`):
     the sandbox's uid maps to it. From the server's settings, never from a trial."""
@@ -61,6 +64,9 @@ class AssignmentSpec(BaseModel):
     parser: str | None = None
     """How the test output is read (`workers.grading.read_statuses`); None: pytest's summary;
     `harbor`: the verifier's reward, `test_patch` then creating its /tests folder."""
+    environment: list[str] | None = None
+    """Debian packages of the task's environment (`workers.environments`); None: the host's
+    system folders."""
     workdir: str | None = None
     """Where the workspace also appears inside the sandboxes, and where the agent and the tests
     start (a Harbor task's `/app`); None: at its own path only."""

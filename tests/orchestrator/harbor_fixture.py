@@ -6,15 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi.testclient import TestClient
-from mitmproxy.certs import CertStore
-from trial_runs import run_to_the_end
+from trial_runs import run_to_the_end, sandboxed_api
 
-from contracts.dataroot import DataRoot
-from contracts.settings import PROJECT_ROOT, Settings, free_port
-from orchestrator.api import create_app
 from orchestrator.harborimport import import_harbor
-from orchestrator.platform import Platform
 from orchestrator.state import Assignment
 
 TEST_SH = """\
@@ -52,17 +46,6 @@ def write_task(folder: Path, *, solved: bool = False) -> Path:
 def run_harbor_trial(tmp_path: Path, agent_command: list[str]) -> Assignment:
     """Import `write_task(tmp_path / "fix-greeting")` and run it in a trial with the `command`
     agent running `agent_command`, sandboxed; the assignment when it ended."""
-    settings = Settings(
-        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), task_roots=[tmp_path],
-    )  # fmt: skip
-    root = DataRoot.at(settings.data)
-    DataRoot.ensure(root.proxy_confdir)
-    # The proxy's CA, as mitmdump makes it (the sandbox shows it; these agents call no model).
-    CertStore.from_store(root.proxy_confdir, "mitmproxy", 2048)
-    import_harbor(write_task(tmp_path / "fix-greeting").parent, root)
-    app = create_app(settings, run_scheduler=False)
-    token = (root.secrets / "operator-token").read_text().strip()
     trial = {
         "name": "harbor-trial",
         "project": "harbor",
@@ -71,9 +54,8 @@ def run_harbor_trial(tmp_path: Path, agent_command: list[str]) -> Assignment:
         "model_pairs": ["tiny"],
         "tasks": {"set": tmp_path.name, "ids": ["fix-greeting"], "agent_command": agent_command},
     }
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        platform: Platform = app.state.platform
+    with sandboxed_api(tmp_path) as (client, platform):
+        import_harbor(write_task(tmp_path / "fix-greeting").parent, platform.root)
         resp = client.post("/v1/trials", json=trial)
         assert resp.status_code == 201, resp.text
-        trial_id = resp.json()["id"]
-        return run_to_the_end(platform, trial_id)
+        return run_to_the_end(platform, resp.json()["id"])
