@@ -14,6 +14,9 @@ A DNS query (the proxy's `dns` mode, for workers in transparent mode) is a recor
 body, attributed by the source address like the worker's connections. So is a raw TCP stream
 (a listed raw-TCP exception, or one the egress policy refused): method `TCP`, `tcp://host:port`
 as url, the bytes each way as request and response bytes, their first bytes as the bodies.
+
+A flow meant for the payment broker (`proxy.addons.egress.for_broker`) keeps only the sizes of
+its bodies (`withheld`) and no query string: they hold where the money goes and the receipts.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from wsproto.frame_protocol import Opcode
 from contracts.records import Body, FlowRecord, WebSocket, WebSocketMessage
 from proxy.addons import dataroot
 from proxy.addons.budget import decision_of
+from proxy.addons.egress import for_broker
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import metered
 from proxy.addons.redaction import Redactor, redactor_for
@@ -261,6 +265,17 @@ def _whole_body(message: http.Message, keep: int, redactor: Redactor) -> Body | 
     return make_body(kept, len(data), whole, redactor, truncated, decode_error)
 
 
+def withheld(body: Body | None) -> Body | None:
+    """What the spool keeps of a payment broker's body: its size, no text and no hash.
+
+    Purchase details (`pay_to`, receipts) are encrypted in the broker's attempt log; a plain
+    hash here would confirm a guess at them, the rest of the body being in that log.
+    """
+    if body is None:
+        return None
+    return Body(size=body.size, truncated=True, decode_error=body.decode_error)
+
+
 def record_of(
     flow: http.HTTPFlow,
     redactor: Redactor | None = None,
@@ -301,6 +316,13 @@ def record_of(
         # Streamed through: mitmproxy kept no body, the meter counted what passed.
         response_bytes = facts.response_bytes
     decision = decision_of(flow)
+    request_body = _whole_body(request, spool_body_max, redactor)
+    url, path = request.url, request.path
+    if for_broker(flow):
+        request_body = withheld(request_body)
+        if refused(flow) is None:  # the proxy's own refusal tells nothing of the purchase
+            response_body = withheld(response_body)
+        url, path = url.partition("?")[0], path.partition("?")[0]
     return FlowRecord(
         id=flow.id,
         ts_start=ts_start,
@@ -310,9 +332,9 @@ def record_of(
         first_chunk_ms=first_chunk_ms,
         method=request.method,
         # Where the flow really went, not what its Host header claims.
-        url=request.url,
+        url=url,
         host=request.host,
-        path=request.path,
+        path=path,
         status=response.status_code if response is not None else None,
         request_bytes=len(request.raw_content or b""),
         response_bytes=response_bytes,
@@ -333,7 +355,7 @@ def record_of(
         upstream_error=facts.upstream_error if facts else None,
         request_headers=list(request.headers.items(multi=True)),
         response_headers=list(response.headers.items(multi=True)) if response else [],
-        request_body=_whole_body(request, spool_body_max, redactor),
+        request_body=request_body,
         response_body=response_body,
         websocket=websocket,
     )

@@ -21,7 +21,8 @@ is refused, as is the name when no broker is configured. A worker in transparent
 has no proxy to name things for it, uses the broker's address instead (through its gateway):
 the same door, the same checks; nothing else of the control API is reachable. The
 worker authenticates to the API with its own machine credential (`Authorization: Bearer`), which
-the API verifies again: the proxy only opens the one door.
+the API verifies again: the proxy only opens the one door. Every flow meant for the broker, sent
+or refused, is marked (`for_broker`): capture keeps no purchase details of it.
 
 Inside an allowed tunnel only HTTP and TLS pass: a raw TCP stream (SSH, a database protocol,
 DNS over TCP, anything mitmproxy cannot read as HTTP) is closed unrelayed, and captured as a
@@ -63,6 +64,13 @@ POLICIES_KEPT = 1024
 PROXY_LISTS = ("AUTOVIBE_EGRESS_ALLOW", "AUTOVIBE_EGRESS_TCP_ALLOW")
 CREDENTIAL_LISTS = ("the trial's egress.allow", "the trial's egress.tcp_allow")
 PAYMENT_ID = re.compile(r"pay_[0-9a-f]{1,32}")
+BROKER_KEY = "autovibe.egress.broker"
+"""Set on a flow meant for the payment broker (by name or at its address), sent or refused."""
+
+
+def for_broker(flow: http.HTTPFlow) -> bool:
+    """Whether `flow` was meant for the payment broker: its bodies are purchase details."""
+    return flow.metadata.get(BROKER_KEY) is True
 
 
 def parse_ports(value: str) -> frozenset[int]:
@@ -282,13 +290,19 @@ class Egress:
         host, port = flow.request.host, flow.request.port
         identity = identity_of(flow)
         if host.lower().rstrip(".") == BROKER_HOST:
+            flow.metadata[BROKER_KEY] = True
             self._to_broker(flow, identity)
             return
-        if identity is not None and self._is_broker(host, port):
+        if self._is_broker(host, port):
+            # Refused below unless it is the one door, but what it carries is still meant for
+            # the broker (a purchase sent to the wrong path, say).
+            flow.metadata[BROKER_KEY] = True
             request = flow.request
-            mine = f"/v1/projects/{identity.project}/payments"
-            if request.scheme == "http" and _broker_route(
-                request.method, request.path.split("?")[0], mine
+            mine = f"/v1/projects/{identity.project}/payments" if identity else ""
+            if (
+                identity is not None
+                and request.scheme == "http"
+                and _broker_route(request.method, request.path.split("?")[0], mine)
             ):
                 self._to_broker(flow, identity)
                 return  # anything else of the API is one of this host's own services

@@ -9,13 +9,11 @@ two under the approval threshold, and the second part waits for the operator.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -24,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from typer.testing import CliRunner
 
@@ -38,12 +35,11 @@ from ledger.book import Ledger
 from ledger.check import bean_check
 from ledger.cli import payments_app
 from ledger.payments import PaymentPolicy, TransactionLog, purchases_preamble
-from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.report import purchase_note, purchases_of, summarize
-from proxy.launch import wait_ready
 from secretstore import store_from_env
-from tests.budget.budget_harness import Proxy, serve, start_proxy
+from tests.budget.budget_harness import Proxy
+from tests.ledger.broker_harness import broker_behind_proxy
 from tests.ledger.chain_harness import DevChain, new_wallet
 from workers import netns, sandbox
 from workers.spec import AssignmentSpec, SandboxSpec
@@ -68,53 +64,18 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     settings = Settings(data=data, configs=configs, host="127.0.0.1", api_port=free_port())
     for name, value in settings.as_env().items():
         monkeypatch.setenv(name, value)
-    root = DataRoot.at(data)
     store_from_env(settings=settings).put("wallets/eth", chain.payer_key)
-    Ledger.of(root, "demo").open(
-        "demo", Decimal(500), "USD", {"USD": Decimal(1)}, dt.date.today(), funding="t1"
-    )
-    counters = open_counters("sqlite", path=root.budget_counters)
-    now = time.time()
-    counters.ensure_scope(project_scope("demo"), Decimal(500), "USD", "once", now)
-    counters.ensure_scope(machine_scope("demo", "m1"), Decimal(25), "USD", "daily", now)
-    counters.ensure_scope(machine_scope("demo", "m2"), Decimal(100), "USD", "daily", now)
-    counters.close()
-
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, run_scheduler=False),
-            host=settings.host,
-            port=settings.api_port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_ready(settings.host, settings.api_port, timeout=30)
-    model = serve()
-    upstream = next(model)
     # Also a transparent listener, for workers in network namespaces (one test uses it).
     transparent_port = free_port()
-    proxy = start_proxy(
-        data,
-        configs,
-        upstream,
-        autovibe_broker=f"{settings.host}:{settings.api_port}",
-        transparent_port=transparent_port,
-    )
-    try:
+    allowances = {"m1": Decimal(25), "m2": Decimal(100)}
+    with broker_behind_proxy(settings, allowances, transparent_port=transparent_port) as proxy:
         yield {
             "chain": chain,
             "proxy": proxy,
-            "root": root,
+            "root": DataRoot.at(data),
             "settings": settings,
             "transparent_port": transparent_port,
         }
-    finally:
-        proxy.stop()
-        server.should_exit = True
-        thread.join(timeout=10)
-        next(model, None)
 
 
 def agent(proxy: Proxy, machine: str) -> tuple[httpx.Client, str]:

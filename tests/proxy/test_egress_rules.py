@@ -15,7 +15,8 @@ from mitmproxy.test import taddons, tflow
 
 from contracts.credentials import MachineIdentity
 from contracts.egress import BROKER_HOST, parse_rules, uncovered
-from proxy.addons.egress import Egress
+from proxy.addons.capture import record_of
+from proxy.addons.egress import Egress, for_broker
 from proxy.addons.identity import METADATA_KEY
 
 
@@ -156,5 +157,29 @@ def test_the_broker_door_opens_for_a_workers_own_purchases_only() -> None:
         egress.request(trials)
         assert trials.response is not None and trials.response.status_code == 403
         assert "own services" in trials.response.json()["rule"]
+        # Every one of them, sent or refused, is marked as the broker's: capture keeps no
+        # purchase details of it (a plain flow is not).
+        assert all(for_broker(f) for f in (closed, sent, refused, at, trials))
+        plain = tflow.tflow()
+        egress.request(plain)
+        assert not for_broker(plain)
         with pytest.raises(exceptions.OptionsError, match="not host:port"):
             ctx.configure(egress, autovibe_broker="nowhere")
+
+
+def test_a_broker_flow_is_spooled_without_its_bodies() -> None:
+    """Sizes only: `pay_to` and receipts are encrypted in the broker's attempt log."""
+    egress = Egress()
+    with taddons.context(egress) as ctx:
+        configured(ctx, egress, autovibe_own_ports="8400", autovibe_broker="127.0.0.1:8400")
+        flow = broker_flow("POST", "/v1/projects/p1/payments?to=0xabc", who=identity(None))
+        flow.request.content = b'{"item": "x", "pay_to": "https://shop.example/checkout/42"}'
+        egress.request(flow)
+        flow.response = http.Response.make(201, b'{"receipt": "order-42"}')
+    record = record_of(flow)
+    assert "?" not in record.url and record.path == "/v1/projects/p1/payments"
+    for body, size in ((record.request_body, 59), (record.response_body, 23)):
+        assert body is not None
+        assert (body.text, body.sha256, body.size, body.truncated) == ("", "", size, True)
+    plain = record_of(tflow.tflow(resp=True))
+    assert plain.request_body is not None and plain.request_body.text
