@@ -1,7 +1,8 @@
 """Stand-ins for Anthropic's and OpenAI's APIs, answering as their documentation shows, on the
 providers' real host names over TLS (a certificate from a throwaway CA).
 
-What a request gets is picked by a word in its body, `scenario:<name>`:
+What a request gets is the next scenario of the stand-in's `script` (for agents, whose bodies
+the test does not write), else the one named by a word in its body, `scenario:<name>`:
 
 - `ok`: an answer with usage: Anthropic Messages (JSON, or the documented event stream:
   `message_start` with the input and cache tokens, `content_block_delta`s, `message_delta` with
@@ -86,16 +87,19 @@ OPENAI_ERRORS = {
 
 class ProviderStandIn:
     """api.anthropic.com and api.openai.com on `address`:443 over TLS; remembers every request
-    (path, headers, body) in `seen`, with the JSON body it answered (`answer`)."""
+    (path, headers, body) in `seen`, with its `status` and the JSON body it answered
+    (`answer`). `retry_after` is what its 429 and 529 answers ask a client to wait."""
 
-    def __init__(self, address: str, cert: Path) -> None:
+    def __init__(self, address: str, cert: Path, *, retry_after: str = RETRY_AFTER) -> None:
         self.seen: list[dict[str, Any]] = []
-        seen = self.seen
+        self.script: list[str] = []
+        """Scenarios for the next model calls, first first, whatever their bodies say."""
 
         class Handler(_Handler):
             pass
 
-        Handler.seen = seen
+        Handler.seen, Handler.script, Handler.retry_after = self.seen, self.script, retry_after
+        Handler.lock = threading.Lock()
         self.server = ThreadingHTTPServer((address, 443), Handler)
         self.server.daemon_threads = True
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -111,6 +115,9 @@ class ProviderStandIn:
 
 class _Handler(BaseHTTPRequestHandler):
     seen: list[dict[str, Any]]
+    script: list[str]
+    retry_after: str
+    lock: threading.Lock
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:
@@ -118,15 +125,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.seen.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        self.call: dict[str, Any] = {"path": self.path, "headers": dict(self.headers), "body": body}
+        self.seen.append(self.call)  # calls may overlap: each handler writes to its own
         doc = json.loads(body)
         found = re.search(rb"scenario:(\w+)", body)
         scenario = found.group(1).decode() if found else "ok"
-        if self.path == "/v1/messages":
+        path = self.path.partition("?")[0]  # claude-code asks for /v1/messages?beta=true
+        if path in ("/v1/messages", "/v1/chat/completions", "/v1/responses"):
+            with self.lock:
+                if self.script:
+                    scenario = self.script.pop(0)
+        if path == "/v1/messages":
             self._anthropic(scenario, doc)
-        elif self.path == "/v1/chat/completions":
+        elif path == "/v1/chat/completions":
             self._chat(scenario, doc)
-        elif self.path == "/v1/responses":
+        elif path == "/v1/responses":
             self._responses(scenario, doc)
         else:
             self._json(404, {"error": {"message": f"Invalid URL (POST {self.path})",
@@ -140,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, kind, message = ANTHROPIC_ERRORS[scenario]
             headers = {"request-id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
             if status in (429, 529):
-                headers["retry-after"] = RETRY_AFTER
+                headers["retry-after"] = self.retry_after
             if status == 429:
                 headers |= {
                     "anthropic-ratelimit-requests-limit": "50",
@@ -201,7 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"x-request-id": "req_a1b2c3d4e5f6"}
         if status == 429:
             headers |= {
-                "retry-after": RETRY_AFTER,
+                "retry-after": self.retry_after,
                 "x-ratelimit-limit-requests": "3",
                 "x-ratelimit-remaining-requests": "0",
                 "x-ratelimit-reset-requests": "20s",
@@ -297,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None
     ) -> None:
         data = json.dumps(doc).encode()
-        self.seen[-1]["answer"] = data
+        self.call |= {"status": status, "answer": data}
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -308,6 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, events: list[bytes], *, cut: bool) -> None:
         """Events as chunks; a cut stream drops the connection instead of the last chunk."""
+        self.call["status"] = 200
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")

@@ -29,22 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
 from worker_harness import (
     MeteringProxy,
     StandInCloud,
-    direct_env,
-    private_hosts_file,
-    stop,
+    proxy_to_providers,
     throwaway_certificate,
 )
 
-from budget import open_ample
 from contracts.config import load_prices
-from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
-from contracts.dataroot import DataRoot
+from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.providers import PLACEHOLDER_KEY
 from contracts.records import FlowRecord
-from contracts.settings import PROJECT_ROOT, Settings, free_port
+from contracts.settings import PROJECT_ROOT
 from orchestrator.catalog import Catalog
-from proxy.launch import mitmdump_argv, wait_ready
-from secretstore import get_store
 
 NAMES = ("api.deepseek.com", "api.anthropic.com", "openrouter.ai")
 KEYS = {
@@ -88,32 +82,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("throwaway-ca")
     ca, server_pem = throwaway_certificate(folder, address, NAMES)
     cloud = StandInCloud(address, cert=server_pem, port=443)
-    settings = Settings(
-        data=tmp_path_factory.mktemp("cloud-keys"),
-        configs=PROJECT_ROOT / "configs",
-        proxy_port=free_port(),
-        model_port=free_port(),
-    )
-    root = DataRoot.at(settings.data)
-    key = load_or_create_key(root)
-    open_ample(root.budget_counters, "p1", ["m1"])
-    for provider, secret in KEYS.items():
-        get_store("file", root).put(f"providers/{provider}", secret)
-    hosts = root.root / "hosts"
-    hosts.write_text(f"{Path('/etc/hosts').read_text()}\n{address} {' '.join(NAMES)}\n")
-    argv = [
-        *private_hosts_file(hosts),
-        *mitmdump_argv(settings),
-        "--set",
-        f"ssl_verify_upstream_trusted_ca={ca}",
-    ]
-    with (root.root / "mitmdump.log").open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=direct_env())
     try:
-        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
-        yield Stack(MeteringProxy(settings, root, key), cloud, Catalog.load(settings))
+        with proxy_to_providers(
+            tmp_path_factory.mktemp("cloud-keys"), address, NAMES, ca, KEYS
+        ) as proxy:
+            yield Stack(proxy, cloud, Catalog.load(proxy.settings))
     finally:
-        stop(process)
         cloud.stop()
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,9 +26,10 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
 from proxy_harness import Proxy, Upstream, metering_proxy
+from worker_harness import settled_counters
 
-from budget import open_counters, project_scope
 from contracts.records import BudgetDecision, FlowRecord
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
 
@@ -119,17 +119,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, provider: Upstream) -> Itera
 
 def counters(proxy: Proxy) -> tuple[Decimal, Decimal]:
     """The project's (spent, reserved) once no reservation is open (calls run one at a time)."""
-    deadline = time.monotonic() + 5
-    while True:
-        store = open_counters("sqlite", path=proxy.root.budget_counters)
-        try:
-            state = store.describe(project_scope("p1"), time.time())
-        finally:
-            store.close()
-        assert state is not None
-        if state.reserved == 0 or time.monotonic() > deadline:
-            return state.spent, state.reserved
-        time.sleep(0.02)
+    return settled_counters(proxy.root)
 
 
 def call(

@@ -17,7 +17,6 @@ import json
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,9 +27,10 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
 from proxy_harness import PRICES_YAML, Proxy, Upstream, metering_proxy
+from worker_harness import settled_counters
 
-from budget import open_counters, project_scope
 from contracts.records import FlowRecord
 
 KEY = "sk-real-provider-key-for-endpoint-tests"
@@ -173,17 +173,7 @@ def keyed(provider: Upstream, path: str) -> list[str]:
 def counters(proxy: Proxy) -> tuple[Decimal, Decimal]:
     """The project's (spent, reserved) once no reservation is open: the calls of this module
     run one at a time, and each is settled just after its answer went out."""
-    deadline = time.monotonic() + 5
-    while True:
-        store = open_counters("sqlite", path=proxy.root.budget_counters)
-        try:
-            state = store.describe(project_scope("p1"), time.time())
-        finally:
-            store.close()
-        assert state is not None
-        if state.reserved == 0 or time.monotonic() > deadline:
-            return state.spent, state.reserved
-        time.sleep(0.02)
+    return settled_counters(proxy.root)
 
 
 def reserved_of(record: FlowRecord) -> Decimal:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -36,15 +35,14 @@ from provider_stand_ins import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
-from worker_harness import direct_env, private_hosts_file, stop, throwaway_certificate
+from worker_harness import proxy_to_providers, settled_counters, throwaway_certificate
 
-from budget import from_micro, open_ample, open_counters, project_scope, to_micro
+from budget import from_micro, to_micro
 from contracts.config import PriceCatalog, load_prices
-from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
+from contracts.credentials import MachineIdentity, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord, Usage
-from contracts.settings import PROJECT_ROOT, Settings, free_port
-from proxy.launch import mitmdump_argv, wait_ready
+from contracts.settings import PROJECT_ROOT, Settings
 from traffic.sqlite_store import SqliteTrafficStore
 from traffic.stores import ErrorCount, ProviderCalls
 
@@ -79,19 +77,9 @@ class Stack:
         return httpx.Client(proxy=url, verify=str(self.root.ca_cert), trust_env=False, timeout=30)
 
     def counters(self) -> tuple[Decimal, Decimal]:
-        """The project's (spent, reserved) once nothing is reserved: calls here run one at a
-        time and each is settled just after its answer went out."""
-        deadline = time.monotonic() + 5
-        while True:
-            store = open_counters("sqlite", path=self.root.budget_counters)
-            try:
-                state = store.describe(project_scope("p1"), time.time())
-            finally:
-                store.close()
-            assert state is not None
-            if state.reserved == 0 or time.monotonic() > deadline:
-                return state.spent, state.reserved
-            time.sleep(0.02)
+        """The project's (spent, reserved) once nothing is reserved (calls here run one at a
+        time)."""
+        return settled_counters(self.root)
 
     def spooled(self, assignment: str) -> FlowRecord:
         deadline = time.monotonic() + 5
@@ -114,34 +102,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     address = f"127.78.{os.getpid() % 250}.1"
     ca, server_pem = throwaway_certificate(tmp_path_factory.mktemp("ca"), address, NAMES)
     cloud = ProviderStandIn(address, server_pem)
-    settings = Settings(
-        data=tmp_path_factory.mktemp("provider-errors"),
-        configs=PROJECT_ROOT / "configs",
-        proxy_port=free_port(),
-        model_port=free_port(),
-    )
-    root = DataRoot.at(settings.data)
-    key = load_or_create_key(root)
-    open_ample(root.budget_counters, "p1", ["m1"])
-    from secretstore import get_store
-
-    for provider, secret in KEYS.items():
-        get_store("file", root).put(f"providers/{provider}", secret)
-    hosts = root.root / "hosts"
-    hosts.write_text(f"{Path('/etc/hosts').read_text()}\n{address} {' '.join(NAMES)}\n")
-    argv = [
-        *private_hosts_file(hosts),
-        *mitmdump_argv(settings),
-        "--set",
-        f"ssl_verify_upstream_trusted_ca={ca}",
-    ]
-    with (root.root / "mitmdump.log").open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=direct_env())
     try:
-        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
-        yield Stack(root, settings, key, cloud, load_prices(PROJECT_ROOT / "configs"))
+        with proxy_to_providers(
+            tmp_path_factory.mktemp("provider-errors"), address, NAMES, ca, KEYS
+        ) as proxy:
+            prices = load_prices(PROJECT_ROOT / "configs")
+            yield Stack(proxy.root, proxy.settings, proxy.key, cloud, prices)
     finally:
-        stop(process)
         cloud.stop()
 
 

@@ -24,13 +24,15 @@ def installed(name: str, root: Path) -> install.Installed:
         pytest.fail(f"installing {name} failed (CI reaches PyPI and npm):\n{exc}", pytrace=False)
 
 
-def agent_run(workspace: Path, artifacts: Path, *, endpoint: str, timeout_s: int = 600) -> AgentRun:
+def agent_run(
+    workspace: Path, artifacts: Path, *, endpoint: str, timeout_s: int = 600, model: str = "tiny"
+) -> AgentRun:
     """An AgentRun with its artifacts folder ready, as the runner leaves it before `command()`."""
     run = AgentRun(
         workspace=workspace,
         prompt="Implement `add` in mathkit/basic.py so that tests/test_basic.py passes.",
         endpoint=endpoint,
-        model="tiny",
+        model=model,
         artifacts=artifacts,
         timeout_s=timeout_s,
         log=artifacts / "agent.log",
@@ -56,11 +58,14 @@ def run_sandboxed(
         read_only=[proxy.root.ca_cert, *agent.read_only_paths(root.root)],
     )
     credential = proxy.url_for(run.artifacts.name)
+    ca = str(proxy.root.ca_cert)
     env = direct_env(
         HTTP_PROXY=credential,
         HTTPS_PROXY=credential,
         OPENAI_API_KEY="autovibe-machine-credential",
-        SSL_CERT_FILE=str(proxy.root.ca_cert),
+        SSL_CERT_FILE=ca,  # the CA bundle under each of the names the scheduler gives it
+        REQUESTS_CA_BUNDLE=ca,
+        NODE_EXTRA_CA_CERTS=ca,
     )
     log_path = run.artifacts / "agent.log"
     with sandbox.ProxyBridge(box) as bridge, log_path.open("wb") as log:

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,11 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy.certs import CertStore
 
+from budget import open_ample, open_counters, project_scope
 from common import processes
-from contracts.credentials import MachineIdentity, mint, proxy_url
+from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
-from contracts.settings import PROJECT_ROOT, Settings
+from contracts.settings import PROJECT_ROOT, Settings, free_port
+from proxy.launch import mitmdump_argv, wait_ready
+from secretstore import get_store
 from workers.agents.base import AgentOutcome, AgentRun, ExitCause
 
 EXAMPLES = PROJECT_ROOT / "examples"
@@ -207,3 +212,55 @@ def private_hosts_file(hosts: Path) -> list[str]:
     /etc/hosts: names for stand-ins, without touching the machine's file (needs root)."""
     script = 'mount --bind "$0" /etc/hosts && exec "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hosts)]
+
+
+@contextmanager
+def proxy_to_providers(
+    data: Path, address: str, names: Sequence[str], ca: Path, keys: dict[str, str]
+) -> Iterator[MeteringProxy]:
+    """The platform's mitmdump on a fresh data root at `data` (project p1 and machine m1 with
+    ample budgets, `keys` stored as `providers/<name>`), in a mount namespace whose /etc/hosts
+    sends `names` (the providers' real host names) to a stand-in at `address`, trusting `ca`
+    upstream; ready."""
+    settings = Settings(
+        data=data,
+        configs=PROJECT_ROOT / "configs",
+        proxy_port=free_port(),
+        model_port=free_port(),
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, "p1", ["m1"])
+    for provider, secret in keys.items():
+        get_store("file", root).put(f"providers/{provider}", secret)
+    hosts = root.root / "hosts"
+    hosts.write_text(f"{Path('/etc/hosts').read_text()}\n{address} {' '.join(names)}\n")
+    argv = [
+        *private_hosts_file(hosts),
+        *mitmdump_argv(settings),
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={ca}",
+    ]
+    with (root.root / "mitmdump.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=direct_env())
+    try:
+        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
+        yield MeteringProxy(settings, root, key)
+    finally:
+        stop(process)
+
+
+def settled_counters(root: DataRoot, project: str = "p1") -> tuple[Decimal, Decimal]:
+    """The project's (spent, reserved) once no reservation is open, or after 5 s: for calls
+    made one at a time, each settled just after its answer went out."""
+    deadline = time.monotonic() + 5
+    while True:
+        store = open_counters("sqlite", path=root.budget_counters)
+        try:
+            state = store.describe(project_scope(project), time.time())
+        finally:
+            store.close()
+        assert state is not None
+        if state.reserved == 0 or time.monotonic() > deadline:
+            return state.spent, state.reserved
+        time.sleep(0.02)
