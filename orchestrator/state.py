@@ -169,6 +169,24 @@ class IntakeIssue(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class IntakeComment(Base):
+    """A comment an intake channel owes an issue: written with the state change it tells of,
+    posted after, and kept owed until the channel takes it (or cannot ever: `dropped`)."""
+
+    __tablename__ = "intake_comments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    issue_id: Mapped[int] = mapped_column(ForeignKey("intake_issues.id"), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    posted_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    """Why the last attempt failed."""
+    dropped: Mapped[bool] = mapped_column(default=False)
+    """The issue can never take it (gone, or the comment refused as invalid): not retried."""
+
+
 class IntakeCursor(Base):
     """Per polled resource: the ETag of its last full answer, for conditional requests."""
 

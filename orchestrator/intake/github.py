@@ -8,9 +8,16 @@ branch head whose tests come from a fenced ```autovibe (or ```yaml) block of the
 the repository's `.autovibe.yaml`. When the trial ends, a comment gives the result and the best
 accepted patch becomes a branch and a pull request.
 
-Issues arrive by polling (a conditional request per repository: a 304 costs no rate limit) or
+Issues arrive by polling (a conditional request per repository: a 304 costs no rate limit; a
+changed answer is read on through its `Link: rel="next"` pages while they bring new issues) or
 by the webhook (`POST /v1/intake/github`, `X-Hub-Signature-256` checked). Calls stop while the
 rate-limit headers say fewer than `rate_floor` requests are left, until the reset.
+
+What a state change tells the issue is written with it, as a comment owed (`IntakeComment`),
+then posted; one GitHub did not take is posted again each round until it is, in order, so a
+failure at that moment loses no comment (it may, rarely, post one twice: GitHub took it but
+the answer was lost). Labels follow the state the same way: each round shows the state of every
+issue whose label lags behind.
 """
 
 from __future__ import annotations
@@ -23,13 +30,13 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from githubkit import GitHub, Response
-from githubkit.exception import RateLimitExceeded, RequestFailed
+from githubkit.exception import RateLimitExceeded, RequestError, RequestFailed
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -48,7 +55,7 @@ from orchestrator.access import AuditLog
 from orchestrator.client import ApiError, Client
 from orchestrator.export import Exported, export_trial
 from orchestrator.mirrors import PROTOCOLS, Mirrors
-from orchestrator.state import IntakeCursor, IntakeIssue, Store, utcnow
+from orchestrator.state import IntakeComment, IntakeCursor, IntakeIssue, Store, utcnow
 from workers.workspace import WorkspaceError, isolated_git
 
 log = logging.getLogger("autovibe.intake.github")
@@ -59,6 +66,10 @@ SPEC_FILE = ".autovibe.yaml"
 ENDED = ("finished", "cancelled")
 WHO = "intake:github"
 API_VERSION: Final = "2022-11-28"
+MAX_PAGES = 10
+"""Pages of 100 labelled issues read per repository and poll, at most."""
+GONE = (404, 410, 422)
+"""GitHub's answers to a comment that can never be posted: no such issue, or not a valid one."""
 
 
 # -- webhook signatures ----------------------------------------------------------------------
@@ -110,6 +121,12 @@ class IssuesEvent(BaseModel):
 # -- the REST API, through githubkit ----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class IssuePage:
+    issues: list[GithubIssue]
+    etag: str | None
+
+
 class GithubRateLimited(Exception):
     """Too few requests left (or GitHub said so); nothing is sent until `retry_after_s`."""
 
@@ -153,25 +170,29 @@ class GithubApi:
             self.reset_at = float(headers.get("x-ratelimit-reset", now))
         return resp
 
-    def labelled_issues(
-        self, repo: str, label: str, etag: str | None
-    ) -> tuple[list[GithubIssue] | None, str | None]:
-        """Open issues carrying `label` and the answer's ETag; None when unchanged (304).
+    def labelled_pages(self, repo: str, label: str, etag: str | None) -> Iterator[IssuePage]:
+        """Open issues carrying `label`, 100 a page, the most recently updated first; nothing
+        when the first page is unchanged since `etag` (304).
 
-        One page of the 100 most recently updated: labelling an issue updates it, so a newly
-        labelled one is always on it (at the first poll of a repository with more than 100
-        open labelled issues, the older ones wait until they change)."""
+        Labelling an issue updates it, so a newly labelled one is on the first page; the
+        following ones (`Link: rel="next"`, at most `MAX_PAGES` in all) are read as long as the
+        caller asks for them."""
         owner, name = repo.split("/")
         headers = {"If-None-Match": etag} if etag else None
-        resp = self._call(
-            self.rest.issues.list_for_repo,
-            owner, name, labels=label, state="open", sort="updated", direction="desc",
-            per_page=100, headers=headers,
-        )  # fmt: skip
-        if resp.status_code == 304:
-            return None, etag
-        issues = [GithubIssue.model_validate(i) for i in resp.json()]
-        return issues, resp.headers.get("etag")
+        query: dict[str, Any] = {"labels": label, "state": "open", "sort": "updated",
+                                 "direction": "desc", "per_page": 100}  # fmt: skip
+        for number in range(1, MAX_PAGES + 1):
+            page = {"page": number} if number > 1 else {}
+            resp = self._call(
+                self.rest.issues.list_for_repo, owner, name, **query, **page, headers=headers
+            )
+            if resp.status_code == 304:
+                return
+            issues = [GithubIssue.model_validate(i) for i in resp.json()]
+            yield IssuePage(issues, resp.headers.get("etag"))
+            if "next" not in resp.raw_response.links:
+                return
+            headers = None  # only the first page is asked conditionally
 
     def default_branch(self, repo: str) -> str:
         owner, name = repo.split("/")
@@ -276,10 +297,12 @@ class IssueQueue:
     # -- one round ---------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Poll (when configured), show the queued, start what fits, finish what ended."""
+        """Poll (when configured), post the comments still owed and show the states, start what
+        fits, finish what ended."""
         if self.config.poll:
             self.poll()
-        self.announce_queued()
+        self.post_owed()
+        self.show_states()
         self.start_queued()
         self.follow_running()
 
@@ -292,7 +315,7 @@ class IssueQueue:
             except GithubRateLimited as exc:
                 log.warning("%s", exc)
                 wait = max(wait, exc.retry_after_s)
-            except (RequestFailed, ApiError, WorkspaceError, OSError) as exc:
+            except (RequestError, ApiError, WorkspaceError, OSError) as exc:
                 log.error("intake round failed, retried in %.0f s: %s", wait, exc)
             stop.wait(wait)
 
@@ -304,18 +327,78 @@ class IssueQueue:
             with self.store.session() as s:
                 cursor = s.get(IntakeCursor, key)
                 etag = cursor.etag if cursor else None
-            issues, etag = self.api.labelled_issues(repo.name, self.config.label, etag)
-            with self.store.session() as s:
-                cursor = s.get(IntakeCursor, key) or IntakeCursor(key=key)
-                cursor.etag, cursor.polled_at = etag, utcnow()
-                s.add(cursor)
-            for issue in issues or []:
-                new += offer(self.store, self.audit, repo.name, issue, via="poll")
+            first: str | None = etag
+            for n, page in enumerate(self.api.labelled_pages(repo.name, self.config.label, etag)):
+                if n == 0:
+                    first = page.etag
+                elif n == 1:
+                    # Until the last page is read, the next poll is not conditional and reads
+                    # them all again: a rate limit halfway loses none.
+                    self._save_cursor(key, None)
+                fresh = sum(offer(self.store, self.audit, repo.name, i, via="poll")
+                            for i in page.issues)  # fmt: skip
+                new += fresh
+                if etag is not None and not fresh:
+                    break  # read whole before: the older pages hold what was seen then
+            self._save_cursor(key, first)
         return new
 
-    def announce_queued(self) -> None:
-        for row in self._rows("queued", unlabelled=True):
-            self._set_label(row, "queued")
+    def _save_cursor(self, key: str, etag: str | None) -> None:
+        with self.store.session() as s:
+            cursor = s.get(IntakeCursor, key) or IntakeCursor(key=key)
+            cursor.etag, cursor.polled_at = etag, utcnow()
+            s.add(cursor)
+
+    def show_states(self) -> None:
+        """Label every issue whose label does not show its state yet (newly queued, or a label
+        call that failed before)."""
+        for state in STATES:
+            for row in self._rows(state, unlabelled=True):
+                self._show(row)
+
+    def post_owed(self, row: IntakeIssue | None = None) -> int:
+        """Post the comments owed (to `row`'s issue, or to every issue), oldest first; how many
+        went out. One that fails stays owed, with those after it on its issue, for the next
+        round; one GitHub can never take (`GONE`) is dropped; a rate limit stops them all."""
+        query = (
+            select(IntakeComment, IntakeIssue.repo, IntakeIssue.number)
+            .join(IntakeIssue, IntakeComment.issue_id == IntakeIssue.id)
+            .where(IntakeComment.posted_at.is_(None), IntakeComment.dropped.is_(False))
+        )
+        if row is not None:
+            query = query.where(IntakeComment.issue_id == row.id)
+        with self.store.session() as s:
+            owed = s.execute(query.order_by(IntakeComment.id)).all()
+        stuck: set[int] = set()
+        posted = 0
+        for comment, repo, number in owed:
+            if comment.issue_id in stuck:
+                continue  # in order: not before the one that failed
+            error, dropped = None, False
+            try:
+                self.api.comment(repo, number, comment.body)
+            except RequestFailed as exc:
+                error = f"GitHub answered {exc.response.status_code}"
+                dropped = exc.response.status_code in GONE
+            except RequestError as exc:  # no answer (refused, reset, timed out)
+                error = f"GitHub unreachable: {exc.exc!r}"
+            with self.store.session() as s:
+                live = s.get_one(IntakeComment, comment.id)
+                live.attempts += 1
+                live.error, live.dropped = error, dropped
+                if error is None:
+                    live.posted_at = utcnow()
+            if error is None:
+                posted += 1
+            elif dropped:
+                log.error("comment on %s#%s dropped: %s", repo, number, error)
+                self.audit.record(
+                    who=WHO, action="comment_dropped", repo=repo, issue=number, why=error
+                )
+            else:
+                stuck.add(comment.issue_id)
+                log.warning("comment on %s#%s owed, retried next round: %s", repo, number, error)
+        return posted
 
     def start_queued(self) -> None:
         with self.store.session() as s:
@@ -363,20 +446,20 @@ class IssueQueue:
                 self._refuse(row, "; ".join(exc.problems()))
                 return
             raise  # the API is down or busy: left queued, tried again next round
-        self._update(row, state="running", trial_id=trial_id)
+        budget = config.budget
+        self._update(
+            row,
+            state="running",
+            trial_id=trial_id,
+            comment=f"autovibe started trial `{trial_id}` for this issue: project "
+            f"`{config.project}`, budget {budget.amount} {budget.currency} ({budget.period}), "
+            f"agents {', '.join(config.agents)} × model pairs {', '.join(config.model_pairs)}. "
+            "Edits to the issue from now on do not change this run.",
+        )
         self.audit.record(
             who=WHO, action="started", repo=row.repo, issue=row.number, trial=trial_id
         )
-        budget = config.budget
-        self.api.comment(
-            row.repo,
-            row.number,
-            f"autovibe started trial `{trial_id}` for this issue: project `{config.project}`, "
-            f"budget {budget.amount} {budget.currency} ({budget.period}), agents "
-            f"{', '.join(config.agents)} × model pairs {', '.join(config.model_pairs)}. "
-            "Edits to the issue from now on do not change this run.",
-        )
-        self._set_label(row, "running")
+        self._tell(row)
 
     def trial_for(self, repo: GithubRepo, row: IntakeIssue) -> TrialConfig:
         """The trial that runs `row`: the template, plus one task on the default branch head."""
@@ -414,21 +497,20 @@ class IssueQueue:
         raise ApiError(409, f"a trial named {name!r} exists and cannot be listed")
 
     def _refuse(self, row: IntakeIssue, why: str) -> None:
-        self._update(row, state="failed", detail=why)
+        comment = f"autovibe cannot run this issue: {why}"
+        self._update(row, state="failed", detail=why, comment=comment)
         self.audit.record(who=WHO, action="refused", repo=row.repo, issue=row.number, why=why)
-        self.api.comment(row.repo, row.number, f"autovibe cannot run this issue: {why}")
-        self._set_label(row, "failed")
+        self._tell(row)
 
     def _finish(self, row: IntakeIssue, view: dict[str, Any]) -> None:
         assert row.trial_id is not None
         outcome = self._outcome(row, view)
-        self._update(row, state=outcome.state, detail=outcome.pull_request)
+        self._update(row, state=outcome.state, detail=outcome.pull_request, comment=outcome.comment)
         self.audit.record(
             who=WHO, action=outcome.state, repo=row.repo, issue=row.number, trial=row.trial_id,
             pull_request=outcome.pull_request,
         )  # fmt: skip
-        self.api.comment(row.repo, row.number, outcome.comment)
-        self._set_label(row, outcome.state)
+        self._tell(row)
 
     def _outcome(self, row: IntakeIssue, view: dict[str, Any]) -> _Outcome:
         assert row.trial_id is not None
@@ -534,7 +616,9 @@ class IssueQueue:
                 )
             return list(s.scalars(query.order_by(IntakeIssue.id)))
 
-    def _update(self, row: IntakeIssue, **values: Any) -> None:
+    def _update(self, row: IntakeIssue, comment: str | None = None, **values: Any) -> None:
+        """Set `values` on the row; `comment` is owed to the issue from the same transaction,
+        so a state change is never made without what it tells the issue."""
         with self.store.session() as s:
             live = s.get(IntakeIssue, row.id)
             assert live is not None
@@ -542,6 +626,21 @@ class IssueQueue:
                 setattr(live, k, v)
                 setattr(row, k, v)
             live.updated_at = utcnow()
+            if comment is not None:
+                s.add(IntakeComment(issue_id=row.id, body=comment))
+
+    def _tell(self, row: IntakeIssue) -> None:
+        """After a state change: its comment posted (or left owed), its label shown."""
+        self.post_owed(row)
+        self._show(row)
+
+    def _show(self, row: IntakeIssue) -> None:
+        """The row's state as the issue's label; a failure is left to the next round's
+        `show_states` (a rate limit stops the round)."""
+        try:
+            self._set_label(row, row.state)
+        except RequestError as exc:
+            log.warning("label of %s#%s not set, tried next round: %r", row.repo, row.number, exc)
 
     def _set_label(self, row: IntakeIssue, state: str) -> None:
         """Show `state` on the issue: its label added, the one set before taken off."""

@@ -8,10 +8,12 @@ git repository: contents are read from it, and a pull request's head must be a b
 Documented behaviour kept here:
 - `Authorization: token T` (or `Bearer T`), `Accept: application/vnd.github+json` and
   `X-GitHub-Api-Version: 2022-11-28` on every request; a wrong token is 401.
-- `GET /repos/{o}/{r}/issues?labels=&state=&sort=&direction=&per_page=`: issues and pull
+- `GET /repos/{o}/{r}/issues?labels=&state=&sort=&direction=&per_page=&page=`: issues and pull
   requests (newest first, by creation or by update; a label change updates the issue), with an
   `ETag`; `If-None-Match` equal to it gives 304 with no body, which does not count against the
-  rate limit (docs: "Use conditional requests if appropriate").
+  rate limit (docs: "Use conditional requests if appropriate"). `per_page` issues a page (30 by
+  default, 100 at most), and a `Link` header with `rel="next"` and `rel="last"` while more
+  pages follow (docs: "Using pagination in the REST API").
 - Rate-limit headers on every counted answer: x-ratelimit-limit, -remaining, -used, -reset,
   -resource.
 - `POST …/issues/{n}/comments` {body} → 201; `POST …/issues/{n}/labels` {labels} → 200 with the
@@ -19,6 +21,9 @@ Documented behaviour kept here:
 - `GET /repos/{o}/{r}` (default_branch), `GET /repos/{o}/{r}/contents/{path}?ref=` (type file,
   encoding base64), `POST /repos/{o}/{r}/pulls` {title, head, base, body} → 201, 422 when the
   head is not a branch.
+
+A test can script GitHub's failures: `fail_once(method, suffix, status)` answers the next
+matching request with that status (a 502 as GitHub's front end gives one), counted as a call.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 API_VERSION = "2022-11-28"
 RATE_LIMIT = 5000
@@ -61,6 +66,8 @@ class StandIn:
     comments: list[tuple[str, int, str]] = field(default_factory=list)
     pulls: list[dict[str, Any]] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
+    failures: list[tuple[str, str, int]] = field(default_factory=list)
+    """Scripted failures still to give: (method, path suffix, status), each once."""
     remaining: int = RATE_LIMIT
     reset_at: int = field(default_factory=lambda: int(time.time()) + 3600)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -97,6 +104,11 @@ class StandIn:
     def comments_on(self, repo: str, number: int) -> list[str]:
         with self.lock:
             return [body for r, n, body in self.comments if (r, n) == (repo, number)]
+
+    def fail_once(self, method: str, suffix: str, status: int = 502) -> None:
+        """Answer the next `method` request whose path ends with `suffix` with `status`."""
+        with self.lock:
+            self.failures.append((method, suffix, status))
 
     def counted(self, method: str, suffix: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and c.path.endswith(suffix)]
@@ -137,6 +149,7 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
             extra: dict[str, str] = {}
             try:
                 self._check_headers()
+                self._scripted_failure(method, path)
                 status, doc, extra = self._route(method, path, query, body)
             except _Refused as exc:
                 status = exc.status
@@ -168,6 +181,13 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
                 raise _Refused(415, f"unexpected Accept {self.headers.get('Accept')!r}")
             if self.headers.get("X-GitHub-Api-Version") != API_VERSION:
                 raise _Refused(400, "X-GitHub-Api-Version missing or unsupported")
+
+        def _scripted_failure(self, method: str, path: str) -> None:
+            with standin.lock:
+                for failure in standin.failures:
+                    if failure[0] == method and path.endswith(failure[1]):
+                        standin.failures.remove(failure)
+                        raise _Refused(failure[2], "Server Error")
 
         def _route(
             self, method: str, path: str, query: dict[str, list[str]], body: Any
@@ -224,11 +244,23 @@ def _handler(standin: StandIn) -> type[BaseHTTPRequestHandler]:
                     if (state == "all" or i["state"] == state)
                     and all(w in [x["name"] for x in i["labels"]] for w in wanted)
                 ]  # fmt: skip
-            doc = json.dumps(issues, sort_keys=True).encode()
+            per_page = min(100, int(query.get("per_page", ["30"])[0]))
+            number = int(query.get("page", ["1"])[0])
+            page = issues[(number - 1) * per_page : number * per_page]
+            doc = json.dumps(page, sort_keys=True).encode()
             etag = f'W/"{hashlib.sha256(doc).hexdigest()[:32]}"'
             if self.headers.get("If-None-Match") == etag:
                 return 304, None, {"ETag": etag}
-            return 200, issues, {"ETag": etag}
+            headers = {"ETag": etag}
+            last = max(1, -(-len(issues) // per_page))
+            if number < last:
+
+                def link(n: int) -> str:
+                    at = {k: v[0] for k, v in query.items()} | {"page": str(n)}
+                    return f"<{standin.url}/repos/{repo}/issues?{urlencode(at)}>"
+
+                headers["Link"] = f'{link(number + 1)}; rel="next", {link(last)}; rel="last"'
+            return 200, page, headers
 
         def _contents(self, repo: str, path: str, query: dict[str, list[str]]) -> Any:
             ref = query.get("ref", ["HEAD"])[0]

@@ -328,10 +328,10 @@ def test_live_github_lists_labelled_issues_conditionally() -> None:
     repo = os.environ["AUTOVIBE_LIVE_GITHUB_REPO"]
     api = GithubApi(os.environ["GITHUB_TOKEN"], "https://api.github.com", rate_floor=10)
     assert api.default_branch(repo)
-    issues, etag = api.labelled_issues(repo, "autovibe", None)
-    assert issues is not None and etag
-    again, _ = api.labelled_issues(repo, "autovibe", etag)
-    assert again is None  # 304: unchanged
+    first = next(api.labelled_pages(repo, "autovibe", None))
+    assert first.etag
+    again = list(api.labelled_pages(repo, "autovibe", first.etag))
+    assert again == []  # 304: unchanged
     assert api.remaining is not None and api.reset_at > time.time()
 
 
@@ -394,3 +394,71 @@ def test_a_running_issue_whose_trial_is_gone_fails_once_and_the_rest_go_on(world
     assert world.standin.labels_of(REPO, 11) == ["autovibe", "autovibe:failed"]
     world.queue.follow_running()  # nothing more is said
     assert len(world.standin.comments_on(REPO, 11)) == 1
+
+
+def test_a_comment_github_did_not_take_is_owed_until_it_is_posted(world: World) -> None:
+    gh = world.standin
+    gh.add_issue(REPO, 12, "add() subtracts", BLOCK, ["autovibe"])
+    gh.fail_once("POST", "/issues/12/comments")  # right after the state update
+    world.queue.step()
+    row = world.row(12)
+    assert row.state == "running" and row.trial_id is not None
+    assert gh.comments_on(REPO, 12) == []
+    assert gh.labels_of(REPO, 12) == ["autovibe", "autovibe:running"]  # the round went on
+    world.queue.step()  # posted now, and the trial not started again
+    (started,) = gh.comments_on(REPO, 12)
+    assert f"autovibe started trial `{row.trial_id}`" in started
+    world.queue.step()
+    assert len(gh.comments_on(REPO, 12)) == 1
+    with world.platform.store.session() as s:
+        assert len(s.query(Trial).all()) == 1
+
+    # An ending whose comment and label both fail: both follow in the next round, in order.
+    gh.add_issue(REPO, 13, "lost", BLOCK, ["autovibe"])
+    with world.platform.store.session() as s:
+        s.add(IntakeIssue(repo=REPO, number=13, title="lost", state="running", trial_id="tgone"))
+    gh.fail_once("POST", "/issues/13/comments", 500)
+    gh.fail_once("POST", "/issues/13/labels", 500)
+    world.queue.follow_running()
+    assert world.row(13).state == "failed"
+    assert (gh.comments_on(REPO, 13), gh.labels_of(REPO, 13)) == ([], ["autovibe"])
+    world.queue.step()
+    assert gh.comments_on(REPO, 13) == [
+        "autovibe cannot run this issue: trial tgone no longer exists"
+    ]
+    assert gh.labels_of(REPO, 13) == ["autovibe", "autovibe:failed"]
+
+    # An issue GitHub no longer has (404): its comment is dropped, said once, never retried.
+    with world.platform.store.session() as s:
+        s.add(IntakeIssue(repo=REPO, number=14, title="deleted", state="running", trial_id="tx"))
+    world.queue.follow_running()
+    world.queue.step()
+    assert len(gh.counted("POST", "/issues/14/comments")) == 1
+    dropped = [e for e in world.audit() if e["action"] == "comment_dropped"]
+    assert [(e["issue"], e["why"]) for e in dropped] == [(14, "GitHub answered 404")]
+
+
+def test_a_poll_reads_on_through_the_pages_while_they_bring_new_issues(world: World) -> None:
+    gh, queue = world.standin, world.queue
+    for n in range(100, 301):  # 201 labelled issues: three pages of 100
+        gh.add_issue(REPO, n, f"issue {n}", "", ["autovibe"])
+    gh.remaining = 11  # the floor (10) is reached after two pages
+    with pytest.raises(GithubRateLimited):
+        queue.poll()
+    assert len(gh.counted("GET", "/issues")) == 2
+    gh.remaining, queue.api.remaining = 5000, None  # the reset
+    # Cut short, the read was not whole: the next poll reads every page again, not
+    # conditionally, and the last page's issue is queued.
+    assert queue.poll() == 1
+    pages = gh.counted("GET", "/issues")[2:]
+    assert [c.query.get("page") for c in pages] == [None, ["2"], ["3"]]
+    assert "If-None-Match" not in pages[0].headers
+    # Read whole now: a new issue is on the first page, and the second, holding nothing new,
+    # is the last read; unchanged, one 304.
+    gh.add_issue(REPO, 400, "new", "", ["autovibe"])
+    assert queue.poll() == 1
+    assert [c.query.get("page") for c in gh.counted("GET", "/issues")[5:]] == [None, ["2"]]
+    assert queue.poll() == 0
+    assert gh.counted("GET", "/issues")[-1].status == 304
+    with world.platform.store.session() as s:
+        assert s.query(IntakeIssue).count() == 202
