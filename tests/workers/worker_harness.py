@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -216,18 +217,19 @@ def private_hosts_file(hosts: Path) -> list[str]:
 
 @contextmanager
 def proxy_to_providers(
-    data: Path, address: str, names: Sequence[str], ca: Path, keys: dict[str, str]
+    data: Path,
+    address: str,
+    names: Sequence[str],
+    ca: Path,
+    keys: dict[str, str],
+    **overrides: Any,
 ) -> Iterator[MeteringProxy]:
     """The platform's mitmdump on a fresh data root at `data` (project p1 and machine m1 with
     ample budgets, `keys` stored as `providers/<name>`), in a mount namespace whose /etc/hosts
     sends `names` (the providers' real host names) to a stand-in at `address`, trusting `ca`
-    upstream; ready."""
-    settings = Settings(
-        data=data,
-        configs=PROJECT_ROOT / "configs",
-        proxy_port=free_port(),
-        model_port=free_port(),
-    )
+    upstream; ready. `overrides` are Settings fields instead of the real configs, free ports."""
+    defaults = {"configs": PROJECT_ROOT / "configs", "proxy_port": free_port()}
+    settings = Settings(**{**defaults, "model_port": free_port(), **overrides, "data": data})
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)
     open_ample(root.budget_counters, "p1", ["m1"])
