@@ -228,8 +228,10 @@ def proxy_to_providers(
     ample budgets, `keys` stored as `providers/<name>`), in a mount namespace whose /etc/hosts
     sends `names` (the providers' real host names) to a stand-in at `address`, trusting `ca`
     upstream; ready. `overrides` are Settings fields instead of the real configs, free ports."""
-    defaults = {"configs": PROJECT_ROOT / "configs", "proxy_port": free_port()}
-    settings = Settings(**{**defaults, "model_port": free_port(), **overrides, "data": data})
+    defaults = dict(
+        configs=PROJECT_ROOT / "configs", proxy_port=free_port(), model_port=free_port()
+    )
+    settings = Settings(**{**defaults, **overrides, "data": data})
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)
     open_ample(root.budget_counters, "p1", ["m1"])
