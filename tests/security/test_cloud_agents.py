@@ -107,7 +107,7 @@ def aider(root: Path) -> Agent:
 
 
 def mini(root: Path) -> Agent:
-    return MiniSweAgent(root, MiniConfig(step_limit=2, max_tokens=64))
+    return MiniSweAgent(root, MiniConfig(step_limit=1, max_tokens=64))
 
 
 CASES = [
