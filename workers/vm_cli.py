@@ -110,10 +110,12 @@ def vars_(template: Annotated[str, typer.Argument(help="worker, gpu-worker or ba
         needed = vm.required(template)
     except vm.VmTemplateError as exc:
         raise _fail(str(exc)) from exc
+    # A console of this call's width (COLUMNS now), not the one made at import.
+    out = Console()
     table = Table("variable", "default", "meaning", title=f"{template}: template variables")
     for name in needed:
         table.add_row(name, "required", Text(vm.VARIABLES.get(name, "")))
-    console.print(table)
+    out.print(table)
     defaults = vm.VmSpec().model_dump(mode="json")
     table = Table("variable", "default", "meaning", title="VmSpec fields (--var NAME=VALUE)")
     for name, field in vm.VmSpec.model_fields.items():
@@ -124,8 +126,8 @@ def vars_(template: Annotated[str, typer.Argument(help="worker, gpu-worker or ba
             Text("-" if default is None else shown),
             Text(" ".join((field.description or "").split())),
         )
-    console.print(table)
-    console.print(f"example: {vm.EXAMPLE_VARS}", highlight=False, soft_wrap=True)
+    out.print(table)
+    out.print(f"example: {vm.EXAMPLE_VARS}", highlight=False, soft_wrap=True)
 
 
 image_app = typer.Typer(help="Worker VM images (mmdebstrap → qcow2).", no_args_is_help=True)
