@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -64,6 +63,7 @@ from contracts.adapters import UnknownAdapter
 from contracts.config import ConfigError, TokenPrice, load_models
 from contracts.credentials import MachineIdentity
 from contracts.records import ORPHAN_ENDING, BudgetDecision, FlowRecord, Usage
+from proxy import reservation
 from proxy.addons import dataroot
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import Metered, metered
@@ -350,33 +350,35 @@ class Budget:
         if facts.quote is not None:
             # Priced per unit (proxy.endpoints): the most it may cost is known from the
             # request, which goes on unchanged.
-            amount = facts.quote.most_usd * fx
-            prompt_tokens = facts.quote.most if facts.quote.unit == "token" else 0
-            completion_tokens = 0
+            q = facts.quote
+            held = reservation.per_unit(q.most_usd, fx, q.most, q.unit)
         else:
             assert price is not None and wanted is not None
             estimate = self._estimate_input(flow, facts, doc, len(body))
-            prompt_tokens, input_note = estimate.tokens, estimate.note
-            choices = max(_int(doc.get("n")), _int(doc.get("best_of")), 1)
-            per_in, per_out = price.input_per_mtok * fx, price.output_per_mtok * fx  # per 1M
-            if asked is not None:
-                completion_tokens = asked * choices
-            else:
-                tightest = min(states, key=lambda s: s.left)
-                affordable = (tightest.left * 1_000_000 - per_in * prompt_tokens) / per_out
-                cap = (
-                    min(self.ceiling, math.floor(affordable / choices))
-                    if per_out > 0
-                    else self.ceiling
-                )
-                if cap < 1:
-                    self._exhausted(flow, Refused(tightest.scope, tightest.left, currency,
-                                                  tightest.resets_at))  # fmt: skip
-                    return
-                doc[wanted.field] = cap
+            input_note = estimate.note
+            tightest = min(states, key=lambda s: s.left)
+            found = reservation.for_tokens(
+                input_per_mtok=price.input_per_mtok * fx,
+                output_per_mtok=price.output_per_mtok * fx,
+                prompt_tokens=estimate.tokens,
+                asked=asked,
+                choices=max(_int(doc.get("n")), _int(doc.get("best_of")), 1),
+                left=tightest.left,
+                ceiling=self.ceiling,
+            )
+            if found is None:
+                self._exhausted(flow, Refused(tightest.scope, tightest.left, currency,
+                                              tightest.resets_at))  # fmt: skip
+                return
+            held = found
+            if held.cap is not None:
+                doc[wanted.field] = held.cap
                 flow.request.set_content(json.dumps(doc).encode())
-                completion_tokens = cap * choices
-            amount = (per_in * prompt_tokens + per_out * completion_tokens) / 1_000_000
+        amount, prompt_tokens, completion_tokens = (
+            held.amount,
+            held.prompt_tokens,
+            held.completion_tokens,
+        )
         scopes = tuple(s.scope for s in states)
         # No query string in the note: it may carry a key, and the counter store is not redacted.
         note = {
