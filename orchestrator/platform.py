@@ -40,6 +40,8 @@ class Platform:
     drivers: dict[str, WorkerDriver] = field(default_factory=dict)
     usage_posted_at: float = 0.0
     """When `post_closed_hours` last ran (UNIX time)."""
+    _payment_policy: tuple[tuple[int, int], PaymentPolicy | None] | None = None
+    """The payment policy read last, with its file's (mtime_ns, size)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Platform:
@@ -102,13 +104,22 @@ class Platform:
         """The payment broker's policy (configs/payments.yaml); None when there is none or it
         is unreadable (logged: the broker refuses payments then, the trials go on)."""
         path = self.settings.configs / PAYMENTS_FILE
-        if not path.exists():
-            return None
         try:
-            return PaymentPolicy.load(path)
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        # Read again only when the file changed: every assignment's prompt names the policy,
+        # and parsing the YAML for each was a quarter of a scheduler tick at fleet scale.
+        stamp = (info.st_mtime_ns, info.st_size)
+        if self._payment_policy is not None and self._payment_policy[0] == stamp:
+            return self._payment_policy[1]
+        try:
+            policy: PaymentPolicy | None = PaymentPolicy.load(path)
         except PaymentError as exc:
             log.error("%s", exc)
-            return None
+            policy = None
+        self._payment_policy = (stamp, policy)
+        return policy
 
     def counters(self) -> CounterStore:
         """The budget counter store the proxy reserves in (`AUTOVIBE_BUDGET_STORE`)."""
