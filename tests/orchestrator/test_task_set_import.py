@@ -96,6 +96,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {"AUTOVIBE_DATA": str(tmp_path / "data"), "AUTOVIBE_TASK_ROOTS": str(tmp_path)}
 
 
+@pytest.mark.slow  # six sandboxed runs of the real runner: ~18 s
 def test_import_and_validate_keep_the_valid_tasks(
     dataset: tuple[Path, Path, str], env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -226,6 +226,7 @@ class _ChatOnlyModel(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@pytest.mark.slow  # the agent runs pytest after each answer: ~8 s
 def test_a_chat_model_is_asked_in_chat_once_it_has_no_completions(
     prepared: Callable[[str], Path],
 ) -> None:

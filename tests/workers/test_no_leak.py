@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from worker_harness import EXAMPLES, MeteringProxy, ModelServer, direct_env, stop
 
 from budget import open_ample
@@ -51,6 +52,7 @@ def files_holding(folder: Path, needle: str, skip: Path | None = None) -> list[P
     return sorted(found)
 
 
+@pytest.mark.slow  # a whole assignment through the runner: ~6 s
 def test_a_secret_the_agent_saw_is_in_no_file_the_platform_wrote(
     tmp_path: Path, deterministic_model: ModelServer
 ) -> None:
