@@ -21,7 +21,8 @@ from budget import machine_scope, open_counters, open_project
 from contracts.dataroot import DataRoot
 from ledger.book import Ledger
 from ledger.check import bean_check
-from ledger.methods.card import card_json
+from ledger.methods import Charge
+from ledger.methods.card import Card, CardSettings, Checkout, MerchantFlow, card_json
 from ledger.payments import Broker, PaymentPolicy, PaymentRequest, Requester, TransactionLog
 from secretstore.fields import EmbeddedFieldCipher
 from secretstore.file import FileSecretStore
@@ -147,4 +148,17 @@ def test_card_payments_in_a_real_browser(
             assert not last4.search(content), path
     out, err = capfd.readouterr()
     logged = caplog.text + out + err
-    assert not any(f in logged for f in forms) and CVC not in logged
+    assert not any(f in logged for f in forms)
+    assert not re.search(rf"(?<!\d){CVC}(?!\d)", logged)  # a port may hold the digits
+
+
+def test_scrubbing_takes_the_card_out_and_leaves_other_numbers() -> None:
+    """The code is taken out where it stands as a number of its own, never as three digits
+    of another: a merchant on port 41737 keeps its receipt URL (it was `41[card]`)."""
+    flow = MerchantFlow.model_validate(FLOW)
+    card = Card(number=NUMBER, expiry="12/30", cvc=CVC)
+    charge = Charge("p1", "item", Decimal(1), "CAD")
+    checkout = Checkout(CardSettings(merchants={"shop": flow}), flow, card, charge)
+    assert checkout.scrub("http://127.0.0.1:41737/pay") == "http://127.0.0.1:41737/pay"
+    assert checkout.scrub(f"card {NUMBER} code {CVC}.") == "card [card] code [card]."
+    assert checkout.scrub(f"n={NUMBER.replace(' ', '')}&cvc={CVC}") == "n=[card]&cvc=[card]"
