@@ -1,2 +1,2 @@
 """Small utilities every plane may use that are not contracts between planes: process-group
-helpers (`common.processes`) and JSON-lines logging (`common.logs`)."""
+helpers (`common.processes`), JSON-lines logging (`common.logs`) and file locks (`common.locks`)."""

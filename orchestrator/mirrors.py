@@ -18,7 +18,6 @@ credentials are never part of a name on disk nor of an error.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from common.locks import exclusive
 from contracts.dataroot import DataRoot
 from workers.workspace import NEUTRAL_ATTRIBUTES, WorkspaceError, isolated_git
 
@@ -119,7 +119,7 @@ class Mirrors:
         if dest.is_dir():
             return dest
         DataRoot.ensure(dest.parent)
-        with _lock(dest.with_name(f"{full}.lock")):
+        with exclusive(dest.with_name(f"{full}.lock")):
             if dest.is_dir():
                 return dest
             partial = dest.with_name(f"{full}.partial")
@@ -161,7 +161,7 @@ class Mirrors:
         """`url`'s mirror, cloned first if there is none, held under its lock."""
         mirror = self.mirror(url)
         DataRoot.ensure(mirror.parent)
-        with _lock(mirror.with_suffix(".lock")):
+        with exclusive(mirror.with_suffix(".lock")):
             if not mirror.is_dir():
                 partial = mirror.with_suffix(".partial")
                 if partial.exists():
@@ -221,10 +221,3 @@ def _git(
     timeout_s: float | None = 120.0,
 ) -> bytes:
     return isolated_git(git_dir, *args, env=env, work_tree=work_tree, timeout_s=timeout_s)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield

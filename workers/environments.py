@@ -19,18 +19,17 @@ assignment is an infrastructure failure, and `autovibe tasks validate` marks the
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from common.locks import exclusive
 
 MIRROR = "http://deb.debian.org/debian"
 PLATFORM_PACKAGES = (
@@ -98,7 +97,7 @@ def ensure(data_root: Path, packages: list[str], *, mirror: str = MIRROR) -> Pat
     if (place / "manifest.json").exists():
         return root
     place.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _lock(place.with_name(f"{place.name}.lock")):
+    with exclusive(place.with_name(f"{place.name}.lock")):
         if (place / "manifest.json").exists():
             return root
         _build(place, recipe, mirror)
@@ -152,13 +151,3 @@ def _build(place: Path, recipe: Recipe, mirror: str) -> None:
     }
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     partial.rename(place)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -44,7 +44,6 @@ Needs root, `ip` (iproute2) and `iptables`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -58,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from common.locks import exclusive
 from contracts.dataroot import DataRoot, write_secret_file
 
 TOOLS = {"ip": "iproute2", "iptables": "iptables"}
@@ -140,7 +140,7 @@ def create(assignment: str, proxy_host: str, proxy_port: int, dns_port: int = 0)
     namespace, host_if, worker_if = names(assignment)
     target = _dnat_target(proxy_host)
     try:
-        with _locked():  # two runners must not pick the same /30
+        with exclusive(LOCK):  # two runners must not pick the same /30
             gateway, address = _free_pair(assignment)
             _run("ip", "netns", "add", namespace)
             _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", worker_if)
@@ -363,16 +363,6 @@ def _free_pair(assignment: str) -> tuple[str, str]:
         if gateway not in used:
             return gateway, worker
     raise NetnsUnavailable(f"no free /30 left in {SUBNET} for another worker namespace")
-
-
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    with LOCK.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sysctl(key: str, value: str) -> None:
