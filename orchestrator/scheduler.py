@@ -57,7 +57,7 @@ from orchestrator.state import (
 from orchestrator.supervisor import ModelSupervisor
 from workers.agents import get_agent
 from workers.result import read_patch, read_result
-from workers.spec import AssignmentSpec, SandboxSpec
+from workers.spec import AssignmentSpec, SandboxSpec, task_fields
 
 log = logging.getLogger("autovibe.scheduler")
 
@@ -748,17 +748,9 @@ class Scheduler:
             project=config.project,
             trial=trial_id,
             machine=machine,
-            task_id=task.id,
+            **task_fields(task),
             repo=self._task_folder(task),
             prompt=self.prompt(config, spent_usd, task.prompt),
-            test_command=task.test_command,
-            fail_to_pass=task.fail_to_pass,
-            pass_to_pass=task.pass_to_pass,
-            test_patch=task.test_patch,
-            parser=task.parser,
-            workdir=task.workdir,
-            environment=task.environment.packages if task.environment else None,
-            timeout_s=task.timeout_s,
             agent=a.agent,
             agent_command=task.agent_command or [] if a.agent == "command" else [],
             model=model,

@@ -29,7 +29,7 @@ from contracts.tasksets import AgentVerdict, SetValidation, TaskSetEntry, TaskVe
 from orchestrator.mirrors import Mirrors
 from orchestrator.taskstore import TaskStore
 from workers.agents.oracle import GOLD_PATCH, SOLUTION
-from workers.spec import AssignmentSpec, SandboxSpec
+from workers.spec import AssignmentSpec, SandboxSpec, task_fields
 
 RUNS = "_validation"
 """The folder of `worker-artifacts/` holding validation runs (no project has this name)."""
@@ -133,17 +133,9 @@ def _run(
         project=RUNS,
         trial=set_name,
         machine="validation",
-        task_id=task.id,
+        **task_fields(task),
         repo=Mirrors(root).tree(task.repo, task.commit),
         prompt=task.prompt,
-        test_command=task.test_command,
-        fail_to_pass=task.fail_to_pass,
-        pass_to_pass=task.pass_to_pass,
-        test_patch=task.test_patch,
-        parser=task.parser,
-        workdir=task.workdir,
-        environment=task.environment.packages if task.environment else None,
-        timeout_s=task.timeout_s,
         agent=agent,
         model="none",
         endpoint="",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from contracts.config import Task
 from contracts.settings import SANDBOX_HOST_UID
 
 
@@ -103,3 +104,20 @@ class AssignmentSpec(BaseModel):
     @property
     def lock_path(self) -> Path:
         return self.artifacts / "runner.lock"
+
+
+def task_fields(task: Task) -> dict[str, Any]:
+    """The fields of an assignment's spec taken from its task as they are: how it is tested
+    and graded, where it runs, how long it may take (the scheduler and `tasks validate` build
+    their specs on them)."""
+    return {
+        "task_id": task.id,
+        "test_command": task.test_command,
+        "fail_to_pass": task.fail_to_pass,
+        "pass_to_pass": task.pass_to_pass,
+        "test_patch": task.test_patch,
+        "parser": task.parser,
+        "workdir": task.workdir,
+        "environment": task.environment.packages if task.environment else None,
+        "timeout_s": task.timeout_s,
+    }
