@@ -291,14 +291,27 @@ def _parser(value: str, info: ValidationInfo) -> str:
 
 
 class TaskEnvironment(_Strict):
-    """Debian packages the task's agent and tests need beyond the host's tools: a root
-    filesystem built from them once (mmdebstrap, the host's release), shared by every task
-    that names the same packages, and mounted read-only as the sandbox's system folders."""
+    """What the task's agent and tests need beyond the host's tools and the repository as
+    committed: Debian packages (a root filesystem built from them once with mmdebstrap, the
+    host's release, mounted read-only as the sandbox's system folders), and setup commands
+    (run once over the repository, their result every assignment's starting tree). Both are
+    content-addressed and shared by every task that names the same."""
 
     packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]{1,62}$")]] = Field(
-        min_length=1, max_length=200
+        default_factory=list, max_length=200
     )
     """Debian package names (`jq`, `dc`, `nodejs`)."""
+    setup: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=50)
+    """Shell commands run once, in order, in a sandbox with no network, over a copy of the
+    repository at the task's commit, on the packages' root (SWE-bench's `pre_install` and
+    `install` steps): what they build is part of every assignment's workspace, not of its
+    patch (`workers.setups`)."""
+
+    @model_validator(mode="after")
+    def _something(self) -> TaskEnvironment:
+        if not self.packages and not self.setup:
+            raise ValueError("an environment names `packages`, `setup` commands, or both")
+        return self
 
 
 class Task(_Strict):
@@ -343,8 +356,9 @@ class Task(_Strict):
     a `swebench` parser by name (`parse_log_django`), or `harbor` (the reward the verifier
     writes, else its exit status: `HARBOR_TEST` is the task's one FAIL_TO_PASS id)."""
     environment: TaskEnvironment | None = None
-    """A root filesystem of Debian packages the task runs in (sandboxed trials only); None:
-    the host's system folders."""
+    """A root filesystem of Debian packages the task runs in, and setup commands run once over
+    its repository (sandboxed trials only); None: the host's system folders, the repository as
+    committed."""
     workdir: Annotated[str, AfterValidator(_workdir)] | None = None
     """Where the workspace also appears inside the sandboxes, and where the agent and the tests
     start (a Harbor task's `/app`); None: at its own path only."""

@@ -3,7 +3,12 @@
 Each line (or array element) is an instance in SWE-bench's format: `instance_id`, `repo`
 (`owner/name`), `base_commit`, `patch` (the gold solution), `test_patch`, `FAIL_TO_PASS`,
 `PASS_TO_PASS`, `problem_statement` (the prompt), `version`, `environment_setup_commit`; an
-instance may add its own `test_cmd` and `parser`. Its repository is named by URL, as a trial
+instance may add its own `test_cmd`, `parser`, and setup steps `pre_install` and `install` (a
+shell command or a list), run once over its repository before any assignment
+(`workers.setups`). The `swebench` package (5.x) holds no install steps by repository and
+version any more (its instances carry a Dockerfile, built into a Docker image, which this
+platform does not build), so an instance without `install` gets none, known repository or
+not. Its repository is named by URL, as a trial
 task's may be: `https://github.com/owner/name`, or offline `file://` the folder
 `<owner>__<name>` (a clone or a bare repository) under `--repos DIR`. It is fetched into the
 data root's mirror (`orchestrator.mirrors`), `base_commit` must be there, and `patch` and
@@ -129,6 +134,7 @@ def _entry(
                 "environment_setup_commit"):  # fmt: skip
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise BadEntry(f"{key}: a string, not {type(raw[key]).__name__}")
+    setup = [*_steps(raw, "pre_install"), *_steps(raw, "install")]
     fail_to_pass = test_list(raw, "FAIL_TO_PASS")  # BadEntry names the field
     pass_to_pass = test_list(raw, "PASS_TO_PASS") if "PASS_TO_PASS" in raw else []
     url = repo_url(repo_name, repos)
@@ -163,6 +169,7 @@ def _entry(
                 "test_patch": raw.get("test_patch") or None,
                 # swebench's parser for the repository (pytest's when it has none), unless set.
                 "parser": raw.get("parser") or repo_name,
+                "environment": {"setup": setup} if setup else None,
             },
             context=context,
         )
@@ -176,3 +183,15 @@ def _entry(
         version=None if raw.get("version") is None else str(raw["version"]),
         environment_setup_commit=raw.get("environment_setup_commit"),
     )
+
+
+def _steps(raw: dict[str, Any], key: str) -> list[str]:
+    """An instance's `pre_install` or `install`: one shell command or a list of them."""
+    value = raw.get(key)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise BadEntry(f"{key}: a shell command or a list of them, not {value!r:.60}")

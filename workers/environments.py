@@ -104,6 +104,18 @@ def ensure(data_root: Path, packages: list[str], *, mirror: str = MIRROR) -> Pat
     return root
 
 
+def failed_build(place: Path, what: str) -> BuildFailed:
+    """BuildFailed saying `what` and the last lines of the build's log, which is kept beside
+    `place` (`<key>.failed.log`); the partial build is removed."""
+    partial = place.with_name(f"{place.name}.partial")
+    log = partial / "build.log"
+    tail = log.read_text(errors="replace").splitlines()[-8:]
+    failed = place.with_name(f"{place.name}.failed.log")
+    shutil.copyfile(log, failed)
+    shutil.rmtree(partial, ignore_errors=True)
+    return BuildFailed(f"{what}; see {failed}:\n" + "\n".join(f"  | {line}" for line in tail))
+
+
 def _build(place: Path, recipe: Recipe, mirror: str) -> None:
     partial = place.with_name(f"{place.name}.partial")
     if partial.exists():  # an interrupted build's
@@ -132,14 +144,9 @@ def _build(place: Path, recipe: Recipe, mirror: str) -> None:
             code = None
     build_s = round(time.monotonic() - started, 1)
     if code != 0:
-        tail = log.read_text(errors="replace").splitlines()[-8:]
-        failed = place.with_name(f"{place.name}.failed.log")
-        shutil.copyfile(log, failed)
-        shutil.rmtree(partial, ignore_errors=True)
         how = f"exit {code}" if code is not None else f"over {BUILD_TIMEOUT_S} s"
-        raise BuildFailed(
-            f"the environment of {', '.join(recipe.packages)} could not be built ({how}); "
-            f"see {failed}:\n" + "\n".join(f"  | {line}" for line in tail)
+        raise failed_build(
+            place, f"the environment of {', '.join(recipe.packages)} could not be built ({how})"
         )
     manifest = {
         "key": recipe.key(),

@@ -216,6 +216,42 @@ def test_env(home: str) -> dict[str, str]:
     }
 
 
+def run_logged(
+    workspace: Path, command: str, *, timeout_s: float, log: Path, confine: Confine | None
+) -> tuple[int | None, bool]:
+    """Run shell `command` in `workspace` with `test_env` (confined by `confine` when given),
+    its output in `log`: (exit status, None when killed on timeout; whether it timed out).
+    The environment is set with `env -i` on the command line, so whatever runs the command
+    can neither add a variable nor drop one; it holds no secret."""
+    home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
+    env = test_env(home)
+    argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
+    argv += ["/bin/sh", "-c", command]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as stack, open_log(log) as out:
+            if confine is not None:
+                argv, env = stack.enter_context(confine(argv, env))
+            # A session of its own, so a timeout kills whatever the command started too.
+            proc = subprocess.Popen(
+                argv,
+                cwd=workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                return proc.wait(timeout=timeout_s), False
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return None, True
+    finally:
+        if confine is None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
 def grade(
     workspace: Path,
     test_command: str,
@@ -229,41 +265,12 @@ def grade(
     task_id: str = "",
     reward_dir: Path | None = None,
 ) -> GradeReport:
-    """Run `test_command` in `workspace` with `test_env` (confined by `confine` when given) and
-    grade it, reading its output with `parser` (`read_statuses`; a Harbor task's reward from
-    `reward_dir`, its /logs/verifier, with `harbor_statuses`). The environment is set with
-    `env -i` on the command line, so whatever runs the command can neither add a variable nor
-    drop one; it holds no secret."""
-    home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
-    env = test_env(home)
-    argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
-    argv += ["/bin/sh", "-c", test_command]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    timed_out = False
-    exit_code: int | None
-    try:
-        with contextlib.ExitStack() as stack, open_log(log) as out:
-            if confine is not None:
-                argv, env = stack.enter_context(confine(argv, env))
-            # A session of its own, so a timeout kills whatever the tests started too.
-            proc = subprocess.Popen(
-                argv,
-                cwd=workspace,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                exit_code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-                exit_code = None
-    finally:
-        if confine is None:
-            shutil.rmtree(home, ignore_errors=True)
+    """Run `test_command` in `workspace` (`run_logged`) and grade it, reading its output with
+    `parser` (`read_statuses`; a Harbor task's reward from `reward_dir`, its /logs/verifier,
+    with `harbor_statuses`)."""
+    exit_code, timed_out = run_logged(
+        workspace, test_command, timeout_s=timeout_s, log=log, confine=confine
+    )
     output = log.read_text(errors="replace")
     if timed_out:
         with open_log(log, append=True) as out:

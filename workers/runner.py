@@ -24,7 +24,7 @@ from contracts.config import HARBOR_PARSER
 from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
 from contracts.results import AgentResult, GradeResult, RunnerResult
 from contracts.settings import Settings
-from workers import environments, grading, pristine, redact, sandbox, workspace
+from workers import environments, grading, pristine, redact, sandbox, setups, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
@@ -138,15 +138,19 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
 
 
 def use_environment(spec: AssignmentSpec) -> None:
-    """Build (or find) the task's environment and have the sandboxes use it as their root."""
+    """Build (or find) the task's environment and have the sandboxes use it as their root; with
+    setup commands, the workspace is copied from the tree they left (`workers.setups`)."""
     if spec.sandbox is None:
         raise environments.BuildFailed(
             f"task {spec.task_id}: a task environment is a sandbox's root; this assignment "
             "runs unsandboxed (sandbox.kind: none)"
         )
     data_root = spec.data_root or DataRoot.at(Settings().data).root
-    rootfs = environments.ensure(data_root, spec.environment or [])
-    spec.sandbox = spec.sandbox.model_copy(update={"rootfs": rootfs})
+    if spec.environment:
+        rootfs = environments.ensure(data_root, spec.environment)
+        spec.sandbox = spec.sandbox.model_copy(update={"rootfs": rootfs})
+    if spec.setup:
+        spec.repo = setups.ensure(spec, data_root)
 
 
 def run(spec: AssignmentSpec) -> RunnerResult:
@@ -161,7 +165,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
     # Host-only: the baseline the patch is taken against and the tests are restored from.
     baseline = spec.artifacts / "baseline.git"
     try:
-        if spec.environment:
+        if spec.environment or spec.setup:
             use_environment(spec)
             phases["environment"] = time.time()
         workspace.prepare(spec.repo, spec.workspace, baseline)

@@ -68,6 +68,9 @@ class AssignmentSpec(BaseModel):
     environment: list[str] | None = None
     """Debian packages of the task's environment (`workers.environments`); None: the host's
     system folders."""
+    setup: list[str] | None = None
+    """The task's setup commands (`workers.setups`): run once over `repo`, whose result the
+    workspace is copied from; None: `repo` as it is."""
     workdir: str | None = None
     """Where the workspace also appears inside the sandboxes, and where the agent and the tests
     start (a Harbor task's `/app`); None: at its own path only."""
@@ -118,6 +121,7 @@ def task_fields(task: Task) -> dict[str, Any]:
         "test_patch": task.test_patch,
         "parser": task.parser,
         "workdir": task.workdir,
-        "environment": task.environment.packages if task.environment else None,
+        "environment": (task.environment.packages or None) if task.environment else None,
+        "setup": (task.environment.setup or None) if task.environment else None,
         "timeout_s": task.timeout_s,
     }
