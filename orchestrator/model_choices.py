@@ -24,7 +24,7 @@ from workers.agents import SPEAKS
 
 LOCAL_WIRES: dict[str, frozenset[Wire]] = {
     "cpu": frozenset({"openai", "anthropic"}),  # the CPU server translates Messages itself
-    "gpu": frozenset({"openai"}),  # vLLM behind Ray Serve: no /v1/messages yet
+    "gpu": frozenset({"openai", "anthropic"}),  # Ray's OpenAI app + serving.messages_front
 }
 """The wire formats the model plane serves a pair in, by device."""
 PLANE_TIMEOUT_S = 3.0

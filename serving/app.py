@@ -2,12 +2,10 @@
 clients expect of the model plane.
 
 - `POST /v1/messages` (and `/v1/messages/count_tokens`): the Anthropic Messages API over the
-  same models. The conversation is rendered by the model's own chat handler, exactly as
-  `/v1/chat/completions` renders it, so both routes see the same prompt and count the same
-  tokens. Text content only: `tools` are not shown to the model and an answer is always text
-  (a tiny CPU model cannot drive tools); earlier `thinking` blocks are dropped, as Anthropic
-  does; `tool_use`/`tool_result` blocks sent back are rendered as text. `max_tokens` is capped
-  at the context left (stop_reason `max_tokens`); a prompt longer than the context is a 400.
+  same models (its wire format: `serving.messages`). The conversation is rendered by the
+  model's own chat handler, exactly as `/v1/chat/completions` renders it, so both routes see
+  the same prompt and count the same tokens. `max_tokens` is capped at the context left
+  (stop_reason `max_tokens`); a prompt longer than the context is a 400.
 - Thinking models (`reasoning_models` in the config): the output's leading `<think>…</think>`
   goes to `message.reasoning_content` / `delta.reasoning_content` on chat completions (vLLM's
   field) and to a `thinking` content block before the `text` block on Messages.
@@ -21,11 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import llama_cpp
 import uvicorn
@@ -37,129 +34,26 @@ from llama_cpp.server import app as llama_app
 from llama_cpp.server.errors import RouteErrorHandler
 from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
 from llama_cpp.server.types import CreateChatCompletionRequest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from serving.llamacpp import REASONING_KEY
+from serving.messages import (
+    ANTHROPIC_TEMPERATURE,
+    ApiError,
+    CountTokensRequest,
+    Finish,
+    MessageEvents,
+    MessagesRequest,
+    assemble,
+    chat_messages,
+    invalid,
+    parse,
+    sse,
+)
 from serving.reasoning import ReasoningSplitter, opens_reasoning, split
 
-ANTHROPIC_TEMPERATURE = 1.0
-"""The Messages API's documented default temperature."""
 CHAT_EXCLUDE = {"n", "logit_bias_type", "user", "min_tokens"}
 """Request fields llama_cpp's chat route leaves out of the handler's arguments (as it does)."""
-
-
-# -- the Messages API's request --------------------------------------------------------------
-
-
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ContentBlock(_Open):
-    type: str
-    text: str | None = None
-
-
-class InputMessage(_Open):
-    role: Literal["user", "assistant", "system"]
-    """`system` mid-conversation is a Claude Code beta; it is read as part of the user's turn."""
-    content: str | list[ContentBlock]
-
-
-class MessagesRequest(_Open):
-    """The fields of `POST /v1/messages` this server reads; others (tools, metadata, thinking,
-    …) are accepted and ignored."""
-
-    model: str
-    max_tokens: int = Field(ge=1)
-    messages: list[InputMessage] = Field(min_length=1)
-    system: str | list[ContentBlock] | None = None
-    stop_sequences: list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0, le=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
-    stream: bool = False
-
-
-class CountTokensRequest(_Open):
-    model: str
-    messages: list[InputMessage] = Field(min_length=1)
-    system: str | list[ContentBlock] | None = None
-
-
-class ApiError(Exception):
-    """An Anthropic-style error answer: HTTP status, error type, message."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
-    def response(self) -> JSONResponse:
-        body = {"type": "error", "error": {"type": self.kind, "message": self.message}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def invalid(message: str) -> ApiError:
-    return ApiError(400, "invalid_request_error", message)
-
-
-def parse(model: type[MessagesRequest] | type[CountTokensRequest], raw: bytes) -> Any:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise invalid(f"{where}: {first['msg']}") from None
-
-
-def chat_messages(
-    system: str | list[ContentBlock] | None, messages: list[InputMessage]
-) -> tuple[list[dict[str, str]], str]:
-    """OpenAI-style chat messages for the chat handler, and the assistant prefill (the last
-    message when it is the assistant's, which the answer continues)."""
-    turns: list[dict[str, str]] = []
-    instructions = _text(system, "system") if system is not None else ""
-    if instructions:
-        turns.append({"role": "system", "content": instructions})
-    for index, message in enumerate(messages):
-        role = "assistant" if message.role == "assistant" else "user"
-        text = _text(message.content, f"messages.{index}.content")
-        if turns and turns[-1]["role"] == role:  # chat templates want turns to alternate
-            turns[-1]["content"] += "\n\n" + text
-        else:
-            turns.append({"role": role, "content": text})
-    prefill = ""
-    if turns[-1]["role"] == "assistant":
-        prefill = turns.pop()["content"].rstrip()
-    if not any(turn["role"] == "user" for turn in turns):
-        raise invalid("messages: the conversation must contain a user message")
-    return turns, prefill
-
-
-def _text(content: str | list[ContentBlock], where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for index, block in enumerate(content):
-        extra = block.model_extra or {}
-        if block.type == "text":
-            parts.append(block.text or "")
-        elif block.type in ("thinking", "redacted_thinking"):
-            continue  # earlier reasoning is not shown to the model again
-        elif block.type == "tool_use":
-            parts.append(f"[tool_use {extra.get('name')}: {json.dumps(extra.get('input'))}]")
-        elif block.type == "tool_result":
-            inner = extra.get("content", "")
-            if isinstance(inner, list):
-                inner = "\n".join(str(b.get("text", "")) for b in inner if isinstance(b, dict))
-            parts.append(f"[tool_result]\n{inner}")
-        else:
-            raise invalid(
-                f"{where}.{index}.type: content blocks of type {block.type!r} are not supported"
-                " by this server (text, thinking, tool_use, tool_result)"
-            )
-    return "\n".join(parts)
 
 
 # -- one generation, as llama_cpp's chat route would run it ----------------------------------
@@ -231,13 +125,6 @@ class TokenCounter:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         self.sampled += 1
         return scores
-
-
-@dataclass
-class Finish:
-    reason: Literal["end_turn", "max_tokens", "stop_sequence"]
-    stop_sequence: str | None
-    output_tokens: int
 
 
 @dataclass
@@ -344,93 +231,14 @@ def llama_lock() -> contextlib.AbstractAsyncContextManager[Any]:
     return contextlib.asynccontextmanager(llama_app.get_llama_proxy)()
 
 
-def sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
 def message_events(generation: Generation, model: str) -> Generator[dict[str, Any], None, None]:
-    """The Messages API's stream events for one generation, in the documented order."""
-    message: dict[str, Any] = {
-        "id": f"msg_{uuid.uuid4().hex}",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": len(generation.prompt.tokens), "output_tokens": 0},
-    }
-    yield {"type": "message_start", "message": message}
-    yield {"type": "ping"}
-    index, open_kind = -1, ""
+    """The Messages API's stream events for one generation."""
+    events = MessageEvents(model, len(generation.prompt.tokens))
+    yield from events.start()
     for kind, text in generation.pieces():
-        block = "thinking" if kind == "reasoning" else "text"
-        if block != open_kind:
-            if open_kind:
-                yield from _close_block(index, open_kind)
-            index, open_kind = index + 1, block
-            start = {"type": "thinking", "thinking": "", "signature": ""}
-            yield {
-                "type": "content_block_start",
-                "index": index,
-                "content_block": start if block == "thinking" else {"type": "text", "text": ""},
-            }
-        delta = (
-            {"type": "thinking_delta", "thinking": text}
-            if block == "thinking"
-            else {"type": "text_delta", "text": text}
-        )
-        yield {"type": "content_block_delta", "index": index, "delta": delta}
-    if open_kind != "text":  # an answer always has its text block, even empty
-        if open_kind:
-            yield from _close_block(index, open_kind)
-        index, open_kind = index + 1, "text"
-        yield {
-            "type": "content_block_start",
-            "index": index,
-            "content_block": {"type": "text", "text": ""},
-        }
-    yield from _close_block(index, open_kind)
-    finish = generation.finish
-    assert finish is not None
-    yield {
-        "type": "message_delta",
-        "delta": {"stop_reason": finish.reason, "stop_sequence": finish.stop_sequence},
-        "usage": {"output_tokens": finish.output_tokens},
-    }
-    yield {"type": "message_stop"}
-
-
-def _close_block(index: int, kind: str) -> Iterator[dict[str, Any]]:
-    if kind == "thinking":  # signatures are Anthropic's; a local model's thinking has none
-        yield {
-            "type": "content_block_delta",
-            "index": index,
-            "delta": {"type": "signature_delta", "signature": ""},
-        }
-    yield {"type": "content_block_stop", "index": index}
-
-
-def assemble(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    """The non-streamed Message that a stream of events describes."""
-    message: dict[str, Any] = {}
-    for event in events:
-        kind = event["type"]
-        if kind == "message_start":
-            message = dict(event["message"])
-            message["content"] = []
-        elif kind == "content_block_start":
-            message["content"].append(dict(event["content_block"]))
-        elif kind == "content_block_delta":
-            block, delta = message["content"][event["index"]], event["delta"]
-            if delta["type"] == "text_delta":
-                block["text"] += delta["text"]
-            elif delta["type"] == "thinking_delta":
-                block["thinking"] += delta["thinking"]
-        elif kind == "message_delta":
-            message |= event["delta"]
-            message["usage"] = {**message["usage"], **event["usage"]}
-    return message
+        yield from events.piece(kind, text)
+    assert generation.finish is not None
+    yield from events.finish(generation.finish)
 
 
 def build_app(

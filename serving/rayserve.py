@@ -3,8 +3,10 @@
 The rendered YAML is what `serve run` / `serve deploy` take: one application whose builder is
 `ray.serve.llm:build_openai_app`, with one `LLMConfig` per model (a pair is two models, each
 its own deployment with its own replicas and GPUs). Ray's OpenAI ingress balances requests
-across a model's replicas. Nothing here imports Ray: it is the `gpu` extra, absent from the
-default install and CI; tests check every emitted field against Ray's own models.
+across a model's replicas. Beside it, at the route prefix `/v1/messages`, the Anthropic
+Messages front (`serving.messages_front`), which asks the OpenAI app through the same address:
+claude-code runs on GPU pairs as on the CPU server. Nothing here imports Ray: it is the `gpu`
+extra, absent from the default install and CI; tests check the config with Ray's own models.
 
 Weights are loaded from the data root (`model_source` is a local path, which must be the same
 on every node: the production data root is shared), and the Hugging Face libraries run offline
@@ -23,6 +25,9 @@ from contracts.dataroot import DataRoot
 
 IMPORT_PATH = "ray.serve.llm:build_openai_app"
 APP_NAME = "autovibe-models"
+MESSAGES_IMPORT_PATH = "serving.messages_front:build"
+MESSAGES_APP_NAME = "autovibe-messages"
+MESSAGES_PREFIX = "/v1/messages"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 """Set in every replica: vLLM and transformers then never reach a hub."""
 
@@ -95,7 +100,14 @@ def gpu_app(
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
                 "args": {"llm_configs": configs},
-            }
+            },
+            {
+                # Serve's proxy on the front replica's own node (proxy_location EveryNode).
+                "name": MESSAGES_APP_NAME,
+                "route_prefix": MESSAGES_PREFIX,
+                "import_path": MESSAGES_IMPORT_PATH,
+                "args": {"upstream": f"http://127.0.0.1:{port}"},
+            },
         ],
     }
 

@@ -140,16 +140,10 @@ REFUSALS = [
     (
         ["aider"],
         ["7b"],
-        None,  # a GPU pair speaks only OpenAI's format: aider is fine, claude-code is not
+        None,  # a GPU pair speaks both: OpenAI's app and the Messages front in front of it
         None,
     ),
-    (
-        ["claude-code"],
-        ["7b"],
-        0,
-        "agent 'claude-code' cannot speak to '7b': the agent speaks Anthropic Messages, the "
-        "model is served in OpenAI chat/completions",
-    ),
+    (["claude-code"], ["7b"], None, None),
     (
         ["cursor-cli"],
         ["tiny"],

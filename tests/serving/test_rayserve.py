@@ -12,6 +12,7 @@ when it is not.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,14 @@ def assert_valid_serve_config(doc: dict[str, Any]) -> list[dict[str, Any]]:
     assert set(doc) <= set(ServeDeploySchema.model_fields)
     assert set(doc["http_options"]) <= set(HTTPOptionsSchema.model_fields)
     deploy = ServeDeploySchema.model_validate(doc)
-    [application] = deploy.applications
-    assert application.import_path == rayserve.IMPORT_PATH
-    assert application.route_prefix == "/"
+    models, messages = deploy.applications
+    assert (models.import_path, models.route_prefix) == (rayserve.IMPORT_PATH, "/")
+    # The Messages front, at its own prefix, asks the OpenAI app through Serve's port.
+    assert messages.import_path == rayserve.MESSAGES_IMPORT_PATH
+    assert messages.route_prefix == "/v1/messages"
+    assert messages.args == {"upstream": f"http://127.0.0.1:{doc['http_options']['port']}"}
+    module, _, builder = messages.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), builder))
     args = doc["applications"][0]["args"]
     assert set(args) == {"llm_configs"}
     configs: list[dict[str, Any]] = args["llm_configs"]
