@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.test import taddons
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
 from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy, serve
 
 from budget import open_ample

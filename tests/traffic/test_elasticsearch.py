@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import uuid
 from decimal import Decimal
@@ -20,6 +21,8 @@ import pytest
 from es_harness import COMPAT_JSON, COMPAT_NDJSON, StandInElasticsearch, Target
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
 from proxy_harness import PRICES_YAML
 
 from contracts.adapters import UnknownAdapter
