@@ -184,6 +184,8 @@ class FlowRecord(BaseModel):
     model: str | None = None
     requested_model: str | None = None
     """What the agent asked for when routing chose the model (`auto`); None otherwise."""
+    route_reason: str | None = None
+    """Why routing sent an `auto` call where it went (local first, saturated, too long)."""
     response_id: str | None = None
     streamed: bool = False
     usage: Usage | None = None

@@ -33,6 +33,8 @@ class LocalShare(_Json):
     local_tokens: int = 0
     local_share: float | None = None
     """Their share of all metered tokens; None when nothing was metered."""
+    target: float = 0.85
+    """The share local-first routing aims at (the seed's 85 %)."""
 
 
 class ArmStats(_Json):

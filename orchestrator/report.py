@@ -527,7 +527,7 @@ def render(report: TrialReport, console: Console) -> None:
         share = report.local_share
         console.print(
             f"Tokens served locally: {share.local_tokens} "
-            f"({_share(share.local_share)} of all metered tokens)"
+            f"({_share(share.local_share)} of all metered tokens; target {share.target:.0%})"
         )
     console.print(
         f"Total metered spend: {report.total_cost:.6f} {cur} ({report.total_cost_usd:.6f} USD)"

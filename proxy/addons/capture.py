@@ -345,6 +345,7 @@ def record_of(
         provider=facts.provider if facts else None,
         model=facts.model if facts else None,
         requested_model=route.requested if (route := routed(flow)) else None,
+        route_reason=route.reason if route else None,
         response_id=facts.response_id if facts else None,
         streamed=facts.streamed if facts else False,
         usage=facts.usage if facts else None,

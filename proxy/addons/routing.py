@@ -12,6 +12,13 @@ Such a request goes to the trial's `routing.cloud_model` when `routing.allow_clo
 and is refused (403 `cloud_not_allowed`) otherwise. Requests that name a model are left alone.
 Budget refusals are the budget addon's: `auto` is never moved to the cloud for lack of money.
 
+Saturation: with `autovibe_local_queue_wait_s` set, a request the local pair could serve goes to
+the cloud model (when the trial allows one) while the local plane is saturated: while a call to
+it has been in flight (sent, not yet answered to its end) for longer than that many seconds. The
+proxy measures this itself, over every call it sends to the local plane: on a one-slot server
+(llama.cpp) that is how long the next call would wait at least. Without a cloud model the
+request stays local. The decision and its reason are in each flow's record (`route_reason`).
+
 The policy of an assignment is the file `routing.json` in its artifacts folder
 (`worker-artifacts/<project>/<trial>/<assignment>/`, hidden from the sandboxed agent), written
 by the orchestrator with `write_policy` when it starts the assignment. Without that file the
@@ -24,6 +31,7 @@ import json
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +75,28 @@ class Route:
     reason: str
 
 
+class LocalLoad:
+    """The local model plane's calls in flight, as the proxy sent them: when each was sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[str, float] = {}
+
+    def sent(self, flow_id: str) -> None:
+        with self._lock:
+            self._sent[flow_id] = time.monotonic()
+
+    def done(self, flow_id: str) -> None:
+        with self._lock:
+            self._sent.pop(flow_id, None)
+
+    def wait_s(self) -> float:
+        """How long the oldest call in flight has waited so far (0: none in flight)."""
+        with self._lock:
+            oldest = min(self._sent.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+
 class RoutingRefused(Exception):
     """The policy lets no model serve the request; the message says why."""
 
@@ -78,9 +108,16 @@ def routed(flow: http.HTTPFlow) -> Route | None:
 
 
 def decide(
-    requested: str, api: Api, request_bytes: int, max_tokens: int | None, policy: AssignmentPolicy
+    requested: str,
+    api: Api,
+    request_bytes: int,
+    max_tokens: int | None,
+    policy: AssignmentPolicy,
+    wait_s: float = 0.0,
+    max_wait_s: float | None = None,
 ) -> Route:
-    """Local pair first; the cloud model only when local cannot serve and the policy allows.
+    """Local pair first; the cloud model only when local cannot serve, or is saturated (the
+    oldest local call in flight has waited `wait_s` > `max_wait_s`), and the policy allows.
 
     Raises RoutingRefused naming the reason and the policy field that would allow it.
     """
@@ -97,7 +134,17 @@ def decide(
                 f"context of {local_model}"
             )
     if why_not_local is None:
-        return Route(requested, "local", "local", local_model, "local pair first")
+        if max_wait_s is None or wait_s <= max_wait_s:
+            return Route(requested, "local", "local", local_model, "local pair first")
+        saturated = (
+            f"the local model plane is saturated: a call has been in flight {wait_s:.1f} s "
+            f"(autovibe_local_queue_wait_s {max_wait_s:g} s)"
+        )
+        cloud = _cloud(api, policy)
+        if cloud is None:
+            reason = f"local pair: {saturated}, and the trial allows no cloud model for {api}"
+            return Route(requested, "local", "local", local_model, reason)
+        return Route(requested, "cloud", *cloud, saturated)
     routing = policy.routing
     if not routing.allow_cloud or routing.cloud_model is None:
         raise RoutingRefused(
@@ -113,6 +160,15 @@ def decide(
             f"{api} API"
         )
     return Route(requested, "cloud", provider, model, why_not_local)
+
+
+def _cloud(api: Api, policy: AssignmentPolicy) -> tuple[str, str] | None:
+    """(provider, model) of the trial's cloud fallback when it is allowed and serves `api`."""
+    routing = policy.routing
+    if not routing.allow_cloud or routing.cloud_model is None:
+        return None
+    provider, _, model = routing.cloud_model.partition("/")
+    return (provider, model) if api in CLOUD_APIS.get(provider, frozenset()) else None
 
 
 class _PolicyCache:
@@ -146,6 +202,8 @@ class AutoRouting:
         self.default_pair = "tiny"
         self.providers = Providers()
         self.policies = _PolicyCache()
+        self.local_calls = LocalLoad()
+        self.max_wait_s: float | None = None
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
@@ -155,6 +213,14 @@ class AutoRouting:
             default="tiny",
             help="Model pair a request for `auto` goes to when its assignment has no "
             "routing.json (the embedded stack's CPU pair).",
+        )
+        loader.add_option(
+            name="autovibe_local_queue_wait_s",
+            typespec=str,
+            default="",
+            help="Seconds a call to the local model plane may be in flight before the plane "
+            "counts as saturated and `auto` goes to the trial's cloud model (when it allows "
+            "one); empty: never.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -177,11 +243,33 @@ class AutoRouting:
             self.local = (host.strip("[]").lower(), int(port)) if first else None
         if providers.OPTIONS & updated:
             self.providers = providers.from_options()
+        if "autovibe_local_queue_wait_s" in updated:
+            value = ctx.options.autovibe_local_queue_wait_s.strip()
+            try:
+                self.max_wait_s = float(value) if value else None
+            except ValueError:
+                self.max_wait_s = -1.0
+            if self.max_wait_s is not None and not self.max_wait_s >= 0:
+                raise exceptions.OptionsError(
+                    f"autovibe_local_queue_wait_s must be seconds (>= 0) or empty, got {value!r}"
+                )
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
+        self._route(flow)
+        request = flow.request
+        if flow.response is None and (request.host.lower(), request.port) == self.local:
+            self.local_calls.sent(flow.id)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.local_calls.done(flow.id)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.local_calls.done(flow.id)
+
+    def _route(self, flow: http.HTTPFlow) -> None:
         api = llm_api(flow)
         if api is None:
             return
@@ -193,8 +281,10 @@ class AutoRouting:
         if not isinstance(requested, str) or requested not in AUTO_MODELS or doc is None:
             return
         policy = self._policy(identity_of(flow))
+        asked = output_cap(api, doc).asked
+        wait_s = self.local_calls.wait_s()
         try:
-            route = decide(requested, api, len(body), output_cap(api, doc).asked, policy)
+            route = decide(requested, api, len(body), asked, policy, wait_s, self.max_wait_s)
         except RoutingRefused as exc:
             refuse(
                 flow,

@@ -196,7 +196,7 @@ def test_the_report_route_serves_the_trial_report(
     assert (row["cost_usd"], row["cost"], row["cost_per_resolved"]) == ("0", "0.000000", None)
     assert row["success_ci95"] == [0.0, 1.0]
     assert data["comparisons"] == {"agents": [], "model_pairs": [], "arms": []}
-    assert data["local_share"] == {"local_tokens": 0, "local_share": None}
+    assert data["local_share"] == {"local_tokens": 0, "local_share": None, "target": 0.85}
     assert client.get("/v1/trials/nope/report").status_code == 404
 
     paths = client.get("/openapi.json").json()["paths"]

@@ -485,7 +485,7 @@ def test_local_share_per_arm_and_overall_on_fixed_data() -> None:
     render(report, console)
     text = console.export_text()
     assert "75.0%" in text
-    assert "Tokens served locally: 300 (37.5% of all metered tokens)" in text
+    assert "Tokens served locally: 300 (37.5% of all metered tokens; target 85%)" in text
 
 
 def test_build_counts_local_tokens_by_provider(
