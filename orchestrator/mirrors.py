@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class Mirrors:
     """The data root's mirrors and exported trees."""
 
     root: DataRoot
+    fetch_timeout_s: float = FETCH_TIMEOUT_S
 
     def mirror(self, url: str) -> Path:
         return self.root.task_mirrors / mirror_name(url)
@@ -192,9 +194,14 @@ class Mirrors:
             _git(
                 mirror, "fetch", "--quiet", "--atomic", "--no-tags", "--no-write-fetch-head",
                 "--end-of-options", url, *(refspecs or _BRANCHES_AND_TAGS),
-                env=env, timeout_s=FETCH_TIMEOUT_S,
+                env=env, timeout_s=self.fetch_timeout_s,
             )  # fmt: skip
         except WorkspaceError as exc:
+            if isinstance(exc.__cause__, subprocess.TimeoutExpired):
+                raise RepoError(
+                    f"cannot fetch {public_url(url)}: not done within {self.fetch_timeout_s:g} s "
+                    "(git and its transport were killed)"
+                ) from None
             said = " ".join((exc.output or str(exc)).split()).replace(url, public_url(url))
             raise RepoError(f"cannot fetch {public_url(url)}: {said}") from None
 

@@ -13,8 +13,10 @@ A task pinned to a commit (SWE-bench's `base_commit`) is first checked out at th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -115,27 +117,38 @@ def isolated_git(
         **({"GIT_WORK_TREE": str(work_tree)} if work_tree is not None else {}),
         **(env or {}),
     }
+    # A session of its own: on timeout the whole group goes, the transport git started
+    # (git-remote-http, ssh) with it; killing git alone left those holding the pipes.
+    proc = subprocess.Popen(
+        [*_GIT, *_ISOLATED, *args],
+        cwd=cwd or (git_dir if git_dir.is_dir() else git_dir.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            [*_GIT, *_ISOLATED, *args],
-            cwd=cwd or (git_dir if git_dir.is_dir() else git_dir.parent),
-            capture_output=True,
-            check=False,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout_s,
-        )
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         raise WorkspaceError(
             f"git {' '.join(args)} on {what or git_dir} took over {timeout_s:.0f}s"
         ) from exc
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        message = (proc.stderr.strip() or proc.stdout.strip()).decode(errors="replace")
+        message = (stderr.strip() or stdout.strip()).decode(errors="replace")
         raise WorkspaceError(
             f"git {' '.join(args)} failed on {what or git_dir} (exit {proc.returncode}): {message}",
             message,
         )
-    return proc.stdout
+    return stdout
 
 
 def default_baseline(workspace: Path) -> Path:

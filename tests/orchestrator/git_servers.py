@@ -4,6 +4,7 @@ repositories under one folder, and a repository with a known bug and its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -102,6 +103,29 @@ def git_http(served: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def hanging_http() -> Iterator[tuple[str, threading.Event]]:
+    """A server on 127.0.0.1 that accepts connections and never answers: yields its base URL
+    (`http://127.0.0.1:PORT`) and an event set once a client has connected and then closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed = threading.Event()
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                while conn.recv(65536):  # read the request, answer nothing, until EOF
+                    pass
+            closed.set()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", closed
+    finally:
+        listener.close()
 
 
 class _HttpBackend:

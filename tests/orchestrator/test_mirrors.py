@@ -9,6 +9,7 @@ mirror is cloned once and then only fetched; a pinned commit it holds costs no n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,13 +19,21 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from git_servers import CALC_BUG, BugAndFix, bug_and_fix, git, git_daemon, git_http
+from git_servers import (
+    CALC_BUG,
+    BugAndFix,
+    bug_and_fix,
+    git,
+    git_daemon,
+    git_http,
+    hanging_http,
+)
 from trial_runs import run_to_the_end
 
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator.api import create_app
-from orchestrator.mirrors import Mirrors, mirror_name
+from orchestrator.mirrors import Mirrors, RepoError, mirror_name
 from orchestrator.platform import Platform
 from orchestrator.state import Trial
 
@@ -200,3 +209,25 @@ def test_mirror_names_are_safe_and_hide_credentials() -> None:
     assert "s3cret" not in name and "/" not in name and not name.startswith(".")
     assert name.endswith(".git")
     assert mirror_name("https://example.org/a/b.git") != mirror_name("https://example.org/a_b.git")
+
+
+def test_a_fetch_that_hangs_is_killed_with_its_transport_naming_the_url(tmp_path: Path) -> None:
+    """A server that accepts and never answers: past the fetch's time git is killed with the
+    whole process group, git-remote-http included (its connection is closed), and the error
+    names the URL; nothing is left behind."""
+    mirrors = Mirrors(DataRoot.at(tmp_path / "data"), fetch_timeout_s=2)
+    with hanging_http() as (base, closed):
+        url = f"{base}/calc.git"
+        with pytest.raises(RepoError) as caught:
+            mirrors.resolve(url, ref="main")
+        assert str(caught.value) == (
+            f"cannot fetch {url}: not done within 2 s (git and its transport were killed)"
+        )
+        assert closed.wait(10), "git-remote-http still holds its connection"
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if url.encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+    assert left == []
+    assert not any(p.suffix in (".git", ".partial") for p in mirrors.root.task_mirrors.iterdir())
