@@ -13,7 +13,8 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,16 @@ def trial(name: str, **task: Any) -> dict[str, Any]:
     }
 
 
-def test_a_trial_on_a_git_daemon_url_sees_the_bug_and_no_history(
-    api: tuple[TestClient, Platform], repo: BugAndFix
+@pytest.mark.parametrize("serve", [git_daemon, git_http], ids=["git-daemon", "http-backend"])
+def test_a_trial_on_a_url_sees_the_bug_and_no_history_and_the_next_reuses_the_mirror(
+    api: tuple[TestClient, Platform],
+    repo: BugAndFix,
+    serve: Callable[[Path], AbstractContextManager[str]],
 ) -> None:
     client, platform = api
-    with git_daemon(repo.served) as base:
+    with serve(repo.served) as base:
         url = f"{base}/calc.git"
-        resp = client.post("/v1/trials", json=trial("daemon", repo=url, ref="v1"))
+        resp = client.post("/v1/trials", json=trial("first", repo=url, ref="v1"))
         assert resp.status_code == 201, resp.text
         trial_id = resp.json()["id"]
         # The ref was resolved at submission: the stored trial is pinned to its commit.
@@ -98,6 +102,15 @@ def test_a_trial_on_a_git_daemon_url_sees_the_bug_and_no_history(
         assert (task["repo"], task["commit"]) == (url, repo.bug)
         a = run_to_the_end(platform, trial_id)
     assert (a.state, a.status) == ("finished", "resolved"), a.result
+    # The server is gone: a second trial on the pinned commit runs from the same mirror.
+    mirror = Mirrors(platform.root).mirror(url)
+    (mirror / "cloned-once").write_text("")
+    resp = client.post("/v1/trials", json=trial("second", repo=url, commit=repo.bug))
+    assert resp.status_code == 201, resp.text
+    again = run_to_the_end(platform, resp.json()["id"])
+    assert (again.state, again.status) == ("finished", "resolved"), again.result
+    assert (mirror / "cloned-once").exists()
+    assert [p.name for p in platform.root.task_mirrors.glob("*.git")] == [mirror.name]
     artifacts = platform.root.assignment_dir("urls", trial_id, a.id)
     ws = artifacts / "workspace"
     assert (ws / "tests" / "test_calc.py").exists()
