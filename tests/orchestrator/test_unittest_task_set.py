@@ -1,0 +1,96 @@
+"""A SWE-bench-format set whose repository is not tested with pytest: a small Django-style
+project (`tests/runtests.py`, unittest's verbose runner, as Django's own) named `django/django`,
+so that its instances are graded the way SWE-bench grades Django's: the `swebench` package's
+parser for that repository (`parse_log_django`) reads the `test_x (module.Class.test_x) ... ok`
+lines. Imported offline from `--repos`, its `patch` and `test_patch` from the repository's
+history, and validated by the real runner in bubblewrap: the oracle resolves it with the
+test_patch applied, the empty agent does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from git_servers import git
+
+from contracts.dataroot import DataRoot
+from contracts.settings import Settings
+from orchestrator.taskimport import import_swebench
+from orchestrator.taskvalidate import validate
+from workers.sandbox import require_tools
+
+RUNTESTS = (
+    "import sys\nimport unittest\n\n"
+    "sys.path.insert(0, '.')  # the project, as Django's runtests.py puts it first\n"
+    "suite = unittest.defaultTestLoader.discover('tests', top_level_dir='tests')\n"
+    "result = unittest.TextTestRunner(verbosity=2).run(suite)\n"
+    "sys.exit(not result.wasSuccessful())\n"
+)
+UTILS = "def slugify(text):\n    return text.lower()\n"
+TESTS = (
+    "import unittest\n\nfrom utils import slugify\n\n\n"
+    "class SlugifyTests(unittest.TestCase):\n"
+    "    def test_lower(self):\n        self.assertEqual(slugify('AB'), 'ab')\n"
+)
+SPACES = "\n    def test_spaces(self):\n        self.assertEqual(slugify('a b'), 'a-b')\n"
+F2P = "test_spaces (test_utils.SlugifyTests.test_spaces)"
+P2P = "test_lower (test_utils.SlugifyTests.test_lower)"
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    work = tmp_path / "repos" / "django__django"
+    (work / "tests").mkdir(parents=True)
+    git(work, "init", "-q", "--initial-branch=main")
+    (work / "utils.py").write_text(UTILS)
+    (work / "tests" / "runtests.py").write_text(RUNTESTS)
+    (work / "tests" / "test_utils.py").write_text(TESTS)
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "utils")
+    base = git(work, "rev-parse", "HEAD").strip()
+    (work / "utils.py").write_text(UTILS.replace("text.lower()", "text.lower().replace(' ', '-')"))
+    (work / "tests" / "test_utils.py").write_text(TESTS + SPACES)
+    git(work, "commit", "-qam", "slugify() joins words with '-'")
+    fix = git(work, "rev-parse", "HEAD").strip()
+    instance = {
+        "instance_id": "django__django-1",
+        "repo": "django/django",
+        "base_commit": base,
+        "patch": git(work, "diff", base, fix, "--", "utils.py"),
+        "test_patch": git(work, "diff", base, fix, "--", "tests"),
+        "problem_statement": "slugify() keeps spaces.",
+        "FAIL_TO_PASS": json.dumps([F2P]),
+        "PASS_TO_PASS": json.dumps([P2P]),
+        "version": "5.0",
+        "test_cmd": "python tests/runtests.py",
+    }
+    path = tmp_path / "djangoish.jsonl"
+    path.write_text(json.dumps(instance) + "\n")
+    return path
+
+
+@pytest.mark.slow  # two sandboxed runs of the real runner: ~8 s
+def test_a_django_style_instance_is_graded_by_swebenchs_parser_for_django(
+    dataset: Path, tmp_path: Path
+) -> None:
+    require_tools()
+    settings = Settings(data=tmp_path / "data", task_roots=[tmp_path], host="127.0.0.1")
+    taskset = import_swebench(dataset, DataRoot.at(settings.data), repos=tmp_path / "repos")
+    (entry,) = taskset.entries
+    assert entry.task.parser == "django/django" and entry.task.environment is None
+    validation = validate("djangoish", settings)
+    (verdict,) = validation.verdicts
+    assert (verdict.valid, verdict.oracle, verdict.empty) == (True, "resolved", "unresolved"), (
+        verdict
+    )
+    runs = tmp_path / "data" / "worker-artifacts" / "_validation" / "djangoish"
+    empty = json.loads((runs / "django__django-1.empty" / "report.json").read_text())
+    # The test_patch's new test ran and failed; the old one passed: read from unittest's lines.
+    assert empty["tests_status"]["FAIL_TO_PASS"] == {"success": [], "failure": [F2P]}
+    assert empty["tests_status"]["PASS_TO_PASS"] == {"success": [P2P], "failure": []}
+    log = (runs / "django__django-1.empty" / "tests.log").read_text()
+    assert f"{F2P} ... FAIL" in log and "short test summary" not in log
+    oracle = json.loads((runs / "django__django-1.oracle" / "report.json").read_text())
+    assert oracle["tests_status"]["FAIL_TO_PASS"]["success"] == [F2P]
