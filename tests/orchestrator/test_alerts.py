@@ -22,13 +22,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from trial_runs import operator_api
 
 from budget import iso, machine_scope, project_scope
-from contracts.dataroot import DataRoot
 from contracts.outbound import Allowlist
 from contracts.settings import Settings, free_port
 from orchestrator.alerts import BudgetWatch, Webhook
-from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import BudgetAlert
@@ -84,10 +83,8 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Platform]]:
     settings = Settings(data=tmp_path / "data", configs=ROOT / "configs", webhook_allow=LOCAL)
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, app.state.platform
+    with operator_api(settings) as api:
+        yield api
 
 
 def submit(client: TestClient, demo_trial: dict[str, Any], **alerts: Any) -> str:

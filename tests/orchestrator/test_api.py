@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from trial_runs import operator_api
 
 from contracts.dataroot import DataRoot
 from contracts.reports import TrialReport
@@ -22,11 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, DataRoot]]:
     settings = Settings(data=tmp_path / "data", configs=ROOT / "configs")
-    app = create_app(settings, run_scheduler=False)
-    root = DataRoot.at(settings.data)
-    token = (root.secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, root
+    with operator_api(settings) as (client, platform):
+        yield client, platform.root
 
 
 def count_trials(client: TestClient) -> int:

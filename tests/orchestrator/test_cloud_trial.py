@@ -27,13 +27,13 @@ from fastapi.testclient import TestClient
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
 from provider_stand_ins import CHAT_USAGE, ProviderStandIn
+from trial_runs import operator_api
 from worker_harness import proxy_to_providers, throwaway_certificate
 
 from contracts.config import load_prices
 from contracts.reports import TrialReport
 from contracts.settings import PROJECT_ROOT
 from orchestrator import report
-from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Trial
@@ -69,11 +69,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         with proxy_to_providers(
             base / "data", address, ["api.openai.com"], ca, {"openai": KEY},
             host="127.0.0.1", allow_unsandboxed=True, task_roots=[tmp_path_factory.getbasetemp()],
-        ) as proxy, deterministic_server(proxy.settings, ["    return 1\n"]):  # fmt: skip
-            app = create_app(proxy.settings, run_scheduler=False)
-            token = (proxy.root.secrets / "operator-token").read_text().strip()
-            with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-                yield Stack(client, app.state.platform, cloud)
+        ) as proxy, deterministic_server(proxy.settings, ["    return 1\n"]), \
+                operator_api(proxy.settings) as (client, platform):  # fmt: skip
+            yield Stack(client, platform, cloud)
     finally:
         cloud.stop()
 

@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 import uvicorn
 import yaml
-from fastapi.testclient import TestClient
+from trial_runs import operator_api
 from typer.testing import CliRunner
 
 from budget import Reserved
@@ -266,9 +266,7 @@ def test_a_spent_concierge_budget_refuses_the_next_draft(stack: Stack) -> None:
 
 def test_the_concierge_is_off_unless_configured(tmp_path: Path) -> None:
     settings = Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+    with operator_api(settings) as (client, _):
         resp = client.post("/v1/concierge", json={"request": "anything"})
     assert resp.status_code == 404 and "not configured" in resp.json()["detail"]
 

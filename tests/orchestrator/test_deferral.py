@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from trial_runs import operator_api
 
 from budget import machine_scope
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from orchestrator import report
-from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Assignment, Store, Trial
@@ -66,10 +66,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient
             proxy = subprocess.Popen(mitmdump_argv(settings), stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_ready(settings.host, settings.proxy_port, timeout=60, process=proxy)
-            app = create_app(settings, run_scheduler=False)
-            token = (root.secrets / "operator-token").read_text().strip()
-            with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-                yield client, app.state.platform
+            with operator_api(settings) as api:
+                yield api
         finally:
             proxy.terminate()
             proxy.wait(timeout=15)

@@ -22,12 +22,12 @@ import yaml
 from fastapi.testclient import TestClient
 from git_servers import CALC_FIX, bug_and_fix, git
 from github_standin import StandIn, github_standin
+from trial_runs import operator_api
 
 from contracts.dataroot import DataRoot
 from contracts.intake import IssueSpecError, load_intake
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator import stack
-from orchestrator.api import create_app
 from orchestrator.client import Client
 from orchestrator.intake.github import (
     GithubApi,
@@ -125,10 +125,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         )
         config = load_intake(intake_file).github
         assert config is not None
-        app = create_app(settings, run_scheduler=False)
-        token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-        with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-            platform: Platform = app.state.platform
+        with operator_api(settings) as (client, platform):
             gh_token = secrets.get(config.token_secret)
             queue = IssueQueue(
                 config,

@@ -18,14 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 from git_servers import CALC_BUG, TEST
 from telegram_standin import BotApi, bot_api_standin
+from trial_runs import operator_api, trial_settings
 
-from contracts.dataroot import DataRoot
 from contracts.intake import TelegramIntake
-from contracts.settings import PROJECT_ROOT, Settings, free_port
-from orchestrator.api import create_app
 from orchestrator.client import Client
 from orchestrator.intake.telegram import TelegramBot, bot_for
 from orchestrator.platform import Platform
@@ -94,22 +91,11 @@ def world(tmp_path: Path) -> Iterator[World]:
         ],
     }
     (trials / "calc.yaml").write_text(yaml.safe_dump(trial))
-    settings = Settings(
-        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), allow_unsandboxed=True,
-        task_roots=[tmp_path],
-    )  # fmt: skip
-    DataRoot.ensure(DataRoot.at(settings.data).root)
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-    with (
-        bot_api_standin(TOKEN) as api,
-        TestClient(app, headers={"Authorization": f"Bearer {token}"}) as http,
-    ):
+    with bot_api_standin(TOKEN) as api, operator_api(trial_settings(tmp_path)) as (http, platform):
         config = TelegramIntake(
             allowed_users=[ALICE, BOB], api_url=api.url, trials_dir=trials, poll_timeout_s=0
         )
-        yield World(api, app.state.platform, config, Client.over(http))
+        yield World(api, platform, config, Client.over(http))
 
 
 async def step(tg: TelegramBot) -> None:

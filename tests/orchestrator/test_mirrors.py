@@ -29,11 +29,10 @@ from git_servers import (
     git_http,
     hanging_http,
 )
-from trial_runs import run_to_the_end
+from trial_runs import operator_api, run_to_the_end, trial_settings
 
 from contracts.dataroot import DataRoot
-from contracts.settings import PROJECT_ROOT, Settings, free_port
-from orchestrator.api import create_app
+from contracts.settings import free_port
 from orchestrator.mirrors import Mirrors, RepoError, mirror_name
 from orchestrator.platform import Platform
 from orchestrator.state import Trial
@@ -50,16 +49,9 @@ def repo(tmp_path: Path) -> BugAndFix:
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Platform]]:
     """The control API without its scheduler thread; trials run unsandboxed, task roots are
     pytest's folder, and git servers on loopback are allowed (AUTOVIBE_REPO_ALLOW)."""
-    settings = Settings(
-        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), allow_unsandboxed=True,
-        task_roots=[tmp_path], repo_allow=["127.0.0.1"],  # the test's git servers
-    )  # fmt: skip
-    DataRoot.ensure(DataRoot.at(settings.data).root)
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, app.state.platform
+    # repo_allow: the test's git servers
+    with operator_api(trial_settings(tmp_path, repo_allow=["127.0.0.1"])) as api:
+        yield api
 
 
 def trial(name: str, **task: Any) -> dict[str, Any]:

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
+from trial_runs import operator_api
 from typer.testing import CliRunner
 
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
-from orchestrator.api import create_app
 from orchestrator.catalog import Catalog
 from orchestrator.cli import app as cli
 from secretstore import get_store
@@ -60,12 +60,6 @@ def plane() -> Iterator[int]:
     server.server_close()
 
 
-def _api(settings: Settings) -> TestClient:
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-    return TestClient(app, headers={"Authorization": f"Bearer {token}"})
-
-
 @pytest.fixture
 def settings(tmp_path: Path, plane: int) -> Settings:
     """Configs of the repository; the openai key stored, no other; the plane above."""
@@ -91,7 +85,7 @@ def only_error(detail: list[dict[str, Any]]) -> tuple[list[Any], str]:
 def test_a_provider_model_with_its_key_and_price_is_accepted(
     settings: Settings, demo_trial: dict[str, Any]
 ) -> None:
-    with _api(settings) as client:
+    with operator_api(settings) as (client, _):
         status, detail = submit(client, demo_trial, ["builtin"], ["openai/gpt-4.1-mini", "7b"])
         assert status == 201, detail
         trial = client.get("/v1/trials").json()[0]
@@ -170,7 +164,7 @@ def test_submission_refuses_what_cannot_run_naming_field_model_and_why(
     index: int | None,
     message: str | None,
 ) -> None:
-    with _api(settings) as client:
+    with operator_api(settings) as (client, _):
         status, detail = submit(client, demo_trial, agents, models)
         if index is None:
             # Validated; only the agent's installation is missing here.
@@ -188,7 +182,7 @@ def test_an_unreachable_model_plane_refuses_gpu_pairs_with_the_error(
     tmp_path: Path, demo_trial: dict[str, Any]
 ) -> None:
     settings = Settings(data=tmp_path / "data", configs=ROOT / "configs", model_port=free_port())
-    with _api(settings) as client:
+    with operator_api(settings) as (client, _):
         status, detail = submit(client, demo_trial, ["builtin"], ["32b"])
     loc, msg = only_error(detail)
     assert (status, loc) == (422, ["body", "model_pairs", 0])

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
+from trial_runs import operator_api
 
-from contracts.dataroot import DataRoot
 from contracts.settings import Settings
-from orchestrator.api import create_app
 
 # By its package path: tests/ops, where the harness lives, is not on sys.path here.
 from tests.ops.postgres_harness import PG_BIN, cluster
@@ -35,9 +33,7 @@ def test_trial_lifecycle_on_postgres(
     postgres_url: str, tmp_path: Path, demo_trial: dict[str, Any]
 ) -> None:
     settings = Settings(data=tmp_path, configs=ROOT / "configs", state_url=postgres_url)
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(tmp_path).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+    with operator_api(settings) as (client, _):
         created = client.post("/v1/trials", json=demo_trial)
         assert created.status_code == 201, created.text
         trial_id = created.json()["id"]

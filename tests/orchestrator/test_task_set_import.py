@@ -15,13 +15,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from git_servers import git
-from trial_runs import run_to_the_end
+from trial_runs import operator_api, run_to_the_end, trial_settings
 from typer.testing import CliRunner
 
 from contracts.config import ConfigError, TaskSetRef
 from contracts.dataroot import DataRoot
-from contracts.settings import PROJECT_ROOT, Settings, free_port
-from orchestrator.api import create_app
 from orchestrator.cli import app as cli
 from orchestrator.platform import Platform
 from orchestrator.state import Trial
@@ -177,16 +175,8 @@ def test_bad_instances_are_refused_by_line_and_nothing_is_imported(
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Platform]]:
-    settings = Settings(
-        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), allow_unsandboxed=True,
-        task_roots=[tmp_path],
-    )  # fmt: skip
-    DataRoot.ensure(DataRoot.at(settings.data).root)
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(settings.data).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, app.state.platform
+    with operator_api(trial_settings(tmp_path)) as api:
+        yield api
 
 
 def _trial(name: str, tasks: dict[str, Any], agents: list[str] | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Trials in a test: a platform whose trials run sandboxed, and the scheduler ticked in the
-test's thread until a trial's assignment ends."""
+"""Trials in a test: the control API as the operator reaches it (no scheduler thread), a
+platform whose trials run sandboxed or not, and the scheduler ticked in the test's thread until
+a trial's assignment ends."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from mitmproxy.certs import CertStore
@@ -33,20 +35,47 @@ def run_to_the_end(platform: Platform, trial_id: str, timeout_s: float = 120) ->
     raise AssertionError(f"assignment still {a.state}: {a.result}")
 
 
+def operator_token(data: Path) -> str:
+    """The operator's bearer token, which the control API writes into the data root `data`."""
+    return (DataRoot.at(data).secrets / "operator-token").read_text().strip()
+
+
+@contextmanager
+def operator_api(settings: Settings) -> Iterator[tuple[TestClient, Platform]]:
+    """The control API of `settings` without its scheduler thread: the operator's client of it
+    (the bearer token from the data root) and its platform."""
+    DataRoot.ensure(DataRoot.at(settings.data).root)
+    app = create_app(settings, run_scheduler=False)
+    headers = {"Authorization": f"Bearer {operator_token(settings.data)}"}
+    with TestClient(app, headers=headers) as client:
+        yield client, app.state.platform
+
+
+def trial_settings(tmp_path: Path, *, sandboxed: bool = False, **overrides: Any) -> Settings:
+    """A platform on `tmp_path / "data"` (free ports, the repository's configs) with `tmp_path`
+    as its task root, whose trials run unsandboxed unless `sandboxed`; `overrides` replace any
+    of these."""
+    defaults: dict[str, Any] = {
+        "data": tmp_path / "data",
+        "configs": PROJECT_ROOT / "configs",
+        "host": "127.0.0.1",
+        "proxy_port": free_port(),
+        "model_port": free_port(),
+        "allow_unsandboxed": not sandboxed,
+        "task_roots": [tmp_path],
+    }
+    return Settings(**{**defaults, **overrides})
+
+
 @contextmanager
 def sandboxed_api(tmp_path: Path) -> Iterator[tuple[TestClient, Platform]]:
     """The control API (no scheduler thread) of a platform on `tmp_path / "data"` whose task
     root is `tmp_path`, its trials run in bubblewrap: the operator's client and the platform.
     No proxy runs: its CA is made as mitmdump makes it (the sandbox shows it), for agents
     that call no model."""
-    settings = Settings(
-        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), task_roots=[tmp_path],
-    )  # fmt: skip
+    settings = trial_settings(tmp_path, sandboxed=True)
     root = DataRoot.at(settings.data)
     DataRoot.ensure(root.proxy_confdir)
     CertStore.from_store(root.proxy_confdir, "mitmproxy", 2048)
-    app = create_app(settings, run_scheduler=False)
-    token = (root.secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, app.state.platform
+    with operator_api(settings) as api:
+        yield api

@@ -25,13 +25,13 @@ from fastapi.testclient import TestClient
 
 from contracts.config import TrialConfig
 from contracts.egress import payments_url
-from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Trial
 from workers.sandbox import allowed_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "orchestrator"))
 from proxy_harness import (
     BANNER,
     HELLO,
@@ -43,6 +43,7 @@ from proxy_harness import (
     serve,
     talk_through,
 )
+from trial_runs import operator_api
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,14 +96,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     # The control plane on the proxy's data root: the credentials it mints are the proxy's.
     settings = proxy.settings.model_copy(update={"configs": configs})
-    app = create_app(settings, run_scheduler=False)
-    token = (proxy.root.secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+    with operator_api(settings) as (client, platform):
         yield Stack(
             proxy,
             client,
-            app.state.platform,
-            app.state.scheduler,
+            platform,
+            client.app.state.scheduler,  # type: ignore[attr-defined]
             upstreams[1],
             upstreams[2],
             git,

@@ -8,33 +8,14 @@ AUTOVIBE_REPO_ALLOW, and nothing is fetched; a host the server lists there is fe
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "orchestrator"))
 from git_servers import BugAndFix, bug_and_fix, git_daemon
-
-from contracts.dataroot import DataRoot
-from contracts.settings import PROJECT_ROOT, Settings, free_port
-from orchestrator.api import create_app
-from orchestrator.platform import Platform
-
-
-def client_for(tmp_path: Path, **settings: Any) -> Iterator[tuple[TestClient, Platform]]:
-    config = Settings(
-        data=tmp_path / "data", configs=PROJECT_ROOT / "configs", host="127.0.0.1",
-        proxy_port=free_port(), model_port=free_port(), allow_unsandboxed=True,
-        task_roots=[tmp_path], **settings,
-    )  # fmt: skip
-    DataRoot.ensure(DataRoot.at(config.data).root)
-    app = create_app(config, run_scheduler=False)
-    token = (DataRoot.at(config.data).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, app.state.platform
+from trial_runs import operator_api, trial_settings
 
 
 def trial(repo: str) -> dict[str, Any]:
@@ -70,7 +51,7 @@ def repo(tmp_path: Path) -> BugAndFix:
 def test_a_git_url_on_an_internal_address_is_refused_and_not_fetched(
     tmp_path: Path, url: str
 ) -> None:
-    for client, platform in client_for(tmp_path):
+    with operator_api(trial_settings(tmp_path)) as (client, platform):
         resp = client.post("/v1/trials", json=trial(url))
         assert resp.status_code == 422, resp.text
         message = resp.json()["detail"][0]["msg"]
@@ -82,10 +63,11 @@ def test_a_git_url_on_an_internal_address_is_refused_and_not_fetched(
 def test_a_git_server_the_operator_allows_is_fetched(tmp_path: Path, repo: BugAndFix) -> None:
     with git_daemon(repo.served) as base:
         url = f"{base}/calc.git"
-        for client, _ in client_for(tmp_path):
+        with operator_api(trial_settings(tmp_path)) as (client, _):
             resp = client.post("/v1/trials", json=trial(url))
             assert resp.status_code == 422 and "AUTOVIBE_REPO_ALLOW" in resp.text, resp.text
-        for client, platform in client_for(tmp_path / "allowed", repo_allow=["127.0.0.1"]):
+        settings = trial_settings(tmp_path / "allowed", repo_allow=["127.0.0.1"])
+        with operator_api(settings) as (client, platform):
             resp = client.post("/v1/trials", json=trial(url))
             assert resp.status_code == 201, resp.text
             assert platform.root.task_mirrors.is_dir()

@@ -10,7 +10,10 @@ or datacenters the server allows. Nothing is created for a refused trial.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,10 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from contracts.dataroot import DataRoot
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "orchestrator"))
+from trial_runs import operator_api
+
 from contracts.settings import PROJECT_ROOT, Settings
-from orchestrator.api import create_app
 from orchestrator.cli import app as cli
 
 Api = Callable[..., TestClient]
@@ -31,21 +35,16 @@ Api = Callable[..., TestClient]
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
     """api(**settings) -> a client of a control API with those settings, on a fresh data root."""
-    clients: list[TestClient] = []
+    with contextlib.ExitStack() as started:
+        count = itertools.count()
 
-    def start(**overrides: Any) -> TestClient:
-        data = tmp_path / f"data{len(clients)}"
-        settings = Settings(data=data, configs=PROJECT_ROOT / "configs", **overrides)
-        app = create_app(settings, run_scheduler=False)
-        token = (DataRoot.at(data).secrets / "operator-token").read_text().strip()
-        client = TestClient(app, headers={"Authorization": f"Bearer {token}"})
-        client.__enter__()
-        clients.append(client)
-        return client
+        def start(**overrides: Any) -> TestClient:
+            data = tmp_path / f"data{next(count)}"
+            settings = Settings(data=data, configs=PROJECT_ROOT / "configs", **overrides)
+            client, _ = started.enter_context(operator_api(settings))
+            return client
 
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
+        yield start
 
 
 def with_repo(trial: dict[str, Any], repo: str) -> dict[str, Any]:

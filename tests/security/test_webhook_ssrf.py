@@ -14,6 +14,7 @@ import contextlib
 import copy
 import ipaddress
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +27,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "orchestrator"))
+from trial_runs import operator_api
+
 from budget import project_scope
-from contracts.dataroot import DataRoot
 from contracts.outbound import Allowlist, is_own_address, refusal
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from orchestrator.alerts import WEBHOOK_FAILED, BudgetWatch, Webhook
-from orchestrator.api import create_app
 from orchestrator.platform import Platform
 from orchestrator.state import BudgetAlert
 
@@ -78,9 +80,7 @@ def service() -> Iterator[Service]:
 def control_api(data: Path, allow: list[str] | None = None) -> Iterator[TestClient]:
     """The control API on `data`; `allow`: its webhook allowlist (none, as shipped)."""
     settings = Settings(data=data, configs=PROJECT_ROOT / "configs", webhook_allow=allow or [])
-    app = create_app(settings, run_scheduler=False)
-    token = (DataRoot.at(data).secrets / "operator-token").read_text().strip()
-    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+    with operator_api(settings) as (client, _):
         yield client
 
 
