@@ -43,6 +43,7 @@ from contracts.secrets import REDACTED
 from proxy.addons.capture import BodyTap, Capture, make_body, text_of
 from proxy.addons.redaction import Redactor
 from proxy.launch import mitmdump_argv
+from tests.http_double import reply
 from traffic.cli import app as traffic_app
 from traffic.spool import Spool
 from traffic.sqlite_store import SqliteTrafficStore, cut_body
@@ -100,13 +101,7 @@ class Website(BaseHTTPRequestHandler):
         self._send(body.encode(), "text/event-stream")
 
     def _send(self, body: bytes, content_type: str, extra: list[tuple[str, str]] = []) -> None:  # noqa: B006
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in extra:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, 200, body, content_type, extra)
 
 
 def serve_http() -> Iterator[int]:

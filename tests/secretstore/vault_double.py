@@ -13,12 +13,12 @@ import binascii
 import copy
 import json
 import secrets
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, ClassVar
+
+from tests.http_double import HttpDouble, JsonRequest, read_json, reply
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT_TOKEN = "hvs.root-token-for-tests"
@@ -32,16 +32,8 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 @dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    token: str | None
-    body: Any
-
-
-@dataclass
-class VaultDouble:
+class VaultDouble(HttpDouble):
+    methods: ClassVar[tuple[str, ...]] = ("GET", "POST", "DELETE", "LIST", "PUT", "PATCH")
     mount: str = "secret"
     approle_mount: str = "approle"
     transit_mount: str = "transit"
@@ -52,36 +44,9 @@ class VaultDouble:
     """Folders (ending in '/') that every token is refused, as a policy would."""
     transit: dict[str, dict[str, str]] = field(default_factory=dict)
     """Transit keys (created on first encrypt, as Vault upserts them): ciphertext → plaintext."""
-    requests: list[Request] = field(default_factory=list)
+    requests: list[JsonRequest] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     logins: int = 0
-
-    def start(self) -> None:
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                double._handle(self)
-
-            do_GET = do_POST = do_DELETE = do_LIST = do_PUT = do_PATCH = _any
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     def revoke_tokens(self) -> None:
         """Every token stops working, as when a token's TTL runs out."""
@@ -90,30 +55,19 @@ class VaultDouble:
     # -- routing -----------------------------------------------------------------------------
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        parts = urlsplit(h.path)
-        length = int(h.headers.get("Content-Length") or 0)
-        raw = h.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        req = Request(h.command, unquote(parts.path), parse_qs(parts.query), None, body)
-        req.token = h.headers.get("X-Vault-Token")
+        req = read_json(h, "X-Vault-Token")
         self.requests.append(req)
         status, answer = self._route(req)
-        data = b"" if answer is None else json.dumps(answer).encode()
-        h.send_response(status)
-        if answer is not None:
-            h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        if answer is None:
+            reply(h, status, b"", None)
+        else:
+            reply(h, status, json.dumps(answer).encode(), "application/json")
 
-    def _violation(self, req: Request, why: str) -> tuple[int, dict[str, Any]]:
+    def _violation(self, req: JsonRequest, why: str) -> tuple[int, dict[str, Any]]:
         self.violations.append(f"{req.method} {req.path}: {why}")
         return 400, {"errors": [f"contract violation: {why}"]}
 
-    def _route(self, req: Request) -> tuple[int, dict[str, Any] | None]:
+    def _route(self, req: JsonRequest) -> tuple[int, dict[str, Any] | None]:
         if req.path == f"/v1/auth/{self.approle_mount}/login":
             return self._login(req)
         transit = f"/v1/{self.transit_mount}/"
@@ -148,7 +102,7 @@ class VaultDouble:
 
     # -- endpoints ---------------------------------------------------------------------------
 
-    def _login(self, req: Request) -> tuple[int, dict[str, Any] | None]:
+    def _login(self, req: JsonRequest) -> tuple[int, dict[str, Any] | None]:
         if req.method != "POST":
             return self._violation(req, "login is POST")
         if not isinstance(req.body, dict) or set(req.body) != {"role_id", "secret_id"}:
@@ -162,7 +116,7 @@ class VaultDouble:
         self.tokens.add(answer["auth"]["client_token"])
         return 200, answer
 
-    def _read(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+    def _read(self, req: JsonRequest, key: str) -> tuple[int, dict[str, Any] | None]:
         if req.body is not None or set(req.query) - {"version"}:
             return self._violation(req, "read takes no body and only ?version=")
         if key not in self.kv:
@@ -172,7 +126,7 @@ class VaultDouble:
         answer["data"]["metadata"]["version"] = self.kv[key]["version"]
         return 200, answer
 
-    def _write(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+    def _write(self, req: JsonRequest, key: str) -> tuple[int, dict[str, Any] | None]:
         body = req.body
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             return self._violation(req, f"write body must be {{'data': {{...}}}}: {body}")
@@ -185,7 +139,7 @@ class VaultDouble:
         answer["data"]["version"] = entry["version"]
         return 200, answer
 
-    def _list(self, req: Request, folder: str) -> tuple[int, dict[str, Any] | None]:
+    def _list(self, req: JsonRequest, folder: str) -> tuple[int, dict[str, Any] | None]:
         if req.body is not None:
             return self._violation(req, "list takes no body")
         keys = {
@@ -198,20 +152,20 @@ class VaultDouble:
         answer["data"]["keys"] = sorted(keys)
         return 200, answer
 
-    def _read_metadata(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+    def _read_metadata(self, req: JsonRequest, key: str) -> tuple[int, dict[str, Any] | None]:
         if key not in self.kv:
             return 404, fixture("error_not_found")
         answer = fixture("kv2_read_secret_metadata")
         answer["data"]["current_version"] = self.kv[key]["version"]
         return 200, answer
 
-    def _delete_metadata(self, req: Request, key: str) -> tuple[int, dict[str, Any] | None]:
+    def _delete_metadata(self, req: JsonRequest, key: str) -> tuple[int, dict[str, Any] | None]:
         self.kv.pop(key, None)
         return 204, None
 
     # -- transit (developer.hashicorp.com/vault/api-docs/secret/transit) ----------------------
 
-    def _transit(self, req: Request, rest: str) -> tuple[int, dict[str, Any] | None]:
+    def _transit(self, req: JsonRequest, rest: str) -> tuple[int, dict[str, Any] | None]:
         action, _, name = rest.partition("/")
         if action not in ("encrypt", "decrypt") or not name or "/" in name:
             return self._violation(req, "only /transit/encrypt/:name and /decrypt/:name are used")

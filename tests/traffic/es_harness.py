@@ -38,13 +38,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote
 
 from pydantic import ValidationError
 
 from contracts.records import FlowRecord
+from tests.http_double import HttpDouble, read_body, reply
 
 COMPAT_JSON = "application/vnd.elasticsearch+json; compatible-with=8"
 COMPAT_NDJSON = "application/vnd.elasticsearch+x-ndjson; compatible-with=8"
@@ -83,7 +84,8 @@ class Request:
 
 
 @dataclass
-class StandInElasticsearch:
+class StandInElasticsearch(HttpDouble):
+    methods: ClassVar[tuple[str, ...]] = ("GET", "POST", "PUT", "DELETE", "HEAD")
     product_header: bool = True
     """Whether answers say `X-Elastic-Product: Elasticsearch`; without it the client refuses."""
     throttle_every: int = 0
@@ -104,47 +106,20 @@ class StandInElasticsearch:
     violations: list[str] = field(default_factory=list)
     _failing: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _port: int = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                stand_in._handle(self)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _any
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = _Server(("127.0.0.1", self._port), Handler)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    down = stop
-    """Close the port: the client's connections are refused until `up()`."""
+    def down(self) -> None:
+        """Close the port: the client's connections are refused until `up()`."""
+        self.stop()
 
     def up(self) -> None:
         """Listen again on the same port, with everything stored so far."""
-        self.start()
+        self.start(self._port)
 
     def fail_with(self, status: int | None) -> None:
         """Answer every request with `status` and the documented error body; None heals."""
         self._failing = status
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
 
     def documents(self, group: str = "usage") -> dict[str, dict[str, Any]]:
         """Every stored document of one field group (`usage`, `headers`, `bodies`) by `_id`."""
@@ -159,26 +134,19 @@ class StandInElasticsearch:
     # -- the API -----------------------------------------------------------------------------
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length)
         request = Request(
             handler.command,
             handler.path,
             {k.lower(): v for k, v in handler.headers.items()},
-            body,
+            read_body(handler),
         )
         with self._lock:
             self.requests.append(request)
             status, answer = self._route(request)
             self.statuses[status] += 1
-        payload = json.dumps(answer).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/vnd.elasticsearch+json;compatible-with=8")
-        handler.send_header("Content-Length", str(len(payload)))
-        if self.product_header:
-            handler.send_header("X-Elastic-Product", "Elasticsearch")
-        handler.end_headers()
-        handler.wfile.write(payload)
+        product = [("X-Elastic-Product", "Elasticsearch")] if self.product_header else []
+        kind = "application/vnd.elasticsearch+json;compatible-with=8"
+        reply(handler, status, json.dumps(answer).encode(), kind, product)
 
     def _route(self, request: Request) -> tuple[int, dict[str, Any]]:
         if request.headers.get("accept") != COMPAT_JSON:
@@ -533,12 +501,6 @@ def _unmapped(source: Any, properties: dict[str, Any], path: str = "") -> list[s
             elif "properties" in mapping:
                 found += _unmapped(value, mapping["properties"], f"{path}{name}.")
     return sorted(set(found))
-
-
-class _Server(ThreadingHTTPServer):
-    allow_reuse_address = True
-    """`up()` listens again on the port `down()` closed."""
-    daemon_threads = True
 
 
 def _cause(kind: str, reason: str) -> dict[str, Any]:

@@ -18,13 +18,13 @@ import base64
 import binascii
 import copy
 import json
-import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, ClassVar
+
+from tests.http_double import HttpDouble, JsonRequest, read_json, reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nomad"
 PAYLOAD_LIMIT = 16 * 1024
@@ -41,16 +41,8 @@ def fixture(name: str) -> Any:
 
 
 @dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    token: str | None
-    body: Any
-
-
-@dataclass
-class NomadDouble:
+class NomadDouble(HttpDouble):
+    methods: ClassVar[tuple[str, ...]] = ("GET", "POST", "PUT", "DELETE", "PATCH")
     token: str | None = None
     """When set, every request must carry it as X-Nomad-Token (ACLs enabled)."""
     namespace: str = "default"
@@ -60,37 +52,10 @@ class NomadDouble:
     """Dispatched job ID → its allocations (placed by the tests)."""
     logs: dict[tuple[str, str, str], str] = field(default_factory=dict)
     """(allocation, task, stdout|stderr) → the log text."""
-    requests: list[Request] = field(default_factory=list)
+    requests: list[JsonRequest] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     index: int = 100
     """Raft index: every write takes the next one."""
-
-    def start(self) -> None:
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                double._handle(self)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     # -- what a Nomad client would do ----------------------------------------------------------
 
@@ -135,40 +100,22 @@ class NomadDouble:
         return self.index
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        parts = urlsplit(h.path)
-        length = int(h.headers.get("Content-Length") or 0)
-        raw = h.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        req = Request(
-            h.command,
-            unquote(parts.path),
-            parse_qs(parts.query, keep_blank_values=True),
-            h.headers.get("X-Nomad-Token"),
-            body,
-        )
+        req = read_json(h, "X-Nomad-Token", keep_blank_values=True)
         self.requests.append(req)
         status, answer = self._route(req)
         if isinstance(answer, str):
             data, kind = answer.encode(), "text/plain; charset=utf-8"
         else:
             data, kind = json.dumps(answer).encode(), "application/json"
-        h.send_response(status)
-        h.send_header("Content-Type", kind)
-        h.send_header("Content-Length", str(len(data)))
-        if status == 200:
-            h.send_header("X-Nomad-Index", str(self.index))
-        h.end_headers()
-        h.wfile.write(data)
+        index = [("X-Nomad-Index", str(self.index))] if status == 200 else []
+        reply(h, status, data, kind, index)
 
-    def _violation(self, req: Request, why: str) -> Answer:
+    def _violation(self, req: JsonRequest, why: str) -> Answer:
         self.violations.append(f"{req.method} {req.path}: {why}")
         return 400, f"contract violation: {why}"
 
     def _query(
-        self, req: Request, allowed: set[str], required: frozenset[str] = frozenset()
+        self, req: JsonRequest, allowed: set[str], required: frozenset[str] = frozenset()
     ) -> str:
         """Why the query string is wrong, or ''."""
         names = set(req.query)
@@ -182,7 +129,7 @@ class NomadDouble:
             return f"namespace must be given as ?namespace={self.namespace}"
         return ""
 
-    def _route(self, req: Request) -> Answer:
+    def _route(self, req: JsonRequest) -> Answer:
         if self.token is not None and req.token != self.token:
             return 403, "Permission denied"
         if self.token is None and req.token is not None:
@@ -210,7 +157,7 @@ class NomadDouble:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    def _register(self, req: Request) -> Answer:
+    def _register(self, req: JsonRequest) -> Answer:
         if why := self._query(req, set()):
             return self._violation(req, why)
         body = req.body
@@ -249,7 +196,7 @@ class NomadDouble:
         answer.update(JobModifyIndex=stored["JobModifyIndex"], Index=stored["ModifyIndex"])
         return 200, answer
 
-    def _read(self, req: Request, job_id: str) -> Answer:
+    def _read(self, req: JsonRequest, job_id: str) -> Answer:
         if why := self._query(req, set()):
             return self._violation(req, why)
         if req.body is not None:
@@ -258,7 +205,7 @@ class NomadDouble:
             return 404, "job not found"
         return 200, self.jobs[job_id]
 
-    def _dispatch(self, req: Request, job_id: str) -> Answer:
+    def _dispatch(self, req: JsonRequest, job_id: str) -> Answer:
         if why := self._query(req, {"idempotency_token"}):
             return self._violation(req, why)
         body = req.body
@@ -326,7 +273,7 @@ class NomadDouble:
         )
         return 200, answer
 
-    def _allocations(self, req: Request, job_id: str) -> Answer:
+    def _allocations(self, req: JsonRequest, job_id: str) -> Answer:
         if req.method != "GET":
             return self._violation(req, "allocations are read with GET")
         if why := self._query(req, {"all"}):
@@ -335,7 +282,7 @@ class NomadDouble:
             return 200, []  # Nomad lists nothing for an unknown job
         return 200, self.allocations.get(job_id, [])
 
-    def _deregister(self, req: Request, job_id: str) -> Answer:
+    def _deregister(self, req: JsonRequest, job_id: str) -> Answer:
         if why := self._query(req, {"purge", "global", "eval_priority", "no_shutdown_delay"}):
             return self._violation(req, why)
         if req.body is not None:
@@ -352,7 +299,7 @@ class NomadDouble:
         answer.update(JobModifyIndex=job["JobModifyIndex"], EvalCreateIndex=self._next())
         return 200, answer
 
-    def _logs(self, req: Request, alloc_id: str) -> Answer:
+    def _logs(self, req: JsonRequest, alloc_id: str) -> Answer:
         if req.method != "GET":
             return self._violation(req, "logs are read with GET")
         allowed = {"task", "type", "follow", "offset", "origin", "plain"}
