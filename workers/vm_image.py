@@ -5,6 +5,13 @@ No loop device and no mount: mmdebstrap writes a directory tree, `mkfs.ext4 -d` 
 filesystem image from it (ownership and modes kept), `qemu-img convert` turns that into qcow2.
 The disk has no partition table and no boot loader: libvirt boots the extracted kernel and
 initrd directly (`root=/dev/vda`), and cloud-init grows the filesystem to the VM's disk.
+
+Two layers: the Debian tree (cached by the packages and files that make it, under `trees/`)
+and the autovibe worker on top of it in `/opt/autovibe`: our packages' source and a
+`.venv` with the runner's dependencies at the versions of uv.lock, installed by uv for the
+image's Python without running it. The image key covers both, so a change of our code makes a
+new image in seconds (a hard-linked copy of the cached tree, the layer, mkfs), not a new
+mmdebstrap run.
 """
 
 from __future__ import annotations
@@ -14,13 +21,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
+import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from packaging.markers import Marker
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.dataroot import DataRoot
+from contracts.settings import PROJECT_ROOT
 
 IMAGE_PROJECT = "_platform"
 """Images are the platform's, not a project's: `checkpoints/_platform/vm-images/<key>/`."""
@@ -49,6 +62,24 @@ FILES = {
 DROPPED = ("etc/ssh/ssh_host_*", "var/lib/apt/lists/*", "var/cache/apt/*.bin")
 """Removed from the tree: host keys are made per VM on first boot (cloud-init), never shared."""
 DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
+INSTALL_DIR = "opt/autovibe"
+"""Where the worker layer puts autovibe in the image (`VmSpec.install_dir`): our packages, and
+`.venv` whose `bin/python` is what the worker unit and the `vm` driver run."""
+WORKER_REQUIREMENTS = (
+    "httpx",
+    "pydantic",
+    "pydantic-settings",
+    "pyyaml",
+    "pytest",
+    "rich",
+    "click",
+    "cryptography",
+)
+"""What the runner, the sandbox helpers, the built-in agent and grading import beyond the
+standard library (cryptography: the secret store read to redact what the agent left); with
+their dependencies, at uv.lock's versions."""
+WORKER_PYTHON = "3.11"
+"""The image's Python (Debian bookworm's python3), which the worker layer is installed for."""
 
 
 class ImageError(Exception):
@@ -71,14 +102,120 @@ class ImageRecipe(BaseModel):
     files: dict[str, str] = Field(default_factory=lambda: dict(FILES))
     """Files written into the tree, by relative path."""
     cmdline: str = CMDLINE
+    worker: bool = True
+    """Put the autovibe worker in `/opt/autovibe` (our code and the runner's dependencies)."""
 
-    def key(self) -> str:
-        content = self.model_dump(mode="json", exclude={"mirror"})
+    def tree_key(self) -> str:
+        """The Debian tree's key: what mmdebstrap and `finish_tree` make it from."""
+        content = self.model_dump(mode="json", exclude={"mirror", "worker", "size_gb", "cmdline"})
         content["packages"] = sorted(set(self.packages))
         content["dropped"] = list(DROPPED)
         content["dpkg_excludes"] = list(DPKG_EXCLUDES)
-        text = json.dumps(content, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _digest(content)
+
+    def key(self) -> str:
+        content: dict[str, object] = {
+            "tree": self.tree_key(),
+            "size_gb": self.size_gb,
+            "cmdline": self.cmdline,
+        }
+        if self.worker:
+            content["worker"] = {"pins": worker_pins(), "source": source_digest()}
+        return _digest(content)
+
+
+def _digest(content: object) -> str:
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- the worker layer ---------------------------------------------------------------------------
+
+
+def source_packages(root: Path = PROJECT_ROOT) -> list[str]:
+    """Our packages, as the wheel lists them (pyproject.toml)."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    return list(project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"])
+
+
+def _source_files(root: Path = PROJECT_ROOT) -> Iterable[Path]:
+    for package in source_packages(root):
+        for path in sorted((root / package).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                yield path
+
+
+def source_digest(root: Path = PROJECT_ROOT) -> str:
+    """A digest of our packages' files as they are in the checkout (what the layer copies)."""
+    digest = hashlib.sha256()
+    for path in _source_files(root):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def worker_pins(lock: Path = PROJECT_ROOT / "uv.lock") -> list[str]:
+    """`name==version` of `WORKER_REQUIREMENTS` and everything they need on Linux under the
+    image's Python, read from uv.lock (markers evaluated, extras followed)."""
+    packages = {p["name"]: p for p in tomllib.loads(lock.read_text())["package"]}
+    environment = {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+                   "python_version": WORKER_PYTHON, "python_full_version": WORKER_PYTHON + ".2",
+                   "platform_machine": "x86_64", "implementation_name": "cpython",
+                   "platform_python_implementation": "CPython"}  # fmt: skip
+
+    def wanted(dep: dict[str, Any]) -> bool:
+        marker = dep.get("marker")
+        return marker is None or Marker(str(marker)).evaluate({**environment, "extra": ""})
+
+    todo: list[dict[str, Any]] = [{"name": name} for name in WORKER_REQUIREMENTS]
+    seen: set[str] = set()
+    done: set[tuple[str, str]] = set()
+    while todo:
+        dep = todo.pop()
+        name = str(dep["name"])
+        package = packages[name]
+        if name not in seen:
+            seen.add(name)
+            todo += [d for d in package.get("dependencies", []) if wanted(d)]
+        for extra in dep.get("extra") or []:
+            if (name, extra) not in done:
+                done.add((name, extra))
+                optional = package.get("optional-dependencies", {}).get(extra, [])
+                todo += [d for d in optional if wanted(d)]
+    return sorted(f"{name}=={packages[name]['version']}" for name in seen)
+
+
+def add_worker(tree: Path, log: Path) -> None:
+    """Put the worker layer into `tree`: our source, a venv of the image's python3 with the
+    pinned dependencies (uv, for that Python and platform, without running it), bytecode
+    compiled by this interpreter (same Python minor version: the same bytecode)."""
+    install = tree / INSTALL_DIR
+    for path in _source_files():
+        target = install / path.relative_to(PROJECT_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    venv = install / ".venv"
+    site = venv / "lib" / f"python{WORKER_PYTHON}" / "site-packages"
+    site.mkdir(parents=True)
+    (venv / "bin").mkdir()
+    (venv / "bin" / "python3").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "python").symlink_to("python3")
+    (venv / "pyvenv.cfg").write_text(
+        f"home = /usr/bin\ninclude-system-site-packages = false\nversion = {WORKER_PYTHON}\n"
+    )
+    (site / "autovibe.pth").write_text(f"/{INSTALL_DIR}\n")  # our packages, as `uv sync` does
+    pins = log.parent / "worker-requirements.txt"
+    pins.write_text("\n".join(worker_pins()) + "\n")
+    from workers.agents.install import uv_command
+
+    argv = [*uv_command(), "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+            "--python-version", WORKER_PYTHON, "--python-platform", "x86_64-manylinux_2_36",
+            "-r", str(pins)]  # fmt: skip
+    try:  # from uv's cache first; a registry only for what it lacks
+        _run([*argv, "--offline"], log)
+    except ImageError:
+        _run(argv, log)
+    _run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(tree), "-p", "/",
+          str(install)], log)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -168,6 +305,11 @@ def finish_tree(recipe: ImageRecipe, tree: Path) -> tuple[Path, Path]:
         for path in tree.glob(pattern):
             if path.is_file() or path.is_symlink():
                 path.unlink()
+    return boot_files(tree)
+
+
+def boot_files(tree: Path) -> tuple[Path, Path]:
+    """The tree's kernel and initrd (the newest of each)."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     initrds = sorted((tree / "boot").glob("initrd.img-*"))
     if not kernels or not initrds:
@@ -186,6 +328,31 @@ def _versions(tree: Path) -> dict[str, str]:
     return {name: version for name, _, version in pairs if name}
 
 
+def trees_dir(root: DataRoot) -> Path:
+    return images_dir(root) / "trees"
+
+
+def debian_tree(recipe: ImageRecipe, root: DataRoot, log: Path) -> tuple[Path, dict[str, float]]:
+    """The recipe's Debian tree (mmdebstrap, then `finish_tree`), built once per `tree_key`
+    beside its place and renamed in; the seconds it took when built now."""
+    tree = trees_dir(root) / recipe.tree_key()
+    if (tree / "boot").is_dir():
+        return tree, {}
+    part = DataRoot.ensure(trees_dir(root)) / f".{recipe.tree_key()}-{os.getpid()}"
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        start = time.monotonic()
+        _run(bootstrap_argv(recipe, part), log)
+        finish_tree(recipe, part)
+        bootstrap_s = round(time.monotonic() - start, 1)
+        shutil.rmtree(tree, ignore_errors=True)
+        part.rename(tree)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    return tree, {"bootstrap_s": bootstrap_s}
+
+
 def build(recipe: ImageRecipe, root: DataRoot, force: bool = False) -> tuple[VmImage, bool]:
     """The image of `recipe`, built unless the cache holds it; True when it was built now.
 
@@ -199,12 +366,17 @@ def build(recipe: ImageRecipe, root: DataRoot, force: bool = False) -> tuple[VmI
     work.mkdir()
     log = work / "build.log"
     tree, raw = work / "tree", work / "root.raw"
-    timings: dict[str, float] = {}
     try:
+        if force:
+            shutil.rmtree(trees_dir(root) / recipe.tree_key(), ignore_errors=True)
+        cached, timings = debian_tree(recipe, root, log)
         start = time.monotonic()
-        _run(bootstrap_argv(recipe, tree), log)
-        timings["bootstrap_s"] = round(time.monotonic() - start, 1)
-        kernel, initrd = finish_tree(recipe, tree)
+        # Hard links: the layer only adds files (under /opt), never writes one of the tree's.
+        _run(["cp", "-al", str(cached), str(tree)], log)
+        kernel, initrd = boot_files(tree)
+        if recipe.worker:
+            add_worker(tree, log)
+            timings["worker_s"] = round(time.monotonic() - start, 1)
         shutil.copy2(kernel, work / "vmlinuz")
         shutil.copy2(initrd, work / "initrd.img")
         versions = _versions(tree)
@@ -216,6 +388,7 @@ def build(recipe: ImageRecipe, root: DataRoot, force: bool = False) -> tuple[VmI
         raw.unlink()
         manifest = {
             "key": recipe.key(),
+            "tree": recipe.tree_key(),
             "recipe": recipe.model_dump(mode="json"),
             "cmdline": recipe.cmdline,
             "kernel": kernel.name,
@@ -223,6 +396,7 @@ def build(recipe: ImageRecipe, root: DataRoot, force: bool = False) -> tuple[VmI
             "timings": timings,
             "disk_bytes": (work / "root.qcow2").stat().st_size,
             "packages": versions,
+            "worker": {"pins": worker_pins(), "source": source_digest()} if recipe.worker else None,
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if image.folder.exists():

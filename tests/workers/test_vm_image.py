@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from contracts.dataroot import DataRoot
+from contracts.settings import PROJECT_ROOT
 from workers import vm_image
 
 
@@ -117,3 +119,54 @@ def test_a_cached_image_is_used_and_a_failed_build_leaves_nothing(tmp_path: Path
     again, built = vm_image.build(unreachable, root)
     assert (again, built) == (image, False) and again.cmdline == vm_image.CMDLINE
     assert image.folder.parent == root.root / "checkpoints" / "_platform" / "vm-images"
+
+
+def test_the_key_follows_our_code_and_pins_and_the_tree_only_its_packages(tmp_path: Path) -> None:
+    recipe = vm_image.ImageRecipe()
+    assert recipe.key() != vm_image.ImageRecipe(worker=False).key()
+    assert recipe.tree_key() == vm_image.ImageRecipe(worker=False, size_gb=8).tree_key()
+    assert (
+        recipe.tree_key() != vm_image.ImageRecipe(packages=(*vm_image.PACKAGES, "htop")).tree_key()
+    )
+    checkout = tmp_path / "checkout"
+    (checkout / "pkg" / "__pycache__").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text(
+        '[tool.hatch.build.targets.wheel]\npackages = ["pkg"]\n'
+    )
+    (checkout / "pkg" / "a.py").write_text("x = 1\n")
+    before = vm_image.source_digest(checkout)
+    (checkout / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    assert vm_image.source_digest(checkout) == before  # caches are not source
+    (checkout / "pkg" / "a.py").write_text("x = 2\n")
+    assert vm_image.source_digest(checkout) != before
+    pins = dict(pin.split("==") for pin in vm_image.worker_pins())
+    assert {"pydantic", "pydantic-core", "pytest", "httpx", "cryptography", "cffi"} <= set(pins)
+    assert "colorama" not in pins  # pytest needs it on Windows only
+    assert not {"mitmproxy", "ray", "llama-cpp-python"} & set(pins)  # the host's, not a worker's
+
+
+@pytest.mark.slow
+def test_the_worker_layer_is_a_venv_of_the_images_python_with_all_the_runner_needs(
+    tmp_path: Path,
+) -> None:
+    tree = tmp_path / "tree"
+    (tmp_path / "logs").mkdir()
+    vm_image.add_worker(tree, tmp_path / "logs" / "build.log")
+    install = tree / vm_image.INSTALL_DIR
+    venv = install / ".venv"
+    assert os.readlink(venv / "bin" / "python3") == "/usr/bin/python3"
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    site = venv / "lib" / f"python{vm_image.WORKER_PYTHON}" / "site-packages"
+    assert (site / "autovibe.pth").read_text() == "/opt/autovibe\n"
+    runner = install / "workers" / "runner.py"
+    assert runner.read_bytes() == (PROJECT_ROOT / "workers" / "runner.py").read_bytes()
+    assert list((install / "workers" / "__pycache__").glob("runner.cpython-311.pyc"))
+    # Everything the runner, its helpers, the built-in agent and grading import is there: an
+    # interpreter with no site-packages of its own imports them from the layer alone.
+    code = (
+        f"import sys; sys.path[:0] = [{str(install)!r}, {str(site)!r}]; "
+        "import workers.runner, workers.agents.builtin, workers.sandbox_init, "
+        "workers.sandbox_user, secretstore.file, pytest, common.logs; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
+    assert proc.stdout == "ok\n", proc.stderr
