@@ -6,8 +6,10 @@ the assignment's model pair on the local model plane: the `model` in the body an
 destination (the first of `autovibe_model_hosts`). Metering then prices and records the real
 model; `routed(flow)` keeps what was asked for (`requested_model: auto` in the record).
 
-The local pair cannot serve every request: the model plane speaks only the OpenAI
-completions and chat APIs, and a prompt larger than the local model's context does not fit.
+The local pair cannot serve every request: the model plane speaks the OpenAI completions and
+chat APIs and Anthropic's Messages (the CPU server translates it itself, the GPU plane through
+`serving.messages_front`), not OpenAI's Responses, and a prompt larger than the local model's
+context does not fit.
 Such a request goes to the trial's `routing.cloud_model` when `routing.allow_cloud` is true,
 and is refused (403 `cloud_not_allowed`) otherwise. Requests that name a model are left alone.
 Budget refusals are the budget addon's: `auto` is never moved to the cloud for lack of money.
@@ -55,8 +57,9 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "autovibe.routing"
 AUTO_MODELS = {"auto": "normal", "auto:thinking": "thinking"}
 """What an agent may name instead of a model, and the role of the pair it stands for."""
-LOCAL_APIS: frozenset[Api] = frozenset({"openai_chat", "openai_completions"})
-"""The APIs the local model plane serves (llama.cpp and vLLM speak OpenAI's)."""
+LOCAL_APIS: frozenset[Api] = frozenset({"openai_chat", "openai_completions", "anthropic_messages"})
+"""The APIs the local model plane serves: OpenAI's (llama.cpp, vLLM) and Anthropic's Messages
+(translated by the CPU server, and by `serving.messages_front` before Ray's OpenAI app)."""
 CLOUD_APIS: dict[str, frozenset[Api]] = {
     "openai": frozenset({"openai_chat", "openai_completions", "openai_responses"}),
     "anthropic": frozenset({"anthropic_messages"}),

@@ -50,6 +50,32 @@ def test_auto_without_a_policy_file_uses_the_default_pair(proxy: Proxy, upstream
     assert [g["model"] for g in got] == ["tiny"]
 
 
+def test_auto_in_anthropic_messages_stays_with_the_local_pair(
+    proxy: Proxy, upstream: Upstream
+) -> None:
+    # Both model planes speak Messages (the CPU server, the GPU plane's messages_front).
+    who = proxy.identity("route-messages")
+    write_policy(proxy.root, who, "tiny", Routing(), context=2048)
+    with proxy.client(who) as client:
+        resp = client.post(
+            f"{upstream.url}/v1/messages",
+            json={
+                "model": "auto:thinking",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "route-messages"}],
+            },
+        )
+    assert resp.status_code == 200, resp.text
+    got = [json.loads(r["body"]) for r in upstream.seen if "route-messages" in r["body"]]
+    assert [g["model"] for g in got] == ["tiny:thinking"]
+    record = proxy.spooled_one(assignment="route-messages")
+    assert (record.provider, record.model, record.route_reason) == (
+        "local",
+        "tiny:thinking",
+        "local pair first",
+    )
+
+
 def test_auto_spelt_with_unicode_escapes_is_routed_too(proxy: Proxy, upstream: Upstream) -> None:
     who = proxy.identity("route-escaped")
     body = '{"model": "\\u0061uto", "prompt": "route-escaped", "max_tokens": 5}'
@@ -75,18 +101,18 @@ def test_a_request_only_the_cloud_could_serve_is_refused_without_allow_cloud(
         too_big = client.post(
             f"{upstream.url}/v1/completions", json={"model": "auto", "prompt": big}
         )
-        messages = client.post(
-            f"{upstream.url}/v1/messages",
-            json={"model": "auto", "max_tokens": 5, "messages": [], "marker": "route-refused"},
+        responses = client.post(
+            f"{upstream.url}/v1/responses",
+            json={"model": "auto", "max_output_tokens": 5, "input": "route-refused"},
         )
-    for resp in (too_big, messages):
+    for resp in (too_big, responses):
         assert resp.status_code == 403, resp.text
         body = resp.json()
         assert body["error"] == "cloud_not_allowed"
         assert body["requested_model"] == "auto"
         assert "routing.allow_cloud is false" in body["detail"]
     assert "2048-token context of tiny" in too_big.json()["detail"]
-    assert "anthropic_messages API" in messages.json()["detail"]
+    assert "openai_responses API" in responses.json()["detail"]
     assert not upstream.saw(big) and not upstream.saw("route-refused")
 
 
@@ -122,8 +148,13 @@ def test_decide_local_first_then_cloud_when_allowed() -> None:
     assert "2048-token context of tiny:thinking" in big.reason
     with pytest.raises(RoutingRefused, match="allow_cloud is false"):
         decide("auto", "openai_chat", 8000, 100, cloud_policy(False))
-    with pytest.raises(RoutingRefused, match="does not serve the anthropic_messages API"):
-        decide("auto", "anthropic_messages", 10, 5, cloud_policy(True))
+    messages = decide("auto", "anthropic_messages", 10, 5, cloud_policy(True))
+    assert (messages.target, messages.model) == ("local", "tiny")
+    claude = AssignmentPolicy(
+        pair="tiny", routing=Routing(allow_cloud=True, cloud_model="anthropic/claude-sonnet-4-5")
+    )
+    with pytest.raises(RoutingRefused, match="does not serve the openai_responses API"):
+        decide("auto", "openai_responses", 10, 5, claude)
 
 
 def test_allow_cloud_needs_a_cloud_model() -> None:
