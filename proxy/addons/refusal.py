@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from mitmproxy import http
@@ -52,15 +52,33 @@ def fail_closed(
         try:
             hook(addon, flow)
         except Exception:
-            log.exception("%s failed on %s; refusing the flow", hook.__qualname__, flow.id)
-            refuse(
-                flow,
-                500,
-                {
-                    "error": "proxy_fault",
-                    "detail": f"{hook.__qualname__} failed; the proxy refuses what it "
-                    "cannot check (see the proxy log)",
-                },
-            )
+            _fault(hook.__qualname__, flow)
 
     return guarded
+
+
+def fail_closed_async(
+    hook: Callable[[_Addon, http.HTTPFlow], Awaitable[None]],
+) -> Callable[[_Addon, http.HTTPFlow], Awaitable[None]]:
+    """`fail_closed` for a hook that awaits (mitmproxy awaits what a hook returns)."""
+
+    @functools.wraps(hook)
+    async def guarded(addon: _Addon, flow: http.HTTPFlow) -> None:
+        try:
+            await hook(addon, flow)
+        except Exception:
+            _fault(hook.__qualname__, flow)
+
+    return guarded
+
+
+def _fault(hook: str, flow: http.HTTPFlow) -> None:
+    log.exception("%s failed on %s; refusing the flow", hook, flow.id)
+    refuse(
+        flow,
+        500,
+        {
+            "error": "proxy_fault",
+            "detail": f"{hook} failed; the proxy refuses what it cannot check (see the proxy log)",
+        },
+    )

@@ -21,6 +21,14 @@ proxy measures this itself, over every call it sends to the local plane: on a on
 (llama.cpp) that is how long the next call would wait at least. Without a cloud model the
 request stays local. The decision and its reason are in each flow's record (`route_reason`).
 
+Down: a request the local pair could serve goes to the cloud model (when the trial allows one)
+while the local plane is down, as the proxy last saw it (`LocalHealth`): its last call there
+could not connect or was answered 502/503/504, or a probe (`GET /v1/models`, answered below 500
+within a second) failed. What was seen is trusted for `autovibe_local_health_s` seconds, then a
+request with a cloud model to fall back on probes again; so a plane that is back is used again
+at the next probe, and the first call after a plane dies within that time gets the local error.
+Without a cloud model nothing is probed and the request goes local, as it always did.
+
 The policy of an assignment is the file `routing.json` in its artifacts folder
 (`worker-artifacts/<project>/<trial>/<assignment>/`, hidden from the sandboxed agent), written
 by the orchestrator with `write_policy` when it starts the assignment. Without that file the
@@ -29,9 +37,11 @@ default policy applies (local only) to the pair named by `autovibe_auto_pair`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -48,7 +58,7 @@ from proxy.addons import dataroot, providers
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import BYTES_PER_TOKEN, llm_api, parse_model_hosts
 from proxy.addons.providers import Providers
-from proxy.addons.refusal import fail_closed, refuse
+from proxy.addons.refusal import fail_closed_async, refuse
 from proxy.output_cap import output_cap
 from proxy.usage import Api
 
@@ -65,6 +75,12 @@ CLOUD_APIS: dict[str, frozenset[Api]] = {
     "anthropic": frozenset({"anthropic_messages"}),
 }
 """The APIs a cloud provider serves, for checking a cloud fallback can take the request."""
+HEALTH_S = 2.0
+"""Default of `autovibe_local_health_s`: how long what the proxy saw of the local plane holds."""
+PROBE_PATH = "/v1/models"
+PROBE_TIMEOUT_S = 1.0
+DOWN_STATUSES = frozenset({502, 503, 504})
+"""Answers from the local plane that say it cannot serve (no replica, gateway down, loading)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,67 @@ class LocalLoad:
         return 0.0 if oldest is None else time.monotonic() - oldest
 
 
+class LocalHealth:
+    """Whether the local model plane is down, as the proxy last saw it: the outcome of a call
+    it sent there, or of a probe; trusted for `trust_s` seconds, then probed again."""
+
+    def __init__(self, trust_s: float = HEALTH_S) -> None:
+        self.trust_s = trust_s
+        self._seen: tuple[float, str | None] | None = None
+        """(when, why it is down; None: it answered)."""
+        self._probing = asyncio.Lock()
+
+    def saw(self, down: str | None) -> None:
+        self._seen = (time.monotonic(), down)
+
+    def seen(self) -> tuple[bool, str | None]:
+        """(whether what was seen still holds, why the plane is down or None)."""
+        if self._seen is None:
+            return False, None
+        at, down = self._seen
+        return time.monotonic() - at <= self.trust_s, down
+
+    async def down(self, host: str, port: int) -> str | None:
+        """Why the plane at host:port is down (None: it answers), probing it if what was seen
+        no longer holds; one probe at a time, the others take its answer."""
+        fresh, down = self.seen()
+        if fresh:
+            return down
+        async with self._probing:
+            fresh, down = self.seen()
+            if not fresh:
+                down = await probe(host, port)
+                self.saw(down)
+            return down
+
+
+async def probe(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the model plane answers `GET /v1/models` below 500 within `timeout_s`; else
+    what went wrong."""
+    asked = f"GET http://{host}:{port}{PROBE_PATH}"
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(
+                    f"GET {PROBE_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except TimeoutError:
+        return f"{asked} had no answer within {timeout_s:g} s"
+    except OSError as exc:
+        return f"{asked}: {os.strerror(exc.errno) if exc.errno else exc}"
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return f"{asked} had no HTTP answer"
+    status = int(parts[1])
+    return None if status < 500 else f"{asked} answered {status}"
+
+
 class RoutingRefused(Exception):
     """The policy lets no model serve the request; the message says why."""
 
@@ -118,9 +195,11 @@ def decide(
     policy: AssignmentPolicy,
     wait_s: float = 0.0,
     max_wait_s: float | None = None,
+    down: str | None = None,
 ) -> Route:
-    """Local pair first; the cloud model only when local cannot serve, or is saturated (the
-    oldest local call in flight has waited `wait_s` > `max_wait_s`), and the policy allows.
+    """Local pair first; the cloud model only when local cannot serve, or is down (`down` says
+    why) or saturated (the oldest local call in flight has waited `wait_s` > `max_wait_s`), and
+    the policy allows.
 
     Raises RoutingRefused naming the reason and the policy field that would allow it.
     """
@@ -137,17 +216,20 @@ def decide(
                 f"context of {local_model}"
             )
     if why_not_local is None:
-        if max_wait_s is None or wait_s <= max_wait_s:
+        if down is not None:
+            busy = f"the local model plane is down: {down}"
+        elif max_wait_s is not None and wait_s > max_wait_s:
+            busy = (
+                f"the local model plane is saturated: a call has been in flight {wait_s:.1f} s "
+                f"(autovibe_local_queue_wait_s {max_wait_s:g} s)"
+            )
+        else:
             return Route(requested, "local", "local", local_model, "local pair first")
-        saturated = (
-            f"the local model plane is saturated: a call has been in flight {wait_s:.1f} s "
-            f"(autovibe_local_queue_wait_s {max_wait_s:g} s)"
-        )
         cloud = _cloud(api, policy)
         if cloud is None:
-            reason = f"local pair: {saturated}, and the trial allows no cloud model for {api}"
+            reason = f"local pair: {busy}, and the trial allows no cloud model for {api}"
             return Route(requested, "local", "local", local_model, reason)
-        return Route(requested, "cloud", *cloud, saturated)
+        return Route(requested, "cloud", *cloud, busy)
     routing = policy.routing
     if not routing.allow_cloud or routing.cloud_model is None:
         raise RoutingRefused(
@@ -207,6 +289,7 @@ class AutoRouting:
         self.policies = _PolicyCache()
         self.local_calls = LocalLoad()
         self.max_wait_s: float | None = None
+        self.health = LocalHealth()
 
     def load(self, loader: Loader) -> None:
         dataroot.add_option(loader)
@@ -224,6 +307,14 @@ class AutoRouting:
             help="Seconds a call to the local model plane may be in flight before the plane "
             "counts as saturated and `auto` goes to the trial's cloud model (when it allows "
             "one); empty: never.",
+        )
+        loader.add_option(
+            name="autovibe_local_health_s",
+            typespec=str,
+            default=f"{HEALTH_S:g}",
+            help="Seconds what the proxy saw of the local model plane (a call's outcome, a "
+            "probe) holds before a request for `auto` with a cloud model to fall back on "
+            "probes it again (GET /v1/models); 0: probe for each such request.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -256,23 +347,48 @@ class AutoRouting:
                 raise exceptions.OptionsError(
                     f"autovibe_local_queue_wait_s must be seconds (>= 0) or empty, got {value!r}"
                 )
+        if "autovibe_local_health_s" in updated:
+            value = ctx.options.autovibe_local_health_s.strip()
+            try:
+                trust_s = float(value)
+            except ValueError:
+                trust_s = -1.0
+            if not trust_s >= 0:
+                raise exceptions.OptionsError(
+                    f"autovibe_local_health_s must be seconds (>= 0), got {value!r}"
+                )
+            self.health.trust_s = trust_s
 
-    @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    @fail_closed_async
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
-        self._route(flow)
-        request = flow.request
-        if flow.response is None and (request.host.lower(), request.port) == self.local:
+        await self._route(flow)
+        if flow.response is None and self._is_local(flow):
             self.local_calls.sent(flow.id)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.local_calls.done(flow.id)
+        response = flow.response
+        if response is not None and self._is_local(flow):
+            status = response.status_code
+            self.health.saw(f"it answered {status}" if status in DOWN_STATUSES else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.local_calls.done(flow.id)
+        if (
+            flow.response is None
+            and flow.error is not None
+            and flow.server_conn.timestamp_tcp_setup is None
+            and self._is_local(flow)
+        ):
+            # Never connected (refused, unreachable, timed out): the plane, not the client.
+            self.health.saw(f"a call could not connect ({flow.error.msg})")
 
-    def _route(self, flow: http.HTTPFlow) -> None:
+    def _is_local(self, flow: http.HTTPFlow) -> bool:
+        return (flow.request.host.lower(), flow.request.port) == self.local
+
+    async def _route(self, flow: http.HTTPFlow) -> None:
         api = llm_api(flow)
         if api is None:
             return
@@ -288,6 +404,10 @@ class AutoRouting:
         wait_s = self.local_calls.wait_s()
         try:
             route = decide(requested, api, len(body), asked, policy, wait_s, self.max_wait_s)
+            if route.target == "local":
+                down = await self._down(api, policy)
+                if down is not None:
+                    route = decide(requested, api, len(body), asked, policy, down=down)
         except RoutingRefused as exc:
             refuse(
                 flow,
@@ -304,6 +424,16 @@ class AutoRouting:
         doc["model"] = route.model
         flow.request.set_content(json.dumps(doc).encode())
         flow.metadata[METADATA_KEY] = route
+
+    async def _down(self, api: Api, policy: AssignmentPolicy) -> str | None:
+        """Why the local plane is down, or None: probed only when a cloud model could take the
+        call; otherwise what was last seen, for the record."""
+        if self.local is None:
+            return None
+        if _cloud(api, policy) is None:
+            fresh, down = self.health.seen()
+            return down if fresh else None
+        return await self.health.down(*self.local)
 
     def _policy(self, identity: MachineIdentity | None) -> AssignmentPolicy:
         if identity is not None:

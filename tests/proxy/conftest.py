@@ -25,6 +25,12 @@ def website() -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="module")
+def cloud() -> Iterator[Upstream]:
+    """A cloud provider: `openai` to the proxies of `proxy_with_cloud`."""
+    yield from serve()
+
+
+@pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Proxy]:
     """mitmdump started exactly as the platform starts it, on a fresh data root."""
     settings, root, key = proxy_settings(tmp_path_factory, upstream.port)

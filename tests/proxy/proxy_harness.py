@@ -107,19 +107,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve() -> Iterator[Upstream]:
-    class Handler(_Handler):
-        pass
+def listen(handler: type[_Handler] = _Handler, port: int = 0) -> Upstream:
+    """An upstream answering with `handler` on 127.0.0.1:`port` (0: a free one), in a thread."""
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Handler: type[_Handler] = type("Handler", (handler,), {})  # its own `upstream`
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     upstream = Upstream(server)
     Handler.upstream = upstream
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    return upstream
+
+
+def serve(handler: type[_Handler] = _Handler) -> Iterator[Upstream]:
+    upstream = listen(handler)
     yield upstream
-    server.shutdown()
-    server.server_close()
+    upstream.server.shutdown()
+    upstream.server.server_close()
 
 
 @dataclass
@@ -263,6 +268,30 @@ def metering_proxy(
         get_store("file", root).put(path, value)
     with running_proxy(chosen, root, key, [*mitmdump_argv(chosen), *extra_argv]) as proxy:
         yield proxy
+
+
+def proxy_with_cloud(
+    tmp_path_factory: Any, model_port: int, cloud: Upstream, *extra_argv: str
+) -> Iterator[Proxy]:
+    """`metering_proxy` with `cloud` as provider `openai` (its key in the secret store): where
+    `auto` goes when a trial's `routing.cloud_model` is `openai/gpt-4o-mini`."""
+    yield from metering_proxy(
+        tmp_path_factory,
+        model_port,
+        "--set",
+        f"autovibe_provider_hosts=127.0.0.1:{cloud.port}=openai",
+        *extra_argv,
+        secrets={"providers/openai": "sk-cloud-key"},
+    )
+
+
+def call_auto(proxy: Proxy, assignment: str, marker: str) -> httpx.Response:
+    """`POST /v1/completions` naming the model `auto`, by `assignment`, with `marker` as prompt."""
+    with proxy.client(proxy.identity(assignment)) as client:
+        return client.post(
+            f"http://127.0.0.1:{proxy.settings.model_port}/v1/completions",
+            json={"model": "auto", "prompt": marker, "max_tokens": 5},
+        )
 
 
 BANNER = b"SSH-2.0-OpenSSH_9.2 hostile-tunnel-test\r\n"

@@ -13,11 +13,10 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import httpx
 import pytest
-from proxy_harness import Proxy, Upstream, _Handler, metering_proxy, serve
+from proxy_harness import Proxy, Upstream, _Handler, call_auto, proxy_with_cloud, serve
 
 from contracts.config import Routing
 from contracts.routing import AssignmentPolicy, write_policy
@@ -40,42 +39,19 @@ def local_plane() -> Iterator[Upstream]:
             self.rfile = io.BufferedReader(io.BytesIO(body))  # type: ignore[assignment]
             _Handler.do_POST(self)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    upstream = Upstream(server)
-    Handler.upstream = upstream
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield upstream
-    RELEASE.set()
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def cloud() -> Iterator[Upstream]:
-    yield from serve()
+    try:
+        yield from serve(Handler)
+    finally:
+        RELEASE.set()
 
 
 @pytest.fixture(scope="module")
 def proxy(
     tmp_path_factory: pytest.TempPathFactory, local_plane: Upstream, cloud: Upstream
 ) -> Iterator[Proxy]:
-    yield from metering_proxy(
-        tmp_path_factory,
-        local_plane.port,
-        "--set",
-        f"autovibe_provider_hosts=127.0.0.1:{cloud.port}=openai",
-        "--set",
-        "autovibe_local_queue_wait_s=0.2",
-        secrets={"providers/openai": "sk-cloud-key"},
+    yield from proxy_with_cloud(
+        tmp_path_factory, local_plane.port, cloud, "--set", "autovibe_local_queue_wait_s=0.2"
     )
-
-
-def call(proxy: Proxy, assignment: str, marker: str) -> httpx.Response:
-    with proxy.client(proxy.identity(assignment)) as client:
-        return client.post(
-            f"http://127.0.0.1:{proxy.settings.model_port}/v1/completions",
-            json={"model": "auto", "prompt": marker, "max_tokens": 5},
-        )
 
 
 def test_a_saturated_local_plane_sends_auto_to_the_cloud_and_a_free_one_keeps_it(
@@ -85,14 +61,14 @@ def test_a_saturated_local_plane_sends_auto_to_the_cloud_and_a_free_one_keeps_it
     for assignment in ("held", "busy", "free"):
         write_policy(proxy.root, proxy.identity(assignment), "tiny", routing, context=2048)
     held: list[httpx.Response] = []
-    first = threading.Thread(target=lambda: held.append(call(proxy, "held", "hold-me")))
+    first = threading.Thread(target=lambda: held.append(call_auto(proxy, "held", "hold-me")))
     first.start()
     assert HELD.wait(timeout=30), "the held call never reached the local plane"
     time.sleep(0.3)  # past the 0.2 s threshold: the held call is still in flight
-    busy = call(proxy, "busy", "while-busy")
+    busy = call_auto(proxy, "busy", "while-busy")
     RELEASE.set()
     first.join(timeout=30)
-    free = call(proxy, "free", "when-free")
+    free = call_auto(proxy, "free", "when-free")
 
     assert busy.status_code == 200 and held[0].status_code == 200 and free.status_code == 200
     assert cloud.saw("while-busy") and not local_plane.saw("while-busy")
