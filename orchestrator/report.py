@@ -441,6 +441,17 @@ def tamper_note(report: TrialReport) -> list[str]:
     return lines
 
 
+def local_share_note(report: TrialReport) -> list[str]:
+    """The line under the table: the tokens the local plane served, beside the target share."""
+    share = report.local_share
+    if share is None:
+        return []
+    return [
+        f"Tokens served locally: {share.local_tokens} "
+        f"({_share(share.local_share)} of all metered tokens; target {share.target:.0%})"
+    ]
+
+
 def provider_note(report: TrialReport) -> list[str]:
     """Lines under the table: each provider's calls and the errors among them, by status."""
     lines = []
@@ -523,12 +534,8 @@ def render(report: TrialReport, console: Console) -> None:
             _gate(r),
         )
     console.print(table)
-    if report.local_share is not None:
-        share = report.local_share
-        console.print(
-            f"Tokens served locally: {share.local_tokens} "
-            f"({_share(share.local_share)} of all metered tokens; target {share.target:.0%})"
-        )
+    for line in local_share_note(report):
+        console.print(line, markup=False, highlight=False)
     console.print(
         f"Total metered spend: {report.total_cost:.6f} {cur} ({report.total_cost_usd:.6f} USD)"
     )
@@ -616,9 +623,9 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
         f"total metered spend **{report.total_cost:.6f} {cur}** "
         f"({report.total_cost_usd:.6f} USD).",
         "",
-        f"| agent | model pair | runs | resolved | partial | success [95% CI] | tokens "
+        f"| agent | model pair | runs | resolved | partial | success [95% CI] | tokens | local "
         f"| cost {cur} | {cur} / resolved | wall s p50 / p90 | errors | accepted / review |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
     ]
     for r in report.rows:
         cells = [
@@ -629,6 +636,7 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
             str(r.partial),
             _rate(r),
             str(r.tokens),
+            _share(r.local_share),
             _money(r.cost),
             _money(r.cost_per_resolved),
             _wall(r),
@@ -638,6 +646,8 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     lines += [
         "",
+        *(_md_escape(line) for line in local_share_note(report)),
+        *([""] if report.local_share is not None else []),
         "Success counts graded runs only (cancelled runs and infra failures are left out); "
         "the interval is Wilson's at 95 %.",
         "",

@@ -485,7 +485,13 @@ def test_local_share_per_arm_and_overall_on_fixed_data() -> None:
     render(report, console)
     text = console.export_text()
     assert "75.0%" in text
-    assert "Tokens served locally: 300 (37.5% of all metered tokens; target 85%)" in text
+    note = "Tokens served locally: 300 (37.5% of all metered tokens; target 85%)"
+    assert note in text
+    markdown = to_markdown(report).splitlines()
+    assert note in markdown  # a paragraph of its own under the table, as on the console
+    assert "| tokens | local |" in next(line for line in markdown if line.startswith("| agent"))
+    builtin = next(line for line in markdown if line.startswith("| builtin | tiny |"))
+    assert "| 400 | 75.0% |" in builtin
 
 
 def test_build_counts_local_tokens_by_provider(
