@@ -32,14 +32,16 @@ demo: setup
 	$(UV) run --frozen autovibe demo
 
 ## test: lint, type-check and the whole suite (real processes; live suites need *_ADDR)
+## --no-loadscope-reorder: the files go out in the order tests/conftest.py gives them, longest
+## first by tests/durations.json, so the two workers finish together.
 test: setup lint typecheck
-	$(UV) run --frozen pytest -q -n 2 --dist loadfile
+	$(UV) run --frozen pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 ## test-fast: unit and in-process tests, and those that start our own small processes (mitmdump,
 ## the deterministic model, bubblewrap); no llama.cpp, Ray, Superset, whole stack or `slow` test. Under 3 min on 2 cores.
 FAST := not (live or e2e or model or ray or superset or slow)
 test-fast:
-	$(UV) run --frozen pytest -q -n 2 --dist loadfile -m "$(FAST)"
+	$(UV) run --frozen pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "$(FAST)"
 
 ## test-vm: boot a worker VM under libvirt and check it (root; image built once, cached in
 ## ~/.cache/autovibe/vm-data): 3.5-6 min under TCG on 2 cores with the image cached, +90 s without

@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo trial as a dict with absolute task repos."""
+"""Shared fixtures: the demo trial as a dict with absolute task repos; and the order in which
+the test files are handed to the workers (longest first, tests/durations.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import durations
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first, by the tests selected (after `-m`), each file's tests in their
+    own order (a stable sort)."""
+    seconds = durations.file_seconds(item.nodeid for item in items)
+    items.sort(key=lambda item: -seconds[item.nodeid.partition("::")[0]])
 
 
 @pytest.fixture
