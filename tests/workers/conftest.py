@@ -16,15 +16,12 @@ from worker_harness import (
     MeteringProxy,
     ModelServer,
     direct_env,
+    metering_proxy_to,
     stop,
 )
 
-from budget import open_ample
 from contracts.config import load_models
-from contracts.credentials import load_or_create_key
-from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from proxy.launch import mitmdump_argv, wait_ready
 from serving.llamacpp import server_argv
 from tests.serving.model_harness import deterministic_server
 from workers import workspace
@@ -81,7 +78,7 @@ def metering_proxy(
     tmp_path_factory: pytest.TempPathFactory, deterministic_model: ModelServer
 ) -> Iterator[MeteringProxy]:
     """mitmdump with the platform's addons, metering calls to the deterministic model."""
-    yield from _metering_proxy(tmp_path_factory, deterministic_model)
+    yield from metering_proxy_to(tmp_path_factory, deterministic_model)
 
 
 @pytest.fixture(scope="session")
@@ -89,31 +86,7 @@ def llama_proxy(
     tmp_path_factory: pytest.TempPathFactory, model_server: ModelServer
 ) -> Iterator[MeteringProxy]:
     """mitmdump with the platform's addons, metering calls to llama.cpp."""
-    yield from _metering_proxy(tmp_path_factory, model_server)
-
-
-def _metering_proxy(
-    tmp_path_factory: pytest.TempPathFactory, model_server: ModelServer
-) -> Iterator[MeteringProxy]:
-    settings = Settings(
-        data=tmp_path_factory.mktemp("proxy-data"),
-        configs=PROJECT_ROOT / "configs",
-        proxy_port=free_port(),
-        model_port=model_server.settings.model_port,
-    )
-    root = DataRoot.at(settings.data)
-    key = load_or_create_key(root)
-    # The proxy refuses calls no budget covers: give the tests' project an ample one.
-    open_ample(root.budget_counters, "p1", ["m1"])
-    with (root.root / "mitmdump.log").open("wb") as log:
-        process = subprocess.Popen(
-            mitmdump_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=direct_env()
-        )
-    try:
-        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
-        yield MeteringProxy(settings, root, key)
-    finally:
-        stop(process)
+    yield from metering_proxy_to(tmp_path_factory, model_server)
 
 
 @pytest.fixture

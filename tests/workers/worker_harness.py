@@ -86,6 +86,30 @@ class MeteringProxy:
         return records
 
 
+def metering_proxy_to(tmp_path_factory: Any, model_server: ModelServer) -> Iterator[MeteringProxy]:
+    """mitmdump with the platform's addons and configs/, in front of `model_server` as the local
+    model plane, project p1 with an ample budget for m1, until the generator is closed."""
+    settings = Settings(
+        data=tmp_path_factory.mktemp("proxy-data"),
+        configs=PROJECT_ROOT / "configs",
+        proxy_port=free_port(),
+        model_port=model_server.settings.model_port,
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    # The proxy refuses calls no budget covers: give the tests' project an ample one.
+    open_ample(root.budget_counters, "p1", ["m1"])
+    with (root.root / "mitmdump.log").open("wb") as log:
+        process = subprocess.Popen(
+            mitmdump_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=direct_env()
+        )
+    try:
+        wait_ready(settings.host, settings.proxy_port, timeout=60, process=process)
+        yield MeteringProxy(settings, root, key)
+    finally:
+        stop(process)
+
+
 class ScriptAgent:
     """Runs its prompt as a Python program in the workspace: a scripted, model-free agent
     (register it in `workers.agents.AGENTS` as `worker_harness:ScriptAgent`)."""
