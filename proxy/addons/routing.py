@@ -58,7 +58,7 @@ from proxy.addons import dataroot, providers
 from proxy.addons.identity import identity_of
 from proxy.addons.metering import BYTES_PER_TOKEN, llm_api, parse_model_hosts
 from proxy.addons.providers import Providers
-from proxy.addons.refusal import fail_closed_async, refuse
+from proxy.addons.refusal import fail_closed_async, refuse, refused
 from proxy.output_cap import output_cap
 from proxy.usage import Api
 
@@ -370,8 +370,8 @@ class AutoRouting:
     def response(self, flow: http.HTTPFlow) -> None:
         self.local_calls.done(flow.id)
         response = flow.response
-        if response is not None and self._is_local(flow):
-            status = response.status_code
+        if response is not None and self._is_local(flow) and refused(flow) is None:
+            status = response.status_code  # an answer of the plane's, not one of our refusals
             self.health.saw(f"it answered {status}" if status in DOWN_STATUSES else None)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -26,6 +26,7 @@ from proxy_harness import Proxy, Upstream, call_auto, listen, proxy_with_cloud
 from contracts.config import Routing
 from contracts.routing import AssignmentPolicy, write_policy
 from proxy.addons.metering import Metering
+from proxy.addons.refusal import refuse
 from proxy.addons.routing import AutoRouting, LocalHealth, decide, probe
 
 CLOUD = Routing(allow_cloud=True, cloud_model="openai/gpt-4o-mini")
@@ -138,6 +139,10 @@ def test_what_the_proxy_saw_of_its_calls_holds_for_the_trust_window() -> None:
         unavailable = local_flow(8500)
         unavailable.response = tutils.tresp(status_code=503)
         routing.response(unavailable)
+        assert routing.health.seen() == (True, "it answered 503")
+        budget_refused = local_flow(8500)
+        refuse(budget_refused, 402, {"error": "budget_exceeded"})
+        routing.response(budget_refused)  # answered by the proxy: says nothing of the plane
         assert routing.health.seen() == (True, "it answered 503")
         with pytest.raises(Exception, match="autovibe_local_health_s must be seconds"):
             ctx.configure(routing, autovibe_local_health_s="soon")
