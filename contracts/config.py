@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import re
 import shutil
 import urllib.parse
@@ -25,7 +26,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
-    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -850,14 +850,19 @@ class PriceCatalog(_Strict):
     """Worker VM-hours (GPU-hours of local models are in `local`, apportioned by tokens)."""
     units: dict[str, UnitPrices] = Field(default_factory=dict)
     """Per provider: embeddings, images, speech and transcription (`UnitPrices`)."""
-    _local_prices: dict[str, TokenPrice] = PrivateAttr(default_factory=dict)
-    """Derived local prices of the names asked so far (priced ones only: a request names any
-    model it likes), because every proxied call asks several times."""
+
+    @functools.cached_property
+    def local_prices(self) -> dict[str, TokenPrice]:
+        """Derived local prices of the names asked so far (priced ones only: a request names
+        any model it likes), because every proxied call asks several times. A cached property,
+        not a pydantic private attribute: reading one of those goes through the model's
+        `__getattr__` (about 5 us, twice per proxied call), this is a plain attribute."""
+        return {}
 
     def price(self, provider: str, model: str) -> TokenPrice | None:
         """USD per million tokens for a model, or None when unknown (callers fail closed)."""
         if provider == "local":
-            price = self._local_prices.get(model)
+            price = self.local_prices.get(model)
             if price is None:
                 compute = self.local.get(model) or self.local.get(model.split(":")[0])
                 if compute is None:
@@ -865,7 +870,7 @@ class PriceCatalog(_Strict):
                 per = compute.per_mtok()
                 # Derived, not configured: full precision rather than the 6-decimal Money rule.
                 price = TokenPrice.model_construct(input_per_mtok=per, output_per_mtok=per)
-                self._local_prices[model] = price
+                self.local_prices[model] = price
             return price
         return self.providers.get(provider, {}).get(model)
 

@@ -5,11 +5,15 @@ Each line (or array element) is an instance in SWE-bench's format: `instance_id`
 `PASS_TO_PASS`, `problem_statement` (the prompt), `version`, `environment_setup_commit`; an
 instance may add its own `test_cmd`, `parser`, and setup steps `pre_install` and `install` (a
 shell command or a list), run once over its repository before any assignment
-(`workers.setups`). The `swebench` package (5.x) holds no install steps by repository and
-version any more (its instances carry a Dockerfile, built into a Docker image, which this
-platform does not build), so an instance without `install` gets none, known repository or
-not. Its repository is named by URL, as a trial
-task's may be: `https://github.com/owner/name`, or offline `file://` the folder
+(`workers.setups`). SWE-bench 5's own fields are read too: the test command between the markers
+of its `eval_script` when it has no `test_cmd`, and its `log_parser` when it has no `parser`.
+An instance with neither gets `--test-command` (pytest by default), unless swebench reads its
+repository's log with a parser that is not pytest's (Django's, SymPy's, ...): pytest's output
+would grade every test MISSING, so it is refused, asking for its `test_cmd`. The `swebench`
+package (5.x) holds no install steps nor test commands by repository and version any more (its
+instances carry a Dockerfile, built into a Docker image, which this platform does not build),
+so an instance without `install` gets none, known repository or not. Its repository is named
+by URL, as a trial task's may be: `https://github.com/owner/name`, or offline `file://` the folder
 `<owner>__<name>` (a clone or a bare repository) under `--repos DIR`. It is fetched into the
 data root's mirror (`orchestrator.mirrors`), `base_commit` must be there, and `patch` and
 `test_patch` must apply to it. Every problem is reported, naming the line, the instance and
@@ -41,6 +45,7 @@ from orchestrator.tasksets import (
     test_list,
 )
 from orchestrator.taskstore import TaskStore
+from workers import swebench_logs
 from workers.workspace import WorkspaceError
 
 REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "patch", "FAIL_TO_PASS")
@@ -64,13 +69,15 @@ def import_swebench(
     name: str | None = None,
     repos: Path | None = None,
     context: dict[str, Any] | None = None,
-    test_command: str = DEFAULT_TEST_COMMAND,
+    test_command: str | None = None,
     timeout_s: int = 600,
     replace: bool = False,
 ) -> TaskSet:
     """Check every instance of `path`, fetch its repository, and store the set as `name`
     (default: the file's stem); ConfigError naming each bad line, and then nothing is
-    written. `context`: the server's checks of a task (task roots, parsers)."""
+    written. `context`: the server's checks of a task (task roots, parsers); `test_command`:
+    the test command of instances that name none (None: pytest, where swebench's parser for
+    the repository reads pytest's output)."""
     set_name = name or slugify(path.stem)
     problems: list[str] = []
     entries: list[TaskSetEntry] = []
@@ -114,7 +121,7 @@ def _entry(
     repos: Path | None,
     mirrors: Mirrors,
     context: dict[str, Any] | None,
-    test_command: str,
+    test_command: str | None,
     timeout_s: int,
     unreachable: dict[str, str],
 ) -> TaskSetEntry:
@@ -131,10 +138,13 @@ def _entry(
     if not isinstance(commit, str) or not COMMIT_ID.match(commit):
         raise BadEntry(f"base_commit: a hex commit id, not {commit!r}")
     for key in ("patch", "test_patch", "test_cmd", "parser", "problem_statement", "version",
-                "environment_setup_commit"):  # fmt: skip
+                "environment_setup_commit", "eval_script", "log_parser"):  # fmt: skip
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise BadEntry(f"{key}: a string, not {type(raw[key]).__name__}")
     setup = [*_steps(raw, "pre_install"), *_steps(raw, "install")]
+    # swebench's parser for the repository (pytest's when it has none), unless one is named.
+    parser = raw.get("parser") or raw.get("log_parser") or repo_name
+    command = _test_command(raw, parser, test_command)
     fail_to_pass = test_list(raw, "FAIL_TO_PASS")  # BadEntry names the field
     pass_to_pass = test_list(raw, "PASS_TO_PASS") if "PASS_TO_PASS" in raw else []
     url = repo_url(repo_name, repos)
@@ -162,13 +172,12 @@ def _entry(
                 "repo": url,
                 "commit": full,
                 "prompt": raw["problem_statement"],
-                "test_command": raw.get("test_cmd") or test_command,
+                "test_command": command,
                 "fail_to_pass": fail_to_pass,
                 "pass_to_pass": pass_to_pass,
                 "timeout_s": timeout_s,
                 "test_patch": raw.get("test_patch") or None,
-                # swebench's parser for the repository (pytest's when it has none), unless set.
-                "parser": raw.get("parser") or repo_name,
+                "parser": parser,
                 "environment": {"setup": setup} if setup else None,
             },
             context=context,
@@ -183,6 +192,31 @@ def _entry(
         version=None if raw.get("version") is None else str(raw["version"]),
         environment_setup_commit=raw.get("environment_setup_commit"),
     )
+
+
+def _test_command(raw: dict[str, Any], parser: str, given: str | None) -> str:
+    """The instance's `test_cmd`, else its `eval_script`'s test command, else `given`, else
+    pytest where `parser` reads pytest's output; BadEntry when none of these fits."""
+    if raw.get("test_cmd"):
+        return str(raw["test_cmd"])
+    if raw.get("eval_script"):
+        command = swebench_logs.eval_test_command(raw["eval_script"])
+        if command is None:
+            raise BadEntry(
+                "eval_script: no test command between swebench's markers "
+                "(': '>>>>> Start Test Output'' ... ': '>>>>> End Test Output''); give test_cmd"
+            )
+        return command
+    if given is not None:
+        return given
+    if not swebench_logs.reads_pytest(parser):
+        raise BadEntry(
+            f"test_cmd: none given, and no eval_script to take it from; swebench 5 keeps no "
+            f"test command by repository, and its parser for {parser} is not pytest's, so "
+            f"'{DEFAULT_TEST_COMMAND}' could not be graded: add the instance's test_cmd (or "
+            "its eval_script)"
+        )
+    return DEFAULT_TEST_COMMAND
 
 
 def _steps(raw: dict[str, Any], key: str) -> list[str]:

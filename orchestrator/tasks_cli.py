@@ -42,8 +42,12 @@ def import_swebench(
         typer.Option("--repos", help="Offline: folder of <owner>__<name> repositories."),
     ] = None,
     test_command: Annotated[
-        str, typer.Option(help="Test command of instances without a test_cmd.")
-    ] = DEFAULT_TEST_COMMAND,
+        str | None,
+        typer.Option(
+            help="Test command of instances with neither test_cmd nor eval_script (default: "
+            f"{DEFAULT_TEST_COMMAND}, for repositories swebench reads with pytest's parser)."
+        ),
+    ] = None,
     timeout_s: Annotated[int, typer.Option(help="Each task's agent timeout.")] = 600,
     replace: Annotated[bool, typer.Option(help="Replace a set of that name.")] = False,
 ) -> None:

@@ -1,4 +1,5 @@
-"""The `swebench` package's own test-log parsers, by repository or by name.
+"""The `swebench` package's own test-log parsers, by repository or by name, and the test
+command of an instance's eval script.
 
 SWE-bench reads a test run's output with a parser per repository (Django's runner, SymPy's
 `bin/test`, pytest's `-rA` lines, Jest, Go, Cargo, ...). They are used as the package ships
@@ -9,6 +10,12 @@ them, never copied: `PARSER_REGISTRY` (parser name -> parser) and the per-langua
 over 6 s); only its `log_parsers` subpackage, which needs none of that, is loaded here, under
 a bare package object for `swebench.harness` (0.1 s). A process that imported the harness
 first keeps it.
+
+SWE-bench 5 keeps no test command by repository and version any more: each instance carries
+its `eval_script` (the eval.sh its harness runs in the instance's Docker image), whose test
+command stands between the harness's `START_TEST_OUTPUT` and `END_TEST_OUTPUT` markers
+(`swebench.harness.constants`); `eval_test_command` takes it from there, and nothing else of
+the script (the conda activation, `cd /testbed`, the test_patch it applies) is used.
 """
 
 from __future__ import annotations
@@ -26,9 +33,8 @@ Parser = Callable[[str, Any], dict[str, str]]
 """(test output, swebench TestSpec) -> test id -> PASSED, FAILED, SKIPPED, ERROR or XFAIL."""
 
 
-@functools.cache
-def _tables() -> tuple[dict[str, Parser], dict[str, Parser]]:
-    """(parsers by name, parsers by repository `owner/name`)."""
+def _harness(module: str) -> types.ModuleType:
+    """`swebench.harness.<module>`, imported without the harness's own `__init__`."""
     if "swebench.harness" not in sys.modules:
         spec = importlib.util.find_spec("swebench.harness")
         if spec is None or spec.submodule_search_locations is None:
@@ -37,7 +43,13 @@ def _tables() -> tuple[dict[str, Parser], dict[str, Parser]]:
         package.__path__ = list(spec.submodule_search_locations)
         package.__spec__ = spec
         sys.modules["swebench.harness"] = package
-    log_parsers = importlib.import_module("swebench.harness.log_parsers")
+    return importlib.import_module(f"swebench.harness.{module}")
+
+
+@functools.cache
+def _tables() -> tuple[dict[str, Parser], dict[str, Parser]]:
+    """(parsers by name, parsers by repository `owner/name`)."""
+    log_parsers = _harness("log_parsers")
     by_name: dict[str, Parser] = dict(log_parsers.PARSER_REGISTRY)
     by_repo: dict[str, Parser] = {}
     modules = [log_parsers] + [
@@ -94,3 +106,30 @@ def parse(
         log_parser=found.__name__,
     )
     return found(output, spec)
+
+
+def eval_test_command(eval_script: str) -> str | None:
+    """The test command of a SWE-bench 5 `eval_script`: its lines between the harness's start
+    and end markers (comments and blank lines left out); None when it has no such lines."""
+    constants = _harness("constants")
+    lines = eval_script.splitlines()
+    starts = [i for i, line in enumerate(lines) if constants.START_TEST_OUTPUT in line]
+    if not starts:
+        return None
+    command = []
+    for line in lines[starts[0] + 1 :]:
+        if constants.END_TEST_OUTPUT in line:
+            break
+        if line.strip() and not line.lstrip().startswith("#"):
+            command.append(line.rstrip())
+    else:
+        return None  # no end marker: not a script of the harness's shape
+    return "\n".join(command) or None
+
+
+def reads_pytest(name: str) -> bool:
+    """Whether the parser `name` (a parser's name or a repository's) reads pytest's output, as
+    the default test command writes it; True for a name swebench has no parser for (pytest's
+    is the fallback)."""
+    found = parser(name)
+    return found is None or found.__name__.startswith("parse_log_pytest")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from git_servers import git
 
+from contracts.config import ConfigError
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from orchestrator.taskimport import import_swebench
@@ -94,3 +95,52 @@ def test_a_django_style_instance_is_graded_by_swebenchs_parser_for_django(
     assert f"{F2P} ... FAIL" in log and "short test summary" not in log
     oracle = json.loads((runs / "django__django-1.oracle" / "report.json").read_text())
     assert oracle["tests_status"]["FAIL_TO_PASS"]["success"] == [F2P]
+
+
+def eval_script(test_command: str) -> str:
+    """An eval.sh as SWE-bench 5 ships it with an instance: its test command between the
+    harness's markers, among what only its Docker image needs."""
+    return (
+        "#!/bin/bash\nset -uxo pipefail\nsource /opt/miniconda3/bin/activate\n"
+        "conda activate testbed\ncd /testbed\ngit apply -v - <<'EOF_114329324912'\n"
+        "(the test_patch)\nEOF_114329324912\n: '>>>>> Start Test Output'\n"
+        f"{test_command}\n: '>>>>> End Test Output'\ngit checkout base tests/test_utils.py\n"
+    )
+
+
+def test_the_test_command_comes_from_test_cmd_or_the_eval_script_or_is_asked_for(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """swebench 5 has no test command by repository: an instance's own `test_cmd`, else the
+    one between its `eval_script`'s markers; a Django instance with neither is refused, since
+    the default pytest run could not be read by Django's parser."""
+    instance = json.loads(dataset.read_text())
+    del instance["test_cmd"]
+    scripted = instance | {
+        "instance_id": "django__django-2",
+        "eval_script": eval_script("python tests/runtests.py --verbosity 2"),
+        "log_parser": "parse_log_django",
+    }
+    path = tmp_path / "scripted.jsonl"
+    path.write_text(json.dumps(scripted) + "\n")
+    root = DataRoot.at(tmp_path / "data")
+    (entry,) = import_swebench(path, root, repos=tmp_path / "repos").entries
+    assert entry.task.test_command == "python tests/runtests.py --verbosity 2"
+    assert entry.task.parser == "parse_log_django"
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps(instance) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        import_swebench(bare, root, repos=tmp_path / "repos")
+    (problem,) = caught.value.problems
+    assert problem.startswith("line 1: django__django-1: test_cmd: none given, and no eval_script")
+    assert "parser for django/django is not pytest's" in problem, problem
+    # An eval_script without the markers is named; a test command given for the set is used.
+    unmarked = instance | {"eval_script": "#!/bin/bash\n./tests/runtests.py\n"}
+    bare.write_text(json.dumps(unmarked) + "\n")
+    with pytest.raises(ConfigError, match="eval_script: no test command between"):
+        import_swebench(bare, root, repos=tmp_path / "repos")
+    bare.write_text(json.dumps(instance) + "\n")
+    given = import_swebench(
+        bare, root, name="given", repos=tmp_path / "repos", test_command="python tests/runtests.py"
+    )
+    assert given.entries[0].task.test_command == "python tests/runtests.py"
