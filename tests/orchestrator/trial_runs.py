@@ -23,16 +23,25 @@ from orchestrator.state import Assignment, Trial
 
 def run_to_the_end(platform: Platform, trial_id: str, timeout_s: float = 120) -> Assignment:
     """Tick a scheduler until the trial's first assignment is neither queued nor running."""
+    return run_all_to_the_end(platform, trial_id, timeout_s, first_only=True)[0]
+
+
+def run_all_to_the_end(
+    platform: Platform, trial_id: str, timeout_s: float = 120, *, first_only: bool = False
+) -> list[Assignment]:
+    """Tick a scheduler until none of the trial's assignments (or its first, `first_only`) is
+    queued or running; the assignments in the trial's order."""
     scheduler = Scheduler(platform)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         scheduler.tick()
         with platform.store.session() as s:
-            a = s.get_one(Trial, trial_id).assignments[0]
-        if a.state not in ("queued", "running"):
-            return a
+            assignments = list(s.get_one(Trial, trial_id).assignments)
+        watched = assignments[:1] if first_only else assignments
+        if all(a.state not in ("queued", "running") for a in watched):
+            return assignments
         time.sleep(0.2)
-    raise AssertionError(f"assignment still {a.state}: {a.result}")
+    raise AssertionError(f"assignments still running: {[(a.state, a.result) for a in watched]}")
 
 
 def operator_token(data: Path) -> str:
