@@ -4,8 +4,9 @@ capture, metrics; mitmdump with `autovibe_indexer=false` and `python -m traffic.
 on the same machine), through the same proxy with its indexer thread inside (`autovibe-inproc`,
 the arrangement before the indexer got its own process), through bare mitmdump run as the
 autovibe proxy runs it, without our addons (`mitmdump-lean`: `python -O`,
-`proxy/addons/lean.py` removing mitmproxy's unused built-ins and `proxy/addons/dispatch.py`
-calling hooks from a plan) and through LiteLLM's proxy.
+`proxy/addons/lean.py` removing mitmproxy's unused built-ins, `proxy/addons/dispatch.py`
+calling hooks from a plan and `proxy/addons/coalesce.py` joining writes) and through LiteLLM's
+proxy.
 
 Two workloads: a static JSON chat completion served by nginx (Debian `nginx-light`; without
 it, by the asyncio stub below, with a printed note), and an SSE stream from a small asyncio
@@ -62,7 +63,9 @@ from traffic.indexer import ready_pid
 from traffic.sqlite_store import SqliteTrafficStore
 
 ROOT = Path(__file__).resolve().parent.parent
-LEAN_SCRIPTS = (ROOT / "proxy" / "addons" / "lean.py", ROOT / "proxy" / "addons" / "dispatch.py")
+LEAN_SCRIPTS = tuple(
+    ROOT / "proxy" / "addons" / f"{name}.py" for name in ("lean", "dispatch", "coalesce")
+)
 MODEL = "tiny"
 """Priced in configs/prices.yaml as a local model, so the autovibe proxy meters the calls."""
 LITELLM_VERSION = "1.106.2"
@@ -766,9 +769,10 @@ bare mitmdump 11 in regular (explicit proxy) mode with no addons, as shipped; `m
 mitmdump as the autovibe proxy runs it, without our addons: under `python -O` (mitmproxy then
 skips its debug-only type checks of each request and response) with `proxy/addons/lean.py`,
 which removes the built-ins a headless proxy leaves unused (map/modify/replay/save/onboarding/
-console commands…), and `proxy/addons/dispatch.py`, which has mitmproxy call each event's hooks
-from a plan made once per hook instead of walking the whole addon tree for every event;
-`autovibe` is the proxy as the platform starts it (the same three, then identity, routing,
+console commands…), `proxy/addons/dispatch.py`, which has mitmproxy call each event's hooks
+from a plan made once per hook instead of walking the whole addon tree for every event, and
+`proxy/addons/coalesce.py`, which joins the bytes one event sends to a connection into one write;
+`autovibe` is the proxy as the platform starts it (the same four, then identity, routing,
 metering with streaming, budget reserve/settle on SQLite counters, injection, capture to the
 spool, metrics addon; `autovibe_indexer=false`) with `python -m traffic.indexer` running beside
 it on the same 2 cores, catching the SQLite index (FTS5) up every second: its CPU competes with

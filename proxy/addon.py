@@ -9,11 +9,13 @@ settles it, so a proxy killed between the two leaves a spooled flow whose reserv
 orphan sweeper settles at the spooled cost — never spend that the spool, and so the ledger,
 does not know of. Then the indexer and the metrics. `Lean`, right after the JSON log, takes
 mitmproxy's own unused built-ins out of the chain once the proxy runs, and `Dispatch` has
-mitmproxy call each event's hooks from a plan instead of searching the addon tree for them.
+mitmproxy call each event's hooks from a plan instead of searching the addon tree for them;
+`Coalesce` has each connection's bytes of one event leave in one write.
 """
 
 from proxy.addons.budget import Budget
 from proxy.addons.capture import Capture
+from proxy.addons.coalesce import Coalesce
 from proxy.addons.dispatch import Dispatch
 from proxy.addons.egress import Egress
 from proxy.addons.identity import Identity
@@ -29,6 +31,7 @@ addons = [
     JsonLog(),
     Lean(),
     Dispatch(),
+    Coalesce(),
     Identity(),
     AutoRouting(),
     Egress(),

@@ -62,19 +62,34 @@ def _resolved(name: str) -> frozenset[str]:
     return found
 
 
+_keys: dict[str, frozenset[str]] = {}
+
+
 def keys(host: str) -> frozenset[str]:
     """What `host` stands for: its spelling (a name), and THIS_HOST for any address of this
-    machine or else the addresses it is or resolves to."""
-    host = host.strip("[]").lower().rstrip(".")
-    address = _ip(host)
-    out = set() if address is not None else {f"name:{host}"}
-    for text in [host] if address is not None else sorted(_resolved(host)):
+    machine or else the addresses it is or resolves to.
+
+    Asked several times for every proxied call (metering, egress), with the same few hosts:
+    an answer is remembered (up to NAMES_KEPT spellings) unless it is a name that did not
+    resolve, which is asked again next time."""
+    known = _keys.get(host)
+    if known is not None:
+        return known
+    name = host.strip("[]").lower().rstrip(".")
+    address = _ip(name)
+    out = set() if address is not None else {f"name:{name}"}
+    for text in [name] if address is not None else sorted(_resolved(name)):
         ip = _ip(text)
         if ip is None:
             continue
         local = ip.is_loopback or ip.is_unspecified or ip in own_addresses()
         out.add(THIS_HOST if local else str(ip))
-    return frozenset(out)
+    found = frozenset(out)
+    if address is not None or len(found) > 1:
+        if len(_keys) >= NAMES_KEPT:
+            del _keys[next(iter(_keys))]
+        _keys[host] = found
+    return found
 
 
 class ModelPlane:

@@ -47,6 +47,8 @@ IN_USE: dict[str, Callable[[Any], bool]] = {
     "ServerPlayback": lambda o: bool(o.server_replay),
     "StickyAuth": lambda o: bool(o.stickyauth),
     "StickyCookie": lambda o: bool(o.stickycookie),
+    # Rewrites a response's Alt-Svc for reverse-proxy modes only; asked on every response.
+    "UpdateAltSvc": lambda o: any(str(mode).startswith("reverse") for mode in o.mode),
 }
 """The removable built-ins (by class name), each with what says it is in use: kept if true."""
 

@@ -42,6 +42,8 @@ def test_a_builtin_whose_option_is_set_stays() -> None:
     _, removed = _chain_names(anticache=True, hardump="flows.har", flow_detail=1)
     assert not {"AntiCache", "SaveHar", "Dumper"} & removed
     assert {"MapLocal", "Onboarding", "StickyCookie"} <= removed
+    _, removed = _chain_names(mode=["reverse:https://example.com"])
+    assert "UpdateAltSvc" not in removed  # a reverse proxy has its Alt-Svc headers rewritten
 
 
 def test_the_running_proxy_removes_them_and_keeps_modify_headers_when_set(
