@@ -611,9 +611,10 @@ class TrialConfig(_Strict):
     which the server expands into its tasks at submission."""
     task_set: TaskSetRef | None = None
     """The task set `tasks` was drawn from, when the trial named one (kept as submitted)."""
-    driver: Literal["local", "nomad"] = "local"
-    """Worker driver: `local` (a detached subprocess per assignment) or `nomad` (a dispatch of
-    a parameterized batch job per assignment; see nomad-jobs/README.md)."""
+    driver: Literal["local", "nomad", "vm"] = "local"
+    """Worker driver: `local` (a detached subprocess per assignment), `nomad` (a dispatch of
+    a parameterized batch job per assignment; see nomad-jobs/README.md) or `vm` (the runner
+    started over SSH in a worker VM of `autovibe vm up`; see vm-templates/README.md)."""
     nomad: NomadPlacement = Field(default_factory=NomadPlacement)
     """Node pool, datacenters and resources of the workers when `driver` is `nomad`."""
     sandbox: Sandbox = Field(default_factory=Sandbox)
@@ -796,7 +797,7 @@ class LocalCompute(_Strict):
         return self.hourly_usd * Decimal(1_000_000) / Decimal(self.tokens_per_hour)
 
 
-VmPriceKey = Literal["local", "nomad", "default"]
+VmPriceKey = Literal["local", "nomad", "vm", "default"]
 
 
 def _free_local_vm() -> dict[VmPriceKey, Decimal]:

@@ -28,6 +28,7 @@ class WorkerDriver(Protocol):
 DRIVERS = {
     "local": "workers.local:LocalDriver",
     "nomad": "workers.nomad:NomadDriver",
+    "vm": "workers.vm_driver:VmDriver",
 }
 """Short name -> driver class; each is built with the cluster (`None`: local, or NOMAD_*)."""
 

@@ -24,7 +24,7 @@ def test_each_plane_names_its_allowed_adapters_in_one_error(tmp_path: Path) -> N
     root = DataRoot.at(tmp_path)
     cases = [
         (lambda: get_agent("aidr"), "agent 'aidr'; allowed: aider, builtin, claude-code"),
-        (lambda: get_driver("k8s"), "worker driver 'k8s'; allowed: local, nomad"),
+        (lambda: get_driver("k8s"), "worker driver 'k8s'; allowed: local, nomad, vm"),
         (
             lambda: open_counters("etcd", path=tmp_path / "c.sqlite"),
             "counter store 'etcd'; allowed: redis, sqlite",

@@ -227,7 +227,7 @@ def test_vm_hours_are_posted_once_to_compute(
 
 
 def test_vm_hour_prices_are_validated() -> None:
-    with pytest.raises(ValueError, match="'local', 'nomad' or 'default'"):
+    with pytest.raises(ValueError, match="'local', 'nomad', 'vm' or 'default'"):
         PriceCatalog.model_validate({"fx": {"USD": "1"}, "compute": {"vm_hour_usd": {"ec2": "1"}}})
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         PriceCatalog.model_validate({"fx": {"USD": "1"}, "compute": {"vm_hour_usd": {"local": -1}}})
