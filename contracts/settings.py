@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     OpenAI's wire format, no model; for tests where the model's words do not matter)."""
     model_replicas: int = 0
     """Ray Serve replicas of the CPU model server (`serving.rayserve_cpu`); 0 = bare llama.cpp."""
+    local_queue_wait_s: float | None = Field(default=None, ge=0)
+    """Seconds a call to the local model plane may be in flight before the plane counts as
+    saturated and a request for `auto` goes to the trial's cloud model, when the trial allows
+    one (the proxy's `autovibe_local_queue_wait_s`); unset: `auto` never leaves a busy plane."""
+    local_health_s: float | None = Field(default=None, ge=0)
+    """Seconds what the proxy saw of the local model plane (a call's outcome, a probe of
+    `/v1/models`) holds before a request for `auto` with a cloud model to fall back on probes it
+    again (`autovibe_local_health_s`); 0: probe for each such request; unset: the proxy's
+    default (2 s)."""
     model_restarts: int = Field(default=3, ge=0)
     """Times the scheduler restarts a model server of `autovibe up` that died, per API process;
     each restart is logged and shown on the active trials' event streams."""

@@ -82,6 +82,7 @@ def mitmdump_argv(
         f"autovibe_model_hosts={settings.host}:{settings.model_port}",
         *_budget_options(settings),
         *_egress_options(settings),
+        *_routing_options(settings),
         *_metrics_options(settings),
         *_indexer_options(settings, indexer),
         "--set",
@@ -151,6 +152,17 @@ def _egress_options(settings: Settings) -> list[str]:
         options += ["--set", f"autovibe_egress_allow={','.join(settings.egress_allow)}"]
     if settings.egress_tcp_allow:
         options += ["--set", f"autovibe_egress_tcp_allow={','.join(settings.egress_tcp_allow)}"]
+    return options
+
+
+def _routing_options(settings: Settings) -> list[str]:
+    """When `auto` leaves the local plane: saturated (a call in flight longer than
+    `local_queue_wait_s`) or seen down (trusted for `local_health_s`)."""
+    options = []
+    if settings.local_health_s is not None:
+        options += ["--set", f"autovibe_local_health_s={settings.local_health_s:g}"]
+    if settings.local_queue_wait_s is not None:
+        options += ["--set", f"autovibe_local_queue_wait_s={settings.local_queue_wait_s:g}"]
     return options
 
 

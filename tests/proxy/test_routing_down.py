@@ -11,11 +11,13 @@ in mitmproxy's addon test context.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from mitmproxy import flow as mitmflow
@@ -25,9 +27,11 @@ from proxy_harness import Proxy, Upstream, call_auto, listen, proxy_with_cloud
 
 from contracts.config import Routing
 from contracts.routing import AssignmentPolicy, write_policy
+from contracts.settings import Settings
 from proxy.addons.metering import Metering
 from proxy.addons.refusal import refuse
 from proxy.addons.routing import AutoRouting, LocalHealth, decide, probe
+from proxy.launch import mitmdump_argv
 
 CLOUD = Routing(allow_cloud=True, cloud_model="openai/gpt-4o-mini")
 
@@ -191,3 +195,18 @@ def test_decide_a_down_plane_needs_a_cloud_model_for_the_api() -> None:
     assert (
         stays.target == "local" and "allows no cloud model for anthropic_messages" in stays.reason
     )
+
+
+def test_the_settings_reach_the_proxy(tmp_path: Path) -> None:
+    """`AUTOVIBE_LOCAL_QUEUE_WAIT_S` / `AUTOVIBE_LOCAL_HEALTH_S` become the proxy's options,
+    as `autovibe up` starts it; unset, the queue wait is not passed (auto never leaves)."""
+
+    def options(**fields: float) -> list[str]:
+        argv = mitmdump_argv(Settings(data=tmp_path, **fields))
+        return [value for flag, value in itertools.pairwise(argv) if flag == "--set"]
+
+    assert not [o for o in options() if o.startswith("autovibe_local_")]  # the proxy's defaults
+    chosen = options(local_queue_wait_s=1.5, local_health_s=0)
+    assert {"autovibe_local_queue_wait_s=1.5", "autovibe_local_health_s=0"} <= set(chosen)
+    with pytest.raises(ValueError, match="local_queue_wait_s"):
+        Settings(data=tmp_path, local_queue_wait_s=-1)
