@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
-from scipy.stats import fisher_exact, norm
-
 from contracts.reports import Comparison
 
 ALPHA = 0.05
 """Significance level of every comparison in the report."""
+
+# scipy.stats is imported in the functions that use it, when a report is first computed: it
+# is half of what the control API and every `autovibe` command import at start, and most of
+# them never compute a report.
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -27,6 +29,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
         raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
     if n == 0:
         return (0.0, 1.0)
+    from scipy.stats import norm
+
     z = float(norm.ppf(1 - (1 - confidence) / 2))
     p = successes / n
     denominator = 1 + z * z / n
@@ -108,11 +112,15 @@ def _fisher(a: Arm, b: Arm) -> float | None:
     if a.n == 0 or b.n == 0:
         return None
     table = [[a.resolved, a.n - a.resolved], [b.resolved, b.n - b.resolved]]
+    from scipy.stats import fisher_exact
+
     return float(fisher_exact(table, alternative="two-sided").pvalue)
 
 
 def _best_possible_p(a: Arm, b: Arm) -> float:
     """The smallest p-value these sample sizes allow: one side all resolved, the other none."""
+    from scipy.stats import fisher_exact
+
     return float(fisher_exact([[a.n, 0], [0, b.n]], alternative="two-sided").pvalue)
 
 

@@ -37,7 +37,6 @@ from contracts.intake import TelegramIntake
 from contracts.reports import TrialReport
 from orchestrator.access import AuditLog, MemoryRateWindow
 from orchestrator.catalog import Catalog
-from orchestrator.charts import cost_chart, learning_curve_chart
 from orchestrator.client import ApiError, Client
 from orchestrator.platform import Platform
 from orchestrator.report import learning_curve, to_markdown
@@ -189,10 +188,12 @@ class TelegramBot:
         report = TrialReport.model_validate(self.client.report(args[0]))
         await self.bot.send_message(chat, _cut(to_markdown(report)))
         curve = learning_curve(self.platform, report.project)
+        from orchestrator import charts  # matplotlib is slow to import; only when asked
+
         with tempfile.TemporaryDirectory(prefix="av-telegram-") as tmp:
-            chart = cost_chart(report, Path(tmp) / "cost.png")
+            chart = charts.cost_chart(report, Path(tmp) / "cost.png")
             await self.bot.send_photo(chat, chart.read_bytes(), caption=f"{args[0]}: cost")
-            learnt = learning_curve_chart(curve, Path(tmp) / "curve.png")
+            learnt = charts.learning_curve_chart(curve, Path(tmp) / "curve.png")
             caption = f"{report.project}: learning curve over {len(curve.points)} trials"
             await self.bot.send_photo(chat, learnt.read_bytes(), caption=caption)
 
