@@ -24,6 +24,8 @@ from contracts.dataroot import DataRoot, write_secret_file
 KEY_FILE = "machine-credential.key"
 REVOKED_FILE = "revoked-assignments"
 """One revoked assignment id a line, appended to and never rewritten."""
+CREDENTIAL_GRACE_S = 3600
+"""How long a credential outlives the longest its holder may run (queues, copies, grading)."""
 
 
 class CredentialError(Exception):
@@ -123,6 +125,22 @@ def proxy_url(host: str, port: int, machine: str, token: str) -> str:
     return f"http://{machine}:{token}@{host}:{port}"
 
 
+def proxy_env(url: str, ca: Path) -> dict[str, str]:
+    """A sandbox's way out: every spelling of the proxy variables set to `url`, nothing bypassed,
+    and the proxy's CA certificate for the TLS stacks that read a variable of their own."""
+    return {
+        "HTTP_PROXY": url,
+        "HTTPS_PROXY": url,
+        "http_proxy": url,
+        "https_proxy": url,
+        "NO_PROXY": "",
+        "no_proxy": "",
+        "SSL_CERT_FILE": str(ca),
+        "REQUESTS_CA_BUNDLE": str(ca),
+        "NODE_EXTRA_CA_CERTS": str(ca),
+    }
+
+
 def key_path(root: DataRoot) -> Path:
     return root.secrets / KEY_FILE
 
@@ -148,11 +166,14 @@ def revoke(root: DataRoot, assignment: str) -> None:
 
 
 class _RevokedCache:
-    """The revocation list as last read, read again only when the file's stat changes."""
+    """The revocation list as last read, read again only when the file's stat changes, and then
+    only what was appended since (the file only grows): a list of every assignment ever ended,
+    read whole after each revocation, made a fleet's endings quadratic."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
+        self._seen: dict[str, tuple[tuple[int, int, int], int, frozenset[str]]] = {}
+        """Path -> its (inode, size, mtime), the bytes read up to the last full line, the ids."""
 
     def ids(self, path: str) -> frozenset[str]:
         try:
@@ -162,13 +183,19 @@ class _RevokedCache:
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             hit = self._seen.get(path)
-            if hit is not None and hit[0] == stamp:
-                return hit[1]
+        if hit is not None and hit[0] == stamp:
+            return hit[2]
+        # Appended to: only the new lines are read. Replaced or shrunk: read whole.
+        grown = hit is not None and hit[0][0] == st.st_ino and st.st_size >= hit[1]
+        offset, known = (hit[1], hit[2]) if grown and hit is not None else (0, frozenset())
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            tail = fh.read()
         # A line still being appended has no newline yet; it is read complete next time.
-        text = Path(path).read_text()
-        ids = frozenset(line for line in text.split("\n")[:-1] if line)
+        complete = tail[: tail.rfind(b"\n") + 1]
+        ids = known.union(line for line in complete.decode().split("\n") if line)
         with self._lock:
-            self._seen[path] = (stamp, ids)
+            self._seen[path] = (stamp, offset + len(complete), ids)
         return ids
 
 

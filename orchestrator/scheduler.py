@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -35,7 +36,14 @@ from sqlalchemy.orm import Session
 from budget import iso
 from budget.scopes import JUDGE_MACHINE
 from contracts.config import Confidence, Egress, Task, TrialConfig
-from contracts.credentials import MachineIdentity, mint, proxy_url, revoke
+from contracts.credentials import (
+    CREDENTIAL_GRACE_S,
+    MachineIdentity,
+    mint,
+    proxy_env,
+    proxy_url,
+    revoke,
+)
 from contracts.dataroot import read_untrusted
 from contracts.egress import payments_url
 from contracts.providers import PLACEHOLDER_KEY
@@ -45,6 +53,7 @@ from ledger.payments import purchases_preamble
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.mirrors import Mirrors, RepoError
 from orchestrator.platform import Platform
+from orchestrator.setup_access import setup_env
 from orchestrator.state import (
     ASSIGNMENT_DONE,
     ASSIGNMENT_WAITING,
@@ -61,7 +70,6 @@ from workers.spec import AssignmentSpec, SandboxSpec, task_fields
 
 log = logging.getLogger("autovibe.scheduler")
 
-CREDENTIAL_GRACE_S = 3600
 JUDGE_RETRY_S = 30.0
 """A judge job that failed unexpectedly (not a judge that is down: that scores tests-only) is
 submitted again by the tick after this long."""
@@ -179,6 +187,9 @@ class Scheduler:
         spec.json once (after a restart), never read again on every tick."""
         self._settled: set[str] = set()
         """Ended assignments whose confidence is not pending: no longer looked at by the tick."""
+        self._launcher = ThreadPoolExecutor(STARTS_PER_TICK, thread_name_prefix="launch")
+        """The threads a tick's starts run on (`_start_all`), kept: a thread started per start
+        cost more than the start's own work on a loaded machine."""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +201,7 @@ class Scheduler:
         if self._thread:
             self._thread.join(timeout=10)
         self.judges.stop()
+        self._launcher.shutdown(wait=False)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -325,20 +337,42 @@ class Scheduler:
                 )
                 starting.append(a)
         # Committed as running first: a crash from here on is found by _collect, never lost.
-        failed: list[tuple[str, AssignmentResult]] = []
+        self.finish_all(self._start_all(config, trial_id, starting))
+        return bool(free) and len(due) > len(starting)
+
+    def _start_all(
+        self, config: TrialConfig, trial_id: str, starting: Sequence[Assignment]
+    ) -> list[tuple[str, AssignmentResult]]:
+        """Write each start's routing policy and launch its runner, the starts side by side; the
+        endings of those that failed to launch.
+
+        Each start's files are written durably (fsync'd) and each launch may wait for its
+        runner; one machine's start never waits for another's: in series, a wave's fsyncs were
+        most of the tick at fleet scale (8 starts, 4 fsyncs each), and a local launch waits for
+        its runner's Python to take its lock."""
+        if not starting:
+            return []
+        driver = self.p.driver(config.driver, config.nomad)
+        # Loaded (or made) here, not by the starts at once: its file has a fixed temp name.
+        self.p.credential_key  # noqa: B018
         # The budget preamble of every start in this tick: the trial's spend read once.
-        spent_usd = self._spent_usd(trial_id) if starting else _ZERO
+        spent_usd = self._spent_usd(trial_id)
+
+        def start(a: Assignment) -> AssignmentSpec:
+            spec = self._spec(config, trial_id, a, spent_usd)
+            driver.launch(spec)
+            return spec
+
+        failed: list[tuple[str, AssignmentResult]] = []
         for a in starting:
             self._specs.pop(a.id, None)
+        launches = [(a, self._launcher.submit(start, a)) for a in starting]
+        for a, launch in launches:
             try:
-                spec = self._spec(config, trial_id, a, spent_usd)
-                self.p.driver(config.driver, config.nomad).launch(spec)
+                self._specs[a.id] = launch.result()
             except (OSError, RepoError) as exc:
                 failed.append((a.id, AssignmentResult.infra(a.id, f"launch failed: {exc}")))
-                continue
-            self._specs[a.id] = spec
-        self.finish_all(failed)
-        return bool(free) and len(due) > len(starting)
+        return failed
 
     def _maybe_finish(self, trial_id: str) -> None:
         """Finish the trial once every assignment has ended and every score is in."""
@@ -357,11 +391,13 @@ class Scheduler:
             unscored = []
             for start in range(0, len(unsettled), 500):  # under any DB's limit of parameters
                 chunk = unsettled[start : start + 500]
-                for a in s.scalars(select(Assignment).where(Assignment.id.in_(chunk))):
-                    if a.ending.confidence_pending:
-                        unscored.append(a.id)
+                # The stored endings alone, not whole rows.
+                endings = select(Assignment.id, Assignment.result).where(Assignment.id.in_(chunk))
+                for assignment_id, ending in s.execute(endings):
+                    if AssignmentResult.stored(ending).confidence_pending:
+                        unscored.append(assignment_id)
                     else:
-                        self._settled.add(a.id)
+                        self._settled.add(assignment_id)
             # Queued again on every tick (a no-op while queued): after a restart, too.
             for assignment_id in unscored:
                 self.judges.submit(assignment_id)
@@ -453,7 +489,8 @@ class Scheduler:
             return
         configs: dict[str, TrialConfig] = {}
         with self.p.store.session() as s:
-            rows = [s.get_one(Assignment, assignment_id) for assignment_id, _ in endings]
+            found = _by_id(s, [assignment_id for assignment_id, _ in endings])
+            rows = [found[assignment_id] for assignment_id, _ in endings]
             for a in rows:
                 if a.trial_id not in configs:
                     configs[a.trial_id] = stored_config(s.get_one(Trial, a.trial_id).config)
@@ -470,8 +507,7 @@ class Scheduler:
             return
         with self.p.store.session() as s:
             # One query for the batch: a get per ending would flush the previous one's changes.
-            ids = [e.assignment_id for e in settled]
-            current = {a.id: a for a in s.scalars(select(Assignment).where(Assignment.id.in_(ids)))}
+            current = _by_id(s, [e.assignment_id for e in settled])
             recorded = [e for e in settled if self._record(s, current[e.assignment_id], e)]
         for e in recorded:
             if e.unscored:
@@ -711,19 +747,10 @@ class Scheduler:
         host = "127.0.0.1" if sandbox else st.host
         credential = mint(self.p.credential_key, identity)
         proxy = proxy_url(host, st.proxy_port, machine, credential)
-        ca = str(self.p.root.ca_cert)
         # A provider's model is called at its real host through the proxy, which puts the key in.
         endpoint, model = self.p.catalog.endpoint(a.model)
         env = {
-            "HTTP_PROXY": proxy,
-            "HTTPS_PROXY": proxy,
-            "http_proxy": proxy,
-            "https_proxy": proxy,
-            "NO_PROXY": "",
-            "no_proxy": "",
-            "SSL_CERT_FILE": ca,
-            "REQUESTS_CA_BUNDLE": ca,
-            "NODE_EXTRA_CA_CERTS": ca,
+            **proxy_env(proxy, self.p.root.ca_cert),
             "OPENAI_BASE_URL": endpoint,
             "OPENAI_API_KEY": PLACEHOLDER_KEY,
             "ANTHROPIC_BASE_URL": endpoint.removesuffix("/v1"),
@@ -756,6 +783,16 @@ class Scheduler:
             model=model,
             endpoint=endpoint,
             env=env,
+            setup_env=setup_env(
+                st,
+                self.p.credential_key,
+                self.p.root,
+                task=task,
+                project=config.project,
+                trial=trial_id,
+                assignment=a.id,
+                sandboxed=sandbox is not None,
+            ),
             artifacts=self._artifacts(config, trial_id, a.id),
             data_root=self.p.root.root,
             sandbox=sandbox,
@@ -795,6 +832,11 @@ class Scheduler:
 def _bracketed(host: str) -> str:
     """`host` as the host of a URL: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
+
+
+def _by_id(s: Session, ids: Sequence[str]) -> dict[str, Assignment]:
+    """The assignments of `ids` (a tick's batch, a few), in one query."""
+    return {a.id: a for a in s.scalars(select(Assignment).where(Assignment.id.in_(ids)))}
 
 
 def _lost(a: Assignment) -> AssignmentResult:
