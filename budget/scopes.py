@@ -1,8 +1,8 @@
 """The budget plane's scope rules: which counter scopes a trial opens and charges, by name.
 
 A trial charges its project's scope (`project:<p>`, the trial's budget per period), each of
-its machines' daily allowance (`machine:<p>:<m>`, the confidence judge's machine `judge`
-among them) and each capped task once (`task:<t>:<id>`);
+its machines' daily allowance (`machine:<p>:<m>`, the confidence judge's machine `judge` and
+the task setups' machine `setup` among them) and each capped task once (`task:<t>:<id>`);
 the daily-spend alert watches `daily:<p>`. The proxy reserves in these scopes, the
 orchestrator opens them when a trial starts and reports and alerts on them.
 """
@@ -38,6 +38,10 @@ def daily_scope(project: str) -> str:
 JUDGE_MACHINE = "judge"
 """The machine name the confidence judge calls the model plane as, through the proxy: its
 calls are charged to the trial's project and to this machine's daily allowance."""
+SETUP_MACHINE = "setup"
+"""The machine name a task's setup commands reach the operator's registries as, through the
+proxy (`orchestrator.setup_access`): their flows are captured under it, and whatever they
+cost is charged to the trial's project and to this machine's daily allowance."""
 
 
 def machines_of(config: TrialConfig) -> list[str]:
@@ -52,6 +56,7 @@ def trial_scopes(trial_id: str, config: TrialConfig) -> list[str]:
         project_scope(p),
         *(machine_scope(p, m) for m in machines_of(config)),
         machine_scope(p, JUDGE_MACHINE),
+        machine_scope(p, SETUP_MACHINE),
         *(task_scope(trial_id, t.id) for t in config.tasks if t.budget is not None),
     ]
 
@@ -75,13 +80,13 @@ def open_project(
 
 def open_trial(store: CounterStore, config: TrialConfig, trial_id: str, now: float) -> None:
     """Open the scopes the proxy charges for a trial: project, each machine's day (the judge's
-    too), each capped task. Reopening keeps what was spent; limits and periods become this
-    trial's."""
+    and the setups' too), each capped task. Reopening keeps what was spent; limits and periods
+    become this trial's."""
     b = config.budget
     open_project(
         store,
         config.project,
-        [*machines_of(config), JUDGE_MACHINE],
+        [*machines_of(config), JUDGE_MACHINE, SETUP_MACHINE],
         amount=b.amount,
         daily_allowance=config.machines.daily_allowance,
         currency=b.currency,

@@ -6,7 +6,9 @@ from the mirror's tree, agent, test_patch, grading by the task's parser), once w
 nothing), sandboxed as a trial's are. A task is valid when the oracle resolves it and the empty
 agent does not; the verdicts go to the set's `validation.json`, and trials naming the set
 leave the invalid tasks out (`orchestrator.taskstore`). The runs' folders are kept under
-`worker-artifacts/_validation/<set>/` for the operator to read.
+`worker-artifacts/_validation/<set>/` for the operator to read. A task's setup reaches the
+operator's registries through the proxy the settings name (`orchestrator.setup_access`), as
+machine `setup` of project `_validation`: that proxy must be running for such a setup.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from subprocess import TimeoutExpired
 
+from contracts.credentials import load_or_create_key
 from contracts.dataroot import DataRoot, atomic_write
 from contracts.results import RunnerResult
 from contracts.settings import PROJECT_ROOT, Settings
 from contracts.tasksets import AgentVerdict, SetValidation, TaskSetEntry, TaskVerdict
 from orchestrator.mirrors import Mirrors
+from orchestrator.setup_access import setup_env
 from orchestrator.taskstore import TaskStore
 from workers.agents.oracle import GOLD_PATCH, SOLUTION
 from workers.spec import AssignmentSpec, SandboxSpec, task_fields
@@ -48,11 +52,13 @@ def validate(
     root = DataRoot.at(settings.data)
     store = TaskStore(root)
     taskset = store.load(name)
+    # Made here, not by the runs at once: its file has a fixed temp name.
+    key = load_or_create_key(root)
 
     def one(entry: TaskSetEntry) -> TaskVerdict:
         started = time.monotonic()
-        oracle = _run(entry, "oracle", name, root, settings, sandboxed)
-        empty = _run(entry, "empty", name, root, settings, sandboxed)
+        oracle = _run(entry, "oracle", name, root, settings, sandboxed, key)
+        empty = _run(entry, "empty", name, root, settings, sandboxed, key)
         solution = "solution/solve.sh" if entry.solution else "the gold patch"
         verdict = _verdict(entry.task.id, oracle, empty, solution)
         verdict.wall_s = round(time.monotonic() - started, 3)
@@ -110,26 +116,36 @@ def _run(
     root: DataRoot,
     settings: Settings,
     sandboxed: bool,
+    key: bytes,
 ) -> RunnerResult:
-    """One run of `agent` on the task by the real runner, in a fresh folder."""
+    """One run of `agent` on the task by the real runner, in a fresh folder; `key` signs its
+    setup's credential."""
     task = entry.task
     artifacts = root.root / "worker-artifacts" / RUNS / set_name / f"{task.id}.{agent}"
     if artifacts.exists():
         shutil.rmtree(artifacts)
     DataRoot.ensure(artifacts)
     assert isinstance(task.repo, str) and task.commit is not None  # imported sets are pinned
+    assignment = f"validate-{task.id}-{agent}"
+    # The task's setup may reach the operator's registries through the running proxy.
+    setup = setup_env(
+        settings, key, root, task=task, project=RUNS, trial=set_name,
+        assignment=assignment, sandboxed=sandboxed,
+    )  # fmt: skip
     sandbox = None
     if sandboxed:
         sandbox = SandboxSpec(
+            # Bridged; called only by a setup with a way out: neither agent has a model.
             proxy_host=settings.host,
-            proxy_port=settings.proxy_port,  # bridged, never called: neither agent has a model
+            proxy_port=settings.proxy_port,
             memory_mb=4096,
             cpus=1.0,
             host_uid=settings.sandbox_uid,
             hidden=[root.root],
+            read_only=[root.ca_cert] if setup is not None else [],
         )
     spec = AssignmentSpec(
-        assignment=f"validate-{task.id}-{agent}",
+        assignment=assignment,
         project=RUNS,
         trial=set_name,
         machine="validation",
@@ -140,6 +156,7 @@ def _run(
         model="none",
         endpoint="",
         env={},
+        setup_env=setup,
         artifacts=artifacts,
         data_root=root.root,
         sandbox=sandbox,

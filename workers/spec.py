@@ -71,6 +71,10 @@ class AssignmentSpec(BaseModel):
     setup: list[str] | None = None
     """The task's setup commands (`workers.setups`): run once over `repo`, whose result the
     workspace is copied from; None: `repo` as it is."""
+    setup_env: dict[str, str] | None = None
+    """The setup commands' way out (`orchestrator.setup_access`): the proxy variables, with a
+    credential of machine `setup` that allows the operator's registries, and the proxy's CA
+    certificate. None: the setup runs with no network."""
     workdir: str | None = None
     """Where the workspace also appears inside the sandboxes, and where the agent and the tests
     start (a Harbor task's `/app`); None: at its own path only."""

@@ -31,6 +31,31 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
+def instance_from_history(
+    work: Path, base: dict[str, str], fix: dict[str, str], source: str, **fields: Any
+) -> dict[str, Any]:
+    """A SWE-bench instance (`fields` added) from a repository made at `work`: the `base` files
+    committed, then the `fix` files; its `patch` is the fix's diff of `source`, its
+    `test_patch` that of `tests`."""
+    commits: list[str] = []
+    for files, message in ((base, "base"), (fix, "fix")):
+        for name, text in files.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_text(text)
+        if not commits:
+            git(work, "init", "-q", "--initial-branch=main")
+        git(work, "add", "-A")
+        git(work, "commit", "-qm", message)
+        commits.append(git(work, "rev-parse", "HEAD").strip())
+    first, last = commits
+    return {
+        "base_commit": first,
+        "patch": git(work, "diff", first, last, "--", source),
+        "test_patch": git(work, "diff", first, last, "--", "tests"),
+        **fields,
+    }
+
+
 @dataclass(frozen=True)
 class BugAndFix:
     served: Path

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from git_servers import git
+from git_servers import instance_from_history
 
 from contracts.config import ConfigError
 from contracts.dataroot import DataRoot
@@ -38,35 +38,27 @@ FETCHES = "python -c \"import urllib.request; urllib.request.urlopen('https://py
 def dataset(tmp_path: Path) -> Path:
     """`acme/fastmath`: `python build.py` generates the table its module imports; cube() is
     wrong, and its fix and test come from the repository's history."""
-    work = tmp_path / "repos" / "acme__fastmath"
-    (work / "fastmath").mkdir(parents=True)
-    (work / "tests").mkdir()
-    git(work, "init", "-q", "--initial-branch=main")
-    (work / "build.py").write_text(BUILD)
-    (work / "fastmath" / "__init__.py").write_text(INIT)
-    (work / "tests" / "test_fastmath.py").write_text(TESTS)
-    (work / ".gitignore").write_text("fastmath/_table.py\n")
-    git(work, "add", "-A")
-    git(work, "commit", "-qm", "fastmath")
-    base = git(work, "rev-parse", "HEAD").strip()
-    init = work / "fastmath" / "__init__.py"
-    init.write_text(INIT.replace("SQUARES[n] + n", "SQUARES[n] * n"))
-    tests = work / "tests" / "test_fastmath.py"
-    tests.write_text(TESTS + "\n\ndef test_cube():\n    assert cube(3) == 27\n")
-    git(work, "commit", "-qam", "fix cube()")
-    fix = git(work, "rev-parse", "HEAD").strip()
-    instance = {
-        "instance_id": "acme__fastmath-1",
-        "repo": "acme/fastmath",
-        "base_commit": base,
-        "patch": git(work, "diff", base, fix, "--", "fastmath"),
-        "test_patch": git(work, "diff", base, fix, "--", "tests"),
-        "problem_statement": "cube() is wrong.",
-        "FAIL_TO_PASS": ["tests/test_fastmath.py::test_cube"],
-        "PASS_TO_PASS": ["tests/test_fastmath.py::test_square"],
-        "version": "1.0",
-        "install": "python build.py",
-    }
+    instance = instance_from_history(
+        tmp_path / "repos" / "acme__fastmath",
+        {
+            "build.py": BUILD,
+            "fastmath/__init__.py": INIT,
+            "tests/test_fastmath.py": TESTS,
+            ".gitignore": "fastmath/_table.py\n",
+        },
+        {
+            "fastmath/__init__.py": INIT.replace("SQUARES[n] + n", "SQUARES[n] * n"),
+            "tests/test_fastmath.py": TESTS + "\n\ndef test_cube():\n    assert cube(3) == 27\n",
+        },
+        "fastmath",
+        instance_id="acme__fastmath-1",
+        repo="acme/fastmath",
+        problem_statement="cube() is wrong.",
+        FAIL_TO_PASS=["tests/test_fastmath.py::test_cube"],
+        PASS_TO_PASS=["tests/test_fastmath.py::test_square"],
+        version="1.0",
+        install="python build.py",
+    )
     instances = [
         instance,
         {**instance, "instance_id": "acme__fastmath-2", "install": None},

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from git_servers import git
+from git_servers import instance_from_history
 
 from contracts.config import ConfigError
 from contracts.dataroot import DataRoot
@@ -42,31 +42,22 @@ P2P = "test_lower (test_utils.SlugifyTests.test_lower)"
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
-    work = tmp_path / "repos" / "django__django"
-    (work / "tests").mkdir(parents=True)
-    git(work, "init", "-q", "--initial-branch=main")
-    (work / "utils.py").write_text(UTILS)
-    (work / "tests" / "runtests.py").write_text(RUNTESTS)
-    (work / "tests" / "test_utils.py").write_text(TESTS)
-    git(work, "add", "-A")
-    git(work, "commit", "-qm", "utils")
-    base = git(work, "rev-parse", "HEAD").strip()
-    (work / "utils.py").write_text(UTILS.replace("text.lower()", "text.lower().replace(' ', '-')"))
-    (work / "tests" / "test_utils.py").write_text(TESTS + SPACES)
-    git(work, "commit", "-qam", "slugify() joins words with '-'")
-    fix = git(work, "rev-parse", "HEAD").strip()
-    instance = {
-        "instance_id": "django__django-1",
-        "repo": "django/django",
-        "base_commit": base,
-        "patch": git(work, "diff", base, fix, "--", "utils.py"),
-        "test_patch": git(work, "diff", base, fix, "--", "tests"),
-        "problem_statement": "slugify() keeps spaces.",
-        "FAIL_TO_PASS": json.dumps([F2P]),
-        "PASS_TO_PASS": json.dumps([P2P]),
-        "version": "5.0",
-        "test_cmd": "python tests/runtests.py",
-    }
+    instance = instance_from_history(
+        tmp_path / "repos" / "django__django",
+        {"utils.py": UTILS, "tests/runtests.py": RUNTESTS, "tests/test_utils.py": TESTS},
+        {
+            "utils.py": UTILS.replace("text.lower()", "text.lower().replace(' ', '-')"),
+            "tests/test_utils.py": TESTS + SPACES,
+        },
+        "utils.py",
+        instance_id="django__django-1",
+        repo="django/django",
+        problem_statement="slugify() keeps spaces.",
+        FAIL_TO_PASS=json.dumps([F2P]),
+        PASS_TO_PASS=json.dumps([P2P]),
+        version="5.0",
+        test_cmd="python tests/runtests.py",
+    )
     path = tmp_path / "djangoish.jsonl"
     path.write_text(json.dumps(instance) + "\n")
     return path
