@@ -43,8 +43,8 @@ FAST := not (live or e2e or model or ray or superset or slow)
 test-fast:
 	$(UV) run --frozen pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "$(FAST)"
 
-## test-vm: boot a worker VM under libvirt and check it (root; image built once, cached in
-## ~/.cache/autovibe/vm-data): 3.5-6 min under TCG on 2 cores with the image cached, +90 s without
+## test-vm: boot a worker VM under libvirt, check it and run a demo assignment in it (root; image
+## cached in ~/.cache/autovibe/vm-data): 6-10 min under TCG on 2 cores, +30 s after a code change, +4 min for a first build
 test-vm: setup
 	$(UV) run --frozen pytest -q -m vm tests/workers/test_vm_boot.py
 

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 import yaml
@@ -142,7 +143,8 @@ def image_build(
     force: Annotated[bool, typer.Option(help="Build again even when cached.")] = False,
 ) -> None:
     """Build the worker image (Debian, cloud-init, SSH, VNC desktop, Python, Node.js,
-    bubblewrap) unless the cache holds it; print its folder."""
+    bubblewrap, the autovibe worker in /opt/autovibe) unless the cache holds it; print its
+    folder."""
     from workers import vm_image
 
     recipe = vm_image.ImageRecipe() if mirror is None else vm_image.ImageRecipe(mirror=mirror)
@@ -218,6 +220,8 @@ def up(
         image, built = vm_image.build(recipe, root)
         vm_host.install_image(image)
         vm_host.ensure_network(spec.network, spec.host_cidr, files.folder)
+        # The proxy's port is all the VM may reach on this host.
+        vm_host.fence(spec.network, [urlsplit(str(rest["proxy_url"])).port or 8080])
         vm_host.make_disk(spec, installed)
         vm_host.make_seed(spec, files.folder / "user-data", files.folder / "meta-data")
         started = time.monotonic()

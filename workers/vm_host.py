@@ -6,8 +6,8 @@ of it) and its cloud-init NoCloud seed, defines the domain from the rendered `do
 answers and cloud-init has finished. Each VM keeps its rendered files, its spec (`vm.json`,
 with the address it got) and its SSH known_hosts in `$AUTOVIBE_DATA/vms/<name>/`.
 
-The VM network is isolated (no `<forward>`): a VM reaches its host, where the proxy listens,
-and nothing else.
+The VM network is isolated (no `<forward>`), and fenced on the host (`fence`): a VM reaches
+its host's proxy port, and nothing else.
 """
 
 from __future__ import annotations
@@ -121,6 +121,49 @@ def ensure_network(name: str, host_cidr: str, folder: Path) -> None:
     info = virsh("net-info", name).stdout
     if re.search(r"^Active:\s+no", info, re.M):
         virsh("net-start", name)
+
+
+def bridge_of(name: str) -> str:
+    """The host bridge of libvirt network `name` (`virsh net-info`)."""
+    match = re.search(r"^Bridge:\s+(\S+)", virsh("net-info", name).stdout, re.M)
+    if match is None:
+        raise VmHostError(f"network {name}: virsh net-info names no bridge")
+    return match.group(1)
+
+
+def fence_argv(network: str, bridge: str, ports: list[int]) -> list[list[str]]:
+    """iptables commands that let a VM on `bridge` reach this host on `ports` (the proxy) and
+    for DHCP only: its own chain, emptied and filled, jumped to first from INPUT. Replies to
+    what the host opened (SSH, its tunnels) pass as established; DNS is refused (libvirt's
+    dnsmasq would resolve names out for it)."""
+    chain = f"AV-{re.sub(r'[^A-Za-z0-9]', '', network)}"[:28]
+    rules = [
+        ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
+        ["-p", "udp", "--dport", "67", "-j", "RETURN"],
+        *(["-p", "tcp", "--dport", str(port), "-j", "RETURN"] for port in ports),
+        ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+        ["-j", "REJECT"],
+    ]
+    return [
+        ["iptables", "-w", "-N", chain],
+        ["iptables", "-w", "-F", chain],
+        *(["iptables", "-w", "-A", chain, *rule] for rule in rules),
+        ["iptables", "-w", "-I", "INPUT", "1", "-i", bridge, "-j", chain],
+    ]
+
+
+def fence(network: str, ports: list[int]) -> None:
+    """Let the VMs of `network` reach this host on `ports` and nothing else (idempotent)."""
+    bridge = bridge_of(network)
+    for argv in fence_argv(network, bridge, ports):
+        if argv[2] == "-N":
+            subprocess.run(argv, capture_output=True, check=False)  # exists already: kept
+        elif argv[2] == "-I":
+            check = ["iptables", "-w", "-C", "INPUT", *argv[5:]]
+            if subprocess.run(check, capture_output=True, check=False).returncode != 0:
+                _run(argv)
+        else:
+            _run(argv)
 
 
 # -- one VM -------------------------------------------------------------------------------------

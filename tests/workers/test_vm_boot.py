@@ -1,12 +1,17 @@
 """A worker VM booted for real: the image built (or taken from the cache), the domain defined in
 libvirt from the rendered domain.xml, cloud-init waited for, then checked over SSH as the
 operator: the proxy's CA trusted, no way out but the proxy, a request through the proxy
-captured under the VM's machine identity, the desktop's VNC screenshot a PNG.
+captured under the VM's machine identity, the desktop's VNC screenshot a PNG; then one
+assignment of the demo trial submitted to the control API with `driver: vm` runs inside the
+VM (the runner in its unit, the built-in agent in bubblewrap there) against the host's model
+server (the deterministic one) through the platform's mitmdump, and is graded, posted and
+reported like a local one.
 
-Marker `vm` (with `slow`), left out of `make test` (`make test-vm` runs it): 3 min 41 s with the
-image cached under TCG on 2 shared cores (vm up 124 s, of which cloud-init 118 s), 5 min 40 s
-at load 5 (cloud-init 226 s), about 90 s more when the image is built first. Needs root
-(libvirt's qemu:///system, mmdebstrap) and a Debian mirror for the first build.
+Marker `vm` (with `slow`), left out of `make test` (`make test-vm` runs it): 7 passed in 9 min 13 s
+at load 5-10 on 2 shared cores under TCG (vm up 238 s, of which cloud-init 207 s; the
+assignment 142 s from submission to the finished trial, its runner 78 s in the VM), +30 s when
+our code changed since the image was built (its worker layer), +4 min for a first build. Needs
+root (libvirt's qemu:///system, mmdebstrap, iptables) and a Debian mirror for the first build.
 """
 
 from __future__ import annotations
@@ -22,14 +27,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from fastapi.testclient import TestClient
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
-from proxy_harness import Proxy, Upstream, metering_proxy, serve
+from proxy_harness import Proxy, Upstream, running_proxy, serve
 
-from contracts.credentials import proxy_url
+from budget import open_ample
+from contracts.credentials import load_or_create_key, proxy_url
 from contracts.dataroot import DataRoot
+from contracts.reports import TrialReport
+from contracts.settings import PROJECT_ROOT, Settings, free_port
+from ledger.book import Ledger, vm_account
+from ledger.check import bean_check
+from ledger.reconcile import reconcile
+from orchestrator.api import create_app
+from orchestrator.platform import Platform
+from orchestrator.scheduler import Scheduler
+from orchestrator.state import Trial
+from proxy.launch import mitmdump_argv
+from tests.serving.model_harness import deterministic_server
 from workers import vm_host, vm_image
+from workers.result import read_result
+from workers.vm_driver import VmDriver
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -70,12 +91,33 @@ def upstream() -> Iterator[Upstream]:
     yield from serve()
 
 
+ANSWERS = ["    return a + b\n", "    return n % 2 == 0\n"]
+"""The model's answers, in order: the bodies of mathkit's two stubs (`add`, then `is_even`)."""
+
+
 @pytest.fixture(scope="module")
-def proxy(
-    libvirt: None, tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
-) -> Iterator[Proxy]:
-    """The real proxy listening on the host's address of the VM network."""
-    yield from metering_proxy(tmp_path_factory, upstream.port, host=HOST)
+def settings(libvirt: None, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The platform on the host's address of the VM network: proxy, model server and the
+    addresses the scheduler gives workers are all there."""
+    return Settings(
+        data=tmp_path_factory.mktemp("platform"), configs=PROJECT_ROOT / "configs", host=HOST,
+        proxy_port=free_port(HOST), model_port=free_port(HOST),
+        task_roots=[PROJECT_ROOT / "examples"],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def proxy(settings: Settings) -> Iterator[Proxy]:
+    """The platform's mitmdump (its addons, configs/ prices) in front of the deterministic model
+    server; project p1 with machine m1 for the VM's own identity."""
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, "p1", ["m1"])
+    with (
+        deterministic_server(settings, ANSWERS),
+        running_proxy(settings, root, key, mitmdump_argv(settings)) as proxy,
+    ):
+        yield proxy
 
 
 @pytest.fixture(scope="module")
@@ -165,25 +207,32 @@ def test_operator_ssh_sees_cloud_init_done_and_the_proxy_ca_trusted(booted: obje
     assert lines[5] == "active"
 
 
-def test_nothing_leaves_the_vm_but_through_the_proxy(booted: object, upstream: Upstream) -> None:
-    # The upstream listens on the host's loopback; the VM network reaches no mirror either.
-    for target in (f"http://{HOST}:{upstream.port}/", "http://deb.debian.org/", "http://1.1.1.1/"):
+def test_nothing_leaves_the_vm_but_through_the_proxy(
+    booted: object, upstream: Upstream, proxy: Proxy
+) -> None:
+    # The upstream listens on the host's loopback; the model server on the host's address of
+    # the VM network, fenced off but for the proxy's port; the network reaches no mirror.
+    model = f"http://{HOST}:{proxy.settings.model_port}/v1/models"
+    targets = (
+        f"http://{HOST}:{upstream.port}/",
+        model,
+        "http://deb.debian.org/",
+        "http://1.1.1.1/",
+    )
+    for target in targets:
         proc = ssh(f"curl --noproxy '*' -sS -m 5 -o /dev/null {target}")
         assert proc.returncode != 0, f"{target} reached directly: {proc.stdout}"
     assert not upstream.seen
+    # No names either: libvirt's dnsmasq would resolve them out for the VM.
+    assert ssh("timeout 10 getent hosts example.com").stdout == ""
 
 
-def test_a_request_through_the_proxy_is_captured_as_the_vm(
-    booted: object, proxy: Proxy, upstream: Upstream
-) -> None:
-    # The proxy variables come from cloud-init's /etc/environment (no_proxy lists 127.0.0.1,
-    # which here is the proxy host's own loopback, reached only through the proxy).
-    proc = ssh(
-        f"curl -sS -m 30 --proxy \"$http_proxy\" --noproxy '' "
-        f"http://127.0.0.1:{upstream.port}/from-the-vm"
-    )
-    assert proc.returncode == 0 and proc.stdout == "just a web page\n", proc.stderr
-    record = proxy.spooled_one(path="/from-the-vm")
+def test_a_request_through_the_proxy_is_captured_as_the_vm(booted: object, proxy: Proxy) -> None:
+    # The proxy variables come from cloud-init's /etc/environment.
+    model = f"http://{HOST}:{proxy.settings.model_port}/v1/models"
+    proc = ssh(f'curl -sS -m 30 --proxy "$http_proxy" {model}')
+    assert proc.returncode == 0 and '"tiny"' in proc.stdout, proc.stdout + proc.stderr
+    record = proxy.spooled_one(path="/v1/models")
     assert (record.project, record.machine, record.assignment) == ("p1", "m1", "a-vm")
     assert record.status == 200
 
@@ -198,6 +247,100 @@ def test_vnc_snapshot_is_a_png_of_the_desktop(booted: object, tmp_path: Path) ->
         assert picture.size == (1920, 1080)
     # VNC listens on the VM's loopback only: not on its network address.
     assert ssh("ss -Hltn 'sport = :5901'").stdout.split()[3].startswith(("127.0.0.1", "[::1]"))
+
+
+def demo_assignment() -> dict[str, object]:
+    """One builtin-agent assignment of the demo trial (its first task), on worker VMs."""
+    trial = yaml.safe_load((PROJECT_ROOT / "configs/trials/demo.yaml").read_text())
+    task = trial["tasks"][0]
+    task["repo"] = str((PROJECT_ROOT / "configs/trials" / task["repo"]).resolve())
+    return {
+        **trial,
+        "name": "demo-in-a-vm",
+        "machines": {**trial["machines"], "count": 1},
+        "assignment": {**trial["assignment"], "trials_per_task": 1},
+        "driver": "vm",
+        "tasks": [task],
+    }
+
+
+def test_an_assignment_runs_inside_the_vm_and_is_graded_posted_and_reported(
+    booted: dict[str, float], settings: Settings, proxy: Proxy
+) -> None:
+    app = create_app(settings, run_scheduler=False)
+    root = DataRoot.at(settings.data)
+    token = (root.secrets / "operator-token").read_text().strip()
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        platform: Platform = app.state.platform
+        # The driver by its short name, reading the VMs `vm up` made in the tests' data root.
+        platform.drivers["vm"] = VmDriver(root=CACHE)
+        submitted = client.post("/v1/trials", json=demo_assignment())
+        assert submitted.status_code == 201, submitted.text
+        trial_id = submitted.json()["id"]
+        start = time.monotonic()
+        scheduler = Scheduler(platform)
+        try:
+            deadline = start + 900
+            while time.monotonic() < deadline:
+                scheduler.tick()
+                with platform.store.session() as s:
+                    trial = s.get_one(Trial, trial_id)
+                    [a] = trial.assignments
+                    ended = trial.status == "finished"
+                    state, machine, assignment = a.state, a.machine, a.id
+                if ended:
+                    break
+                time.sleep(1)
+        finally:
+            scheduler.stop()
+        booted["assignment_s"] = time.monotonic() - start
+        assert ended, f"assignment still {state} after 900 s"
+
+        # It ran in the VM: the runner's unit there, its outputs brought back here.
+        artifacts = root.assignment_dir("demo", trial_id, assignment)
+        assert (artifacts / "vm.txt").read_text() == f"{NAME}\n"
+        result = read_result(artifacts / "result.json", assignment)
+        assert result.infra_error is None, result.infra_error
+        inside = f"/mnt/data/autovibe/worker-artifacts/demo/{trial_id}/{assignment}"
+        assert result.patch == f"{inside}/patch.diff"  # written in the VM
+        assert result.grade is not None and result.grade.status == "resolved", result.grade
+        booted["runner_wall_s"] = result.wall_s
+        print(f"\nVM figures: {booted}", file=sys.stderr)
+        assert "return a + b" in (artifacts / "patch.diff").read_text()
+        assert (artifacts / "output" / "transcript.jsonl").is_file()
+        assert not (artifacts / "workspace").exists()  # only the patch leaves the VM
+        assert (artifacts / "runner.log").is_file()  # the unit's journal
+        unit = ssh(
+            "systemctl show -p ExecStart -p Environment -p User "
+            f"autovibe-worker@$(systemd-escape --path {inside}/spec.json)"
+        )
+        assert (
+            "/opt/autovibe/.venv/bin/python ; argv[]=/opt/autovibe/.venv/bin/python -m "
+            "workers.runner" in unit.stdout
+        ), unit.stdout
+        assert "PYTHONUNBUFFERED=1" in unit.stdout and "User=autovibe" in unit.stdout
+
+        # Its model calls went through the proxy from the VM, metered under the assignment.
+        calls = [r for r in proxy.spooled() if r.assignment == assignment]
+        assert len(calls) >= 2 and all(r.machine == machine == "m1" for r in calls), calls
+        assert all(r.trial == trial_id and r.usage is not None for r in calls if r.status == 200)
+
+        # Reported like a local one: one row, resolved, its cost the metered spend.
+        served = client.get(f"/v1/trials/{trial_id}/report")
+        assert served.status_code == 200, served.text
+        [row] = TrialReport.model_validate(served.json()).rows
+        assert (row.agent, row.model, row.n, row.resolved) == ("builtin", "tiny", 1, 1)
+        assert row.cost_usd > 0
+
+        # Posted like a local one: usage per machine × model, reconciled; the VM's time booked.
+        platform.post_usage("demo")
+        ledger = root.ledger("demo")
+        assert bean_check(ledger) == []
+        reconciled = reconcile(Ledger(ledger), platform.index, "demo")
+        assert reconciled.ok, [line.describe(reconciled.currency) for line in reconciled.mismatches]
+        assert {line.key: line.kind for line in reconciled.lines}[assignment] == "match"
+        books = Ledger(ledger).text()  # the head and its journal segments
+        assert f"VM time of {assignment} on m1 (vm)" in books and vm_account("m1") in books
 
 
 def test_a_running_vm_is_snapshotted_and_restored(booted: object) -> None:

@@ -86,3 +86,19 @@ def test_installed_images_live_where_libvirts_qemu_may_read_them() -> None:
     assert image.folder == Path("/var/lib/libvirt/images/autovibe-0123456789abcdef")
     spec = VmSpec(name="w1", kernel=PurePosixPath(str(image.kernel)))
     assert str(spec.kernel).endswith("autovibe-0123456789abcdef/vmlinuz")
+
+
+def test_the_fence_lets_a_vm_reach_the_proxy_port_and_dhcp_only() -> None:
+    argv = vm_host.fence_argv("autovibe-test", "av-autovibetest", [8080])
+    chain = "AV-autovibetest"
+    assert argv[:2] == [["iptables", "-w", "-N", chain], ["iptables", "-w", "-F", chain]]
+    rules = [" ".join(a[4:]) for a in argv if a[2] == "-A"]
+    assert rules == [
+        "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",  # replies to the host's SSH
+        "-p udp --dport 67 -j RETURN",  # DHCP, answered by libvirt's dnsmasq
+        "-p tcp --dport 8080 -j RETURN",
+        "-p tcp -j REJECT --reject-with tcp-reset",
+        "-j REJECT",  # DNS and every other port, the model server's included
+    ]
+    # First in INPUT, before libvirt's own chain accepts DNS for the network.
+    assert argv[-1] == ["iptables", "-w", "-I", "INPUT", "1", "-i", "av-autovibetest", "-j", chain]
