@@ -261,10 +261,11 @@ class VmDriver:
 
     # -- the WorkerDriver port -----------------------------------------------------------------
     def launch(self, spec: AssignmentSpec) -> None:
-        if spec.environment:
+        if spec.environment or spec.setup:
             raise OSError(
-                f"task {spec.task_id}: task environments are not built in worker VMs (the VM "
-                "network reaches no Debian mirror); run it with driver: local"
+                f"task {spec.task_id}: task environments (packages, setup) are not built in "
+                "worker VMs (the VM network reaches no Debian mirror, and a setup's proxy "
+                "credential names the host's loopback); run it with driver: local"
             )
         spec.artifacts.mkdir(parents=True, exist_ok=True)
         # 0600: the spec carries the machine's live proxy credential.

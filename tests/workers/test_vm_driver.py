@@ -8,6 +8,8 @@ import io
 import tarfile
 from pathlib import Path, PurePosixPath
 
+import pytest
+
 from contracts.config import NomadCluster
 from contracts.dataroot import DataRoot
 from workers.driver import get_driver
@@ -81,3 +83,15 @@ def test_the_driver_is_picked_by_its_short_name(tmp_path: Path) -> None:
     driver = get_driver("vm")
     assert isinstance(driver, VmDriver) and driver.name == "vm"
     assert VmDriver(root=tmp_path).vms() == []
+
+
+@pytest.mark.parametrize(
+    "environment", [{"environment": ["dc"]}, {"setup": ["pip install -e ."]}], ids=str
+)
+def test_a_task_environment_is_refused_before_anything_is_shipped(
+    tmp_path: Path, environment: dict[str, list[str]]
+) -> None:
+    spec = _spec(tmp_path / "data", tmp_path / "repo").model_copy(update=environment)
+    with pytest.raises(OSError, match=r"not built in worker VMs.*driver: local"):
+        VmDriver(root=tmp_path / "data").launch(spec)
+    assert not spec.artifacts.exists()
