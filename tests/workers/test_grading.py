@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from worker_harness import EXAMPLES as EXAMPLE_REPOS
 
 from workers import workspace
-from workers.grading import GradeReport, grade, parse_pytest_summary
+from workers.grading import GradeReport, grade, parse_pytest_summary, swebench_report
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,29 @@ def grade_example(ws: Path, name: str, command: str = COMMAND, timeout_s: int = 
     )
 
 
+Graded = Callable[..., tuple[Path, GradeReport]]
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory: pytest.TempPathFactory) -> Graded:
+    """graded(name, *solved) -> (workspace, report): examples/<name> with the stubs `solved`
+    filled in, graded once for the module; the tests that read the same grading share it."""
+    done: dict[tuple[str, tuple[str, ...]], tuple[Path, GradeReport]] = {}
+
+    def get(name: str, *solved: str) -> tuple[Path, GradeReport]:
+        if (name, solved) not in done:
+            ws = tmp_path_factory.mktemp(f"{name}-graded") / "workspace"
+            workspace.prepare(EXAMPLE_REPOS / name, ws)
+            solve(ws, name, *solved)
+            done[name, solved] = (ws, grade_example(ws, name))
+        return done[name, solved]
+
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_untouched_repo_is_unresolved(prepared: Callable[[str], Path], name: str) -> None:
-    ws = prepared(name)
-    report = grade_example(ws, name)
+def test_untouched_repo_is_unresolved(graded: Graded, name: str) -> None:
+    ws, report = graded(name)
     assert report.status == "unresolved"
     assert set(report.fail_to_pass.values()) == {"FAILED"}
     assert set(report.pass_to_pass.values()) == {"PASSED"}
@@ -114,13 +135,9 @@ def test_untouched_repo_is_unresolved(prepared: Callable[[str], Path], name: str
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_correct_solutions_resolve_and_show_in_the_patch(
-    prepared: Callable[[str], Path], name: str
-) -> None:
-    ws = prepared(name)
+def test_correct_solutions_resolve_and_show_in_the_patch(graded: Graded, name: str) -> None:
     solutions = EXAMPLES[name].solutions
-    solve(ws, name, *solutions)
-    report = grade_example(ws, name)
+    ws, report = graded(name, *solutions)
     assert report.status == "resolved", report.log.read_text()
     assert report.exit_code == 0
     diff = workspace.patch(ws)
@@ -132,10 +149,8 @@ def test_correct_solutions_resolve_and_show_in_the_patch(
     assert "__pycache__" not in diff
 
 
-def test_some_solutions_are_partial(prepared: Callable[[str], Path]) -> None:
-    ws = prepared("mathkit")
-    solve(ws, "mathkit", "add")
-    report = grade_example(ws, "mathkit")
+def test_some_solutions_are_partial(graded: Graded) -> None:
+    _, report = graded("mathkit", "add")
     assert report.status == "partial"
     assert report.fail_to_pass == {
         "tests/test_basic.py::test_add": "PASSED",
@@ -143,6 +158,38 @@ def test_some_solutions_are_partial(prepared: Callable[[str], Path]) -> None:
         "tests/test_basic.py::test_is_even": "FAILED",
         "tests/test_basic.py::test_is_even_zero_and_negative": "FAILED",
     }
+
+
+@pytest.mark.parametrize(
+    ("solved", "status"),
+    [(("add", "is_even"), "resolved"), (("add",), "partial"), ((), "unresolved")],
+)
+def test_report_json_of_real_grading(graded: Graded, solved: tuple[str, ...], status: str) -> None:
+    """report.json, SWE-bench style, of the gradings above (resolved, partial, unresolved)."""
+    _, grade = graded("mathkit", *solved)
+    report = swebench_report("mathkit", "a-001", grade, patch_exists=bool(solved))
+    mathkit = EXAMPLES["mathkit"]
+    f2p = mathkit.ids(mathkit.f2p)
+    add_tests = [t for t in f2p if "test_add" in t]
+    passed = {"resolved": f2p, "partial": add_tests, "unresolved": []}[status]
+    assert report.to_json() == {
+        "instance_id": "mathkit",
+        "assignment": "a-001",
+        "patch_exists": bool(solved),
+        "patch_successfully_applied": True,
+        "resolved": status == "resolved",
+        "status": status,
+        "tests_status": {
+            "FAIL_TO_PASS": {"success": passed, "failure": [t for t in f2p if t not in passed]},
+            "PASS_TO_PASS": {"success": mathkit.ids(mathkit.p2p), "failure": []},
+        },
+        "tests_timed_out": False,
+        "tests_tampered": False,
+        "tampered_files": [],
+        "infra_failure": False,
+        "infra_error": None,
+    }
+    json.dumps(report.to_json())  # plain JSON all the way down
 
 
 def test_broken_pass_to_pass_is_not_resolved(prepared: Callable[[str], Path]) -> None:
