@@ -4,21 +4,17 @@ ledger and budget scopes, and the real mitmdump leading `http://broker.autovibe/
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 
-import uvicorn
-
 from budget import machine_scope, open_counters, project_scope
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from ledger.book import Ledger
-from orchestrator.api import create_app
-from proxy.launch import wait_ready
 from tests.budget.budget_harness import Proxy, serve, start_proxy
+from tests.orchestrator.trial_runs import served_api
 
 PROJECT = "demo"
 PROJECT_BUDGET = Decimal(500)
@@ -44,30 +40,18 @@ def broker_behind_proxy(
     for machine, allowance in allowances.items():
         counters.ensure_scope(machine_scope(PROJECT, machine), allowance, "USD", "daily", now)
     counters.close()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, run_scheduler=False),
-            host=settings.host,
-            port=settings.api_port,
-            log_level="warning",
+    with served_api(settings):
+        model = serve()
+        proxy = start_proxy(
+            settings.data,
+            settings.configs,
+            next(model),
+            transparent_port=transparent_port,
+            autovibe_broker=f"{settings.host}:{settings.api_port}",
+            **proxy_options,
         )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_ready(settings.host, settings.api_port, timeout=30)
-    model = serve()
-    proxy = start_proxy(
-        settings.data,
-        settings.configs,
-        next(model),
-        transparent_port=transparent_port,
-        autovibe_broker=f"{settings.host}:{settings.api_port}",
-        **proxy_options,
-    )
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
-        server.should_exit = True
-        thread.join(timeout=10)
-        next(model, None)
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+            next(model, None)

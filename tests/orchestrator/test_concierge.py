@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,9 +22,8 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-import uvicorn
 import yaml
-from trial_runs import operator_api
+from trial_runs import operator_api, operator_token, served_api
 from typer.testing import CliRunner
 
 from budget import Reserved
@@ -35,7 +33,6 @@ from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from contracts.tasksets import SET_FILE
 from orchestrator import cli
-from orchestrator.api import create_app
 from orchestrator.intake.concierge import choices_for, draft_schema
 from orchestrator.platform import Platform
 from proxy.launch import mitmdump_argv, wait_ready
@@ -124,27 +121,13 @@ def _proxy_and_api(settings: Settings) -> Iterator[Stack]:
         )  # fmt: skip
     try:
         wait_ready(settings.host, settings.proxy_port, timeout=60, process=proxy)
-        app = create_app(settings, run_scheduler=False)
-        token = (root.secrets / "operator-token").read_text().strip()
         # Served for real, so that `autovibe ask` can reach it as an operator does.
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=settings.host, port=settings.api_port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started:
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.05)
-        headers = {"Authorization": f"Bearer {token}"}
-        try:
+        with served_api(settings) as platform:
+            headers = {"Authorization": f"Bearer {operator_token(settings.data)}"}
             with httpx.Client(
                 base_url=settings.api_url, headers=headers, trust_env=False, timeout=120
             ) as client:
-                yield Stack(client, app.state.platform, settings)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+                yield Stack(client, platform, settings)
     finally:
         stop(proxy)
 

@@ -5,7 +5,6 @@ counters. `--once` must show the expected rows and figures."""
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,15 +14,14 @@ from typing import Any
 
 import pytest
 import typer
-import uvicorn
 from rich.console import Console
 from traffic_harness import llm_call
+from trial_runs import served_api
 from typer.testing import CliRunner
 
 from budget import machine_scope, project_scope
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
-from orchestrator.api import create_app
 from orchestrator.client import Client
 from orchestrator.platform import Platform
 from orchestrator.state import Assignment
@@ -37,21 +35,8 @@ def served(tmp_path: Path) -> Iterator[tuple[Settings, Platform]]:
     settings = Settings(
         data=tmp_path / "data", configs=PROJECT_ROOT / "configs", api_port=free_port()
     )
-    app = create_app(settings, run_scheduler=False)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.api_port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
-    try:
-        yield settings, app.state.platform
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with served_api(settings) as platform:
+        yield settings, platform
 
 
 def settle(platform: Platform, scopes: list[str], amount: str) -> None:

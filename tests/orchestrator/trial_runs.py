@@ -4,12 +4,14 @@ a trial's assignment ends."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi.testclient import TestClient
 from mitmproxy.certs import CertStore
 
@@ -58,6 +60,28 @@ def operator_api(settings: Settings) -> Iterator[tuple[TestClient, Platform]]:
     headers = {"Authorization": f"Bearer {operator_token(settings.data)}"}
     with TestClient(app, headers=headers) as client:
         yield client, app.state.platform
+
+
+@contextmanager
+def served_api(settings: Settings) -> Iterator[Platform]:
+    """The control API of `settings` (no scheduler thread) served for real by uvicorn on
+    `settings.api_port`, in a thread, for clients that reach it as an operator's do: its
+    platform."""
+    app = create_app(settings, run_scheduler=False)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.api_port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.05)
+    try:
+        yield app.state.platform
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def trial_settings(tmp_path: Path, *, sandboxed: bool = False, **overrides: Any) -> Settings:
