@@ -7,7 +7,8 @@ the real `Scheduler` with its state DB (SQLite, and PostgreSQL when the machine 
 worker driver is simulated. `SimulatedDriver` is put in the platform's driver cache under
 `local`, so the scheduler calls it as it calls the local driver: `launch` writes the spec as
 the local driver does and starts a runner that sleeps and then writes its `result.json`, `alive`
-answers while it sleeps. Measured: each tick's time, the time from a runner's end to its ending
+answers while it sleeps, and the scheduler hears each end (`on_end`) as it hears the local
+driver's runners end. Measured: each tick's time, the time from a runner's end to its ending
 being recorded, and the latency of `GET /v1/trials/{id}` polled by another process meanwhile.
 """
 
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,7 @@ class SimulatedDriver:
         self._due: list[tuple[float, str, Path]] = []
         self._running: set[str] = set()
         self._cond = threading.Condition()
+        self._listeners: set[Callable[[], None]] = set()
         self._thread = threading.Thread(target=self._report, name="simulated-runners", daemon=True)
         self._thread.start()
 
@@ -71,6 +74,11 @@ class SimulatedDriver:
             self._running.add(spec.assignment)
             heapq.heappush(self._due, (time.time() + self.run_s, spec.assignment, spec.result_path))
             self._cond.notify()
+
+    def on_end(self, wake: Callable[[], None]) -> None:
+        """As the local driver: the scheduler hears each runner end."""
+        with self._cond:
+            self._listeners.add(wake)
 
     def alive(self, spec: AssignmentSpec) -> bool:
         with self._cond:
@@ -98,6 +106,9 @@ class SimulatedDriver:
             with self._cond:
                 self.ended[assignment] = time.time()
                 self._running.discard(assignment)
+                listeners = list(self._listeners)
+            for wake in listeners:
+                wake()
 
 
 class TimedScheduler(Scheduler):

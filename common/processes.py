@@ -1,10 +1,14 @@
 """Child processes the platform and its tests start (servers, proxies, runners): stopping one,
-and what Linux's /proc says of a process (its command line, descendants, CPU time)."""
+hearing when one ends, and what Linux's /proc says of a process (its command line,
+descendants, CPU time)."""
 
 from __future__ import annotations
 
 import os
+import select
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -86,3 +90,52 @@ def group_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             found.append(pid)
     return found
+
+
+class ProcessEnds:
+    """Calls its listeners (on a thread of its own) each time a watched process ends: a pidfd
+    per process (Linux 5.3+), one epoll over them, so that the end of a process that is not our
+    child (a runner in a tmux pane) is an event rather than something to poll for."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._fds: dict[int, int] = {}
+        """pidfd -> pid."""
+        self._listeners: set[Callable[[], None]] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def listen(self, wake: Callable[[], None]) -> None:
+        """Call `wake` whenever a watched process ends (once per listener: listening again
+        with the same callable changes nothing)."""
+        with self._lock:
+            self._listeners.add(wake)
+
+    def watch(self, pid: int) -> None:
+        """Tell the listeners when `pid` ends; at once if it already has."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._notify()
+            return
+        with self._lock:
+            self._fds[fd] = pid
+            self._epoll.register(fd, select.EPOLLIN)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="process-ends", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            for fd, _ in self._epoll.poll():
+                with self._lock:
+                    self._epoll.unregister(fd)
+                    del self._fds[fd]
+                os.close(fd)
+                self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for wake in listeners:
+            wake()

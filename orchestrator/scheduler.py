@@ -65,6 +65,7 @@ from orchestrator.state import (
 )
 from orchestrator.supervisor import ModelSupervisor
 from workers.agents import get_agent
+from workers.driver import WithEndNotice
 from workers.result import read_patch, read_result
 from workers.spec import AssignmentSpec, SandboxSpec, task_fields
 
@@ -177,6 +178,8 @@ class Scheduler:
         """Epoch seconds; when deferred assignments are due (tests move it on)."""
         self.alerts = BudgetWatch(platform)
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        """Set to tick now: by a driver when a runner ends (`WithEndNotice`), and by `stop`."""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.judges = Judges(self.score_confidence)
@@ -198,6 +201,7 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
         self.judges.stop()
@@ -205,12 +209,15 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            # Cleared before the tick: a runner that ends during it wakes the next at once.
+            self._wake.clear()
             more = False
             try:
                 more = self.tick()
             except Exception:  # keep scheduling; the error is in the log with its trace
                 log.exception("scheduler tick failed")
-            self._stop.wait(0 if more else self.interval_s)
+            if not more:
+                self._wake.wait(self.interval_s)
 
     # -- one pass ----------------------------------------------------------------------------
     def tick(self) -> bool:
@@ -353,6 +360,8 @@ class Scheduler:
         if not starting:
             return []
         driver = self.p.driver(config.driver, config.nomad)
+        if isinstance(driver, WithEndNotice):
+            driver.on_end(self._wake.set)
         # Loaded (or made) here, not by the starts at once: its file has a fixed temp name.
         self.p.credential_key  # noqa: B018
         # The budget preamble of every start in this tick: the trial's spend read once.

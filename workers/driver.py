@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from contracts.adapters import resolve
 from contracts.config import NomadCluster
@@ -22,6 +23,16 @@ class WorkerDriver(Protocol):
 
     def cancel(self, spec: AssignmentSpec) -> None:
         """Stop the assignment's runner and everything it started."""
+        ...
+
+
+@runtime_checkable
+class WithEndNotice(Protocol):
+    """A driver that hears its runners end: the scheduler collects an ending when it happens
+    instead of at its next poll."""
+
+    def on_end(self, wake: Callable[[], None]) -> None:
+        """Call `wake` (from any thread) each time a runner this driver launched ends."""
         ...
 
 

@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from common.processes import cmdline, group_members
+from common.processes import ProcessEnds, cmdline, group_members
 from contracts.config import NomadCluster
 from contracts.dataroot import atomic_write, open_log, read_untrusted, write_secret_file
 from contracts.settings import PROJECT_ROOT
@@ -56,6 +56,8 @@ class LocalDriver:
     def __init__(self, cluster: NomadCluster | None = None, *, tmux: bool | None = None) -> None:
         """`cluster`: the drivers' one constructor (`workers.driver`); local places nothing."""
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._ends = ProcessEnds()
+        """The runners launched here, to hear them end (`on_end`)."""
         self.tmux = shutil.which("tmux") is not None if tmux is None else tmux
         """Run runners in tmux sessions; None: when tmux is installed."""
         if not self.tmux:
@@ -72,6 +74,7 @@ class LocalDriver:
         pid = self._launch_in_tmux(spec) if self.tmux else None
         if pid is None:
             pid = self._launch_detached(spec)
+        self._ends.watch(pid)
         # Host-only, written here: cancel signals this group, never a pid the runner's folders
         # could have been made to hold.
         atomic_write(spec.artifacts / PGID_FILE, f"{pid}\n", mode=0o600)
@@ -81,6 +84,10 @@ class LocalDriver:
         while time.monotonic() < deadline and _running(pid) and not self.alive(spec):
             self._reap(spec)
             time.sleep(0.02)
+
+    def on_end(self, wake: Callable[[], None]) -> None:
+        """`WithEndNotice`: the runner wrote result.json last, so it can be collected now."""
+        self._ends.listen(wake)
 
     def _launch_detached(self, spec: AssignmentSpec) -> int:
         with open_log(spec.artifacts / "runner.log", append=True) as runner_log:

@@ -4,6 +4,7 @@ SQLite state DB, Scheduler.tick, the ledger; the runners are `bench.fleet.Simula
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from bench.fleet import SimulatedDriver
@@ -26,7 +27,8 @@ def _states(platform: Platform) -> dict[str, int]:
         return out
 
 
-def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
+def _trial(tmp_path: Path, count: int) -> Platform:
+    """A platform with trial `tb` of `count` queued assignments on as many machines."""
     platform = Platform.from_settings(
         Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
     )
@@ -37,7 +39,7 @@ def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
             "name": "bound",
             "project": "demo",
             "budget": {"amount": "1"},
-            "machines": {"count": COUNT},
+            "machines": {"count": count},
             "agents": ["command"],
             "model_pairs": ["tiny"],
             "confidence": {"enabled": False},
@@ -63,7 +65,7 @@ def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
                 config=config.model_dump(mode="json"),
             )
         )
-        for i in range(COUNT):
+        for i in range(count):
             s.add(
                 Assignment(
                     id=f"tb-{i:03d}",
@@ -75,6 +77,11 @@ def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
                 )
             )
     platform.open_ledger(config, "tb")
+    return platform
+
+
+def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
+    platform = _trial(tmp_path, COUNT)
     driver = SimulatedDriver(run_s=3600)  # nobody ends until this test writes the results
     platform.drivers["local"] = driver
     scheduler = Scheduler(platform)
@@ -111,3 +118,19 @@ def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
     ended = [e for e in platform.store.events_after("tb", 0) if e.kind == "assignment_finished"]
     assert len(ended) == COUNT
     scheduler.stop()
+
+
+def test_a_runner_that_ends_wakes_the_scheduler(tmp_path: Path) -> None:
+    """The driver tells the scheduler when a runner ends (`WithEndNotice`): with a poll interval
+    of an hour, the trial still finishes once its runners have."""
+    platform = _trial(tmp_path, 2)
+    platform.drivers["local"] = SimulatedDriver(run_s=0.2)
+    scheduler = Scheduler(platform, interval_s=3600)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 60  # a bound on a hang, not a timing: it takes ~0.3 s
+        while _states(platform) != {"finished": 2} and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        scheduler.stop()
+    assert _states(platform) == {"finished": 2}
