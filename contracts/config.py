@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from contracts.egress import parse_rules, uncovered
+from contracts.harbor import HARBOR_PARSER, HARBOR_TEST
 from contracts.outbound import REPO_ALLOW_SETTING, AddressRefused, Allowlist, check_url
 
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -251,11 +252,6 @@ def _agent_program(value: list[str] | None, info: ValidationInfo) -> list[str] |
     return [str(resolved), *value[1:]]
 
 
-HARBOR_PARSER = "harbor"
-"""A Harbor task's grading: its `tests/test.sh` run from /tests, the reward it writes to
-/logs/verifier (`reward.txt` or `reward.json`), else its exit status (`workers.grading`)."""
-HARBOR_TEST = "tests/test.sh"
-"""The one FAIL_TO_PASS id of a Harbor task: its verifier script."""
 _RESERVED_TOP = frozenset({
     "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "media", "mnt",
     "opt", "proc", "root", "run", "sbin", "srv", "sys", "tmp", "usr", "var", "tests", "logs",

@@ -15,8 +15,6 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from contracts.config import load_catalog
-
 Wire = Literal["openai", "anthropic"]
 WIRE_NAMES: dict[Wire, str] = {
     "openai": "OpenAI chat/completions",
@@ -127,5 +125,9 @@ def split_model(name: str) -> tuple[str, str] | None:
 
 def load_providers(configs: Path) -> ProvidersCatalog:
     """configs/providers.yaml; without one, the public providers (OpenAI, Anthropic)."""
+    # Imported here: the agents (so every runner) import this module for `Wire`, and the trial
+    # config's models are a sixth of a runner's start.
+    from contracts.config import load_catalog
+
     path = configs / "providers.yaml"
     return load_catalog(path, ProvidersCatalog) if path.exists() else ProvidersCatalog()

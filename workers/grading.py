@@ -41,8 +41,8 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from contracts.config import HARBOR_PARSER, HARBOR_TEST
 from contracts.dataroot import open_log
+from contracts.harbor import HARBOR_PARSER, HARBOR_TEST
 from contracts.results import GradeStatus as GradeStatus
 from contracts.results import SwebenchReport, TestLists, TestsStatus
 from workers import swebench_logs

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.config import HARBOR_PARSER
 from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
+from contracts.harbor import HARBOR_PARSER
 from contracts.results import AgentResult, GradeResult, RunnerResult
 from contracts.settings import Settings
 from workers import environments, grading, pristine, redact, sandbox, setups, workspace
