@@ -7,7 +7,8 @@ a real provider could push it. A request may script its own failure: `"fail": 50
 error, `"fail": "reset"` resets the connection (RST) after `reset_after` chunks of a stream;
 `"chunks"` and `"delay_s"` override the upstream's pace; `"usage": "zero"` reports 0 tokens each
 way with the same content; `"held": true` waits for `Upstream.release` before answering, so a
-test can have every call admitted (or refused) before any of them ends.
+test can have every call admitted (or refused) before any of them ends. It is the proxy tests'
+upstream (tests/proxy/proxy_harness.py) with this handler: one stub, one way to start it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -35,9 +33,13 @@ from contracts.credentials import MachineIdentity, load_or_create_key, mint, pro
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings, free_port
 from proxy.launch import mitmdump_argv, wait_ready
+from tests.proxy.proxy_harness import Upstream, _Handler
+from tests.proxy.proxy_harness import serve as proxy_serve
 
 PROMPT_TOKENS = 11
 HOLD_TIMEOUT_S = 30
+CHUNKS = 4
+DELAY_S = 0.02
 
 PRICES_YAML = """\
 currency: USD
@@ -49,38 +51,16 @@ local:
 CAD_PER_TOKEN = Decimal("0.000002")
 
 
-@dataclass
-class Upstream:
-    server: ThreadingHTTPServer
-    chunks: int = 4
-    delay_s: float = 0.02
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-    """What a `"held": true` request waits for (at most HOLD_TIMEOUT_S) before answering."""
-    streamed: dict[str, int] = field(default_factory=dict)
-    """Chunks each streamed request (by prompt) got out before it ended or was hung up on."""
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    upstream: Upstream
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+class Scripted(_Handler):
+    """The proxy tests' upstream (tests/proxy/proxy_harness.py), answering a POST as a model
+    server that each request may script (see the module's docstring)."""
 
     def do_POST(self) -> None:
-        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        self.upstream.seen.append(request)
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._remember(raw)
+        request = json.loads(raw)
         up = self.upstream
-        delay = float(request.get("delay_s", up.delay_s))
+        delay = float(request.get("delay_s", DELAY_S))
         usage = {
             "prompt_tokens": PROMPT_TOKENS,
             "completion_tokens": int(request.get("max_tokens", 16)),
@@ -92,19 +72,11 @@ class _Handler(BaseHTTPRequestHandler):
             up.release.wait(HOLD_TIMEOUT_S)
         if request.get("fail") == 500:
             body = json.dumps({"error": {"type": "server_error", "message": "scripted"}})
-            self.send_response(500)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
+            self._send(500, "application/json", body.encode())
             return
         if not request.get("stream"):
             body = json.dumps({"id": "cmpl", "choices": [{"text": "hi"}], "usage": usage})
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
+            self._send(200, "application/json", body.encode())
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -117,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         prompt = str(request.get("prompt"))
         try:
-            for i in range(int(request.get("chunks", up.chunks))):
+            for i in range(int(request.get("chunks", CHUNKS))):
                 if request.get("fail") == "reset" and i == int(request.get("reset_after", 1)):
                     self._reset()
                     return
@@ -138,25 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    """The tests fire 40 calls at once through two proxies: with the default listen backlog (5)
-    a loaded machine drops connections, which then wait out SYN retransmits (1, 3, 7, 15 s)."""
-
-
-def serve(**kwargs: Any) -> Iterator[Upstream]:
-    class Handler(_Handler):
-        pass
-
-    server = _Server(("127.0.0.1", 0), Handler)
-    upstream = Upstream(server, **kwargs)
-    Handler.upstream = upstream
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield upstream
-    server.shutdown()
-    server.server_close()
+def serve() -> Iterator[Upstream]:
+    """The upstream of the budget tests: requests in `seen`, their JSON in `calls`."""
+    yield from proxy_serve(Scripted)
 
 
 @dataclass

@@ -164,7 +164,7 @@ def test_missing_max_tokens_is_capped_at_what_the_tightest_scope_can_pay(
     with proxy.client(proxy.identity("capped")) as client:
         response = post(client, upstream, content)
     assert response.status_code == 200, response.text
-    (sent,) = [r for r in upstream.seen if r.get("marker") == "capped"]
+    (sent,) = [r for r in upstream.calls if r.get("marker") == "capped"]
     affordable = int(Decimal("0.006") / CAD_PER_TOKEN) - len(content) - PROMPT_MARGIN_TOKENS
     assert sent["max_tokens"] == affordable
     # The upstream used every token it was allowed: the allowance is spent, never overrun.
@@ -177,7 +177,7 @@ def test_missing_max_tokens_is_capped_at_what_the_tightest_scope_can_pay(
     counters.ensure_scope("machine:capped:m1", big, "CAD", "daily", time.time())
     with proxy.client(proxy.identity("capped")) as client:
         assert post(client, upstream, body(marker="ceiling")).status_code == 200
-    (sent,) = [r for r in upstream.seen if r.get("marker") == "ceiling"]
+    (sent,) = [r for r in upstream.calls if r.get("marker") == "ceiling"]
     assert sent["max_tokens"] == 4096
 
 

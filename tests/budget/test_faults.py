@@ -122,7 +122,7 @@ def wait_upstream(upstream: Upstream, kind: str, tag: str, count: int, timeout: 
     """Until the upstream has been asked `count` calls of `kind` (reserved, then forwarded)."""
     deadline = time.monotonic() + timeout
     marker = re.compile(rf"fault {kind} \d+ {tag}$")
-    while len([r for r in list(upstream.seen) if marker.match(str(r.get("prompt")))]) < count:
+    while len([r for r in upstream.calls if marker.match(str(r.get("prompt")))]) < count:
         assert time.monotonic() < deadline, f"the upstream never saw {count} {kind} calls"
         time.sleep(0.02)
 
@@ -218,7 +218,7 @@ def test_faults_under_load_leave_spend_equal_to_the_ledger(
         ) + Counter(orphan=WAVE_1["slow"]), (kinds, outcomes)
         assert kinds["quit"] >= 1, (kinds, outcomes)
         # Whatever reached the upstream (was reserved, then forwarded) is in the spool.
-        asked = {str(r.get("prompt")) for r in list(upstream.seen)}
+        asked = {str(r.get("prompt")) for r in upstream.calls}
         slow = {f"fault slow {n} {store_name}" for n in range(WAVE_1["slow"])}
         ours = {p for p in asked if p.endswith(f" {store_name}")}
         assert slow <= ours

@@ -47,6 +47,11 @@ The local price per token does not divide evenly, as in production."""
 class Upstream:
     server: ThreadingHTTPServer
     seen: list[dict[str, Any]] = field(default_factory=list)
+    """Every request: its path, headers and body (text)."""
+    release: threading.Event = field(default_factory=threading.Event)
+    """What a request its handler holds waits for (budget_harness.Scripted: `"held": true`)."""
+    streamed: dict[str, int] = field(default_factory=dict)
+    """Chunks each streamed request (by prompt) got out, where the handler counts them."""
 
     @property
     def port(self) -> int:
@@ -58,6 +63,11 @@ class Upstream:
 
     def saw(self, marker: str) -> bool:
         return any(marker in req["body"] for req in self.seen)
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """The JSON body of every POST, in the order they came."""
+        return [json.loads(req["body"]) for req in list(self.seen) if req["body"]]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -107,12 +117,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    """Tests fire 40 calls at once through two proxies: with the default listen backlog (5)
+    a loaded machine drops connections, which then wait out SYN retransmits (1, 3, 7, 15 s)."""
+
+
 def listen(handler: type[_Handler] = _Handler, port: int = 0) -> Upstream:
     """An upstream answering with `handler` on 127.0.0.1:`port` (0: a free one), in a thread."""
 
     Handler: type[_Handler] = type("Handler", (handler,), {})  # its own `upstream`
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", port), Handler)
     upstream = Upstream(server)
     Handler.upstream = upstream
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -199,9 +199,7 @@ def reserved_in(record: FlowRecord) -> Decimal:
 
 
 def seen_prompts(upstream: Upstream, prefix: str) -> list[str]:
-    return [
-        str(r["prompt"]) for r in list(upstream.seen) if str(r.get("prompt")).startswith(prefix)
-    ]
+    return [str(r["prompt"]) for r in upstream.calls if str(r.get("prompt")).startswith(prefix)]
 
 
 # -- litellm#34732 -------------------------------------------------------------------------------
