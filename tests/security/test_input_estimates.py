@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
-from proxy_harness import Proxy, Upstream, metering_proxy
+from proxy_harness import Proxy, Upstream, _Handler, metering_proxy, serve
 from worker_harness import settled_counters
 
 from contracts.records import BudgetDecision, FlowRecord
@@ -54,16 +52,10 @@ GPT_4O_MINI_IMAGE = 2_833 + 8 * 5_667
 PIXELS = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAA" * 4_000
 
 
-class _OpenAI(BaseHTTPRequestHandler):
-    upstream: Upstream
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
+class _OpenAI(_Handler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.upstream.seen.append({"path": self.path, "body": body.decode()})
+        self._remember(body)
         n = len(self.upstream.seen)
         if self.path == "/v1/responses":
             usage = {"input_tokens": USAGE_IN, "output_tokens": USAGE_OUT,
@@ -80,27 +72,12 @@ class _OpenAI(BaseHTTPRequestHandler):
             answer = {"id": f"chatcmpl-{n}", "object": "chat.completion",
                       "choices": [{"message": {"role": "assistant", "content": "a cat"}}],
                       "usage": usage}  # fmt: skip
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._send(200, "application/json", json.dumps(answer).encode())
 
 
 @pytest.fixture(scope="module")
 def provider() -> Iterator[Upstream]:
-    class Handler(_OpenAI):
-        pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    upstream = Upstream(server)
-    Handler.upstream = upstream
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield upstream
-    server.shutdown()
-    server.server_close()
+    yield from serve(_OpenAI)
 
 
 @pytest.fixture(scope="module")

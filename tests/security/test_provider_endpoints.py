@@ -16,10 +16,8 @@ from __future__ import annotations
 import json
 import re
 import sys
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proxy"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
-from proxy_harness import PRICES_YAML, Proxy, Upstream, metering_proxy
+from proxy_harness import PRICES_YAML, Proxy, Upstream, _Handler, metering_proxy, serve
 from worker_harness import settled_counters
 
 from contracts.records import FlowRecord
@@ -53,14 +51,8 @@ SPEECH = b"ID3" + bytes(range(256)) * 40
 AUDIO_MAX_SECONDS = 1500
 
 
-class _Provider(BaseHTTPRequestHandler):
+class _Provider(_Handler):
     """OpenAI's (and, on its own port, Anthropic's) wire formats, as a test needs them."""
-
-    upstream: Upstream
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def do_GET(self) -> None:
         self._remember(b"")
@@ -109,26 +101,9 @@ class _Provider(BaseHTTPRequestHandler):
     def _json(self, doc: dict[str, Any], status: int = 200) -> None:
         self._send(status, "application/json", json.dumps(doc).encode())
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
 
 def _serve() -> Iterator[Upstream]:
-    class Handler(_Provider):
-        pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    upstream = Upstream(server)
-    Handler.upstream = upstream
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield upstream
-    server.shutdown()
-    server.server_close()
+    yield from serve(_Provider)
 
 
 @pytest.fixture(scope="module")
