@@ -76,6 +76,7 @@ def trial(name: str, **task: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # two trials through the runner each: 17-19 s at load 5-7
 @pytest.mark.parametrize("serve", [git_daemon, git_http], ids=["git-daemon", "http-backend"])
 def test_a_trial_on_a_url_sees_the_bug_and_no_history_and_the_next_reuses_the_mirror(
     api: tuple[TestClient, Platform],
