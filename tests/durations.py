@@ -45,10 +45,13 @@ def file_seconds(node_ids: Iterable[str]) -> dict[str, float]:
 
 
 def from_junit(paths: list[str]) -> dict[str, float]:
-    """Seconds per test (setup, call and teardown) in JUnit XML reports, by node id."""
+    """Seconds per test (setup, call and teardown) in JUnit XML reports, by node id; a test
+    that failed or erred is left out (a timeout is no measure of the test)."""
     seconds: dict[str, float] = {}
     for path in paths:
         for case in ET.parse(path).iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                continue
             parts = case.get("classname", "").split(".")
             module = [p for p in parts if not p[:1].isupper()]
             classes = [p for p in parts if p[:1].isupper()]
