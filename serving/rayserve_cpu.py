@@ -261,6 +261,11 @@ def serve_env(settings: Settings) -> dict[str, str]:
         # would be the one kept waiting. Workers at 0; the background ones niced once serving
         # (`renice_background`).
         "RAY_worker_niceness": "0",
+        # Workers run this interpreter. Under `uv run` (make test, make demo) Ray would start
+        # each one with `uv run` in a copy of the working directory: a venv of its own, synced
+        # online, and a stale uv cache entry then recompiles llama-cpp-python (minutes) before
+        # any replica starts.
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     }
 
 
@@ -321,15 +326,16 @@ def _kill_naming(text: str) -> list[int]:
 def serving(settings: Settings, replicas: int) -> Iterator[str]:
     """Ray (local) + Serve on `settings.host:model_port` with `replicas` replicas, until exit;
     yields the base URL (`…/v1`). On exit Serve, Ray and HAProxy are stopped."""
-    import ray  # heavy (seconds): imported only by the process that runs Ray
-    from ray import serve
-
     if replicas < 1:
         raise ValueError(f"replicas: {replicas}; at least 1")
     root = DataRoot.at(settings.data)
+    # Before Ray is imported: it reads some of them (RAY_ENABLE_UV_RUN_RUNTIME_ENV) on import.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
     for key, value in serve_env(settings).items():
         os.environ.setdefault(key, value)
+    import ray  # heavy (seconds): imported only by the process that runs Ray
+    from ray import serve
+
     config_dir, socket_dir = haproxy_dirs(root)
     DataRoot.ensure(config_dir)
     socket_dir.mkdir(mode=0o700, exist_ok=True)
