@@ -786,7 +786,8 @@ differences from `direct` at the same workload and concurrency.
 The machine is shared (2 cores, other work running): compare rows of one run, not across runs.
 
 autovibe throughput as a share of bare mitmdump: {"; ".join(_share(rows, "autovibe", "mitmdump"))}.
-Part of that is how mitmdump is run (`-O`, unused built-ins removed, hooks called from plans);
+Part of that is how mitmdump is run (`-O`, unused built-ins removed, hooks called from plans,
+one write per connection and event);
 what our own addons cost shows against
 `mitmdump-lean`: {"; ".join(_share(rows, "autovibe", "mitmdump-lean"))};
 `mitmdump-lean` against bare mitmdump: {"; ".join(_share(rows, "mitmdump-lean", "mitmdump"))}.
