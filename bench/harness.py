@@ -413,32 +413,31 @@ def goals(rows: list[dict[str, Any]], fleet_rows: list[dict[str, Any]]) -> str:
 
 
 WHERE_THE_TIME_GOES = """Where the time goes. Per assignment, over the floor (phase table): `launch`
-(the tick writes the spec, the credential and the routing policy, each with an fsync, starts a
-tmux session, and the runner's Python imports the workers plane), `sandbox` (bubblewrap, the
-bridge to the proxy, `python -m workers.sandbox_init` before the agent), the offline sandbox
-that `grading` adds to the test run (grading minus the floor's copy-and-test), the git baseline
-in `workspace`, and `collection` (on average half the scheduler's 0.5 s interval, plus posting
-usage and VM time to the ledger). What would close the gap: a runner that is already running
-(a pre-started worker per machine taking specs, instead of tmux + a fresh Python per
-assignment), starting the agent without a Python in front of it in the sandbox, waking the
-scheduler when a runner ends (inotify on result.json, or the runner's own notice) instead of
-polling, and posting the spend off the tick. Inspect AI runs everything in one process with
-no isolation: its `local` sandbox is a temporary folder, so its overhead is the copy, the test
-run and its own bookkeeping.
+(the tick's starts run side by side on a kept pool of threads, each writing the spec, the
+credential and the routing policy whole with an fsync; then four tmux processes and the
+runner's Python, whose imports of the workers plane are about 0.25 s of CPU), `sandbox`
+(bubblewrap, the bridge to the proxy, `python -m workers.sandbox_init` before the agent), the
+copy and git baseline in `workspace`, and `collection` (the scheduler hears a runner end through
+a pidfd and collects at once instead of at its next 0.5 s poll; then usage and VM time posted to
+the ledger). The grading step is about the floor itself: the test run in its own offline sandbox.
+What would close the gap to 1.5x the floor: a runner that is already running (a pre-started
+worker per machine taking specs, instead of tmux + a fresh Python per assignment, about 0.2 s),
+starting the agent without a Python in front of it in the sandbox, hardlinked or reflinked
+workspaces. Below Inspect AI looks out of reach with two sandboxes: Inspect runs everything in
+one process with no isolation (its `local` sandbox is a temporary folder), so its overhead is
+about the floor, which autovibe's grading step alone costs.
 
-The tick is serial and does all the work of every assignment that starts or ends in it, so
-its time grows with the wave, not with the queue: in a cProfile run of the ticks (1,000
-assignments on 200 machines, SQLite, this machine) the scheduler spent about 10.7 ms per
-assignment: `finish` 5.2 ms (three state-DB sessions; `post_usage` of the project's closed
-hours, 0.9 ms, called again for every ending; VM time to the ledger), `_spec` 1.3 ms (the
-routing policy written with an fsync), the spec.json of every running assignment read and
-validated again on every tick (1.0 ms, three times per assignment), the spec written with an
-fsync at launch (0.9 ms); fsync alone 0.8 s of the 10.7 s. A wave of 200 is then a tick of
-about 2 s (more under load). What would fix it: one state-DB session per tick for all the
-endings, the project's usage posted once per tick rather than once per ending, the specs of
-running assignments kept in memory instead of re-read, the launches' files written by a pool
-off the tick (or one directory fsync), and a bound on the work per tick (e.g. 20 starts and
-20 endings), which caps the tick's time at the cost of a slower ramp."""
+The tick: starts run on the pool (their fsyncs overlap and the journal commits them together),
+the revocation list is read incrementally (it was re-read whole after every revoke), a batch of
+endings is loaded in one query and recorded in one transaction. In a cProfile run of the ticks
+(1,000 assignments on 200 machines, SQLite, a loaded machine) the time spent in ticks went from
+73.6 s to 20.2 s. The slowest ticks left are stalls more than work: the API's
+`GET /v1/trials/{id}` serialising 1,000 assignments in the same process competes for the
+interpreter lock, and each tick still makes two state-DB write commits (launch and endings,
+each an fsync under SQLite's synchronous=FULL), loads the ~200 running rows in `_collect` and
+reads the id and state of all 1,000 assignments in `_maybe_finish`. What would fix it: one
+write transaction per tick, narrower queries, the API in a process of its own or a cached
+trial view."""
 
 
 def notes_for(
