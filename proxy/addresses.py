@@ -43,23 +43,13 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-_names: dict[str, frozenset[str]] = {}
-
-
 def _resolved(name: str) -> frozenset[str]:
-    """The addresses `name` resolves to; a failure is not remembered (the name may come up,
-    as a container's does), a success is, for up to NAMES_KEPT names."""
-    if name in _names:
-        return _names[name]
+    """The addresses `name` resolves to (none when it does not); `keys` remembers them."""
     try:
         infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return frozenset()
-    found = frozenset(str(info[4][0]) for info in infos)
-    if len(_names) >= NAMES_KEPT:
-        del _names[next(iter(_names))]
-    _names[name] = found
-    return found
+    return frozenset(str(info[4][0]) for info in infos)
 
 
 _keys: dict[str, frozenset[str]] = {}
@@ -71,7 +61,7 @@ def keys(host: str) -> frozenset[str]:
 
     Asked several times for every proxied call (metering, egress), with the same few hosts:
     an answer is remembered (up to NAMES_KEPT spellings) unless it is a name that did not
-    resolve, which is asked again next time."""
+    resolve, which is asked again next time (the name may come up, as a container's does)."""
     known = _keys.get(host)
     if known is not None:
         return known
