@@ -53,7 +53,7 @@ from ledger.payments import purchases_preamble
 from orchestrator.alerts import BudgetWatch, machine_day_refusal
 from orchestrator.mirrors import Mirrors, RepoError
 from orchestrator.platform import Platform
-from orchestrator.setup_access import setup_env
+from orchestrator.setup_access import BRIDGED_HOST, setup_env
 from orchestrator.state import (
     ASSIGNMENT_DONE,
     ASSIGNMENT_WAITING,
@@ -753,7 +753,7 @@ class Scheduler:
                 ],
             )
         # In the sandbox the proxy is bridged onto its loopback, whatever host it listens on.
-        host = "127.0.0.1" if sandbox else st.host
+        host = BRIDGED_HOST if sandbox else st.host
         credential = mint(self.p.credential_key, identity)
         proxy = proxy_url(host, st.proxy_port, machine, credential)
         # A provider's model is called at its real host through the proxy, which puts the key in.
