@@ -12,6 +12,8 @@ integer micro-units. Adapters are picked by short name: `sqlite` (embedded) and 
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -148,14 +150,26 @@ class Reservation:
     settles an orphan can write the flow's spool record (proxy.addons.budget)."""
 
 
-class CounterStore(Protocol):
-    """The budget counter port; every method is atomic on its own."""
+class CounterStore(ABC):
+    """The budget counter port; every method is atomic on its own. An adapter stores; the
+    checks and reads that do not depend on how it stores are made here, once."""
 
     def ensure_scope(
         self, scope_id: str, limit: Decimal, currency: str, period: Period, now: float
     ) -> None:
         """Open a scope, or update its limit and period; its spend and currency are kept."""
-        ...
+        if period not in PERIODS:
+            raise CounterError(f"unknown period {period!r}; allowed: {', '.join(PERIODS)}")
+        if limit < 0:
+            raise CounterError(f"scope {scope_id}: a limit cannot be negative ({limit})")
+        self._ensure_scope(scope_id, to_micro(limit), currency, period, now)
+
+    @abstractmethod
+    def _ensure_scope(
+        self, scope_id: str, limit: int, currency: str, period: Period, now: float
+    ) -> None:
+        """`ensure_scope` with the checks made, `limit` in micro-units; raise `reopened` when
+        the scope counts another currency."""
 
     def reserve(
         self,
@@ -172,37 +186,60 @@ class CounterStore(Protocol):
         `open_reservations`. `settle`: settlements made first, as `settle_many` makes them,
         in the same transaction where the store has them (SQLite: one commit for all); they
         are made whatever the reservation's outcome, and not at all if this raises."""
-        ...
+        now = time.time() if now is None else now
+        micro = to_micro(amount, round_up=True)
+        if micro < 0:
+            raise CounterError(f"cannot reserve a negative amount ({amount})")
+        names = tuple(dict.fromkeys(scopes))
+        return self._reserve_in(reservation_id, names, micro, now, meta or {}, settle)
 
+    @abstractmethod
+    def _reserve_in(
+        self,
+        reservation_id: str,
+        names: tuple[str, ...],
+        micro: int,
+        now: float,
+        meta: Mapping[str, Any],
+        settle: Sequence[Settlement],
+    ) -> Reserved | Refused:
+        """`reserve` with the checks made: `names` without repeats, `micro` rounded up."""
+
+    @abstractmethod
     def settle(
         self, reservation_id: str, actual: Decimal, reason: str = "", now: float | None = None
     ) -> bool:
         """Release the hold and book `actual`; True only for the call that settled it."""
-        ...
 
+    @abstractmethod
     def settle_many(
         self, settlements: Sequence[Settlement], now: float | None = None
     ) -> list[bool]:
         """`settle` each, in one transaction where the store has them; one bool each."""
-        ...
 
+    @abstractmethod
     def open_reservations(self, older_than: float) -> list[Reservation]:
         """Unsettled reservations made before `older_than` (epoch seconds)."""
-        ...
 
+    @abstractmethod
     def describe(self, scope_id: str, now: float | None = None) -> ScopeState | None:
         """The scope in its current period, or None when it was never opened."""
-        ...
 
     def spent(self, scope_id: str, now: float | None = None) -> Decimal:
         """Settled spend in the current period; UnknownScope when never opened."""
-        ...
+        return require(self.describe(scope_id, now), scope_id).spent
 
     def remaining(self, scope_id: str, now: float | None = None) -> Decimal:
         """What may still be reserved in the current period."""
-        ...
+        return require(self.describe(scope_id, now), scope_id).left
 
+    @abstractmethod
     def close(self) -> None: ...
+
+
+def reopened(scope_id: str, counted: str, currency: str) -> CounterError:
+    """The refusal to reopen a scope that counts `counted` in another currency."""
+    return CounterError(f"scope {scope_id} counts {counted}; it cannot be reopened in {currency}")
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from budget import (
     CounterError,
+    CounterStore,
     CounterStoreUnavailable,
     Period,
     Refused,
@@ -33,11 +34,12 @@ from budget import (
     as_period,
     checked,
     from_micro,
+    reopened,
     require,
     scope_state,
     to_micro,
 )
-from budget.periods import PERIODS, anchor_of, window
+from budget.periods import anchor_of, window
 
 PREFIX = "{autovibe-budget}:"
 _RETRIES = 3
@@ -110,7 +112,7 @@ return {'ok'}
 """
 
 
-class RedisCounters:
+class RedisCounters(CounterStore):
     @classmethod
     def open(
         cls, *, path: Path | None = None, url: str | None, maintained: bool = False
@@ -161,24 +163,17 @@ class RedisCounters:
         self.client.close()
 
     # -- scopes ------------------------------------------------------------------------------
-    def ensure_scope(
-        self, scope_id: str, limit: Decimal, currency: str, period: Period, now: float
+    def _ensure_scope(
+        self, scope_id: str, limit: int, currency: str, period: Period, now: float
     ) -> None:
-        if period not in PERIODS:
-            raise CounterError(f"unknown period {period!r}; allowed: {', '.join(PERIODS)}")
-        if limit < 0:
-            raise CounterError(f"scope {scope_id}: a limit cannot be negative ({limit})")
         anchor = anchor_of(now)
         outcome = self._call(
             self._ensure,
             keys=[self._scope_key(scope_id)],
-            args=[to_micro(limit), currency, period, anchor, window(period, anchor, now)[0]],
+            args=[limit, currency, period, anchor, window(period, anchor, now)[0]],
         )
         if outcome.startswith("currency:"):
-            raise CounterError(
-                f"scope {scope_id} counts {outcome.partition(':')[2]}; "
-                f"it cannot be reopened in {currency}"
-            )
+            raise reopened(scope_id, outcome.partition(":")[2], currency)
         self._shapes.pop(scope_id, None)
 
     def _windows(self, names: Sequence[str], now: float) -> list[str]:
@@ -200,20 +195,15 @@ class RedisCounters:
         return args
 
     # -- reserve / settle --------------------------------------------------------------------
-    def reserve(
+    def _reserve_in(
         self,
         reservation_id: str,
-        scopes: Sequence[str],
-        amount: Decimal,
-        now: float | None = None,
-        meta: Mapping[str, Any] | None = None,
-        settle: Sequence[Settlement] = (),
+        names: tuple[str, ...],
+        micro: int,
+        now: float,
+        meta: Mapping[str, Any],
+        settle: Sequence[Settlement],
     ) -> Reserved | Refused:
-        now = time.time() if now is None else now
-        micro = to_micro(amount, round_up=True)
-        if micro < 0:
-            raise CounterError(f"cannot reserve a negative amount ({amount})")
-        names = tuple(dict.fromkeys(scopes))
         # One script per change: the settlements go first, each atomic on its own.
         self.settle_many(settle, now)
         keys = [self._reservation_key(reservation_id), self._open_key]
@@ -221,9 +211,7 @@ class RedisCounters:
         for _ in range(_RETRIES):
             args = [reservation_id, micro, repr(now), json.dumps(names)]
             windows = self._windows(names, now)
-            answer = self._call(
-                self._reserve, keys=keys, args=[*args, *windows, json.dumps(meta or {})]
-            )
+            answer = self._call(self._reserve, keys=keys, args=[*args, *windows, json.dumps(meta)])
             verdict = answer[0]
             if verdict == "ok":
                 return Reserved(
@@ -312,9 +300,3 @@ class RedisCounters:
             scope_id, int(limit), currency, period, int(anchor), int(wstart), int(spent),
             int(reserved), now=now,
         )  # fmt: skip
-
-    def spent(self, scope_id: str, now: float | None = None) -> Decimal:
-        return require(self.describe(scope_id, now), scope_id).spent
-
-    def remaining(self, scope_id: str, now: float | None = None) -> Decimal:
-        return require(self.describe(scope_id, now), scope_id).left

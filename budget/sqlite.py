@@ -20,6 +20,7 @@ from typing import Any
 
 from budget import (
     CounterError,
+    CounterStore,
     CounterStoreUnavailable,
     Period,
     Refused,
@@ -31,11 +32,10 @@ from budget import (
     as_period,
     checked,
     from_micro,
-    require,
+    reopened,
     scope_state,
-    to_micro,
 )
-from budget.periods import PERIODS, anchor_of, window
+from budget.periods import anchor_of, window
 
 BUSY_TIMEOUT_S = 10.0
 
@@ -69,7 +69,7 @@ _Row = tuple[int, str, Period, int, int, int, int]
 _SCOPE_COLUMNS = "limit_micro, currency, period, anchor, window_start, spent_micro, reserved_micro"
 
 
-class SqliteCounters:
+class SqliteCounters(CounterStore):
     @classmethod
     def open(
         cls, *, path: Path | None, url: str | None = None, maintained: bool = False
@@ -149,13 +149,9 @@ class SqliteCounters:
         self._local = threading.local()
 
     # -- scopes ------------------------------------------------------------------------------
-    def ensure_scope(
-        self, scope_id: str, limit: Decimal, currency: str, period: Period, now: float
+    def _ensure_scope(
+        self, scope_id: str, limit: int, currency: str, period: Period, now: float
     ) -> None:
-        if period not in PERIODS:
-            raise CounterError(f"unknown period {period!r}; allowed: {', '.join(PERIODS)}")
-        if limit < 0:
-            raise CounterError(f"scope {scope_id}: a limit cannot be negative ({limit})")
         with self._transaction() as db:
             row = db.execute(
                 "SELECT currency, anchor FROM scopes WHERE id = ?", (scope_id,)
@@ -164,17 +160,15 @@ class SqliteCounters:
                 anchor = anchor_of(now)
                 db.execute(
                     f"INSERT INTO scopes (id, {_SCOPE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
-                    (scope_id, to_micro(limit), currency, period, anchor,
+                    (scope_id, limit, currency, period, anchor,
                      window(period, anchor, now)[0]),
                 )  # fmt: skip
                 return
             if row[0] != currency:
-                raise CounterError(
-                    f"scope {scope_id} counts {row[0]}; it cannot be reopened in {currency}"
-                )
+                raise reopened(scope_id, row[0], currency)
             db.execute(
                 "UPDATE scopes SET limit_micro = ?, period = ? WHERE id = ?",
-                (to_micro(limit), period, scope_id),
+                (limit, period, scope_id),
             )
 
     def _roll(self, db: sqlite3.Connection, scope_id: str, now: float) -> _Row:
@@ -197,20 +191,15 @@ class SqliteCounters:
         return limit, currency, period, anchor, start, spent, reserved
 
     # -- reserve / settle --------------------------------------------------------------------
-    def reserve(
+    def _reserve_in(
         self,
         reservation_id: str,
-        scopes: Sequence[str],
-        amount: Decimal,
-        now: float | None = None,
-        meta: Mapping[str, Any] | None = None,
-        settle: Sequence[Settlement] = (),
+        names: tuple[str, ...],
+        micro: int,
+        now: float,
+        meta: Mapping[str, Any],
+        settle: Sequence[Settlement],
     ) -> Reserved | Refused:
-        now = time.time() if now is None else now
-        micro = to_micro(amount, round_up=True)
-        if micro < 0:
-            raise CounterError(f"cannot reserve a negative amount ({amount})")
-        names = tuple(dict.fromkeys(scopes))
         settling = checked(settle)
         with self._transaction() as db:
             for args in settling:
@@ -239,7 +228,7 @@ class SqliteCounters:
             db.execute(
                 "INSERT INTO reservations (id, scopes, amount_micro, created, meta)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (reservation_id, json.dumps(names), micro, now, json.dumps(meta or {})),
+                (reservation_id, json.dumps(names), micro, now, json.dumps(meta)),
             )
         return Reserved(reservation_id, from_micro(micro), names)
 
@@ -321,9 +310,3 @@ class SqliteCounters:
         return scope_state(
             scope_id, limit, currency, period, anchor, started, spent, reserved, now=now
         )
-
-    def spent(self, scope_id: str, now: float | None = None) -> Decimal:
-        return require(self.describe(scope_id, now), scope_id).spent
-
-    def remaining(self, scope_id: str, now: float | None = None) -> Decimal:
-        return require(self.describe(scope_id, now), scope_id).left
