@@ -48,15 +48,17 @@ from pydantic import ValidationError
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import Settings
-from traffic.spool import FILE_NAME
+from traffic.spool import spool_files
 from traffic.sqlite_store import DEFAULT_BODY_MAX, _complete_lines, index_copy
 from traffic.stores import (
     CallFailures,
+    Closing,
     ModelUsage,
     ProviderCalls,
     SpooledFlow,
     TrafficUnavailable,
     count_provider_calls,
+    failure_text,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ _SCHEMA = (
 )
 
 
-class ElasticsearchTrafficStore:
+class ElasticsearchTrafficStore(Closing):
     """Ships complete spool lines to Elasticsearch exactly once; offsets live in `registry_path`."""
 
     def __init__(
@@ -150,12 +152,6 @@ class ElasticsearchTrafficStore:
             self._db.close()
             self.client.close()
 
-    def __enter__(self) -> ElasticsearchTrafficStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- shipping ---------------------------------------------------------------------------
 
     def catch_up(self, traffic_logs_dir: Path) -> int:
@@ -174,8 +170,7 @@ class ElasticsearchTrafficStore:
             shipped = 0
             try:
                 self._install_template()
-                for spool_file in sorted(traffic_logs_dir.glob(f"*/*/{FILE_NAME}")):
-                    key = spool_file.relative_to(traffic_logs_dir).as_posix()
+                for spool_file, key in spool_files(traffic_logs_dir):
                     more = True
                     while more:
                         acknowledged, more, failure = self._ship_batch(spool_file, key)
@@ -387,8 +382,7 @@ class ElasticsearchTrafficStore:
             last = source
         if last is None or not _failed(last):
             return CallFailures(calls, failed, False, None)
-        status, text = last.get("status"), last.get("error")
-        error = str(text) if status is None else f"HTTP {status}" + (f": {text}" if text else "")
+        error = failure_text(last.get("status"), last.get("error"))
         return CallFailures(calls, failed, True, error)
 
     def provider_calls(

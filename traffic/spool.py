@@ -23,6 +23,13 @@ ID_PREFIX_MAX = 256
 """Bytes at the start of a line that hold its `id` (after `schema_version`)."""
 
 
+def spool_files(traffic_logs: Path) -> list[tuple[Path, str]]:
+    """Every spool file under `traffic_logs` with its key (`<project>/<YYYY-MM-DD>/flows.jsonl`),
+    in key order: the order the stores take them in."""
+    files = sorted(traffic_logs.glob(f"*/*/{FILE_NAME}"))
+    return [(path, path.relative_to(traffic_logs).as_posix()) for path in files]
+
+
 class Spool:
     """Appends FlowRecords to the data root's spool; safe to share between threads."""
 

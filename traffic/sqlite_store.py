@@ -24,13 +24,15 @@ from pydantic import ValidationError
 
 from contracts.dataroot import DataRoot
 from contracts.records import Body, FlowRecord, WebSocket
-from traffic.spool import FILE_NAME
+from traffic.spool import spool_files
 from traffic.stores import (
     CallFailures,
+    Closing,
     ModelUsage,
     ProviderCalls,
     SpooledFlow,
     count_provider_calls,
+    failure_text,
 )
 
 READ_CHUNK = 4 * 1024 * 1024
@@ -156,7 +158,7 @@ class _DecimalSum:
         return format(self.total, "f")
 
 
-class SqliteTrafficStore:
+class SqliteTrafficStore(Closing):
     """The SQLite traffic store at `path`; safe to share between threads and processes."""
 
     @classmethod
@@ -191,19 +193,12 @@ class SqliteTrafficStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> SqliteTrafficStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- feeding ----------------------------------------------------------------------------
 
     def catch_up(self, traffic_logs_dir: Path) -> int:
         """Index every complete spool line not indexed yet; returns the number of new flows."""
         added = 0
-        for spool_file in sorted(traffic_logs_dir.glob(f"*/*/{FILE_NAME}")):
-            key = spool_file.relative_to(traffic_logs_dir).as_posix()
+        for spool_file, key in spool_files(traffic_logs_dir):
             while True:
                 count, more = self._catch_up_file(spool_file, key)
                 added += count
@@ -356,12 +351,7 @@ class SqliteTrafficStore:
         )
         calls, count = rows[0]
         last_failed = bool(last and last[0][0])
-        error = None
-        if last_failed:
-            status, text = last[0][1], last[0][2]
-            error = (
-                str(text) if status is None else f"HTTP {status}" + (f": {text}" if text else "")
-            )
+        error = failure_text(last[0][1], last[0][2]) if last_failed else None
         return CallFailures(calls, count, last_failed, error)
 
     def provider_calls(

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from contracts.adapters import resolve
 from contracts.dataroot import DataRoot
@@ -126,6 +126,24 @@ class SpooledFlow:
     def hour(self) -> dt.datetime:
         start = int(self.ts_start) // HOUR_S * HOUR_S
         return dt.datetime.fromtimestamp(start, dt.UTC)
+
+
+def failure_text(status: int | None, error: str | None) -> str:
+    """A failed call in a line: `HTTP 502: <error>`, or the proxy's error when no answer came."""
+    return str(error) if status is None else f"HTTP {status}" + (f": {error}" if error else "")
+
+
+class Closing:
+    """A store that `with` closes at the end of the block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class TrafficUnavailable(Exception):
