@@ -39,8 +39,7 @@ from orchestrator.tasksets import (
     DEFAULT_TEST_COMMAND,
     REPO_NAME,
     BadEntry,
-    entry_label,
-    read_entries,
+    read_instances,
     slugify,
     test_list,
 )
@@ -79,29 +78,12 @@ def import_swebench(
     the test command of instances that name none (None: pytest, where swebench's parser for
     the repository reads pytest's output)."""
     set_name = name or slugify(path.stem)
-    problems: list[str] = []
-    entries: list[TaskSetEntry] = []
-    seen: dict[str, int] = {}
     mirrors = Mirrors(root)
     unreachable: dict[str, str] = {}
-    for line, raw in read_entries(path, problems):
-        try:
-            entry = _entry(raw, repos, mirrors, context, test_command, timeout_s, unreachable)
-        except BadEntry as exc:
-            problems.append(f"line {line}: {entry_label(raw)}{exc}")
-            continue
-        first = seen.setdefault(entry.task.id, line)
-        if first != line:
-            problems.append(
-                f"line {line}: {entry.instance_id}: task id {entry.task.id!r} repeats the one "
-                f"of line {first}"
-            )
-            continue
-        entries.append(entry)
-    if problems:
-        raise ConfigError(str(path), problems)
-    if not entries:
-        raise ConfigError(str(path), ["no task instances in the file"])
+    entries = read_instances(
+        path,
+        lambda raw: _entry(raw, repos, mirrors, context, test_command, timeout_s, unreachable),
+    )
     try:
         taskset = TaskSet(
             name=set_name,

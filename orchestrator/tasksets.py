@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -71,14 +71,34 @@ def load_swebench(
     """Read and check every entry of `path` and check each repository out at its base_commit
     under `checkouts` (default `$AUTOVIBE_DATA/task-repos`), or with `at_head` leave it as it
     is; raises ConfigError naming each bad line."""
-    problems: list[str] = []
-    instances: list[SweBenchInstance] = []
-    seen: dict[str, int] = {}
     git = _Git()
     place = None if at_head else (checkouts or Settings().data / "task-repos").resolve()
+    return read_instances(
+        path, lambda entry: _instance(entry, repos_root, git, test_command, timeout_s, place)
+    )
+
+
+class BadEntry(Exception):
+    """One entry is unusable; the message says why."""
+
+
+class _WithTask(Protocol):
+    @property
+    def task(self) -> Task: ...
+
+
+Instance = TypeVar("Instance", bound=_WithTask)
+
+
+def read_instances(path: Path, build: Callable[[Any], Instance]) -> list[Instance]:
+    """`build` of every entry of `path`, their task ids unique; ConfigError naming each bad line
+    (an entry `build` refused with BadEntry, a repeated task id), or when there is none."""
+    problems: list[str] = []
+    instances: list[Instance] = []
+    seen: dict[str, int] = {}
     for line, entry in read_entries(path, problems):
         try:
-            instance = _instance(entry, repos_root, git, test_command, timeout_s, place)
+            instance = build(entry)
         except BadEntry as exc:
             problems.append(f"line {line}: {entry_label(entry)}{exc}")
             continue
@@ -95,10 +115,6 @@ def load_swebench(
     if not instances:
         raise ConfigError(str(path), ["no task instances in the file"])
     return instances
-
-
-class BadEntry(Exception):
-    """One entry is unusable; the message says why."""
 
 
 def entry_label(entry: Any) -> str:
