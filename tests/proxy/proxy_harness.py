@@ -8,6 +8,9 @@ request it saw so a test can prove a refused call never arrived.
 
 from __future__ import annotations
 
+import base64
+import inspect
+import itertools
 import json
 import socket
 import subprocess
@@ -17,16 +20,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
+from mitmproxy import http
+from mitmproxy.flow import Error
+from mitmproxy.test import taddons, tflow
 
 from common.processes import stop
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
 from contracts.records import FlowRecord
 from contracts.settings import Settings, free_port
-from proxy.launch import wait_ready
+from proxy.launch import mitmdump_argv, wait_ready
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
@@ -262,6 +270,144 @@ def running_proxy(
     assert process.returncode == 0, output
 
 
+PROCESS_ADDONS = frozenset({"JsonLog", "Lean", "Dispatch", "Coalesce", "Indexer", "Metrics"})
+"""Addons about the mitmdump process (its log, its hook dispatch, its writes, its indexer
+thread, its metrics port), not about a flow: each is tested on its own and through a real
+mitmdump; the in-process chain leaves them out."""
+
+
+@dataclass
+class Chain(Proxy):
+    """The proxy's flow addons (proxy/addon.py, less PROCESS_ADDONS), fresh, in their order, in
+    mitmproxy's addon test context, with the options `mitmdump_argv` sets. A flow goes through
+    their hooks as mitmproxy's HTTP layer calls them (`send`, `respond`, `fail`), each hook of
+    each addon in turn, an async one awaited; no socket, no process."""
+
+    tctx: taddons.context = field(default=None)  # type: ignore[assignment]
+    addons: list[Any] = field(default_factory=list)
+
+    def flow(
+        self,
+        identity: MachineIdentity | None,
+        url: str,
+        body: dict[str, Any] | bytes | None = None,
+        *,
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
+    ) -> http.HTTPFlow:
+        """A request to `url` from `identity` (its machine credential in Proxy-Authorization,
+        as `Proxy.client` sends it), with `body` as JSON or as it is."""
+        content = json.dumps(body).encode() if isinstance(body, dict) else body or b""
+        sent: dict[str | bytes, str | bytes] = {"Content-Type": "application/json"}
+        sent.update(headers or {})
+        if identity is not None:
+            basic = f"{identity.machine}:{self.token(identity)}".encode()
+            sent["Proxy-Authorization"] = "Basic " + base64.b64encode(basic).decode()
+        flow = tflow.tflow()
+        flow.request = http.Request.make(method, url, content, sent)
+        return flow
+
+    def send(self, flow: http.HTTPFlow) -> http.HTTPFlow:
+        """`requestheaders` then `request`: what a client's request meets before it leaves."""
+        self._hook("requestheaders", flow)
+        self._hook("request", flow)
+        return flow
+
+    def respond(
+        self,
+        flow: http.HTTPFlow,
+        status: int = 200,
+        body: dict[str, Any] | bytes = b"",
+        headers: dict[str, str] | None = None,
+        chunks: list[bytes] | None = None,
+    ) -> bytes:
+        """The upstream's answer: `responseheaders` on its head, then its body (`chunks`, or
+        `body` in one) through the stream an addon set, or read whole; then `response`.
+        Returns the bytes the client got."""
+        content = json.dumps(body).encode() if isinstance(body, dict) else body
+        parts = chunks if chunks is not None else [content]
+        kind = "application/json" if isinstance(body, dict) else "text/plain"
+        flow.response = http.Response.make(status, b"", {"Content-Type": kind, **(headers or {})})
+        flow.response.data.content = None  # the head alone, as the HTTP layer has it
+        self._hook("responseheaders", flow)
+        stream = flow.response.stream
+        out = b""
+        if stream:
+            for chunk in [*parts, b""]:
+                passed = stream(chunk) if callable(stream) else chunk
+                out += passed if isinstance(passed, bytes) else b"".join(passed)
+        else:
+            flow.response.data.content = out = b"".join(parts)
+        self._hook("response", flow)
+        return out
+
+    def fail(self, flow: http.HTTPFlow, message: str) -> None:
+        """The flow ends without an answer (the upstream refused, reset or timed out)."""
+        flow.error = Error(message)
+        self._hook("error", flow)
+
+    def call(
+        self, identity: MachineIdentity | None, url: str, body: dict[str, Any], **answer: Any
+    ) -> http.HTTPFlow:
+        """`flow`, `send` and, unless an addon answered it, `respond` with `answer`."""
+        flow = self.send(self.flow(identity, url, body))
+        if flow.response is None:
+            self.respond(flow, **answer)
+        return flow
+
+    def _hook(self, name: str, flow: http.HTTPFlow) -> None:
+        for addon in self.addons:
+            hook = getattr(addon, name, None)
+            if hook is None:
+                continue
+            result = hook(flow)
+            if inspect.isawaitable(result):
+                self.tctx.master.event_loop.run_until_complete(result)
+
+
+@contextmanager
+def addon_chain(
+    tmp_path: Path,
+    model_port: int = 8500,
+    *argv_options: str,
+    secrets: dict[str, str] | None = None,
+    **options: Any,
+) -> Iterator[Chain]:
+    """`Chain` on a fresh data root under `tmp_path` (project p1 with an ample budget for m1,
+    the tests' prices) until the block ends, when each addon's `done` runs. `argv_options`
+    are `name=value` as `--set` takes them; `options` are set as typed values; `secrets` are
+    put in the embedded secret store first."""
+    from budget import open_ample
+    from proxy import addon
+    from secretstore import get_store
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "prices.yaml").write_text(PRICES_YAML)
+    settings = Settings(
+        data=tmp_path / "data", configs=tmp_path / "configs", proxy_port=1, model_port=model_port
+    )
+    root = DataRoot.at(settings.data)
+    key = load_or_create_key(root)
+    open_ample(root.budget_counters, "p1", ["m1"])
+    for path, value in (secrets or {}).items():
+        get_store("file", root).put(path, value)
+    argv = mitmdump_argv(settings, indexer=False)
+    sets = [v for k, v in itertools.pairwise(argv) if k == "--set"]
+    chain = [a for a in (type(a)() for a in addon.addons) if type(a).__name__ not in PROCESS_ADDONS]
+    with taddons.context() as tctx:
+        # Registered as `mitmdump -s proxy/addon.py` registers them: one script holding the
+        # list, so that every option is declared before any addon is configured.
+        tctx.master.addons.add(SimpleNamespace(addons=chain))
+        tctx.options.set(*[s for s in sets if s.partition("=")[0] in tctx.options], *argv_options)
+        if options:
+            tctx.options.update(**options)
+        try:
+            yield Chain(settings, root, key, tctx, chain)
+        finally:
+            for each in chain:
+                getattr(each, "done", lambda: None)()
+
+
 def metering_proxy(
     tmp_path_factory: Any,
     model_port: int,
@@ -274,7 +420,6 @@ def metering_proxy(
     `settings` override the tests' defaults, `extra_argv` adds `--set` options, `secrets` are
     put in the embedded secret store first."""
     from budget import open_ample
-    from proxy.launch import mitmdump_argv
     from secretstore import get_store
 
     base, root, key = proxy_settings(tmp_path_factory, model_port)
