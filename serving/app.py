@@ -46,7 +46,9 @@ from serving.messages import (
     MessagesRequest,
     assemble,
     chat_messages,
+    error_event,
     invalid,
+    output_room,
     parse,
     sse,
 )
@@ -273,12 +275,7 @@ def build_app(
             async with llama_lock() as proxy:
                 llama = llama_for(body.model, proxy)
                 prompt = await run_in_threadpool(render, llama, chat, prefill)
-                context = llama.n_ctx()
-                if len(prompt.tokens) >= context:
-                    raise invalid(
-                        f"prompt is too long: {len(prompt.tokens)} tokens > {context - 1} maximum"
-                    )
-                max_tokens = min(body.max_tokens, context - len(prompt.tokens))
+                max_tokens = output_room(body.max_tokens, len(prompt.tokens), llama.n_ctx())
                 if not body.stream:
                     generation = Generation(llama, prompt, max_tokens, stops, reasoning)
                     events = message_events(generation, body.model)
@@ -297,8 +294,7 @@ def build_app(
                     async for event in iterate_in_threadpool(events):
                         yield sse(event)
                 except Exception as exc:  # the client must see why the stream ended
-                    error = {"type": "api_error", "message": str(exc)}
-                    yield sse({"type": "error", "error": error})
+                    yield error_event(str(exc))
                 finally:
                     events.close()
 

@@ -78,6 +78,16 @@ def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_request_error", message)
 
 
+def output_room(max_tokens: int, input_tokens: int, context: int | None) -> int:
+    """`max_tokens` capped at the context the prompt leaves (the answer then stops at
+    `max_tokens`); a 400 when the prompt alone fills the context; no cap when it is not known."""
+    if context is None:
+        return max_tokens
+    if input_tokens >= context:
+        raise invalid(f"prompt is too long: {input_tokens} tokens > {context - 1} maximum")
+    return min(max_tokens, context - input_tokens)
+
+
 def parse(model: type[MessagesRequest] | type[CountTokensRequest], raw: bytes) -> Any:
     try:
         return model.model_validate_json(raw)
@@ -151,6 +161,11 @@ class Finish:
 
 def sse(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def error_event(message: str) -> bytes:
+    """The `error` event that ends a stream the server could not finish: the client sees why."""
+    return sse({"type": "error", "error": {"type": "api_error", "message": message}})
 
 
 class MessageEvents:

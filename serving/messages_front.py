@@ -50,7 +50,8 @@ from serving.messages import (
     MessagesRequest,
     assemble,
     chat_messages,
-    invalid,
+    error_event,
+    output_room,
     parse,
     sse,
 )
@@ -206,14 +207,7 @@ def create_app(upstream: str) -> ASGIApp:
             body: MessagesRequest = parse(MessagesRequest, await request.body())
             call = chat_call(body)
             counted = await count(client, call)
-            max_tokens = body.max_tokens
-            if counted.context is not None:
-                if counted.input_tokens >= counted.context:
-                    raise invalid(
-                        f"prompt is too long: {counted.input_tokens} tokens > "
-                        f"{counted.context - 1} maximum"
-                    )
-                max_tokens = min(max_tokens, counted.context - counted.input_tokens)
+            max_tokens = output_room(body.max_tokens, counted.input_tokens, counted.context)
             sent = client.build_request(
                 "POST", "/v1/chat/completions", json=chat_request(body, call, max_tokens)
             )
@@ -241,7 +235,7 @@ def create_app(upstream: str) -> ASGIApp:
                     yield sse(event)
             except (ApiError, httpx.HTTPError, ValueError) as exc:  # the client sees why
                 message = exc.message if isinstance(exc, ApiError) else f"model plane: {exc}"
-                yield sse({"type": "error", "error": {"type": "api_error", "message": message}})
+                yield error_event(message)
             finally:
                 await response.aclose()
 
