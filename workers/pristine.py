@@ -1,11 +1,14 @@
 """The tests that grade an assignment are the task's, not the agent's.
 
 Before grading, every file of the task's test surface is put back as the baseline holds it:
-`conftest.py` at any depth, pytest's configuration files (`pytest.ini`, `.pytest.ini`,
-`tox.ini`, `setup.cfg`, `pyproject.toml`) at any depth, everything under a `tests/` or
-`test/` folder, and the test files the FAIL_TO_PASS / PASS_TO_PASS ids name. What the agent
-added there is removed, and so are modules it added at the workspace root that Python or
-pytest would load before any test (`pytest.py`, `sitecustomize.py`, `*.pth`, …), and all
+`conftest.py` at any depth, pytest's own configuration files (`pytest.toml`, `pytest.ini` and
+their dot-named forms) at any depth, pytest's section of `pyproject.toml`, `setup.cfg` and
+`tox.ini` at any depth (`workers.pytest_sections`: the rest of those files, dependencies and
+build settings, stays the agent's), everything under a `tests/` or `test/` folder, and the test
+files the FAIL_TO_PASS / PASS_TO_PASS ids name. What the agent added there is removed, and so
+are modules it added at the workspace root that Python or pytest would load before any test
+(`pytest.py`, `sitecustomize.py`, `*.pth`, …), a `pyproject.toml` or `setup.py` it added below
+the root (either can become pytest's rootdir, which test ids are relative to), and all
 bytecode (`__pycache__`, `*.pyc`), which would be loaded in place of a restored file.
 Whatever was different is returned as a `Tampering`: the paths, and a diff of the agent's
 versions made here in Python (symlinks shown as their targets, never followed).
@@ -26,14 +29,21 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.pytest_sections import SECTIONED, Unmerged
+from workers.pytest_sections import merge as merge_section
+from workers.pytest_sections import read as read_section
+from workers.pytest_sections import shown as shown_section
 from workers.workspace import baseline_git
 
 CONFIG_NAMES = frozenset(
-    {"conftest.py", "pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml"}
+    {"conftest.py", "pytest.toml", ".pytest.toml", "pytest.ini", ".pytest.ini", *SECTIONED}
 )
-"""Restored wherever they lie: pytest reads them while it collects."""
+"""Restored wherever they lie: pytest reads them while it collects (`SECTIONED` ones only for
+pytest's section, outside the test folders)."""
 TEST_FOLDERS = frozenset({"tests", "test"})
 """Everything under a folder of this name is the task's tests, its data and helpers."""
+ROOTDIR_MARKERS = frozenset({"pyproject.toml", "setup.py"})
+"""Files whose presence alone can make their folder pytest's rootdir."""
 SHADOWING = frozenset({"pytest", "_pytest", "pluggy", "py", "sitecustomize", "usercustomize"})
 """Module names that, added at the root (on sys.path with `python -m pytest`), run first."""
 _LINK = 0o120000
@@ -97,11 +107,8 @@ def loaded_first(path: str) -> bool:
 def restore(workspace: Path, baseline: Path, test_ids: Iterable[str]) -> Tampering:
     """Put the task's test surface in `workspace` back as committed in `baseline`."""
     named = test_files(test_ids)
-    pristine = {
-        path: (mode, sha)
-        for path, (mode, sha) in _baseline_tree(baseline, workspace).items()
-        if guarded(path, named)
-    }
+    tree = _baseline_tree(baseline, workspace)
+    pristine = {path: entry for path, entry in tree.items() if guarded(path, named)}
     root = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         # Bytecode caches are removed below, never flagged: running the tests makes them.
@@ -111,11 +118,15 @@ def restore(workspace: Path, baseline: Path, test_ids: Iterable[str]) -> Tamperi
                 "",
                 lambda p: (
                     "__pycache__" not in p.split("/")
-                    and (guarded(p, named) or (loaded_first(p) and p not in pristine))
+                    and (
+                        guarded(p, named)
+                        or ((loaded_first(p) or moves_rootdir(p)) and p not in tree)
+                    )
                 ),
             )
         )
         tampered: dict[str, tuple[_Entry | None, _Entry | None]] = {}
+        sections: dict[str, str] = {}
         for path in sorted(set(pristine) | set(current)):
             have = current.get(path)
             want = pristine.get(path)
@@ -124,6 +135,11 @@ def restore(workspace: Path, baseline: Path, test_ids: Iterable[str]) -> Tamperi
             original = None
             if want is not None:
                 original = _Entry.of(want[0], _blob(baseline, workspace, want[1]))
+            if sectioned(path, named):
+                shown = _restore_section(root, path, have, original)
+                if shown is not None:
+                    sections.update({path: shown} if shown else {})
+                    continue
             tampered[path] = (original, have)
             if original is None:
                 _remove(root, path.split("/"))
@@ -133,9 +149,63 @@ def restore(workspace: Path, baseline: Path, test_ids: Iterable[str]) -> Tamperi
         _remove_bytecode(root)
     finally:
         os.close(root)
-    files = sorted(tampered)
-    diff = "".join(_diff(path, *tampered[path]) for path in files)
+    files = sorted({*tampered, *sections})
+    diff = "".join(sections.get(path) or _diff(path, *tampered[path]) for path in files)
     return Tampering(files, diff)
+
+
+def moves_rootdir(path: str) -> bool:
+    """Whether `path`, added below the workspace root, could become pytest's rootdir (and so
+    change what the test ids name) by being there: a `pyproject.toml` without a pytest table,
+    a `setup.py` when no configuration is found. Removed when the agent added one."""
+    return "/" in path and path.rsplit("/", 1)[-1] in ROOTDIR_MARKERS
+
+
+def sectioned(path: str, named: set[str]) -> bool:
+    """Whether only pytest's section of `path` is the task's (outside the test folders)."""
+    parts = path.split("/")
+    inside = any(part in TEST_FOLDERS for part in parts[:-1])
+    return parts[-1] in SECTIONED and not inside and path not in named
+
+
+def _restore_section(
+    root: int, path: str, have: _Entry | None, original: _Entry | None
+) -> str | None:
+    """Put pytest's section of `path` back as the task had it, keeping the rest of the agent's
+    file: the diff of that section ("" when it was the task's already), or None when the
+    whole file must be restored (a link, a large file, one that does not parse)."""
+    regular = (_FILE, _EXEC)
+    if have is not None and (have.mode not in regular or have.data is None):
+        return None
+    if original is not None and (original.mode not in regular or original.data is None):
+        return None
+    if original is None and moves_rootdir(path):
+        return None  # added below the root: removed whole, as it could move the rootdir
+    name = path.rsplit("/", 1)[-1]
+    agents = have.data if have is not None else None
+    tasks = original.data if original is not None else None
+    try:
+        before = read_section(name, tasks) if tasks is not None else None
+        after = read_section(name, agents) if agents is not None else None
+        if before == after:
+            return ""  # pytest reads what it read, or the agent removed a file it never read
+        if agents is None:
+            return None  # the task's pytest configuration was in it: put it back whole
+        merged = merge_section(name, agents, tasks)
+        body = difflib.unified_diff(
+            shown_section(name, tasks), shown_section(name, agents), f"a/{path}", f"b/{path}"
+        )
+    except Unmerged:
+        return None
+    parts = path.split("/")
+    replaced: list[str] = []
+    if merged is None:
+        _remove(root, parts)
+    else:
+        replaced = _put(root, parts, _Entry.of(have.mode if have is not None else _FILE, merged))
+    lines = "".join(line if line.endswith("\n") else line + "\n" for line in body)
+    lines += "".join(_diff(parent, None, None) for parent in replaced)
+    return f"diff a/{path} b/{path} (pytest's section; the rest is the agent's)\n{lines}"
 
 
 def _remove_bytecode(dir_fd: int) -> None:
