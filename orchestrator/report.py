@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -42,6 +42,7 @@ from contracts.reports import (
     ProviderRow,
     PurchaseRow,
     ReviewRun,
+    RunRef,
     TamperedRun,
     TrialHead,
     TrialReport,
@@ -94,6 +95,32 @@ class RunRecord:
 
 def arm_name(agent: str, model: str) -> str:
     return f"{agent} × {model}"
+
+
+class _Ref(TypedDict):
+    assignment: str
+    task: str
+    agent: str
+    model: str
+
+
+def _ref(r: RunRecord) -> _Ref:
+    """The fields of `RunRef`: which run a line under the table is about."""
+    return {"assignment": r.assignment, "task": r.task, "agent": r.agent, "model": r.model}
+
+
+def _about(run: RunRef) -> str:
+    return f"{run.assignment} ({run.task}, {arm_name(run.agent, run.model)})"
+
+
+def _success(resolved: int, n: int) -> tuple[float | None, tuple[float, float]]:
+    """The success rate and its 95 % Wilson interval, rounded as the report shows them."""
+    low, high = stats.wilson_interval(resolved, n)
+    return (round(resolved / n, 4) if n else None), (round(low, 4), round(high, 4))
+
+
+def _per_resolved(cost: Decimal, resolved: int) -> Decimal | None:
+    return (cost / resolved).quantize(PER_RESOLVED) if resolved else None
 
 
 # -- building ------------------------------------------------------------------------------
@@ -230,38 +257,17 @@ def summarize(
             if r.state == "deferred"
         ],
         infra_errors=[
-            InfraErrorRun(
-                assignment=r.assignment,
-                task=r.task,
-                agent=r.agent,
-                model=r.model,
-                cause=r.exit_cause,
-                detail=r.infra_detail,
-            )
+            InfraErrorRun(**_ref(r), cause=r.exit_cause, detail=r.infra_detail)
             for r in records
             if r.status == "infra_error"
         ],
         tests_tampered=[
-            TamperedRun(
-                assignment=r.assignment,
-                task=r.task,
-                agent=r.agent,
-                model=r.model,
-                files=list(r.tampered_files),
-            )
+            TamperedRun(**_ref(r), files=list(r.tampered_files))
             for r in records
             if r.tampered_files
         ],
         needs_review=[
-            ReviewRun(
-                assignment=r.assignment,
-                task=r.task,
-                agent=r.agent,
-                model=r.model,
-                confidence=r.confidence,
-            )
-            for r in records
-            if r.accepted is False
+            ReviewRun(**_ref(r), confidence=r.confidence) for r in records if r.accepted is False
         ],
         local_share=_local_share(records),
         providers=list(providers),
@@ -284,7 +290,7 @@ def _grouped(
 def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) -> ArmStats:
     resolved, partial, unresolved = (sum(r.status == g for r in group) for g in GRADES)
     n = resolved + partial + unresolved
-    low, high = stats.wilson_interval(resolved, n)
+    success_rate, success_ci95 = _success(resolved, n)
     wall = [float(r.wall_s) for r in group if r.wall_s is not None]
     cost_usd = sum((r.cost_usd for r in group), start=Decimal(0))
     cost = to_currency(cost_usd)
@@ -304,14 +310,14 @@ def _stats(group: list[RunRecord], to_currency: Callable[[Decimal], Decimal]) ->
         failed_calls=sum(r.failed_calls for r in group),
         accepted=sum(r.accepted is True for r in group),
         needs_review=sum(r.accepted is False for r in group),
-        success_rate=round(resolved / n, 4) if n else None,
-        success_ci95=(round(low, 4), round(high, 4)),
+        success_rate=success_rate,
+        success_ci95=success_ci95,
         llm_calls=sum(r.calls for r in group),
         tokens=sum(r.tokens for r in group),
         **dict(_local_share(group)),
         cost=cost,
         cost_usd=cost_usd,
-        cost_per_resolved=(cost / resolved).quantize(PER_RESOLVED) if resolved else None,
+        cost_per_resolved=_per_resolved(cost, resolved),
         wall_s_median=round(statistics.median(wall), 2) if wall else None,
         wall_s_p50=None if p50 is None else round(p50, 2),
         wall_s_p90=None if p90 is None else round(p90, 2),
@@ -368,17 +374,17 @@ def _point(report: TrialReport, rows: Sequence[ArmRow]) -> CurvePoint:
     n = sum(r.n for r in rows)
     resolved = sum(r.resolved for r in rows)
     cost = sum((r.cost for r in rows), start=Decimal(0))
-    low, high = stats.wilson_interval(resolved, n)
+    success_rate, success_ci95 = _success(resolved, n)
     return CurvePoint(
         trial=report.id,
         name=report.name,
         created_at=report.created_at,
         n=n,
         resolved=resolved,
-        success_rate=round(resolved / n, 4) if n else None,
-        success_ci95=(round(low, 4), round(high, 4)),
+        success_rate=success_rate,
+        success_ci95=success_ci95,
         cost=cost,
-        cost_per_resolved=(cost / resolved).quantize(PER_RESOLVED) if resolved else None,
+        cost_per_resolved=_per_resolved(cost, resolved),
     )
 
 
@@ -419,10 +425,7 @@ def infra_note(report: TrialReport) -> list[str]:
         f"Infrastructure errors: {len(errors)} assignment(s) failed on the platform's side "
         "(after their retries); they are left out of the success rates, intervals and tests:"
     ]
-    lines += [
-        f"  {e.assignment} ({e.task}, {e.agent} × {e.model}): {e.cause}: {e.detail}" for e in errors
-    ]
-    return lines
+    return lines + [f"  {_about(e)}: {e.cause}: {e.detail}" for e in errors]
 
 
 def tamper_note(report: TrialReport) -> list[str]:
@@ -434,11 +437,7 @@ def tamper_note(report: TrialReport) -> list[str]:
         f"Tests tampered with: {len(tampered)} assignment(s) changed the task's tests or "
         "their configuration; they were restored before grading (tests-tampered.diff):"
     ]
-    lines += [
-        f"  {t.assignment} ({t.task}, {t.agent} × {t.model}): {', '.join(t.files)}"
-        for t in tampered
-    ]
-    return lines
+    return lines + [f"  {_about(t)}: {', '.join(t.files)}" for t in tampered]
 
 
 def local_share_note(report: TrialReport) -> list[str]:
@@ -489,9 +488,23 @@ def _p(value: float | None) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
-def _between(c: Comparison) -> tuple[str, str]:
-    """The two sides of a comparison, each with its resolved / scored count."""
-    return f"{c.a} ({c.a_resolved}/{c.a_n})", f"{c.b} ({c.b_resolved}/{c.b_n})"
+def _comparison_cells(family: str, c: Comparison, *, significant: bool) -> list[str]:
+    """A comparison's cells: its family, the two sides each with its resolved / scored count,
+    the p-values, whether significant (Markdown's table only) and the verdict."""
+    cells = [family.replace("_", " "), f"{c.a} ({c.a_resolved}/{c.a_n})"]
+    cells += [f"{c.b} ({c.b_resolved}/{c.b_n})", _p(c.p_value), _p(c.p_adjusted)]
+    if significant:
+        cells.append("yes" if c.significant else "no")
+    return [*cells, c.verdict]
+
+
+def _row_cells(r: ArmRow, *, calls: bool) -> list[str]:
+    """A row's cells; LLM calls in the terminal's table only (`calls`)."""
+    cells = [r.agent, r.model, str(r.assignments), str(r.resolved), str(r.partial), _rate(r)]
+    if calls:
+        cells.append(str(r.llm_calls))
+    cost = [_money(r.cost), _money(r.cost_per_resolved)]
+    return [*cells, str(r.tokens), _share(r.local_share), *cost, _wall(r), _causes(r), _gate(r)]
 
 
 def render(report: TrialReport, console: Console) -> None:
@@ -517,22 +530,7 @@ def render(report: TrialReport, console: Console) -> None:
             col, justify="left" if col in ("agent", "model pair", "errors") else "right"
         )
     for r in report.rows:
-        table.add_row(
-            r.agent,
-            r.model,
-            str(r.assignments),
-            str(r.resolved),
-            str(r.partial),
-            _rate(r),
-            str(r.llm_calls),
-            str(r.tokens),
-            _share(r.local_share),
-            _money(r.cost),
-            _money(r.cost_per_resolved),
-            _wall(r),
-            _causes(r),
-            _gate(r),
-        )
+        table.add_row(*_row_cells(r, calls=True))
     console.print(table)
     for line in local_share_note(report):
         console.print(line, markup=False, highlight=False)
@@ -550,8 +548,8 @@ def render(report: TrialReport, console: Console) -> None:
         )
     for flagged in report.needs_review:
         console.print(
-            f"Needs review: {flagged.assignment} ({flagged.task}, {flagged.agent} × "
-            f"{flagged.model}): confidence {flagged.confidence} is below the threshold"
+            f"Needs review: {_about(flagged)}: confidence {flagged.confidence} is below the "
+            "threshold"
         )
     comparisons = [(family, c) for family, cs in report.comparisons.families() for c in cs]
     if comparisons:
@@ -559,13 +557,7 @@ def render(report: TrialReport, console: Console) -> None:
         for col in ("between", "a", "b", "p", "p adj", "verdict"):
             ctable.add_column(col, justify="right" if col.startswith("p") else "left")
         for family, c in comparisons:
-            ctable.add_row(
-                family.replace("_", " "),
-                *_between(c),
-                _p(c.p_value),
-                _p(c.p_adjusted),
-                c.verdict,
-            )
+            ctable.add_row(*_comparison_cells(family, c, significant=False))
         console.print(ctable)
 
 
@@ -628,22 +620,7 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
     ]
     for r in report.rows:
-        cells = [
-            r.agent,
-            r.model,
-            str(r.assignments),
-            str(r.resolved),
-            str(r.partial),
-            _rate(r),
-            str(r.tokens),
-            _share(r.local_share),
-            _money(r.cost),
-            _money(r.cost_per_resolved),
-            _wall(r),
-            _causes(r),
-            _gate(r),
-        ]
-        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+        lines.append(_md_row(_row_cells(r, calls=False)))
     lines += [
         "",
         *(_md_escape(line) for line in local_share_note(report)),
@@ -678,15 +655,7 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
             "|---|---|---|--:|--:|---|---|",
         ]
         for family, c in comparisons:
-            cells = [
-                family.replace("_", " "),
-                *_between(c),
-                _p(c.p_value),
-                _p(c.p_adjusted),
-                "yes" if c.significant else "no",
-                c.verdict,
-            ]
-            lines.append("| " + " | ".join(_md_escape(x) for x in cells) + " |")
+            lines.append(_md_row(_comparison_cells(family, c, significant=True)))
     else:
         lines.append("Only one agent and one model pair: nothing to compare.")
     for chart in charts:
@@ -696,6 +665,10 @@ def to_markdown(report: TrialReport, charts: Sequence[Path] = ()) -> str:
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(_md_escape(c) for c in cells) + " |"
 
 
 def write_outputs(
