@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from budget import CounterStore
 from common import processes
 from contracts.credentials import MachineIdentity, load_or_create_key, mint, proxy_url
 from contracts.dataroot import DataRoot
@@ -49,6 +50,21 @@ local:
 """
 """One USD per million tokens each way, two CAD per USD: a token costs 0.000002 CAD."""
 CAD_PER_TOKEN = Decimal("0.000002")
+NO_LIMIT = Decimal(1000)
+
+
+def open_budget(
+    store: CounterStore, project: str, amount: Decimal, machine: Decimal = NO_LIMIT
+) -> None:
+    """`project`'s budget of `amount` CAD, and its machine m1's daily allowance."""
+    now = time.time()
+    store.ensure_scope(f"project:{project}", amount, "CAD", "biweekly", now)
+    store.ensure_scope(f"machine:{project}:m1", machine, "CAD", "daily", now)
+
+
+def body(**fields: object) -> bytes:
+    """A completion request for `tiny` with `fields`, as the upstream reads them."""
+    return json.dumps({"model": "tiny", "prompt": "hello", **fields}).encode()
 
 
 class Scripted(_Handler):

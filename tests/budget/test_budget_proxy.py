@@ -1,10 +1,11 @@
-"""Reserve-then-settle through the real mitmdump: refusals, max_tokens capping, concurrency,
-disconnects, a killed proxy, and the Redis store."""
+"""Reserve-then-settle through the real mitmdump: a call settled at its actual cost,
+concurrency, disconnects, a killed proxy, and the Redis store. Which scope refuses a call and
+how, and the max_tokens written into one that sets none, are test_budget_addon's, in the
+proxy's addon chain."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,9 @@ from budget_harness import (
     Proxy,
     RedisServer,
     Upstream,
+    body,
     disconnect_mid_stream,
+    open_budget,
     redis_server,
     serve,
     start_proxy,
@@ -29,8 +32,6 @@ from budget import CounterStore, open_counters
 from budget.sqlite import SqliteCounters
 from contracts.records import FlowRecord
 from proxy.addons.budget import PROMPT_MARGIN_TOKENS
-
-NO_LIMIT = Decimal(1000)
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +56,6 @@ def counters(proxy: Proxy) -> Iterator[SqliteCounters]:
     store = SqliteCounters(proxy.root.budget_counters)
     yield store
     store.close()
-
-
-def open_budget(
-    store: CounterStore, project: str, amount: Decimal, machine: Decimal = NO_LIMIT
-) -> None:
-    now = time.time()
-    store.ensure_scope(f"project:{project}", amount, "CAD", "biweekly", now)
-    store.ensure_scope(f"machine:{project}:m1", machine, "CAD", "daily", now)
-
-
-def body(**fields: object) -> bytes:
-    return json.dumps({"model": "tiny", "prompt": "hello", **fields}).encode()
 
 
 def post(client: httpx.Client, upstream: Upstream, content: bytes) -> httpx.Response:
@@ -111,74 +100,6 @@ def test_call_is_reserved_then_settled_at_its_actual_cost(
     assert counters.spent("project:served") == (PROMPT_TOKENS + 50) * CAD_PER_TOKEN
     assert counters.spent("machine:served:m1") == (PROMPT_TOKENS + 50) * CAD_PER_TOKEN
     assert counters.open_reservations(time.time() + 1) == []
-
-
-def test_refusal_is_402_naming_scope_left_and_reset(
-    proxy: Proxy, upstream: Upstream, counters: SqliteCounters
-) -> None:
-    open_budget(counters, "poor", Decimal("0.001"))
-    seen = len(upstream.seen)
-    with proxy.client(proxy.identity("poor")) as client:
-        response = post(client, upstream, body(max_tokens=1000, marker="poor"))
-    assert response.status_code == 402
-    refusal = response.json()
-    assert refusal["error"] == "budget_exhausted"
-    assert refusal["scope"] == "project:poor"
-    assert (refusal["left"], refusal["currency"]) == ("0.001000", "CAD")
-    assert refusal["resets_at"].endswith("T00:00:00Z")
-    assert len(upstream.seen) == seen, "a refused call reached the upstream"
-    (record,) = spooled(proxy, "poor")
-    assert record.status == 402 and record.error == "budget_exhausted"
-
-
-def test_machine_allowance_and_task_cap_are_scopes_too(
-    proxy: Proxy, upstream: Upstream, counters: SqliteCounters
-) -> None:
-    open_budget(counters, "scoped", NO_LIMIT, machine=Decimal("0.0005"))
-    with proxy.client(proxy.identity("scoped")) as client:
-        refusal = post(client, upstream, body(max_tokens=1000)).json()
-    assert refusal["scope"] == "machine:scoped:m1"
-    counters.ensure_scope("machine:scoped:m1", NO_LIMIT, "CAD", "daily", time.time())
-    counters.ensure_scope("task:t1:fix-it", Decimal("0.0005"), "CAD", "once", time.time())
-    with proxy.client(proxy.identity("scoped", task="fix-it")) as client:
-        refusal = post(client, upstream, body(max_tokens=1000)).json()
-    assert (refusal["scope"], refusal["resets_at"]) == ("task:t1:fix-it", None)
-    # A task with no budget of its own has no scope: only project and machine are charged.
-    with proxy.client(proxy.identity("scoped", task="uncapped")) as client:
-        assert post(client, upstream, body(max_tokens=10)).status_code == 200
-
-
-def test_unregistered_project_is_refused(proxy: Proxy, upstream: Upstream) -> None:
-    with proxy.client(proxy.identity("nobody")) as client:
-        response = post(client, upstream, body(max_tokens=1))
-    assert response.status_code == 402
-    assert response.json()["error"] == "no_budget"
-    assert response.json()["scope"] == "project:nobody"
-
-
-def test_missing_max_tokens_is_capped_at_what_the_tightest_scope_can_pay(
-    proxy: Proxy, upstream: Upstream, counters: SqliteCounters
-) -> None:
-    open_budget(counters, "capped", NO_LIMIT, machine=Decimal("0.006"))
-    content = body(marker="capped")
-    with proxy.client(proxy.identity("capped")) as client:
-        response = post(client, upstream, content)
-    assert response.status_code == 200, response.text
-    (sent,) = [r for r in upstream.calls if r.get("marker") == "capped"]
-    affordable = int(Decimal("0.006") / CAD_PER_TOKEN) - len(content) - PROMPT_MARGIN_TOKENS
-    assert sent["max_tokens"] == affordable
-    # The upstream used every token it was allowed: the allowance is spent, never overrun.
-    wait_settled(counters)
-    assert counters.spent("machine:capped:m1") <= Decimal("0.006")
-    (record,) = spooled(proxy, "capped")
-    assert record.usage is not None and record.usage.completion_tokens == affordable
-
-    big = Decimal(1)  # far more than the ceiling of 4096 tokens could cost
-    counters.ensure_scope("machine:capped:m1", big, "CAD", "daily", time.time())
-    with proxy.client(proxy.identity("capped")) as client:
-        assert post(client, upstream, body(marker="ceiling")).status_code == 200
-    (sent,) = [r for r in upstream.calls if r.get("marker") == "ceiling"]
-    assert sent["max_tokens"] == 4096
 
 
 @pytest.mark.slow

@@ -308,9 +308,15 @@ class Chain(Proxy):
         return flow
 
     def send(self, flow: http.HTTPFlow) -> http.HTTPFlow:
-        """`requestheaders` then `request`: what a client's request meets before it leaves."""
+        """`requestheaders` then `request`: what a client's request meets before it leaves.
+        An answer an addon set (a refusal) then goes back as mitmproxy sends it: through
+        `responseheaders` and `response`, and the request never leaves."""
         self._hook("requestheaders", flow)
         self._hook("request", flow)
+        if flow.response is not None:
+            self._hook("responseheaders", flow)
+            flow.response.timestamp_end = time.time()
+            self._hook("response", flow)
         return flow
 
     def respond(
@@ -327,8 +333,16 @@ class Chain(Proxy):
         content = json.dumps(body).encode() if isinstance(body, dict) else body
         parts = chunks if chunks is not None else [content]
         kind = "application/json" if isinstance(body, dict) else "text/plain"
-        flow.response = http.Response.make(status, b"", {"Content-Type": kind, **(headers or {})})
-        flow.response.data.content = None  # the head alone, as the HTTP layer has it
+        response = http.Response.make(status, b"", {"Content-Type": kind})
+        if chunks is None:
+            response.headers["Content-Length"] = str(len(content))
+        else:  # sent in chunks: no length known from the head
+            del response.headers["Content-Length"]
+            response.headers["Transfer-Encoding"] = "chunked"
+        response.headers.update(headers or {})
+        # The head alone, as the HTTP layer has it: no body yet, not ended.
+        response.data.content, response.timestamp_end = None, None
+        flow.response = response
         self._hook("responseheaders", flow)
         stream = flow.response.stream
         out = b""
@@ -338,6 +352,7 @@ class Chain(Proxy):
                 out += passed if isinstance(passed, bytes) else b"".join(passed)
         else:
             flow.response.data.content = out = b"".join(parts)
+        flow.response.timestamp_end = time.time()  # as mitmproxy sets it, before `response`
         self._hook("response", flow)
         return out
 
@@ -371,18 +386,19 @@ def addon_chain(
     model_port: int = 8500,
     *argv_options: str,
     secrets: dict[str, str] | None = None,
+    prices: str = PRICES_YAML,
     **options: Any,
 ) -> Iterator[Chain]:
     """`Chain` on a fresh data root under `tmp_path` (project p1 with an ample budget for m1,
-    the tests' prices) until the block ends, when each addon's `done` runs. `argv_options`
-    are `name=value` as `--set` takes them; `options` are set as typed values; `secrets` are
-    put in the embedded secret store first."""
+    `prices` as prices.yaml) until the block ends, when each addon's `done` runs.
+    `argv_options` are `name=value` as `--set` takes them; `options` are set as typed values;
+    `secrets` are put in the embedded secret store first."""
     from budget import open_ample
     from proxy import addon
     from secretstore import get_store
 
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "prices.yaml").write_text(PRICES_YAML)
+    (tmp_path / "configs" / "prices.yaml").write_text(prices)
     settings = Settings(
         data=tmp_path / "data", configs=tmp_path / "configs", proxy_port=1, model_port=model_port
     )
