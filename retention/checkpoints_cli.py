@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.tree import Tree
 
-from contracts.dataroot import DataRoot
-from contracts.settings import Settings
+from common.cli import data_root, fail
 from retention import checkpoints as ck
 
 app = typer.Typer(
@@ -19,16 +18,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _root() -> DataRoot:
-    return DataRoot.at(Settings().data)
 
 
 def _label(c: ck.Checkpoint, trial: str) -> str:
@@ -52,9 +41,9 @@ def _add(branch: Tree, node: ck.Node, trial: str) -> None:
 def create(assignment_dir: Path) -> None:
     """Checkpoint ASSIGNMENT_DIR/workspace: manifest, metadata, parent link, LZ4 archive."""
     try:
-        c = ck.create(_root(), assignment_dir)
+        c = ck.create(data_root(), assignment_dir)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     parent = c.parent or f"baseline {c.baseline[:12] if c.baseline else '(none)'}"
     console.print(f"checkpoint {c.id} ({c.files} files, {decimal(c.archive_bytes)}) ← {parent}")
 
@@ -62,9 +51,9 @@ def create(assignment_dir: Path) -> None:
 @app.command()
 def tree(trial: str) -> None:
     """The evolution tree of TRIAL's checkpoints per task, earlier trials' ancestors dimmed."""
-    roots = ck.evolution(_root(), trial)
+    roots = ck.evolution(data_root(), trial)
     if not roots:
-        raise _fail(f"no checkpoints of trial {trial!r}")
+        raise fail(f"no checkpoints of trial {trial!r}")
     top = Tree(f"trial [bold]{trial}[/bold]")
     for (task, baseline), nodes in sorted(roots.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         base = top.add(f"task [bold]{task or '?'}[/bold] · baseline {(baseline or '?')[:12]}")
@@ -77,9 +66,9 @@ def tree(trial: str) -> None:
 def restore(checkpoint_id: str, dest: Path) -> None:
     """Rebuild checkpoint CHECKPOINT_ID's workspace in DEST (a new or empty folder), verified."""
     try:
-        c = ck.restore(_root(), checkpoint_id, dest)
+        c = ck.restore(data_root(), checkpoint_id, dest)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"restored {c.id} into {dest} ({c.files} files, manifest verified)")
 
 
@@ -91,9 +80,9 @@ def vm_snapshot(
 ) -> None:
     """Take internal snapshot NAME of a stopped VM worker's qcow2 IMAGE (qemu-img)."""
     try:
-        ck.vm_snapshot(_root(), project, image, name)
+        ck.vm_snapshot(data_root(), project, image, name)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"snapshot {name} of {image}")
 
 
@@ -103,7 +92,7 @@ def vm_list(image: Path) -> None:
     try:
         names = ck.vm_snapshots(image)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     for name in names:
         console.print(name)
 
@@ -114,7 +103,7 @@ def vm_revert(image: Path, name: str) -> None:
     try:
         ck.vm_revert(image, name)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"{image} reverted to {name}")
 
 
@@ -126,9 +115,9 @@ def vm_save(
 ) -> None:
     """Snapshot NAME of a running VM worker (libvirt DOMAIN): disk and memory, in its qcow2."""
     try:
-        record = ck.vm_save(_root(), project, domain, name)
+        record = ck.vm_save(data_root(), project, domain, name)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"snapshot {name} of {domain} ({record['image']})")
 
 
@@ -138,5 +127,5 @@ def vm_restore(domain: str, name: str) -> None:
     try:
         ck.vm_restore(domain, name)
     except ck.CheckpointError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"{domain} restored to {name}")

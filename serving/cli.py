@@ -16,6 +16,7 @@ from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
+from common.cli import err, fail
 from common.processes import stop
 from contracts.config import ConfigError, ModelsCatalog, load_models
 from contracts.dataroot import DataRoot
@@ -30,19 +31,13 @@ app = typer.Typer(help="Model pairs: weights on disk, memory needed, serving con
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for weight paths
     console = Console(width=180)
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _catalog(settings: Settings) -> ModelsCatalog:
     try:
         return load_models(settings.configs)
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
 
 
 def _gib(n: float) -> str:
@@ -102,7 +97,7 @@ def check(
     try:
         reports = check_mod.check_pairs(root, catalog, pair, hashes=hashes)
     except check_mod.UnknownPair as exc:
-        raise _fail(str(exc.args[0]), 2) from exc
+        raise fail(str(exc.args[0]), 2) from exc
     if as_json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
     else:
@@ -117,7 +112,7 @@ def check(
                 for m in r.models
                 if m.state not in check_mod.READY
             ]
-            raise _fail(
+            raise fail(
                 "weights not ready (nothing is downloaded at run time):\n" + "\n".join(lines)
             )
 
@@ -137,7 +132,7 @@ def render(
 ) -> None:
     """Write the serving config: a Ray Serve app (gpu) or llama.cpp's server config (cpu)."""
     if profile not in ("gpu", "cpu"):
-        raise _fail(f"--profile {profile!r}: allowed: gpu, cpu", 2)
+        raise fail(f"--profile {profile!r}: allowed: gpu, cpu", 2)
     settings = Settings()
     catalog = _catalog(settings)
     root = DataRoot.at(settings.data)
@@ -152,13 +147,13 @@ def render(
                 accelerator_type=accelerator,
             )
         except rayserve.RenderError as exc:
-            raise _fail(str(exc), 2) from exc
+            raise fail(str(exc), 2) from exc
         path = rayserve.write(config, dest)
     else:
         try:
             cpu = server_config(settings, catalog)
         except WeightsMissing as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
         path = dest / "llamacpp-server.json" if dest.is_dir() else dest
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cpu, indent=2) + "\n")
@@ -182,13 +177,13 @@ def serve(
 ) -> None:
     """Serve the CPU pairs in the foreground until SIGTERM / Ctrl-C (what `autovibe up` runs)."""
     if profile == "gpu":
-        raise _fail(
+        raise fail(
             "the GPU profile is served by Ray's own CLI: `autovibe models render --profile gpu "
             "DEST`, then `serve run DEST/serve-gpu.yaml` on the GPU cluster",
             2,
         )
     if profile != "cpu":
-        raise _fail(f"--profile {profile!r}: allowed: cpu, gpu", 2)
+        raise fail(f"--profile {profile!r}: allowed: cpu, gpu", 2)
     settings = Settings()
     if port is not None:
         settings = settings.model_copy(update={"model_port": port})
@@ -198,7 +193,7 @@ def serve(
         try:
             argv = server_argv(settings, catalog)
         except WeightsMissing as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
         raise typer.Exit(_serve_bare(argv, settings.model_url, cpu_served_names(catalog)))
     rayserve_cpu.main(["--replicas", str(count), "--port", str(settings.model_port)])
 

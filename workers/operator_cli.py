@@ -17,8 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from contracts.dataroot import DataRoot
-from contracts.settings import Settings
+from common.cli import data_root, err, fail
 from workers import operator
 from workers.spec import AssignmentSpec
 from workers.vm import VmSpec
@@ -30,23 +29,13 @@ app = typer.Typer(
 console = Console()
 if not console.is_terminal:  # pipes: wide enough for ids and paths
     console = Console(width=160)
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _root() -> DataRoot:
-    return DataRoot.at(Settings().data)
 
 
 def _worker(assignment: str) -> operator.Worker:
     try:
-        return operator.find(_root(), assignment)
+        return operator.find(data_root(), assignment)
     except operator.WorkerNotFound as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 def _age(seconds: float | None) -> str:
@@ -61,7 +50,7 @@ def ls(
     all_: Annotated[bool, typer.Option("--all", "-a", help="Ended ones too.")] = False,
 ) -> None:
     """Workers: assignment, trial, machine, state, pid, age."""
-    found = operator.workers(_root(), everything=all_)
+    found = operator.workers(data_root(), everything=all_)
     if not found:
         console.print("no workers" if all_ else "no running workers (--all shows ended ones)")
         return
@@ -112,10 +101,10 @@ def attach(
         _nomad(worker, vm)
         return
     if worker.state != "running":
-        raise _fail(f"{worker.assignment} is {worker.state}: read it with `autovibe worker logs`")
+        raise fail(f"{worker.assignment} is {worker.state}: read it with `autovibe worker logs`")
     argv = operator.attach_argv(worker.assignment)
     if not operator.has_session(operator.session_name(worker.assignment)):
-        raise _fail(
+        raise fail(
             f"{worker.assignment} runs (pid {worker.pid}) but not in a tmux session on the "
             f"`{operator.TMUX_SERVER}` server; follow it with `autovibe worker logs -f`"
         )
@@ -124,7 +113,7 @@ def attach(
         return
     tmux = shutil.which("tmux")
     if tmux is None:
-        raise _fail("tmux not found: install the Debian package tmux")
+        raise fail("tmux not found: install the Debian package tmux")
     os.execv(tmux, argv)
 
 
@@ -147,12 +136,12 @@ def _vm(name: str) -> tuple[VmSpec, str, Path | None, Path]:
     """A VM made by `autovibe vm up`: its spec, operator user, key and known_hosts."""
     from workers.vm_host import VmFiles
 
-    files = VmFiles.of(_root(), name)
+    files = VmFiles.of(data_root(), name)
     try:
         spec = files.spec()
         access = json.loads(files.access_path.read_text())
     except (OSError, ValueError) as exc:
-        raise _fail(f"no VM {name!r} made by `autovibe vm up` ({files.folder}): {exc}") from exc
+        raise fail(f"no VM {name!r} made by `autovibe vm up` ({files.folder}): {exc}") from exc
     identity = Path(access["identity"]) if access.get("identity") else None
     return spec, str(access["user"]), identity, files.known_hosts
 
@@ -171,7 +160,7 @@ def ssh(
     try:
         argv = ssh_argv(spec, user, identity, known_hosts, *(["-t"] if not command else []))
     except VmHostError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     os.execvp("ssh", [*argv, *(command or [])])
 
 
@@ -188,7 +177,7 @@ def vnc(
 
     spec, user, identity, known_hosts = _vm(vm_name)
     if not spec.desktop:
-        raise _fail(f"{vm_name} has no desktop (render it with --var desktop=true)")
+        raise fail(f"{vm_name} has no desktop (render it with --var desktop=true)")
     try:
         with tunnel(spec, user, identity, known_hosts, spec.vnc_port) as port:
             if snapshot is not None:
@@ -204,4 +193,4 @@ def vnc(
                 while True:
                     time.sleep(3600)
     except VmHostError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
