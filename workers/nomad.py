@@ -15,6 +15,11 @@ there, last, exactly as under the local driver, and the scheduler collects resul
 Nomad only tells it whether a runner is still going. Retries belong to the scheduler: the job
 disables Nomad's restarts and rescheduling, and a re-dispatch after a lost run uses a fresh
 token (`<assignment>.2`, ...).
+
+The record of an assignment's dispatches (`nomad-dispatch.json`) lies in its artifacts folder,
+which the Nomad clients write too: it only names candidates. A job is acted on (status, logs,
+stop) only once Nomad itself says it is a dispatch of the agent's parameterized job with this
+assignment in its meta, which the orchestrator set when it dispatched it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -32,11 +38,14 @@ from typing import Any
 import jinja2
 import nomad
 import nomad.api.exceptions as nomad_errors
+from pydantic import BaseModel, TypeAdapter
 
 from contracts.config import NomadCluster, NomadPlacement
-from contracts.dataroot import atomic_write
+from contracts.dataroot import atomic_write, read_untrusted
 from contracts.settings import PROJECT_ROOT, Settings
 from workers.spec import AssignmentSpec
+
+log = logging.getLogger(__name__)
 
 JOB_TEMPLATE = PROJECT_ROOT / "nomad-jobs" / "autovibe-worker.json"
 TASK = "runner"
@@ -50,6 +59,21 @@ DEFINITION_META = "autovibe_definition"
 """Job meta key holding a hash of the job as we render it: equal hash, no re-registration."""
 RECORD = "nomad-dispatch.json"
 """Per-assignment record of its dispatches, beside spec.json in the artifacts folder."""
+RECORD_LIMIT = 1 << 20
+"""Most bytes read of a record; a larger one is cut short and so fails to parse."""
+
+
+class Dispatch(BaseModel):
+    """One dispatch of an assignment, as the driver recorded it."""
+
+    token: str
+    """The idempotency token it was dispatched with."""
+    job: str
+    """The dispatched job's ID, as Nomad answered."""
+    at: float
+
+
+_DISPATCHES = TypeAdapter(list[Dispatch])
 
 ALLOCATION_STATES = {
     "pending": "running",
@@ -158,6 +182,8 @@ class NomadDriver:
         self.client = client or client_for(self.cluster)
         self._registered: dict[str, str] = {}
         """Job ID → definition hash known to be registered (one check per process and job)."""
+        self._dispatched: set[tuple[str, str]] = set()
+        """(assignment, job) pairs known to be ours: dispatched or checked with Nomad."""
 
     # -- the WorkerDriver port -----------------------------------------------------------------
     def launch(self, spec: AssignmentSpec) -> None:
@@ -173,7 +199,8 @@ class NomadDriver:
         atomic_write(spec.artifacts / "spec.json", payload, mode=0o600)
         parent = self.ensure_job(spec.agent)
         records = _read_records(spec)
-        if records and self._status(records[-1]["job"]).state in ("queued", "running"):
+        jobs = self._jobs(spec, records)
+        if jobs and self._status(jobs[-1]).state in ("queued", "running"):
             return  # already dispatched and still going: never a second runner
         # Retried after a crash mid-dispatch: the same token, so Nomad answers with the job it
         # already made. A re-dispatch after a run that ended without a result: a fresh token.
@@ -195,7 +222,9 @@ class NomadDriver:
             json=body,
             method="post",
         ).json()
-        records.append({"token": token, "job": answer["DispatchedJobID"], "at": time.time()})
+        job = str(answer["DispatchedJobID"])
+        self._dispatched.add((spec.assignment, job))
+        records.append(Dispatch(token=token, job=job, at=time.time()))
         _write_records(spec, records)
 
     def alive(self, spec: AssignmentSpec) -> bool:
@@ -211,15 +240,28 @@ class NomadDriver:
         )
 
     def cancel(self, spec: AssignmentSpec) -> None:
-        """Stop the dispatched job: Nomad sends the runner SIGTERM, then SIGKILL after 30 s."""
-        for record in _read_records(spec):
-            job = record["job"]
+        """Stop the assignment's dispatched jobs (Nomad sends the runner SIGTERM, then SIGKILL
+        after 30 s): only those Nomad says are this assignment's, whatever the record names."""
+        try:
+            records = _read_records(spec)
+        except (OSError, ValueError) as exc:
+            parent = job_id(spec.agent, self.cluster)
+            log.warning(
+                "assignment %s: its dispatch record is unreadable (%s); nothing stopped: its "
+                "jobs are the dispatches of %s with meta assignment=%s",
+                spec.assignment, exc, parent, spec.assignment,
+            )  # fmt: skip
+            return
+        for job in self._jobs(spec, records):
             self._call(f"stop {job}", self.client.job.deregister_job, job, missing_ok=True)
 
     # -- beyond the port -----------------------------------------------------------------------
     def status(self, spec: AssignmentSpec) -> WorkerStatus:
-        records = _read_records(spec)
-        return self._status(records[-1]["job"]) if records else WorkerStatus("none")
+        try:
+            jobs = self._jobs(spec, _read_records(spec))
+        except (OSError, ValueError):
+            return WorkerStatus("failed")  # its record was replaced: that run is lost
+        return self._status(jobs[-1]) if jobs else WorkerStatus("none")
 
     def fetch_logs(self, spec: AssignmentSpec, task: str = TASK, type: str = "stdout") -> str:
         """The task's stdout or stderr so far, from the client that ran the latest allocation."""
@@ -260,6 +302,26 @@ class NomadDriver:
         return str(jid)
 
     # -- internals -----------------------------------------------------------------------------
+    def _jobs(self, spec: AssignmentSpec, records: list[Dispatch]) -> list[str]:
+        """The recorded jobs Nomad says are this assignment's, oldest first: a dispatch of the
+        agent's parameterized job carrying the assignment in its meta. A job Nomad no longer
+        knows is left out unless this driver dispatched or checked it itself."""
+        parent = job_id(spec.agent, self.cluster)
+        jobs = []
+        for record in records:
+            key = (spec.assignment, record.job)
+            if key not in self._dispatched:
+                found = self._call(
+                    f"read {record.job}", self.client.job.get_job, record.job, missing_ok=True
+                )
+                if found is None or found.get("ParentID") != parent:
+                    continue
+                if (found.get("Meta") or {}).get("assignment") != spec.assignment:
+                    continue
+                self._dispatched.add(key)
+            jobs.append(record.job)
+        return jobs
+
     def _status(self, dispatched: str) -> WorkerStatus:
         allocs = self._call(
             f"allocations of {dispatched}",
@@ -314,14 +376,21 @@ def _record_path(spec: AssignmentSpec) -> Path:
     return spec.artifacts / RECORD
 
 
-def _read_records(spec: AssignmentSpec) -> list[dict[str, Any]]:
-    path = _record_path(spec)
-    if not path.exists():
+def read_records(artifacts: Path) -> list[Dispatch]:
+    """The dispatches recorded in an assignment's folder ([] when none): never read through a
+    symlink, at most `RECORD_LIMIT` bytes; `OSError` or `ValueError` when unreadable."""
+    try:
+        return _DISPATCHES.validate_json(
+            read_untrusted(artifacts / RECORD, artifacts, RECORD_LIMIT)
+        )
+    except FileNotFoundError:
         return []
-    records: list[dict[str, Any]] = json.loads(path.read_text())
-    return records
 
 
-def _write_records(spec: AssignmentSpec, records: list[dict[str, Any]]) -> None:
+def _read_records(spec: AssignmentSpec) -> list[Dispatch]:
+    return read_records(spec.artifacts)
+
+
+def _write_records(spec: AssignmentSpec, records: list[Dispatch]) -> None:
     path = _record_path(spec)
-    atomic_write(path, json.dumps(records, indent=2))
+    atomic_write(path, _DISPATCHES.dump_json(records, indent=2))
