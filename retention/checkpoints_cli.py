@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +20,15 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
+
+
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A CheckpointError in the block ends the command with its message."""
+    try:
+        yield
+    except ck.CheckpointError as exc:
+        raise fail(str(exc)) from exc
 
 
 def _label(c: ck.Checkpoint, trial: str) -> str:
@@ -40,10 +51,8 @@ def _add(branch: Tree, node: ck.Node, trial: str) -> None:
 @app.command()
 def create(assignment_dir: Path) -> None:
     """Checkpoint ASSIGNMENT_DIR/workspace: manifest, metadata, parent link, LZ4 archive."""
-    try:
+    with _refused():
         c = ck.create(data_root(), assignment_dir)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     parent = c.parent or f"baseline {c.baseline[:12] if c.baseline else '(none)'}"
     console.print(f"checkpoint {c.id} ({c.files} files, {decimal(c.archive_bytes)}) ← {parent}")
 
@@ -65,10 +74,8 @@ def tree(trial: str) -> None:
 @app.command()
 def restore(checkpoint_id: str, dest: Path) -> None:
     """Rebuild checkpoint CHECKPOINT_ID's workspace in DEST (a new or empty folder), verified."""
-    try:
+    with _refused():
         c = ck.restore(data_root(), checkpoint_id, dest)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     console.print(f"restored {c.id} into {dest} ({c.files} files, manifest verified)")
 
 
@@ -79,20 +86,16 @@ def vm_snapshot(
     project: Annotated[str, typer.Option(help="Project the VM worker belongs to.")],
 ) -> None:
     """Take internal snapshot NAME of a stopped VM worker's qcow2 IMAGE (qemu-img)."""
-    try:
+    with _refused():
         ck.vm_snapshot(data_root(), project, image, name)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     console.print(f"snapshot {name} of {image}")
 
 
 @app.command("vm-list")
 def vm_list(image: Path) -> None:
     """The internal snapshots of qcow2 IMAGE."""
-    try:
+    with _refused():
         names = ck.vm_snapshots(image)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     for name in names:
         console.print(name)
 
@@ -100,10 +103,8 @@ def vm_list(image: Path) -> None:
 @app.command("vm-revert")
 def vm_revert(image: Path, name: str) -> None:
     """Return a stopped VM worker's qcow2 IMAGE to snapshot NAME."""
-    try:
+    with _refused():
         ck.vm_revert(image, name)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     console.print(f"{image} reverted to {name}")
 
 
@@ -114,18 +115,14 @@ def vm_save(
     project: Annotated[str, typer.Option(help="Project the VM worker belongs to.")],
 ) -> None:
     """Snapshot NAME of a running VM worker (libvirt DOMAIN): disk and memory, in its qcow2."""
-    try:
+    with _refused():
         record = ck.vm_save(data_root(), project, domain, name)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     console.print(f"snapshot {name} of {domain} ({record['image']})")
 
 
 @app.command("vm-restore")
 def vm_restore(domain: str, name: str) -> None:
     """Return VM worker DOMAIN to snapshot NAME (disk and memory), running as it was."""
-    try:
+    with _refused():
         ck.vm_restore(domain, name)
-    except ck.CheckpointError as exc:
-        raise fail(str(exc)) from exc
     console.print(f"{domain} restored to {name}")
