@@ -182,11 +182,8 @@ def sha256_file(path: Path) -> str:
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
     """Hash once per file version: the tiny pair's two roles share one file."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(4 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _source_installed(spec: ModelSpec) -> bool:
