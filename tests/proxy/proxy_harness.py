@@ -298,7 +298,9 @@ class Chain(Proxy):
         """A request to `url` from `identity` (its machine credential in Proxy-Authorization,
         as `Proxy.client` sends it), with `body` as JSON or as it is."""
         content = json.dumps(body).encode() if isinstance(body, dict) else body or b""
-        sent: dict[str | bytes, str | bytes] = {"Content-Type": "application/json"}
+        sent: dict[str | bytes, str | bytes] = {}
+        if content:
+            sent["Content-Type"] = "application/json"
         sent.update(headers or {})
         if identity is not None:
             basic = f"{identity.machine}:{self.token(identity)}".encode()
@@ -400,7 +402,11 @@ def addon_chain(
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "prices.yaml").write_text(prices)
     settings = Settings(
-        data=tmp_path / "data", configs=tmp_path / "configs", proxy_port=1, model_port=model_port
+        data=tmp_path / "data",
+        configs=tmp_path / "configs",
+        proxy_port=1,
+        model_port=model_port,
+        egress_allow=["127.0.0.1"],  # as `proxy_settings` lists the stand-in servers' host
     )
     root = DataRoot.at(settings.data)
     key = load_or_create_key(root)

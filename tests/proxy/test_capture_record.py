@@ -1,9 +1,12 @@
-"""The complete capture record (schema 3) through the real mitmdump: headers and bodies,
-redacted, whole in the spool up to its cap and cut in the index, hashed; streamed responses
-copied as they pass; websockets; full-text search over bodies; schema-1 lines still indexed.
+"""The complete capture record (schema 3): headers and bodies, redacted, whole in the spool
+up to its cap and cut in the index, hashed; streamed responses copied as they pass;
+websockets; full-text search over bodies; schema-1 lines still indexed.
 
-The upstreams are real servers in threads: a website (not a provider: captured, not metered),
-a model server (metered, streams server-sent events) and a websocket server (`websockets`).
+Through the real mitmdump: redaction of headers and bodies end to end (spool and index, by
+the proxy's own indexer) and websockets, with real servers in threads (a website, not a
+provider: captured, not metered; a websocket server, `websockets`). The body hashes, caps,
+encodings and streamed copies are the capture addon's own work, tested in the proxy's addon
+chain (proxy_harness.addon_chain), the answers given by the test.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import httpx
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
-from proxy_harness import Proxy, proxy_settings, running_proxy
+from proxy_harness import Chain, Proxy, addon_chain, proxy_settings, running_proxy
 from typer.testing import CliRunner
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
@@ -58,10 +61,23 @@ SET_COOKIE = "sid=server-cookie-9a8b7c"
 BINARY = bytes(range(256)) * 4
 PLAIN = ("The quick brown fox jumps over the lazy dog, again and again. " * 30).encode()
 BIG = b"".join(f"word{n:05d} ".encode() for n in range(1200))  # 12 000 bytes
+WEBSITE = "http://127.0.0.1:9"
+"""Where the in-process tests' website is (nothing listens: the test answers for it)."""
 LEAKS = (SECRET, AUTHORIZATION, "agent-side-token", "cookie-value-5e1d2b", "server-cookie-9a8b7c")
 
 
 # -- upstreams ----------------------------------------------------------------------------------
+
+
+def chat_events(n: int) -> bytes:
+    """A chat completion streamed as `n` one-token events, then its usage and [DONE]."""
+    events: list[dict[str, Any]] = [
+        {"id": "chatcmpl-1", "choices": [{"delta": {"content": f" token{i:04d}"}}]}
+        for i in range(n)
+    ]
+    usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+    events.append({"id": "chatcmpl-1", "choices": [], "usage": usage})
+    return ("".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n").encode()
 
 
 class Website(BaseHTTPRequestHandler):
@@ -71,34 +87,13 @@ class Website(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        if self.path == "/gzip":
-            self._send(gzip.compress(PLAIN), "text/plain", [("Content-Encoding", "gzip")])
-        elif self.path == "/binary":
-            self._send(BINARY, "application/octet-stream")
-        elif self.path == "/big":
-            self._send(BIG, "text/plain")
-        else:
-            self._send(b"", "text/plain")
+        self._send(b"", "text/plain")
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path == "/v1/chat/completions":
-            self._events(json.loads(body))
-            return
         answer = json.dumps({"echo": body.decode()}).encode()
         extra = [("Set-Cookie", SET_COOKIE), ("Set-Cookie", "theme=dark"), ("X-Note", SECRET)]
         self._send(answer, "application/json", extra)
-
-    def _events(self, request: dict[str, Any]) -> None:
-        events: list[dict[str, Any]] = [
-            {"id": "chatcmpl-1", "choices": [{"delta": {"content": f" token{n:04d}"}}]}
-            for n in range(int(request.get("n", 3)))
-        ]
-        usage = {"prompt_tokens": 3, "completion_tokens": len(events)}
-        usage["total_tokens"] = 3 + len(events)
-        events.append({"id": "chatcmpl-1", "choices": [], "usage": usage})
-        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        self._send(body.encode(), "text/event-stream")
 
     def _send(self, body: bytes, content_type: str, extra: list[tuple[str, str]] = []) -> None:  # noqa: B006
         reply(self, 200, body, content_type, extra)
@@ -239,116 +234,6 @@ def test_headers_are_kept_in_order_and_secrets_never_reach_spool_or_index(
         assert leak.encode() not in stored, f"{leak!r} reached the spool or the index"
 
 
-def test_body_hashes_are_of_what_was_sent(proxy: Proxy, website: int) -> None:
-    body = json.dumps({"prompt": "hash me", "n": 1}).encode()
-    with client(proxy) as c:
-        response = c.post(f"http://127.0.0.1:{website}/hash", content=body)
-    record = captured(proxy, "/hash")
-    assert record.request_body is not None and record.response_body is not None
-    assert record.request_body.sha256 == sha(body)
-    assert record.request_body.text == body.decode()
-    assert record.response_body.sha256 == sha(response.content)
-    assert record.response_body.text == response.text
-    assert record.response_body.size == len(response.content)
-    assert record.response_body.encoding == "utf-8"
-
-
-def test_bodies_are_cut_at_the_spool_cap_and_at_the_index_cap(proxy: Proxy, website: int) -> None:
-    with client(proxy) as c:
-        assert c.get(f"http://127.0.0.1:{website}/big").content == BIG
-    record = captured(proxy, "/big")
-    body = record.response_body
-    assert body is not None
-    assert body.truncated and body.size == len(BIG) and body.sha256 == sha(BIG)
-    assert body.text.encode() == BIG[:SPOOL_MAX]
-    in_index = indexed(proxy, record.id).response_body
-    assert in_index is not None
-    assert in_index.truncated and in_index.text.encode() == BIG[:INDEX_MAX]
-    assert (in_index.size, in_index.sha256) == (len(BIG), sha(BIG))
-    assert record.request_body is None  # a GET has no body
-
-
-def test_a_binary_body_is_base64(proxy: Proxy, website: int) -> None:
-    with client(proxy) as c:
-        assert c.get(f"http://127.0.0.1:{website}/binary").content == BINARY
-    body = captured(proxy, "/binary").response_body
-    assert body is not None and body.encoding == "base64"
-    assert base64.b64decode(body.text) == BINARY
-    assert (body.size, body.sha256, body.truncated) == (len(BINARY), sha(BINARY), False)
-
-
-def test_a_gzip_body_is_recorded_decoded(proxy: Proxy, website: int) -> None:
-    with client(proxy) as c:
-        response = c.get(f"http://127.0.0.1:{website}/gzip")
-    assert response.headers["content-encoding"] == "gzip" and response.content == PLAIN
-    record = captured(proxy, "/gzip")
-    body = record.response_body
-    assert body is not None and body.decode_error is None
-    assert body.text.encode() == PLAIN and body.sha256 == sha(PLAIN) and body.size == len(PLAIN)
-    assert record.response_bytes == len(gzip.compress(PLAIN))  # on the wire: still encoded
-
-
-def llm_stream(proxy: Proxy, model: int, assignment: str, n: int) -> tuple[FlowRecord, bytes]:
-    request = {"model": "tiny", "messages": [], "stream": True, "n": n}
-    with (
-        proxy.client(proxy.identity(assignment)) as c,
-        c.stream("POST", f"http://127.0.0.1:{model}/v1/chat/completions", json=request) as r,
-    ):
-        raw = b"".join(r.iter_raw())
-    found: list[FlowRecord] = []
-    deadline = time.monotonic() + 5
-    while not found and time.monotonic() < deadline:
-        found = [f for f in proxy.spooled() if f.assignment == assignment]
-        time.sleep(0.05)
-    assert len(found) == 1
-    return found[0], raw
-
-
-def test_a_streamed_response_is_captured_whole(proxy: Proxy, model: int) -> None:
-    record, raw = llm_stream(proxy, model, "a-stream-small", n=5)
-    assert record.streamed and record.usage is not None and not record.usage.estimated
-    body = record.response_body
-    assert body is not None
-    assert body.text.encode() == raw and body.sha256 == sha(raw) and not body.truncated
-    # The request as forwarded: metering asked for the usage in the stream.
-    assert record.request_body is not None
-    assert json.loads(record.request_body.text)["stream_options"] == {"include_usage": True}
-
-
-def test_a_streamed_response_beyond_the_cap_is_cut_but_hashed_whole(
-    proxy: Proxy, model: int
-) -> None:
-    record, raw = llm_stream(proxy, model, "a-stream-big", n=200)
-    assert len(raw) > SPOOL_MAX
-    body = record.response_body
-    assert body is not None and body.truncated
-    assert body.text.encode() == raw[:SPOOL_MAX]
-    assert (body.size, body.sha256) == (len(raw), sha(raw))
-    assert record.usage is not None and record.usage.completion_tokens == 200
-
-
-# -- full-text search -------------------------------------------------------------------------
-
-
-def test_fts_finds_a_word_of_a_body(proxy: Proxy, website: int) -> None:
-    with client(proxy) as c:
-        c.post(f"http://127.0.0.1:{website}/fts", content=b"please find xylophonic here")
-    record = captured(proxy, "/fts")
-    indexed(proxy, record.id)
-    with SqliteTrafficStore(proxy.root.traffic_index) as index:
-        assert [f.id for f in index.search("xylophonic")] == [record.id]
-        assert index.search(f'"{SECRET}"') == []
-    runner = CliRunner()
-    env = {"AUTOVIBE_DATA": str(proxy.root.root), "COLUMNS": "300"}
-    result = runner.invoke(traffic_app, ["search", "xylophonic"], env=env)
-    assert result.exit_code == 0, result.output
-    assert record.id in result.output and "/fts" in result.output
-    result = runner.invoke(traffic_app, ["search", "xylophonic", "--json"], env=env)
-    assert [json.loads(line)["id"] for line in result.output.splitlines()] == [record.id]
-    bad = runner.invoke(traffic_app, ["search", 'unbalanced "quote'], env=env)
-    assert bad.exit_code == 2 and "FTS5" in bad.output
-
-
 # -- websockets ---------------------------------------------------------------------------------
 
 
@@ -428,6 +313,136 @@ def test_a_broken_websocket_is_logged_with_an_error(
     # The proxy is still there.
     with client(proxy) as c:
         assert c.get(f"http://127.0.0.1:{website}/still-up").status_code == 200
+
+
+# -- the record, in the proxy's addon chain (no mitmdump) -------------------------------------
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[Chain]:
+    """The proxy's addons in-process, with the spool cap and secret of the module's proxy."""
+    with addon_chain(
+        tmp_path,
+        8500,
+        f"autovibe_spool_body_max={SPOOL_MAX}",
+        secrets={"providers/test": SECRET},
+    ) as chain:
+        yield chain
+
+
+def fetched(
+    chain: Chain, path: str, body: bytes, headers: dict[str, str], request: bytes | None = None
+) -> FlowRecord:
+    """`path` of a website asked through the chain (a GET, or a POST of `request`), answered
+    with `body` and `headers`; its one spooled record."""
+    method = "GET" if request is None else "POST"
+    flow = chain.flow(chain.identity("a-capture"), WEBSITE + path, request, method=method)
+    chain.send(flow)
+    assert chain.respond(flow, body=body, headers=headers) == body
+    return chain.spooled_one(path=path)
+
+
+def index_of(chain: Chain) -> SqliteTrafficStore:
+    """The chain's spool indexed as the proxy's indexer indexes it, body cap INDEX_MAX."""
+    index = SqliteTrafficStore(chain.root.traffic_index, body_max=INDEX_MAX)
+    assert index.catch_up(chain.root.traffic_logs) > 0
+    return index
+
+
+def test_body_hashes_are_of_what_was_sent(chain: Chain) -> None:
+    body = json.dumps({"prompt": "hash me", "n": 1}).encode()
+    answer = json.dumps({"echo": body.decode()}).encode()
+    record = fetched(chain, "/hash", answer, {"Content-Type": "application/json"}, body)
+    assert record.request_body is not None and record.response_body is not None
+    assert record.request_body.sha256 == sha(body)
+    assert record.request_body.text == body.decode()
+    assert record.response_body.sha256 == sha(answer)
+    assert record.response_body.text == answer.decode()
+    assert record.response_body.size == len(answer)
+    assert record.response_body.encoding == "utf-8"
+
+
+def test_bodies_are_cut_at_the_spool_cap_and_at_the_index_cap(chain: Chain) -> None:
+    record = fetched(chain, "/big", BIG, {"Content-Type": "text/plain"})
+    body = record.response_body
+    assert body is not None
+    assert body.truncated and body.size == len(BIG) and body.sha256 == sha(BIG)
+    assert body.text.encode() == BIG[:SPOOL_MAX]
+    with index_of(chain) as index:
+        (in_index,) = [f.response_body for f in index.flows() if f.id == record.id]
+    assert in_index is not None
+    assert in_index.truncated and in_index.text.encode() == BIG[:INDEX_MAX]
+    assert (in_index.size, in_index.sha256) == (len(BIG), sha(BIG))
+    assert record.request_body is None  # a GET has no body
+
+
+def test_a_binary_body_is_base64(chain: Chain) -> None:
+    body = fetched(chain, "/binary", BINARY, {"Content-Type": "application/octet-stream"})
+    assert body.response_body is not None and body.response_body.encoding == "base64"
+    kept = body.response_body
+    assert base64.b64decode(kept.text) == BINARY
+    assert (kept.size, kept.sha256, kept.truncated) == (len(BINARY), sha(BINARY), False)
+
+
+def test_a_gzip_body_is_recorded_decoded(chain: Chain) -> None:
+    encoded = gzip.compress(PLAIN)
+    headers = {"Content-Type": "text/plain", "Content-Encoding": "gzip"}
+    record = fetched(chain, "/gzip", encoded, headers)
+    body = record.response_body
+    assert body is not None and body.decode_error is None
+    assert body.text.encode() == PLAIN and body.sha256 == sha(PLAIN) and body.size == len(PLAIN)
+    assert record.response_bytes == len(encoded)  # on the wire: still encoded
+
+
+def llm_stream(chain: Chain, assignment: str, n: int) -> tuple[FlowRecord, bytes]:
+    """A chat completion streamed in 1000-byte chunks to the chain's model plane: its record,
+    and the bytes the client got."""
+    request = {"model": "tiny", "messages": [], "stream": True, "n": n}
+    url = "http://127.0.0.1:8500/v1/chat/completions"
+    flow = chain.send(chain.flow(chain.identity(assignment), url, request))
+    events = chat_events(n)
+    chunks = [events[i : i + 1000] for i in range(0, len(events), 1000)]
+    headers = {"Content-Type": "text/event-stream"}
+    raw = chain.respond(flow, body=events, headers=headers, chunks=chunks)
+    assert raw == events
+    return chain.spooled_one(assignment=assignment), raw
+
+
+def test_a_streamed_response_is_captured_whole(chain: Chain) -> None:
+    record, raw = llm_stream(chain, "a-stream-small", n=5)
+    assert record.streamed and record.usage is not None and not record.usage.estimated
+    body = record.response_body
+    assert body is not None
+    assert body.text.encode() == raw and body.sha256 == sha(raw) and not body.truncated
+    # The request as forwarded: metering asked for the usage in the stream.
+    assert record.request_body is not None
+    assert json.loads(record.request_body.text)["stream_options"] == {"include_usage": True}
+
+
+def test_a_streamed_response_beyond_the_cap_is_cut_but_hashed_whole(chain: Chain) -> None:
+    record, raw = llm_stream(chain, "a-stream-big", n=200)
+    assert len(raw) > SPOOL_MAX
+    body = record.response_body
+    assert body is not None and body.truncated
+    assert body.text.encode() == raw[:SPOOL_MAX]
+    assert (body.size, body.sha256) == (len(raw), sha(raw))
+    assert record.usage is not None and record.usage.completion_tokens == 200
+
+
+def test_fts_finds_a_word_of_a_body(chain: Chain) -> None:
+    record = fetched(chain, "/fts", b"{}", {}, b"please find xylophonic here")
+    with index_of(chain) as index:
+        assert [f.id for f in index.search("xylophonic")] == [record.id]
+        assert index.search(f'"{SECRET}"') == []
+    runner = CliRunner()
+    env = {"AUTOVIBE_DATA": str(chain.root.root), "COLUMNS": "300"}
+    result = runner.invoke(traffic_app, ["search", "xylophonic"], env=env)
+    assert result.exit_code == 0, result.output
+    assert record.id in result.output and "/fts" in result.output
+    result = runner.invoke(traffic_app, ["search", "xylophonic", "--json"], env=env)
+    assert [json.loads(line)["id"] for line in result.output.splitlines()] == [record.id]
+    bad = runner.invoke(traffic_app, ["search", 'unbalanced "quote'], env=env)
+    assert bad.exit_code == 2 and "FTS5" in bad.output
 
 
 # -- the index, without a proxy ---------------------------------------------------------------

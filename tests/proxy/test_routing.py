@@ -1,7 +1,7 @@
 """Local-first routing of `auto`, in the proxy's addon chain (proxy_harness.addon_chain).
 
-The chain's local model plane is 127.0.0.1:8500; a request sent elsewhere (ELSEWHERE, which
-the egress policy would refuse) visibly changes its destination as well as its model. That
+The chain's local model plane is 127.0.0.1:8500; a request sent elsewhere (ELSEWHERE) visibly
+changes its destination as well as its model. That
 the real mitmdump loads the routing addon and routes through it end to end is
 test_routing_down's part, with a cloud provider to fall back on.
 """
