@@ -125,6 +125,32 @@ def proxy_url(host: str, port: int, machine: str, token: str) -> str:
     return f"http://{machine}:{token}@{host}:{port}"
 
 
+def platform_proxy_url(
+    key: bytes,
+    host: str,
+    port: int,
+    *,
+    machine: str,
+    project: str,
+    trial: str,
+    assignment: str,
+    lifetime_s: float,
+) -> str:
+    """The proxy URL a platform machine (the confidence judge, a task's setup) calls through
+    for `assignment` of `project`'s `trial`: a credential of machine `machine` for
+    `<assignment>-<machine>`, so what it spends is the project's and that machine's, never the
+    agent's; valid `lifetime_s` plus CREDENTIAL_GRACE_S, and with no egress list of its own
+    (the proxy applies the one it was started with)."""
+    identity = MachineIdentity(
+        project=project,
+        trial=trial,
+        assignment=f"{assignment}-{machine}",
+        machine=machine,
+        expires=time.time() + lifetime_s + CREDENTIAL_GRACE_S,
+    )
+    return proxy_url(host, port, machine, mint(key, identity))
+
+
 def proxy_env(url: str, ca: Path) -> dict[str, str]:
     """A sandbox's way out: every spelling of the proxy variables set to `url`, nothing bypassed,
     and the proxy's CA certificate for the TLS stacks that read a variable of their own."""

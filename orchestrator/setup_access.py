@@ -13,11 +13,9 @@ call it made would be charged to the project and that machine's day, never to th
 
 from __future__ import annotations
 
-import time
-
 from budget.scopes import SETUP_MACHINE
 from contracts.config import Task
-from contracts.credentials import CREDENTIAL_GRACE_S, MachineIdentity, mint, proxy_env, proxy_url
+from contracts.credentials import platform_proxy_url, proxy_env
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from workers.setups import SETUP_TIMEOUT_S
@@ -42,17 +40,11 @@ def setup_env(
     egress allowlist."""
     if not (task.environment and task.environment.setup and sandboxed and settings.egress_allow):
         return None
-    identity = MachineIdentity(
-        project=project,
-        trial=trial,
-        assignment=f"{assignment}-setup",
-        machine=SETUP_MACHINE,
+    url = platform_proxy_url(
+        key, BRIDGED_HOST, settings.proxy_port, machine=SETUP_MACHINE, project=project,
+        trial=trial, assignment=assignment,
         # The setup may wait for another runner's build of it, then run for its own limit.
-        expires=time.time() + SETUP_TIMEOUT_S + task.timeout_s + CREDENTIAL_GRACE_S,
-        # No list of its own: the proxy applies the one it was started with, the operator's.
-        egress_allow=None,
-        egress_tcp_allow=None,
-    )
-    token = mint(key, identity)
-    url = proxy_url(BRIDGED_HOST, settings.proxy_port, SETUP_MACHINE, token)
+        lifetime_s=SETUP_TIMEOUT_S + task.timeout_s,
+    )  # fmt: skip
+    # No egress list of its own: the proxy applies the one it was started with, the operator's.
     return proxy_env(url, root.ca_cert)
