@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -27,12 +28,14 @@ from typing import Any, TypeVar
 import lz4.frame
 from pydantic import BaseModel, ValidationError
 
-from contracts.dataroot import DataRoot, atomic_write
+from contracts.dataroot import DataRoot, atomic_write, read_untrusted
 from contracts.results import RunnerResult, SpecLabels, SwebenchReport
 
 ARCHIVE_SUFFIX = ".tar.lz4"
 MANIFEST_VERSION = 1
 _Model = TypeVar("_Model", bound=BaseModel)
+CONTROL_LIMIT = 16 * 1024 * 1024
+"""Most bytes read of an assignment's spec.json, result.json or report.json."""
 
 
 class CheckpointError(Exception):
@@ -121,23 +124,40 @@ def _dirs(root: DataRoot, project: str) -> dict[str, Path]:
     }
 
 
-def _baseline(workspace: Path) -> str | None:
-    proc = subprocess.run(
-        ["git", "rev-list", "--max-parents=0", "HEAD"],
-        cwd=workspace,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    lines = proc.stdout.split()
-    return lines[-1] if proc.returncode == 0 and lines else None
+BASELINES = ("baseline.git", "workspace.baseline")
+"""Where a runner keeps an assignment's baseline (host-only), and where `prepare` puts it by
+default."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _baseline(assignment_dir: Path) -> str | None:
+    """The baseline commit of the assignment's workspace, from the host's own baseline repository
+    (one commit: the task as given). Never from the workspace's `.git`, which the agent wrote:
+    git on the host reads its configuration."""
+    for name in BASELINES:
+        git_dir = assignment_dir / name
+        try:
+            ref = read_untrusted(git_dir / "refs" / "heads" / "baseline", git_dir, 64)
+        except OSError:
+            continue
+        commit = ref.decode(errors="replace").strip()
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            return commit
+    return None
+
+
+def _read_json(path: Path, below: Path | None = None) -> dict[str, Any]:
+    """The JSON object at `path`, {} when there is none; with `below` (an assignment's folder,
+    which runners on other machines write too), read as untrusted: no symlink, bounded."""
     try:
-        data = json.loads(path.read_text())
+        if below is None:
+            text = path.read_text()
+        else:
+            text = read_untrusted(path, below, CONTROL_LIMIT).decode(errors="replace")
+        data = json.loads(text)
     except FileNotFoundError:
         return {}
+    except OSError as exc:
+        raise CheckpointError(f"{path}: not read: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
     return data if isinstance(data, dict) else {}
@@ -152,8 +172,8 @@ def _runner_failed(result: dict[str, Any]) -> bool:
 
 
 def _read_model(path: Path, model: type[_Model]) -> _Model | None:
-    """The JSON file at `path` as `model`; None when there is none."""
-    data = _read_json(path)
+    """The JSON file at `path` (in an assignment's folder) as `model`; None when there is none."""
+    data = _read_json(path, path.parent)
     if not data:
         return None
     try:
@@ -186,7 +206,7 @@ def _assignment_facts(assignment_dir: Path) -> _Facts:
         )
     spec = _read_model(assignment_dir / "spec.json", SpecLabels) or SpecLabels()
     report = _read_model(assignment_dir / "report.json", SwebenchReport)
-    result = _read_json(assignment_dir / "result.json")
+    result = _read_json(assignment_dir / "result.json", assignment_dir)
     status: str
     if report is not None:
         status = report.status
@@ -289,7 +309,7 @@ def create(root: DataRoot, assignment_dir: Path, *, now: dt.datetime | None = No
         id=cid,
         created=(now or dt.datetime.now(dt.UTC)).isoformat(),
         parent=earlier[-1].id if earlier else None,
-        baseline=_baseline(workspace),
+        baseline=_baseline(assignment_dir),
         manifest_sha256=digest,
         files=sum(e.type == "file" for e in entries),
         bytes=sum(e.size for e in entries),

@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.dataroot import DataRoot, open_nofollow, write_secret_file
+from contracts.dataroot import DataRoot, open_nofollow, read_untrusted, write_secret_file
 from workers.nomad import RECORD as NOMAD_RECORD
 from workers.nomad import TASK as NOMAD_TASK
+from workers.nomad import read_records as read_nomad_records
 from workers.result import read_result
-from workers.spec import AssignmentSpec
+from workers.spec import read_spec
 from workers.vm import VmSpec
 
 TMUX_SERVER = "autovibe"
@@ -32,6 +33,10 @@ TMUX_SERVER = "autovibe"
 LOGS = ("agent.log", "output/transcript.jsonl")
 """What `logs` shows: the agent's output (the runner's copy) and its transcript (in the
 agent's output folder, never read through a symlink)."""
+
+
+RUNS_LIMIT = 1024 * 1024
+"""Most bytes of runs.jsonl read for a worker's start time."""
 
 
 class WorkerNotFound(LookupError):
@@ -182,9 +187,9 @@ def lock_holder(path: Path) -> int | None:
 
 def _started(artifacts: Path) -> float | None:
     try:
-        lines = (artifacts / "runs.jsonl").read_text().splitlines()
-        return float(json.loads(lines[-1])["started"])
-    except (OSError, IndexError, KeyError, ValueError):
+        runs = read_untrusted(artifacts / "runs.jsonl", artifacts, RUNS_LIMIT).splitlines()
+        return float(json.loads(runs[-1])["started"])
+    except (OSError, IndexError, KeyError, TypeError, ValueError):
         pass
     try:
         return (artifacts / "spec.json").stat().st_mtime
@@ -193,8 +198,8 @@ def _started(artifacts: Path) -> float | None:
 
 
 def inspect(artifacts: Path) -> Worker:
-    """The worker of one assignment folder (which must hold spec.json)."""
-    spec = AssignmentSpec.model_validate_json((artifacts / "spec.json").read_text())
+    """The worker of one assignment folder (which must hold spec.json: `read_spec`)."""
+    spec = read_spec(artifacts)
     pid = lock_holder(spec.lock_path)
     if spec.result_path.exists():
         try:
@@ -311,9 +316,9 @@ def nomad_access(allocation: str | None, vm: VmSpec | None, job: str | None = No
 
 
 def nomad_job(worker: Worker) -> str | None:
-    """The latest dispatched job of a Nomad worker, from the driver's record."""
+    """The latest dispatched job of a Nomad worker as the record names it (read as untrusted;
+    shown quoted for a shell, as the operator may paste it)."""
     try:
-        records = json.loads((worker.artifacts / NOMAD_RECORD).read_text())
-        return str(records[-1]["job"])
-    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return shlex.quote(read_nomad_records(worker.artifacts)[-1].job)
+    except (OSError, ValueError, IndexError):
         return None

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from common.cli import data_root, err, fail
 from workers import operator
-from workers.spec import AssignmentSpec
+from workers.spec import read_spec
 from workers.vm import VmSpec
 
 app = typer.Typer(
@@ -120,7 +120,7 @@ def attach(
 def _nomad(worker: operator.Worker, vm: Path | None) -> None:
     from workers.nomad import NomadDriver, NomadError
 
-    spec = AssignmentSpec.model_validate_json((worker.artifacts / "spec.json").read_text())
+    spec = read_spec(worker.artifacts)
     job = operator.nomad_job(worker)
     try:
         allocation = NomadDriver().status(spec).allocation

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from contracts.dataroot import read_untrusted
 from contracts.settings import SANDBOX_HOST_UID
 
 if TYPE_CHECKING:  # a runner reads its spec without the trial config's models (~0.15 s)
@@ -113,6 +114,18 @@ class AssignmentSpec(BaseModel):
     @property
     def lock_path(self) -> Path:
         return self.artifacts / "runner.lock"
+
+
+SPEC_LIMIT = 4 * 1024 * 1024
+"""Most bytes read of a spec.json (a task's prompt and test patch are its large parts)."""
+
+
+def read_spec(artifacts: Path) -> AssignmentSpec:
+    """The spec.json of an assignment folder, which runners on other machines (Nomad, VMs)
+    write into too: never through a symlink, at most `SPEC_LIMIT` bytes, validated; `OSError`
+    or `ValueError` (pydantic's) with the reason."""
+    raw = read_untrusted(artifacts / "spec.json", artifacts, SPEC_LIMIT)
+    return AssignmentSpec.model_validate_json(raw)
 
 
 def task_fields(task: Task) -> dict[str, Any]:
