@@ -19,33 +19,16 @@ import pytest
 from contracts.dataroot import DataRoot
 from retention import checkpoints as ck
 from tests.ops.ops_harness import assignment, task_repo
+from tests.security.spec_harness import plain_spec
 from workers import operator
 from workers.nomad import RECORD
-from workers.spec import AssignmentSpec
 from workers.workspace import default_baseline, isolated_git
 
 
 def worker(root: DataRoot, repo: Path, index: int, prompt: str = "Implement f.") -> Path:
     """An assignment folder with the whole spec.json a driver writes."""
     folder = assignment(root, repo, trial="t1", index=index)
-    spec = AssignmentSpec(
-        assignment=folder.name,
-        project="p1",
-        trial="t1",
-        machine="m1",
-        task_id="fix-f",
-        repo=repo,
-        prompt=prompt,
-        test_command="python -m pytest -q",
-        fail_to_pass=[],
-        pass_to_pass=[],
-        timeout_s=60,
-        agent="builtin",
-        model="tiny",
-        endpoint="http://127.0.0.1:9/v1",
-        env={},
-        artifacts=folder,
-    )
+    spec = plain_spec(folder.name, folder, repo, prompt=prompt)
     (folder / "spec.json").write_text(spec.model_dump_json())
     return folder
 

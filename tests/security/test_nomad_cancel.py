@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from contracts.config import NomadCluster
+from tests.security.spec_harness import plain_spec
 from tests.workers.nomad_harness import NomadDouble
 from workers.nomad import RECORD, NomadDriver, job_id
 from workers.spec import AssignmentSpec
@@ -35,24 +36,7 @@ def double() -> Iterator[NomadDouble]:
 
 
 def spec(tmp_path: Path, assignment: str) -> AssignmentSpec:
-    return AssignmentSpec(
-        assignment=assignment,
-        project="demo",
-        trial="t1",
-        machine="m1",
-        task_id="mathkit",
-        repo=tmp_path / "repo",
-        prompt="Implement add.",
-        test_command="python -m pytest -q",
-        fail_to_pass=[],
-        pass_to_pass=[],
-        timeout_s=60,
-        agent="builtin",
-        model="tiny",
-        endpoint="http://127.0.0.1:9/v1",
-        env={},
-        artifacts=tmp_path / "artifacts" / assignment,
-    )
+    return plain_spec(assignment, tmp_path / "artifacts" / assignment, tmp_path / "repo")
 
 
 def dispatched(double: NomadDouble, assignment: str) -> str:
