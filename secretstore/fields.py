@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
 import json
 import os
-import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
@@ -33,6 +29,7 @@ from contracts.secrets import (
     SecretStoreError,
     check_context,
 )
+from secretstore.keyfile import check_private, locked
 
 if TYPE_CHECKING:  # hvac loads only when the vault store is picked
     from secretstore.vault import VaultSecretStore
@@ -90,23 +87,13 @@ class EmbeddedFieldCipher:
 
     def rotate(self) -> int:
         """Add a new key version and encrypt with it from now on; returns the version."""
-        with self._locked():
+        with locked(self.lock_path):
             keys = self._keys(create=False)[1] if self.key_path.exists() else {}
             version = max(keys, default=0) + 1
             self._write({**keys, version: AESGCM.generate_key(256)}, version)
         return version
 
     # -- the key file ------------------------------------------------------------------------
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        DataRoot.ensure(self.dir, mode=0o700)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def _keys(self, create: bool) -> tuple[int, dict[int, bytes]]:
         """The current version and every key, making the first key when `create` and none is."""
@@ -116,15 +103,10 @@ class EmbeddedFieldCipher:
                     f"no field key at {self.key_path}: encrypted fields cannot be read without "
                     "it; restore the key file from backup"
                 )
-            with self._locked():  # two processes starting at once make only one key
+            with locked(self.lock_path):  # two processes starting at once make only one key
                 if not self.key_path.exists():
                     self._write({1: AESGCM.generate_key(256)}, 1)
-        mode = stat.S_IMODE(self.key_path.stat().st_mode)
-        if mode & 0o077:
-            raise FieldCipherError(
-                f"{self.key_path} is readable by others (mode {mode:04o}): "
-                f"run `chmod 600 {self.key_path}`"
-            )
+        check_private(self.key_path, FieldCipherError)
         try:
             doc = json.loads(self.key_path.read_text())
             keys = {int(v): base64.b64decode(k, validate=True) for v, k in doc["keys"].items()}

@@ -8,10 +8,8 @@ never lose each other's writes, and writes replace the file atomically.
 from __future__ import annotations
 
 import builtins
-import fcntl
 import json
 import os
-import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +18,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from contracts.dataroot import DataRoot, write_secret_file
 from contracts.secrets import SecretNotFound, SecretStoreError, check_path, check_prefix
+from secretstore.keyfile import check_private, locked
 
 STORE_FILE = "store.enc"
 KEY_FILE = "store.key"
@@ -77,13 +76,8 @@ class FileSecretStore:
 
     @contextmanager
     def _locked(self) -> Iterator[Fernet]:
-        DataRoot.ensure(self.dir, mode=0o700)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.lock_path):
             yield self._fernet()
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def _fernet(self) -> Fernet:
         """The store's key, created on first use; called under the lock so only one is made."""
@@ -94,12 +88,7 @@ class FileSecretStore:
                     "the key file from backup (a new key cannot decrypt the store)"
                 )
             write_secret_file(self.key_path, Fernet.generate_key().decode())
-        mode = stat.S_IMODE(self.key_path.stat().st_mode)
-        if mode & 0o077:
-            raise SecretStoreError(
-                f"{self.key_path} is readable by others (mode {mode:04o}): "
-                f"run `chmod 600 {self.key_path}`"
-            )
+        check_private(self.key_path, SecretStoreError)
         try:
             return Fernet(self.key_path.read_bytes().strip())
         except ValueError as exc:
