@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.processes import cmdline, pids, stop
+from common.processes import cmdline, descendants, pids, stop
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
 from proxy.launch import mitmdump_argv, wait_ready
 from workers import operator
 from workers.local import LocalDriver
-from workers.spec import AssignmentSpec
+from workers.spec import AssignmentSpec, SandboxSpec
 
 REDIS_PASSWORD = "redis-pw-7f3a9c"
 ES_PASSWORD = "elastic-pw-51be0d"
@@ -203,6 +203,15 @@ def test_the_local_driver_passes_secrets_only_through_files_only_its_user_reads(
         endpoint=silent_endpoint,
         env={"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy},
         artifacts=artifacts,
+        data_root=root.root,
+        # Sandboxed, as a trial's agents are: bubblewrap's and the bridge's argv are watched too.
+        sandbox=SandboxSpec(
+            proxy_host="127.0.0.1",
+            proxy_port=free_port(),
+            memory_mb=2048,
+            cpus=1.0,
+            hidden=[root.root],
+        ),
     )
     secrets = [ORCHESTRATOR_SECRET, MACHINE_CREDENTIAL]
     driver = LocalDriver()
@@ -213,7 +222,10 @@ def test_the_local_driver_passes_secrets_only_through_files_only_its_user_reads(
             pid = int(spec.lock_path.read_text())
             environ = Path(f"/proc/{pid}/environ").read_bytes()
             assert f"AUTOVIBE_PROBE_SECRET={ORCHESTRATOR_SECRET}".encode() in environ
-            time.sleep(1)  # the runner prepares the workspace and starts the agent
+            deadline = time.monotonic() + 30  # the runner prepares the workspace, starts the agent
+            while not _agent_started(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _agent_started(pid), (artifacts / "runner.log").read_text(errors="replace")
             assert not (artifacts / "runner.env").exists()  # read once, then deleted
             exposed = readable_by_others(root.root, secrets)
         finally:
@@ -221,9 +233,20 @@ def test_the_local_driver_passes_secrets_only_through_files_only_its_user_reads(
     assert watch.rounds > 0
     assert watch.seen == set()
     assert exposed == []
+    # Nothing the agent can read holds the orchestrator's secret.
+    for folder in (spec.workspace, spec.output):
+        held = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+        assert not [p for p in held if ORCHESTRATOR_SECRET.encode() in p.read_bytes()]
     assert stat.S_IMODE((artifacts / "spec.json").stat().st_mode) == 0o600
     for folder in (root.root, artifacts.parent, artifacts):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def _agent_started(runner: int) -> bool:
+    """Whether bubblewrap runs under the runner (its agent started in the sandbox)."""
+    return any(
+        os.path.basename(cmdline(pid).split(" ", 1)[0]) == "bwrap" for pid in descendants(runner)
+    )
 
 
 def test_the_compose_redis_takes_its_password_on_stdin(tmp_path: Path) -> None:
