@@ -1,8 +1,12 @@
-"""Streaming through the real mitmdump: pass-through without buffering, usage of every API
-shape read on the way, and bad traffic captured with an error instead of crashing the proxy.
+"""Streaming: pass-through without buffering, usage of every API shape read on the way, and
+bad traffic captured with an error instead of crashing the proxy.
 
-The upstream is a raw socket server that plays one scripted answer per request (chosen by the
-`scenario` query parameter), so a test controls every byte and every pause, down to a reset.
+Through the real mitmdump: the upstream is a raw socket server that plays one scripted
+answer per request (chosen by the `scenario` query parameter), so a test controls every byte
+and every pause, down to a reset: events pass before the upstream finishes, cut streams and
+resets, bodies passed on as they came (undecodable, encoded, huge). How each API's usage is
+read from a whole answer (`ANSWERS`) is metering's own work, tested in the proxy's addon chain
+(proxy_harness.addon_chain) with the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import brotli
 import httpx
 import pytest
-from proxy_harness import PRICES_YAML, Proxy
+from proxy_harness import PRICES_YAML, Chain, Proxy, addon_chain
 
 from budget import open_counters
 from contracts.config import PriceCatalog, load_prices
@@ -105,17 +109,6 @@ def slow_chat(sock: socket.socket, request: dict[str, Any]) -> None:
     sock.sendall(chunk(rest) + LAST_CHUNK)
 
 
-def chat_stream(sock: socket.socket, request: dict[str, Any]) -> None:
-    first, rest = chat_events(request)
-    sock.sendall(head("text/event-stream") + chunk(first) + chunk(rest) + LAST_CHUNK)
-
-
-def llama_stream(sock: socket.socket, request: dict[str, Any]) -> None:
-    """llama.cpp's server: no usage in streams, whatever the request asks."""
-    first, rest = chat_events({})
-    sock.sendall(head("text/event-stream") + chunk(first + rest) + LAST_CHUNK)
-
-
 RESPONSES_EVENTS = sse(
     {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
     {"type": "response.output_text.delta", "delta": "Hel"},
@@ -164,21 +157,47 @@ ANTHROPIC_END = sse(
 )
 
 
-def body_script(content_type: str, body: bytes, encoding: str | None = None) -> Script:
-    def play(sock: socket.socket, request: dict[str, Any]) -> None:
-        sock.sendall(head(content_type, length=len(body), encoding=encoding) + body)
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer: its type, its body (or how the request makes it), sent with its
+    Content-Length or in 1000-byte chunks (`streamed`), maybe encoded. The socket upstream
+    plays it to the real mitmdump (`play`); the addon chain is handed the same bytes."""
 
-    return play
+    content_type: str
+    body: bytes | Callable[[dict[str, Any]], bytes]
+    streamed: bool = False
+    encoding: str | None = None
 
+    def bytes_for(self, request: dict[str, Any]) -> bytes:
+        return self.body(request) if callable(self.body) else self.body
 
-def stream_script(content_type: str, body: bytes, encoding: str | None = None) -> Script:
-    def play(sock: socket.socket, request: dict[str, Any]) -> None:
-        sock.sendall(head(content_type, encoding=encoding))
-        for start in range(0, len(body), 1000):
-            sock.sendall(chunk(body[start : start + 1000]))
+    def chunks(self, body: bytes, size: int = 1000) -> list[bytes]:
+        return [body[start : start + size] for start in range(0, len(body), size)]
+
+    def headers(self) -> dict[str, str]:
+        found = {"Content-Type": self.content_type}
+        if self.encoding:
+            found["Content-Encoding"] = self.encoding
+        return found
+
+    def play(self, sock: socket.socket, request: dict[str, Any]) -> None:
+        body = self.bytes_for(request)
+        if not self.streamed:
+            sock.sendall(head(self.content_type, length=len(body), encoding=self.encoding) + body)
+            return
+        sock.sendall(head(self.content_type, encoding=self.encoding))
+        for part in self.chunks(body):
+            sock.sendall(chunk(part))
         sock.sendall(LAST_CHUNK)
 
-    return play
+
+def chat_stream(request: dict[str, Any]) -> bytes:
+    return b"".join(chat_events(request))
+
+
+def llama_stream(request: dict[str, Any]) -> bytes:
+    """llama.cpp's server: no usage in streams, whatever the request asks."""
+    return b"".join(chat_events({}))
 
 
 def cut_chat(sock: socket.socket, request: dict[str, Any]) -> None:
@@ -215,13 +234,11 @@ BROKEN_SSE = (
     b"data: [DONE]\n\n"
 )
 
-SCRIPTS: dict[str, Script] = {
-    "slow-chat": slow_chat,
-    "chat-stream": chat_stream,
-    "asked-usage": chat_stream,
-    "llama-stream": llama_stream,
-    "responses-stream": stream_script("text/event-stream", RESPONSES_EVENTS),
-    "responses-json": body_script(
+ANSWERS: dict[str, Answer] = {
+    "chat-stream": Answer("text/event-stream", chat_stream, streamed=True),
+    "llama-stream": Answer("text/event-stream", llama_stream, streamed=True),
+    "responses-stream": Answer("text/event-stream", RESPONSES_EVENTS, streamed=True),
+    "responses-json": Answer(
         "application/json",
         json.dumps(
             {
@@ -231,8 +248,8 @@ SCRIPTS: dict[str, Script] = {
             }
         ).encode(),
     ),
-    "anthropic-stream": stream_script("text/event-stream", ANTHROPIC_START + ANTHROPIC_END),
-    "anthropic-json": body_script(
+    "anthropic-stream": Answer("text/event-stream", ANTHROPIC_START + ANTHROPIC_END, streamed=True),
+    "anthropic-json": Answer(
         "application/json",
         json.dumps(
             {
@@ -247,27 +264,36 @@ SCRIPTS: dict[str, Script] = {
             }
         ).encode(),
     ),
-    "chunked-json": stream_script(
-        "application/json", json.dumps({"id": "chatcmpl-c", "usage": CHAT_USAGE}).encode()
+    "chunked-json": Answer(
+        "application/json",
+        json.dumps({"id": "chatcmpl-c", "usage": CHAT_USAGE}).encode(),
+        streamed=True,
     ),
-    "cut-chat": cut_chat,
-    "cut-anthropic": cut_anthropic,
-    "reset": reset_at_once,
-    "malformed-json": body_script("application/json", b'{"id": "chatcmpl-m", "usage": {'),
-    "broken-sse": stream_script("text/event-stream", BROKEN_SSE),
-    "gzip-json": body_script(
+    "malformed-json": Answer("application/json", b'{"id": "chatcmpl-m", "usage": {'),
+    "broken-sse": Answer("text/event-stream", BROKEN_SSE, streamed=True),
+    "gzip-json": Answer(
         "application/json",
         gzip.compress(json.dumps({"id": "chatcmpl-g", "usage": CHAT_USAGE}).encode()),
         encoding="gzip",
     ),
-    "brotli-sse": stream_script(
+    "brotli-sse": Answer(
         "text/event-stream",
         brotli.compress(chat_events({"stream_options": {"include_usage": True}})[1]),
+        streamed=True,
         encoding="br",
     ),
-    "false-gzip": body_script("application/json", b"this is not gzip", encoding="gzip"),
-    "huge-json": body_script("application/json", HUGE_JSON),
-    "huge-stream": stream_script("text/event-stream", HUGE_STREAM),
+    "false-gzip": Answer("application/json", b"this is not gzip", encoding="gzip"),
+    "huge-json": Answer("application/json", HUGE_JSON),
+    "huge-stream": Answer("text/event-stream", HUGE_STREAM, streamed=True),
+}
+"""The answers that are whole: the same bytes to the real mitmdump and to the addon chain."""
+
+SCRIPTS: dict[str, Script] = {
+    "slow-chat": slow_chat,
+    "cut-chat": cut_chat,
+    "cut-anthropic": cut_anthropic,
+    "reset": reset_at_once,
+    **{scenario: answer.play for scenario, answer in ANSWERS.items()},
 }
 
 
@@ -277,8 +303,6 @@ SCRIPTS: dict[str, Script] = {
 @dataclass
 class ScriptedUpstream:
     port: int
-    seen: dict[str, bytes] = field(default_factory=dict)
-    """Request body as it arrived, by scenario."""
 
     def url(self, path: str, scenario: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}?scenario={scenario}"
@@ -301,7 +325,6 @@ class _Handler(socketserver.BaseRequestHandler):
         while len(body) < length:
             body += self.request.recv(65536)
         scenario = parse_qs(urlsplit(lines[0].split()[1]).query)["scenario"][0]
-        self.upstream.seen[scenario] = body
         with contextlib.suppress(OSError):  # the proxy hung up first: nothing to tell
             SCRIPTS[scenario](self.request, json.loads(body))
 
@@ -480,99 +503,6 @@ def test_events_pass_through_before_the_upstream_finishes(
     settled(proxy, flow)
 
 
-def test_include_usage_is_injected_when_absent(
-    proxy: StreamingProxy, upstream: ScriptedUpstream
-) -> None:
-    call(proxy, upstream, "chat-stream", stream=True, temperature=0.5)
-    forwarded = json.loads(upstream.seen["chat-stream"])
-    assert forwarded["stream_options"] == {"include_usage": True}
-    assert forwarded["temperature"] == 0.5
-    flow = record(proxy, "chat-stream")
-    assert flow.usage is not None and flow.usage.total_tokens == 17 and not flow.usage.estimated
-
-
-def test_a_request_that_asks_for_usage_is_forwarded_untouched(
-    proxy: StreamingProxy, upstream: ScriptedUpstream
-) -> None:
-    request = {
-        "model": "tiny",
-        "prompt": "x",
-        "max_tokens": 5,  # or the budget addon writes one in
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    with proxy.client(proxy.identity("a-untouched")) as client:
-        client.post(upstream.url("/v1/completions", "asked-usage"), content=json.dumps(request))
-    assert upstream.seen["asked-usage"] == json.dumps(request).encode()
-
-
-def test_a_stream_without_usage_is_estimated_never_zero(
-    proxy: StreamingProxy, upstream: ScriptedUpstream
-) -> None:
-    _, raw = call(proxy, upstream, "llama-stream", stream=True)
-    flow = record(proxy, "llama-stream")
-    assert flow.usage is not None and flow.usage.estimated
-    # Two content deltas: one token each (their ~90-byte envelopes would say ~47 tokens).
-    assert raw.count(b"data: ") - raw.count(b"data: [DONE]") == 2
-    assert flow.usage.completion_tokens == 2
-    assert flow.cost_usd > 0 and flow.error is None
-    settled(proxy, flow)
-
-
-def test_responses_api_stream_and_body(proxy: StreamingProxy, upstream: ScriptedUpstream) -> None:
-    call(proxy, upstream, "responses-stream", path="/v1/responses", input="hi", stream=True)
-    flow = record(proxy, "responses-stream")
-    assert flow.usage is not None and flow.streamed
-    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (20, 9)
-    assert flow.usage.cache_read_tokens == 5 and not flow.usage.estimated
-    assert flow.response_id == "resp_1"
-    # The Responses API always reports usage: nothing is injected into its requests.
-    assert "stream_options" not in json.loads(upstream.seen["responses-stream"])
-
-    call(proxy, upstream, "responses-json", path="/v1/responses", input="hi")
-    flow = record(proxy, "responses-json")
-    assert flow.usage is not None and not flow.streamed
-    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (30, 8)
-
-
-def test_anthropic_messages_stream_and_body_with_cache_tokens(
-    proxy: StreamingProxy, upstream: ScriptedUpstream, prices: PriceCatalog
-) -> None:
-    call(proxy, upstream, "anthropic-stream", path="/v1/messages", max_tokens=50, stream=True)
-    flow = record(proxy, "anthropic-stream")
-    assert flow.usage is not None and not flow.usage.estimated
-    # input_tokens leaves the cache out; the record counts every input token.
-    assert flow.usage.model_dump() == {
-        "prompt_tokens": 20,
-        "completion_tokens": 15,
-        "total_tokens": 35,
-        "estimated": False,
-        "cache_creation_tokens": 4,
-        "cache_read_tokens": 6,
-        "unit": None,
-        "units": 0,
-    }
-    assert flow.response_id == "msg_1"
-    assert flow.cost_usd == prices.cost_usd("local", "tiny", 20, 15, cache_read=6, cache_write=4)
-    assert "stream_options" not in json.loads(upstream.seen["anthropic-stream"])
-    settled(proxy, flow)
-
-    call(proxy, upstream, "anthropic-json", path="/v1/messages", max_tokens=50)
-    flow = record(proxy, "anthropic-json")
-    assert flow.usage is not None
-    assert (flow.usage.prompt_tokens, flow.usage.cache_read_tokens) == (107, 100)
-    assert flow.usage.completion_tokens == 3 and flow.response_id == "msg_2"
-
-
-def test_a_chunked_json_body_streams_and_is_metered(
-    proxy: StreamingProxy, upstream: ScriptedUpstream
-) -> None:
-    _, raw = call(proxy, upstream, "chunked-json")
-    assert json.loads(raw)["id"] == "chatcmpl-c"
-    flow = record(proxy, "chunked-json")
-    assert flow.streamed and flow.usage is not None and flow.usage.total_tokens == 17
-
-
 # -- cut streams and bad traffic ----------------------------------------------------------------
 
 
@@ -635,17 +565,6 @@ def test_an_unreadable_body_passes_untouched_and_is_estimated_with_an_error(
     assert flow.response_bytes == len(raw)
 
 
-def test_broken_events_are_skipped_and_the_usage_still_read(
-    proxy: StreamingProxy, upstream: ScriptedUpstream
-) -> None:
-    _, raw = call(proxy, upstream, "broken-sse", stream=True)
-    assert raw == BROKEN_SSE
-    flow = record(proxy, "broken-sse")
-    assert flow.error is not None and flow.error.startswith("metering: event is not JSON")
-    assert flow.usage is not None and not flow.usage.estimated
-    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (3, 4)
-
-
 def test_compressed_bodies_are_read_but_passed_through_encoded(
     proxy: StreamingProxy, upstream: ScriptedUpstream
 ) -> None:
@@ -664,12 +583,121 @@ def test_compressed_bodies_are_read_but_passed_through_encoded(
     assert flow.usage is not None and flow.usage.total_tokens == 17 and not flow.usage.estimated
 
 
-def test_a_huge_stream_passes_whole_and_is_metered(
-    proxy: StreamingProxy, upstream: ScriptedUpstream
-) -> None:
-    _, raw = call(proxy, upstream, "huge-stream", stream=True)
-    assert len(raw) == len(HUGE_STREAM) and raw == HUGE_STREAM
-    flow = record(proxy, "huge-stream")
+# -- each API's usage, in the proxy's addon chain (no mitmdump) ---------------------------------
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[Chain]:
+    with addon_chain(tmp_path) as chain:
+        yield chain
+
+
+def answered(
+    chain: Chain, scenario: str, path: str = "/v1/chat/completions", **body: Any
+) -> tuple[FlowRecord, bytes, bytes]:
+    """One LLM call through the chain, answered as ANSWERS[scenario] answers the request as
+    forwarded: its record, the bytes the client got, and the request as forwarded."""
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body}
+    url = f"http://127.0.0.1:{chain.settings.model_port}{path}"
+    flow = chain.send(chain.flow(chain.identity(f"a-{scenario}"), url, request))
+    forwarded = flow.request.get_content() or b""
+    answer = ANSWERS[scenario]
+    data = answer.bytes_for(json.loads(forwarded))
+    # In reads of up to 64 KiB, as mitmproxy reads them off a socket.
+    chunks = answer.chunks(data, 65536) if answer.streamed else None
+    raw = chain.respond(flow, body=data, headers=answer.headers(), chunks=chunks)
+    return chain.spooled_one(assignment=f"a-{scenario}"), raw, forwarded
+
+
+def test_include_usage_is_injected_when_absent(chain: Chain) -> None:
+    flow, _, forwarded = answered(chain, "chat-stream", stream=True, temperature=0.5)
+    assert json.loads(forwarded)["stream_options"] == {"include_usage": True}
+    assert json.loads(forwarded)["temperature"] == 0.5
+    assert flow.usage is not None and flow.usage.total_tokens == 17 and not flow.usage.estimated
+
+
+def test_a_request_that_asks_for_usage_is_forwarded_untouched(chain: Chain) -> None:
+    request = {
+        "model": "tiny",
+        "prompt": "x",
+        "max_tokens": 5,  # or the budget addon writes one in
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    url = f"http://127.0.0.1:{chain.settings.model_port}/v1/completions"
+    flow = chain.send(chain.flow(chain.identity("a-untouched"), url, request))
+    assert flow.response is None and flow.request.get_content() == json.dumps(request).encode()
+
+
+def test_a_stream_without_usage_is_estimated_never_zero(chain: Chain) -> None:
+    flow, raw, _ = answered(chain, "llama-stream", stream=True)
+    assert flow.usage is not None and flow.usage.estimated
+    # Two content deltas: one token each (their ~90-byte envelopes would say ~47 tokens).
+    assert raw.count(b"data: ") - raw.count(b"data: [DONE]") == 2
+    assert flow.usage.completion_tokens == 2
+    assert flow.cost_usd > 0 and flow.error is None
+
+
+def test_responses_api_stream_and_body(chain: Chain) -> None:
+    flow, _, forwarded = answered(
+        chain, "responses-stream", path="/v1/responses", input="hi", stream=True
+    )
+    assert flow.usage is not None and flow.streamed
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (20, 9)
+    assert flow.usage.cache_read_tokens == 5 and not flow.usage.estimated
+    assert flow.response_id == "resp_1"
+    # The Responses API always reports usage: nothing is injected into its requests.
+    assert "stream_options" not in json.loads(forwarded)
+
+    flow, _, _ = answered(chain, "responses-json", path="/v1/responses", input="hi")
+    assert flow.usage is not None and not flow.streamed
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (30, 8)
+
+
+def test_anthropic_messages_stream_and_body_with_cache_tokens(chain: Chain) -> None:
+    prices = load_prices(chain.settings.configs)
+    flow, _, forwarded = answered(
+        chain, "anthropic-stream", path="/v1/messages", max_tokens=50, stream=True
+    )
+    assert flow.usage is not None and not flow.usage.estimated
+    # input_tokens leaves the cache out; the record counts every input token.
+    assert flow.usage.model_dump() == {
+        "prompt_tokens": 20,
+        "completion_tokens": 15,
+        "total_tokens": 35,
+        "estimated": False,
+        "cache_creation_tokens": 4,
+        "cache_read_tokens": 6,
+        "unit": None,
+        "units": 0,
+    }
+    assert flow.response_id == "msg_1"
+    assert flow.cost_usd == prices.cost_usd("local", "tiny", 20, 15, cache_read=6, cache_write=4)
+    assert "stream_options" not in json.loads(forwarded)
+
+    flow, _, _ = answered(chain, "anthropic-json", path="/v1/messages", max_tokens=50)
+    assert flow.usage is not None
+    assert (flow.usage.prompt_tokens, flow.usage.cache_read_tokens) == (107, 100)
+    assert flow.usage.completion_tokens == 3 and flow.response_id == "msg_2"
+
+
+def test_a_chunked_json_body_streams_and_is_metered(chain: Chain) -> None:
+    flow, raw, _ = answered(chain, "chunked-json")
+    assert json.loads(raw)["id"] == "chatcmpl-c"
+    assert flow.streamed and flow.usage is not None and flow.usage.total_tokens == 17
+
+
+def test_broken_events_are_skipped_and_the_usage_still_read(chain: Chain) -> None:
+    flow, raw, _ = answered(chain, "broken-sse", stream=True)
+    assert raw == BROKEN_SSE
+    assert flow.error is not None and flow.error.startswith("metering: event is not JSON")
+    assert flow.usage is not None and not flow.usage.estimated
+    assert (flow.usage.prompt_tokens, flow.usage.completion_tokens) == (3, 4)
+
+
+def test_a_huge_stream_passes_whole_and_is_metered(chain: Chain) -> None:
+    flow, raw, _ = answered(chain, "huge-stream", stream=True)
+    assert raw == HUGE_STREAM
     assert flow.error is None and flow.usage is not None and flow.usage.total_tokens == 17
 
 
