@@ -309,6 +309,22 @@ class Chain(Proxy):
         flow.request = http.Request.make(method, url, content, sent)
         return flow
 
+    def connect(self, identity: MachineIdentity | None, target: str) -> http.HTTPFlow:
+        """A CONNECT to `target` (host:port) from `identity` through `http_connect`, as
+        mitmproxy's HTTP layer calls it; a request made with `tunnelled` goes through it."""
+        flow = self.flow(identity, f"http://{target}/", method="CONNECT")
+        flow.request.path, flow.request.authority = "", target
+        self._hook("http_connect", flow)
+        return flow
+
+    def tunnelled(
+        self, tunnel: http.HTTPFlow, path: str, body: dict[str, Any] | bytes
+    ) -> http.HTTPFlow:
+        """A request sent inside `tunnel`: the same client connection, no proxy credential."""
+        flow = self.flow(None, f"http://{tunnel.request.authority}{path}", body)
+        flow.client_conn = tunnel.client_conn
+        return self.send(flow)
+
     def send(self, flow: http.HTTPFlow) -> http.HTTPFlow:
         """`requestheaders` then `request`: what a client's request meets before it leaves.
         An answer an addon set (a refusal) then goes back as mitmproxy sends it: through

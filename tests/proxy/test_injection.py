@@ -1,17 +1,22 @@
-"""Credential injection and redaction through the real mitmdump.
+"""Credential injection and redaction.
 
-A stand-in cloud provider (plain HTTP) is mapped as provider `openai`; the worker sends the
-placeholder key, the upstream must receive the real one from the file secret store, and no
-file under the data root may hold the secret afterwards.
+Through the real mitmdump: a stand-in cloud provider (plain HTTP) is mapped as provider
+`openai`; the worker sends the placeholder key, the upstream must receive the real one from
+the file secret store, and no file under the data root may hold the secret afterwards. Which
+header takes the key, and the refusals before any key goes in, are tested in the proxy's
+addon chain (proxy_harness.addon_chain).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from proxy_harness import PRICES_YAML, Proxy, Upstream, serve
+from mitmproxy import http
+from proxy_harness import PRICES_YAML, Chain, Proxy, Upstream, addon_chain, serve
 
 from budget import open_ample
 from common.processes import stop
@@ -81,15 +86,43 @@ def test_real_key_reaches_provider_and_no_file_holds_it(
     assert not leaks, f"secret written to {leaks}"
 
 
-def test_anthropic_style_key_header_is_replaced(injecting_proxy: Proxy, cloud: Upstream) -> None:
-    with injecting_proxy.client(injecting_proxy.identity("a2")) as client:
-        client.post(
-            f"{cloud.url}/v1/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": []},
-            headers={"x-api-key": PLACEHOLDER},
-        )
-    seen = {k.lower(): v for k, v in cloud.seen[-1]["headers"].items()}
-    assert seen["x-api-key"] == SECRET and "authorization" not in seen
+# -- the key as it leaves, in the proxy's addon chain (no mitmdump) ----------------------------
+
+CLOUD = "127.0.0.1:8600"
+
+
+def cloud_call(chain: Chain, path: str, headers: dict[str, str]) -> http.HTTPFlow:
+    body = {"model": "gpt-4o-mini", "messages": []}
+    flow = chain.flow(chain.identity("a-key"), f"http://{CLOUD}{path}", body, headers=headers)
+    return chain.send(flow)
+
+
+def test_anthropic_style_key_header_is_replaced(tmp_path: Path) -> None:
+    with addon_chain(
+        tmp_path,
+        8500,
+        f"autovibe_provider_hosts={CLOUD}=openai",
+        secrets={"providers/openai": SECRET},
+    ) as chain:
+        sent = cloud_call(chain, "/v1/chat/completions", {"x-api-key": PLACEHOLDER})
+    assert sent.response is None
+    assert sent.request.headers["x-api-key"] == SECRET
+    assert "authorization" not in sent.request.headers
+
+
+def test_no_key_and_no_metered_endpoint_are_refused_before_the_call_leaves(
+    tmp_path: Path,
+) -> None:
+    with addon_chain(tmp_path, 8500, f"autovibe_provider_hosts={CLOUD}=openai") as chain:
+        placeholder = {"Authorization": f"Bearer {PLACEHOLDER}"}
+        keyless = cloud_call(chain, "/v1/chat/completions", placeholder)
+        unmetered = cloud_call(chain, "/v1/fine_tuning/jobs", placeholder)
+    assert keyless.response is not None and keyless.response.status_code == 502
+    assert json.loads(keyless.response.get_content() or b"")["error"] == "no_provider_key"
+    assert unmetered.response is not None and unmetered.response.status_code == 403
+    assert json.loads(unmetered.response.get_content() or b"")["error"] == "endpoint_not_metered"
+    # Refused with the worker's placeholder still on: no key was ever written in.
+    assert keyless.request.headers["Authorization"] == f"Bearer {PLACEHOLDER}"
 
 
 def test_parsing_and_header_redaction() -> None:

@@ -1,89 +1,89 @@
-"""Revoked machine credentials through the real mitmdump: refused with 407 once revoked."""
+"""Revoked machine credentials, in the proxy's addon chain (proxy_harness.addon_chain):
+refused with 407 once revoked, on a new request and inside a tunnel opened before. That a
+real mitmdump asks the identity addon about each request it carries, tunnelled ones too, is
+test_proxy_flows's part."""
 
 from __future__ import annotations
 
-import base64
 import json
-import socket
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
-import httpx
-from proxy_harness import Proxy, Upstream, connect_tunnel, read_response
+import pytest
+from mitmproxy import http
+from proxy_harness import Chain, addon_chain
 
 from contracts.credentials import is_revoked, revoke, revoked_path
+from contracts.dataroot import DataRoot
+
+LOCAL = "127.0.0.1:8500"
 
 
-def call(client: httpx.Client, upstream: Upstream, prompt: str) -> httpx.Response:
-    return client.post(f"{upstream.url}/v1/completions", json={"model": "tiny", "prompt": prompt})
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[Chain]:
+    with addon_chain(tmp_path) as chain:
+        yield chain
 
 
-def test_revoked_credential_is_refused_with_407(proxy: Proxy, upstream: Upstream) -> None:
-    identity = proxy.identity("a-revoked")
-    token = proxy.token(identity)
-    with proxy.client(identity, token) as client:
-        assert call(client, upstream, "before-revocation").status_code == 200
+def prompt(text: str) -> dict[str, str]:
+    return {"model": "tiny", "prompt": text}
 
-    revoke(proxy.root, "a-revoked")
 
-    with proxy.client(identity, token) as client:
-        response = call(client, upstream, "after-revocation")
-    assert response.status_code == 407, response.text
-    assert response.headers["Proxy-Authenticate"] == 'Basic realm="autovibe"'
-    assert response.json() == {
+def refused_as_revoked(flow: http.HTTPFlow, assignment: str) -> None:
+    assert flow.response is not None and flow.response.status_code == 407
+    assert flow.response.headers["Proxy-Authenticate"] == 'Basic realm="autovibe"'
+    assert json.loads(flow.response.get_content() or b"") == {
         "error": "proxy_auth",
-        "detail": "machine credential for assignment 'a-revoked' was revoked: "
+        "detail": f"machine credential for assignment {assignment!r} was revoked: "
         "the assignment has ended",
     }
-    assert not upstream.saw("after-revocation")
 
+
+def test_revoked_credential_is_refused_with_407(chain: Chain) -> None:
+    identity = chain.identity("a-revoked")
+    url = f"http://{LOCAL}/v1/completions"
+    before = chain.send(chain.flow(identity, url, prompt("before-revocation")))
+    assert before.response is None  # forwarded
+
+    revoke(chain.root, "a-revoked")
+
+    refused_as_revoked(chain.send(chain.flow(identity, url, prompt("after"))), "a-revoked")
     # Another assignment's credential is untouched.
-    with proxy.client(proxy.identity("a-still-running")) as client:
-        assert call(client, upstream, "other-assignment").status_code == 200
+    other = chain.send(chain.flow(chain.identity("a-still-running"), url, prompt("other")))
+    assert other.response is None
 
 
-def _post_in_tunnel(sock: socket.socket, target: str, prompt: str) -> bytes:
-    body = json.dumps({"model": "tiny", "prompt": prompt}).encode()
-    sock.sendall(
-        f"POST /v1/completions HTTP/1.1\r\nHost: {target}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    return read_response(sock)
-
-
-def test_revocation_reaches_an_open_tunnel(proxy: Proxy, upstream: Upstream) -> None:
+def test_revocation_reaches_an_open_tunnel(chain: Chain) -> None:
     """A CONNECT proven before the revocation does not carry requests made after it."""
-    me = proxy.identity("a-tunnel")
-    credential = base64.b64encode(f"{me.machine}:{proxy.token(me)}".encode()).decode()
-    target = f"127.0.0.1:{upstream.port}"
-    sock, reply = connect_tunnel(proxy, target, f"Basic {credential}")
-    with sock:
-        assert reply.startswith(b"HTTP/1.1 200"), reply
-        assert _post_in_tunnel(sock, target, "tunnel-before").startswith(b"HTTP/1.1 200")
-        revoke(proxy.root, "a-tunnel")
-        reply = _post_in_tunnel(sock, target, "tunnel-after")
-    assert reply.startswith(b"HTTP/1.1 407"), reply
-    assert b"was revoked" in reply
-    assert not upstream.saw("tunnel-after")
+    tunnel = chain.connect(chain.identity("a-tunnel"), LOCAL)
+    assert tunnel.response is None  # the tunnel is open
+    before = chain.tunnelled(tunnel, "/v1/completions", prompt("tunnel-before"))
+    assert before.response is None and "Proxy-Authorization" not in before.request.headers
+    revoke(chain.root, "a-tunnel")
+    after = chain.tunnelled(tunnel, "/v1/completions", prompt("tunnel-after"))
+    refused_as_revoked(after, "a-tunnel")
 
 
-def test_revoke_is_idempotent_and_append_only(proxy: Proxy) -> None:
-    revoke(proxy.root, "a-twice")
-    revoke(proxy.root, "a-twice")
-    lines = revoked_path(proxy.root).read_text().splitlines()
+def test_revoke_is_idempotent_and_append_only(tmp_path: Path) -> None:
+    root = DataRoot.at(tmp_path)
+    revoke(root, "a-twice")
+    revoke(root, "a-twice")
+    lines = revoked_path(root).read_text().splitlines()
     assert lines.count("a-twice") == 1
-    assert is_revoked(proxy.root, "a-twice")
-    assert not is_revoked(proxy.root, "a-never")
-    assert revoked_path(proxy.root).stat().st_mode & 0o777 == 0o600
+    assert is_revoked(root, "a-twice")
+    assert not is_revoked(root, "a-never")
+    assert revoked_path(root).stat().st_mode & 0o777 == 0o600
 
 
-def test_concurrent_revocations_all_land(proxy: Proxy) -> None:
+def test_concurrent_revocations_all_land(tmp_path: Path) -> None:
+    root = DataRoot.at(tmp_path)
     ids = [f"a-concurrent-{i}" for i in range(40)]
-    threads = [threading.Thread(target=revoke, args=(proxy.root, i)) for i in ids]
+    threads = [threading.Thread(target=revoke, args=(root, i)) for i in ids]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert all(is_revoked(proxy.root, i) for i in ids)
-    lines = revoked_path(proxy.root).read_text().splitlines()
+    assert all(is_revoked(root, i) for i in ids)
+    lines = revoked_path(root).read_text().splitlines()
     assert set(ids) <= set(lines)
