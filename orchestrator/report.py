@@ -59,6 +59,7 @@ FORMATS = ("json", "csv", "md", "png")
 PER_RESOLVED = Decimal("0.000001")
 _K = TypeVar("_K")
 _Row = TypeVar("_Row", bound=ArmStats)
+_Run = TypeVar("_Run", bound=RunRef)
 
 
 @dataclass(frozen=True)
@@ -416,28 +417,29 @@ def _causes(row: ArmStats) -> str:
     return ", ".join(causes) or "—"
 
 
+def _runs_note(header: str, runs: Sequence[_Run], detail: Callable[[_Run], str]) -> list[str]:
+    """`header`, then a line per run: which it is and its `detail`; nothing without runs."""
+    return [header, *(f"  {_about(r)}: {detail(r)}" for r in runs)] if runs else []
+
+
 def infra_note(report: TrialReport) -> list[str]:
     """Lines under the table: which runs the platform failed, left out of every rate."""
     errors = report.infra_errors
-    if not errors:
-        return []
-    lines = [
+    header = (
         f"Infrastructure errors: {len(errors)} assignment(s) failed on the platform's side "
         "(after their retries); they are left out of the success rates, intervals and tests:"
-    ]
-    return lines + [f"  {_about(e)}: {e.cause}: {e.detail}" for e in errors]
+    )
+    return _runs_note(header, errors, lambda e: f"{e.cause}: {e.detail}")
 
 
 def tamper_note(report: TrialReport) -> list[str]:
     """Lines under the table: which runs edited the tests that grade them (undone first)."""
     tampered = report.tests_tampered
-    if not tampered:
-        return []
-    lines = [
+    header = (
         f"Tests tampered with: {len(tampered)} assignment(s) changed the task's tests or "
         "their configuration; they were restored before grading (tests-tampered.diff):"
-    ]
-    return lines + [f"  {_about(t)}: {', '.join(t.files)}" for t in tampered]
+    )
+    return _runs_note(header, tampered, lambda t: ", ".join(t.files))
 
 
 def local_share_note(report: TrialReport) -> list[str]:
