@@ -1,4 +1,6 @@
-"""Flows through the real mitmdump: identity, metering, refusals, spool and index."""
+"""Flows through the real mitmdump: identity, metering, refusals, spool and index. The
+identity and metering decisions that need no socket (a bad credential, an unpriced model,
+usage read from events or estimated) run in the proxy's addon chain (proxy_harness.addon_chain)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,37 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
-from proxy_harness import USAGE, Proxy, Upstream, connect_tunnel, read_response
+from mitmproxy import http
+from proxy_harness import (
+    USAGE,
+    Chain,
+    Proxy,
+    Upstream,
+    addon_chain,
+    connect_tunnel,
+    read_response,
+)
 
 from contracts.config import PriceCatalog, load_prices
 from contracts.credentials import mint
 from contracts.settings import free_port
 from traffic.sqlite_store import SqliteTrafficStore
+
+METERED = {
+    **USAGE,
+    "estimated": False,
+    "cache_creation_tokens": 0,
+    "cache_read_tokens": 0,
+    "unit": None,
+    "units": 0,
+}
+"""The record's usage of the upstream's answer: read, not estimated."""
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +72,7 @@ def test_metered_call_is_spooled_with_identity_and_cost(
     )
     assert (record.provider, record.model, record.status) == ("local", "tiny", 200)
     assert record.usage is not None
-    assert record.usage.model_dump() == {
-        **USAGE,
-        "estimated": False,
-        "cache_creation_tokens": 0,
-        "cache_read_tokens": 0,
-        "unit": None,
-        "units": 0,
-    }
+    assert record.usage.model_dump() == METERED
     assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
     assert record.cost_usd > 0
     assert record.method == "POST" and record.path == "/v1/completions"
@@ -118,84 +135,6 @@ def test_missing_credential_is_refused_407(proxy: Proxy, upstream: Upstream) -> 
     assert record.usage is None and record.cost_usd == 0
 
 
-def test_forged_expired_and_mismatched_credentials_are_refused_407(
-    proxy: Proxy, upstream: Upstream
-) -> None:
-    me = proxy.identity("a-forged")
-    forged = mint(b"not the proxy's key", me)
-    expired = proxy.token(dataclasses.replace(me, expires=time.time() - 1))
-    cases = {
-        "signature": proxy.client(me, token=forged),
-        "expired": proxy.client(me, token=expired),
-        "does not match": proxy.client(
-            proxy.identity("a-forged", machine="m2"), token=proxy.token(me)
-        ),
-    }
-    for reason, client in cases.items():
-        with client:
-            response = client.post(
-                f"{upstream.url}/v1/completions", json={"model": "tiny", "prompt": "forged-407"}
-            )
-        assert response.status_code == 407, reason
-        assert response.json()["error"] == "proxy_auth"
-        assert reason in response.json()["detail"]
-    assert not upstream.saw("forged-407")
-
-
-def test_unknown_price_is_refused_402_before_forwarding(proxy: Proxy, upstream: Upstream) -> None:
-    with proxy.client(proxy.identity("a-402")) as client:
-        response = client.post(
-            f"{upstream.url}/v1/chat/completions",
-            json={"model": "gpt-5-unpriced", "messages": [{"role": "user", "content": "402-me"}]},
-        )
-    assert response.status_code == 402
-    body = response.json()
-    assert (body["error"], body["provider"], body["model"]) == (
-        "unknown_price",
-        "local",
-        "gpt-5-unpriced",
-    )
-    assert not upstream.saw("402-me")
-    record = proxy.spooled_one(assignment="a-402")
-    assert (record.status, record.model, record.usage) == (402, "gpt-5-unpriced", None)
-    assert record.error == "unknown_price" and record.cost_usd == 0
-
-
-def test_streamed_usage_is_read_from_the_events(
-    proxy: Proxy, upstream: Upstream, prices: PriceCatalog
-) -> None:
-    answer = complete(proxy, upstream, "a-sse", stream=True)
-    assert "data: [DONE]" in answer["events"]
-
-    record = proxy.spooled_one(assignment="a-sse")
-    assert record.streamed
-    assert record.response_id is not None and record.response_id.startswith("cmpl-")
-    assert record.usage is not None
-    assert record.usage.model_dump() == {
-        **USAGE,
-        "estimated": False,
-        "cache_creation_tokens": 0,
-        "cache_read_tokens": 0,
-        "unit": None,
-        "units": 0,
-    }
-    assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
-
-
-def test_response_without_usage_is_estimated_and_marked(proxy: Proxy, upstream: Upstream) -> None:
-    complete(proxy, upstream, "a-estimate", prompt="no-usage")
-
-    record = proxy.spooled_one(assignment="a-estimate")
-    assert record.usage is not None and record.usage.estimated
-    assert record.usage.prompt_tokens == math.ceil(record.request_bytes / 4)
-    assert record.usage.completion_tokens == math.ceil(record.response_bytes / 4)
-    assert record.cost_usd > 0
-    with SqliteTrafficStore(proxy.root.traffic_index) as index:
-        index.catch_up(proxy.root.traffic_logs)
-        (usage,) = index.usage(assignment="a-estimate")
-    assert usage.estimated_calls == 1
-
-
 def test_non_llm_request_is_captured_without_provider(proxy: Proxy, website: Upstream) -> None:
     with proxy.client(proxy.identity("a-web")) as client:
         # The Host header is the client's word; the record keeps where the flow really went.
@@ -250,3 +189,90 @@ def test_connect_without_credential_is_refused_407(proxy: Proxy, upstream: Upstr
     assert b'Proxy-Authenticate: Basic realm="autovibe"' in reply
     record = proxy.spooled_one(method="CONNECT", status=407)
     assert record.project is None and record.error == "proxy_auth"
+
+
+# -- identity and metering decisions, in the proxy's addon chain (no mitmdump) -----------------
+
+LOCAL = "http://127.0.0.1:8500"
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[Chain]:
+    with addon_chain(tmp_path) as chain:
+        yield chain
+
+
+def answer_of(flow: http.HTTPFlow) -> dict[str, Any]:
+    assert flow.response is not None
+    found: dict[str, Any] = json.loads(flow.response.get_content() or b"")
+    return found
+
+
+def test_forged_expired_and_mismatched_credentials_are_refused_407(chain: Chain) -> None:
+    me = chain.identity("a-forged")
+    forged = mint(b"not the proxy's key", me)
+    expired = chain.token(dataclasses.replace(me, expires=time.time() - 1))
+    other_machine = chain.identity("a-forged", machine="m2")
+    cases = {
+        "signature": (me, forged),
+        "expired": (me, expired),
+        "does not match": (other_machine, chain.token(me)),
+    }
+    for reason, (who, token) in cases.items():
+        basic = base64.b64encode(f"{who.machine}:{token}".encode()).decode()
+        flow = chain.flow(None, f"{LOCAL}/v1/completions", {"model": "tiny", "prompt": "x"})
+        flow.request.headers["Proxy-Authorization"] = f"Basic {basic}"
+        answer = answer_of(chain.send(flow))
+        assert flow.response is not None and flow.response.status_code == 407, reason
+        assert answer["error"] == "proxy_auth"
+        assert reason in answer["detail"]
+
+
+def test_unknown_price_is_refused_402_before_forwarding(chain: Chain) -> None:
+    body = {"model": "gpt-5-unpriced", "messages": [{"role": "user", "content": "402-me"}]}
+    flow = chain.send(chain.flow(chain.identity("a-402"), f"{LOCAL}/v1/chat/completions", body))
+    assert flow.response is not None and flow.response.status_code == 402
+    answer = answer_of(flow)
+    assert (answer["error"], answer["provider"], answer["model"]) == (
+        "unknown_price",
+        "local",
+        "gpt-5-unpriced",
+    )
+    record = chain.spooled_one(assignment="a-402")
+    assert (record.status, record.model, record.usage) == (402, "gpt-5-unpriced", None)
+    assert record.error == "unknown_price" and record.cost_usd == 0
+
+
+def test_streamed_usage_is_read_from_the_events(chain: Chain) -> None:
+    prices = load_prices(chain.settings.configs)
+    body = {"model": "tiny", "prompt": "hi", "stream": True}
+    flow = chain.send(chain.flow(chain.identity("a-sse"), f"{LOCAL}/v1/completions", body))
+    events = [
+        {"id": "cmpl-1", "choices": [{"text": "Hello"}], "usage": None},
+        {"id": "cmpl-1", "choices": [], "usage": USAGE},
+    ]
+    chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+    headers = {"Content-Type": "text/event-stream"}
+    assert b"data: [DONE]" in chain.respond(flow, headers=headers, chunks=chunks)
+
+    record = chain.spooled_one(assignment="a-sse")
+    assert record.streamed and record.response_id == "cmpl-1"
+    assert record.usage is not None
+    assert record.usage.model_dump() == METERED
+    assert record.cost_usd == prices.cost_usd("local", "tiny", 11, 7)
+
+
+def test_response_without_usage_is_estimated_and_marked(chain: Chain) -> None:
+    body = {"model": "tiny", "prompt": "no-usage"}
+    flow = chain.send(chain.flow(chain.identity("a-estimate"), f"{LOCAL}/v1/completions", body))
+    chain.respond(flow, body={"id": "cmpl-2", "choices": [{"text": "Hello world"}]})
+
+    record = chain.spooled_one(assignment="a-estimate")
+    assert record.usage is not None and record.usage.estimated
+    assert record.usage.prompt_tokens == math.ceil(record.request_bytes / 4)
+    assert record.usage.completion_tokens == math.ceil(record.response_bytes / 4)
+    assert record.cost_usd > 0
+    with SqliteTrafficStore(chain.root.traffic_index) as index:
+        index.catch_up(chain.root.traffic_logs)
+        (usage,) = index.usage(assignment="a-estimate")
+    assert usage.estimated_calls == 1
