@@ -203,6 +203,16 @@ class Proxy:
         return found[0]
 
 
+@dataclass
+class LoggedRun:
+    """What one mitmdump run left: its log, its spool, what its upstreams received."""
+
+    log: str
+    spooled: list[FlowRecord]
+    website: Upstream
+    upstream: Upstream
+
+
 def connect_tunnel(
     proxy: Proxy, target: str, authorization: str | None
 ) -> tuple[socket.socket, bytes]:

@@ -14,11 +14,9 @@ import pytest
 from mitmproxy import exceptions, hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
-from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy
+from proxy_harness import LoggedRun
 
-from budget import open_ample
 from proxy.addons.dispatch import Dispatch, Planned, plan
-from proxy.launch import mitmdump_argv, with_options
 
 Calls = list[str]
 
@@ -206,23 +204,11 @@ def test_plan_is_the_tree_walk_of_upstream() -> None:
     assert plan(chain, "websocket_message") == []
 
 
-def test_the_running_proxy_dispatches_through_the_plan(
-    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream, website: Upstream
-) -> None:
-    settings, root, key = proxy_settings(tmp_path_factory, upstream.port)
-    open_ample(root.budget_counters, "p1", ["m1"])
-    argv = with_options(mitmdump_argv(settings), ["termlog_verbosity=info"])
-    with running_proxy(settings, root, key, argv) as proxy:
-        with proxy.client(Proxy.identity("a-dispatch")) as client:
-            assert client.get(f"{website.url}/planned").status_code == 200
-            answer = client.post(
-                f"{upstream.url}/v1/completions",
-                json={"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True},
-            )
-            assert answer.status_code == 200, answer.text
-        assert proxy.spooled_one(path="/planned").status == 200
-        streamed = proxy.spooled_one(path="/v1/completions")
-        assert streamed.usage is not None and streamed.usage.estimated is False
-    log = (root.root / "mitmdump.log").read_text()
-    assert "hooks called from plans" in log
-    assert "Addon error" not in log
+def test_the_running_proxy_dispatches_through_the_plan(logged_run: LoggedRun) -> None:
+    (page,) = [r for r in logged_run.spooled if r.path == "/page"]
+    assert page.status == 200
+    (streamed,) = [r for r in logged_run.spooled if r.streamed]
+    assert streamed.path == "/v1/completions"
+    assert streamed.usage is not None and streamed.usage.estimated is False
+    assert "hooks called from plans" in logged_run.log
+    assert "Addon error" not in logged_run.log

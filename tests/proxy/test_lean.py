@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-from proxy_harness import Proxy, Upstream, proxy_settings, running_proxy
+from proxy_harness import LoggedRun
 
-from budget import open_ample
 from proxy.addons.lean import IN_USE, unused
-from proxy.launch import mitmdump_argv, with_options
 
 
 def _chain_names(**options: object) -> tuple[set[str], set[str]]:
@@ -47,32 +44,22 @@ def test_a_builtin_whose_option_is_set_stays() -> None:
 
 
 def test_the_running_proxy_removes_them_and_keeps_modify_headers_when_set(
-    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream, website: Upstream
+    logged_run: LoggedRun,
 ) -> None:
-    settings, root, key = proxy_settings(tmp_path_factory, upstream.port)
-    open_ample(root.budget_counters, "p1", ["m1"])
-    argv = with_options(
-        mitmdump_argv(settings), ["termlog_verbosity=info", "modify_headers=/~q/X-Lean/kept"]
-    )
-    with running_proxy(settings, root, key, argv) as proxy:
-        identity = Proxy.identity("a-lean")
-        with proxy.client(identity) as client:
-            assert client.get(f"{website.url}/lean").status_code == 200
-            answer = client.post(
-                f"{upstream.url}/v1/completions",
-                json={"model": "tiny", "prompt": "hi", "max_tokens": 4},
-            )
-            assert answer.status_code == 200, answer.text
-        assert proxy.spooled_one(path="/lean").status == 200
-        assert proxy.spooled_one(path="/v1/completions").usage is not None
     logged = [
         json.loads(line)
-        for line in (root.root / "mitmdump.log").read_text().splitlines()
+        for line in logged_run.log.splitlines()
         if "unused mitmproxy built-ins" in line
     ]
     assert len(logged) == 1, logged
     removed = set(logged[0]["msg"].partition(": ")[2].split(", "))
     assert removed == set(IN_USE) - {"ModifyHeaders"}
-    # ModifyHeaders stayed, and did its work on both calls.
-    assert [seen["headers"].get("X-Lean") for seen in website.seen] == ["kept"]
-    assert upstream.seen[-1]["headers"].get("X-Lean") == "kept"
+    # The proxy served its calls; ModifyHeaders stayed, and did its work on every one.
+    assert {(r.path, r.status) for r in logged_run.spooled} == {
+        ("/page", 200),
+        ("/v1/completions", 200),
+    }
+    assert all(r.usage is not None for r in logged_run.spooled if r.path == "/v1/completions")
+    assert [seen["headers"].get("X-Lean") for seen in logged_run.website.seen] == ["kept"]
+    upstream = [seen["headers"].get("X-Lean") for seen in logged_run.upstream.seen]
+    assert upstream == ["kept", "kept"]
