@@ -41,6 +41,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import processes
 from contracts.dataroot import open_log
 from contracts.harbor import HARBOR_PARSER, HARBOR_TEST
 from contracts.results import GradeStatus as GradeStatus
@@ -243,7 +244,7 @@ def run_logged(
                 start_new_session=True,
             )
             try:
-                return proc.wait(timeout=timeout_s), False
+                return processes.wait(proc, timeout_s), False
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 return None, True

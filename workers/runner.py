@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import processes
 from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
 from contracts.harbor import HARBOR_PARSER
 from contracts.results import AgentResult, GradeResult, RunnerResult
@@ -124,7 +125,7 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
                         log.write(f"\nautovibe runner: {detail}: agent killed\n".encode())
                         break
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=min(WATCH_S, max(0.0, deadline - time.monotonic())))
+                    processes.wait(proc, min(WATCH_S, max(0.0, deadline - time.monotonic())))
         finally:
             # Also on cancel (SIGTERM) and when the agent exited but left children behind.
             kill_group(proc.pid, proc)

@@ -1,4 +1,5 @@
-"""`common.processes.ProcessEnds`, the local driver's way of hearing its runners end (issue 22):
+"""`common.processes.ProcessEnds`, the local driver's way of hearing its runners end (issue 22),
+and `wait`, the runner's way of hearing its agent and tests end:
 real processes, a child and one that is not ours (as a runner in a tmux pane is not)."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import threading
 
-from common.processes import ProcessEnds
+import pytest
+
+from common.processes import ProcessEnds, wait
 
 
 def test_the_listeners_hear_a_child_and_a_stranger_end() -> None:
@@ -47,3 +50,17 @@ def test_a_process_already_gone_is_heard_at_once() -> None:
     gone.wait()  # reaped: its pid names nothing now
     ends.watch(gone.pid)
     assert ended.is_set()
+
+
+def test_wait_returns_when_the_child_ends_and_times_out_while_it_runs() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.exit(len(sys.stdin.read()))"],
+        stdin=subprocess.PIPE,
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        wait(child, 0.2)  # it still runs
+    assert child.stdin is not None
+    child.stdin.write(b"xyz")
+    child.stdin.close()
+    assert wait(child, 30) == 3
+    assert wait(child, 30) == 3  # already reaped: its status again

@@ -20,7 +20,7 @@ from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
 
 from common.processes import cmdline, pids
 from contracts.settings import PROJECT_ROOT, free_port
-from workers import sandbox
+from workers import sandbox, sandbox_init
 from workers.agents import AGENTS
 from workers.agents.base import AgentOutcome
 from workers.runner import run_agent
@@ -197,6 +197,46 @@ def test_a_process_allocating_more_than_memory_mb_dies(probe: Probe) -> None:
     assert outcome.exit_cause == "crashed"
     assert seen == {"small": 64 * 2**20}  # the last line it got to print
     assert "MemoryError" in log
+
+
+def test_the_limits_are_hard_and_cannot_be_raised(probe: Probe) -> None:
+    outcome, seen, log = probe(
+        """
+        import json, resource
+        seen = {}
+        for name in ("AS", "CPU", "NPROC", "FSIZE"):
+            which = getattr(resource, "RLIMIT_" + name)
+            seen[name] = resource.getrlimit(which)
+            try:
+                resource.setrlimit(which, (seen[name][0], resource.RLIM_INFINITY))
+                seen[name + "_raised"] = True
+            except (ValueError, OSError):
+                seen[name + "_raised"] = False
+        print(json.dumps(seen))
+        """,
+        memory_mb=512,
+        timeout_s=30,
+    )
+
+    assert outcome.exit_cause == "finished", log
+    box = SandboxSpec(proxy_host="127.0.0.1", proxy_port=1, memory_mb=512, cpus=1.0)
+    expected = {
+        "AS": 512 * 2**20,
+        "CPU": sandbox.cpu_seconds(box, 30),
+        "NPROC": box.processes,
+        "FSIZE": box.workspace_mb * 2**20,
+    }
+    assert {k: seen[k] for k in expected} == {k: [v, v] for k, v in expected.items()}
+    assert not any(seen[k + "_raised"] for k in expected), seen
+
+
+def test_a_bridge_that_cannot_listen_ends_the_sandbox_before_the_agent(probe: Probe) -> None:
+    # Port 80 inside: binding it needs a capability the sandbox does not have.
+    outcome, _, log = probe("print('never runs')", proxy_port=80)
+
+    assert outcome.exit_code == sandbox_init.EXIT_NO_BRIDGE, log
+    assert "sandbox proxy bridge on 127.0.0.1:80 did not start" in log
+    assert "never runs" not in log
 
 
 def test_a_timeout_kills_the_whole_sandbox_and_the_bridge(probe: Probe) -> None:
