@@ -10,12 +10,20 @@ the local driver does and starts a runner that sleeps and then writes its `resul
 answers while it sleeps, and the scheduler hears each end (`on_end`) as it hears the local
 driver's runners end. Measured: each tick's time, the time from a runner's end to its ending
 being recorded, and the latency of `GET /v1/trials/{id}` polled by another process meanwhile.
+
+    python -m bench.fleet [--quick] [--state sqlite|postgresql] [--profile FILE]
+
+runs the fleet part alone and prints its rows (`python -m bench.harness` publishes them);
+`--profile` writes a cProfile of the scheduler's ticks (pstats format).
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
 import datetime as dt
 import heapq
+import json
 import multiprocessing
 import statistics
 import sys
@@ -112,15 +120,24 @@ class SimulatedDriver:
 
 
 class TimedScheduler(Scheduler):
-    """The scheduler, each tick timed."""
+    """The scheduler, each tick timed (wall, and the CPU of the scheduler's own thread: the
+    figure that noise from other processes on the machine leaves alone)."""
 
     ticks: list[float]
+    cpu: list[float]
+    profile: cProfile.Profile | None = None
 
     def tick(self) -> bool:
-        started = time.perf_counter()
-        more = super().tick()
-        self.ticks.append(time.perf_counter() - started)
-        return more
+        started, cpu = time.perf_counter(), time.thread_time()
+        if self.profile is not None:
+            self.profile.enable()
+        try:
+            return super().tick()
+        finally:
+            if self.profile is not None:
+                self.profile.disable()
+            self.cpu.append(time.thread_time() - cpu)
+            self.ticks.append(time.perf_counter() - started)
 
 
 def _poll(api_url: str, token: str, trial_id: str, ready: Any, stop: Any, out: Any) -> None:
@@ -140,7 +157,13 @@ def _poll(api_url: str, token: str, trial_id: str, ready: Any, stop: Any, out: A
 
 
 def run_fleet(
-    work: Path, state: str, state_url: str, assignments: int, machines: int, run_s: float = RUN_S
+    work: Path,
+    state: str,
+    state_url: str,
+    assignments: int,
+    machines: int,
+    run_s: float = RUN_S,
+    profile: cProfile.Profile | None = None,
 ) -> dict[str, Any]:
     """One trial of `assignments` on `machines` simulated machines; the row of figures."""
     (work / "tasks" / "tiny").mkdir(parents=True)
@@ -185,7 +208,7 @@ def run_fleet(
     }
     trial_id = client.submit(config)["id"]
     scheduler = TimedScheduler(platform)
-    scheduler.ticks = []
+    scheduler.ticks, scheduler.cpu, scheduler.profile = [], [], profile
     context = multiprocessing.get_context("spawn")
     ready, stop, out = context.Event(), context.Event(), context.Queue()
     token = client.http.headers["Authorization"].removeprefix("Bearer ")
@@ -224,6 +247,8 @@ def run_fleet(
         "tick_p50_ms": round(1000 * statistics.median(ticks), 1),
         "tick_p99_ms": round(1000 * _p(ticks, 99), 1),
         "tick_max_ms": round(1000 * max(ticks), 1),
+        "tick_cpu_p50_ms": round(1000 * statistics.median(scheduler.cpu), 1),
+        "tick_cpu_p99_ms": round(1000 * _p(scheduler.cpu, 99), 1),
         "collect_p50_s": round(statistics.median(lags), 3),
         "collect_p99_s": round(_p(lags, 99), 3),
         "api_get_p50_ms": round(1000 * statistics.median(latencies), 1),
@@ -243,16 +268,24 @@ def _p(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def measure(quick: bool) -> list[dict[str, Any]]:
+def measure(
+    quick: bool,
+    states: tuple[str, ...] = ("sqlite", "postgresql"),
+    profile: cProfile.Profile | None = None,
+) -> list[dict[str, Any]]:
     """SQLite, then PostgreSQL where the machine has it (a throwaway cluster, fsync off)."""
     assignments, machines = (100, 20) if quick else (1000, 200)
     rows = []
     with tempfile.TemporaryDirectory(prefix="autovibe-bench-fleet-") as tmp:
-        rows.append(run_fleet(Path(tmp) / "sqlite", "sqlite", "", assignments, machines))
-        if postgres_harness.PG_BIN:
+        if "sqlite" in states:
+            work = Path(tmp) / "sqlite"
+            rows.append(run_fleet(work, "sqlite", "", assignments, machines, profile=profile))
+        if "postgresql" in states and postgres_harness.PG_BIN:
             with postgres_harness.cluster() as url:
                 work = Path(tmp) / "postgresql"
-                rows.append(run_fleet(work, "postgresql", url, assignments, machines))
+                rows.append(
+                    run_fleet(work, "postgresql", url, assignments, machines, profile=profile)
+                )
     return rows
 
 
@@ -273,3 +306,21 @@ runners simulated by `SimulatedDriver` (each sleeps `runner_s`, then writes its 
 (spend posted); `api_get_*`: `GET /v1/trials/{{id}}` from another process every {POLL_S} s.{missing}
 
 {table(rows)}"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="100 assignments on 20 machines")
+    parser.add_argument("--state", choices=("sqlite", "postgresql"), action="append")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the ticks here")
+    args = parser.parse_args()
+    profile = cProfile.Profile() if args.profile else None
+    states = tuple(args.state or ("sqlite", "postgresql"))
+    for row in measure(args.quick, states, profile):
+        print(json.dumps(row))
+    if profile is not None:
+        profile.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,11 @@ so those a stop or a crash left are scored again after the restart.
 
 A tick is bounded: it starts at most `STARTS_PER_TICK` and records at most `ENDINGS_PER_TICK`
 assignments per trial, and the loop ticks again at once while some were left for the next. The
-endings a tick collects are recorded together: the project's usage posted once, then one
-transaction for all of them.
+endings a tick collects are recorded together with the starts it makes, in one write transaction
+per trial (one commit, one fsync): the endings' spend is posted before it, the runners are
+launched after it. A crash before its commit records neither (the next tick collects the endings
+again, their postings made once, and picks the starts again); after it, the starts are running
+assignments that `_collect` finds, as before.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from budget import iso
@@ -97,6 +102,7 @@ class _Ending:
     """An ending settled (spend posted), to be recorded."""
 
     assignment_id: str
+    trial_id: str
     config: TrialConfig
     result: AssignmentResult
     failure: InfraFailure | None
@@ -188,8 +194,10 @@ class Scheduler:
         self._specs: dict[str, AssignmentSpec] = {}
         """Running assignment -> the spec its runner was given: written at launch, read from
         spec.json once (after a restart), never read again on every tick."""
-        self._settled: set[str] = set()
-        """Ended assignments whose confidence is not pending: no longer looked at by the tick."""
+        self._settled: dict[str, set[str]] = {}
+        """Trial -> its ended assignments whose confidence is not pending: no longer looked at."""
+        self._configs: dict[str, TrialConfig] = {}
+        """Active trial -> its config, read once: a trial's config never changes once stored."""
         self._launcher = ThreadPoolExecutor(STARTS_PER_TICK, thread_name_prefix="launch")
         """The threads a tick's starts run on (`_start_all`), kept: a thread started per start
         cost more than the start's own work on a loaded machine."""
@@ -234,9 +242,13 @@ class Scheduler:
                 # Before collecting: the assignments that hit the gap are run again on a
                 # restarted server, not on a dead one.
                 self.supervisor.check()
+            # What is kept of trials that ended or were cancelled meanwhile.
+            for gone in self._configs.keys() - set(trial_ids):
+                del self._configs[gone]
+            for gone in self._settled.keys() - set(trial_ids):
+                del self._settled[gone]
             for trial_id in trial_ids:
-                more |= self._collect(trial_id)
-                more |= self._launch(trial_id)
+                more |= self._step(trial_id)
                 self._maybe_finish(trial_id)
             self.alerts.check(trial_ids)
             self.p.post_closed_hours()
@@ -248,104 +260,140 @@ class Scheduler:
             for trial_id in s.scalars(select(Trial.id).where(Trial.status.in_(TRIAL_ACTIVE))):
                 self.p.store.add_event(s, trial_id, kind, **data)
 
-    def _collect(self, trial_id: str) -> bool:
-        """Record the trial's ended assignments, at most `ENDINGS_PER_TICK`; True if the scan
-        stopped there."""
-        with self.p.store.session() as s:
-            running = list(
-                s.scalars(
-                    select(Assignment).where(
-                        Assignment.trial_id == trial_id, Assignment.state == "running"
-                    )
-                )
-            )
-            config = stored_config(s.get_one(Trial, trial_id).config)
-        endings: list[tuple[str, AssignmentResult]] = []
-        for a in running:
-            if len(endings) == ENDINGS_PER_TICK:
-                break
-            result_path = self._artifacts(config, trial_id, a.id) / "result.json"
-            # A malformed control file ends its own assignment, never the tick.
-            try:
-                spec = self._specs.get(a.id) or self._spec_on_disk(config, a)
-            except (OSError, ValueError) as exc:
-                endings.append((a.id, AssignmentResult.infra(a.id, _unreadable("spec", exc))))
-                continue
-            if spec is not None:
-                self._specs[a.id] = spec
-            try:
-                result = read_result(result_path, a.id) if os.path.lexists(result_path) else None
-            except (OSError, ValueError) as exc:
-                endings.append((a.id, AssignmentResult.infra(a.id, _unreadable("result", exc))))
-                continue
-            if result is not None:
-                endings.append((a.id, result.kept()))
-            elif spec is not None and self.p.driver(config.driver, config.nomad).alive(spec):
-                continue
-            else:
-                endings.append((a.id, _lost(a)))
-        self.finish_all(endings)
-        return len(endings) == ENDINGS_PER_TICK
+    def _config(self, trial_id: str) -> TrialConfig:
+        """The trial's config, read from the state DB once."""
+        config = self._configs.get(trial_id)
+        if config is None:
+            with self.p.store.session() as s:
+                stored = s.scalars(select(Trial.config).where(Trial.id == trial_id)).one()
+            config = self._configs[trial_id] = stored_config(stored)
+        return config
 
-    def _launch(self, trial_id: str) -> bool:
-        """Start due assignments on the trial's free machines, at most `STARTS_PER_TICK`; True
-        if some that could start were left for the next tick."""
+    def _step(self, trial_id: str) -> bool:
+        """Collect the trial's endings and start assignments on its free machines, recorded in
+        one transaction; True if endings or starts were left for the next tick."""
+        config = self._config(trial_id)
+        running, endings = self._collect(config, trial_id)
+        settled = self._settle_all(endings)
+        ended = {assignment_id for assignment_id, _ in endings}
+        # Each ending's machine is free whatever became of it (recorded, retried, deferred).
+        busy = {machine for i, machine in running.items() if i not in ended}
         with self.p.store.session() as s:
-            trial = s.get_one(Trial, trial_id)
-            config = stored_config(trial.config)
-            busy = set(
-                s.scalars(
-                    select(Assignment.machine).where(
-                        Assignment.trial_id == trial_id, Assignment.state == "running"
-                    )
-                )
-            )
-            free = [f"m{i}" for i in range(1, config.machines.count + 1) if f"m{i}" not in busy]
-            now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).replace(tzinfo=None)
-            # One more than can start: whether any is left for the next tick.
-            wanted = min(len(free), STARTS_PER_TICK) + 1
-            due = list(
-                s.scalars(
-                    select(Assignment)
-                    .where(
-                        Assignment.trial_id == trial_id,
-                        or_(
-                            Assignment.state == "queued",
-                            and_(
-                                Assignment.state == "deferred",
-                                or_(Assignment.not_before.is_(None), Assignment.not_before <= now),
-                            ),
-                        ),
-                    )
-                    .order_by(Assignment.index)
-                    .limit(wanted)
-                )
-            )
-            starting: list[Assignment] = []
-            for a in due:
-                if not free or len(starting) == STARTS_PER_TICK:
-                    break
-                a.state, a.machine, a.not_before = "running", free.pop(0), None
-                a.attempts += 1
-                a.started_at = utcnow()
-                if trial.status == "queued":
-                    trial.status = "running"
-                    self.p.store.add_event(s, trial_id, "trial_started")
-                self.p.store.add_event(
-                    s,
-                    trial_id,
-                    "assignment_started",
-                    assignment=a.id,
-                    machine=a.machine,
-                    task=a.task_id,
-                    agent=a.agent,
-                    model=a.model,
-                    attempt=a.attempts,
-                )
-                starting.append(a)
+            recorded = self._record_all(s, settled)
+            starting, left = self._mark_starts(s, config, trial_id, busy)
+        self._score_later(recorded)
         # Committed as running first: a crash from here on is found by _collect, never lost.
         self.finish_all(self._start_all(config, trial_id, starting))
-        return bool(free) and len(due) > len(starting)
+        return len(endings) == ENDINGS_PER_TICK or left
+
+    def _collect(
+        self, config: TrialConfig, trial_id: str
+    ) -> tuple[dict[str, str | None], list[tuple[str, AssignmentResult]]]:
+        """The trial's running assignments (id -> machine), and those of them that ended, at
+        most `ENDINGS_PER_TICK`, with their endings."""
+        with self.p.store.session() as s:
+            # The columns it needs, not whole rows: ~200 running on every tick at fleet scale.
+            rows = s.execute(
+                select(Assignment.id, Assignment.attempts, Assignment.machine).where(
+                    Assignment.trial_id == trial_id, Assignment.state == "running"
+                )
+            ).all()
+        driver = self.p.driver(config.driver, config.nomad)
+        endings: list[tuple[str, AssignmentResult]] = []
+        for assignment_id, attempts, _machine in rows:
+            if len(endings) == ENDINGS_PER_TICK:
+                break
+            # A malformed control file ends its own assignment, never the tick.
+            try:
+                spec = self._specs.get(assignment_id) or self._spec_on_disk(
+                    config, trial_id, assignment_id
+                )
+            except (OSError, ValueError) as exc:
+                endings.append(
+                    (assignment_id, AssignmentResult.infra(assignment_id, _unreadable("spec", exc)))
+                )
+                continue
+            if spec is not None:
+                self._specs[assignment_id] = spec
+                result_path = spec.result_path
+            else:
+                result_path = self._artifacts(config, trial_id, assignment_id) / "result.json"
+            try:
+                result = (
+                    read_result(result_path, assignment_id)
+                    if os.path.lexists(result_path)
+                    else None
+                )
+            except (OSError, ValueError) as exc:
+                infra = AssignmentResult.infra(assignment_id, _unreadable("result", exc))
+                endings.append((assignment_id, infra))
+                continue
+            if result is not None:
+                endings.append((assignment_id, result.kept()))
+            elif spec is not None and driver.alive(spec):
+                continue
+            else:
+                endings.append((assignment_id, _lost(assignment_id, attempts)))
+        return {assignment_id: machine for assignment_id, _, machine in rows}, endings
+
+    def _mark_starts(
+        self, s: Session, config: TrialConfig, trial_id: str, busy: set[str | None]
+    ) -> tuple[list[Assignment], bool]:
+        """Mark due assignments running on the trial's free machines (not `busy`), at most
+        `STARTS_PER_TICK`, in the caller's transaction; and whether some that could start were
+        left for the next tick."""
+        free = [f"m{i}" for i in range(1, config.machines.count + 1) if f"m{i}" not in busy]
+        if not free:
+            return [], False
+        now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).replace(tzinfo=None)
+        # One more than can start: whether any is left for the next tick.
+        wanted = min(len(free), STARTS_PER_TICK) + 1
+        due = list(
+            s.scalars(
+                select(Assignment)
+                .where(
+                    Assignment.trial_id == trial_id,
+                    or_(
+                        Assignment.state == "queued",
+                        and_(
+                            Assignment.state == "deferred",
+                            or_(Assignment.not_before.is_(None), Assignment.not_before <= now),
+                        ),
+                    ),
+                )
+                .order_by(Assignment.index)
+                .limit(wanted)
+            )
+        )
+        starting: list[Assignment] = []
+        for a in due:
+            if not free or len(starting) == STARTS_PER_TICK:
+                break
+            a.state, a.machine, a.not_before = "running", free.pop(0), None
+            a.attempts += 1
+            a.started_at = utcnow()
+            if not starting:
+                # The trial's first start: its status alone, not the row with its config.
+                first = s.execute(
+                    update(Trial)
+                    .where(Trial.id == trial_id, Trial.status == "queued")
+                    .values(status="running")
+                )
+                if cast(CursorResult[Any], first).rowcount:
+                    self.p.store.add_event(s, trial_id, "trial_started")
+            self.p.store.add_event(
+                s,
+                trial_id,
+                "assignment_started",
+                assignment=a.id,
+                machine=a.machine,
+                task=a.task_id,
+                agent=a.agent,
+                model=a.model,
+                attempt=a.attempts,
+            )
+            starting.append(a)
+        return starting, bool(free) and len(due) > len(starting)
 
     def _start_all(
         self, config: TrialConfig, trial_id: str, starting: Sequence[Assignment]
@@ -385,34 +433,45 @@ class Scheduler:
 
     def _maybe_finish(self, trial_id: str) -> None:
         """Finish the trial once every assignment has ended and every score is in."""
+        settled = self._settled.setdefault(trial_id, set())
         with self.p.store.session() as s:
-            trial = s.get_one(Trial, trial_id)
-            states = {
-                row.id: row.state
-                for row in s.execute(
-                    select(Assignment.id, Assignment.state).where(Assignment.trial_id == trial_id)
-                )
-            }
-            # Only endings not yet seen settled are read: a score once in stays in.
-            unsettled = [
-                i for i, st in states.items() if st in ASSIGNMENT_DONE and i not in self._settled
-            ]
+            # Counts, not rows: the trial's 1,000 assignments are not read on every tick.
+            counts = dict(
+                s.execute(
+                    select(Assignment.state, func.count())
+                    .where(Assignment.trial_id == trial_id)
+                    .group_by(Assignment.state)
+                ).all()
+            )
+            done = sum(n for st, n in counts.items() if st in ASSIGNMENT_DONE)
             unscored = []
-            for start in range(0, len(unsettled), 500):  # under any DB's limit of parameters
-                chunk = unsettled[start : start + 500]
-                # The stored endings alone, not whole rows.
-                endings = select(Assignment.id, Assignment.result).where(Assignment.id.in_(chunk))
-                for assignment_id, ending in s.execute(endings):
-                    if AssignmentResult.stored(ending).confidence_pending:
-                        unscored.append(assignment_id)
-                    else:
-                        self._settled.add(assignment_id)
+            if done > len(settled):
+                ended = s.scalars(
+                    select(Assignment.id).where(
+                        Assignment.trial_id == trial_id, Assignment.state.in_(ASSIGNMENT_DONE)
+                    )
+                )
+                # Only endings not yet seen settled are read: a score once in stays in.
+                unsettled = [i for i in ended if i not in settled]
+                for start in range(0, len(unsettled), 500):  # under any DB's limit of parameters
+                    chunk = unsettled[start : start + 500]
+                    # The stored endings alone, not whole rows.
+                    endings = select(Assignment.id, Assignment.result).where(
+                        Assignment.id.in_(chunk)
+                    )
+                    for assignment_id, ending in s.execute(endings):
+                        if AssignmentResult.stored(ending).confidence_pending:
+                            unscored.append(assignment_id)
+                        else:
+                            settled.add(assignment_id)
             # Queued again on every tick (a no-op while queued): after a restart, too.
             for assignment_id in unscored:
                 self.judges.submit(assignment_id)
-            ended = all(st in ASSIGNMENT_DONE for st in states.values())
-            if trial.status in TRIAL_ACTIVE and ended and not unscored:
-                self._settled.difference_update(states)
+            if done < sum(counts.values()) or unscored:
+                return
+            trial = s.get_one(Trial, trial_id)
+            if trial.status in TRIAL_ACTIVE:
+                del self._settled[trial_id]
                 trial.status = "finished"
                 trial.finished_at = utcnow()
                 self.p.store.add_event(s, trial_id, "trial_finished", **_tally(trial))
@@ -494,15 +553,26 @@ class Scheduler:
         """`finish` for several endings: every spend posted first (a project's usage once), then
         every ending recorded in one transaction. A crash in between records none of them; the
         next tick finishes them again, and the postings are made once (`post_spend`)."""
-        if not endings:
+        settled = self._settle_all(endings)
+        if not settled:
             return
+        with self.p.store.session() as s:
+            recorded = self._record_all(s, settled)
+        self._score_later(recorded)
+
+    def _settle_all(self, endings: Sequence[tuple[str, AssignmentResult]]) -> list[_Ending]:
+        """Defer, retry or post the spend of each ending (`_settle`); what to record."""
+        if not endings:
+            return []
         configs: dict[str, TrialConfig] = {}
         with self.p.store.session() as s:
             found = _by_id(s, [assignment_id for assignment_id, _ in endings])
             rows = [found[assignment_id] for assignment_id, _ in endings]
             for a in rows:
                 if a.trial_id not in configs:
-                    configs[a.trial_id] = stored_config(s.get_one(Trial, a.trial_id).config)
+                    configs[a.trial_id] = self._configs.get(a.trial_id) or stored_config(
+                        s.get_one(Trial, a.trial_id).config
+                    )
         posted: set[str] = set()
         settled: list[_Ending] = []
         for a, (_, result) in zip(rows, endings, strict=True):
@@ -512,15 +582,24 @@ class Scheduler:
             if ending is not None:
                 posted.add(config.project)
                 settled.append(ending)
+        return settled
+
+    def _record_all(self, s: Session, settled: Sequence[_Ending]) -> list[_Ending]:
+        """Record settled endings in the caller's transaction; those that were not yet."""
         if not settled:
-            return
-        with self.p.store.session() as s:
-            # One query for the batch: a get per ending would flush the previous one's changes.
-            current = _by_id(s, [e.assignment_id for e in settled])
-            recorded = [e for e in settled if self._record(s, current[e.assignment_id], e)]
+            return []
+        # One query for the batch: a get per ending would flush the previous one's changes.
+        current = _by_id(s, [e.assignment_id for e in settled])
+        return [e for e in settled if self._record(s, current[e.assignment_id], e)]
+
+    def _score_later(self, recorded: Sequence[_Ending]) -> None:
+        """After the endings' commit: hand those that await their confidence to the judges; the
+        others are settled, which `_maybe_finish` then need not read back."""
         for e in recorded:
             if e.unscored:
                 self.judges.submit(e.assignment_id)
+            else:
+                self._settled.setdefault(e.trial_id, set()).add(e.assignment_id)
 
     def _settle(
         self, a: Assignment, config: TrialConfig, result: AssignmentResult, *, usage_posted: bool
@@ -575,7 +654,7 @@ class Scheduler:
             )
         if unscored:
             result = result.model_copy(update={"confidence": pending_confidence(config.confidence)})
-        return _Ending(assignment_id, config, result, failure, unscored, cost)
+        return _Ending(assignment_id, a.trial_id, config, result, failure, unscored, cost)
 
     def _record(self, s: Session, a: Assignment, e: _Ending) -> bool:
         """Mark the assignment done with its ending, in the caller's transaction; False when it
@@ -685,16 +764,20 @@ class Scheduler:
     def _artifacts(self, config: TrialConfig, trial_id: str, assignment_id: str) -> Path:
         return self.p.root.assignment_dir(config.project, trial_id, assignment_id)
 
-    def _spec_on_disk(self, config: TrialConfig, a: Assignment) -> AssignmentSpec | None:
+    def _spec_on_disk(
+        self, config: TrialConfig, trial_id: str, assignment_id: str
+    ) -> AssignmentSpec | None:
         """The spec this assignment's runner was given, None before its launch; `OSError` or
         `ValueError` when it is not a regular file, malformed, or not this assignment's."""
-        artifacts = self._artifacts(config, a.trial_id, a.id)
+        artifacts = self._artifacts(config, trial_id, assignment_id)
         path = artifacts / "spec.json"
         if not os.path.lexists(path):
             return None
         spec = AssignmentSpec.model_validate_json(read_untrusted(path, artifacts))
-        if (spec.assignment, spec.artifacts) != (a.id, artifacts):
-            raise ValueError(f"it is {spec.assignment!r}'s in {spec.artifacts}, not {a.id!r}'s")
+        if (spec.assignment, spec.artifacts) != (assignment_id, artifacts):
+            raise ValueError(
+                f"it is {spec.assignment!r}'s in {spec.artifacts}, not {assignment_id!r}'s"
+            )
         return spec
 
     def _spec(
@@ -848,9 +931,11 @@ def _by_id(s: Session, ids: Sequence[str]) -> dict[str, Assignment]:
     return {a.id: a for a in s.scalars(select(Assignment).where(Assignment.id.in_(ids)))}
 
 
-def _lost(a: Assignment) -> AssignmentResult:
+def _lost(assignment_id: str, attempts: int) -> AssignmentResult:
     """The ending of a running assignment with no runner alive and no result."""
-    return AssignmentResult.infra(a.id, f"runner died without a result (attempt {a.attempts})")
+    return AssignmentResult.infra(
+        assignment_id, f"runner died without a result (attempt {attempts})"
+    )
 
 
 def _unreadable(name: str, exc: Exception) -> str:
@@ -883,10 +968,8 @@ def cancel(platform: Platform, trial_id: str) -> None:
         platform.store.add_event(s, trial_id, "trial_cancelled")
     scheduler = Scheduler(platform)
     for assignment_id in running:
-        with platform.store.session() as s:
-            a = s.get_one(Assignment, assignment_id)
         try:
-            spec = scheduler._spec_on_disk(config, a)
+            spec = scheduler._spec_on_disk(config, trial_id, assignment_id)
         except (OSError, ValueError) as exc:
             log.warning("assignment %s not stopped: %s", assignment_id, _unreadable("spec", exc))
             spec = None

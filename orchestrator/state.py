@@ -91,7 +91,7 @@ class Assignment(Base):
     exit_cause: Mapped[str | None] = mapped_column(String(32))
     result: Mapped[dict[str, Any] | None]
     """The ending as JSON (`contracts.results.AssignmentResult`); read and written only through
-    `ending`."""
+    `ending`, or `AssignmentResult.stored` where the column is selected alone."""
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     not_before: Mapped[dt.datetime | None]

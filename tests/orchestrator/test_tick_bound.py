@@ -7,6 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+from sqlalchemy.exc import IntegrityError
+
 from bench.fleet import SimulatedDriver
 from contracts.config import TrialConfig
 from contracts.dataroot import atomic_write
@@ -27,8 +30,9 @@ def _states(platform: Platform) -> dict[str, int]:
         return out
 
 
-def _trial(tmp_path: Path, count: int) -> Platform:
-    """A platform with trial `tb` of `count` queued assignments on as many machines."""
+def _trial(tmp_path: Path, count: int, machines: int | None = None) -> Platform:
+    """A platform with trial `tb` of `count` queued assignments on as many machines (or
+    `machines`)."""
     platform = Platform.from_settings(
         Settings(data=tmp_path / "data", configs=PROJECT_ROOT / "configs")
     )
@@ -39,7 +43,7 @@ def _trial(tmp_path: Path, count: int) -> Platform:
             "name": "bound",
             "project": "demo",
             "budget": {"amount": "1"},
-            "machines": {"count": count},
+            "machines": {"count": machines or count},
             "agents": ["command"],
             "model_pairs": ["tiny"],
             "confidence": {"enabled": False},
@@ -80,6 +84,21 @@ def _trial(tmp_path: Path, count: int) -> Platform:
     return platform
 
 
+def _write_result(platform: Platform, aid: str) -> None:
+    """What a runner writes last: its result.json, resolved."""
+    result = RunnerResult(
+        assignment=aid,
+        started=1.0,
+        finished=2.0,
+        wall_s=1.0,
+        agent=AgentResult(exit_cause="finished", exit_code=0),
+        grade=GradeResult(status="resolved"),
+    )
+    atomic_write(
+        platform.root.assignment_dir("demo", "tb", aid) / "result.json", result.model_dump_json()
+    )
+
+
 def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
     platform = _trial(tmp_path, COUNT)
     driver = SimulatedDriver(run_s=3600)  # nobody ends until this test writes the results
@@ -95,19 +114,7 @@ def test_a_wave_starts_and_ends_over_bounded_ticks(tmp_path: Path) -> None:
     assert sorted(e.data["assignment"] for e in started) == [f"tb-{i:03d}" for i in range(COUNT)]
 
     for i in range(COUNT):
-        aid = f"tb-{i:03d}"
-        result = RunnerResult(
-            assignment=aid,
-            started=1.0,
-            finished=2.0,
-            wall_s=1.0,
-            agent=AgentResult(exit_cause="finished", exit_code=0),
-            grade=GradeResult(status="resolved"),
-        )
-        atomic_write(
-            platform.root.assignment_dir("demo", "tb", aid) / "result.json",
-            result.model_dump_json(),
-        )
+        _write_result(platform, f"tb-{i:03d}")
     assert scheduler.tick() is True
     assert _states(platform) == {"finished": ENDINGS_PER_TICK, "running": COUNT - ENDINGS_PER_TICK}
     while scheduler.tick():
@@ -134,3 +141,36 @@ def test_a_runner_that_ends_wakes_the_scheduler(tmp_path: Path) -> None:
     finally:
         scheduler.stop()
     assert _states(platform) == {"finished": 2}
+
+
+def test_a_tick_that_fails_before_its_commit_loses_no_ending(tmp_path: Path) -> None:
+    """A tick records its endings and its starts in one transaction: when the state DB refuses
+    it (here a trigger refuses the start), neither is recorded, the DB is intact, and the next
+    tick records the ending, once, beside the start."""
+    platform = _trial(tmp_path, 3, machines=2)
+    platform.drivers["local"] = SimulatedDriver(run_s=3600)
+    scheduler = Scheduler(platform)
+    scheduler.tick()
+    assert _states(platform) == {"running": 2, "queued": 1}
+    _write_result(platform, "tb-000")
+    refuse = (
+        "CREATE TRIGGER refuse_start BEFORE UPDATE OF state ON assignments "
+        "WHEN NEW.state = 'running' BEGIN SELECT RAISE(ABORT, 'start refused'); END"
+    )
+    with platform.store.engine.begin() as conn:
+        conn.exec_driver_sql(refuse)
+    with pytest.raises(IntegrityError, match="start refused"):
+        scheduler.tick()
+    # Neither the ending nor the start: the transaction that held both was rolled back.
+    assert _states(platform) == {"running": 2, "queued": 1}
+    kinds = [e.kind for e in platform.store.events_after("tb", 0)]
+    assert "assignment_finished" not in kinds
+    with platform.store.engine.begin() as conn:
+        assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        conn.exec_driver_sql("DROP TRIGGER refuse_start")
+
+    scheduler.tick()
+    assert _states(platform) == {"finished": 1, "running": 2}
+    ended = [e for e in platform.store.events_after("tb", 0) if e.kind == "assignment_finished"]
+    assert [e.data["assignment"] for e in ended] == ["tb-000"]
+    scheduler.stop()
