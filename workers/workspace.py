@@ -169,13 +169,19 @@ def prepare(repo: Path, workspace: Path, baseline: Path | None = None) -> None:
             shutil.rmtree(old)
     shutil.copytree(repo, workspace, ignore=shutil.ignore_patterns(*IGNORED), symlinks=True)
     baseline.parent.mkdir(parents=True, exist_ok=True)
-    git(baseline.parent, "init", "--quiet", "--bare", "--initial-branch=baseline", str(baseline))
+    # No template: no sample hooks to write here and copy again into the agent's .git.
+    git(
+        baseline.parent,
+        "init", "--quiet", "--template=", "--bare", "--initial-branch=baseline", str(baseline),
+    )  # fmt: skip
     # Caches stay out of every patch, whatever the repo's own .gitignore says.
     (baseline / "info").mkdir(exist_ok=True)
     (baseline / "info" / "exclude").write_text("\n".join(IGNORED[1:]) + "\n")
     (baseline / "info" / "attributes").write_text(NEUTRAL_ATTRIBUTES)
     # --force: the baseline is the whole copy, files the task's .gitignore names included.
-    baseline_git(baseline, workspace, "add", "--all", "--force")
+    # bigFileThreshold=1 (this command only: above it files never get diffs) sends every blob
+    # into one pack instead of a loose object each: a few files to write and copy, not hundreds.
+    baseline_git(baseline, workspace, "-c", "core.bigFileThreshold=1", "add", "--all", "--force")
     baseline_git(
         baseline, workspace, "commit", "--quiet", "--no-verify", "--allow-empty", "-m", "baseline"
     )

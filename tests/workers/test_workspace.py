@@ -66,6 +66,26 @@ def test_patch_shows_edits_and_new_files_but_not_caches(tmp_path: Path) -> None:
     assert patch(ws) == diff
 
 
+def test_the_baseline_and_the_agents_git_are_a_few_files_whatever_the_repo_holds(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    for i in range(200):
+        (repo / "pkg" / f"m{i}.py").write_text(f"X = {i}\n")
+    ws, baseline = tmp_path / "ws", tmp_path / "baseline.git"
+
+    prepare(repo, ws, baseline)
+
+    # One pack of blobs, no sample hooks: not a loose object per file, twice over.
+    for git_dir in (baseline, ws / ".git"):
+        assert len([p for p in git_dir.rglob("*") if p.is_file()]) < 30, git_dir
+    assert git(ws, "status", "--porcelain") == ""  # the agent's git reads its copy
+    (repo / "pkg" / "m7.py").unlink()  # the baseline holds its own blobs, not the repo's
+    (ws / "pkg" / "m3.py").write_text("X = 'three'\n")
+    assert "+X = 'three'" in patch(ws, baseline)
+
+
 def test_prepare_names_a_missing_repo(tmp_path: Path) -> None:
     with pytest.raises(WorkspaceError, match="no-such-repo"):
         prepare(tmp_path / "no-such-repo", tmp_path / "ws")
