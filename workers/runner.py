@@ -25,7 +25,7 @@ from contracts.dataroot import DataRoot, atomic_write, open_log, open_nofollow
 from contracts.harbor import HARBOR_PARSER
 from contracts.results import AgentResult, GradeResult, RunnerResult
 from contracts.settings import Settings
-from workers import environments, grading, pristine, redact, sandbox, setups, workspace
+from workers import grading, pristine, redact, sandbox, workspace
 from workers.agents import get_agent
 from workers.agents.base import AgentOutcome, AgentRun
 from workers.spec import AssignmentSpec
@@ -141,6 +141,9 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
 def use_environment(spec: AssignmentSpec) -> None:
     """Build (or find) the task's environment and have the sandboxes use it as their root; with
     setup commands, the workspace is copied from the tree they left (`workers.setups`)."""
+    # Imported here: most assignments have neither, and a runner starts for every one.
+    from workers import environments, setups
+
     if spec.sandbox is None:
         raise environments.BuildFailed(
             f"task {spec.task_id}: a task environment is a sandbox's root; this assignment "
