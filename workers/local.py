@@ -107,11 +107,14 @@ class LocalDriver:
     def _launch_in_tmux(self, spec: AssignmentSpec) -> int | None:
         """The runner's pid, or None when tmux could not start it (a note is logged)."""
         client_env = {k: v for k, v in os.environ.items() if k in SERVER_ENV}
-        made = self._tmux(spec, operator.session_argv(spec.assignment, PROJECT_ROOT), client_env)
+        # The server's global environment in the same client, once the session (and the server)
+        # is there: one tmux process fewer before the runner starts.
+        session = operator.session_argv(spec.assignment, PROJECT_ROOT)
+        made = self._tmux(spec, [*session, ";", "show-environment", "-g"], client_env)
         if made is None:
             return None
         env = runner_env()
-        foreign = [k for k in _global_env(client_env) if k not in env]
+        foreign = [k for k in _names(made) if k not in env]
         env_file = spec.artifacts / "runner.env"
         operator.write_env_file(env_file, env)
         argv = operator.runner_argv(
@@ -213,20 +216,9 @@ def _runner_argv(spec: AssignmentSpec) -> list[str]:
     return [sys.executable, "-m", "workers.runner", str(spec.artifacts / "spec.json")]
 
 
-def _global_env(client_env: Mapping[str, str]) -> list[str]:
-    """Names in the tmux server's global environment (none when no server runs yet)."""
-    try:
-        shown = subprocess.run(
-            operator.tmux("show-environment", "-g"),
-            env=dict(client_env),
-            capture_output=True,
-            text=True,
-            timeout=TMUX_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    # "NAME=value", or "-NAME" for one removed from it.
-    return [line.split("=", 1)[0] for line in shown.stdout.splitlines() if "=" in line]
+def _names(shown: str) -> list[str]:
+    """Names in what `tmux show-environment` printed: "NAME=value", or "-NAME" for one removed."""
+    return [line.split("=", 1)[0] for line in shown.splitlines() if "=" in line]
 
 
 def _running(pid: int) -> bool:
