@@ -146,3 +146,19 @@ def test_missing_max_tokens_is_capped_at_what_the_tightest_scope_can_pay(
     big = Decimal(1)  # far more than the ceiling of 4096 tokens could cost
     counters.ensure_scope("machine:capped:m1", big, "CAD", "daily", time.time())
     assert answer(chain, sent(chain, who("capped"), body(marker="ceiling")))["max_tokens"] == 4096
+
+
+def test_a_call_that_fails_upstream_settles_at_its_estimate_and_is_spooled_with_the_error(
+    chain: Chain, counters: SqliteCounters
+) -> None:
+    open_budget(counters, "failed", Decimal(1))
+    flow = sent(chain, who("failed"), body(max_tokens=50))
+    chain.fail(flow, "peer closed connection without sending complete message body")
+    (record,) = [r for r in chain.spooled() if r.project == "failed"]
+    assert record.error is not None and "peer closed" in record.error
+    # The provider may have served it: the input is charged at its estimate, never zero.
+    assert record.usage is not None and record.usage.estimated and record.cost_usd > 0
+    state = counters.describe("project:failed")
+    assert state is not None and state.reserved == 0
+    assert state.spent == record.cost_usd * 2  # two CAD to the USD
+    assert record.budget is not None and "on error: peer closed" in record.budget

@@ -389,15 +389,6 @@ class Chain(Proxy):
         flow.error = Error(message)
         self._hook("error", flow)
 
-    def call(
-        self, identity: MachineIdentity | None, url: str, body: dict[str, Any], **answer: Any
-    ) -> http.HTTPFlow:
-        """`flow`, `send` and, unless an addon answered it, `respond` with `answer`."""
-        flow = self.send(self.flow(identity, url, body))
-        if flow.response is None:
-            self.respond(flow, **answer)
-        return flow
-
     def _hook(self, name: str, flow: http.HTTPFlow) -> None:
         for addon in self.addons:
             hook = getattr(addon, name, None)
