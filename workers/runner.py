@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -292,5 +293,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def exit_now(status: int) -> None:
+    """End the process once its output is flushed, without the interpreter's teardown.
+
+    result.json is written and closed, and the scheduler collects when this process is gone
+    (a pidfd): unloading every module and pydantic's caches took 30-90 ms and served nothing.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    exit_now(main(sys.argv))  # an exception (result.json written too) ends it the usual way
