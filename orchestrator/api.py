@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidatorFunctionWrapHandler, WrapValidator
-from sqlalchemy import select
+from sqlalchemy import Text, cast, select
 from sqlalchemy.exc import IntegrityError
 
 from contracts.config import TrialConfig
@@ -256,7 +256,8 @@ _VIEWED = (
     Assignment.not_before,
     Assignment.status,
     Assignment.exit_cause,
-    Assignment.result,
+    # As its text: parsed by pydantic in one step, not by `json` and then validated.
+    cast(Assignment.result, Text),
 )
 """The columns a trial's view lists of each assignment."""
 
@@ -319,11 +320,11 @@ def _assignment_view(
     not_before: dt.datetime | None,
     status: str | None,
     exit_cause: str | None,
-    result: dict[str, Any] | None,
+    result: str | None,
 ) -> dict[str, Any]:
     """One assignment as a trial's view lists it, from its `_VIEWED` columns."""
-    # No ending yet (queued, running): read as the empty record `Assignment.ending` gives.
-    ending = AssignmentResult.stored(result) if result is not None else None
+    # No ending yet (queued, running; SQL or JSON null): the empty record `ending` reads.
+    ending = None if result in (None, "null") else AssignmentResult.model_validate_json(result)
     return {
         "id": assignment_id,
         "task": task,

@@ -753,7 +753,10 @@ class Scheduler:
         """Post the project's metered usage (hourly, exactly once; not again when `usage_posted`
         by this batch of endings) and the assignment's VM time to the ledger; return the
         assignment's metered cost in the budget currency."""
-        usage = self.p.usage(assignment=a.id)
+        # Posting the batch's usage caught the index up: the later endings of the batch read it.
+        usage = (
+            self.p.index.usage(assignment=a.id) if usage_posted else self.p.usage(assignment=a.id)
+        )
         if not usage_posted:
             self.p.post_usage(config.project)
         self.p.post_vm_time(config, a)

@@ -174,3 +174,32 @@ def test_a_tick_that_fails_before_its_commit_loses_no_ending(tmp_path: Path) -> 
     ended = [e for e in platform.store.events_after("tb", 0) if e.kind == "assignment_finished"]
     assert [e.data["assignment"] for e in ended] == ["tb-000"]
     scheduler.stop()
+
+
+def test_a_launch_that_fails_ends_as_the_platforms_failure(tmp_path: Path) -> None:
+    """A launch that fails (here the assignment's folder is a file, so its spec cannot be
+    written) ends the assignment as the platform's failure, run again `infra_retries` times
+    first."""
+    platform = _trial(tmp_path, 1)
+    platform.drivers["local"] = SimulatedDriver(run_s=3600)
+    artifacts = platform.root.assignment_dir("demo", "tb", "tb-000")
+    artifacts.parent.mkdir(parents=True)
+    artifacts.write_text("not a folder\n")
+    scheduler = Scheduler(platform)
+    deadline = time.monotonic() + 60  # a bound on a hang, not a timing
+    while _states(platform) != {"failed": 1} and time.monotonic() < deadline:
+        scheduler.tick()
+        time.sleep(0.05)
+    scheduler.stop()
+    with platform.store.session() as s:
+        a = s.get_one(Assignment, "tb-000")
+        assert (a.state, a.status, a.exit_cause, a.attempts) == (
+            "failed",
+            "infra_error",
+            "infra",
+            3,
+        )
+        assert a.ending.infra_error is not None
+        assert a.ending.infra_error.startswith("launch failed: ")
+    retried = [e for e in platform.store.events_after("tb", 0) if e.kind == "assignment_retried"]
+    assert [e.data["attempt"] for e in retried] == [1, 2]
