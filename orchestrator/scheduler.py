@@ -45,11 +45,11 @@ from contracts.credentials import (
     CREDENTIAL_GRACE_S,
     MachineIdentity,
     mint,
+    platform_proxy_url,
     proxy_env,
     proxy_url,
     revoke,
 )
-from contracts.dataroot import read_untrusted
 from contracts.egress import payments_url
 from contracts.providers import PLACEHOLDER_KEY
 from contracts.results import AssignmentResult, ConfidenceGate
@@ -72,7 +72,7 @@ from orchestrator.supervisor import ModelSupervisor
 from workers.agents import get_agent
 from workers.driver import WithEndNotice
 from workers.result import read_patch, read_result
-from workers.spec import AssignmentSpec, SandboxSpec, task_fields
+from workers.spec import AssignmentSpec, SandboxSpec, read_spec, task_fields
 
 log = logging.getLogger("autovibe.scheduler")
 
@@ -692,16 +692,12 @@ class Scheduler:
         """The proxy URL the confidence judge calls through: a credential of machine
         `judge` of the trial's project, for `<assignment>-judge` (its cost is the project's,
         not the judged agent's), valid for the judge's timeout."""
-        identity = MachineIdentity(
-            project=config.project,
-            trial=trial_id,
-            assignment=f"{assignment_id}-judge",
-            machine=JUDGE_MACHINE,
-            expires=time.time() + config.confidence.timeout_s * 4 + CREDENTIAL_GRACE_S,
-        )
         st = self.p.settings
-        credential = mint(self.p.credential_key, identity)
-        return proxy_url(st.host, st.proxy_port, JUDGE_MACHINE, credential)
+        return platform_proxy_url(
+            self.p.credential_key, st.host, st.proxy_port, machine=JUDGE_MACHINE,
+            project=config.project, trial=trial_id, assignment=assignment_id,
+            lifetime_s=config.confidence.timeout_s * 4,
+        )  # fmt: skip
 
     def score_confidence(self, assignment_id: str) -> None:
         """Score a pending confidence with the trial's judge and record it once; below the
@@ -773,10 +769,9 @@ class Scheduler:
         """The spec this assignment's runner was given, None before its launch; `OSError` or
         `ValueError` when it is not a regular file, malformed, or not this assignment's."""
         artifacts = self._artifacts(config, trial_id, assignment_id)
-        path = artifacts / "spec.json"
-        if not os.path.lexists(path):
+        if not os.path.lexists(artifacts / "spec.json"):
             return None
-        spec = AssignmentSpec.model_validate_json(read_untrusted(path, artifacts))
+        spec = read_spec(artifacts)
         if (spec.assignment, spec.artifacts) != (assignment_id, artifacts):
             raise ValueError(
                 f"it is {spec.assignment!r}'s in {spec.artifacts}, not {assignment_id!r}'s"

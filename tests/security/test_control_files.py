@@ -22,7 +22,7 @@ from orchestrator import export
 from orchestrator.platform import Platform
 from orchestrator.scheduler import Scheduler
 from orchestrator.state import Assignment, Trial
-from workers.spec import AssignmentSpec
+from workers.spec import SPEC_LIMIT, AssignmentSpec
 
 TRIAL = "tc"
 AID = "tc-000"
@@ -172,6 +172,8 @@ def test_a_symlinked_result_is_not_followed(platform: Platform) -> None:
         ("{not json", "spec.json unreadable: ValidationError"),
         ("{}", "Field required"),
         ("link", "Too many levels of symbolic links"),
+        # This assignment's own spec, well formed, but past what a spec may hold: cut short.
+        ("oversized", "EOF while parsing"),
     ],
 )
 def test_a_malformed_spec_is_an_infra_error(platform: Platform, written: str, reason: str) -> None:
@@ -180,6 +182,8 @@ def test_a_malformed_spec_is_an_infra_error(platform: Platform, written: str, re
         real = artifacts(platform) / "workspace" / "spec.json"
         os.replace(spec, real)
         spec.symlink_to(real)
+    elif written == "oversized":
+        spec.write_text(json.dumps(json.loads(spec.read_text()) | {"prompt": "x" * SPEC_LIMIT}))
     else:
         spec.write_text(written)
     tick_ends_infra_error(platform, reason)
