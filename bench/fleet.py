@@ -302,8 +302,9 @@ def notes(rows: list[dict[str, Any]]) -> str:
     return f"""Fleet scale (`bench/fleet.py`): the API app served by uvicorn in-process with the
 real scheduler (ticking every 0.5 s) and state DB, a trial submitted through `POST /v1/trials`,
 runners simulated by `SimulatedDriver` (each sleeps `runner_s`, then writes its result.json).
-`tick_*`: one scheduler pass; `collect_*`: a runner's result.json written to its ending recorded
-(spend posted); `api_get_*`: `GET /v1/trials/{{id}}` from another process every {POLL_S} s.{missing}
+`tick_*`: one scheduler pass (`tick_cpu_*`: the CPU of the scheduler's own thread in it, which
+the other processes of a shared machine leave alone); `collect_*`: a runner's result.json written
+to its ending recorded (spend posted); `api_get_*`: `GET /v1/trials/{{id}}` from another process every {POLL_S} s.{missing}
 
 {table(rows)}"""
 
