@@ -21,6 +21,10 @@ before its call to after its edit). Fleet scale (`bench.fleet`): 1,000 queued as
 200 simulated machines.
 
     python -m bench.harness [--quick] [--no-inspect] [--no-fleet]
+    python -m bench.harness --machines 1 --tasks 8 --systems autovibe --print-only
+
+The second form measures one cell (for an A/B of a change) and prints its rows and phase
+table without writing bench/results or docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -346,14 +350,21 @@ def phase_rows(runs: dict[tuple[str, int], list[dict[str, Any]]]) -> list[dict[s
     return rows
 
 
+SYSTEMS = ("autovibe", "floor", "inspect_ai")
+
+
 def measure_overhead(
-    work: Path, n: int, machines: tuple[int, ...], repeats: int, with_inspect: bool
+    work: Path,
+    n: int,
+    machines: tuple[int, ...],
+    repeats: int,
+    systems: tuple[str, ...] = SYSTEMS,
 ) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], str, list[float]]:
-    """Every system at every machine count, `repeats` times, systems taking turns (their order
-    rotating) within each repeat; (runs by (system, machines), why Inspect is missing, the
-    load average before each cell)."""
+    """Every system of `systems` at every machine count, `repeats` times, systems taking turns
+    (their order rotating) within each repeat; (runs by (system, machines), why Inspect is
+    missing, the load average before each cell)."""
     python, why_not = (None, "not asked for (--no-inspect)")
-    if with_inspect:
+    if "inspect_ai" in systems:
         python, why_not = inspect_python()
     data = work / "data"
     settings = Settings(
@@ -366,15 +377,15 @@ def measure_overhead(
     )
     repo = data / "tasks" / "calc"  # under the server's task roots
     make_repo(repo)
-    systems = ["autovibe", "floor"] + (["inspect_ai"] if python is not None else [])
+    taking = [s for s in systems if s != "inspect_ai" or python is not None]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     loads: list[float] = []
     stack.up(settings)
     try:
         for repeat in range(repeats):
             for m in machines:
-                shift = (repeat + m) % len(systems)
-                for system in systems[shift:] + systems[:shift]:
+                shift = (repeat + m) % len(taking)
+                for system in taking[shift:] + taking[:shift]:
                     print(f"repeat {repeat + 1}/{repeats}: {system}, {m} machines", file=sys.stderr)
                     loads.append(round(os.getloadavg()[0], 2))
                     if system == "autovibe":
@@ -414,18 +425,25 @@ def goals(rows: list[dict[str, Any]], fleet_rows: list[dict[str, Any]]) -> str:
 
 WHERE_THE_TIME_GOES = """Where the time goes. Per assignment, over the floor (phase table): `launch`
 (the tick's starts run side by side on a kept pool of threads, each writing the spec, the
-credential and the routing policy whole with an fsync; then four tmux processes and the
-runner's Python, whose imports of the workers plane are about 0.25 s of CPU), `sandbox`
-(bubblewrap, the bridge to the proxy, `python -m workers.sandbox_init` before the agent), the
-copy and git baseline in `workspace`, and `collection` (the scheduler hears a runner end through
-a pidfd and collects at once instead of at its next 0.5 s poll; then usage and VM time posted to
-the ledger). The grading step is about the floor itself: the test run in its own offline sandbox.
-What would close the gap to 1.5x the floor: a runner that is already running (a pre-started
-worker per machine taking specs, instead of tmux + a fresh Python per assignment, about 0.2 s),
-starting the agent without a Python in front of it in the sandbox, hardlinked or reflinked
-workspaces. Below Inspect AI looks out of reach with two sandboxes: Inspect runs everything in
-one process with no isolation (its `local` sandbox is a temporary folder), so its overhead is
-about the floor, which autovibe's grading step alone costs.
+credential and the routing policy whole with an fsync; then two tmux clients and the runner's
+Python, whose imports, pydantic and the contracts' models above all, are most of it), `sandbox`
+(the bridge's socat on the host; as root, `workers.sandbox_user` run as `python -I -S` with the
+standard library alone; bubblewrap; inside, prlimit and a few lines of sh that start the socat
+on the sandbox's loopback, no interpreter before the agent's own, whose start the scripted
+agent's clock does not cover), `workspace` (the copy, a file created per file of the task, and
+the baseline, whose blobs go into one pack, so that the agent's .git is a copy of a few files),
+and `collection` (the runner ends without the interpreter's teardown once result.json is
+written, the scheduler hears it through a pidfd and collects at once; then usage and VM time
+posted to the ledger). The grading step is about the floor itself: the test run in its own
+offline sandbox, started the same way as the agent's (no interpreter before the tests).
+What would close the gap further: a runner that is already running (a pre-started worker per
+machine taking specs, instead of tmux and a fresh Python per assignment, about 0.15-0.2 s), no
+fsync for files the runner reads at once and that need no durability (spec.json, runner.env),
+and a workspace that is not copied file by file (an overlay over the task's tree: this ext4 has
+no reflinks, and a hardlink would let the agent, who owns its workspace, write into the task).
+Below Inspect AI looks out of reach with two sandboxes: Inspect runs everything in one process
+with no isolation (its `local` sandbox is a temporary folder), so its overhead is about the
+floor, which autovibe's grading step alone costs.
 
 The tick: starts run on the pool (their fsyncs overlap and the journal commits them together),
 the revocation list is read incrementally (it was re-read whole after every revoke), a batch of
@@ -481,7 +499,8 @@ Goals (issue 22):
 autovibe's overhead by phase (medians over every assignment, seconds): `launch` = the tick
 marking it running to the runner's first line (spec, credential, tmux, the runner's Python
 start and imports); `workspace` = copy and git baseline; `sandbox` = the agent's bubblewrap
-(bridge, `workers.sandbox_init`, Python start) up to the agent's first line plus its teardown;
+(bridge, `workers.sandbox_user`, prlimit and sh, the agent's own Python start) up to the
+agent's first line plus its teardown;
 `agent` = the scripted agent; `patch` = the diff and the tests restored; `grading` = the
 offline sandbox and the test run; `report` = redaction and report.json; `collection` = the
 runner's end to the ending recorded (the next tick, usage and VM time posted to the ledger).
@@ -500,6 +519,16 @@ def main() -> None:
     parser.add_argument("--no-inspect", action="store_true", help="leave out Inspect AI")
     parser.add_argument("--no-fleet", action="store_true", help="leave out the fleet scale")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--machines", help="machine counts measured, e.g. 1 or 1,2 (1,2,4)")
+    parser.add_argument("--tasks", type=int, default=None, help="assignments per cell (20)")
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"systems measured ({','.join(SYSTEMS)})"
+    )
+    parser.add_argument(
+        "--print-only",
+        action="store_true",
+        help="print the rows and phase table; write neither bench/results nor the docs",
+    )
     parser.add_argument(
         "--notes-only",
         action="store_true",
@@ -512,15 +541,27 @@ def main() -> None:
         n, repeats, inspect_missing = saved["tasks"], saved["repeats"], saved["inspect_missing"]
         command, load = saved["command"], saved["load_1min"]
     else:
-        n, machines = (4, (1, 2)) if args.quick else (20, (1, 2, 4))
+        machines: tuple[int, ...] = (1, 2) if args.quick else (1, 2, 4)
+        n = args.tasks or (4 if args.quick else 20)
+        if args.machines:
+            machines = tuple(int(m) for m in args.machines.split(","))
         repeats = args.repeats or (1 if args.quick else 3)
+        systems = tuple(s for s in args.systems.split(",") if s)
+        unknown = set(systems) - set(SYSTEMS)
+        if unknown:
+            parser.error(f"--systems: unknown {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+        if args.no_inspect:
+            systems = tuple(s for s in systems if s != "inspect_ai")
         with tempfile.TemporaryDirectory(prefix="autovibe-bench-harness-") as tmp:
             runs, inspect_missing, loads = measure_overhead(
-                Path(tmp), n, machines, repeats, not args.no_inspect
+                Path(tmp), n, machines, repeats, systems
             )
         load = [min(loads), max(loads)]
         rows = overhead_rows(runs, n, machines)
         phases = phase_rows(runs)
+        if args.print_only:
+            print(table(rows) + "\n\n" + table(phases))
+            return
         fleet_rows = [] if args.no_fleet else fleet.measure(quick=args.quick)
         command = "python -m bench.harness" + (" --quick" if args.quick else "")
     extra = {
