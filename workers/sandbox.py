@@ -59,6 +59,7 @@ SOCKET_INSIDE = Path("/run/autovibe/proxy.sock")
 TOOLS = {"bwrap": "bubblewrap", "socat": "socat", "prlimit": "util-linux"}
 """Programs the sandbox needs -> the Debian package that has each."""
 BRIDGE_READY_S = 5.0
+CGROUP_RELEASE_S = 0.5
 STOP_GRACE_S = 5.0
 
 
@@ -374,8 +375,17 @@ def process_limit(name: str, limit: int) -> Iterator[list[str]]:
         # Joined before bubblewrap starts: nothing of the sandbox runs outside the cgroup.
         yield ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")]
     finally:
-        with contextlib.suppress(OSError):  # busy: a process outlived the kill; left empty later
-            folder.rmdir()
+        # Busy for a few ms after the sandbox is gone (its processes are still being released);
+        # past the wait, a process outlived the kill and the folder is left, empty later.
+        deadline = time.monotonic() + CGROUP_RELEASE_S
+        while True:
+            try:
+                folder.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
 
 
 def _checked(spec: AssignmentSpec) -> SandboxSpec:
