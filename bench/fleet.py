@@ -304,7 +304,8 @@ real scheduler (ticking every 0.5 s) and state DB, a trial submitted through `PO
 runners simulated by `SimulatedDriver` (each sleeps `runner_s`, then writes its result.json).
 `tick_*`: one scheduler pass (`tick_cpu_*`: the CPU of the scheduler's own thread in it, which
 the other processes of a shared machine leave alone); `collect_*`: a runner's result.json written
-to its ending recorded (spend posted); `api_get_*`: `GET /v1/trials/{{id}}` from another process every {POLL_S} s.{missing}
+to its ending recorded (spend posted); `api_get_*`: `GET /v1/trials/{{id}}` from another
+process every {POLL_S} s.{missing}
 
 {table(rows)}"""
 
