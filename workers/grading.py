@@ -47,7 +47,7 @@ from contracts.harbor import HARBOR_PARSER, HARBOR_TEST
 from contracts.results import GradeStatus as GradeStatus
 from contracts.results import SwebenchReport, TestLists, TestsStatus
 from workers import swebench_logs
-from workers.sandbox import Bind
+from workers.sandbox import Bind, Confined, end
 from workers.workspace import WorkspaceError, baseline_git, isolated_git
 
 PASSING = ("PASSED", "XFAIL")
@@ -63,10 +63,8 @@ PYTEST_ADDOPTS = "-rA -p no:cacheprovider"
 HOME_CONFINED = "/tmp"
 """HOME of a confined test run: the sandbox's private /tmp."""
 
-Confine = Callable[
-    [list[str], dict[str, str]], AbstractContextManager[tuple[list[str], dict[str, str]]]
-]
-"""(argv, env) -> a context giving the argv and env that run the command confined."""
+Confine = Callable[[list[str], dict[str, str]], AbstractContextManager[Confined]]
+"""(argv, env) -> a context giving the command made to run confined (`workers.sandbox`)."""
 
 
 @dataclass
@@ -223,16 +221,19 @@ def run_logged(
     """Run shell `command` in `workspace` with `test_env` (confined by `confine` when given),
     its output in `log`: (exit status, None when killed on timeout; whether it timed out).
     The environment is set with `env -i` on the command line, so whatever runs the command
-    can neither add a variable nor drop one; it holds no secret."""
+    can neither add a variable nor drop one; it holds no secret. A sandbox that could not be
+    made raises `workers.sandbox.SandboxFailed`: the command never ran."""
     home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
     env = test_env(home)
     argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
     argv += ["/bin/sh", "-c", command]
     log.parent.mkdir(parents=True, exist_ok=True)
+    confined = None
     try:
         with contextlib.ExitStack() as stack, open_log(log) as out:
             if confine is not None:
-                argv, env = stack.enter_context(confine(argv, env))
+                confined = stack.enter_context(confine(argv, env))
+                argv, env = confined.argv, confined.env
             # A session of its own, so a timeout kills whatever the command started too.
             proc = subprocess.Popen(
                 argv,
@@ -242,12 +243,18 @@ def run_logged(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=confined.pass_fds if confined is not None else (),
             )
             try:
-                return processes.wait(proc, timeout_s), False
+                code: int | None = processes.wait(proc, timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return None, True
+                code = None
+                if confined is None:
+                    _kill_group(proc)
+            if confined is not None:
+                end(proc, confined)  # what the command left in its sandbox too
+                confined.check_started(log)
+            return code, code is None
     finally:
         if confine is None:
             shutil.rmtree(home, ignore_errors=True)

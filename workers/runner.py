@@ -28,7 +28,7 @@ from contracts.results import AgentResult, GradeResult, RunnerResult
 from contracts.settings import Settings
 from workers import grading, pristine, redact, sandbox, workspace
 from workers.agents import get_agent
-from workers.agents.base import AgentOutcome, AgentRun
+from workers.agents.base import AgentOutcome, AgentRun, ExitCause, UntrustedFile
 from workers.spec import AssignmentSpec
 
 KILL_GRACE_S = 5.0
@@ -98,10 +98,12 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
     argv = agent.command(run)
     limit = spec.sandbox.workspace_mb * 1024 * 1024 if spec.sandbox is not None else None
     detail = ""
+    confined = None
     # The bridge is left (stopped) only after the sandbox is killed, on every ending.
     with contextlib.ExitStack() as stack, open_log(spec.artifacts / "agent.log") as log:
         if spec.sandbox is not None:
-            argv, env = stack.enter_context(sandbox.confine(spec, argv, env))
+            confined = stack.enter_context(sandbox.confine(spec, argv, env))
+            argv, env = confined.argv, confined.env
         phases["agent_start"] = time.time()
         proc = subprocess.Popen(
             argv,
@@ -111,6 +113,7 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=confined.pass_fds if confined is not None else (),
         )
         timed_out = False
         deadline = time.monotonic() + spec.timeout_s
@@ -129,10 +132,25 @@ def run_agent(spec: AssignmentSpec, phases: dict[str, float] | None = None) -> A
                     processes.wait(proc, min(WATCH_S, max(0.0, deadline - time.monotonic())))
         finally:
             # Also on cancel (SIGTERM) and when the agent exited but left children behind.
-            kill_group(proc.pid, proc)
+            # Sandboxed, the runner goes on only once none of the sandbox's processes runs:
+            # grading's sandbox comes next, and what a fork bomb left must not be in its way.
+            if confined is None:
+                kill_group(proc.pid, proc)
+            else:
+                ended = sandbox.end(proc, confined)
+                if ended.killed or ended.left:
+                    log.write(f"\nautovibe runner: {ended}\n".encode())
         exit_code = proc.wait()
+        if confined is not None:
+            confined.check_started(spec.artifacts / "agent.log")  # an infra error: nothing ran
     phases["agent_end"] = time.time()
-    outcome = agent.collect(run, None if timed_out else exit_code, timed_out)
+    try:
+        outcome = agent.collect(run, None if timed_out else exit_code, timed_out)
+    except UntrustedFile as exc:
+        # What the agent left is its own doing: its ending, graded as usual, not the
+        # platform's failure (an infra error is run again).
+        cause: ExitCause = "timeout" if timed_out else "crashed"
+        outcome = AgentOutcome(cause, None if timed_out else exit_code, exc.path, detail=str(exc))
     outcome.version = outcome.version or agent.version()
     if detail:
         outcome.exit_cause, outcome.detail = "crashed", detail

@@ -29,8 +29,16 @@ without capabilities nothing in there can raise them again). RLIMIT_AS caps each
 address space at `memory_mb` (virtual memory, per process, not the sum of all processes;
 runtimes that reserve large virtual areas, such as V8 or the JVM, need more than they use).
 RLIMIT_CPU caps each process's CPU time at `cpus x timeout_s` seconds; it bounds the work a
-process can do, not its rate. cgroups are not used: on the development machines cgroup v2
-has no memory or cpu controller to delegate; `memory.max` and `cpu.max` are the next step.
+process can do, not its rate. The process count is also capped by a pids cgroup of the
+sandbox's own (`process_limit`), fresh for every sandbox: the grading sandbox never shares the
+agent's. No memory or cpu cgroup: on the development machines cgroup v2 has no memory or cpu
+controller to delegate; `memory.max` and `cpu.max` are the next step.
+
+End: `end` kills a sandbox and returns once none of its processes runs: through its pids
+cgroup (`cgroup.kill`, or each member with SIGKILL on cgroup v1) until the cgroup is empty;
+without one, by waiting for the end of the PID namespace's init, which the kernel lets go
+only once every other process of the namespace is gone. A sandbox that never started says so
+(`Confined.started`, from bubblewrap's `--json-status-fd`): `SandboxFailed`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -48,7 +57,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
+from common import processes
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
 from workers import netns, sandbox_init
@@ -61,6 +72,9 @@ TOOLS = {"bwrap": "bubblewrap", "socat": "socat", "prlimit": "util-linux"}
 BRIDGE_READY_S = 5.0
 CGROUP_RELEASE_S = 0.5
 STOP_GRACE_S = 5.0
+END_S = 10.0
+"""Most time `end` waits for a killed sandbox's processes to be gone (a fork bomb of 512
+processes is gone in ~50 ms on the development machines)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,11 @@ def workdir_binds(spec: AssignmentSpec) -> list[Bind]:
 
 class SandboxUnavailable(RuntimeError):
     """A program the sandbox needs is not installed."""
+
+
+class SandboxFailed(RuntimeError):
+    """A sandbox did not start (bubblewrap could not make its namespaces, or could not be run):
+    the host's failure, since nothing of the sandbox ran yet."""
 
 
 def require_tools() -> None:
@@ -278,13 +297,17 @@ def bwrap_argv(
     offline: bool = False,
     binds: Sequence[Bind] = (),
     chdir: str | None = None,
+    status_fd: int | None = None,
 ) -> list[str]:
     """argv that runs `command` in `workspace` inside the sandbox, with only `writable` (the
     workspace, the output folder) writable: the proxy bridged in over `socket`, or, with a
     transparent `lease`, in that network namespace (no bridge), or `offline`: no network.
     `binds`: host folders shown again at other paths (a Harbor task's /app, /tests); `chdir`:
-    where the command starts instead of the workspace."""
+    where the command starts instead of the workspace; `status_fd`: bubblewrap's status (JSON
+    lines) written there, the fd closed inside."""
     argv = ["bwrap", *_root_argv(sandbox)]
+    if status_fd is not None:
+        argv += ["--json-status-fd", str(status_fd)]
     for path in writable:
         argv += ["--bind", str(path), str(path)]
     for bind in binds:
@@ -347,16 +370,67 @@ def as_sandbox_user(
     return [*prefix, "--", *argv]
 
 
-@contextlib.contextmanager
-def process_limit(name: str, limit: int) -> Iterator[list[str]]:
-    """argv prefix that puts the sandbox in a pids cgroup of its own capped at `limit`.
+@dataclass(frozen=True)
+class ProcessLimit:
+    """The pids cgroup one sandbox runs in, or none (`folder` None: no writable pids hierarchy,
+    as for a user who is not root; RLIMIT_NPROC alone bounds the sandbox then)."""
 
-    RLIMIT_NPROC (set by `workers.sandbox_init`) counts the processes of the sandbox's uid in
-    its own user namespace; the cgroup also bounds what that count misses (threads of a
-    process that raced the limit, processes of other namespaces). No writable pids hierarchy
-    (not root): the rlimit alone.
-    """
-    folder = None
+    folder: Path | None
+
+    @property
+    def prefix(self) -> list[str]:
+        """argv prefix that joins the cgroup: nothing of the sandbox runs outside it."""
+        if self.folder is None:
+            return []
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.folder / "cgroup.procs")]
+
+    def members(self) -> list[int]:
+        """The processes in the cgroup (exited ones, zombies included, are not)."""
+        if self.folder is None:
+            return []
+        try:
+            return [int(pid) for pid in (self.folder / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def kill(self, deadline: float) -> tuple[set[int], list[int]]:
+        """SIGKILL every process in the cgroup until it is empty or `deadline` (monotonic) has
+        passed: (the processes killed, those still there)."""
+        assert self.folder is not None
+        killed: set[int] = set()
+        kill_file = self.folder / "cgroup.kill"  # cgroup v2, Linux 5.14+: the whole subtree
+        while (members := self.members()) and time.monotonic() < deadline:
+            fresh = [pid for pid in members if pid not in killed]
+            if kill_file.exists():
+                if fresh:
+                    kill_file.write_text("1")
+                    killed.update(fresh)
+            else:
+                killed.update(self._signal(fresh))
+            time.sleep(0.002)  # SIGKILLed processes are gone within a few ms
+        return killed, self.members()
+
+    def _signal(self, pids: list[int]) -> list[int]:
+        """SIGKILL each of `pids` still in the cgroup, through a pidfd opened before that is
+        checked: never a process that took a freed pid after the cgroup listed it."""
+        fds: dict[int, int] = {}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                fds[pid] = os.pidfd_open(pid)
+        still = set(self.members())
+        signalled = []
+        for pid, fd in fds.items():
+            if pid in still:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    signalled.append(pid)
+            os.close(fd)
+        return signalled
+
+
+def _pids_hierarchy() -> Path | None:
+    """Where a sandbox's pids cgroup is made: cgroup v1's pids hierarchy, or the v2 root when
+    it delegates `pids`; None when neither is writable."""
     for hierarchy in PIDS_CGROUPS:
         controllers = hierarchy / "cgroup.subtree_control"
         if hierarchy.name != "pids" and (
@@ -364,17 +438,38 @@ def process_limit(name: str, limit: int) -> Iterator[list[str]]:
         ):
             continue
         if (hierarchy / "cgroup.procs").exists() and os.access(hierarchy, os.W_OK):
-            folder = hierarchy / f"autovibe-{name}-{os.getpid()}"
-            break
-    if folder is None:
-        yield []
+            return hierarchy
+    return None
+
+
+@contextlib.contextmanager
+def process_limit(name: str, limit: int) -> Iterator[ProcessLimit]:
+    """A pids cgroup of its own, made fresh (never one an earlier sandbox left) and capped at
+    `limit`; on leaving, whatever still runs in it is killed and the cgroup removed.
+
+    RLIMIT_NPROC (set by `workers.sandbox_init`) counts the processes of the sandbox's uid in
+    its own user namespace; the cgroup also bounds what that count misses (threads of a
+    process that raced the limit, processes of other namespaces).
+    """
+    hierarchy = _pids_hierarchy()
+    if hierarchy is None:
+        yield ProcessLimit(None)
         return
-    folder.mkdir(exist_ok=True)
+    for attempt in range(1000):
+        folder = hierarchy / f"autovibe-{name}-{os.getpid()}-{attempt}"
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:  # an earlier sandbox's, not yet empty
+            continue
+    else:
+        raise SandboxFailed(f"no fresh pids cgroup under {hierarchy} for {name}")
+    limiter = ProcessLimit(folder)
     try:
         (folder / "pids.max").write_text(str(limit))
-        # Joined before bubblewrap starts: nothing of the sandbox runs outside the cgroup.
-        yield ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")]
+        yield limiter
     finally:
+        limiter.kill(time.monotonic() + END_S)
         # Busy for a few ms after the sandbox is gone (its processes are still being released);
         # past the wait, a process outlived the kill and the folder is left, empty later.
         deadline = time.monotonic() + CGROUP_RELEASE_S
@@ -386,6 +481,101 @@ def process_limit(name: str, limit: int) -> Iterator[list[str]]:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.005)
+
+
+@dataclass(frozen=True)
+class Confined:
+    """A command made to run in a sandbox: start it with `argv`, `env` and `pass_fds`, end it
+    with `end(proc, confined)`; `started` says whether its sandbox was made."""
+
+    argv: list[str]
+    env: dict[str, str]
+    limit: ProcessLimit
+    status: IO[bytes]
+    """A host-only file bubblewrap writes its status to (`--json-status-fd`): `{"child-pid": …}`
+    once the sandbox's namespaces exist, nothing when it could not make them."""
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self.status.fileno(),)
+
+    def started(self) -> bool:
+        """Whether bubblewrap made the sandbox (its status names the sandbox's first process)."""
+        self.status.seek(0)
+        return b'"child-pid"' in self.status.read(4096)
+
+    def check_started(self, log: Path) -> None:
+        """Raise `SandboxFailed` when the sandbox was not made, with the last lines of `log`
+        (the command's output, which then holds only what bubblewrap and its starter said)."""
+        if not self.started():
+            said = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise SandboxFailed(f"the sandbox did not start: {' / '.join(said) or 'no message'}")
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a sandbox ended: the processes killed in it, and those still there after `END_S`."""
+
+    killed: int
+    left: int
+
+    def __str__(self) -> str:
+        said = f"{self.killed} processes of the sandbox killed"
+        return said + (f", {self.left} still there after {END_S:g} s" if self.left else "")
+
+
+def end(proc: subprocess.Popen[bytes], confined: Confined) -> Ended:
+    """Kill the sandbox `proc` started with `confined.argv` and everything in it, reap `proc`,
+    and return once none of the sandbox's processes runs (at most `END_S` later).
+
+    With a pids cgroup: every member killed until it is empty. Without one: bubblewrap's
+    group is killed (its `--die-with-parent` takes the namespace's init with it) and the
+    init waited for; the kernel lets it go only once it has killed and reaped every other
+    process of the PID namespace.
+    """
+    limit = confined.limit
+    before = set(limit.members()) if limit.folder is not None else set(_tree(proc.pid))
+    inits = [] if limit.folder is not None else _pidfds(_children(proc.pid))
+    with contextlib.suppress(ProcessLookupError):  # nothing more is started from the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + END_S
+    try:
+        if limit.folder is not None:
+            killed, left = limit.kill(deadline)
+            return Ended(len(before | killed), len(left))
+        waited = [fd for fd in inits if not _ended(fd, deadline)]
+        return Ended(len(before), len(waited))
+    finally:
+        for fd in inits:
+            os.close(fd)
+        proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """`pid`'s children (bubblewrap's: the PID namespace's init)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its living descendants, as the host sees them."""
+    return [pid, *processes.descendants(pid)] if processes.runs(pid) else []
+
+
+def _pidfds(pids: list[int]) -> list[int]:
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+def _ended(pidfd: int, deadline: float) -> bool:
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    return bool(poll.poll(max(0.0, deadline - time.monotonic()) * 1000))
 
 
 def _checked(spec: AssignmentSpec) -> SandboxSpec:
@@ -402,14 +592,17 @@ def confine_offline(
     command: list[str],
     env: dict[str, str],
     binds: Sequence[Bind] = (),
-) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """(argv, env) that run `command` in a fresh sandbox with no network at all: the workspace
+) -> Iterator[Confined]:
+    """`command` made to run in a fresh sandbox with no network at all: the workspace
     (also at the task's `workdir`, where the command starts) and the writable `binds` are the
     only writable paths besides a private /tmp; same root, user and limits as the agent's
     sandbox; env reduced to the allowlist. Raises `SandboxUnavailable` when the spec has no
     sandbox (the caller decides whether to run unconfined)."""
     box = _checked(spec)
-    with process_limit(spec.assignment, box.processes) as prefix:
+    with (
+        process_limit(f"{spec.assignment}-offline", box.processes) as limit,
+        tempfile.TemporaryFile() as status,
+    ):
         argv = bwrap_argv(
             box,
             command,
@@ -420,15 +613,14 @@ def confine_offline(
             offline=True,
             binds=[*workdir_binds(spec), *binds],
             chdir=spec.workdir,
+            status_fd=status.fileno(),
         )
-        yield [*prefix, *argv], allowed_env(env)
+        yield Confined([*limit.prefix, *argv], allowed_env(env), limit, status)
 
 
 @contextlib.contextmanager
-def confine(
-    spec: AssignmentSpec, command: list[str], env: dict[str, str]
-) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """(argv, env) that run `command` in the spec's sandbox; its network lives for the block.
+def confine(spec: AssignmentSpec, command: list[str], env: dict[str, str]) -> Iterator[Confined]:
+    """`command` made to run in the spec's sandbox; its network lives for the block.
 
     Writable inside: the workspace and the output folder, nothing else of the artifacts.
     `proxy`: the bridge. `transparent`: the assignment's network namespace with its
@@ -440,7 +632,8 @@ def confine(
     env = allowed_env(env)
     writable = [spec.workspace, spec.output]
     with contextlib.ExitStack() as stack:
-        prefix = stack.enter_context(process_limit(spec.assignment, box.processes))
+        limit = stack.enter_context(process_limit(f"{spec.assignment}-agent", box.processes))
+        status = stack.enter_context(tempfile.TemporaryFile())
         if box.network == "proxy":
             bridge = stack.enter_context(ProxyBridge(box))
             argv = bwrap_argv(
@@ -452,8 +645,9 @@ def confine(
                 timeout_s=spec.timeout_s,
                 binds=workdir_binds(spec),
                 chdir=spec.workdir,
+                status_fd=status.fileno(),
             )
-            yield [*prefix, *argv], env
+            yield Confined([*limit.prefix, *argv], env, limit, status)
             return
         token = netns.credential_of(spec.env)
         if box.transparent_port is None or token is None:
@@ -479,5 +673,7 @@ def confine(
             lease=lease,
             binds=workdir_binds(spec),
             chdir=spec.workdir,
+            status_fd=status.fileno(),
         )
-        yield [*prefix, *argv], netns.worker_env(env, lease, box.proxy_host)
+        worker_env = netns.worker_env(env, lease, box.proxy_host)
+        yield Confined([*limit.prefix, *argv], worker_env, limit, status)

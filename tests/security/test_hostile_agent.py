@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,12 @@ from workers.spec import AssignmentSpec, SandboxSpec
 AGENT = Path(__file__).parent / "hostile" / "agent.py"
 SECRET = "orchestrator-secret-" + uuid.uuid4().hex[:8]
 API_KEY = "sk-ant-" + uuid.uuid4().hex
+REAL_TEST: dict[str, Any] = {
+    # Without the plugins of our own environment: 0.2 s, not 2.7.
+    "test_command": f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {sys.executable} -m pytest -q test_task.py",
+    "fail_to_pass": ("test_task.py::test_task",),
+}
+"""The task's own test (`test_task.py`, passes), run by grading in its sandbox."""
 
 
 def digest(path: Path) -> str:
@@ -69,6 +76,8 @@ def hostile(tmp_path: Path, root: DataRoot) -> Any:
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "README.md").write_text("a task\n")
+    # A test that forks (the shell, then python) and passes as the task has it.
+    (repo / "test_task.py").write_text("def test_task():\n    assert True\n")
 
     def run(
         attack: str,
@@ -76,6 +85,8 @@ def hostile(tmp_path: Path, root: DataRoot) -> Any:
         timeout_s: int = 60,
         assignment: str = "",
         read_only: list[Path] | None = None,
+        test_command: str = "true",
+        fail_to_pass: tuple[str, ...] = ("x",),
         **limits: int,
     ) -> Run:
         assignment = assignment or f"a-{attack}-{uuid.uuid4().hex[:6]}"
@@ -88,8 +99,8 @@ def hostile(tmp_path: Path, root: DataRoot) -> Any:
             task_id="hostile",
             repo=repo,
             prompt="escape",
-            test_command="true",
-            fail_to_pass=["x"],
+            test_command=test_command,
+            fail_to_pass=list(fail_to_pass),
             pass_to_pass=[],
             timeout_s=timeout_s,
             agent="command",
@@ -181,13 +192,18 @@ def test_a_planted_transcript_symlink_is_not_followed(hostile: Any, tmp_path: Pa
     target.write_text("host file\n")
     try:
         before = digest(target)
-        run = hostile("symlink", str(target))
+        run = hostile("symlink", str(target), **REAL_TEST)
         assert digest(target) == before
     finally:
         target.unlink()
-    # The host refused to read through it: an infra error that says why, not a crash.
-    assert "refused" in run.result.get("infra_error", ""), run.result
     assert "planted" in run.seen, run.log
+    # The host refused to read through it. The agent's own doing, so its ending (named in the
+    # result) and graded by the real tests; not an infra error, which would be run again.
+    assert "infra_error" not in run.result, run.result
+    agent = run.result["agent"]
+    assert agent["exit_cause"] == "crashed", agent
+    assert agent["detail"].startswith(f"{run.spec.output / 'transcript.jsonl'} refused"), agent
+    assert run.result["grade"]["fail_to_pass"] == {"test_task.py::test_task": "PASSED"}
 
 
 def test_an_agent_log_symlink_left_on_the_host_is_not_written_through(
@@ -236,12 +252,32 @@ def test_on_the_host_the_agent_is_an_unprivileged_user_not_root(
     assert run.result["grade"]["status"] in {"resolved", "unresolved"}, run.result
 
 
-def test_a_fork_bomb_is_bounded(hostile: Any) -> None:
-    run = hostile("forkbomb", processes=64, timeout_s=30)
-    assert run.seen["children"] < 64, run.log
+def test_a_fork_bomb_is_bounded_and_grading_still_runs(hostile: Any) -> None:
+    # The default process limit. The bomb's children sleep; the agent then goes over its
+    # workspace limit and the runner kills the sandbox, full: every process of it is gone
+    # before grading, whose own sandbox (limits afresh) runs the real test.
+    limit = SandboxSpec.model_fields["processes"].default
+    run = hostile("forkbomb", "24", workspace_mb=16, timeout_s=30, **REAL_TEST)
+    assert run.seen["children"] < limit, run.log
     assert "BlockingIOError" in run.seen["error"], run.log  # EAGAIN
-    assert run.wall_s < 60
+    killed = re.search(r"autovibe runner: (\d+) processes of the sandbox killed\n", run.log)
+    assert killed and int(killed[1]) > run.seen["children"], run.log
+    assert "infra_error" not in run.result, run.result
+    assert run.result["agent"]["exit_cause"] == "crashed", run.result  # over its workspace
+    tests_log = (run.spec.artifacts / "tests.log").read_text()
+    assert run.result["grade"]["fail_to_pass"] == {"test_task.py::test_task": "PASSED"}, tests_log
+    assert run.result["grade"]["status"] == "resolved", run.result
+    assert run.wall_s < 30
     assert subprocess.run(["true"]).returncode == 0  # the host still forks
+
+
+@pytest.mark.skipif(sandbox._pids_hierarchy() is None, reason="no pids cgroup to fill")
+def test_a_sandbox_that_cannot_start_is_an_infra_error_not_a_grade(hostile: Any) -> None:
+    # One process allowed: bubblewrap cannot make the sandbox's namespaces, and no agent ran.
+    run = hostile("env", processes=1)
+    assert "sandbox did not start" in run.result["infra_error"], run.result
+    assert "Creating new namespace failed" in run.result["infra_error"], run.result
+    assert "grade" not in run.result, run.result
 
 
 @pytest.mark.slow

@@ -6,7 +6,11 @@ Every test runs a probe agent (a Python snippet, given as the prompt) through th
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
+import subprocess
 import tempfile
 import textwrap
 import time
@@ -18,9 +22,9 @@ from typing import Any
 import pytest
 from worker_harness import PROXY_VARS, MeteringProxy, ModelServer
 
-from common.processes import cmdline, pids
+from common.processes import cmdline, descendants, pids, runs
 from contracts.settings import PROJECT_ROOT, free_port
-from workers import sandbox, sandbox_init
+from workers import grading, sandbox, sandbox_init
 from workers.agents import AGENTS
 from workers.agents.base import AgentOutcome
 from workers.runner import run_agent
@@ -275,6 +279,103 @@ def test_without_bubblewrap_the_run_fails_naming_the_package(
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap socat"):
         probe("print('never runs')")
+
+
+SLEEPERS = "for i in $(seq 100); do sleep 300 & done; echo ready; wait"
+"""A sandbox's command that leaves 100 processes behind it, as a fork bomb's children."""
+
+
+def _offline_spec(tmp_path: Path, processes: int = 512) -> AssignmentSpec:
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "workspace").mkdir(parents=True)
+    return AssignmentSpec(
+        assignment=f"a-end-{uuid.uuid4().hex[:6]}", project="p1", trial="t1", machine="m1",
+        task_id="end", repo=tmp_path, prompt="", test_command="true", fail_to_pass=["x"],
+        pass_to_pass=[], timeout_s=60, agent="probe", model="tiny",
+        endpoint="http://127.0.0.1:1/v1", env={}, artifacts=artifacts,
+        sandbox=SandboxSpec(
+            proxy_host="127.0.0.1", proxy_port=1, memory_mb=1024, cpus=1.0, processes=processes
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("cgroup", [True, False], ids=["pids-cgroup", "no-cgroup"])
+def test_ending_a_sandbox_returns_once_none_of_its_processes_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cgroup: bool
+) -> None:
+    if not cgroup:  # as for a user who is not root: no pids hierarchy to write
+        monkeypatch.setattr(sandbox, "PIDS_CGROUPS", ())
+    elif sandbox._pids_hierarchy() is None:
+        pytest.skip("no writable pids hierarchy here")
+    spec = _offline_spec(tmp_path)
+    with sandbox.confine_offline(spec, ["/bin/sh", "-c", SLEEPERS], {}) as confined:
+        assert (confined.limit.folder is not None) == cgroup
+        proc = subprocess.Popen(
+            confined.argv,
+            env=confined.env,
+            pass_fds=confined.pass_fds,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        inside = descendants(proc.pid)
+        ended = sandbox.end(proc, confined)
+        running = [pid for pid in inside if runs(pid)]
+        assert confined.started()
+        assert confined.limit.members() == []
+    assert len(inside) > 100
+    assert ended == sandbox.Ended(killed=ended.killed, left=0) and ended.killed > 100
+    assert running == []  # when `end` returned, not some time later
+    proc.stdout.close()
+
+
+def test_the_grading_sandbox_has_a_pids_cgroup_of_its_own(tmp_path: Path) -> None:
+    if sandbox._pids_hierarchy() is None:
+        pytest.skip("no writable pids hierarchy here")
+    spec = _offline_spec(tmp_path)
+    with (
+        sandbox.confine(spec, ["true"], {}) as agent,
+        sandbox.confine_offline(spec, ["true"], {}) as tests,
+    ):
+        assert agent.limit.folder is not None and tests.limit.folder is not None
+        assert agent.limit.folder != tests.limit.folder
+        assert (tests.limit.folder / "pids.current").read_text().strip() == "0"
+    assert not agent.limit.folder.exists() and not tests.limit.folder.exists()
+
+
+def test_cgroup_kill_empties_a_cgroup_v2(tmp_path: Path) -> None:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    unified = [Path(line.split()[1]) for line in mounts if line.split()[2] == "cgroup2"]
+    if not unified or not os.access(unified[0], os.W_OK):
+        pytest.skip("no writable cgroup v2 hierarchy here")
+    folder = unified[0] / f"autovibe-test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        limit = sandbox.ProcessLimit(folder)
+        proc = subprocess.Popen(
+            [*limit.prefix, "/bin/sh", "-c", "sleep 300 & sleep 300 & echo ready; wait"],
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        assert len(limit.members()) == 3
+        killed, left = limit.kill(time.monotonic() + 5)
+        assert len(killed) == 3 and left == [] and limit.members() == []
+        assert proc.wait() == -signal.SIGKILL
+        proc.stdout.close()
+    finally:
+        folder.rmdir()
+
+
+def test_a_sandbox_that_cannot_start_is_said_so(tmp_path: Path) -> None:
+    if sandbox._pids_hierarchy() is None:
+        pytest.skip("no pids cgroup to fill")
+    # One process allowed: bubblewrap cannot make the sandbox's namespaces.
+    spec = _offline_spec(tmp_path, processes=1)
+    confine = functools.partial(sandbox.confine_offline, spec)
+    log = tmp_path / "tests.log"
+    with pytest.raises(sandbox.SandboxFailed, match="Creating new namespace failed"):
+        grading.run_logged(spec.workspace, "echo ran", timeout_s=30, log=log, confine=confine)
+    assert "ran" not in log.read_text()
 
 
 def _command_lines() -> list[str]:

@@ -434,13 +434,15 @@ def test_a_sandboxed_agent_in_transparent_mode(
         folder.mkdir(parents=True, exist_ok=True)
     with sandbox.confine(spec, [sys.executable, "-c", textwrap.dedent(code)], {
         **env, **spec.env
-    }) as (argv, sandboxed_env):  # fmt: skip
+    }) as confined:  # fmt: skip
+        argv = confined.argv
         # After the process-limit prefix (the pids cgroup), in the assignment's namespace.
         at = argv.index("ip")
         assert argv[at : at + 3] == ["ip", "netns", "exec"] and "--unshare-net" not in argv
         done = subprocess.run(
             argv,
-            env=sandboxed_env,
+            env=confined.env,
+            pass_fds=confined.pass_fds,
             cwd=spec.workspace,
             capture_output=True,
             text=True,

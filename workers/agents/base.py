@@ -90,6 +90,10 @@ class Agent(Protocol):
 class UntrustedFile(OSError):
     """A file the agent left cannot be read safely: a symlink, a folder, a device, …"""
 
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} refused: not a regular file ({why})")
+        self.path = path
+
 
 def read_output(path: Path) -> str:
     """Text of a file the agent wrote ("" when there is none), never through a symlink: the
@@ -99,7 +103,7 @@ def read_output(path: Path) -> str:
     except FileNotFoundError:
         return ""
     except OSError as exc:
-        raise UntrustedFile(f"{path} refused: not a regular file ({exc.strerror or exc})") from exc
+        raise UntrustedFile(path, exc.strerror or str(exc)) from exc
     return data.decode(errors="replace")
 
 

@@ -75,7 +75,9 @@ def identity(*paths: str) -> dict[str, object]:
     return seen | {path: read(path) for path in paths}
 
 
-def forkbomb() -> dict[str, object]:
+def forkbomb(fill_mb: str = "") -> dict[str, object]:
+    """Fork until refused; the children sleep. With `fill_mb`, then fill the workspace with that
+    many MiB and wait, children and all, for the runner to kill the sandbox."""
     children, error = 0, ""
     while children < 10_000:
         try:
@@ -87,6 +89,9 @@ def forkbomb() -> dict[str, object]:
             time.sleep(60)
             os._exit(0)
         children += 1
+    if fill_mb:
+        report({"children": children, "error": error, "filled": filled(".", fill_mb)})
+        time.sleep(60)
     return {"children": children, "error": error}
 
 
