@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from test_hostile_agent import AGENT, digest, tree_digest
+from test_secret_exposure import CommandLineWatch, readable_by_others
 
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, free_port
@@ -103,11 +104,15 @@ def test_a_hostile_trial_changes_nothing_but_its_own_grade(
     (other / "solution.py").write_text("theirs")
     admin = root.secrets / "admin-token"
     admin.write_text("vault-admin-" + uuid.uuid4().hex)
+    admin.chmod(0o600)  # as a secret under the data root is kept
     sleeper = subprocess.Popen(["sleep", "300"])
     marker.write_text("host secret " + tag)
     target.write_text("host file\n")
     try:
-        with operator_api(settings) as (client, platform):
+        with (
+            CommandLineWatch([SECRET, PROVIDER_KEY]) as watch,
+            operator_api(settings) as (client, platform),
+        ):
             reads = [str(marker), str(admin), str(root.secrets / "operator-token"),
                      str(other / "solution.py"), "/etc/shadow"]  # fmt: skip
             agent = ["python3", str(AGENT), "trial", str(sleeper.pid), str(target),
@@ -203,4 +208,22 @@ def test_a_hostile_trial_changes_nothing_but_its_own_grade(
     shown += [path.read_bytes() for path in root.traffic_logs.glob("*/*/flows.jsonl")]
     assert not [s for s in secrets if any(s.strip().encode() in data for data in shown)]
     assert not any(b"[REDACTED]" in data for data in shown)  # nor had any to be taken out
+    # Nor on any process's command line while the trial ran (API, scheduler, proxy, tmux,
+    # runner, bubblewrap, the agent, grading), the machine's minted credential included; and
+    # every file of the data root holding one is its owner's alone, but for what the agent
+    # wrote itself with the credential it was given (its transcript dumps its environment).
+    token = spec.env["AUTOVIBE_MACHINE_TOKEN"]
+    assert watch.rounds > 0
+    assert not [line for line in watch.lines if any(s.strip() in line for s in [*secrets, token])]
+    assert readable_by_others(root.root, [s.strip() for s in secrets]) == []
+    agents = (
+        artifacts.relative_to(root.root) / "workspace",
+        artifacts.relative_to(root.root) / "output",
+    )
+    exposed = [
+        f
+        for f in readable_by_others(root.root, [token])
+        if not f.startswith(tuple(map(str, agents)))
+    ]
+    assert exposed == []
     assert "AUTOVIBE_TEST_SECRET" not in seen["environ"]

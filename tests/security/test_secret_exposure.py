@@ -44,6 +44,8 @@ class CommandLineWatch:
     def __init__(self, secrets: list[str]) -> None:
         self.secrets = secrets
         self.seen: set[str] = set()
+        self.lines: set[str] = set()
+        """Every command line read, for secrets known only afterwards (a minted credential)."""
         self.rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,6 +65,7 @@ class CommandLineWatch:
                     line = cmdline(pid)
                 except OSError:
                     continue  # ended while read
+                self.lines.add(line)
                 if any(secret in line for secret in self.secrets):
                     self.seen.add(line)
             self.rounds += 1
