@@ -3,6 +3,7 @@ the test files are handed to the workers (longest first, tests/durations.py)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,3 +45,19 @@ def _recursion_limit() -> Iterator[None]:
     RecursionError."""
     sys.setrecursionlimit(RECURSION_LIMIT)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _mitmproxy_log_handlers() -> Iterator[None]:
+    """No mitmproxy master outlives its test on the root logger. A master made in-process
+    (mitmproxy.test.taddons.context, a DumpMaster built to read its addon chain) installs a
+    handler that forwards every log record to its event loop, and only its `done` removes it;
+    left behind, a record logged after that loop closed (asyncio's own debug line as the next
+    loop starts, when an earlier test has left the level at DEBUG) raises 'Event loop is
+    closed' in whichever test logs it."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler).__module__ == "mitmproxy.log":
+            root.removeHandler(handler)

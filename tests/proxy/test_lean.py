@@ -19,9 +19,14 @@ def _chain_names(**options: object) -> tuple[set[str], set[str]]:
         master = DumpMaster(Options(), with_termlog=False)
         master.options.update(**options)
         chain = master.addons.chain
-        return {type(a).__name__ for a in chain}, {
-            type(a).__name__ for a in unused(chain, master.options)
-        }
+        names = (
+            {type(a).__name__ for a in chain},
+            {type(a).__name__ for a in unused(chain, master.options)},
+        )
+        # Master.done's first step without the addons' done hook (SaveHar would write its
+        # file): the master's log handler off the root logger again.
+        master._legacy_log_events.uninstall()
+        return names
 
     return asyncio.run(build())
 
