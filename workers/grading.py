@@ -60,6 +60,11 @@ _SUMMARY_HEADER = re.compile(r"^=+ short test summary info =+$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 PYTEST_ADDOPTS = "-rA -p no:cacheprovider"
+PLATFORM_PLUGINS_OFF = "-p no:deepeval -p no:schemathesis"
+"""pytest plugins of the platform's own libraries (deepeval: the confidence judge; schemathesis:
+the API's tests), blocked when a task's tests run on the platform's interpreter (no environment,
+no setup): they are not the task's, and deepeval's alone imported for about 1.25 s in every
+graded run (examples/mathkit's suite: 3.2 s with them, 0.7 s without)."""
 HOME_CONFINED = "/tmp"
 """HOME of a confined test run: the sandbox's private /tmp."""
 
@@ -202,21 +207,30 @@ def harbor_verifier(folder: Path, baseline: Path, patch: Path) -> Verifier:
     return Verifier(tests, logs)
 
 
-def test_env(home: str) -> dict[str, str]:
+def test_env(home: str, platform_interpreter: bool = False) -> dict[str, str]:
     """The test command's whole environment. The running interpreter's folder goes first on
-    PATH, so `python` in the command is the platform's own Python (which has pytest)."""
+    PATH, so `python` in the command is the platform's own Python (which has pytest); when the
+    task has nothing else (`platform_interpreter`), its own libraries' pytest plugins are
+    blocked (`PLATFORM_PLUGINS_OFF`)."""
+    addopts = f"{PYTEST_ADDOPTS} {PLATFORM_PLUGINS_OFF}" if platform_interpreter else PYTEST_ADDOPTS
     return {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "HOME": home,
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
-        "PYTEST_ADDOPTS": PYTEST_ADDOPTS,
+        "PYTEST_ADDOPTS": addopts,
     }
 
 
 def run_logged(
-    workspace: Path, command: str, *, timeout_s: float, log: Path, confine: Confine | None
+    workspace: Path,
+    command: str,
+    *,
+    timeout_s: float,
+    log: Path,
+    confine: Confine | None,
+    platform_interpreter: bool = False,
 ) -> tuple[int | None, bool]:
     """Run shell `command` in `workspace` with `test_env` (confined by `confine` when given),
     its output in `log`: (exit status, None when killed on timeout; whether it timed out).
@@ -224,7 +238,7 @@ def run_logged(
     can neither add a variable nor drop one; it holds no secret. A sandbox that could not be
     made raises `workers.sandbox.SandboxFailed`: the command never ran."""
     home = HOME_CONFINED if confine is not None else tempfile.mkdtemp(prefix="autovibe-tests-")
-    env = test_env(home)
+    env = test_env(home, platform_interpreter)
     argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
     argv += ["/bin/sh", "-c", command]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -272,12 +286,18 @@ def grade(
     parser: str | None = None,
     task_id: str = "",
     reward_dir: Path | None = None,
+    platform_interpreter: bool = False,
 ) -> GradeReport:
     """Run `test_command` in `workspace` (`run_logged`) and grade it, reading its output with
     `parser` (`read_statuses`; a Harbor task's reward from `reward_dir`, its /logs/verifier,
     with `harbor_statuses`)."""
     exit_code, timed_out = run_logged(
-        workspace, test_command, timeout_s=timeout_s, log=log, confine=confine
+        workspace,
+        test_command,
+        timeout_s=timeout_s,
+        log=log,
+        confine=confine,
+        platform_interpreter=platform_interpreter,
     )
     output = log.read_text(errors="replace")
     if timed_out:

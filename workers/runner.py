@@ -238,6 +238,7 @@ def run(spec: AssignmentSpec) -> RunnerResult:
             parser=spec.parser,
             task_id=spec.task_id,
             reward_dir=verifier.logs if verifier is not None else None,
+            platform_interpreter=spec.environment is None and spec.setup is None,
         )
         report.tampered_files = tampering.files
         phases["graded"] = time.time()

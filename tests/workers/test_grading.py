@@ -100,6 +100,7 @@ def grade_example(ws: Path, name: str, command: str = COMMAND, timeout_s: int = 
         example.ids(example.p2p),
         timeout_s=timeout_s,
         log=ws.parent / "tests.log",
+        platform_interpreter=True,  # as the runner grades a task with no environment or setup
     )
 
 
@@ -212,10 +213,27 @@ def test_tests_that_never_ran_are_missing(prepared: Callable[[str], Path]) -> No
         ["tests/test_basic.py::test_subtract"],
         timeout_s=120,
         log=ws.parent / "tests.log",
+        platform_interpreter=True,
     )
     assert report.status == "unresolved"
     assert set(report.fail_to_pass.values()) == {"MISSING"}
     assert report.pass_to_pass == {"tests/test_basic.py::test_subtract": "PASSED"}
+
+
+def test_the_platforms_own_pytest_plugins_are_not_a_tasks(tmp_path: Path) -> None:
+    """On the platform's interpreter (no environment, no setup) the task's tests run without
+    the pytest plugins of the platform's own libraries; a task with its own keeps them all."""
+    ws = tmp_path / "workspace"
+    (ws / "tests").mkdir(parents=True)
+    (ws / "tests" / "test_plugins.py").write_text(
+        "def test_no_deepeval(pytestconfig):\n"
+        "    assert not pytestconfig.pluginmanager.has_plugin('deepeval')\n"
+    )
+    ids = ["tests/test_plugins.py::test_no_deepeval"]
+    blocked = grade(ws, COMMAND, ids, [], timeout_s=60, log=tmp_path / "a.log",
+                    platform_interpreter=True)  # fmt: skip
+    kept = grade(ws, COMMAND, ids, [], timeout_s=60, log=tmp_path / "b.log")
+    assert (blocked.status, kept.status) == ("resolved", "unresolved")
 
 
 def test_a_collection_error_fails_every_test(prepared: Callable[[str], Path]) -> None:
