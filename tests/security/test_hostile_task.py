@@ -23,8 +23,9 @@ import pytest
 
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, SANDBOX_HOST_UID, free_port
+from tests.security.spec_harness import plain_spec
 from workers import runner, sandbox
-from workers.spec import AssignmentSpec, SandboxSpec
+from workers.spec import SandboxSpec
 
 SECRET = "orchestrator-secret-" + uuid.uuid4().hex[:8]
 ATTACK = """
@@ -89,25 +90,17 @@ def test_a_tasks_conftest_reaches_nothing_of_the_host(
         port=port,
     )
     (repo / "tests" / "conftest.py").write_text(textwrap.dedent(attack))
-    artifacts = DataRoot.ensure(root.assignment_dir("p", "t", "a-task"))
-    spec = AssignmentSpec(
-        assignment="a-task",
-        project="p",
-        trial="t",
-        machine="m1",
+    artifacts = DataRoot.ensure(root.assignment_dir("p1", "t1", "a-task"))
+    spec = plain_spec(
+        "a-task",
+        artifacts,
+        repo,
         task_id="hostile-task",
-        repo=repo,
         prompt="do nothing",
-        test_command="python -m pytest -q",
         fail_to_pass=["tests/test_basic.py::test_add"],
         pass_to_pass=["tests/test_basic.py::test_subtract"],
-        timeout_s=60,
         agent="command",
         agent_command=["true"],
-        model="tiny",
-        endpoint="http://127.0.0.1:9/v1",
-        env={},
-        artifacts=artifacts,
         data_root=root.root,
         sandbox=SandboxSpec(
             proxy_host="127.0.0.1",
