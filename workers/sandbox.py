@@ -393,39 +393,54 @@ class ProcessLimit:
         except FileNotFoundError:
             return []
 
-    def kill(self, deadline: float) -> tuple[set[int], list[int]]:
-        """SIGKILL every process in the cgroup until it is empty or `deadline` (monotonic) has
-        passed: (the processes killed, those still there)."""
-        assert self.folder is not None
-        killed: set[int] = set()
-        kill_file = self.folder / "cgroup.kill"  # cgroup v2, Linux 5.14+: the whole subtree
-        while (members := self.members()) and time.monotonic() < deadline:
-            fresh = [pid for pid in members if pid not in killed]
-            if kill_file.exists():
-                if fresh:
-                    kill_file.write_text("1")
-                    killed.update(fresh)
-            else:
-                killed.update(self._signal(fresh))
-            time.sleep(0.002)  # SIGKILLed processes are gone within a few ms
-        return killed, self.members()
-
-    def _signal(self, pids: list[int]) -> list[int]:
-        """SIGKILL each of `pids` still in the cgroup, through a pidfd opened before that is
-        checked: never a process that took a freed pid after the cgroup listed it."""
-        fds: dict[int, int] = {}
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                fds[pid] = os.pidfd_open(pid)
+    def pidfds(self) -> dict[int, int]:
+        """A pidfd for each process in the cgroup (pid: fd), kept only where the cgroup still
+        lists the pid once it is open: never a process that took a freed pid after the cgroup
+        listed it. The caller closes them."""
+        fds = _pidfds_of(self.members())
         still = set(self.members())
-        signalled = []
-        for pid, fd in fds.items():
-            if pid in still:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    signalled.append(pid)
-            os.close(fd)
-        return signalled
+        for pid in [pid for pid in fds if pid not in still]:
+            os.close(fds.pop(pid))
+        return fds
+
+    def kill(
+        self, deadline: float, fds: dict[int, int] | None = None
+    ) -> tuple[set[int], list[int]]:
+        """SIGKILL every process in the cgroup until it is empty or `deadline` (monotonic) has
+        passed, and wait until each has exited: (the processes killed, those still there).
+        `fds`: pidfds of members taken before the caller signalled any (`pidfds`), waited for
+        too; this closes them.
+
+        The cgroup stops listing a process as soon as it starts exiting, before it has let go
+        of its memory and files; a pidfd tells when it has.
+        """
+        assert self.folder is not None
+        killed = set(fds or {})
+        waiting = dict(fds or {})  # pid: pidfd of a process killed, not yet seen exit
+        try:
+            kill_file = self.folder / "cgroup.kill"  # cgroup v2, Linux 5.14+: the whole subtree
+            while self.members() and time.monotonic() < deadline:
+                listed = self.pidfds()
+                for pid, fd in listed.items():  # a pid waited for is the same process still
+                    if pid in waiting:
+                        os.close(fd)
+                        listed[pid] = waiting[pid]
+                waiting.update(listed)
+                killed.update(listed)
+                if kill_file.exists():
+                    kill_file.write_text("1")
+                else:
+                    for fd in listed.values():
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+                waiting = _running(waiting)
+                time.sleep(0.002)  # SIGKILLed processes are gone within a few ms
+            for fd in waiting.values():
+                _ended(fd, deadline)
+        finally:
+            for fd in waiting.values():
+                os.close(fd)
+        return killed, self.members()
 
 
 def _pids_hierarchy() -> Path | None:
@@ -534,14 +549,15 @@ def end(proc: subprocess.Popen[bytes], confined: Confined) -> Ended:
     process of the PID namespace.
     """
     limit = confined.limit
-    before = set(limit.members()) if limit.folder is not None else set(_tree(proc.pid))
+    members = limit.pidfds() if limit.folder is not None else {}
+    before = set(members) if limit.folder is not None else set(_tree(proc.pid))
     inits = [] if limit.folder is not None else _pidfds(_children(proc.pid))
     with contextlib.suppress(ProcessLookupError):  # nothing more is started from the leader
         os.killpg(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + END_S
     try:
         if limit.folder is not None:
-            killed, left = limit.kill(deadline)
+            killed, left = limit.kill(deadline, members)
             return Ended(len(before | killed), len(left))
         waited = [fd for fd in inits if not _ended(fd, deadline)]
         return Ended(len(before), len(waited))
@@ -565,11 +581,27 @@ def _tree(pid: int) -> list[int]:
 
 
 def _pidfds(pids: list[int]) -> list[int]:
-    fds = []
+    return list(_pidfds_of(pids).values())
+
+
+def _pidfds_of(pids: list[int]) -> dict[int, int]:
+    """A pidfd for each of `pids` still there (pid: fd); the caller closes them."""
+    fds: dict[int, int] = {}
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            fds.append(os.pidfd_open(pid))
+            fds[pid] = os.pidfd_open(pid)
     return fds
+
+
+def _running(pidfds: dict[int, int]) -> dict[int, int]:
+    """Those of `pidfds` (pid: pidfd) whose process has not exited; the others' are closed."""
+    running = {}
+    for pid, fd in pidfds.items():
+        if _ended(fd, 0.0):
+            os.close(fd)
+        else:
+            running[pid] = fd
+    return running
 
 
 def _ended(pidfd: int, deadline: float) -> bool:
