@@ -22,7 +22,7 @@ from worker_harness import MeteringProxy, ModelServer, direct_env
 
 from workers.agents import get_agent
 from workers.agents.base import AgentRun, read_jsonl
-from workers.agents.builtin import BuiltinAgent
+from workers.agents.builtin import BuiltinAgent, BuiltinConfig, Session, Stub
 
 PROMPT = "Implement `add` and `is_even` in mathkit/basic.py so that tests/test_basic.py passes."
 
@@ -177,6 +177,23 @@ def test_an_unreachable_endpoint_is_recorded_and_exits_2(
     summary = json.loads((run.artifacts / "agent-summary.json").read_text())
     assert (summary["state"], summary["calls"]) == ("unreachable", 0)
     assert agent.collect(run, exit_code, timed_out=False).exit_cause == "model_unreachable"
+
+
+def test_the_stubs_tests_run_without_the_platforms_own_pytest_plugins(tmp_path: Path) -> None:
+    """The agent checks a body with the platform's interpreter, as grading does a task with no
+    environment: the pytest plugins of the platform's own libraries (deepeval's took seconds
+    per run) are not loaded."""
+    ws = tmp_path / "workspace"
+    (ws / "tests").mkdir(parents=True)
+    (ws / "tests" / "test_plugins.py").write_text(
+        "def test_plugins(pytestconfig):\n"
+        "    assert not pytestconfig.pluginmanager.has_plugin('deepeval')\n"
+        "    assert not pytestconfig.pluginmanager.has_plugin('schemathesis')\n"
+    )
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    session = Session(ws, artifacts, "http://127.0.0.1:9/v1", "tiny", "", BuiltinConfig())
+    assert session.run_tests(Stub(Path("plugins.py"), "plugins", "plugins"), attempt=0)
 
 
 class _ChatOnlyModel(BaseHTTPRequestHandler):

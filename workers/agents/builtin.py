@@ -45,6 +45,7 @@ from workers.agents.base import (
     read_jsonl,
     read_output,
 )
+from workers.grading import PLATFORM_PLUGINS_OFF
 
 TRANSCRIPT = "transcript.jsonl"
 SUMMARY = "agent-summary.json"
@@ -452,8 +453,11 @@ class Session:
         return completion
 
     def run_tests(self, stub: Stub, attempt: int) -> bool:
-        """Run the stub's tests (`pytest -k <name>`); no tests selected counts as a pass."""
-        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", stub.name]
+        """Run the stub's tests (`pytest -k <name>`); no tests selected counts as a pass. They
+        run on the platform's interpreter, so without its own libraries' pytest plugins, as
+        grading runs them there (`PLATFORM_PLUGINS_OFF`: seconds per run)."""
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        argv += [*PLATFORM_PLUGINS_OFF.split(), "-k", stub.name]
         started = time.monotonic()
         try:
             proc = subprocess.run(
