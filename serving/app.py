@@ -19,10 +19,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Read once, when llama_cpp loads its OpenMP runtime. OpenMP's threads spin while they wait for
+# each other by default; on cores the agents and their test runs share with the model, a spinning
+# thread takes the time its descheduled partner needs (a 500-token prompt: 2.2-2.9 s passive,
+# 3.8-7.0 s spinning, under load). An operator's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import llama_cpp
 import uvicorn
