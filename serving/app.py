@@ -6,6 +6,8 @@ clients expect of the model plane.
   model's own chat handler, exactly as `/v1/chat/completions` renders it, so both routes see
   the same prompt and count the same tokens. `max_tokens` is capped at the context left
   (stop_reason `max_tokens`); a prompt longer than the context is a 400.
+- Served names whose entries differ only in the name (a pair's normal and thinking name on one
+  file) share one loaded model (`SharedLoads`); llama_cpp alone reloads on every switch.
 - Thinking models (`reasoning_models` in the config): the output's leading `<think>…</think>`
   goes to `message.reasoning_content` / `delta.reasoning_content` on chat completions (vLLM's
   field) and to a `thinking` content block before the `text` block on Messages.
@@ -39,6 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llama_cpp import llama_chat_format
 from llama_cpp.server import app as llama_app
 from llama_cpp.server.errors import RouteErrorHandler
+from llama_cpp.server.model import LlamaProxy
 from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
 from llama_cpp.server.types import CreateChatCompletionRequest
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -216,6 +219,43 @@ def _partial(text: str, stop: str) -> int:
 # -- the server ------------------------------------------------------------------------------
 
 
+def loads_as(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each served name's stand-in for loading: the first name (in config order) whose load
+    settings (everything but the name) are the same as its own."""
+    first: list[tuple[dict[str, Any], str]] = []
+    stand_in: dict[str, str] = {}
+    for name, own in settings.items():
+        loading = {key: value for key, value in own.items() if key != "model_alias"}
+        match = next((known for seen, known in first if seen == loading), None)
+        if match is None:
+            first.append((loading, name))
+        stand_in[name] = match or name
+    return stand_in
+
+
+class SharedLoads:
+    """llama_cpp.server's model proxy, asked for a name's stand-in (`loads_as`) instead.
+
+    The proxy keeps one model loaded and frees and loads again whenever the requested name
+    changes, even to a name of the same file with the same settings (a pair's normal and
+    thinking name): a reload per switch. What differs per name (reasoning) is decided from the
+    request's own name, never from the loaded model.
+    """
+
+    def __init__(self, proxy: LlamaProxy) -> None:
+        self._proxy = proxy
+        self._stand_in = loads_as({name: proxy[name] for name in proxy})
+
+    def __call__(self, model: str | None = None) -> llama_cpp.Llama:
+        return self._proxy(self._stand_in.get(model, model) if model else model)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._proxy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._proxy, name)
+
+
 @dataclass(frozen=True)
 class ServedModels:
     names: frozenset[str]
@@ -255,6 +295,10 @@ def build_app(
 ) -> FastAPI:
     """llama_cpp's app for `models`, with the Messages API and reasoning separation added."""
     app = llama_app.create_app(server_settings=server, model_settings=models)
+    assert llama_app._llama_proxy is not None
+    # Every route, llama_cpp's and ours, asks this module global for the model. Wrapped, not
+    # replaced: create_app's proxy has loaded the first model already.
+    llama_app._llama_proxy = SharedLoads(llama_app._llama_proxy)  # type: ignore[assignment]
     served = ServedModels(
         names=frozenset(m.model_alias or m.model for m in models),
         reasoning=frozenset(reasoning),

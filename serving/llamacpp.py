@@ -1,5 +1,6 @@
 """The CPU model server (`serving.app`: llama-cpp-python's OpenAI-compatible server plus the
-Anthropic Messages API), one model per served name."""
+Anthropic Messages API), one config entry per served name; names of one file with the same
+settings share one loaded model (`serving.app.SharedLoads`)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +24,7 @@ from common.processes import stop
 from contracts.config import ModelsCatalog
 from contracts.dataroot import DataRoot
 from contracts.settings import PROJECT_ROOT, Settings, free_port
+from serving.app import loads_as
 from serving.llamacpp import REASONING_KEY, server_argv, server_config
 from serving.reasoning import ReasoningSplitter, opens_reasoning, split
 
@@ -33,15 +37,23 @@ FEW_SHOT = (
 """A pattern the base model continues: reasoning in tags, then the answer."""
 
 
+def tiny_settings(root: DataRoot) -> Settings:
+    return Settings(data=root.root, configs=PROJECT_ROOT / "configs", model_port=free_port())
+
+
 @pytest.fixture(scope="module")
 def server(tiny_root: DataRoot, catalog: ModelsCatalog) -> Iterator[httpx.Client]:
     """`serving.app` started as the platform starts it (`server_argv`)."""
-    settings = Settings(
-        data=tiny_root.root, configs=PROJECT_ROOT / "configs", model_port=free_port()
-    )
+    settings = tiny_settings(tiny_root)
     argv = server_argv(settings, catalog)
     assert argv[1:3] == ["-m", "serving.app"]
-    log_path = tiny_root.root / "model-api.log"
+    with running(argv, settings, tiny_root.root / "model-api.log") as client:
+        yield client
+
+
+@contextmanager
+def running(argv: list[str], settings: Settings, log_path: Path) -> Iterator[httpx.Client]:
+    """A client of the server `argv` starts, once it answers, until the block ends."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(
@@ -291,6 +303,55 @@ def test_chat_completions_carry_reasoning_content_for_thinking_models_only(
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     for chunk in chunks:
         assert set(chunk["choices"][0]["delta"]) <= {"role", "content", "reasoning_content"}
+
+
+@pytest.mark.model
+def test_the_names_of_one_model_file_share_one_load(
+    tiny_root: DataRoot, catalog: ModelsCatalog
+) -> None:
+    """`tiny` and `tiny:thinking` are the same file with the same settings: switching between
+    them answers from the model already loaded (llama_cpp's proxy alone reloads on every switch).
+    Each load of a verbose `Llama` prints its metadata once."""
+    settings = tiny_settings(tiny_root)
+    config = server_config(settings, catalog)
+    models = config["models"]
+    assert isinstance(models, list)
+    for model in models:
+        model["verbose"] = True
+    config_path = tiny_root.root / "verbose-llamacpp.json"
+    config_path.write_text(json.dumps(config))
+    argv = [sys.executable, "-m", "serving.app", "--config_file", str(config_path)]
+    log_path = tiny_root.root / "shared-load.log"
+    with running(argv, settings, log_path) as client:
+        served = [model["id"] for model in client.get("/v1/models").json()["data"]]
+        assert served == ["tiny", "tiny:thinking"]
+        for name in ["tiny:thinking", "tiny", "tiny:thinking", "tiny"]:
+            reply = client.post("/v1/chat/completions", json=chat(name, max_tokens=1))
+            assert reply.status_code == 200, reply.text
+            assert ("reasoning_content" in reply.json()["choices"][0]["message"]) == (
+                name == "tiny:thinking"
+            )
+        messages_reply = client.post("/v1/messages", json=messages("tiny:thinking", max_tokens=1))
+        assert messages_reply.status_code == 200, messages_reply.text
+    loads = log_path.read_text().count("Model metadata: {")
+    assert loads == 1, log_path.read_text()[-3000:]
+
+
+def test_only_names_with_the_same_load_settings_share_a_load() -> None:
+    settings = {
+        "tiny": {"model": "a.gguf", "model_alias": "tiny", "n_ctx": 8192},
+        "tiny:thinking": {"model": "a.gguf", "model_alias": "tiny:thinking", "n_ctx": 8192},
+        "long": {"model": "a.gguf", "model_alias": "long", "n_ctx": 32768},
+        "other": {"model": "b.gguf", "model_alias": "other", "n_ctx": 8192},
+        "long:thinking": {"model": "a.gguf", "model_alias": "long:thinking", "n_ctx": 32768},
+    }
+    assert loads_as(settings) == {
+        "tiny": "tiny",
+        "tiny:thinking": "tiny",
+        "long": "long",
+        "other": "other",
+        "long:thinking": "long",
+    }
 
 
 def test_server_config_names_the_thinking_models(
