@@ -92,6 +92,11 @@ class DataRoot:
         return self.root / "vault-secrets"
 
     @property
+    def operator_token(self) -> Path:
+        """The operator token the API creates at first start and the CLI reads (mode 0600)."""
+        return self.secrets / "operator-token"
+
+    @property
     def proxy_confdir(self) -> Path:
         """mitmproxy's confdir: the CA generated once and handed to workers."""
         return self.root / "proxy"

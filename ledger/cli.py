@@ -8,33 +8,25 @@ import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from budget import CounterStore, open_counters
 from contracts.config import load_prices
 from contracts.dataroot import DataRoot
 from contracts.secrets import SecretStoreError
 from contracts.settings import Settings
-from ledger.book import Ledger, LedgerError, ledger_projects
-from ledger.payments import (
-    PAYMENTS_FILE,
-    TRANSACTIONS_FILE,
-    Broker,
-    PaymentError,
-    PaymentPolicy,
-    TransactionLog,
-    read_revenue_csv,
-    record_revenue,
-)
-from ledger.pnl import Row, profit_and_loss
-from ledger.posting import agents_from_artifacts, post_usage
-from ledger.reconcile import Line, PaymentLine, reconcile
-from secretstore import store_from_env
-from traffic.stores import metered_flows_for
+
+# The ledger modules load beancount and the traffic stores: each command imports what it uses,
+# so that `autovibe --help` and the other planes' commands do not pay for them.
+if TYPE_CHECKING:
+    from budget import CounterStore
+    from ledger.book import Ledger
+    from ledger.payments import Broker
+    from ledger.pnl import Row
+    from ledger.reconcile import Line, PaymentLine
 
 app = typer.Typer(
     help="The project ledgers: reconcile, profit and loss, Fava.", no_args_is_help=True
@@ -58,6 +50,8 @@ def _root(settings: Settings) -> DataRoot:
 
 
 def _ledger(root: DataRoot, project: str) -> Ledger:
+    from ledger.book import Ledger
+
     ledger = Ledger.of(root, project)
     if not ledger.path.exists():
         raise _fail(f"no ledger for project {project!r} at {ledger.path}")
@@ -68,6 +62,11 @@ def _ledger(root: DataRoot, project: str) -> Ledger:
 def reconcile_cmd(project: str) -> None:
     """Prove the ledger equals metered usage to the cent, and its payments the attempt log;
     exit 1 on any difference."""
+    from ledger.book import LedgerError
+    from ledger.payments import TRANSACTIONS_FILE, TransactionLog
+    from ledger.reconcile import reconcile
+    from traffic.stores import metered_flows_for
+
     settings = Settings()
     root = _root(settings)
     ledger = _ledger(root, project)
@@ -94,6 +93,10 @@ def reconcile_cmd(project: str) -> None:
 @app.command()
 def post(project: Annotated[str | None, typer.Argument()] = None) -> None:
     """Post metered usage not yet in the ledger, every hour up to now (all projects by default)."""
+    from ledger.book import Ledger, LedgerError
+    from ledger.posting import agents_from_artifacts, post_usage
+    from traffic.stores import metered_flows_for
+
     settings = Settings()
     root = _root(settings)
     if project is not None:
@@ -122,6 +125,9 @@ def post(project: Annotated[str | None, typer.Argument()] = None) -> None:
 @app.command()
 def pnl(project: Annotated[str | None, typer.Argument()] = None) -> None:
     """Profit and loss per project, machine and agent."""
+    from ledger.book import Ledger, LedgerError, ledger_projects
+    from ledger.pnl import profit_and_loss
+
     root = _root(Settings())
     if project is not None:
         ledgers = [(project, _ledger(root, project))]
@@ -182,6 +188,9 @@ def revenue_import(
     project: Annotated[str, typer.Option(help="Project whose ledger records the income.")],
 ) -> None:
     """Record each row of a CSV (date,source,amount,currency[,description][,id]) as income."""
+    from ledger.book import LedgerError
+    from ledger.payments import PaymentError, read_revenue_csv, record_revenue
+
     settings = Settings()
     root = _root(settings)
     _ledger(root, project)
@@ -200,6 +209,10 @@ def revenue_import(
 
 def broker(settings: Settings) -> Broker:
     """The broker as the CLI runs it: same policy, counters, rates and secret store as the API."""
+    from budget import open_counters
+    from ledger.payments import PAYMENTS_FILE, Broker, PaymentPolicy
+    from secretstore import store_from_env
+
     root = _root(settings)
 
     def counters() -> CounterStore:
@@ -219,6 +232,8 @@ def broker(settings: Settings) -> Broker:
 @payments_app.command()
 def approve(payment_id: str) -> None:
     """Execute a payment that waits for operator approval."""
+    from ledger.payments import PaymentError
+
     b = broker(Settings())
     try:
         project, _ = b.find(payment_id)
@@ -240,6 +255,8 @@ def ls_payments(
 ) -> None:
     """Every payment in its latest state, with the reason given and the free alternatives
     considered; receipts and destinations masked unless --reveal."""
+    from ledger.payments import PaymentError
+
     try:
         entries = broker(Settings()).history(project=project, reveal=reveal)
     except (PaymentError, SecretStoreError) as exc:
@@ -264,6 +281,8 @@ def show(
     reveal: Annotated[bool, typer.Option("--reveal", help=REVEAL_HELP)] = False,
 ) -> None:
     """Every recorded step of one payment as JSON; sensitive fields masked unless --reveal."""
+    from ledger.payments import PaymentError
+
     try:
         entries = broker(Settings()).history(payment_id, reveal=reveal)
     except (PaymentError, SecretStoreError) as exc:

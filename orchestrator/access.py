@@ -25,7 +25,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis as redis_py
 from starlette import types as asgi
 
 from contracts.dataroot import DataRoot, write_secret_file
@@ -354,10 +353,12 @@ class RedisRateWindow:
         self._admit = self.client.register_script(_ADMIT)
 
     def admit(self, key: str, limit: int, now: float) -> float | None:
+        import redis  # here, not at the top: `autovibe tokens` needs no Redis client
+
         member = f"{now!r}:{secrets.token_hex(4)}"
         try:
             wait = self._admit(keys=[self.PREFIX + key], args=[limit, repr(now), WINDOW_S, member])
-        except redis_py.RedisError as exc:
+        except redis.RedisError as exc:
             raise RateStoreUnavailable(f"rate-limit store {self.url}: {exc}") from exc
         return None if wait is None else float(wait)
 

@@ -8,7 +8,6 @@ an `admin` token. It is never printed: the API's output ends up in log files.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Header, HTTPException, Request
@@ -33,18 +32,13 @@ from orchestrator.access import (
     rule_for,
 )
 
-TOKEN_FILE = "operator-token"
 CREDENTIAL_PREFIX = "av1."
 """How a machine credential (`contracts.credentials.mint`) begins; API tokens begin `avt_`."""
 
 
-def token_path(root: DataRoot) -> Path:
-    return root.secrets / TOKEN_FILE
-
-
 def ensure_token(root: DataRoot) -> tuple[str, bool]:
     """The operator token, and whether it was created just now (then it is shown once)."""
-    path = token_path(root)
+    path = root.operator_token
     if path.exists():
         return path.read_text().strip(), False
     token = "avt_" + secrets.token_urlsafe(32)
@@ -151,6 +145,6 @@ def guard_for(root: DataRoot, limiter: RateLimiter) -> Guard:
     tokens = TokenStore(root)
     token, created = ensure_token(root)
     if created:
-        print(f"autovibe: operator token created in {token_path(root)} (mode 0600)", flush=True)
+        print(f"autovibe: operator token created in {root.operator_token} (mode 0600)", flush=True)
     tokens.adopt(token, OPERATOR_TOKEN_ID, TokenScope.admin)
     return Guard(tokens, limiter, root)

@@ -109,7 +109,7 @@ def up(
     )
     token_log = root.run / "api.log"
     if token_log.exists() and "operator token created" in token_log.read_text():
-        console.print(f"operator token: {root.secrets / 'operator-token'}")
+        console.print(f"operator token: {root.operator_token}")
 
 
 @app.command()
@@ -435,8 +435,6 @@ def demo(
     console.print(
         f"artifacts     {root.root / 'worker-artifacts' / config.project / created['id']}"
     )
-    console.print(
-        f"API           {settings.api_url}/docs (token in {root.secrets / 'operator-token'})"
-    )
+    console.print(f"API           {settings.api_url}/docs (token in {root.operator_token})")
     console.print("stop the stack with `autovibe down`")
     _fail_on_infra_errors(trial_report)

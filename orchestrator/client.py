@@ -12,7 +12,6 @@ import httpx
 
 from contracts.dataroot import DataRoot
 from contracts.settings import Settings
-from orchestrator.auth import token_path
 
 
 class ApiError(Exception):
@@ -37,7 +36,7 @@ class Client:
     def __init__(self, settings: Settings, token: str | None = None):
         token = token or os.environ.get("AUTOVIBE_TOKEN")
         if token is None:
-            path = token_path(DataRoot.at(settings.data))
+            path = DataRoot.at(settings.data).operator_token
             if not path.exists():
                 raise ApiError(0, f"no operator token at {path}: start the API (`autovibe up`)")
             token = path.read_text().strip()

@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TypedDict, TypeVar
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 
 from contracts.reports import (
     ERROR_CAUSES,
@@ -47,10 +46,11 @@ from contracts.reports import (
     TrialHead,
     TrialReport,
 )
-from ledger.payments import TRANSACTIONS_FILE, TransactionLog
 from orchestrator import stats
-from orchestrator.platform import Platform
-from orchestrator.state import Assignment, Trial, stored_config
+
+if TYPE_CHECKING:
+    from orchestrator.platform import Platform
+    from orchestrator.state import Assignment
 
 GRADES = ("resolved", "partial", "unresolved")
 INFRA_CAUSES = ("model_unreachable", "infra")
@@ -129,6 +129,9 @@ def _per_resolved(cost: Decimal, resolved: int) -> Decimal | None:
 
 def build(platform: Platform, trial_id: str) -> TrialReport:
     """The report of one trial, from the state DB and the proxy's metering."""
+    # Here, not at the top: `autovibe trial report` renders a report without the state DB.
+    from orchestrator.state import Trial, stored_config
+
     with platform.store.session() as s:
         trial = s.get_one(Trial, trial_id)
         currency = stored_config(trial.config).budget.currency
@@ -179,6 +182,8 @@ def build(platform: Platform, trial_id: str) -> TrialReport:
 
 def purchases_of(platform: Platform, project: str, trial_id: str) -> list[PurchaseRow]:
     """The trial's purchases, each in its latest state, from the project's attempt log."""
+    from ledger.payments import TRANSACTIONS_FILE, TransactionLog
+
     log = TransactionLog(platform.root.financial(project) / TRANSACTIONS_FILE)
     latest = {e["id"]: e for e in log.entries() if e.get("trial") == trial_id}
     return [
@@ -341,6 +346,10 @@ def _compare(rows: Sequence[_Row], name: Callable[[_Row], str]) -> list[Comparis
 
 def learning_curve(platform: Platform, project: str) -> LearningCurve:
     """Success and cost per success of a project's trials, oldest first."""
+    from sqlalchemy import select
+
+    from orchestrator.state import Trial
+
     with platform.store.session() as s:
         ids = list(
             s.scalars(select(Trial.id).where(Trial.project == project).order_by(Trial.created_at))

@@ -26,7 +26,6 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -128,6 +127,8 @@ class Top:
         return active or [t["id"] for t in listed[:1]]
 
     def _scopes(self) -> list[Scope]:
+        from prometheus_client.parser import text_string_to_metric_families  # `top` only
+
         resp = self.client.http.get("/metrics")
         if resp.status_code >= 400:
             raise ApiError(resp.status_code, resp.text)

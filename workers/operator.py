@@ -19,14 +19,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contracts.dataroot import DataRoot, open_nofollow, read_untrusted, write_secret_file
-from workers.nomad import RECORD as NOMAD_RECORD
-from workers.nomad import TASK as NOMAD_TASK
-from workers.nomad import read_records as read_nomad_records
 from workers.result import read_result
 from workers.spec import read_spec
-from workers.vm import VmSpec
+
+# workers.nomad (the Nomad client) and workers.vm (Jinja) are imported where a Nomad worker
+# or its VM is handled: every `autovibe` command imports this module through its CLI.
+if TYPE_CHECKING:
+    from workers.vm import VmSpec
 
 TMUX_SERVER = "autovibe"
 """Socket name of the tmux server the local runners live on (`tmux -L autovibe`)."""
@@ -199,6 +201,8 @@ def _started(artifacts: Path) -> float | None:
 
 def inspect(artifacts: Path) -> Worker:
     """The worker of one assignment folder (which must hold spec.json: `read_spec`)."""
+    from workers.nomad import RECORD as NOMAD_RECORD
+
     spec = read_spec(artifacts)
     pid = lock_holder(spec.lock_path)
     if spec.result_path.exists():
@@ -292,6 +296,8 @@ def follow(
 
 def nomad_access(allocation: str | None, vm: VmSpec | None, job: str | None = None) -> list[str]:
     """Commands that reach a Nomad worker: a shell in its task, SSH and VNC to its VM."""
+    from workers.nomad import TASK as NOMAD_TASK
+
     if allocation:
         lines = [f"nomad alloc exec -task {NOMAD_TASK} {allocation} /bin/sh"]
     else:
@@ -318,6 +324,8 @@ def nomad_access(allocation: str | None, vm: VmSpec | None, job: str | None = No
 def nomad_job(worker: Worker) -> str | None:
     """The latest dispatched job of a Nomad worker as the record names it (read as untrusted;
     shown quoted for a shell, as the operator may paste it)."""
+    from workers.nomad import read_records as read_nomad_records
+
     try:
         return shlex.quote(read_nomad_records(worker.artifacts)[-1].job)
     except (OSError, ValueError, IndexError):

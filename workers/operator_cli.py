@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,7 +20,9 @@ from rich.table import Table
 from common.cli import data_root, err, fail
 from workers import operator
 from workers.spec import read_spec
-from workers.vm import VmSpec
+
+if TYPE_CHECKING:
+    from workers.vm import VmSpec
 
 app = typer.Typer(
     help="Operator access to workers: ls, logs, attach; ssh and vnc to worker VMs.",
@@ -119,6 +121,7 @@ def attach(
 
 def _nomad(worker: operator.Worker, vm: Path | None) -> None:
     from workers.nomad import NomadDriver, NomadError
+    from workers.vm import VmSpec
 
     spec = read_spec(worker.artifacts)
     job = operator.nomad_job(worker)

@@ -11,8 +11,6 @@ from contracts.config import ConfigError
 from contracts.secrets import SecretStoreError
 from contracts.settings import Settings
 from orchestrator.client import ApiError, Client
-from orchestrator.intake import service
-from orchestrator.intake.concierge import ConciergeDraft
 
 app = typer.Typer(
     help="Intake channels: the GitHub issue queue, the Telegram bot.", no_args_is_help=True
@@ -24,6 +22,9 @@ def github(
     once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
 ) -> None:
     """Watch the configured repositories' labelled issues and run each once as a trial."""
+    # Here, not at the top: the channels' clients and the state DB cost every command ~1 s.
+    from orchestrator.intake import service
+
     try:
         service.run(Settings(), "github", once=once)
     except (service.IntakeNotConfigured, ConfigError, SecretStoreError, ApiError) as exc:
@@ -36,6 +37,8 @@ def telegram(
     once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
 ) -> None:
     """Answer the allowlisted operators' commands in Telegram and push budget alerts."""
+    from orchestrator.intake import service
+
     try:
         service.run(Settings(), "telegram", once=once)
     except (service.IntakeNotConfigured, ConfigError, SecretStoreError, ApiError) as exc:
@@ -51,6 +54,8 @@ def ask(
     ] = False,
 ) -> None:
     """Turn a request into a draft trial (the concierge) and show it; `--submit` submits it."""
+    from orchestrator.intake.concierge import ConciergeDraft
+
     try:
         client = Client(Settings())
         draft = ConciergeDraft.model_validate(client.concierge(request))
