@@ -965,6 +965,8 @@ def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...]
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, child in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # unhashable: building the data refuses the file
             out[(*path, key.value)] = key.start_mark.line + 1
             _positions(child, (*path, key.value), out)
             out[(*path, key.value)] = key.start_mark.line + 1
@@ -997,18 +999,23 @@ def describe_errors(
 
 def read_yaml(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     text = path.read_text()
+    # Parsed once, for the line numbers and then for the data, built from that node as
+    # `yaml.safe_load` builds it; the lines are read first, since building flattens merge keys.
+    loader = yaml.SafeLoader(text)
+    lines: dict[tuple[Any, ...], int] = {}
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            _positions(node, (), lines)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(
             str(path), [f"{line}not valid YAML: {getattr(exc, 'problem', exc)}"]
         ) from exc
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _positions(node, (), lines)
+    finally:
+        loader.dispose()
     return data, lines
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from contracts.config import ConfigError, TrialConfig, load_trial
+from contracts.config import ConfigError, TrialConfig, load_trial, read_yaml
 from contracts.settings import Settings
 from orchestrator.catalog import Catalog
 
@@ -109,6 +109,21 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
         load_trial(path, CONTEXT)
     assert str(info.value).startswith(f"{path}: line ")
     assert "not valid YAML" in str(info.value)
+
+
+def test_yaml_a_file_cannot_build_is_a_config_error(tmp_path: Path) -> None:
+    """Read once for the line numbers and the data: a key YAML cannot build (a list) is
+    refused as safe_load refuses it, and a merge key's fields point at their own lines."""
+    path = tmp_path / "unhashable.yaml"
+    path.write_text("name: x\n? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML: found unhashable key"):
+        load_trial(path, CONTEXT)
+    path = tmp_path / "merged.yaml"
+    path.write_text("base: &b\n  x: 1\nname:\n  <<: *b\n  y: 2\n")
+    data, lines = read_yaml(path)
+    assert data == {"base": {"x": 1}, "name": {"x": 1, "y": 2}}
+    assert lines[("name", "<<")] == 4
+    assert lines[("name", "y")] == 5
 
 
 def test_cli_reports_bad_file_with_exit_2(tmp_path: Path, demo_trial: dict[str, Any]) -> None:
