@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from pathlib import Path
 from typing import Annotated, Any
@@ -208,8 +209,41 @@ class Settings(BaseSettings):
         return f"http://{self.host}:{self.proxy_port}"
 
 
+FREE_PORTS = range(20000, 30000)
+"""Where `free_port` picks: below the kernel's ephemeral range (32768-60999 unless the host's
+net.ipv4.ip_local_port_range says otherwise), from which every bind to port 0 and every
+outgoing connection draw, so no such socket takes a picked port before its server binds it (seen
+in the suite: a stand-in bound to port 0 got the API's port); below Ray Serve's direct-ingress
+ports (30000-31000)."""
+
+_handed_out: set[int] = set()
+"""The ports this process's `free_port` returned: never twice (a stack's three are distinct)."""
+
+
+def ephemeral_ports() -> range:
+    """The kernel's ephemeral port range (net.ipv4.ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now, for stacks started beside another (tests, bench)."""
-    with socket.socket() as sock:
+    """A port nothing listens on right now and not handed out before, for stacks started beside
+    another (tests, bench); from FREE_PORTS unless the host's ephemeral range covers them."""
+    ephemeral = ephemeral_ports()
+    quiet = FREE_PORTS.stop <= ephemeral.start or FREE_PORTS.start >= ephemeral.stop
+    for candidate in random.sample(FREE_PORTS, 64) if quiet else []:
+        if candidate in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+        _handed_out.add(candidate)
+        return candidate
+    with socket.socket() as sock:  # the kernel's choice
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

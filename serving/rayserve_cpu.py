@@ -22,7 +22,6 @@ import ctypes
 import hashlib
 import io
 import os
-import random
 import shutil
 import signal
 import socket
@@ -145,22 +144,11 @@ def haproxy_dirs(root: DataRoot) -> tuple[Path, Path]:
     return root.run / "haproxy", Path("/tmp") / f"avhap-{tag}"
 
 
-QUIET_PORTS = range(20000, 30000)
-"""Below the kernel's ephemeral range (32768 and up), from which `free_port()` (bind to port 0)
-and every outgoing connection draw, and below Serve's direct-ingress ports (30000–31000)."""
-
-
 def quiet_port() -> int:
-    """A port free on every interface, from QUIET_PORTS: Serve binds these a few seconds after
-    they are picked (HAProxy's two on all interfaces), and a port from the ephemeral range may be
-    handed to another process in between (seen in the test suite: HAProxy then exits)."""
-    for candidate in random.sample(QUIET_PORTS, 64):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("0.0.0.0", candidate))
-            except OSError:
-                continue
-            return candidate
+    """A port free on every interface, outside the kernel's ephemeral range (`free_port`): Serve
+    binds these a few seconds after they are picked (HAProxy's two on all interfaces), and a port
+    from the ephemeral range may be handed to another process in between (seen in the test
+    suite: HAProxy then exits)."""
     return free_port("0.0.0.0")
 
 
