@@ -444,6 +444,12 @@ no reflinks, and a hardlink would let the agent, who owns its workspace, write i
 Below Inspect AI looks out of reach with two sandboxes: Inspect runs everything in one process
 with no isolation (its `local` sandbox is a temporary folder), so its overhead is about the
 floor, which autovibe's grading step alone costs.
+Since `make setup` compiles the environment's bytecode (13610f6), no process of any of the
+three compiles what it imports (the venv had almost no .pyc files and PYTHONDONTWRITEBYTECODE
+kept every process from writing them): at 1 machine the floor went from 1.22 to 0.98 s,
+Inspect AI's overhead from 1.31 to 1.04 s and autovibe's from 1.65 to 1.43 s. autovibe's own
+phases (launch, sandbox, workspace: ~0.45 s) did not shrink with it, so they are a larger
+multiple of the smaller floor (1.35/1.45/1.34x before, 1.47/1.51/1.52x now).
 
 The tick: starts run on the pool (their fsyncs overlap and the journal commits them together),
 the revocation list is read incrementally, and a trial's endings and starts are recorded in one
