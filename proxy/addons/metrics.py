@@ -3,26 +3,23 @@
 Off unless `autovibe_metrics_port` is set. Counted as flows end (response or error hook, after
 every other addon has decided): flows by status class, upstream latency of forwarded calls,
 budget refusals by reason, bytes each way, and spool write errors; the open reservations are
-read from the budget addon when scraped. List it last in the addon script. prometheus_client
-is imported, and the series made, only once a port is set: most proxies serve none.
+read from the budget addon when scraped. List it last in the addon script.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from http.server import HTTPServer
+from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from contracts.records import BudgetDecision
 from proxy.addons import capture
 from proxy.addons.budget import METADATA_KEY as BUDGET_KEY
 from proxy.addons.refusal import refused
-
-if TYPE_CHECKING:
-    from http.server import HTTPServer
 
 OPTION = "autovibe_metrics_port"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -44,23 +41,16 @@ EXPORTED = (
 class _SpoolErrors(logging.Handler):
     """Counts the capture addon's errors: it logs one, with the exception, per lost line."""
 
-    def __init__(self) -> None:
+    def __init__(self, counter: Counter) -> None:
         super().__init__(logging.ERROR)
-        self.count = 0
-        self.on_error: Callable[[], None] | None = None
+        self.counter = counter
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        if self.on_error is not None:
-            self.on_error()
+        self.counter.inc()
 
 
-class _Series:
-    """The exported series, in a registry of their own."""
-
-    def __init__(self, open_reservations: Callable[[], float], spool_errors: int) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
+class Metrics:
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.flows = Counter(
             "autovibe_proxy_flows", "Flows ended, by status class", ["status"], registry=r
@@ -85,20 +75,13 @@ class _Series:
             "Budget reservations of flows in flight, not yet settled",
             registry=r,
         )
-        self.reservations.set_function(open_reservations)
+        self.reservations.set_function(self._open_reservations)
         self.spool_errors = Counter(
             "autovibe_proxy_spool_errors",
             "Flows that could not be written to the spool",
             registry=r,
         )
-        # Errors logged before a port was set count too, as when the series were made at load.
-        self.spool_errors.inc(spool_errors)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.series: _Series | None = None
-        self._spool_log = _SpoolErrors()
+        self._spool_log = _SpoolErrors(self.spool_errors)
         self.server: HTTPServer | None = None
         self.port = 0
 
@@ -122,14 +105,9 @@ class Metrics:
             return
         self._stop()
         if port:
-            from prometheus_client import start_http_server
-
-            if self.series is None:
-                self.series = _Series(self._open_reservations, self._spool_log.count)
-                self._spool_log.on_error = self.series.spool_errors.inc
             host = ctx.options.listen_host or "0.0.0.0"
             try:
-                self.server, _ = start_http_server(port, addr=host, registry=self.series.registry)
+                self.server, _ = start_http_server(port, addr=host, registry=self.registry)
             except OSError as exc:
                 raise exceptions.OptionsError(
                     f"{OPTION}: cannot serve metrics on {host}:{port}: {exc}"
@@ -148,8 +126,7 @@ class Metrics:
         self._count(flow)
 
     def _count(self, flow: http.HTTPFlow) -> None:
-        series = self.series
-        if not self.port or series is None:
+        if not self.port:
             return  # nobody scrapes: no work on the request path
         if flow.metadata.get("autovibe.metrics.counted"):
             return  # a flow can end with a response and then an error (client gone)
@@ -157,12 +134,12 @@ class Metrics:
         # The capture addon (earlier in the list) leaves what it spooled on the flow.
         record = capture.Captured.of(flow)
         status = f"{record.status // 100}xx" if record.status is not None else "error"
-        series.flows.labels(status).inc()
-        series.bytes.labels("request").inc(record.request_bytes)
-        series.bytes.labels("response").inc(record.response_bytes)
+        self.flows.labels(status).inc()
+        self.bytes.labels("request").inc(record.request_bytes)
+        self.bytes.labels("response").inc(record.response_bytes)
         decision = flow.metadata.get(BUDGET_KEY)
         if isinstance(decision, BudgetDecision) and decision.action == "refused":
-            series.refusals.labels(decision.error or "refused").inc()
+            self.refusals.labels(decision.error or "refused").inc()
         response = flow.response
         if (
             response is not None
@@ -170,7 +147,7 @@ class Metrics:
             and flow.request.timestamp_end is not None
             and refused(flow) is None
         ):
-            series.latency.observe(max(response.timestamp_end - flow.request.timestamp_end, 0.0))
+            self.latency.observe(max(response.timestamp_end - flow.request.timestamp_end, 0.0))
 
     # -- helpers -----------------------------------------------------------------------------
     def _open_reservations(self) -> float:
