@@ -45,7 +45,6 @@ from workers.agents.base import (
     read_jsonl,
     read_output,
 )
-from workers.grading import PLATFORM_PLUGINS_OFF
 
 TRANSCRIPT = "transcript.jsonl"
 SUMMARY = "agent-summary.json"
@@ -456,6 +455,10 @@ class Session:
         """Run the stub's tests (`pytest -k <name>`); no tests selected counts as a pass. They
         run on the platform's interpreter, so without its own libraries' pytest plugins, as
         grading runs them there (`PLATFORM_PLUGINS_OFF`: seconds per run)."""
+        # Here, not at the top: workers.grading brings workers.sandbox (~55 ms), which the
+        # agent's start does not need.
+        from workers.grading import PLATFORM_PLUGINS_OFF
+
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         argv += [*PLATFORM_PLUGINS_OFF.split(), "-k", stub.name]
         started = time.monotonic()
