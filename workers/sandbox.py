@@ -397,7 +397,7 @@ class ProcessLimit:
         """A pidfd for each process in the cgroup (pid: fd), kept only where the cgroup still
         lists the pid once it is open: never a process that took a freed pid after the cgroup
         listed it. The caller closes them."""
-        fds = _pidfds_of(self.members())
+        fds = _pidfds(self.members())
         still = set(self.members())
         for pid in [pid for pid in fds if pid not in still]:
             os.close(fds.pop(pid))
@@ -551,7 +551,7 @@ def end(proc: subprocess.Popen[bytes], confined: Confined) -> Ended:
     limit = confined.limit
     members = limit.pidfds() if limit.folder is not None else {}
     before = set(members) if limit.folder is not None else set(_tree(proc.pid))
-    inits = [] if limit.folder is not None else _pidfds(_children(proc.pid))
+    inits = [] if limit.folder is not None else [*_pidfds(_children(proc.pid)).values()]
     with contextlib.suppress(ProcessLookupError):  # nothing more is started from the leader
         os.killpg(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + END_S
@@ -580,11 +580,7 @@ def _tree(pid: int) -> list[int]:
     return [pid, *processes.descendants(pid)] if processes.runs(pid) else []
 
 
-def _pidfds(pids: list[int]) -> list[int]:
-    return list(_pidfds_of(pids).values())
-
-
-def _pidfds_of(pids: list[int]) -> dict[int, int]:
+def _pidfds(pids: list[int]) -> dict[int, int]:
     """A pidfd for each of `pids` still there (pid: fd); the caller closes them."""
     fds: dict[int, int] = {}
     for pid in pids:
