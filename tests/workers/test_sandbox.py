@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -243,10 +244,15 @@ def test_a_bridge_that_cannot_listen_ends_the_sandbox_before_the_agent(probe: Pr
     assert "never runs" not in log
 
 
-def test_a_timeout_kills_the_whole_sandbox_and_the_bridge(probe: Probe) -> None:
+def test_a_timeout_kills_the_whole_sandbox_and_the_bridge(
+    probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = f"sandbox-escapee-{uuid.uuid4().hex}"
     port = free_port()
-    bridges_before = set(Path(tempfile.gettempdir()).glob("autovibe-bridge-*"))
+    # This run's temporary folders (the bridge's among them) in a folder of its own: the shared
+    # /tmp also holds the bridges of sandboxes the other xdist worker starts meanwhile.
+    own_tmp = Path(tempfile.mkdtemp(prefix="avtmp-"))  # short: the bridge's socket is inside
+    monkeypatch.setattr(tempfile, "tempdir", str(own_tmp))
     started = time.monotonic()
     outcome, _, log = probe(
         f"""
@@ -270,7 +276,8 @@ def test_a_timeout_kills_the_whole_sandbox_and_the_bridge(probe: Probe) -> None:
         if marker in cmd or f"TCP-LISTEN:{port}," in cmd or f"TCP:127.0.0.1:{port}" in cmd
     ]
     assert leftovers == []
-    assert set(Path(tempfile.gettempdir()).glob("autovibe-bridge-*")) <= bridges_before
+    assert list(own_tmp.glob("autovibe-bridge-*")) == []
+    shutil.rmtree(own_tmp)
 
 
 def test_without_bubblewrap_the_run_fails_naming_the_package(
